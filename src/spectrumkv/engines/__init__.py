@@ -1,0 +1,1 @@
+"""Engine adapters: the only modules that know an engine's cache layout."""

@@ -1,0 +1,257 @@
+"""HF transformers engine: prefill with KV + window-query capture, and decoding from a cache
+rebuilt out of (possibly partial) per-layer KV with original positions.
+
+KV dtype: serving engines keep their KV cache in 16 bits. When the model computes in float32 (the
+CPU default here), the prompt's cache is rounded to `kv_dtype` right after prefill, in the
+reference path and the transfer path alike, so "FP16" on the wire is bit exact.
+
+Decoding from a cache with dropped tokens: each step passes explicit position ids (original
+positions) and explicit attention masks built from the real positions of every cache slot, per
+layer type (full / sliding window), so nothing depends on slot indices matching positions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import xxhash
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from ..assets import model_dir
+from ..errors import AssetError, IncompatiblePayloadError
+from ..importance import WindowQueries
+from ..kv import LayerKV, first_slot
+from ..wire import Fingerprint
+
+_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Engine:
+    """A loaded model, its tokenizer, and what a payload must match."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: Fingerprint
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return _KV_DTYPES[self.fingerprint.kv_dtype]
+
+    def layer_window(self, layer: int) -> int:
+        fp = self.fingerprint
+        return fp.sliding_window if fp.is_sliding(layer) else 0
+
+
+@dataclass
+class Prefilled:
+    """What the prefill worker holds after computing a context's cache."""
+
+    n_tokens: int
+    layers: list[LayerKV]
+    window: list[WindowQueries]
+    prefill_s: float
+
+
+def load(name: str, kv_dtype: str = "float16", threads: int | None = None) -> Engine:
+    """Load a model by alias, local directory or hub id (float32 compute, eval mode)."""
+    if threads:
+        torch.set_num_threads(threads)
+    src = model_dir(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    except OSError as e:
+        raise AssetError(f"could not load model {name!r}: {e}") from None
+    model.eval()
+    return Engine(name, model, tok, fingerprint(model, kv_dtype))
+
+
+def fingerprint(model: torch.nn.Module, kv_dtype: str = "float16") -> Fingerprint:
+    """Shape, positional encoding and a digest of layer 0's key projection."""
+    if kv_dtype not in _KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {list(_KV_DTYPES)}, got {kv_dtype!r}")
+    cfg = model.config
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 0)}
+    k0 = _attn(model, 0).k_proj.weight.detach().float().contiguous()
+    return Fingerprint(
+        arch=cfg.model_type,
+        n_layers=cfg.num_hidden_layers,
+        n_kv_heads=cfg.num_key_value_heads,
+        head_dim=head_dim,
+        kv_dtype=kv_dtype,
+        rope=repr(sorted(rope.items())),
+        sliding_window=int(getattr(cfg, "sliding_window", 0) or 0) if sliding else 0,
+        sliding_layers=sliding,
+        weights_digest=xxhash.xxh3_64_hexdigest(k0.numpy().tobytes()),
+    )
+
+
+def _attn(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    return model.model.layers[layer].self_attn
+
+
+@torch.inference_mode()
+def prefill(engine: Engine, context_ids: torch.Tensor, window: int = 32) -> Prefilled:
+    """Run the context (1-D token ids) through the model; return its per-layer KV (rounded to
+    the KV dtype) and the post-RoPE queries of the last `window` tokens of every layer."""
+    model, fp = engine.model, engine.fingerprint
+    n = int(context_ids.numel())
+    if n == 0:
+        raise ValueError("context must hold at least one token")
+    w = min(window, n)
+    captured: list[WindowQueries | None] = [None] * fp.n_layers
+    hooks = [
+        _attn(model, i).register_forward_pre_hook(
+            _window_hook(engine, i, w, captured), with_kwargs=True
+        )
+        for i in range(fp.n_layers)
+    ]
+    cache = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    try:
+        model(input_ids=context_ids.view(1, -1), past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    prefill_s = time.perf_counter() - t0
+    layers = []
+    for i in range(fp.n_layers):
+        keys, values = cache.layers[i].keys[0], cache.layers[i].values[0]
+        first = first_slot(fp.is_sliding(i), fp.sliding_window, n)
+        if keys.shape[1] != n - first:
+            raise IncompatiblePayloadError(
+                f"layer {i} cached {keys.shape[1]} slots, expected {n - first}: unsupported cache"
+            )
+        layers.append(
+            LayerKV(
+                keys.to(engine.kv_dtype).float(),
+                values.to(engine.kv_dtype).float(),
+                torch.arange(first, n),
+            )
+        )
+    return Prefilled(n, layers, [c for c in captured if c is not None], prefill_s)
+
+
+def _window_hook(engine: Engine, layer: int, w: int, out: list):
+    attn = _attn(engine.model, layer)
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    head_dim = engine.fingerprint.head_dim
+
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        h = hidden[:, -w:]
+        q = module.q_proj(h).view(1, w, -1, head_dim).transpose(1, 2)
+        if hasattr(module, "q_norm"):
+            q = module.q_norm(q)
+        q, _ = rotary(q, q, cos[:, -w:], sin[:, -w:])
+        out[layer] = WindowQueries(q[0].float(), float(module.scaling), engine.layer_window(layer))
+
+    return hook
+
+
+@dataclass
+class DecodeState:
+    """A decode-side cache and the original positions of its slots, per layer type."""
+
+    cache: DynamicCache
+    full_positions: torch.Tensor
+    sliding_positions: torch.Tensor
+    next_position: int
+
+
+def decode_state(engine: Engine, layers: list[LayerKV], n_tokens: int) -> DecodeState:
+    """Build a decode cache from per-layer KV (dropped tokens absent, original positions kept).
+
+    All full-attention layers must hold the same positions (and all sliding layers the same)."""
+    fp = engine.fingerprint
+    if len(layers) != fp.n_layers:
+        raise IncompatiblePayloadError(f"got {len(layers)} layers, model has {fp.n_layers}")
+    cache = DynamicCache(config=engine.model.config)
+    full = sliding = None
+    for i, kv in enumerate(layers):
+        cache.layers[i].update(kv.keys[None].float(), kv.values[None].float())
+        ref = sliding if fp.is_sliding(i) else full
+        if ref is not None and not torch.equal(ref, kv.positions):
+            raise IncompatiblePayloadError(f"layer {i} holds positions unlike its layer type")
+        if fp.is_sliding(i):
+            sliding = kv.positions
+        else:
+            full = kv.positions
+    empty = torch.empty(0, dtype=torch.long)
+    return DecodeState(
+        cache,
+        full if full is not None else empty,
+        sliding if sliding is not None else empty,
+        n_tokens,
+    )
+
+
+def _mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    visible = kpos[None, :] <= qpos[:, None]
+    if window > 0:
+        visible &= (qpos[:, None] - kpos[None, :]) < window
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+@torch.inference_mode()
+def step(engine: Engine, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
+    """Feed 1-D `input_ids` at the next positions; return logits [t, vocab] (float32)."""
+    fp = engine.fingerprint
+    t = int(input_ids.numel())
+    qpos = torch.arange(state.next_position, state.next_position + t)
+    dtype = next(engine.model.parameters()).dtype
+    kfull = torch.cat([state.full_positions, qpos])
+    masks = {"full_attention": _mask(kfull, qpos, 0, dtype)}
+    if fp.sliding_layers:
+        kslide = torch.cat([state.sliding_positions, qpos])
+        masks["sliding_attention"] = _mask(kslide, qpos, fp.sliding_window, dtype)
+        state.sliding_positions = kslide[-(fp.sliding_window - 1) :]
+    attention_mask = masks if fp.sliding_layers else masks["full_attention"]
+    out = engine.model(
+        input_ids=input_ids.view(1, -1),
+        position_ids=qpos.view(1, -1),
+        attention_mask=attention_mask,
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    state.full_positions = kfull
+    state.next_position += t
+    return out.logits[0].float()
+
+
+def generate(
+    engine: Engine, state: DecodeState, first_input: int, max_new_tokens: int
+) -> list[int]:
+    """Greedy decoding: feed `first_input` (the prompt's last token), return new token ids."""
+    eos = engine.tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    tok, out = first_input, []
+    for _ in range(max_new_tokens):
+        tok = int(step(engine, state, torch.tensor([tok])).argmax(-1)[-1])
+        out.append(tok)
+        if tok in eos_ids:
+            break
+    return out
+
+
+def chat_ids(engine: Engine, prompt: str) -> torch.Tensor:
+    """Token ids of `prompt` wrapped in the model's chat template (plain text if it has none)."""
+    tok = engine.tokenizer
+    if getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+        )
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    return ids.view(-1)

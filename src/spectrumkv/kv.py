@@ -1,0 +1,39 @@
+"""Engine-neutral containers for a prompt's KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerKV:
+    """One layer's cached tokens.
+
+    keys, values: [H, n, D] float32 (post-RoPE keys, as the engine caches them).
+    positions: [n] int64, the original prompt positions of the n slots, strictly increasing.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.positions.shape[0]
+        if self.keys.shape != self.values.shape or self.keys.shape[1] != n:
+            raise ValueError(
+                f"inconsistent LayerKV shapes: keys {tuple(self.keys.shape)}, "
+                f"values {tuple(self.values.shape)}, positions {n}"
+            )
+
+
+def first_slot(layer_is_sliding: bool, sliding_window: int, n_tokens: int) -> int:
+    """First prompt position an engine keeps in a layer after prefilling n_tokens.
+
+    Sliding-window layers keep only the last `sliding_window - 1` tokens (what the next query
+    can still see); full-attention layers keep everything.
+    """
+    if not layer_is_sliding or sliding_window <= 0:
+        return 0
+    return max(0, n_tokens - (sliding_window - 1))

@@ -1,0 +1,65 @@
+"""The one data flow, as plain functions:
+prefill -> score -> plan -> encode (bytes) -> decode -> decode cache -> generate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .config import PolicyConfig, ScoreConfig
+from .engines.hf import DecodeState, Engine, Prefilled, decode_state
+from .importance import score_tokens
+from .policy import Plan, layer_firsts, plan
+from .wire import Header, decode_payload, frame_bytes, header_bytes
+
+
+def make_header(engine: Engine, n_tokens: int, policy: PolicyConfig) -> Header:
+    return Header(
+        fingerprint=engine.fingerprint,
+        n_tokens=n_tokens,
+        scheme=policy.quant.scheme,
+        group_size=policy.quant.group_for(engine.fingerprint.head_dim),
+        rotate=policy.quant.rotate,
+        policy=policy.name,
+        budget=policy.budget,
+    )
+
+
+def plan_transfer(
+    engine: Engine, pre: Prefilled, policy: PolicyConfig, scoring: ScoreConfig = ScoreConfig()
+) -> tuple[Header, Plan]:
+    """Score the prefilled context and assign tiers under the policy's budget."""
+    header = make_header(engine, pre.n_tokens, policy)
+    scores = score_tokens(scoring, pre.n_tokens, pre.layers, pre.window)
+    return header, plan(scores, header, policy)
+
+
+def iter_payload(header: Header, pre: Prefilled, p: Plan) -> Iterator[bytes]:
+    """The payload as a stream of chunks: header first, then one frame per layer."""
+    yield header_bytes(header)
+    for layer, first in enumerate(layer_firsts(header)):
+        yield frame_bytes(layer, first, p.tiers[layer, first:], pre.layers[layer], header)
+
+
+def encode(header: Header, pre: Prefilled, p: Plan) -> bytes:
+    return b"".join(iter_payload(header, pre, p))
+
+
+def receive(engine: Engine, payload: bytes | memoryview) -> DecodeState:
+    """Verify and decode a payload for this engine's model and build its decode cache."""
+    decoded = decode_payload(payload, expect=engine.fingerprint)
+    return decode_state(engine, decoded.layers, decoded.header.n_tokens)
+
+
+def reference_state(engine: Engine, pre: Prefilled) -> DecodeState:
+    """The uncompressed decode cache, as if prefill and decode ran in one process."""
+    return decode_state(engine, pre.layers, pre.n_tokens)
+
+
+def split_prompt(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A prompt's context (prefilled and transferred) and its last token (fed by decode)."""
+    if ids.numel() < 2:
+        raise ValueError("a prompt needs at least two tokens")
+    return ids[:-1], int(ids[-1])

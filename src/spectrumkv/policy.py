@@ -1,0 +1,265 @@
+"""Budget -> tier map, with exact byte accounting.
+
+A plan assigns every (layer, token) a Tier. Policies here are per-token: one tier per token,
+shared by all layers that hold the token (sliding-window layers hold only the recent window).
+The dropped set is therefore the same in every layer, which is what the wire format requires.
+
+Budget accounting (`PolicyConfig.budget_mode`):
+- `wire`: bytes of the whole payload (preamble, header, checksums, frame heads, tier maps,
+  codes, scales, minima) <= budget * bytes of the FP16 cache of the same slots.
+- `nominal`: the paper's mean per-token cost (FP16 1, INT8 1/2, INT4 1/4, drop 0) <= budget.
+Budget 1.0 is the uncompressed reference: every token FP16, whatever the policy; the header and
+tier maps are then its only overhead, reported in `Plan.wire_budget`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import PolicyConfig
+from .errors import BudgetError
+from .kv import first_slot
+from .quant import element_bytes
+from .tiers import NOMINAL_COST, Tier
+from .wire import Header, frame_overhead, header_bytes
+
+#: The precision ladder (floor first) each greedy policy climbs.
+_LADDERS = {
+    "spectrum": (Tier.INT4, Tier.INT8, Tier.FP16),
+    "random-tier": (Tier.INT4, Tier.INT8, Tier.FP16),
+    "spectrum-2tier": (Tier.INT8, Tier.FP16),
+    "snapkv-drop": (Tier.FP16,),
+}
+_UNIFORM = {"uniform-int8": Tier.INT8, "uniform-int4": Tier.INT4, "fp16": Tier.FP16}
+
+
+@dataclass
+class Plan:
+    """tiers: [n_layers, n_tokens] uint8 Tier codes (slots a layer does not hold are DROP).
+
+    wire_bytes: exact size of the encoded payload in bytes. fp16_bytes: size of the FP16 cache of
+    the same slots (K and V, 2 bytes per element). nominal_budget: the paper's mean token cost.
+    """
+
+    tiers: torch.Tensor
+    wire_bytes: int
+    fp16_bytes: int
+    nominal_budget: float
+
+    @property
+    def wire_budget(self) -> float:
+        return self.wire_bytes / self.fp16_bytes if self.fp16_bytes else 0.0
+
+    def counts(self) -> dict[str, int]:
+        """Number of tokens per tier (per-token view: the tier in the last layer)."""
+        last = self.tiers[-1]
+        return {t.name: int((last == int(t)).sum()) for t in Tier}
+
+
+def layer_firsts(header: Header) -> list[int]:
+    fp = header.fingerprint
+    return [
+        first_slot(fp.is_sliding(layer), fp.sliding_window, header.n_tokens)
+        for layer in range(fp.n_layers)
+    ]
+
+
+def fp16_bytes(header: Header) -> int:
+    fp = header.fingerprint
+    slots = sum(header.n_tokens - f for f in layer_firsts(header))
+    return slots * 2 * fp.n_kv_heads * fp.head_dim * 2
+
+
+def wire_bytes(header: Header, tiers: torch.Tensor) -> int:
+    """Exact payload size for a [n_layers, n_tokens] tier map (mirrors wire.frame_bytes)."""
+    fp, q = header.fingerprint, header.quant
+    total = len(header_bytes(header))
+    for layer, first in enumerate(layer_firsts(header)):
+        row = tiers[layer, first:]
+        total += frame_overhead(row.numel())
+        for t in (Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2):
+            total += (
+                2 * int((row == int(t)).sum()) * element_bytes(t, fp.n_kv_heads, fp.head_dim, q)
+            )
+    return total
+
+
+def plan(scores: torch.Tensor, header: Header, policy: PolicyConfig) -> Plan:
+    """Assign tiers to the header's n_tokens tokens from `scores` ([n_tokens], higher = more
+    important). Raises BudgetError if no plan of this policy fits the budget."""
+    n = header.n_tokens
+    if scores.shape != (n,):
+        raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
+    firsts = torch.tensor(layer_firsts(header))
+    present = (torch.arange(n)[None, :] >= firsts[:, None]).sum(0)  # layers holding each token
+    costs = _token_costs(header, policy, present)
+    avail = _available(header, policy, present)
+
+    if policy.budget == 1.0 or policy.name in _UNIFORM:
+        tier = Tier.FP16 if policy.budget == 1.0 else _UNIFORM[policy.name]
+        token_tiers = torch.full((n,), int(tier), dtype=torch.uint8)
+        if policy.budget is not None and policy.budget < 1.0:
+            _require_fits(costs, token_tiers, avail, policy)
+    elif policy.name == "pdtrim":
+        token_tiers = _pdtrim(costs, avail, policy.pdtrim_fr, n)
+    elif policy.name == "sink-protect":
+        token_tiers = _sink_protect(costs, avail, policy.sinks, n)
+    else:
+        if policy.name == "random-tier":
+            g = torch.Generator().manual_seed(policy.seed)
+            scores = torch.rand(n, generator=g)
+        order = rank_order(scores, policy.sinks)
+        token_tiers = greedy(order, costs, _LADDERS[policy.name], avail, min(policy.sinks, n))
+
+    tiers = token_tiers[None, :].repeat(header.fingerprint.n_layers, 1)
+    for layer, first in enumerate(firsts.tolist()):
+        tiers[layer, :first] = int(Tier.DROP)
+    nominal = float(sum(NOMINAL_COST[Tier(int(t))] for t in token_tiers.tolist())) / max(n, 1)
+    return Plan(tiers, wire_bytes(header, tiers), fp16_bytes(header), nominal)
+
+
+def rank_order(scores: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Token indices from most to least important; the first `sinks` positions come first."""
+    s = scores.clone().float()
+    s[: min(sinks, s.numel())] = float("inf")
+    return torch.sort(s, descending=True, stable=True).indices
+
+
+def _token_costs(header: Header, policy: PolicyConfig, present: torch.Tensor) -> torch.Tensor:
+    """[len(Tier), n] cost of each token at each tier in the policy's budget unit."""
+    fp = header.fingerprint
+    out = torch.zeros(len(Tier), present.numel(), dtype=torch.float64)
+    for t in Tier:
+        if policy.budget_mode == "nominal":
+            out[t] = NOMINAL_COST[t]
+        else:
+            per_layer = 2 * element_bytes(t, fp.n_kv_heads, fp.head_dim, policy.quant)
+            out[t] = present.double() * per_layer
+    return out
+
+
+def _available(header: Header, policy: PolicyConfig, present: torch.Tensor) -> float:
+    """Budget left for token data, in the policy's unit; raises if overhead alone exceeds it."""
+    if policy.budget is None:
+        return float("inf")
+    if policy.budget_mode == "nominal":
+        return policy.budget * present.numel()
+    overhead = len(header_bytes(header)) + sum(
+        frame_overhead(header.n_tokens - f) for f in layer_firsts(header)
+    )
+    avail = policy.budget * fp16_bytes(header) - overhead
+    if avail < 0 and policy.budget < 1.0:
+        raise BudgetError(
+            f"budget {policy.budget} allows {int(policy.budget * fp16_bytes(header))} bytes, "
+            f"less than the {overhead} bytes of headers and tier maps alone"
+        )
+    return avail
+
+
+def _cost(costs: torch.Tensor, token_tiers: torch.Tensor) -> float:
+    return float(costs.gather(0, token_tiers.long()[None, :]).sum())
+
+
+def _require_fits(costs: torch.Tensor, token_tiers: torch.Tensor, avail: float, policy) -> None:
+    need = _cost(costs, token_tiers)
+    if need > avail + 1e-9:
+        raise BudgetError(
+            f"policy {policy.name!r} is fixed-rate and needs more than budget {policy.budget}; "
+            "pass budget=None to use it at its own rate"
+        )
+
+
+def greedy(
+    order: torch.Tensor,
+    costs: torch.Tensor,
+    ladder: tuple[Tier, ...],
+    avail: float,
+    sinks: int,
+) -> torch.Tensor:
+    """The SpectrumKV greedy allocator.
+
+    Sinks (the first `sinks` positions) start at INT8 (or the ladder's top if lower), everything
+    else at the ladder's floor; INT8 is lossless in practice (measured: uniform INT8 keeps greedy
+    output), so spending FP16 bytes on sinks first only pushes other tokens down to INT4. If that is over budget, the least important non-sink tokens are dropped (sinks fall to
+    the floor only if they alone do not fit). Otherwise tokens are promoted one level at a time in
+    importance order while the budget lasts. Result: tiers are monotone in importance.
+    """
+    n = order.numel()
+    floor = ladder[0]
+    sink_tier = min(ladder[-1], max(floor, Tier.INT8))
+    tiers = torch.full((n,), int(floor), dtype=torch.uint8)
+    is_sink = torch.zeros(n, dtype=torch.bool)
+    is_sink[:sinks] = True
+    tiers[is_sink] = int(sink_tier)
+    ranked = order[~is_sink[order]]  # non-sinks, most important first
+
+    used = _cost(costs, tiers)
+    if used > avail:
+        if _cost(costs, tiers.masked_fill(~is_sink, int(Tier.DROP))) > avail:
+            tiers[is_sink] = int(floor)
+        rev = ranked.flip(0)
+        cum = torch.cumsum(costs[int(floor), rev], 0)
+        need = _cost(costs, tiers) - avail
+        if need > 0:
+            k = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)))
+            if k >= rev.numel():
+                sink_cost = _cost(costs, tiers.masked_fill(~is_sink, int(Tier.DROP)))
+                raise BudgetError(
+                    f"budget leaves {avail:.0f} units for tokens; the {sinks} sink tokens alone "
+                    f"need {sink_cost:.0f}"
+                )
+            tiers[rev[: k + 1]] = int(Tier.DROP)
+        return tiers
+
+    slack = avail - used
+    for cur, nxt in zip(ladder, ladder[1:], strict=False):
+        cand = order[tiers[order] == int(cur)]
+        if cand.numel() == 0:
+            continue
+        cum = torch.cumsum(costs[int(nxt), cand] - costs[int(cur), cand], 0)
+        k = int((cum <= slack + 1e-9).sum())
+        tiers[cand[:k]] = int(nxt)
+        if k:
+            slack -= float(cum[k - 1])
+        if k < cand.numel():
+            break
+    return tiers
+
+
+def _pdtrim(costs: torch.Tensor, avail: float, fr: float, n: int) -> torch.Tensor:
+    """PDTrim: keep the first floor(k*fr) and the last k - floor(k*fr) tokens at FP16, drop the
+    rest; k is the largest count that fits the budget."""
+
+    def tiers_for(k: int) -> torch.Tensor:
+        t = torch.full((n,), int(Tier.DROP), dtype=torch.uint8)
+        head = int(k * fr)
+        t[:head] = int(Tier.FP16)
+        if k - head:
+            t[n - (k - head) :] = int(Tier.FP16)
+        return t
+
+    lo, hi = 0, n  # invariant: tiers_for(lo) fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _cost(costs, tiers_for(mid)) <= avail + 1e-9:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0 and n > 0:
+        raise BudgetError("budget too small for PDTrim to keep a single token at FP16")
+    return tiers_for(lo)
+
+
+def _sink_protect(costs: torch.Tensor, avail: float, sinks: int, n: int) -> torch.Tensor:
+    """SinkProtect baseline: sinks at FP16, every other token at one uniform tier (INT8 if it
+    fits, else INT4); below that, the oldest non-sink tokens are dropped (sinks + recent)."""
+    sinks = min(sinks, n)
+    for tier in (Tier.INT8, Tier.INT4):
+        t = torch.full((n,), int(tier), dtype=torch.uint8)
+        t[:sinks] = int(Tier.FP16)
+        if _cost(costs, t) <= avail + 1e-9:
+            return t
+    recency = torch.cat([torch.arange(sinks), torch.arange(n - 1, sinks - 1, -1)])
+    return greedy(recency, costs, (Tier.INT4,), avail, sinks)

@@ -1,0 +1,35 @@
+"""Precision tiers and their exact wire cost.
+
+Tier codes are ordered by precision, so `a > b` means "a keeps more information than b".
+They are also the 4-bit values written in a frame's tier map.
+"""
+
+from enum import IntEnum
+
+
+class Tier(IntEnum):
+    DROP = 0
+    INT2 = 1
+    INT4 = 2
+    INT8 = 3
+    FP16 = 4
+
+
+#: Bits per element of the stored code. FP16 means "the engine's 16-bit KV dtype, bit exact".
+TIER_BITS = {Tier.INT2: 2, Tier.INT4: 4, Tier.INT8: 8, Tier.FP16: 16}
+
+#: The paper's nominal cost of a token relative to FP16 (scales and metadata not counted).
+NOMINAL_COST = {Tier.DROP: 0.0, Tier.INT2: 0.125, Tier.INT4: 0.25, Tier.INT8: 0.5, Tier.FP16: 1.0}
+
+QUANT_TIERS = (Tier.INT2, Tier.INT4, Tier.INT8)
+#: Order in which tiers are laid out inside a frame.
+STORED_TIERS = (Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2)
+
+
+def parse_tier(name: str) -> Tier:
+    try:
+        return Tier[name.upper()]
+    except KeyError:
+        raise ValueError(
+            f"unknown tier {name!r}; expected one of {[t.name for t in Tier]}"
+        ) from None

@@ -1,0 +1,347 @@
+"""The SpectrumKV wire format, version 1: encode and decode, one layer frame at a time.
+
+Layout (all integers little endian)::
+
+    preamble   4s magic b"SPKV" | u16 version | u16 flags (0) | u32 header_len
+    header     msgpack (msgspec) `Header`, header_len bytes
+    checksum   u64 xxh3_64(preamble + header)
+    frame * n_layers, in layer order:
+      head     2s b"LF" | u16 layer | u32 first_position | u32 n_slots | u32 body_len
+      body     tier map: n_slots 4-bit Tier codes, low nibble first, ceil(n_slots/2) bytes
+               then for tier in FP16, INT8, INT4, INT2 (only tiers present), K then V:
+                 FP16: m*H*D 16-bit values in the engine's KV dtype (bit exact)
+                 INTk asym-group: codes m*H*D*k/8 | scale m*H*(D/g) f16 | minimum m*H*(D/g) f16
+                 INTk sym-token:  codes m*H*D*k/8 | scale m f16
+               tokens of a tier appear in position order
+      checksum u64 xxh3_64(head + body)
+
+A frame covers prompt positions [first_position, n_tokens). Every length is checked against the
+fingerprint and the tier map before anything is allocated. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import msgspec
+import torch
+import xxhash
+
+from .config import QuantConfig
+from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
+from .kv import LayerKV, first_slot
+from .quant import Quantized, dequantize, element_bytes, hadamard, quantize
+from .tiers import STORED_TIERS, TIER_BITS, Tier
+
+MAGIC = b"SPKV"
+VERSION = 1
+FRAME_MAGIC = b"LF"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TOKENS = 1 << 22
+
+_PREAMBLE = struct.Struct("<4sHHI")
+_FRAME = struct.Struct("<2sHIII")
+_CHECK = struct.Struct("<Q")
+_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a receiver must match to use a payload. `weights_digest` tells two models of the
+    same shape apart (e.g. a base model and its fine-tune)."""
+
+    arch: str
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    kv_dtype: str
+    rope: str
+    sliding_window: int
+    sliding_layers: tuple[int, ...]
+    weights_digest: str
+
+    def is_sliding(self, layer: int) -> bool:
+        return layer in self.sliding_layers
+
+
+class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Payload header. `n_tokens`: cached prompt tokens (positions 0..n_tokens-1)."""
+
+    fingerprint: Fingerprint
+    n_tokens: int
+    scheme: str
+    group_size: int
+    rotate: bool
+    policy: str
+    budget: float | None
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(self.group_size, self.scheme, self.rotate)  # type: ignore[arg-type]
+
+
+@dataclass
+class Payload:
+    header: Header
+    layers: list[LayerKV]
+
+
+_header_encoder = msgspec.msgpack.Encoder()
+_header_decoder = msgspec.msgpack.Decoder(Header)
+
+
+def _checksum(*parts: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    for p in parts:
+        h.update(p)
+    return h.intdigest()
+
+
+def header_bytes(header: Header) -> bytes:
+    """Preamble + header + checksum."""
+    body = _header_encoder.encode(header)
+    pre = _PREAMBLE.pack(MAGIC, VERSION, 0, len(body))
+    return pre + body + _CHECK.pack(_checksum(pre, body))
+
+
+def frame_size(n_slots: int, tier_counts: dict[Tier, int], fp: Fingerprint, q: QuantConfig) -> int:
+    """Exact size in bytes of a frame with these tier counts (mirrors `frame_bytes`)."""
+    body = (n_slots + 1) // 2
+    for tier, count in tier_counts.items():
+        body += 2 * count * element_bytes(tier, fp.n_kv_heads, fp.head_dim, q)
+    return _FRAME.size + body + _CHECK.size
+
+
+def frame_overhead(n_slots: int) -> int:
+    """Bytes of a frame that do not depend on the tiers: head, tier map, checksum."""
+    return _FRAME.size + (n_slots + 1) // 2 + _CHECK.size
+
+
+def pack_tier_map(tiers: torch.Tensor) -> bytes:
+    t = tiers.to(torch.uint8)
+    if t.numel() % 2:
+        t = torch.cat([t, t.new_zeros(1)])
+    return (t[0::2] | (t[1::2] << 4)).numpy().tobytes()
+
+
+def unpack_tier_map(raw: bytes | memoryview, n_slots: int) -> torch.Tensor:
+    b = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    t = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)
+    if t.numel() > n_slots and int(t[n_slots:].max()) != 0:
+        raise WireFormatError("tier map padding nibble is not zero")
+    t = t[:n_slots]
+    if t.numel() and int(t.max()) > int(Tier.FP16):
+        raise WireFormatError(f"invalid tier code {int(t.max())} in tier map")
+    return t
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def frame_bytes(
+    layer: int, first_position: int, tiers: torch.Tensor, kv: LayerKV, header: Header
+) -> bytes:
+    """Encode one layer. `tiers`: [n_slots] Tier codes for kv's slots (positions from
+    first_position to n_tokens-1, kv holds exactly those slots)."""
+    fp, q = header.fingerprint, header.quant
+    kv_dtype = _KV_DTYPES[fp.kv_dtype]
+    parts = [pack_tier_map(tiers)]
+    for tier in STORED_TIERS:
+        idx = (tiers == int(tier)).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        for x in (kv.keys, kv.values):
+            sel = x.index_select(1, idx).transpose(0, 1)  # [m, H, D]
+            if tier == Tier.FP16:
+                parts.append(_tensor_bytes(sel.to(kv_dtype)))
+                continue
+            qz = quantize(sel, tier, q)
+            parts.append(_tensor_bytes(qz.codes))
+            parts.append(_tensor_bytes(qz.scale))
+            if qz.minimum is not None:
+                parts.append(_tensor_bytes(qz.minimum))
+    body = b"".join(parts)
+    head = _FRAME.pack(FRAME_MAGIC, layer, first_position, tiers.numel(), len(body))
+    return head + body + _CHECK.pack(_checksum(head, body))
+
+
+def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> tuple[Header, int]:
+    """Parse and verify the header at the start of `buf`. Returns (header, bytes consumed)."""
+    mv = memoryview(buf)
+    if len(mv) < _PREAMBLE.size:
+        raise WireFormatError(f"payload too short for a preamble ({len(mv)} bytes)")
+    magic, version, flags, hlen = _PREAMBLE.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise WireFormatError(f"bad magic {bytes(magic)!r}; not a SpectrumKV payload")
+    if version != VERSION:
+        raise IncompatiblePayloadError(f"wire version {version} not supported (this is {VERSION})")
+    if hlen > MAX_HEADER_BYTES:
+        raise WireFormatError(f"declared header length {hlen} exceeds {MAX_HEADER_BYTES}")
+    end = _PREAMBLE.size + hlen
+    if len(mv) < end + _CHECK.size:
+        raise WireFormatError("payload truncated inside the header")
+    body = mv[_PREAMBLE.size : end]
+    (check,) = _CHECK.unpack_from(mv, end)
+    if check != _checksum(mv[: _PREAMBLE.size], body):
+        raise ChecksumError("header checksum mismatch")
+    if flags != 0:
+        raise IncompatiblePayloadError(f"unknown header flags {flags:#x}")
+    try:
+        header = _header_decoder.decode(body)
+    except msgspec.MsgspecError as e:
+        raise WireFormatError(f"malformed header: {e}") from None
+    _validate_header(header)
+    if expect is not None and header.fingerprint != expect:
+        raise IncompatiblePayloadError(_fingerprint_diff(header.fingerprint, expect))
+    return header, end + _CHECK.size
+
+
+def _validate_header(h: Header) -> None:
+    fp = h.fingerprint
+    if not (0 <= h.n_tokens <= MAX_TOKENS):
+        raise WireFormatError(f"n_tokens {h.n_tokens} out of range")
+    if not (1 <= fp.n_layers <= 4096 and 1 <= fp.n_kv_heads <= 1024 and 1 <= fp.head_dim <= 4096):
+        raise WireFormatError("fingerprint dimensions out of range")
+    if fp.kv_dtype not in _KV_DTYPES:
+        raise WireFormatError(f"unknown kv dtype {fp.kv_dtype!r}")
+    if any(not (0 <= i < fp.n_layers) for i in fp.sliding_layers):
+        raise WireFormatError("sliding layer index out of range")
+    try:
+        h.quant.group_for(fp.head_dim)
+        if h.rotate:
+            hadamard(fp.head_dim)
+    except ValueError as e:
+        raise WireFormatError(f"bad quantization parameters: {e}") from None
+
+
+def _fingerprint_diff(got: Fingerprint, want: Fingerprint) -> str:
+    diffs = [
+        f"{f}: payload {getattr(got, f)!r} != receiver {getattr(want, f)!r}"
+        for f in Fingerprint.__struct_fields__
+        if getattr(got, f) != getattr(want, f)
+    ]
+    return "payload was produced for a different model (" + "; ".join(diffs) + ")"
+
+
+def read_frame(
+    buf: bytes | memoryview, offset: int, header: Header, layer: int
+) -> tuple[LayerKV, torch.Tensor, int]:
+    """Parse and verify frame `layer` at `offset`.
+
+    Returns (kept slots of the layer, the frame's tier map, offset after the frame).
+    """
+    fp, q = header.fingerprint, header.quant
+    mv = memoryview(buf)
+    if len(mv) < offset + _FRAME.size:
+        raise WireFormatError(f"payload truncated before frame {layer}")
+    magic, got_layer, first, n_slots, body_len = _FRAME.unpack_from(mv, offset)
+    if magic != FRAME_MAGIC:
+        raise WireFormatError(f"bad frame magic at offset {offset}")
+    if got_layer != layer:
+        raise WireFormatError(f"expected frame for layer {layer}, got layer {got_layer}")
+    want_first = first_slot(fp.is_sliding(layer), fp.sliding_window, header.n_tokens)
+    if first != want_first or first + n_slots != header.n_tokens:
+        raise WireFormatError(
+            f"frame {layer} covers positions [{first}, {first + n_slots}), "
+            f"expected [{want_first}, {header.n_tokens})"
+        )
+    max_body = (n_slots + 1) // 2 + 2 * n_slots * fp.n_kv_heads * fp.head_dim * 2
+    if body_len > max_body:
+        raise WireFormatError(f"frame {layer} declares {body_len} bytes, more than {max_body}")
+    body_start = offset + _FRAME.size
+    end = body_start + body_len
+    if len(mv) < end + _CHECK.size:
+        raise WireFormatError(f"payload truncated inside frame {layer}")
+    (check,) = _CHECK.unpack_from(mv, end)
+    if check != _checksum(mv[offset:body_start], mv[body_start:end]):
+        raise ChecksumError(f"frame {layer} checksum mismatch")
+
+    map_len = (n_slots + 1) // 2
+    tiers = unpack_tier_map(mv[body_start : body_start + map_len], n_slots)
+    counts = {t: int((tiers == int(t)).sum()) for t in STORED_TIERS}
+    if frame_size(n_slots, counts, fp, q) != _FRAME.size + body_len + _CHECK.size:
+        raise WireFormatError(f"frame {layer} body length {body_len} does not match its tier map")
+
+    body = bytearray(mv[body_start + map_len : end])
+    kept = (tiers != int(Tier.DROP)).nonzero().flatten()
+    h, d = fp.n_kv_heads, fp.head_dim
+    keys = torch.empty(kept.numel(), h, d)
+    values = torch.empty(kept.numel(), h, d)
+    rank = torch.full((n_slots,), -1, dtype=torch.long)
+    rank[kept] = torch.arange(kept.numel())
+    pos = 0
+    for tier in STORED_TIERS:
+        m = counts[tier]
+        if m == 0:
+            continue
+        dest = rank[(tiers == int(tier)).nonzero().flatten()]
+        for out in (keys, values):
+            x, pos = _read_section(body, pos, tier, m, fp, q)
+            out[dest] = x
+    positions = kept + first
+    return (
+        LayerKV(keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous(), positions),
+        tiers,
+        end + _CHECK.size,
+    )
+
+
+def _take(body: bytearray, pos: int, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, int]:
+    nbytes = count * torch.empty(0, dtype=dtype).element_size()
+    t = torch.frombuffer(body, dtype=dtype, count=count, offset=pos) if count else torch.empty(0)
+    return t.to(dtype), pos + nbytes
+
+
+def _read_section(
+    body: bytearray, pos: int, tier: Tier, m: int, fp: Fingerprint, q: QuantConfig
+) -> tuple[torch.Tensor, int]:
+    h, d = fp.n_kv_heads, fp.head_dim
+    if tier == Tier.FP16:
+        x, pos = _take(body, pos, _KV_DTYPES[fp.kv_dtype], m * h * d)
+        return x.float().view(m, h, d), pos
+    bits = TIER_BITS[tier]
+    codes, pos = _take(body, pos, torch.uint8, m * h * d * bits // 8)
+    codes = codes.view(m, h, d * bits // 8)
+    if q.scheme == "sym-token":
+        scale, pos = _take(body, pos, torch.float16, m)
+        return dequantize(Quantized(codes, scale, None), tier, q, d), pos
+    ng = d // q.group_for(d)
+    scale, pos = _take(body, pos, torch.float16, m * h * ng)
+    minimum, pos = _take(body, pos, torch.float16, m * h * ng)
+    qz = Quantized(codes, scale.view(m, h, ng), minimum.view(m, h, ng))
+    return dequantize(qz, tier, q, d), pos
+
+
+def decode_payload(buf: bytes | memoryview, expect: Fingerprint | None = None) -> Payload:
+    """Decode a whole payload. Raises WireFormatError / ChecksumError / IncompatiblePayloadError."""
+    header, off = read_header(buf, expect)
+    layers = []
+    full_keep: torch.Tensor | None = None
+    for layer in range(header.fingerprint.n_layers):
+        kv, _, off = read_frame(buf, off, header, layer)
+        layers.append(kv)
+        if not header.fingerprint.is_sliding(layer):
+            if full_keep is None:
+                full_keep = kv.positions
+            elif not torch.equal(full_keep, kv.positions):
+                raise WireFormatError(f"layer {layer} keeps a different token set than layer 0")
+    if off != len(buf):
+        raise WireFormatError(f"{len(buf) - off} unexpected bytes after the last frame")
+    _check_sliding_consistency(header, layers, full_keep)
+    return Payload(header, layers)
+
+
+def _check_sliding_consistency(
+    header: Header, layers: list[LayerKV], full_keep: torch.Tensor | None
+) -> None:
+    """Sliding layers must keep exactly the full layers' tokens that fall inside their window."""
+    if full_keep is None:
+        return
+    for layer in header.fingerprint.sliding_layers:
+        first = first_slot(True, header.fingerprint.sliding_window, header.n_tokens)
+        want = full_keep[full_keep >= first]
+        if not torch.equal(layers[layer].positions, want):
+            raise WireFormatError(
+                f"sliding layer {layer} keeps a token set inconsistent with the rest"
+            )
