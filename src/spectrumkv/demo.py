@@ -80,7 +80,10 @@ def run_demo(
 
 
 def print_table(rows: list[DemoRow], prompts: tuple[str, ...]) -> None:
-    head = f"{'#':>2} {'policy':<10} {'budget':>6} {'wire bytes':>11} {'wire/fp16':>9} {'match':>7}  text"
+    head = (
+        f"{'#':>2} {'policy':<10} {'budget':>6} {'wire bytes':>11} {'wire/fp16':>9} "
+        f"{'match':>7}  text"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -28,11 +28,11 @@ def make_header(engine: Engine, n_tokens: int, policy: PolicyConfig) -> Header:
 
 
 def plan_transfer(
-    engine: Engine, pre: Prefilled, policy: PolicyConfig, scoring: ScoreConfig = ScoreConfig()
+    engine: Engine, pre: Prefilled, policy: PolicyConfig, scoring: ScoreConfig | None = None
 ) -> tuple[Header, Plan]:
     """Score the prefilled context and assign tiers under the policy's budget."""
     header = make_header(engine, pre.n_tokens, policy)
-    scores = score_tokens(scoring, pre.n_tokens, pre.layers, pre.window)
+    scores = score_tokens(scoring or ScoreConfig(), pre.n_tokens, pre.layers, pre.window)
     return header, plan(scores, header, policy)
 
 

@@ -129,13 +129,13 @@ def rank_order(scores: torch.Tensor, sinks: int) -> torch.Tensor:
 
 def _token_costs(header: Header, policy: PolicyConfig, present: torch.Tensor) -> torch.Tensor:
     """[len(Tier), n] cost of each token at each tier in the policy's budget unit."""
-    fp = header.fingerprint
+    fp, q = header.fingerprint, header.quant  # the header says how tokens will be encoded
     out = torch.zeros(len(Tier), present.numel(), dtype=torch.float64)
     for t in Tier:
         if policy.budget_mode == "nominal":
             out[t] = NOMINAL_COST[t]
         else:
-            per_layer = 2 * element_bytes(t, fp.n_kv_heads, fp.head_dim, policy.quant)
+            per_layer = 2 * element_bytes(t, fp.n_kv_heads, fp.head_dim, q)
             out[t] = present.double() * per_layer
     return out
 
@@ -182,7 +182,8 @@ def greedy(
 
     Sinks (the first `sinks` positions) start at INT8 (or the ladder's top if lower), everything
     else at the ladder's floor; INT8 is lossless in practice (measured: uniform INT8 keeps greedy
-    output), so spending FP16 bytes on sinks first only pushes other tokens down to INT4. If that is over budget, the least important non-sink tokens are dropped (sinks fall to
+    output), so spending FP16 bytes on sinks first only pushes other tokens down to INT4.
+    If that is over budget, the least important non-sink tokens are dropped (sinks fall to
     the floor only if they alone do not fit). Otherwise tokens are promoted one level at a time in
     importance order while the budget lasts. Result: tiers are monotone in importance.
     """

@@ -24,12 +24,3 @@ NOMINAL_COST = {Tier.DROP: 0.0, Tier.INT2: 0.125, Tier.INT4: 0.25, Tier.INT8: 0.
 QUANT_TIERS = (Tier.INT2, Tier.INT4, Tier.INT8)
 #: Order in which tiers are laid out inside a frame.
 STORED_TIERS = (Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2)
-
-
-def parse_tier(name: str) -> Tier:
-    try:
-        return Tier[name.upper()]
-    except KeyError:
-        raise ValueError(
-            f"unknown tier {name!r}; expected one of {[t.name for t in Tier]}"
-        ) from None

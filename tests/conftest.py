@@ -1,0 +1,8 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from spectrumkv import load
+
+    return load("smollm2-135m")

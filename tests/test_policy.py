@@ -1,0 +1,135 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectrumkv.config import POLICIES, PolicyConfig, QuantConfig
+from spectrumkv.errors import BudgetError, ConfigError
+from spectrumkv.pipeline import iter_payload
+from spectrumkv.policy import plan
+from spectrumkv.tiers import NOMINAL_COST, Tier
+
+from .synthetic import make_header, random_layers
+
+BUDGETED = [p for p in POLICIES if p not in ("uniform-int8", "uniform-int4", "fp16")]
+
+
+def _plan_or_budget_error(scores, header, cfg):
+    try:
+        return plan(scores, header, cfg)
+    except BudgetError:
+        return None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    policy=st.sampled_from(BUDGETED),
+    n=st.integers(1, 300),
+    budget=st.floats(0.05, 0.999),
+    sliding=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_wire_budget_respected(policy, n, budget, sliding, seed):
+    header = make_header(
+        n, n_layers=3, sliding=(1,) if sliding else (), window=16 if sliding else 0
+    )
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    p = _plan_or_budget_error(scores, header, PolicyConfig(policy, budget=budget, sinks=2))
+    if p is None:
+        return
+    assert p.wire_bytes <= budget * p.fp16_bytes
+    # the predicted size is the real size of the encoded payload
+    pre = type("Pre", (), {"layers": random_layers(header)})
+    assert sum(len(c) for c in iter_payload(header, pre, p)) == p.wire_bytes
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(8, 200), budget=st.floats(0.3, 0.999), seed=st.integers(0, 1000))
+def test_spectrum_sinks_kept_and_tiers_monotone(n, budget, seed):
+    header = make_header(n)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    p = _plan_or_budget_error(scores, header, PolicyConfig("spectrum", budget=budget, sinks=4))
+    if p is None:
+        return
+    t = p.tiers[0]
+    assert (t[:4] != Tier.DROP).all(), "sinks are never dropped"
+    non_sink = torch.arange(4, n)
+    order = non_sink[torch.sort(scores[4:], descending=True, stable=True).indices]
+    ranked = t[order]
+    assert (ranked[:-1] >= ranked[1:]).all(), "a more important token never gets a lower tier"
+    assert t[:4].min() >= ranked.max(), "sinks rank above every other token"
+    if n > 100 and budget >= 0.3:
+        assert (t[:4] >= Tier.INT8).all(), "with room to spare, sinks are at least INT8"
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 200), budget=st.floats(0.05, 0.999))
+def test_nominal_mode_matches_paper_accounting(n, budget):
+    header = make_header(n)
+    cfg = PolicyConfig("spectrum", budget=budget, budget_mode="nominal", sinks=0)
+    p = _plan_or_budget_error(torch.rand(n), header, cfg)
+    if p is None:
+        return
+    mean = sum(NOMINAL_COST[Tier(int(x))] for x in p.tiers[0]) / n
+    assert mean <= budget + 1e-9
+    assert p.nominal_budget == pytest.approx(mean)
+
+
+def test_budget_one_is_the_fp16_reference():
+    header = make_header(100)
+    for policy in POLICIES:
+        p = plan(torch.rand(100), header, PolicyConfig(policy, budget=1.0))
+        assert (p.tiers == Tier.FP16).all()
+        assert 1.0 < p.wire_budget < 1.02  # the header and tier maps are the only overhead
+
+
+def test_spectrum_half_budget_is_mostly_int8():
+    header = make_header(400, heads=3, head_dim=64, quant=QuantConfig(group_size=64))
+    p = plan(torch.rand(400), header, PolicyConfig("spectrum", budget=0.5))
+    c = p.counts()
+    assert c["DROP"] == 0 and c["INT8"] > 0.8 * 400 and c["INT4"] > 0
+    assert 0.49 < p.wire_budget <= 0.5
+
+
+def test_pdtrim_keeps_first_and_last_segments():
+    header = make_header(100)
+    p = plan(torch.rand(100), header, PolicyConfig("pdtrim", budget=0.4, pdtrim_fr=0.5))
+    kept = (p.tiers[0] == Tier.FP16).nonzero().flatten()
+    k = kept.numel()
+    assert set((p.tiers[0]).tolist()) <= {Tier.FP16, Tier.DROP}
+    assert kept.tolist() == list(range(k // 2)) + list(range(100 - (k - k // 2), 100))
+
+
+def test_snapkv_drop_keeps_top_scores():
+    header = make_header(50)
+    scores = torch.arange(50, dtype=torch.float).flip(0)  # early tokens most important
+    p = plan(scores, header, PolicyConfig("snapkv-drop", budget=0.3, sinks=0))
+    kept = (p.tiers[0] == Tier.FP16).nonzero().flatten().tolist()
+    assert kept == list(range(len(kept))) and 0 < len(kept) < 50
+
+
+def test_fixed_rate_policies():
+    header = make_header(64)
+    p = plan(torch.rand(64), header, PolicyConfig("uniform-int4", budget=None))
+    assert (p.tiers == Tier.INT4).all()
+    with pytest.raises(BudgetError):
+        plan(torch.rand(64), header, PolicyConfig("uniform-int8", budget=0.3))
+    with pytest.raises(ConfigError):
+        PolicyConfig("spectrum", budget=None)
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, float("nan")])
+def test_budget_out_of_range(budget):
+    with pytest.raises(BudgetError):
+        PolicyConfig("spectrum", budget=budget)
+
+
+def test_budget_too_small_for_overhead():
+    header = make_header(4)
+    with pytest.raises(BudgetError, match="headers"):
+        plan(torch.rand(4), header, PolicyConfig("spectrum", budget=0.01))
+
+
+def test_unknown_policy():
+    with pytest.raises(ConfigError, match="unknown policy"):
+        PolicyConfig("magic")

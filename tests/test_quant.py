@@ -1,0 +1,103 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectrumkv.config import QuantConfig
+from spectrumkv.errors import ConfigError
+from spectrumkv.quant import dequantize, element_bytes, hadamard, pack, quantize, unpack
+from spectrumkv.tiers import Tier
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 6),
+    seed=st.integers(0, 2**31),
+)
+def test_pack_unpack_identity(bits, rows, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = groups * 8
+    codes = torch.randint(0, 1 << bits, (rows, 3, d), generator=g, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape[-1] == d * bits // 8
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+def test_hadamard_is_orthonormal_and_symmetric():
+    h = hadamard(64)
+    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6)
+    assert torch.equal(h, h.T)
+    with pytest.raises(ValueError):
+        hadamard(48)
+
+
+@pytest.mark.parametrize("tier", [Tier.INT8, Tier.INT4, Tier.INT2])
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("group", [16, 64])
+def test_asym_group_error_bound(tier, rotate, group):
+    """Per element, |x - x_hat| <= scale/2 plus FP16 rounding of the group's parameters,
+    measured in the (rotated) domain where the quantizer works."""
+    torch.manual_seed(1)
+    x = torch.randn(50, 3, 64) * 4
+    x[:, :, 5] += 30  # an outlier channel, as real keys have
+    q = QuantConfig(group_size=group, rotate=rotate)
+    qz = quantize(x, tier, q)
+    xr = dequantize(qz, tier, q, 64)
+    h = hadamard(64) if rotate else torch.eye(64)
+    err = ((xr - x) @ h).abs().view(50, 3, 64 // group, group)
+    xg = (x @ h).view(50, 3, 64 // group, group)
+    span = xg.amax(-1) - xg.amin(-1)
+    bound = qz.scale.float() / 2 + (xg.abs().amax(-1) + span) * 2**-9 + 1e-5
+    assert (err <= bound[..., None]).all()
+    levels = (1 << {Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2}[tier]) - 1
+    rel = float(((xr - x) ** 2).mean() / (x**2).mean())
+    assert rel < {8: 1e-4, 4: 0.05, 2: 0.5}[levels.bit_length()]
+
+
+def test_rotation_reduces_int4_error_with_outlier_channels():
+    torch.manual_seed(2)
+    x = torch.randn(200, 3, 64)
+    x[:, :, 3] *= 20
+    plain = QuantConfig(rotate=False)
+    rot = QuantConfig(rotate=True)
+    e_plain = (dequantize(quantize(x, Tier.INT4, plain), Tier.INT4, plain, 64) - x).pow(2).mean()
+    e_rot = (dequantize(quantize(x, Tier.INT4, rot), Tier.INT4, rot, 64) - x).pow(2).mean()
+    assert e_rot < 0.6 * e_plain
+
+
+def test_sym_token_matches_paper_quantizer():
+    torch.manual_seed(3)
+    x = torch.randn(20, 2, 32)
+    q = QuantConfig(scheme="sym-token", rotate=False)
+    qz = quantize(x, Tier.INT4, q)
+    assert qz.scale.shape == (20,) and qz.minimum is None
+    xr = dequantize(qz, Tier.INT4, q, 32)
+    absmax = x.view(20, -1).abs().amax(-1)
+    assert ((xr - x).abs().view(20, -1).amax(-1) <= absmax / 7 / 2 * 1.01 + 1e-6).all()
+
+
+def test_constant_group_round_trips_exactly():
+    x = torch.full((4, 1, 16), 0.75)
+    q = QuantConfig(group_size=16, rotate=False)
+    for tier in (Tier.INT8, Tier.INT4, Tier.INT2):
+        assert torch.equal(dequantize(quantize(x, tier, q), tier, q, 16), x)
+
+
+def test_element_bytes_counts_scales():
+    q = QuantConfig(group_size=64)
+    assert element_bytes(Tier.FP16, 3, 64, q) == 3 * 64 * 2
+    assert element_bytes(Tier.INT8, 3, 64, q) == 3 * (64 + 4)
+    assert element_bytes(Tier.INT4, 3, 64, q) == 3 * (32 + 4)
+    assert element_bytes(Tier.DROP, 3, 64, q) == 0
+    assert element_bytes(Tier.INT4, 3, 64, QuantConfig(scheme="sym-token")) == 3 * 32 + 2
+
+
+def test_bad_quant_config_is_rejected():
+    with pytest.raises(ConfigError):
+        QuantConfig(group_size=48)
+    with pytest.raises(ConfigError):
+        QuantConfig(scheme="nf4")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        QuantConfig(group_size=64).group_for(96)

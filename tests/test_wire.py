@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from spectrumkv.config import PolicyConfig, QuantConfig
+from spectrumkv.errors import ChecksumError, IncompatiblePayloadError, WireFormatError
+from spectrumkv.pipeline import encode
+from spectrumkv.policy import plan
+from spectrumkv.quant import dequantize, quantize
+from spectrumkv.tiers import Tier
+from spectrumkv.wire import _PREAMBLE, MAX_HEADER_BYTES, decode_payload, read_header
+
+from .synthetic import make_header, random_layers
+
+
+class Pre:
+    def __init__(self, layers):
+        self.layers = layers
+
+
+def _payload(n=40, policy="spectrum", budget=0.4, quant=None, **kw):
+    header = make_header(n, quant=quant, budget=budget, policy=policy, **kw)
+    pre = Pre(random_layers(header))
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(7))
+    p = plan(scores, header, PolicyConfig(policy, budget=budget, quant=quant or QuantConfig(8)))
+    return header, pre, p, encode(header, pre, p)
+
+
+@pytest.mark.parametrize(
+    "quant", [QuantConfig(8), QuantConfig(16, rotate=False), QuantConfig(8, "sym-token", False)]
+)
+def test_round_trip_matches_per_tier_codec(quant):
+    header, pre, p, payload = _payload(quant=quant, budget=0.45)
+    assert len(payload) == p.wire_bytes
+    out = decode_payload(payload, expect=header.fingerprint)
+    assert out.header == header
+    for layer, (src, got) in enumerate(zip(pre.layers, out.layers, strict=True)):
+        t = p.tiers[layer]
+        assert torch.equal(got.positions, (t != Tier.DROP).nonzero().flatten())
+        for j, pos in enumerate(got.positions.tolist()):
+            tier = Tier(int(t[pos]))
+            for a, b in ((src.keys, got.keys), (src.values, got.values)):
+                x = a[:, pos : pos + 1].transpose(0, 1)
+                want = (
+                    x
+                    if tier == Tier.FP16
+                    else dequantize(quantize(x, tier, quant), tier, quant, x.shape[-1])
+                )
+                assert torch.allclose(b[:, j], want[0], atol=1e-5)
+
+
+def test_fp16_tier_is_bit_exact():
+    header, pre, p, payload = _payload(budget=1.0)
+    out = decode_payload(payload)
+    for src, got in zip(pre.layers, out.layers, strict=True):
+        assert torch.equal(src.keys, got.keys) and torch.equal(src.values, got.values)
+
+
+def test_sliding_layers_carry_only_their_window():
+    header, pre, p, payload = _payload(n=30, n_layers=3, sliding=(0, 2), window=9, budget=0.6)
+    out = decode_payload(payload)
+    assert out.layers[0].positions.min() >= 30 - 8
+    assert out.layers[1].positions.min() < 30 - 8
+
+
+def test_every_single_byte_corruption_is_detected():
+    _, _, _, payload = _payload(n=12, budget=0.5)
+    for i in range(len(payload)):
+        bad = bytearray(payload)
+        bad[i] ^= 0x5A
+        with pytest.raises((WireFormatError, IncompatiblePayloadError)):
+            decode_payload(bytes(bad))
+
+
+def test_truncation_and_extension_are_detected():
+    _, _, _, payload = _payload(n=12)
+    for cut in range(0, len(payload), 7):
+        with pytest.raises(WireFormatError):
+            decode_payload(payload[:cut])
+    with pytest.raises(WireFormatError, match="unexpected bytes"):
+        decode_payload(payload + b"\0")
+
+
+def test_wrong_model_is_refused():
+    header, _, _, payload = _payload()
+    other = header.fingerprint.__class__(
+        **{
+            **{f: getattr(header.fingerprint, f) for f in header.fingerprint.__struct_fields__},
+            "weights_digest": "f" * 16,
+        }
+    )
+    with pytest.raises(IncompatiblePayloadError, match="weights_digest"):
+        decode_payload(payload, expect=other)
+
+
+def test_oversized_header_is_refused_before_reading():
+    forged = _PREAMBLE.pack(b"SPKV", 1, 0, MAX_HEADER_BYTES + 1) + b"\0" * 16
+    with pytest.raises(WireFormatError, match="exceeds"):
+        read_header(forged)
+
+
+def test_future_version_is_incompatible_and_garbage_is_malformed():
+    _, _, _, payload = _payload()
+    bad = bytearray(payload)
+    bad[4] = 9
+    with pytest.raises(IncompatiblePayloadError, match="version"):
+        decode_payload(bytes(bad))
+    with pytest.raises(WireFormatError, match="magic"):
+        decode_payload(b"GET / HTTP/1.1\r\n\r\n" * 4)
+
+
+def test_frames_out_of_order_are_refused():
+    header, pre, p, payload = _payload(n_layers=3)
+    from spectrumkv.pipeline import iter_payload
+
+    chunks = list(iter_payload(header, pre, p))
+    swapped = chunks[0] + chunks[1] + chunks[3] + chunks[2]
+    with pytest.raises(WireFormatError, match="expected frame for layer 1, got layer 2"):
+        decode_payload(swapped)
+
+
+def test_flipped_payload_byte_is_a_checksum_error():
+    _, _, _, payload = _payload(n=40)
+    bad = bytearray(payload)
+    bad[-20] ^= 0x01  # inside the last frame's codes
+    with pytest.raises(ChecksumError, match="frame 1 checksum"):
+        decode_payload(bytes(bad))
