@@ -1,0 +1,1 @@
+"""Quality evaluations on real models and real text."""

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from spectrumkv.assets import load_text
+from spectrumkv.cli import main
+from spectrumkv.eval.ppl import run_ppl
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def records(smol):
+    text = load_text("wiki")
+    runs = [("fp16", None), ("spectrum", 1.0), ("spectrum", 0.5), ("pdtrim", 0.5)]
+    recs = run_ppl(smol, "wiki", text, runs, context=320, continuation=64, n_chunks=4)
+    return {(r.policy, r.budget): r for r in recs}
+
+
+def test_budget_one_equals_fp16_exactly(records):
+    for key in (("fp16", None), ("spectrum", 1.0)):
+        assert records[key].ppl == records[key].ppl_fp16
+        assert records[key].delta_pct == 0.0
+
+
+def test_spectrum_beats_pdtrim_at_half_budget(records):
+    spec, trim = records[("spectrum", 0.5)], records[("pdtrim", 0.5)]
+    assert spec.wire_budget <= 0.5 and trim.wire_budget <= 0.5
+    assert spec.delta_pct < trim.delta_pct
+
+
+def test_eval_ppl_command_writes_records(tmp_path, capsys):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(load_text("wiki")[20000:40000], encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    rc = main(
+        [
+            "eval",
+            "ppl",
+            "--corpus",
+            str(corpus),
+            "--context",
+            "192",
+            "--continuation",
+            "32",
+            "--chunks",
+            "1",
+            "--budgets",
+            "0.4",
+            "--policies",
+            "spectrum,uniform-int8",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    recs = json.loads(out.read_text())
+    assert {(r["policy"], r["budget"]) for r in recs} == {("spectrum", 0.4), ("uniform-int8", None)}
+    for r in recs:
+        assert {
+            "model",
+            "corpus",
+            "policy",
+            "budget",
+            "wire_budget",
+            "ppl",
+            "ppl_fp16",
+            "delta_pct",
+        } <= r.keys()
+    assert "dPPL" in capsys.readouterr().out
