@@ -5,6 +5,7 @@ import pytest
 from spectrumkv.assets import load_text
 from spectrumkv.cli import main
 from spectrumkv.eval.ppl import run_ppl
+from spectrumkv.eval.runs import RunSpec
 
 pytestmark = pytest.mark.model
 
@@ -12,7 +13,12 @@ pytestmark = pytest.mark.model
 @pytest.fixture(scope="module")
 def records(smol):
     text = load_text("wiki")
-    runs = [("fp16", None), ("spectrum", 1.0), ("spectrum", 0.5), ("pdtrim", 0.5)]
+    runs = [
+        RunSpec("fp16", None),
+        RunSpec("spectrum", 1.0),
+        RunSpec("spectrum", 0.5),
+        RunSpec("pdtrim", 0.5),
+    ]
     recs = run_ppl(smol, "wiki", text, runs, context=320, continuation=64, n_chunks=4)
     return {(r.policy, r.budget): r for r in recs}
 
@@ -68,3 +74,27 @@ def test_eval_ppl_command_writes_records(tmp_path, capsys):
             "delta_pct",
         } <= r.keys()
     assert "dPPL" in capsys.readouterr().out
+    # resume: a second run with one more spec only computes the new one
+    rc = main(
+        [
+            "eval",
+            "ppl",
+            "--corpus",
+            str(corpus),
+            "--context",
+            "192",
+            "--continuation",
+            "32",
+            "--chunks",
+            "1",
+            "--budgets",
+            "0.4",
+            "--policies",
+            "spectrum,uniform-int8,pdtrim@fr=0.25",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    recs2 = json.loads(out.read_text())
+    assert recs2[:2] == recs and recs2[2]["policy"] == "pdtrim@fr=0.25"

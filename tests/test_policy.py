@@ -15,8 +15,10 @@ BUDGETED = [p for p in POLICIES if p not in ("uniform-int8", "uniform-int4", "fp
 
 
 def _plan_or_budget_error(scores, header, cfg):
+    n_layers = header.fingerprint.n_layers
+    layer_scores = torch.rand(n_layers, scores.numel(), generator=torch.Generator().manual_seed(1))
     try:
-        return plan(scores, header, cfg)
+        return plan(scores, header, cfg, layer_scores)
     except BudgetError:
         return None
 
@@ -133,3 +135,33 @@ def test_budget_too_small_for_overhead():
 def test_unknown_policy():
     with pytest.raises(ConfigError, match="unknown policy"):
         PolicyConfig("magic")
+
+
+def test_spectrum_layer_allocates_per_layer_under_the_same_budget():
+    n = 200
+    header = make_header(n, n_layers=4, heads=2, head_dim=64, quant=QuantConfig(group_size=64))
+    layer_scores = torch.rand(4, n, generator=torch.Generator().manual_seed(3))
+    layer_scores[0] = torch.linspace(1, 0, n)  # layer 0 cares about early tokens
+    layer_scores[1] = torch.linspace(0, 1, n)  # layer 1 about late ones
+    cfg = PolicyConfig("spectrum-layer", budget=0.35)
+    p = plan(layer_scores.mean(0), header, cfg, layer_scores)
+    assert p.wire_bytes <= 0.35 * p.fp16_bytes
+    assert not torch.equal(p.tiers[0], p.tiers[1])
+    assert p.tiers[0, 5:50].float().mean() > p.tiers[1, 5:50].float().mean()
+    with pytest.raises(ValueError, match="per-layer scores"):
+        plan(layer_scores.mean(0), header, cfg)
+
+
+def test_spectrum_opt_spends_bytes_where_importance_is():
+    n = 300
+    header = make_header(n, heads=2, head_dim=64, quant=QuantConfig(group_size=64))
+    scores = torch.cat(
+        [torch.full((100,), 1e-4), torch.full((100,), 0.01), torch.full((100,), 1.0)]
+    )
+    p = plan(scores, header, PolicyConfig("spectrum-opt", budget=0.2, sinks=4))
+    t = p.tiers[0]
+    assert p.wire_bytes <= 0.2 * p.fp16_bytes
+    assert (t[:4] >= Tier.INT8).all()
+    low, mid, high = t[4:100].float().mean(), t[100:200].float().mean(), t[200:].float().mean()
+    assert low <= mid <= high and low < high
+    assert set(t[4:].tolist()) - {Tier.DROP, Tier.INT2, Tier.INT4, Tier.INT8, Tier.FP16} == set()

@@ -30,53 +30,80 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(f"\nwrote {len(rows)} records to {args.json}")
 
 
-def _parse_runs(policies: str, budgets: str) -> list[tuple[str, float | None]]:
-    """Every policy at every budget; fixed-rate policies once, at their own rate."""
-    from .config import PolicyConfig
-
-    runs: list[tuple[str, float | None]] = []
-    values = [float(b) for b in budgets.split(",") if b.strip()]
-    for name in (p.strip() for p in policies.split(",") if p.strip()):
-        if PolicyConfig(name, budget=1.0).fixed_rate:
-            runs.append((name, None))
-        else:
-            runs.extend((name, b) for b in values)
-    return runs
-
-
 def _cmd_eval_ppl(args: argparse.Namespace) -> None:
-    import json
-    from dataclasses import asdict
-
     from .assets import load_text
-    from .config import ScoreConfig
     from .engines.hf import load
     from .eval.ppl import run_ppl
+    from .eval.runs import parse_runs
 
     engine = load(args.model)
-    runs = _parse_runs(args.policies, args.budgets)
+    runs = parse_runs(args.policies, args.budgets)
+    text = load_text(args.corpus)
     records = run_ppl(
-        engine,
-        args.corpus,
-        load_text(args.corpus),
-        runs,
-        args.context,
-        args.continuation,
-        args.chunks,
-        ScoreConfig(method=args.importance),
+        engine, args.corpus, text, runs, args.context, args.continuation, args.chunks, args.json
     )
-    print(f"{'policy':<14} {'budget':>6} {'wire':>6} {'nominal':>7} {'ppl':>9} {'dPPL %':>8}")
+    print(f"{'policy':<24} {'budget':>6} {'wire':>6} {'nominal':>7} {'ppl':>9} {'dPPL %':>8}")
     for r in records:
         b = "-" if r.budget is None else f"{r.budget:.2f}"
         print(
-            f"{r.policy:<14} {b:>6} {r.wire_budget:>6.3f} {r.nominal_budget:>7.3f} "
+            f"{r.policy:<24} {b:>6} {r.wire_budget:>6.3f} {r.nominal_budget:>7.3f} "
             f"{r.ppl:>9.4f} {r.delta_pct:>+8.2f}"
         )
     if records:
         print(f"FP16 reference ppl {records[0].ppl_fp16:.4f}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump([asdict(r) for r in records], f, indent=1)
+        print(f"records in {args.json} (re-running resumes: finished runs are skipped)")
+
+
+def _cmd_eval_niah(args: argparse.Namespace) -> None:
+    from .assets import load_text
+    from .engines.hf import load
+    from .eval.niah import run_niah
+    from .eval.runs import parse_runs
+
+    engine = load(args.model)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
+    records = run_niah(
+        engine,
+        args.corpus,
+        load_text(args.corpus),
+        parse_runs(args.policies, args.budgets),
+        contexts,
+        depths,
+        args.needles,
+        json_path=args.json,
+    )
+    totals: dict[tuple[str, float | None], list[bool]] = {}
+    for r in records:
+        totals.setdefault((r.policy, r.budget), []).append(r.success)
+    print(f"{'policy':<24} {'budget':>6} {'success':>8}")
+    for (policy, budget), ok in totals.items():
+        b = "-" if budget is None else f"{budget:.2f}"
+        print(f"{policy:<24} {b:>6} {100 * sum(ok) / len(ok):>7.0f}%")
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .assets import load_text
+    from .engines.hf import load
+    from .probe import default_profile_path, run_probe
+    from .profile import save_profile
+
+    engine = load(args.model)
+    profile = run_probe(engine, load_text(args.corpus), args.kind, args.context, args.trials)
+    path = Path(args.out) if args.out else default_profile_path(engine)
+    save_profile(profile, path)
+    verdict = "tolerates INT4" if profile["int4_tolerated"] else "does NOT tolerate INT4"
+    print(f"{args.model}: {verdict} ({args.kind} probe); evidence {profile['evidence']}")
+    print(f"profile written to {path}; use it with --policies adaptive@profile={path}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from .eval.report import write_report
+
+    print(f"wrote {write_report(args.results, args.out)}")
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
@@ -107,14 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--continuation", type=int, default=128, help="scored tokens per chunk")
     pp.add_argument("--chunks", type=int, default=4)
     pp.add_argument("--budgets", default="0.3,0.5")
-    pp.add_argument("--policies", default="spectrum,pdtrim,uniform-int8,uniform-int4")
     pp.add_argument(
-        "--importance",
-        default="attention",
-        choices=["attention", "positional", "keynorm", "random"],
+        "--policies",
+        default="spectrum,pdtrim,uniform-int8,uniform-int4",
+        help="comma-separated run specs policy[@key=value+...], e.g. pdtrim@fr=0.25, "
+        "spectrum@importance=positional (options: fr importance sinks group rotate scheme mode)",
     )
-    pp.add_argument("--json", help="write records to this path")
+    pp.add_argument("--json", help="results file: written after every run, resumed if present")
     pp.set_defaults(func=_cmd_eval_ppl)
+
+    nh = ev.add_parser("niah", help="needle in a haystack through the transfer path")
+    nh.add_argument("--model", default="smollm2-135m")
+    nh.add_argument("--corpus", default="wiki", help="haystack: alias (wiki) or a text file")
+    nh.add_argument("--contexts", default="1024", help="comma-separated prompt lengths (tokens)")
+    nh.add_argument("--depths", type=int, default=10, help="needle depths, evenly from 0 to 1")
+    nh.add_argument("--needles", type=int, default=5, help="different key/value needles (<= 7)")
+    nh.add_argument("--budgets", default="0.3,0.5")
+    nh.add_argument("--policies", default="spectrum,pdtrim", help="run specs, as for eval ppl")
+    nh.add_argument("--json", help="results file: written after every trial, resumed if present")
+    nh.set_defaults(func=_cmd_eval_niah)
+
+    pr = sub.add_parser("probe", help="deployment-time INT4 tolerance probe -> model profile")
+    pr.add_argument("--model", default="smollm2-135m")
+    pr.add_argument("--corpus", default="wiki")
+    pr.add_argument("--kind", default="ppl+niah", choices=["paper", "ppl+niah"])
+    pr.add_argument("--context", type=int, default=1024)
+    pr.add_argument("--trials", type=int, default=3)
+    pr.add_argument("--out", help="profile path (default: in the cache, per model)")
+    pr.set_defaults(func=_cmd_probe)
+
+    rp = sub.add_parser("report", help="markdown tables and PNG plots from result files")
+    rp.add_argument("results", nargs="+", help="JSON files from eval ppl / eval niah")
+    rp.add_argument("--out", required=True, help="output directory")
+    rp.set_defaults(func=_cmd_report)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

@@ -13,6 +13,8 @@ ScoreMethod = Literal["attention", "positional", "keynorm", "random"]
 
 POLICIES = (
     "spectrum",
+    "spectrum-opt",
+    "spectrum-layer",
     "spectrum-2tier",
     "sink-protect",
     "pdtrim",

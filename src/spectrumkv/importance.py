@@ -75,9 +75,11 @@ def attention_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SnapKV-style observation-window attention.
 
-    Returns (per-token [n], per-layer [L, n]). The per-token score averages the full-attention
-    layers (sliding layers only see the recent window); the observation window itself is ranked
-    above every other non-sink token, most recent first, since its own queries barely see it.
+    Returns (per-token [n], per-layer [L, n]). Each layer's row is its share of the window's
+    attention (rows sum to 1 before pooling), so rows compare across layers. The per-token score
+    averages the full-attention layers (sliding layers only see the recent window). In both, the
+    observation window itself is ranked above every other token, most recent first, since its
+    own queries barely see it.
     """
     per_layer = torch.stack(
         [layer_attention_scores(wq, kv, n, cfg.pool) for wq, kv in zip(window, layers, strict=True)]
@@ -86,20 +88,22 @@ def attention_scores(
     token = per_layer[full].mean(0) if full else per_layer.mean(0)
     w = window[0].queries.shape[1]
     if w:
-        token[n - w :] = token.max() + 1.0 + torch.arange(1, w + 1) / w
+        recency = torch.arange(1, w + 1) / w
+        token[n - w :] = token.max() + 1.0 + recency
+        per_layer[:, n - w :] = per_layer.max() + 1.0 + recency
     return token, per_layer
 
 
 def score_tokens(
     cfg: ScoreConfig, n: int, layers: list[LayerKV], window: list[WindowQueries] | None
-) -> torch.Tensor:
-    """Per-token importance [n] with the configured method."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Importance with the configured method: (per-token [n], per-layer [L, n] or None)."""
     if cfg.method == "attention":
         if window is None:
             raise ValueError("attention scoring needs the window queries captured at prefill")
-        return attention_scores(window, layers, n, cfg)[0]
+        return attention_scores(window, layers, n, cfg)
     if cfg.method == "positional":
-        return positional_scores(n)
+        return positional_scores(n), None
     if cfg.method == "keynorm":
-        return keynorm_scores(layers, n)
-    return torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed))
+        return keynorm_scores(layers, n), None
+    return torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)), None

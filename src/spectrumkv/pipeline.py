@@ -32,8 +32,10 @@ def plan_transfer(
 ) -> tuple[Header, Plan]:
     """Score the prefilled context and assign tiers under the policy's budget."""
     header = make_header(engine, pre.n_tokens, policy)
-    scores = score_tokens(scoring or ScoreConfig(), pre.n_tokens, pre.layers, pre.window)
-    return header, plan(scores, header, policy)
+    scores, layer_scores = score_tokens(
+        scoring or ScoreConfig(), pre.n_tokens, pre.layers, pre.window
+    )
+    return header, plan(scores, header, policy, layer_scores)
 
 
 def iter_payload(header: Header, pre: Prefilled, p: Plan) -> Iterator[bytes]:

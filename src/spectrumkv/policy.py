@@ -22,7 +22,7 @@ from .config import PolicyConfig
 from .errors import BudgetError
 from .kv import first_slot
 from .quant import element_bytes
-from .tiers import NOMINAL_COST, Tier
+from .tiers import NOMINAL_COST, TIER_ERROR, Tier
 from .wire import Header, frame_overhead, header_bytes
 
 #: The precision ladder (floor first) each greedy policy climbs.
@@ -37,13 +37,15 @@ _UNIFORM = {"uniform-int8": Tier.INT8, "uniform-int4": Tier.INT4, "fp16": Tier.F
 
 @dataclass
 class Plan:
-    """tiers: [n_layers, n_tokens] uint8 Tier codes (slots a layer does not hold are DROP).
+    """tiers: [n_layers, n_tokens] uint8 Tier codes; `present` marks the slots each layer holds
+    (a sliding-window layer holds only its window; other slots are DROP and never sent).
 
     wire_bytes: exact size of the encoded payload in bytes. fp16_bytes: size of the FP16 cache of
-    the same slots (K and V, 2 bytes per element). nominal_budget: the paper's mean token cost.
+    the same slots (K and V, 2 bytes per element). nominal_budget: the paper's mean slot cost.
     """
 
     tiers: torch.Tensor
+    present: torch.Tensor
     wire_bytes: int
     fp16_bytes: int
     nominal_budget: float
@@ -53,9 +55,9 @@ class Plan:
         return self.wire_bytes / self.fp16_bytes if self.fp16_bytes else 0.0
 
     def counts(self) -> dict[str, int]:
-        """Number of tokens per tier (per-token view: the tier in the last layer)."""
-        last = self.tiers[-1]
-        return {t.name: int((last == int(t)).sum()) for t in Tier}
+        """Number of held (layer, token) slots per tier."""
+        held = self.tiers[self.present]
+        return {t.name: int((held == int(t)).sum()) for t in Tier}
 
 
 def layer_firsts(header: Header) -> list[int]:
@@ -86,16 +88,25 @@ def wire_bytes(header: Header, tiers: torch.Tensor) -> int:
     return total
 
 
-def plan(scores: torch.Tensor, header: Header, policy: PolicyConfig) -> Plan:
-    """Assign tiers to the header's n_tokens tokens from `scores` ([n_tokens], higher = more
-    important). Raises BudgetError if no plan of this policy fits the budget."""
-    n = header.n_tokens
+def plan(
+    scores: torch.Tensor,
+    header: Header,
+    policy: PolicyConfig,
+    layer_scores: torch.Tensor | None = None,
+) -> Plan:
+    """Assign tiers to the header's n_tokens tokens.
+
+    scores: [n_tokens], higher = more important. layer_scores: [n_layers, n_tokens] per-layer
+    importance, required by `spectrum-layer`. Raises BudgetError if no plan of this policy fits.
+    """
+    n, n_layers = header.n_tokens, header.fingerprint.n_layers
     if scores.shape != (n,):
         raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
     firsts = torch.tensor(layer_firsts(header))
-    present = (torch.arange(n)[None, :] >= firsts[:, None]).sum(0)  # layers holding each token
-    costs = _token_costs(header, policy, present)
-    avail = _available(header, policy, present)
+    present = torch.arange(n)[None, :] >= firsts[:, None]  # [L, n]
+    costs = _token_costs(header, policy, present.sum(0))
+    avail = _available(header, policy, present.sum(0))
+    sinks = min(policy.sinks, n)
 
     if policy.budget == 1.0 or policy.name in _UNIFORM:
         tier = Tier.FP16 if policy.budget == 1.0 else _UNIFORM[policy.name]
@@ -105,19 +116,71 @@ def plan(scores: torch.Tensor, header: Header, policy: PolicyConfig) -> Plan:
     elif policy.name == "pdtrim":
         token_tiers = _pdtrim(costs, avail, policy.pdtrim_fr, n)
     elif policy.name == "sink-protect":
-        token_tiers = _sink_protect(costs, avail, policy.sinks, n)
+        token_tiers = _sink_protect(costs, avail, sinks, n)
+    elif policy.name == "spectrum-opt":
+        token_tiers = rate_distortion(scores, costs, avail, _first(n, sinks))
     else:
         if policy.name == "random-tier":
             g = torch.Generator().manual_seed(policy.seed)
             scores = torch.rand(n, generator=g)
-        order = rank_order(scores, policy.sinks)
-        token_tiers = greedy(order, costs, _LADDERS[policy.name], avail, min(policy.sinks, n))
+        ladder = _LADDERS["spectrum" if policy.name == "spectrum-layer" else policy.name]
+        token_tiers = greedy(rank_order(scores, sinks), costs, ladder, avail, _first(n, sinks))
 
-    tiers = token_tiers[None, :].repeat(header.fingerprint.n_layers, 1)
-    for layer, first in enumerate(firsts.tolist()):
-        tiers[layer, :first] = int(Tier.DROP)
-    nominal = float(sum(NOMINAL_COST[Tier(int(t))] for t in token_tiers.tolist())) / max(n, 1)
-    return Plan(tiers, wire_bytes(header, tiers), fp16_bytes(header), nominal)
+    tiers = token_tiers[None, :].repeat(n_layers, 1)
+    if policy.name == "spectrum-layer" and policy.budget != 1.0:
+        if layer_scores is None or layer_scores.shape != (n_layers, n):
+            raise ValueError("spectrum-layer needs per-layer scores [n_layers, n_tokens]")
+        tiers = _per_layer(layer_scores, tiers, present, header, policy, avail, sinks)
+    tiers[~present] = int(Tier.DROP)
+    nominal_cost = torch.tensor([NOMINAL_COST[t] for t in Tier])[tiers.long()]
+    nominal = float(nominal_cost[present].mean()) if n else 0.0
+    return Plan(tiers, present, wire_bytes(header, tiers), fp16_bytes(header), nominal)
+
+
+def _first(n: int, k: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[:k] = True
+    return mask
+
+
+def _per_layer(
+    layer_scores: torch.Tensor,
+    token_tiers: torch.Tensor,
+    present: torch.Tensor,
+    header: Header,
+    policy: PolicyConfig,
+    avail: float,
+    sinks: int,
+) -> torch.Tensor:
+    """Re-allocate precision per (layer, token) under the same budget.
+
+    The dropped set stays the per-token one (the wire format wants one dropped set); every kept
+    (layer, token) slot is ranked by that layer's own score (comparable across layers, see
+    importance.attention_scores), sinks first in every layer, and the greedy runs over all
+    slots at once: a layer whose attention is concentrated keeps few slots at high precision,
+    a diffuse layer keeps more.
+    """
+    n_layers, n = layer_scores.shape
+    fp, q = header.fingerprint, header.quant
+    kept = present & (token_tiers != int(Tier.DROP))
+    s = layer_scores.clone().float()
+    s[~kept] = float("-inf")
+    flat = s.flatten()
+    costs = torch.zeros(len(Tier), n_layers * n, dtype=torch.float64)
+    for t in Tier:
+        if policy.budget_mode == "nominal":
+            costs[t] = NOMINAL_COST[t] * kept.flatten().double() / n_layers
+        else:
+            costs[t] = 2 * element_bytes(t, fp.n_kv_heads, fp.head_dim, q) * kept.flatten().double()
+    is_sink = torch.zeros(n_layers, n, dtype=torch.bool)
+    is_sink[:, :sinks] = True
+    is_sink &= kept
+    flat[is_sink.flatten()] = float("inf")
+    order = torch.sort(flat, descending=True, stable=True).indices
+    order = order[kept.flatten()[order]]
+    out = greedy(order, costs, _LADDERS["spectrum"], avail, is_sink.flatten())
+    out[~kept.flatten()] = int(Tier.DROP)
+    return out.view(n_layers, n)
 
 
 def rank_order(scores: torch.Tensor, sinks: int) -> torch.Tensor:
@@ -176,23 +239,22 @@ def greedy(
     costs: torch.Tensor,
     ladder: tuple[Tier, ...],
     avail: float,
-    sinks: int,
+    is_sink: torch.Tensor,
 ) -> torch.Tensor:
-    """The SpectrumKV greedy allocator.
+    """The SpectrumKV greedy allocator over items (tokens, or (layer, token) slots).
 
-    Sinks (the first `sinks` positions) start at INT8 (or the ladder's top if lower), everything
+    `order`: the items to allocate, most important first (items not in it stay at DROP unless
+    they are sinks). Sinks (`is_sink`) start at INT8 (or the ladder's top if lower), everything
     else at the ladder's floor; INT8 is lossless in practice (measured: uniform INT8 keeps greedy
     output), so spending FP16 bytes on sinks first only pushes other tokens down to INT4.
     If that is over budget, the least important non-sink tokens are dropped (sinks fall to
     the floor only if they alone do not fit). Otherwise tokens are promoted one level at a time in
     importance order while the budget lasts. Result: tiers are monotone in importance.
     """
-    n = order.numel()
     floor = ladder[0]
     sink_tier = min(ladder[-1], max(floor, Tier.INT8))
-    tiers = torch.full((n,), int(floor), dtype=torch.uint8)
-    is_sink = torch.zeros(n, dtype=torch.bool)
-    is_sink[:sinks] = True
+    tiers = torch.full((is_sink.numel(),), int(Tier.DROP), dtype=torch.uint8)
+    tiers[order] = int(floor)
     tiers[is_sink] = int(sink_tier)
     ranked = order[~is_sink[order]]  # non-sinks, most important first
 
@@ -208,8 +270,8 @@ def greedy(
             if k >= rev.numel():
                 sink_cost = _cost(costs, tiers.masked_fill(~is_sink, int(Tier.DROP)))
                 raise BudgetError(
-                    f"budget leaves {avail:.0f} units for tokens; the {sinks} sink tokens alone "
-                    f"need {sink_cost:.0f}"
+                    f"budget leaves {avail:.0f} units for tokens; the {int(is_sink.sum())} sink "
+                    f"tokens alone need {sink_cost:.0f}"
                 )
             tiers[rev[: k + 1]] = int(Tier.DROP)
         return tiers
@@ -227,6 +289,55 @@ def greedy(
         if k < cand.numel():
             break
     return tiers
+
+
+def rate_distortion(
+    scores: torch.Tensor, costs: torch.Tensor, avail: float, is_sink: torch.Tensor
+) -> torch.Tensor:
+    """Importance-weighted rate-distortion allocation over every tier, drop included.
+
+    Minimizes sum_i w_i * TIER_ERROR[t_i] subject to sum_i cost_i(t_i) <= avail, with w_i the
+    token's importance (shifted to be >= 0), by bisection on the Lagrange multiplier: each token
+    independently takes argmin_t w_i * err(t) + lam * cost_i(t). Unlike the level-by-level greedy,
+    this decides per token whether INT2 is worth its bytes or the token is better dropped and the
+    bytes spent on a more important token. Sinks are never below INT8. Tiers are monotone in
+    importance when tokens cost the same.
+    """
+    tiers_all = torch.tensor([int(t) for t in Tier])
+    err = torch.tensor([TIER_ERROR[Tier(int(t))] for t in tiers_all], dtype=torch.float64)
+    finite = scores[torch.isfinite(scores)]
+    lo_s = float(finite.min()) if finite.numel() else 0.0
+    hi_s = float(finite.max()) if finite.numel() else 1.0
+    w = torch.nan_to_num(scores.double() - lo_s, posinf=2 * (hi_s - lo_s) + 1.0)
+    w = w + 1e-9 * max(hi_s - lo_s, 1e-12)
+    c = costs.double()  # [len(Tier), n]
+    allowed = torch.ones(len(Tier), scores.numel(), dtype=torch.bool)
+    allowed[: int(Tier.INT8), is_sink] = False
+
+    def assign(lam: float) -> tuple[torch.Tensor, float]:
+        obj = w[None, :] * err[:, None] + lam * c
+        obj = obj.masked_fill(~allowed, float("inf"))
+        t = obj.argmin(0)
+        return t.to(torch.uint8), float(c.gather(0, t[None, :]).sum())
+
+    t, cost = assign(0.0)
+    if cost <= avail:
+        return t
+    t, cost = assign(1e30)
+    if cost > avail:
+        raise BudgetError(
+            f"budget leaves {avail:.0f} units; the sinks alone at INT8 need {cost:.0f}"
+        )
+    lo, hi = 0.0, 1.0
+    while assign(hi)[1] > avail:
+        hi *= 4.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if assign(mid)[1] > avail:
+            lo = mid
+        else:
+            hi = mid
+    return assign(hi)[0]
 
 
 def _pdtrim(costs: torch.Tensor, avail: float, fr: float, n: int) -> torch.Tensor:
@@ -263,4 +374,4 @@ def _sink_protect(costs: torch.Tensor, avail: float, sinks: int, n: int) -> torc
         if _cost(costs, t) <= avail + 1e-9:
             return t
     recency = torch.cat([torch.arange(sinks), torch.arange(n - 1, sinks - 1, -1)])
-    return greedy(recency, costs, (Tier.INT4,), avail, sinks)
+    return greedy(recency, costs, (Tier.INT4,), avail, _first(n, sinks))

@@ -9,15 +9,16 @@ protocol with the uncompressed cache, so Delta-PPL isolates what the transfer ch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import DecodeState, Engine, prefill, step
 from ..errors import BudgetError
 from ..pipeline import encode, plan_transfer, receive, reference_state
+from .runs import RunSpec, load_records, save_records
 
 
 @dataclass
@@ -52,26 +53,50 @@ def continuation_nll(engine: Engine, state: DecodeState, feed: torch.Tensor) -> 
     return float(F.cross_entropy(logits, feed[1:], reduction="sum")), int(feed.numel() - 1)
 
 
+def _key(r: dict) -> tuple:
+    return (
+        r["model"],
+        r["corpus"],
+        r["policy"],
+        r["budget"],
+        r["context"],
+        r["continuation"],
+        r["chunks"],
+    )
+
+
 def run_ppl(
     engine: Engine,
     corpus: str,
     text: str,
-    runs: list[tuple[str, float | None]],
+    runs: list[RunSpec],
     context: int = 1024,
     continuation: int = 128,
     n_chunks: int = 4,
-    scoring: ScoreConfig | None = None,
+    json_path: str | None = None,
 ) -> list[PplRecord]:
-    """Delta-PPL of each (policy, budget) against the uncompressed PD protocol.
+    """Delta-PPL of each run against the uncompressed PD protocol.
 
-    A (policy, budget) that cannot meet its budget on some chunk is reported and skipped."""
+    Records already in `json_path` are kept and their runs skipped (resume); the file is
+    rewritten after every run. A run that cannot meet its budget is reported and skipped."""
     if not 2 <= continuation < context:
         raise ValueError("need 2 <= continuation < context")
+    existing = load_records(json_path)
+    done = {_key(r) for r in existing}
+    meta = dict(
+        model=engine.name,
+        corpus=corpus,
+        context=context,
+        continuation=continuation,
+        chunks=n_chunks,
+    )
+    todo = [r for r in runs if _key({**meta, "policy": r.label, "budget": r.budget}) not in done]
+    if not todo:
+        return []
     prefixes = []
-    for chunk in corpus_chunks(engine, text, context, n_chunks):
-        split = context - continuation
-        pre = prefill(engine, chunk[: split - 1])
-        prefixes.append((pre, chunk[split - 1 :]))
+    split = context - continuation
+    for chunk in tqdm(corpus_chunks(engine, text, context, n_chunks), desc="prefill", leave=False):
+        prefixes.append((prefill(engine, chunk[: split - 1]), chunk[split - 1 :]))
 
     ref_nll = ref_n = 0
     for pre, feed in prefixes:
@@ -80,8 +105,8 @@ def run_ppl(
     ppl_fp16 = math.exp(ref_nll / ref_n)
 
     records = []
-    for policy_name, budget in runs:
-        policy = PolicyConfig(policy_name, budget=budget)
+    for run in tqdm(todo, desc=f"ppl {engine.name}"):
+        policy, scoring = run.configs()
         total = count = wire = fp16 = nominal = 0.0
         try:
             for pre, feed in prefixes:
@@ -92,24 +117,21 @@ def run_ppl(
                 wire, fp16 = wire + plan.wire_bytes, fp16 + plan.fp16_bytes
                 nominal += plan.nominal_budget / len(prefixes)
         except BudgetError as e:
-            print(f"skip {policy_name} at budget {budget}: {e}")
+            tqdm.write(f"skip {run.label} at budget {run.budget}: {e}")
             continue
         ppl = math.exp(total / count)
-        records.append(
-            PplRecord(
-                model=engine.name,
-                corpus=corpus,
-                protocol="pd",
-                policy=policy_name,
-                budget=budget,
-                wire_budget=wire / fp16,
-                nominal_budget=nominal,
-                ppl=ppl,
-                ppl_fp16=ppl_fp16,
-                delta_pct=100.0 * (ppl / ppl_fp16 - 1.0),
-                context=context,
-                continuation=continuation,
-                chunks=n_chunks,
-            )
+        rec = PplRecord(
+            protocol="pd",
+            policy=run.label,
+            budget=run.budget,
+            wire_budget=wire / fp16,
+            nominal_budget=nominal,
+            ppl=ppl,
+            ppl_fp16=ppl_fp16,
+            delta_pct=100.0 * (ppl / ppl_fp16 - 1.0),
+            **meta,
         )
+        records.append(rec)
+        existing.append(asdict(rec))
+        save_records(json_path, existing)
     return records

@@ -1,0 +1,174 @@
+"""`spectrumkv report`: markdown tables and PNG plots from result files."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """(perplexity records, NIAH records) from JSON result files."""
+    ppl, niah = [], []
+    for p in paths:
+        for r in json.loads(Path(p).read_text(encoding="utf-8")):
+            (niah if "success" in r else ppl).append(r)
+    return ppl, niah
+
+
+def _fmt_budget(b: float | None) -> str:
+    return "fixed" if b is None else f"{b:g}"
+
+
+def ppl_section(records: list[dict], out: Path) -> list[str]:
+    lines = []
+    by_model = defaultdict(list)
+    for r in records:
+        by_model[(r["model"], r["corpus"], r["context"], r["continuation"], r["chunks"])].append(r)
+    for (model, corpus, ctx, cont, chunks), recs in sorted(by_model.items()):
+        budgets = sorted({r["budget"] for r in recs if r["budget"] is not None})
+        policies = sorted({r["policy"] for r in recs if r["budget"] is not None})
+        fixed = sorted({r["policy"] for r in recs if r["budget"] is None})
+        cell = {(r["policy"], r["budget"]): r for r in recs}
+        base = recs[0]["ppl_fp16"]
+        lines += [
+            f"### Delta-PPL, {model}, {corpus} ({chunks} chunks of {ctx} tokens, "
+            f"{cont} scored; FP16 PPL {base:.3f})",
+            "",
+            "Delta-PPL in % at each wire budget (bytes on the wire / FP16 bytes); "
+            "**bold** = best at that budget.",
+            "",
+            "| policy | " + " | ".join(f"b={b:g}" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        best = {
+            b: min((cell[(p, b)]["delta_pct"] for p in policies if (p, b) in cell), default=None)
+            for b in budgets
+        }
+        for p in policies:
+            row = []
+            for b in budgets:
+                r = cell.get((p, b))
+                if r is None:
+                    row.append("n/a")
+                    continue
+                s = f"{r['delta_pct']:+.2f}"
+                row.append(f"**{s}**" if r["delta_pct"] == best[b] else s)
+            lines.append(f"| {p} | " + " | ".join(row) + " |")
+        for p in fixed:
+            r = cell[(p, None)]
+            lines.append(
+                f"| {p} (fixed rate, wire {r['wire_budget']:.3f}) | "
+                + f"{r['delta_pct']:+.2f} | "
+                + " | ".join("" for _ in budgets[1:])
+                + "|"
+            )
+        png = out / f"ppl_{model.replace('/', '_')}.png"
+        _plot_ppl(recs, policies, fixed, png, f"{model} on {corpus}")
+        lines += ["", f"![Delta-PPL vs wire budget, {model}]({png.name})", ""]
+    return lines
+
+
+def _plot_ppl(recs, policies, fixed, png: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in policies:
+        pts = sorted(
+            (r["wire_budget"], r["delta_pct"])
+            for r in recs
+            if r["policy"] == p and r["budget"] is not None
+        )
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    for p in fixed:
+        r = next(r for r in recs if r["policy"] == p)
+        ax.scatter([r["wire_budget"]], [r["delta_pct"]], marker="*", s=120, label=p, zorder=5)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("wire budget (bytes on the wire / FP16 bytes)")
+    ax.set_ylabel("Delta-PPL vs FP16 transfer (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def niah_section(records: list[dict], out: Path) -> list[str]:
+    lines = []
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["model"], r["context"])].append(r)
+    for (model, ctx), recs in sorted(groups.items()):
+        fp16 = [r["success"] for r in recs if r["policy"] == "fp16"]
+        budgets = sorted(
+            {r["budget"] for r in recs if r["policy"] != "fp16"},
+            key=lambda b: -1 if b is None else b,
+        )
+        policies = sorted({r["policy"] for r in recs if r["policy"] != "fp16"})
+        rate = defaultdict(list)
+        for r in recs:
+            rate[(r["policy"], r["budget"])].append(r["success"])
+        lines += [
+            f"### NIAH, {model}, ~{ctx}-token context ({len(fp16)} trials per cell)",
+            "",
+            f"FP16 transfer: **{100 * sum(fp16) / max(1, len(fp16)):.0f}%** success. "
+            "Cells: success % at each budget (`fixed` = fixed-rate policy).",
+            "",
+            "| policy | " + " | ".join(_fmt_budget(b) for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for p in policies:
+            row = [
+                f"{100 * sum(v) / len(v):.0f}" if (v := rate.get((p, b))) else "" for b in budgets
+            ]
+            lines.append(f"| {p} | " + " | ".join(row) + " |")
+        png = out / f"niah_{model.replace('/', '_')}_{ctx}.png"
+        _plot_niah(recs, policies, png, f"NIAH {model}, ~{ctx} tokens")
+        lines += ["", f"![NIAH heatmaps, {model}, {ctx}]({png.name})", ""]
+    return lines
+
+
+def _plot_niah(recs, policies, png: Path, title: str) -> None:
+    depths = sorted({r["depth"] for r in recs})
+    budgets = sorted({r["budget"] for r in recs if r["budget"] is not None})
+    panels = [
+        p for p in policies if any(r["policy"] == p and r["budget"] is not None for r in recs)
+    ]
+    if not panels or not budgets:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1, 3.4), squeeze=False)
+    for ax, p in zip(axes[0], panels, strict=True):
+        grid = [[0.0] * len(budgets) for _ in depths]
+        for i, d in enumerate(depths):
+            for j, b in enumerate(budgets):
+                v = [
+                    r["success"]
+                    for r in recs
+                    if r["policy"] == p and r["depth"] == d and r["budget"] == b
+                ]
+                grid[i][j] = sum(v) / len(v) if v else float("nan")
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.1f}" for d in depths], fontsize=7)
+        ax.set_xlabel("budget")
+        ax.set_title(p, fontsize=8)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="success")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_report(paths: list[str], out_dir: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ppl, niah = load(paths)
+    lines = ["# SpectrumKV results", ""] + ppl_section(ppl, out) + niah_section(niah, out)
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md
