@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from .errors import SpectrumKVError
@@ -10,20 +11,14 @@ from .errors import SpectrumKVError
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DEFAULT_PROMPTS, print_table, run_demo, write_json
-    from .engines.hf import load
 
-    engine = load(args.model)
     prompts = tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS
+    print(f"starting a prefill and a decode worker ({args.model}) on loopback ...", flush=True)
+    rows = run_demo(args.model, prompts, max_new_tokens=args.max_new_tokens)
     print(
-        f"model {args.model}: {engine.fingerprint.n_layers} layers, "
-        f"{engine.fingerprint.n_kv_heads} KV heads x {engine.fingerprint.head_dim} dims, "
-        f"KV dtype {engine.fingerprint.kv_dtype}"
+        "each prompt: HTTP -> decode worker -> prefill worker (KV over TCP) -> generate; "
+        "'match' = leading tokens equal to the uncompressed (FP16) transfer\n"
     )
-    print(
-        "one process: prefill -> score -> plan -> encode -> bytes -> decode -> generate; "
-        "'match' = leading tokens equal to generation without any transfer\n"
-    )
-    rows = run_demo(engine, prompts, max_new_tokens=args.max_new_tokens)
     print_table(rows, prompts)
     if args.json:
         write_json(rows, args.json)
@@ -106,6 +101,52 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(args.results, args.out)}")
 
 
+def _secret() -> bytes:
+    import os
+
+    from .errors import ConfigError
+
+    secret = os.environ.get("SPECTRUMKV_SECRET", "")
+    if len(secret) < 16:
+        raise ConfigError("set SPECTRUMKV_SECRET (>= 16 characters), shared by both workers")
+    return secret.encode()
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import asyncio
+    import logging
+
+    from .engines.hf import load
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    secret = _secret()
+    engine = load(args.model)
+    if args.role == "prefill":
+        from .pd.prefill_worker import serve_prefill
+
+        coro = serve_prefill(engine, args.host, args.port, secret)
+    else:
+        from .pd.decode_worker import DecodeConfig, serve_decode
+
+        host, _, port = args.prefill.rpartition(":")
+        cfg = DecodeConfig(
+            prefill_host=host,
+            prefill_port=int(port),
+            secret=secret,
+            deadline_s=args.deadline,
+            on_failure=args.on_failure,
+            policy=args.policy,
+            budget=args.budget,
+            score_layers=args.score_layers,
+            link_gbps=args.link_gbps,
+            link_latency_s=args.link_latency_ms / 1000,
+            overlap=not args.no_overlap,
+        )
+        coro = serve_decode(engine, cfg, args.host, args.port)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(coro)
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from .assets import model_dir
 
@@ -167,6 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("results", nargs="+", help="JSON files from eval ppl / eval niah")
     rp.add_argument("--out", required=True, help="output directory")
     rp.set_defaults(func=_cmd_report)
+
+    sv = sub.add_parser("serve", help="run a prefill or decode worker (secret: $SPECTRUMKV_SECRET)")
+    sv.add_argument("role", choices=["prefill", "decode"])
+    sv.add_argument("--model", default="smollm2-135m")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    sv.add_argument("--port", type=int, default=0, help="0 = any free port (printed as READY)")
+    sv.add_argument("--prefill", default="127.0.0.1:7100", help="decode: prefill worker host:port")
+    sv.add_argument("--deadline", type=float, default=60.0, help="decode: KV transfer deadline, s")
+    sv.add_argument("--on-failure", default="recompute", choices=["recompute", "fail"])
+    sv.add_argument("--policy", default="spectrum", help="decode: default policy per request")
+    sv.add_argument("--budget", type=float, default=0.5, help="decode: default budget")
+    sv.add_argument(
+        "--score-layers",
+        type=int,
+        default=4,
+        help="plan from the first N layers' attention so frames stream during prefill "
+        "(0 = all layers, no overlap)",
+    )
+    sv.add_argument("--link-gbps", type=float, default=0.0, help="emulated link rate (0 = off)")
+    sv.add_argument("--link-latency-ms", type=float, default=0.0)
+    sv.add_argument("--no-overlap", action="store_true", help="send after prefill, not streamed")
+    sv.set_defaults(func=_cmd_serve)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

@@ -61,12 +61,15 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Token importance. `window`: observation window W (tokens); `pool`: max-pool width (odd)."""
+    """Token importance. `window`: observation window W (tokens); `pool`: max-pool width (odd).
+    `layers`: score from the first `layers` layers only (0 = all). A prefill worker that streams
+    layer by layer can plan, and start sending, as soon as those layers are done."""
 
     method: ScoreMethod = "attention"
     window: int = 32
     pool: int = 7
     seed: int = 0
+    layers: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("attention", "positional", "keynorm", "random"):
@@ -75,6 +78,8 @@ class ScoreConfig:
             raise ConfigError(f"window must be >= 1, got {self.window}")
         if self.pool < 1 or self.pool % 2 == 0:
             raise ConfigError(f"pool must be a positive odd width, got {self.pool}")
+        if self.layers < 0:
+            raise ConfigError(f"layers must be >= 0, got {self.layers}")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
-"""`spectrumkv demo`: prompts through prefill -> plan -> encode -> bytes -> decode -> generate."""
+"""`spectrumkv demo`: a prefill and a decode worker as separate processes on loopback; prompts go
+through the decode worker's HTTP front, the KV cache crosses a real socket, and the table shows
+bytes on the wire, agreement with the uncompressed transfer, per-stage times and TTFT."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 
-from .config import PolicyConfig
-from .engines.hf import Engine, chat_ids, generate, prefill
-from .pipeline import encode, plan_transfer, receive, reference_state, split_prompt
+from .pd.client import complete
+from .pd.launch import Cluster
 
 DEFAULT_PROMPTS = (
     "Why is the sky blue? Explain it to a ten-year-old.",
@@ -31,14 +32,18 @@ class DemoRow:
     wire_bytes: int
     fp16_bytes: int
     wire_ratio: float
-    nominal_budget: float
     matched_tokens: int
     generated_tokens: int
+    prefill_s: float
+    encode_s: float
+    transfer_exposed_s: float
+    unpack_s: float
+    ttft_s: float
     text: str
 
 
-def matched_prefix(a: list[int], b: list[int]) -> int:
-    """Number of leading tokens on which two generations agree."""
+def matched_prefix(a: list, b: list) -> int:
+    """Number of leading items on which two sequences agree."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -48,52 +53,60 @@ def matched_prefix(a: list[int], b: list[int]) -> int:
 
 
 def run_demo(
-    engine: Engine,
+    model: str,
     prompts: tuple[str, ...] = DEFAULT_PROMPTS,
     runs: tuple[tuple[str, float], ...] = DEFAULT_RUNS,
     max_new_tokens: int = 24,
 ) -> list[DemoRow]:
     rows = []
-    for i, prompt in enumerate(prompts):
-        context, last = split_prompt(chat_ids(engine, prompt))
-        pre = prefill(engine, context)
-        ref = generate(engine, reference_state(engine, pre), last, max_new_tokens)
-        for policy, budget in runs:
-            header, plan = plan_transfer(engine, pre, PolicyConfig(policy, budget=budget))
-            payload = encode(header, pre, plan)
-            out = generate(engine, receive(engine, payload), last, max_new_tokens)
-            rows.append(
-                DemoRow(
-                    prompt=i,
-                    policy=policy,
-                    budget=budget,
-                    wire_bytes=len(payload),
-                    fp16_bytes=plan.fp16_bytes,
-                    wire_ratio=len(payload) / plan.fp16_bytes,
-                    nominal_budget=plan.nominal_budget,
-                    matched_tokens=matched_prefix(out, ref),
-                    generated_tokens=len(out),
-                    text=engine.tokenizer.decode(out, skip_special_tokens=True),
+    with Cluster(model) as cluster:
+        for i, prompt in enumerate(prompts):
+            ref = None
+            for policy, budget in (("fp16", 1.0), *runs):
+                r = complete(
+                    cluster.url, prompt, max_new_tokens, chat=True, policy=policy, budget=budget
                 )
-            )
+                text, s = r["choices"][0]["text"], r["spectrumkv"]
+                ids = s["token_ids"]
+                if ref is None:
+                    ref = ids
+                    continue
+                rows.append(
+                    DemoRow(
+                        prompt=i,
+                        policy=policy,
+                        budget=budget,
+                        wire_bytes=s["wire_bytes"],
+                        fp16_bytes=s["fp16_bytes"],
+                        wire_ratio=s["wire_ratio"],
+                        matched_tokens=matched_prefix(ids, ref),
+                        generated_tokens=r["usage"]["completion_tokens"],
+                        prefill_s=s["prefill_s"],
+                        encode_s=s["encode_s"],
+                        transfer_exposed_s=s["transfer_exposed_s"],
+                        unpack_s=s["unpack_s"],
+                        ttft_s=s["ttft_s"],
+                        text=text,
+                    )
+                )
     return rows
 
 
 def print_table(rows: list[DemoRow], prompts: tuple[str, ...]) -> None:
     head = (
-        f"{'#':>2} {'policy':<10} {'budget':>6} {'wire bytes':>11} {'wire/fp16':>9} "
-        f"{'match':>7}  text"
+        f"{'#':>2} {'policy':<9} {'budget':>6} {'wire bytes':>10} {'wire/fp16':>9} "
+        f"{'match':>6} {'prefill':>8} {'exposed':>8} {'unpack':>7} {'TTFT':>7}  text"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
-        text = r.text.replace("\n", " ")
-        if len(text) > 60:
-            text = text[:57] + "..."
-        match = f"{r.matched_tokens}/{r.generated_tokens}"
+        text = r.text.replace("\n", " ").strip()
+        text = text[:40] + "..." if len(text) > 43 else text
         print(
-            f"{r.prompt:>2} {r.policy:<10} {r.budget:>6.2f} {r.wire_bytes:>11,} "
-            f"{r.wire_ratio:>9.3f} {match:>7}  {text}"
+            f"{r.prompt:>2} {r.policy:<9} {r.budget:>6.2f} {r.wire_bytes:>10,} "
+            f"{r.wire_ratio:>9.3f} {r.matched_tokens:>2}/{r.generated_tokens:<3} "
+            f"{r.prefill_s:>7.2f}s {r.transfer_exposed_s:>7.3f}s {r.unpack_s:>6.3f}s "
+            f"{r.ttft_s:>6.2f}s  {text}"
         )
     print()
     for i, p in enumerate(prompts):

@@ -97,11 +97,17 @@ def attention_scores(
 def score_tokens(
     cfg: ScoreConfig, n: int, layers: list[LayerKV], window: list[WindowQueries] | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Importance with the configured method: (per-token [n], per-layer [L, n] or None)."""
+    """Importance with the configured method: (per-token [n], per-layer [L, n] or None).
+
+    With `cfg.layers` = k > 0 only the first k layers are used (per-layer scores: None)."""
+    if cfg.layers:
+        layers = layers[: cfg.layers]
+        window = window[: cfg.layers] if window is not None else None
     if cfg.method == "attention":
         if window is None:
             raise ValueError("attention scoring needs the window queries captured at prefill")
-        return attention_scores(window, layers, n, cfg)
+        token, per_layer = attention_scores(window, layers, n, cfg)
+        return token, None if cfg.layers else per_layer
     if cfg.method == "positional":
         return positional_scores(n), None
     if cfg.method == "keynorm":

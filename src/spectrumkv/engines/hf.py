@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,17 @@ def _attn(model: torch.nn.Module, layer: int) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def prefill(engine: Engine, context_ids: torch.Tensor, window: int = 32) -> Prefilled:
+def prefill(
+    engine: Engine,
+    context_ids: torch.Tensor,
+    window: int = 32,
+    on_layer: Callable[[int, LayerKV, WindowQueries], None] | None = None,
+) -> Prefilled:
     """Run the context (1-D token ids) through the model; return its per-layer KV (rounded to
-    the KV dtype) and the post-RoPE queries of the last `window` tokens of every layer."""
+    the KV dtype) and the post-RoPE queries of the last `window` tokens of every layer.
+
+    `on_layer(i, kv, window_queries)` is called as soon as layer i is computed, while later
+    layers are still running (layer-wise streaming hooks in here)."""
     model, fp = engine.model, engine.fingerprint
     n = int(context_ids.numel())
     if n == 0:
@@ -115,6 +124,15 @@ def prefill(engine: Engine, context_ids: torch.Tensor, window: int = 32) -> Pref
         for i in range(fp.n_layers)
     ]
     cache = DynamicCache(config=model.config)
+    layers: list[LayerKV] = []
+
+    def layer_done(module, args, output) -> None:
+        i = len(layers)
+        layers.append(_layer_kv(engine, cache, i, n))
+        if on_layer is not None:
+            on_layer(i, layers[i], captured[i])
+
+    hooks += [layer.register_forward_hook(layer_done) for layer in model.model.layers]
     t0 = time.perf_counter()
     try:
         model(input_ids=context_ids.view(1, -1), past_key_values=cache, use_cache=True)
@@ -122,22 +140,21 @@ def prefill(engine: Engine, context_ids: torch.Tensor, window: int = 32) -> Pref
         for h in hooks:
             h.remove()
     prefill_s = time.perf_counter() - t0
-    layers = []
-    for i in range(fp.n_layers):
-        keys, values = cache.layers[i].keys[0], cache.layers[i].values[0]
-        first = first_slot(fp.is_sliding(i), fp.sliding_window, n)
-        if keys.shape[1] != n - first:
-            raise IncompatiblePayloadError(
-                f"layer {i} cached {keys.shape[1]} slots, expected {n - first}: unsupported cache"
-            )
-        layers.append(
-            LayerKV(
-                keys.to(engine.kv_dtype).float(),
-                values.to(engine.kv_dtype).float(),
-                torch.arange(first, n),
-            )
-        )
     return Prefilled(n, layers, [c for c in captured if c is not None], prefill_s)
+
+
+def _layer_kv(engine: Engine, cache: DynamicCache, i: int, n: int) -> LayerKV:
+    """Layer i's cached slots, rounded to the KV dtype."""
+    fp = engine.fingerprint
+    keys, values = cache.layers[i].keys[0], cache.layers[i].values[0]
+    first = first_slot(fp.is_sliding(i), fp.sliding_window, n)
+    if keys.shape[1] != n - first:
+        raise IncompatiblePayloadError(
+            f"layer {i} cached {keys.shape[1]} slots, expected {n - first}: unsupported cache"
+        )
+    return LayerKV(
+        keys.to(engine.kv_dtype).float(), values.to(engine.kv_dtype).float(), torch.arange(first, n)
+    )
 
 
 def _window_hook(engine: Engine, layer: int, w: int, out: list):
@@ -230,15 +247,22 @@ def step(engine: Engine, state: DecodeState, input_ids: torch.Tensor) -> torch.T
 
 
 def generate(
-    engine: Engine, state: DecodeState, first_input: int, max_new_tokens: int
+    engine: Engine,
+    state: DecodeState,
+    first_input: int,
+    max_new_tokens: int,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """Greedy decoding: feed `first_input` (the prompt's last token), return new token ids."""
+    """Greedy decoding: feed `first_input` (the prompt's last token), return new token ids;
+    `on_token` is called with each token as soon as it exists (for streaming)."""
     eos = engine.tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     tok, out = first_input, []
     for _ in range(max_new_tokens):
         tok = int(step(engine, state, torch.tensor([tok])).argmax(-1)[-1])
         out.append(tok)
+        if on_token is not None:
+            on_token(tok)
         if tok in eos_ids:
             break
     return out

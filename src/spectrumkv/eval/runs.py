@@ -60,6 +60,7 @@ class RunSpec:
             method=opts.get("importance", "attention"),  # type: ignore[arg-type]
             window=int(opts.get("window", 32)),
             pool=int(opts.get("pool", 7)),
+            layers=int(opts.get("layers", 0)),
         )
         return policy, scoring
 

@@ -1,0 +1,1 @@
+"""Prefill-decode disaggregation: a prefill worker and a decode worker in separate processes."""

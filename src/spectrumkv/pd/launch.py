@@ -1,0 +1,86 @@
+"""Start a prefill and a decode worker as separate processes on loopback, and stop them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ..errors import SpectrumKVError
+
+START_TIMEOUT_S = 180.0
+
+
+class LaunchError(SpectrumKVError):
+    """A worker process did not come up."""
+
+
+@dataclass
+class Cluster:
+    """Two worker processes. `url`: the decode worker's HTTP base URL."""
+
+    model: str
+    decode_args: list[str] = field(default_factory=list)
+    secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    prefill_port: int = 0
+    decode_port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.decode_port}"
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.prefill_port = self._start(["serve", "prefill", "--port", "0"])
+            self.decode_port = self._start(
+                [
+                    "serve",
+                    "decode",
+                    "--port",
+                    "0",
+                    "--prefill",
+                    f"127.0.0.1:{self.prefill_port}",
+                    *self.decode_args,
+                ]
+            )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self, args: list[str]) -> int:
+        env = {**os.environ, "SPECTRUMKV_SECRET": self.secret}
+        cmd = [sys.executable, "-m", "spectrumkv.cli", *args, "--model", self.model]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+        self.procs.append(proc)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("READY "):
+                return int(line.rsplit(":", 1)[1])
+        raise LaunchError(f"worker {' '.join(args[:2])} did not start (exit {proc.poll()})")
+
+    def kill_prefill(self) -> None:
+        """Kill the prefill worker abruptly (fault injection)."""
+        self.procs[0].kill()
+        self.procs[0].wait(10)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)

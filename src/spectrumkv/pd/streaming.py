@@ -1,0 +1,69 @@
+"""Layer-wise encoding on the prefill side: plan as soon as the scoring layers are done, then
+emit the header and one frame per layer while later layers are still being computed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..config import PolicyConfig, ScoreConfig
+from ..engines.hf import Engine
+from ..importance import WindowQueries, score_tokens
+from ..kv import LayerKV
+from ..pipeline import make_header
+from ..policy import Plan, layer_firsts, plan
+from ..wire import Header, frame_bytes, header_bytes
+
+Emit = Callable[[str, bytes], None]  # ("header" | "frame", bytes)
+
+
+class StreamingEncoder:
+    """Feed it `on_layer` from `engines.hf.prefill`; it calls `emit` with wire chunks.
+
+    With `scoring.layers = k`, the plan is made after layer k-1 from those layers' attention and
+    frames flow from then on; with k = 0 (all layers) nothing can leave before prefill ends.
+    """
+
+    def __init__(
+        self, engine: Engine, n_tokens: int, policy: PolicyConfig, scoring: ScoreConfig, emit: Emit
+    ) -> None:
+        n_layers = engine.fingerprint.n_layers
+        self.k = min(scoring.layers or n_layers, n_layers)
+        if policy.name == "spectrum-layer" and self.k < n_layers:
+            raise ValueError("spectrum-layer needs every layer's scores; it cannot stream early")
+        self.engine, self.n, self.policy, self.scoring, self.emit = (
+            engine,
+            n_tokens,
+            policy,
+            scoring,
+            emit,
+        )
+        self.header: Header = make_header(engine, n_tokens, policy)
+        self.firsts = layer_firsts(self.header)
+        self.layers: list[LayerKV] = []
+        self.window: list[WindowQueries] = []
+        self.plan: Plan | None = None
+        self.encode_s = 0.0
+
+    def on_layer(self, i: int, kv: LayerKV, wq: WindowQueries) -> None:
+        self.layers.append(kv)
+        self.window.append(wq)
+        if self.plan is None:
+            if i + 1 < self.k:
+                return
+            t0 = time.perf_counter()
+            scores, layer_scores = score_tokens(self.scoring, self.n, self.layers, self.window)
+            self.plan = plan(scores, self.header, self.policy, layer_scores)
+            self.emit("header", header_bytes(self.header))
+            self.encode_s += time.perf_counter() - t0
+            for j in range(i + 1):
+                self._frame(j)
+        else:
+            self._frame(i)
+
+    def _frame(self, i: int) -> None:
+        t0 = time.perf_counter()
+        first = self.firsts[i]
+        chunk = frame_bytes(i, first, self.plan.tiers[i, first:], self.layers[i], self.header)
+        self.encode_s += time.perf_counter() - t0
+        self.emit("frame", chunk)
