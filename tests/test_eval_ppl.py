@@ -39,62 +39,31 @@ def test_eval_ppl_command_writes_records(tmp_path, capsys):
     corpus = tmp_path / "text.txt"
     corpus.write_text(load_text("wiki")[20000:40000], encoding="utf-8")
     out = tmp_path / "ppl.json"
-    rc = main(
-        [
-            "eval",
-            "ppl",
-            "--corpus",
-            str(corpus),
-            "--context",
-            "192",
-            "--continuation",
-            "32",
-            "--chunks",
-            "1",
-            "--budgets",
-            "0.4",
-            "--policies",
-            "spectrum,uniform-int8",
-            "--json",
-            str(out),
-        ]
-    )
+    cmd = [
+        "eval",
+        "ppl",
+        "--context",
+        "192",
+        "--continuation",
+        "32",
+        "--chunks",
+        "1",
+        "--budgets",
+        "0.4",
+        "--corpus",
+    ]
+    rc = main([*cmd, str(corpus), "--policies", "spectrum,uniform-int8", "--json", str(out)])
     assert rc == 0
     recs = json.loads(out.read_text())
     assert {(r["policy"], r["budget"]) for r in recs} == {("spectrum", 0.4), ("uniform-int8", None)}
     for r in recs:
-        assert {
-            "model",
-            "corpus",
-            "policy",
-            "budget",
-            "wire_budget",
-            "ppl",
-            "ppl_fp16",
-            "delta_pct",
-        } <= r.keys()
+        assert set(
+            ["model", "corpus", "policy", "budget", "wire_budget", "ppl", "ppl_fp16", "delta_pct"]
+        ) <= set(r)
     assert "dPPL" in capsys.readouterr().out
     # resume: a second run with one more spec only computes the new one
-    rc = main(
-        [
-            "eval",
-            "ppl",
-            "--corpus",
-            str(corpus),
-            "--context",
-            "192",
-            "--continuation",
-            "32",
-            "--chunks",
-            "1",
-            "--budgets",
-            "0.4",
-            "--policies",
-            "spectrum,uniform-int8,pdtrim@fr=0.25",
-            "--json",
-            str(out),
-        ]
-    )
+    specs = "spectrum,uniform-int8,pdtrim@fr=0.25"
+    rc = main([*cmd, str(corpus), "--policies", specs, "--json", str(out)])
     assert rc == 0
     recs2 = json.loads(out.read_text())
     assert recs2[:2] == recs and recs2[2]["policy"] == "pdtrim@fr=0.25"

@@ -147,6 +147,23 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         asyncio.run(coro)
 
 
+def _cmd_bench_ttft(args: argparse.Namespace) -> None:
+    from .bench import ttft
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    links = [float(x) for x in args.links.split(",")]
+    budgets = [float(x) for x in args.budgets.split(",")]
+    overlaps = [False] if args.no_overlap else ([True, False] if args.both else [True])
+    ttft.print_header()
+    records = ttft.run_ttft(args.model, lengths, links, budgets, overlaps, args.score_layers)
+    for line in ttft.projection(records):
+        print(line)
+    if args.json:
+        ttft.write_json(records, args.json)
+    if args.plot:
+        ttft.plot(records, args.plot)
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from .assets import model_dir
 
@@ -230,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--link-latency-ms", type=float, default=0.0)
     sv.add_argument("--no-overlap", action="store_true", help="send after prefill, not streamed")
     sv.set_defaults(func=_cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
+    bt = bench.add_parser("ttft", help="TTFT through real workers over emulated links")
+    bt.add_argument("--model", default="smollm2-135m")
+    bt.add_argument("--lengths", default="512,2048,4096", help="prompt lengths (tokens)")
+    bt.add_argument("--links", default="1,10,25", help="emulated link rates (Gbps)")
+    bt.add_argument("--budgets", default="1.0,0.5,0.3")
+    bt.add_argument("--score-layers", type=int, default=4)
+    bt.add_argument("--no-overlap", action="store_true", help="transfer after prefill only")
+    bt.add_argument("--both", action="store_true", help="measure streamed and after-prefill")
+    bt.add_argument("--json", help="write records to this path")
+    bt.add_argument("--plot", help="write a PNG of TTFT vs link rate")
+    bt.set_defaults(func=_cmd_bench_ttft)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

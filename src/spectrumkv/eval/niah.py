@@ -84,7 +84,7 @@ def run_niah(
     contexts: list[int],
     depths: list[float],
     n_needles: int = 5,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 16,
     json_path: str | None = None,
 ) -> list[NiahRecord]:
     """One trial per (context, depth, needle); every run on the same prefilled prompt."""

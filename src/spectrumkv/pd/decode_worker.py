@@ -31,7 +31,7 @@ from ..transport.framing import Kind, PeerTimeout, TransportError, recv_msg, sen
 from ..wire import PayloadDecoder
 from .metrics import Metrics
 from .prefill_worker import ROLE
-from .protocol import ErrorReply, PrefillDone, PrefillRequest
+from .protocol import ErrorReply, PrefillDone, PrefillRequest, TransferOptions, with_overrides
 
 log = logging.getLogger("spectrumkv.decode")
 
@@ -39,19 +39,15 @@ log = logging.getLogger("spectrumkv.decode")
 @dataclass(frozen=True)
 class DecodeConfig:
     """prefill_host/port: the prefill worker. deadline_s: for the whole KV transfer (seconds).
-    on_failure: "recompute" or "fail". Defaults for requests that do not say otherwise."""
+    on_failure: "recompute" or "fail". `transfer`: defaults for requests that do not say
+    otherwise (a request's `spectrumkv` field may override any of them)."""
 
     prefill_host: str
     prefill_port: int
     secret: bytes
     deadline_s: float = 60.0
     on_failure: str = "recompute"
-    policy: str = "spectrum"
-    budget: float | None = 0.5
-    score_layers: int = 0
-    link_gbps: float = 0.0
-    link_latency_s: float = 0.0
-    overlap: bool = True
+    transfer: TransferOptions = TransferOptions()
 
     def __post_init__(self) -> None:
         if self.on_failure not in ("recompute", "fail"):
@@ -136,7 +132,7 @@ class DecodeWorker:
         """Run one completion; `on_token(text_piece)` is awaited for every generated token."""
         rid = f"cmpl-{uuid.uuid4().hex[:16]}"
         t_start = time.perf_counter()
-        opts = body.get("spectrumkv") or {}
+        opts = dict(body.get("spectrumkv") or {})
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise web.HTTPBadRequest(
@@ -157,18 +153,14 @@ class DecodeWorker:
             ids = tok(prompt, return_tensors="pt")["input_ids"][0]
         if ids.numel() < 2:
             raise web.HTTPBadRequest(text=json.dumps({"error": "prompt needs >= 2 tokens"}))
-        cfg = self.cfg
-        req = PrefillRequest(
-            request_id=rid,
-            token_ids=ids[:-1].tolist(),
-            policy=opts.get("policy", cfg.policy),
-            budget=opts.get("budget", cfg.budget),
-            score_layers=int(opts.get("score_layers", cfg.score_layers)),
-            link_gbps=float(opts.get("link_gbps", cfg.link_gbps)),
-            link_latency_s=float(opts.get("link_latency_s", cfg.link_latency_s)),
-            overlap=bool(opts.get("overlap", cfg.overlap)),
-        )
-        on_failure = opts.get("on_failure", cfg.on_failure)
+        on_failure = opts.pop("on_failure", self.cfg.on_failure)
+        opts.pop("chat", None)
+        try:
+            options = with_overrides(self.cfg.transfer, opts)
+        except msgspec.ValidationError as e:
+            msg = json.dumps({"error": f"bad spectrumkv options: {e}"})
+            raise web.HTTPBadRequest(text=msg) from None
+        req = PrefillRequest(request_id=rid, token_ids=ids[:-1].tolist(), options=options)
         self.in_flight[rid] = t_start
         self.metrics.in_flight.inc()
         try:

@@ -62,8 +62,9 @@ class PrefillServer:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, chunk))
 
         try:
-            policy = PolicyConfig(req.policy, budget=req.budget)
-            scoring = ScoreConfig(layers=req.score_layers)
+            opt = req.options
+            policy = PolicyConfig(opt.policy, budget=opt.budget)
+            scoring = ScoreConfig(layers=opt.score_layers)
             ids = torch.tensor(req.token_ids, dtype=torch.long)
             enc = StreamingEncoder(self.engine, ids.numel(), policy, scoring, emit)
         except (SpectrumKVError, ValueError) as e:
@@ -71,7 +72,7 @@ class PrefillServer:
             await send_msg(writer, Kind.ERROR, encode(err))
             return
 
-        shaper = LinkShaper(req.link_gbps, req.link_latency_s)
+        shaper = LinkShaper(opt.link_gbps, opt.link_latency_s)
         sent = {"bytes": 0}
 
         async def sender() -> None:
@@ -82,7 +83,7 @@ class PrefillServer:
                 sent["bytes"] += len(chunk)
 
         def run_prefill() -> float:
-            if req.overlap:
+            if opt.overlap:
                 prefill(self.engine, ids, on_layer=enc.on_layer)
                 return time.perf_counter()
             layers: list = []

@@ -5,17 +5,25 @@ from __future__ import annotations
 import msgspec
 
 
-class PrefillRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """Prefill `token_ids` (the prompt without its last token) and stream the KV back."""
+class TransferOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """How one request's KV travels. score_layers: plan from the first N layers (0 = all);
+    link_gbps / link_latency_s: link emulation on the sender (0 = off); overlap: stream frames
+    during prefill (False: send after prefill, as a pull-after-prefill connector does)."""
 
-    request_id: str
-    token_ids: list[int]
     policy: str = "spectrum"
     budget: float | None = 0.5
     score_layers: int = 0
     link_gbps: float = 0.0
     link_latency_s: float = 0.0
     overlap: bool = True
+
+
+class PrefillRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Prefill `token_ids` (the prompt without its last token) and stream the KV back."""
+
+    request_id: str
+    token_ids: list[int]
+    options: TransferOptions = TransferOptions()
 
 
 class PrefillDone(msgspec.Struct):
@@ -39,6 +47,12 @@ class ErrorReply(msgspec.Struct):
 
 MAX_PROMPT_TOKENS = 1 << 20
 encode = msgspec.json.encode
+
+
+def with_overrides(defaults: TransferOptions, overrides: dict) -> TransferOptions:
+    """Per-request options over server defaults; unknown keys and wrong types are refused."""
+    merged = {**msgspec.structs.asdict(defaults), **overrides}
+    return msgspec.convert(merged, TransferOptions)
 
 
 def decode_request(body: bytes) -> PrefillRequest:
