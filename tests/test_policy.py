@@ -11,7 +11,16 @@ from spectrumkv.tiers import NOMINAL_COST, Tier
 
 from .synthetic import make_header, random_layers
 
-BUDGETED = [p for p in POLICIES if p not in ("uniform-int8", "uniform-int4", "fp16")]
+
+def _quant_for(policy: str) -> QuantConfig:
+    return QuantConfig(32, "kivi", rotate=False) if policy == "kivi2" else QuantConfig()
+
+
+BUDGETED = [
+    p
+    for p in POLICIES
+    if not PolicyConfig(p, budget=None if p == "kivi2" else 1.0, quant=_quant_for(p)).fixed_rate
+]
 
 
 def _plan_or_budget_error(scores, header, cfg):
@@ -80,7 +89,9 @@ def test_nominal_mode_matches_paper_accounting(n, budget):
 def test_budget_one_is_the_fp16_reference():
     header = make_header(100)
     for policy in POLICIES:
-        p = plan(torch.rand(100), header, PolicyConfig(policy, budget=1.0))
+        p = plan(
+            torch.rand(100), header, PolicyConfig(policy, budget=1.0, quant=_quant_for(policy))
+        )
         assert (p.tiers == Tier.FP16).all()
         assert 1.0 < p.wire_budget < 1.02  # the header and tier maps are the only overhead
 

@@ -101,3 +101,19 @@ def test_bad_quant_config_is_rejected():
         QuantConfig(scheme="nf4")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         QuantConfig(group_size=64).group_for(96)
+
+
+def test_kivi_keys_are_quantized_per_channel():
+    torch.manual_seed(4)
+    x = torch.randn(70, 2, 32)
+    x[:, :, 7] *= 50  # an outlier channel costs only its own channel's precision
+    q = QuantConfig(group_size=32, scheme="kivi", rotate=False)
+    qz = quantize(x, Tier.INT2, q, is_key=True)
+    assert qz.scale.shape == (3, 2, 32)  # ceil(70 / 32) blocks of tokens, per channel
+    xr = dequantize(qz, Tier.INT2, q, 32, is_key=True)
+    err = (xr - x).abs()
+    assert err[:, :, 7].max() > 10 * err[:, :, :7].max() / 3  # error follows the channel range
+    span = x.view(70, -1).amax(0) - x.view(70, -1).amin(0)
+    assert (err.view(70, -1) <= span / 3 / 2 * 1.01 + span * 2**-9 + 1e-5).all()
+    values = quantize(x, Tier.INT2, q, is_key=False)
+    assert values.scale.shape == (70, 2, 1)  # values per token

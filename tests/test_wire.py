@@ -124,3 +124,19 @@ def test_flipped_payload_byte_is_a_checksum_error():
     bad[-20] ^= 0x01  # inside the last frame's codes
     with pytest.raises(ChecksumError, match="frame 1 checksum"):
         decode_payload(bytes(bad))
+
+
+def test_kivi2_round_trip_and_exact_size():
+    quant = QuantConfig(32, "kivi", rotate=False)
+    header = make_header(300, quant=quant, policy="kivi2", budget=None, head_dim=32)
+    pre = Pre(random_layers(header))
+    p = plan(torch.rand(300), header, PolicyConfig("kivi2", budget=None, quant=quant))
+    payload = encode(header, pre, p)
+    assert len(payload) == p.wire_bytes and 0.2 < p.wire_budget < 0.35
+    out = decode_payload(payload)
+    t = p.tiers[0]
+    assert (t[-32:] == Tier.FP16).all() and (t[:-32] == Tier.INT2).all()
+    src = pre.layers[0]
+    assert torch.equal(out.layers[0].keys[:, -32:], src.keys[:, -32:])
+    rel = (out.layers[0].keys[:, :-32] - src.keys[:, :-32]).pow(2).mean() / src.keys.pow(2).mean()
+    assert rel < 0.3

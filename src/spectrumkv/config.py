@@ -7,7 +7,7 @@ from typing import Literal
 
 from .errors import BudgetError, ConfigError
 
-QuantScheme = Literal["asym-group", "sym-token"]
+QuantScheme = Literal["asym-group", "sym-token", "kivi"]
 BudgetMode = Literal["wire", "nominal"]
 ScoreMethod = Literal["attention", "positional", "keynorm", "random"]
 
@@ -23,6 +23,7 @@ POLICIES = (
     "uniform-int4",
     "random-tier",
     "fp16",
+    "kivi2",
 )
 
 
@@ -34,6 +35,8 @@ class QuantConfig:
     scale and minimum stored as FP16 (4 bytes per group).
     `sym-token`: the SpectrumKV paper's quantizer, symmetric absmax with one FP16 scale per
     (token, layer, K|V) over all heads and dims (2 bytes).
+    `kivi`: KIVI-style: keys per channel over blocks of `group_size` consecutive tokens (of the
+    same tier), values per token in groups of `group_size` along head_dim; FP16 scale + minimum.
     `rotate`: multiply each head vector by an orthonormal Hadamard matrix before quantizing (and
     back after), which spreads outlier channels over the group; needs a power-of-two head_dim.
     Measured on SmolLM2 keys: INT4 group-64 relative MSE 0.018 -> 0.007. FP16 tiers are never
@@ -45,7 +48,7 @@ class QuantConfig:
     rotate: bool = True
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("asym-group", "sym-token"):
+        if self.scheme not in ("asym-group", "sym-token", "kivi"):
             raise ConfigError(f"unknown quantization scheme {self.scheme!r}")
         g = self.group_size
         if g < 4 or g > 1024 or g & (g - 1):
@@ -118,8 +121,12 @@ class PolicyConfig:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
         if not (0.0 <= self.pdtrim_fr <= 1.0):
             raise ConfigError(f"pdtrim_fr must be in [0, 1], got {self.pdtrim_fr}")
+        if (self.name == "kivi2") != (self.quant.scheme == "kivi"):
+            raise ConfigError(
+                "the kivi quantization scheme goes with the kivi2 policy, and only it"
+            )
 
     @property
     def fixed_rate(self) -> bool:
         """True for policies whose size does not depend on the budget."""
-        return self.name in ("uniform-int8", "uniform-int4", "fp16")
+        return self.name in ("uniform-int8", "uniform-int4", "fp16", "kivi2")

@@ -21,7 +21,7 @@ import torch
 from .config import PolicyConfig
 from .errors import BudgetError
 from .kv import first_slot
-from .quant import element_bytes
+from .quant import section_bytes
 from .tiers import NOMINAL_COST, TIER_ERROR, Tier
 from .wire import Header, frame_overhead, header_bytes
 
@@ -33,6 +33,8 @@ _LADDERS = {
     "snapkv-drop": (Tier.FP16,),
 }
 _UNIFORM = {"uniform-int8": Tier.INT8, "uniform-int4": Tier.INT4, "fp16": Tier.FP16}
+#: KIVI's residual: the most recent tokens stay at full precision.
+KIVI_RECENT = 32
 
 
 @dataclass
@@ -82,9 +84,7 @@ def wire_bytes(header: Header, tiers: torch.Tensor) -> int:
         row = tiers[layer, first:]
         total += frame_overhead(row.numel())
         for t in (Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2):
-            total += (
-                2 * int((row == int(t)).sum()) * element_bytes(t, fp.n_kv_heads, fp.head_dim, q)
-            )
+            total += section_bytes(t, int((row == int(t)).sum()), fp.n_kv_heads, fp.head_dim, q)
     return total
 
 
@@ -108,7 +108,12 @@ def plan(
     avail = _available(header, policy, present.sum(0))
     sinks = min(policy.sinks, n)
 
-    if policy.budget == 1.0 or policy.name in _UNIFORM:
+    if policy.name == "kivi2" and policy.budget != 1.0:
+        token_tiers = torch.full((n,), int(Tier.INT2), dtype=torch.uint8)
+        token_tiers[max(0, n - KIVI_RECENT) :] = int(Tier.FP16)
+        if policy.budget is not None:
+            _require_fits(costs, token_tiers, avail, policy)
+    elif policy.budget == 1.0 or policy.name in _UNIFORM:
         tier = Tier.FP16 if policy.budget == 1.0 else _UNIFORM[policy.name]
         token_tiers = torch.full((n,), int(tier), dtype=torch.uint8)
         if policy.budget is not None and policy.budget < 1.0:
@@ -171,7 +176,7 @@ def _per_layer(
         if policy.budget_mode == "nominal":
             costs[t] = NOMINAL_COST[t] * kept.flatten().double() / n_layers
         else:
-            costs[t] = 2 * element_bytes(t, fp.n_kv_heads, fp.head_dim, q) * kept.flatten().double()
+            costs[t] = section_bytes(t, 1, fp.n_kv_heads, fp.head_dim, q) * kept.flatten().double()
     is_sink = torch.zeros(n_layers, n, dtype=torch.bool)
     is_sink[:, :sinks] = True
     is_sink &= kept
@@ -198,7 +203,9 @@ def _token_costs(header: Header, policy: PolicyConfig, present: torch.Tensor) ->
         if policy.budget_mode == "nominal":
             out[t] = NOMINAL_COST[t]
         else:
-            per_layer = 2 * element_bytes(t, fp.n_kv_heads, fp.head_dim, q)
+            # per token; for kivi (fixed rate) key parameters are amortized over a block
+            g = q.group_size if q.scheme == "kivi" else 1
+            per_layer = section_bytes(t, g, fp.n_kv_heads, fp.head_dim, q) / g
             out[t] = present.double() * per_layer
     return out
 

@@ -23,7 +23,8 @@ class Quantized:
     """Codes packed along the last dim ([m, H, D*bits/8] uint8) plus FP16 parameters.
 
     asym-group: `scale`, `minimum` are [m, H, D/g] float16. sym-token: `scale` is [m] float16 and
-    `minimum` is None.
+    `minimum` is None. kivi keys: `scale`, `minimum` are [ceil(m/G), H, D] float16 (per channel,
+    per block of G tokens).
     """
 
     codes: torch.Tensor
@@ -32,7 +33,10 @@ class Quantized:
 
 
 def element_bytes(tier: Tier, heads: int, head_dim: int, quant: QuantConfig) -> int:
-    """Wire bytes of one token of one layer for K *or* V at `tier` (0 for DROP)."""
+    """Wire bytes of one token of one layer for K *or* V at `tier` (0 for DROP).
+
+    Exact for per-token schemes; not defined for `kivi`, whose key parameters are shared by
+    blocks of tokens (use `section_bytes`)."""
     if tier == Tier.DROP:
         return 0
     if tier == Tier.FP16:
@@ -40,7 +44,22 @@ def element_bytes(tier: Tier, heads: int, head_dim: int, quant: QuantConfig) -> 
     code = heads * head_dim * TIER_BITS[tier] // 8
     if quant.scheme == "sym-token":
         return code + 2
+    if quant.scheme == "kivi":
+        raise ValueError("kivi has no per-token size; use section_bytes")
     return code + heads * (head_dim // quant.group_for(head_dim)) * 4
+
+
+def section_bytes(tier: Tier, m: int, heads: int, head_dim: int, quant: QuantConfig) -> int:
+    """Exact wire bytes of `m` tokens of one layer at `tier`, K and V together."""
+    if m == 0:
+        return 0
+    if quant.scheme != "kivi" or tier in (Tier.DROP, Tier.FP16):
+        return 2 * m * element_bytes(tier, heads, head_dim, quant)
+    code = heads * head_dim * TIER_BITS[tier] // 8
+    blocks = -(-m // quant.group_size)
+    keys = m * code + blocks * heads * head_dim * 4
+    values = m * (code + heads * (head_dim // quant.group_for(head_dim)) * 4)
+    return keys + values
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,21 +95,29 @@ def hadamard(n: int) -> torch.Tensor:
     return (h / h.shape[0] ** 0.5).float()
 
 
-def quantize(x: torch.Tensor, tier: Tier, quant: QuantConfig) -> Quantized:
-    """Quantize [m, H, D] float32 to `tier` (INT8/INT4/INT2)."""
+def quantize(x: torch.Tensor, tier: Tier, quant: QuantConfig, is_key: bool = False) -> Quantized:
+    """Quantize [m, H, D] float32 to `tier` (INT8/INT4/INT2). `is_key` matters for `kivi`."""
     bits = TIER_BITS[tier]
     if quant.rotate:
         x = x.float() @ hadamard(x.shape[-1])
     if quant.scheme == "sym-token":
         return _quantize_sym_token(x, bits)
+    if quant.scheme == "kivi" and is_key:
+        return _quantize_per_channel(x, bits, quant.group_size)
     return _quantize_asym_group(x, bits, quant.group_for(x.shape[-1]))
 
 
-def dequantize(q: Quantized, tier: Tier, quant: QuantConfig, head_dim: int) -> torch.Tensor:
+def dequantize(
+    q: Quantized, tier: Tier, quant: QuantConfig, head_dim: int, is_key: bool = False
+) -> torch.Tensor:
     """Inverse of `quantize`, returns float32 [m, H, D]."""
     bits = TIER_BITS[tier]
     codes = unpack(q.codes, bits).float()
-    if quant.scheme == "sym-token":
+    if quant.scheme == "kivi" and is_key:
+        m = codes.shape[0]
+        scale = q.scale.float().repeat_interleave(quant.group_size, 0)[:m]
+        out = codes * scale + q.minimum.float().repeat_interleave(quant.group_size, 0)[:m]
+    elif quant.scheme == "sym-token":
         half = float(1 << (bits - 1))
         out = (codes - half) * q.scale.float()[:, None, None]
     else:
@@ -114,6 +141,23 @@ def _quantize_asym_group(x: torch.Tensor, bits: int, g: int) -> Quantized:
     s = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round((xg - minimum.float()[..., None]) / s[..., None]).clamp_(0, levels)
     codes = codes.to(torch.uint8).reshape(m, h, d)
+    return Quantized(pack(codes, bits), scale, minimum)
+
+
+def _quantize_per_channel(x: torch.Tensor, bits: int, block: int) -> Quantized:
+    """KIVI keys: min/scale per (block of `block` tokens, head, channel)."""
+    m, h, d = x.shape
+    nb = -(-m // block)
+    xf = x.float().clamp(-_FP16_MAX, _FP16_MAX)
+    padded = torch.cat([xf, xf[-1:].expand(nb * block - m, h, d)]) if nb * block > m else xf
+    blocks = padded.view(nb, block, h, d)
+    levels = (1 << bits) - 1
+    minimum = blocks.amin(dim=1).half()
+    scale = ((blocks.amax(dim=1) - minimum.float()) / levels).clamp(max=_FP16_MAX).half()
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s)).repeat_interleave(block, 0)[:m]
+    lo = minimum.float().repeat_interleave(block, 0)[:m]
+    codes = torch.round((xf - lo) / s).clamp_(0, levels).to(torch.uint8)
     return Quantized(pack(codes, bits), scale, minimum)
 
 

@@ -12,6 +12,7 @@ Layout (all integers little endian)::
                  FP16: m*H*D 16-bit values in the engine's KV dtype (bit exact)
                  INTk asym-group: codes m*H*D*k/8 | scale m*H*(D/g) f16 | minimum m*H*(D/g) f16
                  INTk sym-token:  codes m*H*D*k/8 | scale m f16
+                 INTk kivi keys:  codes m*H*D*k/8 | scale, minimum ceil(m/G)*H*D f16 each
                tokens of a tier appear in position order
       checksum u64 xxh3_64(head + body)
 
@@ -31,7 +32,7 @@ import xxhash
 from .config import QuantConfig
 from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
 from .kv import LayerKV, first_slot
-from .quant import Quantized, dequantize, element_bytes, hadamard, quantize
+from .quant import Quantized, dequantize, hadamard, quantize, section_bytes
 from .tiers import STORED_TIERS, TIER_BITS, Tier
 
 MAGIC = b"SPKV"
@@ -108,7 +109,7 @@ def frame_size(n_slots: int, tier_counts: dict[Tier, int], fp: Fingerprint, q: Q
     """Exact size in bytes of a frame with these tier counts (mirrors `frame_bytes`)."""
     body = (n_slots + 1) // 2
     for tier, count in tier_counts.items():
-        body += 2 * count * element_bytes(tier, fp.n_kv_heads, fp.head_dim, q)
+        body += section_bytes(tier, count, fp.n_kv_heads, fp.head_dim, q)
     return _FRAME.size + body + _CHECK.size
 
 
@@ -151,12 +152,12 @@ def frame_bytes(
         idx = (tiers == int(tier)).nonzero().flatten()
         if idx.numel() == 0:
             continue
-        for x in (kv.keys, kv.values):
+        for x, is_key in ((kv.keys, True), (kv.values, False)):
             sel = x.index_select(1, idx).transpose(0, 1)  # [m, H, D]
             if tier == Tier.FP16:
                 parts.append(_tensor_bytes(sel.to(kv_dtype)))
                 continue
-            qz = quantize(sel, tier, q)
+            qz = quantize(sel, tier, q, is_key)
             parts.append(_tensor_bytes(qz.codes))
             parts.append(_tensor_bytes(qz.scale))
             if qz.minimum is not None:
@@ -276,8 +277,8 @@ def read_frame(
         if m == 0:
             continue
         dest = rank[(tiers == int(tier)).nonzero().flatten()]
-        for out in (keys, values):
-            x, pos = _read_section(body, pos, tier, m, fp, q)
+        for out, is_key in ((keys, True), (values, False)):
+            x, pos = _read_section(body, pos, tier, m, fp, q, is_key)
             out[dest] = x
     positions = kept + first
     return (
@@ -294,7 +295,7 @@ def _take(body: bytearray, pos: int, dtype: torch.dtype, count: int) -> tuple[to
 
 
 def _read_section(
-    body: bytearray, pos: int, tier: Tier, m: int, fp: Fingerprint, q: QuantConfig
+    body: bytearray, pos: int, tier: Tier, m: int, fp: Fingerprint, q: QuantConfig, is_key: bool
 ) -> tuple[torch.Tensor, int]:
     h, d = fp.n_kv_heads, fp.head_dim
     if tier == Tier.FP16:
@@ -306,6 +307,12 @@ def _read_section(
     if q.scheme == "sym-token":
         scale, pos = _take(body, pos, torch.float16, m)
         return dequantize(Quantized(codes, scale, None), tier, q, d), pos
+    if q.scheme == "kivi" and is_key:
+        nb = -(-m // q.group_size)
+        scale, pos = _take(body, pos, torch.float16, nb * h * d)
+        minimum, pos = _take(body, pos, torch.float16, nb * h * d)
+        qz = Quantized(codes, scale.view(nb, h, d), minimum.view(nb, h, d))
+        return dequantize(qz, tier, q, d, is_key=True), pos
     ng = d // q.group_for(d)
     scale, pos = _take(body, pos, torch.float16, m * h * ng)
     minimum, pos = _take(body, pos, torch.float16, m * h * ng)

@@ -39,10 +39,11 @@ class RunSpec:
         unknown = set(opts) - _OPTIONS
         if unknown:
             raise ConfigError(f"unknown run option(s) {sorted(unknown)} in {self.label!r}")
+        kivi = name == "kivi2"  # KIVI's own setting: groups of 32, no rotation
         quant = QuantConfig(
-            group_size=int(opts.get("group", 64)),
-            scheme=opts.get("scheme", "asym-group"),  # type: ignore[arg-type]
-            rotate=opts.get("rotate", "1") not in ("0", "false", "no"),
+            group_size=int(opts.get("group", 32 if kivi else 64)),
+            scheme=opts.get("scheme", "kivi" if kivi else "asym-group"),  # type: ignore[arg-type]
+            rotate=opts.get("rotate", "0" if kivi else "1") not in ("0", "false", "no"),
         )
         policy = PolicyConfig(
             "spectrum" if name == "adaptive" else name,
