@@ -67,3 +67,14 @@ def test_eval_ppl_command_writes_records(tmp_path, capsys):
     assert rc == 0
     recs2 = json.loads(out.read_text())
     assert recs2[:2] == recs and recs2[2]["policy"] == "pdtrim@fr=0.25"
+
+
+def test_paper_protocol_reference_and_kivi(smol):
+    text = load_text("wiki")
+    runs = [RunSpec("spectrum", 1.0), RunSpec("kivi2", None), RunSpec("spectrum", 0.3)]
+    recs = run_ppl(
+        smol, "wiki", text, runs, context=256, continuation=32, n_chunks=1, protocol="paper"
+    )
+    by = {r.policy: r for r in recs if r.budget != 0.3}
+    assert by["spectrum"].delta_pct == 0.0 and by["spectrum"].protocol == "paper"
+    assert by["kivi2"].wire_budget < 0.35 and by["kivi2"].delta_pct > 0

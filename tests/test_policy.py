@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spectrumkv.config import POLICIES, PolicyConfig, QuantConfig
+from spectrumkv.config import FIXED_RATE, POLICIES, PolicyConfig, QuantConfig
 from spectrumkv.errors import BudgetError, ConfigError
 from spectrumkv.pipeline import iter_payload
 from spectrumkv.policy import plan
@@ -16,11 +16,7 @@ def _quant_for(policy: str) -> QuantConfig:
     return QuantConfig(32, "kivi", rotate=False) if policy == "kivi2" else QuantConfig()
 
 
-BUDGETED = [
-    p
-    for p in POLICIES
-    if not PolicyConfig(p, budget=None if p == "kivi2" else 1.0, quant=_quant_for(p)).fixed_rate
-]
+BUDGETED = [p for p in POLICIES if p not in FIXED_RATE]
 
 
 def _plan_or_budget_error(scores, header, cfg):

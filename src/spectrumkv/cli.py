@@ -35,7 +35,15 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> None:
     runs = parse_runs(args.policies, args.budgets)
     text = load_text(args.corpus)
     records = run_ppl(
-        engine, args.corpus, text, runs, args.context, args.continuation, args.chunks, args.json
+        engine,
+        args.corpus,
+        text,
+        runs,
+        args.context,
+        args.continuation,
+        args.chunks,
+        args.json,
+        args.protocol,
     )
     print(f"{'policy':<24} {'budget':>6} {'wire':>6} {'nominal':>7} {'ppl':>9} {'dPPL %':>8}")
     for r in records:
@@ -197,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="spectrum,pdtrim,uniform-int8,uniform-int4",
         help="comma-separated run specs policy[@key=value+...], e.g. pdtrim@fr=0.25, "
         "spectrum@importance=positional (options: fr importance sinks group rotate scheme mode)",
+    )
+    pp.add_argument(
+        "--protocol",
+        default="pd",
+        choices=["pd", "paper"],
+        help="pd: transfer then score on the decode side; paper: K/V through the "
+        "codec inside one full forward, as the SpectrumKV paper measured",
     )
     pp.add_argument("--json", help="results file: written after every run, resumed if present")
     pp.set_defaults(func=_cmd_eval_ppl)

@@ -25,6 +25,8 @@ POLICIES = (
     "fp16",
     "kivi2",
 )
+#: Policies whose size does not depend on the budget (run once, at their own rate).
+FIXED_RATE = ("uniform-int8", "uniform-int4", "fp16", "kivi2")
 
 
 @dataclass(frozen=True)
@@ -129,4 +131,4 @@ class PolicyConfig:
     @property
     def fixed_rate(self) -> bool:
         """True for policies whose size does not depend on the budget."""
-        return self.name in ("uniform-int8", "uniform-int4", "fp16", "kivi2")
+        return self.name in FIXED_RATE

@@ -212,12 +212,58 @@ def decode_state(engine: Engine, layers: list[LayerKV], n_tokens: int) -> Decode
     )
 
 
-def _mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+def _mask(
+    kpos: torch.Tensor,
+    qpos: torch.Tensor,
+    window: int,
+    dtype: torch.dtype,
+    hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Additive 4-D mask: key slot k is visible to query q if it is causal, inside the sliding
+    window (if any) and not `hidden` (a bool per key slot)."""
     visible = kpos[None, :] <= qpos[:, None]
     if window > 0:
         visible &= (qpos[:, None] - kpos[None, :]) < window
+    if hidden is not None:
+        visible &= ~hidden[None, :]
     mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+@torch.inference_mode()
+def forward_with_kv_transform(
+    engine: Engine,
+    ids: torch.Tensor,
+    transform: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    hidden: torch.Tensor,
+) -> torch.Tensor:
+    """One full forward over 1-D `ids` in which every layer's K/V pass through
+    `transform(layer, keys [H, n, D], values)` before attention, and key slots marked `hidden`
+    are invisible to every query: the SpectrumKV paper's in-forward (fake) quantization protocol.
+    Returns logits [n, vocab]."""
+    fp = engine.fingerprint
+    cache = DynamicCache(config=engine.model.config)
+    for i, layer in enumerate(cache.layers):
+        original = layer.update
+
+        def update(k, v, *args, _i=i, _orig=original, **kwargs):
+            k2, v2 = transform(_i, k[0], v[0])
+            return _orig(k2[None], v2[None], *args, **kwargs)
+
+        layer.update = update
+    pos = torch.arange(ids.numel())
+    dtype = next(engine.model.parameters()).dtype
+    masks = {"full_attention": _mask(pos, pos, 0, dtype, hidden)}
+    if fp.sliding_layers:
+        masks["sliding_attention"] = _mask(pos, pos, fp.sliding_window, dtype, hidden)
+    out = engine.model(
+        input_ids=ids.view(1, -1),
+        position_ids=pos.view(1, -1),
+        attention_mask=masks if fp.sliding_layers else masks["full_attention"],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits[0].float()
 
 
 @torch.inference_mode()

@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..engines.hf import DecodeState, Engine, prefill, step
+from ..engines.hf import DecodeState, Engine, forward_with_kv_transform, prefill, step
 from ..errors import BudgetError
+from ..kv import LayerKV
 from ..pipeline import encode, plan_transfer, receive, reference_state
+from ..policy import Plan, layer_firsts
+from ..tiers import Tier
+from ..wire import Header, frame_bytes, read_frame
 from .runs import RunSpec, load_records, save_records
 
 
@@ -53,10 +57,45 @@ def continuation_nll(engine: Engine, state: DecodeState, feed: torch.Tensor) -> 
     return float(F.cross_entropy(logits, feed[1:], reduction="sum")), int(feed.numel() - 1)
 
 
+def paper_nll(
+    engine: Engine, chunk: torch.Tensor, split: int, header: Header, plan: Plan
+) -> tuple[float, int]:
+    """The paper's protocol: one forward over the whole chunk, the first `split - 1` tokens' K/V
+    replaced by their encoded-then-decoded values (the same codec and bytes as on the wire) and
+    dropped tokens hidden from every query; scored on the continuation like the PD protocol."""
+    n = header.n_tokens
+    firsts = layer_firsts(header)
+    kv_dtype = engine.kv_dtype
+
+    def transform(layer: int, k: torch.Tensor, v: torch.Tensor):
+        k, v = k.to(kv_dtype).float(), v.to(kv_dtype).float()
+        first = firsts[layer]
+        src = LayerKV(
+            k[:, first:n].contiguous(), v[:, first:n].contiguous(), torch.arange(first, n)
+        )
+        frame = frame_bytes(layer, first, plan.tiers[layer, first:], src, header)
+        got, _, _ = read_frame(frame, 0, header, layer)
+        k, v = k.clone(), v.clone()
+        k[:, got.positions], v[:, got.positions] = got.keys, got.values
+        return k, v
+
+    hidden = torch.zeros(chunk.numel(), dtype=torch.bool)
+    hidden[:n] = plan.tiers[-1] == int(Tier.DROP)
+    logits = forward_with_kv_transform(engine, chunk, transform, hidden)
+    return _scored(logits, chunk, split)
+
+
+def _scored(logits: torch.Tensor, chunk: torch.Tensor, split: int) -> tuple[float, int]:
+    """NLL of chunk[split:] from full-chunk logits."""
+    target = chunk[split:]
+    return float(F.cross_entropy(logits[split - 1 : -1], target, reduction="sum")), target.numel()
+
+
 def _key(r: dict) -> tuple:
     return (
         r["model"],
         r["corpus"],
+        r.get("protocol", "pd"),
         r["policy"],
         r["budget"],
         r["context"],
@@ -74,8 +113,12 @@ def run_ppl(
     continuation: int = 128,
     n_chunks: int = 4,
     json_path: str | None = None,
+    protocol: str = "pd",
 ) -> list[PplRecord]:
-    """Delta-PPL of each run against the uncompressed PD protocol.
+    """Delta-PPL of each run against the same protocol without compression.
+
+    protocol "pd": prefill the prefix, transfer, score the continuation on the decode side;
+    "paper": one forward with the prefix's K/V passed through the codec (see `paper_nll`).
 
     Records already in `json_path` are kept and their runs skipped (resume); the file is
     rewritten after every run. A run that cannot meet its budget is reported and skipped."""
@@ -83,9 +126,12 @@ def run_ppl(
         raise ValueError("need 2 <= continuation < context")
     existing = load_records(json_path)
     done = {_key(r) for r in existing}
+    if protocol not in ("pd", "paper"):
+        raise ValueError(f"protocol must be pd or paper, got {protocol!r}")
     meta = dict(
         model=engine.name,
         corpus=corpus,
+        protocol=protocol,
         context=context,
         continuation=continuation,
         chunks=n_chunks,
@@ -96,11 +142,30 @@ def run_ppl(
     prefixes = []
     split = context - continuation
     for chunk in tqdm(corpus_chunks(engine, text, context, n_chunks), desc="prefill", leave=False):
-        prefixes.append((prefill(engine, chunk[: split - 1]), chunk[split - 1 :]))
+        prefixes.append((prefill(engine, chunk[: split - 1]), chunk))
+
+    def nll_of(pre, chunk, header=None, plan=None) -> tuple[float, int]:
+        if protocol == "paper":
+            if plan is None:  # reference: the same single forward, K/V rounded to the KV dtype
+                dt = engine.kv_dtype
+                logits = forward_with_kv_transform(
+                    engine,
+                    chunk,
+                    lambda i, k, v: (k.to(dt).float(), v.to(dt).float()),
+                    torch.zeros(chunk.numel(), dtype=torch.bool),
+                )
+                return _scored(logits, chunk, split)
+            return paper_nll(engine, chunk, split, header, plan)
+        state = (
+            reference_state(engine, pre)
+            if plan is None
+            else receive(engine, encode(header, pre, plan))
+        )
+        return continuation_nll(engine, state, chunk[split - 1 :])
 
     ref_nll = ref_n = 0
-    for pre, feed in prefixes:
-        nll, n = continuation_nll(engine, reference_state(engine, pre), feed)
+    for pre, chunk in prefixes:
+        nll, n = nll_of(pre, chunk)
         ref_nll, ref_n = ref_nll + nll, ref_n + n
     ppl_fp16 = math.exp(ref_nll / ref_n)
 
@@ -109,10 +174,9 @@ def run_ppl(
         policy, scoring = run.configs()
         total = count = wire = fp16 = nominal = 0.0
         try:
-            for pre, feed in prefixes:
+            for pre, chunk in prefixes:
                 header, plan = plan_transfer(engine, pre, policy, scoring)
-                state = receive(engine, encode(header, pre, plan))
-                nll, n = continuation_nll(engine, state, feed)
+                nll, n = nll_of(pre, chunk, header, plan)
                 total, count = total + nll, count + n
                 wire, fp16 = wire + plan.wire_bytes, fp16 + plan.fp16_bytes
                 nominal += plan.nominal_budget / len(prefixes)
@@ -121,7 +185,6 @@ def run_ppl(
             continue
         ppl = math.exp(total / count)
         rec = PplRecord(
-            protocol="pd",
             policy=run.label,
             budget=run.budget,
             wire_budget=wire / fp16,

@@ -29,15 +29,23 @@ def ppl_section(records: list[dict], out: Path) -> list[str]:
     lines = []
     by_model = defaultdict(list)
     for r in records:
-        by_model[(r["model"], r["corpus"], r["context"], r["continuation"], r["chunks"])].append(r)
-    for (model, corpus, ctx, cont, chunks), recs in sorted(by_model.items()):
+        key = (
+            r["model"],
+            r["corpus"],
+            r.get("protocol", "pd"),
+            r["context"],
+            r["continuation"],
+            r["chunks"],
+        )
+        by_model[key].append(r)
+    for (model, corpus, protocol, ctx, cont, chunks), recs in sorted(by_model.items()):
         budgets = sorted({r["budget"] for r in recs if r["budget"] is not None})
         policies = sorted({r["policy"] for r in recs if r["budget"] is not None})
         fixed = sorted({r["policy"] for r in recs if r["budget"] is None})
         cell = {(r["policy"], r["budget"]): r for r in recs}
         base = recs[0]["ppl_fp16"]
         lines += [
-            f"### Delta-PPL, {model}, {corpus} ({chunks} chunks of {ctx} tokens, "
+            f"### Delta-PPL, {model}, {corpus}, {protocol} protocol ({chunks} chunks of {ctx} tokens, "
             f"{cont} scored; FP16 PPL {base:.3f})",
             "",
             "Delta-PPL in % at each wire budget (bytes on the wire / FP16 bytes); "
@@ -68,7 +76,7 @@ def ppl_section(records: list[dict], out: Path) -> list[str]:
                 + " | ".join("" for _ in budgets[1:])
                 + "|"
             )
-        png = out / f"ppl_{model.replace('/', '_')}.png"
+        png = out / f"ppl_{model.replace('/', '_')}_{protocol}.png"
         _plot_ppl(recs, policies, fixed, png, f"{model} on {corpus}")
         lines += ["", f"![Delta-PPL vs wire budget, {model}]({png.name})", ""]
     return lines

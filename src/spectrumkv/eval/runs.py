@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PolicyConfig, QuantConfig, ScoreConfig
+from ..config import FIXED_RATE, POLICIES, PolicyConfig, QuantConfig, ScoreConfig
 from ..errors import ConfigError
 from ..profile import adaptive_policy, load_profile
 
@@ -74,7 +74,9 @@ def parse_runs(policies: str, budgets: str) -> list[RunSpec]:
         if not label:
             continue
         name = label.partition("@")[0]
-        fixed = name != "adaptive" and PolicyConfig(name, budget=1.0).fixed_rate
+        if name not in (*POLICIES, "adaptive"):
+            raise ConfigError(f"unknown policy {name!r} in run spec {label!r}")
+        fixed = name in FIXED_RATE
         runs.extend([RunSpec(label, None)] if fixed else [RunSpec(label, b) for b in values])
     return runs
 
