@@ -45,8 +45,8 @@ def ppl_section(records: list[dict], out: Path) -> list[str]:
         cell = {(r["policy"], r["budget"]): r for r in recs}
         base = recs[0]["ppl_fp16"]
         lines += [
-            f"### Delta-PPL, {model}, {corpus}, {protocol} protocol ({chunks} chunks of {ctx} tokens, "
-            f"{cont} scored; FP16 PPL {base:.3f})",
+            f"### Delta-PPL, {model}, {corpus}, {protocol} protocol "
+            f"({chunks} chunks of {ctx} tokens, {cont} scored; FP16 PPL {base:.3f})",
             "",
             "Delta-PPL in % at each wire budget (bytes on the wire / FP16 bytes); "
             "**bold** = best at that budget.",
