@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# The sweeps behind benchmarks/RESULTS.md. Resumable: re-run to continue where it stopped.
+# Every measurement behind benchmarks/RESULTS.md. Resumable: finished runs are skipped.
+# Runtime on the 2-core CPU machine: about 2 hours (run pieces selectively with STEPS="ppl niah").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
-PPL_POLICIES="spectrum,spectrum-layer,spectrum-2tier,spectrum-opt,sink-protect,pdtrim@fr=0.25,pdtrim@fr=0.5,pdtrim@fr=0.75,snapkv-drop,random-tier,spectrum@importance=positional,spectrum@importance=positional+scheme=sym-token+rotate=0,uniform-int8,uniform-int4"
-NIAH_POLICIES="spectrum,pdtrim@fr=0.25,uniform-int4"
-ppl() {
-  .venv/bin/spectrumkv eval ppl --model "$1" --corpus wiki --context 1024 --continuation 128 \
-    --chunks 4 --budgets 0.15,0.2,0.25,0.3,0.4,0.5,0.75 --policies "$PPL_POLICIES" \
-    --json "$R/ppl_$1.json"
-}
-niah() {
-  .venv/bin/spectrumkv eval niah --model "$1" --corpus wiki --contexts 1024 --depths 10 \
-    --needles 5 --budgets 0.15,0.3 --policies "$NIAH_POLICIES" --json "$R/niah_$1.json"
-}
-ppl smollm2-135m
-ppl gemma3-270m &
-niah smollm2-135m
-wait
-.venv/bin/spectrumkv report "$R"/ppl_*.json "$R"/niah_*.json --out "$R"
+STEPS=${STEPS:-"ppl paper niah probe ttft report"}
+PPL_POLICIES="spectrum,spectrum-layer,spectrum-2tier,spectrum-opt,sink-protect,pdtrim@fr=0.25,pdtrim@fr=0.5,pdtrim@fr=0.75,snapkv-drop,random-tier,spectrum@importance=positional,spectrum@importance=positional+scheme=sym-token+rotate=0,uniform-int8,uniform-int4,kivi2"
+BUDGETS=0.15,0.2,0.25,0.3,0.4,0.5,0.75
+skv=.venv/bin/spectrumkv
+for step in $STEPS; do
+  case $step in
+  ppl)
+    for m in smollm2-135m gemma3-270m; do
+      $skv eval ppl --model $m --corpus wiki --context 1024 --continuation 128 --chunks 4 \
+        --budgets $BUDGETS --policies "$PPL_POLICIES" --json $R/ppl_$m.json
+    done ;;
+  paper)
+    $skv eval ppl --protocol paper --model smollm2-135m --corpus wiki --context 1024 \
+      --continuation 128 --chunks 4 --budgets 0.2,0.3,0.5 \
+      --policies "spectrum,pdtrim@fr=0.25,spectrum@importance=positional+scheme=sym-token+rotate=0,kivi2,uniform-int4" \
+      --json $R/ppl_paper_smollm2-135m.json ;;
+  niah)
+    $skv eval niah --model smollm2-135m --corpus wiki --contexts 1024 --depths 10 --needles 5 \
+      --budgets 0.15,0.3 --policies "spectrum,pdtrim@fr=0.25,uniform-int4" \
+      --json $R/niah_smollm2-135m.json ;;
+  probe)
+    for m in smollm2-135m gemma3-270m; do
+      for kind in paper ppl+niah; do
+        $skv probe --model $m --kind $kind --out $R/profile_${m}_${kind/+/-}.json
+      done
+    done ;;
+  ttft)
+    $skv bench ttft --model smollm2-135m --lengths 512,2048,4096 --links 1,10,25 \
+      --budgets 1.0,0.5,0.3 --both --json $R/ttft_smollm2-135m.json \
+      --plot $R/ttft_smollm2-135m.png | tee $R/ttft_smollm2-135m.txt ;;
+  report)
+    $skv report $R/ppl_*.json $R/niah_*.json --out $R ;;
+  esac
+done

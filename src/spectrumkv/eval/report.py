@@ -83,7 +83,8 @@ def ppl_section(records: list[dict], out: Path) -> list[str]:
 
 
 def _plot_ppl(recs, policies, fixed, png: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for p in policies:
         pts = sorted(
             (r["wire_budget"], r["delta_pct"])
@@ -99,7 +100,7 @@ def _plot_ppl(recs, policies, fixed, png: Path, title: str) -> None:
     ax.set_xlabel("wire budget (bytes on the wire / FP16 bytes)")
     ax.set_ylabel("Delta-PPL vs FP16 transfer (%)")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 
-class TransferOptions(msgspec.Struct, forbid_unknown_fields=True):
+class TransferOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How one request's KV travels. score_layers: plan from the first N layers (0 = all);
     link_gbps / link_latency_s: link emulation on the sender (0 = off); overlap: stream frames
     during prefill (False: send after prefill, as a pull-after-prefill connector does)."""
