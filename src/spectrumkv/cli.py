@@ -135,14 +135,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         coro = serve_prefill(engine, args.host, args.port, secret)
     else:
         from .pd.decode_worker import DecodeConfig, serve_decode
+        from .pd.protocol import TransferOptions
 
         host, _, port = args.prefill.rpartition(":")
-        cfg = DecodeConfig(
-            prefill_host=host,
-            prefill_port=int(port),
-            secret=secret,
-            deadline_s=args.deadline,
-            on_failure=args.on_failure,
+        transfer = TransferOptions(
             policy=args.policy,
             budget=args.budget,
             score_layers=args.score_layers,
@@ -150,6 +146,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             link_latency_s=args.link_latency_ms / 1000,
             overlap=not args.no_overlap,
         )
+        cfg = DecodeConfig(host, int(port), secret, args.deadline, args.on_failure, transfer)
         coro = serve_decode(engine, cfg, args.host, args.port)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)
