@@ -135,7 +135,13 @@ def prefill(
     hooks += [layer.register_forward_hook(layer_done) for layer in model.model.layers]
     t0 = time.perf_counter()
     try:
-        model(input_ids=context_ids.view(1, -1), past_key_values=cache, use_cache=True)
+        # only the KV is needed: skip the vocabulary projection of all but the last position
+        model(
+            input_ids=context_ids.view(1, -1),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     finally:
         for h in hooks:
             h.remove()
