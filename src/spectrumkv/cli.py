@@ -160,7 +160,12 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> None:
     budgets = [float(x) for x in args.budgets.split(",")]
     overlaps = [False] if args.no_overlap else ([True, False] if args.both else [True])
     ttft.print_header()
-    records = ttft.run_ttft(args.model, lengths, links, budgets, overlaps, args.score_layers)
+    if args.from_json:
+        records = ttft.load_json(args.from_json)
+        for r in records:
+            ttft.print_row(r)
+    else:
+        records = ttft.run_ttft(args.model, lengths, links, budgets, overlaps, args.score_layers)
     for line in ttft.projection(records):
         print(line)
     if args.json:
@@ -270,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--no-overlap", action="store_true", help="transfer after prefill only")
     bt.add_argument("--both", action="store_true", help="measure streamed and after-prefill")
     bt.add_argument("--json", help="write records to this path")
-    bt.add_argument("--plot", help="write a PNG of TTFT vs link rate")
+    bt.add_argument("--plot", help="write a PNG of TTFT and transfer phase vs link rate")
+    bt.add_argument("--from-json", help="re-print and re-plot earlier records, run nothing")
     bt.set_defaults(func=_cmd_bench_ttft)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")

@@ -154,33 +154,43 @@ def projection(records: list[TtftRecord], tokens: int = 4096) -> list[str]:
 
 
 def plot(records: list[TtftRecord], png: str) -> None:
+    """Top row: TTFT; bottom row: the transfer phase (exposed transfer + decode-side unpack)."""
     lengths = sorted({r.prompt_tokens for r in records})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
-    for ax, n in zip(axes[0], lengths, strict=True):
-        for budget in sorted({r.budget for r in records}):
-            for overlap in (False, True):
-                pts = sorted(
-                    (r.link_gbps, r.ttft_s)
-                    for r in records
-                    if r.prompt_tokens == n and r.budget == budget and r.overlap == overlap
-                )
-                if pts:
-                    ax.plot(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        marker="o",
-                        ls="-" if overlap else "--",
-                        label=f"b={budget:g} {'stream' if overlap else 'after'}",
+    fig, axes = plt.subplots(2, len(lengths), figsize=(4.2 * len(lengths), 6.6), squeeze=False)
+    for col, n in enumerate(lengths):
+        for row, (field, label) in enumerate(
+            (("ttft_s", "TTFT (s)"), ("transfer_phase_s", "transfer phase (s)"))
+        ):
+            ax = axes[row][col]
+            for budget in sorted({r.budget for r in records}):
+                for overlap in (False, True):
+                    pts = sorted(
+                        (r.link_gbps, getattr(r, field))
+                        for r in records
+                        if r.prompt_tokens == n and r.budget == budget and r.overlap == overlap
                     )
-        ax.set_xscale("log")
-        ax.set_xlabel("link (Gbps)")
-        ax.set_ylabel("TTFT (s)")
-        ax.set_title(f"{n} prompt tokens", fontsize=9)
-        ax.grid(alpha=0.3)
+                    if pts:
+                        ax.plot(
+                            [p[0] for p in pts],
+                            [p[1] for p in pts],
+                            marker="o",
+                            ls="-" if overlap else "--",
+                            label=f"b={budget:g} {'stream' if overlap else 'after'}",
+                        )
+            ax.set_xscale("log")
+            ax.set_xlabel("link (Gbps)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{n} prompt tokens", fontsize=9)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def load_json(path: str) -> list[TtftRecord]:
+    with open(path, encoding="utf-8") as f:
+        return [TtftRecord(**r) for r in json.load(f)]
 
 
 def write_json(records: list[TtftRecord], path: str) -> None:
