@@ -143,15 +143,16 @@ def niah_section(records: list[dict], out: Path) -> list[str]:
 
 
 def _plot_niah(recs, policies, png: Path, title: str) -> None:
+    """One heatmap per policy (needle depth x budget), the FP16 transfer as the first panel."""
     depths = sorted({r["depth"] for r in recs})
-    budgets = sorted({r["budget"] for r in recs if r["budget"] is not None})
-    panels = [
+    panels = ["fp16"] + [
         p for p in policies if any(r["policy"] == p and r["budget"] is not None for r in recs)
     ]
-    if not panels or not budgets:
+    if len(panels) == 1:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels) + 1, 3.4), squeeze=False)
     for ax, p in zip(axes[0], panels, strict=True):
+        budgets = sorted({r["budget"] for r in recs if r["policy"] == p})
         grid = [[0.0] * len(budgets) for _ in depths]
         for i, d in enumerate(depths):
             for j, b in enumerate(budgets):
@@ -163,7 +164,7 @@ def _plot_niah(recs, policies, png: Path, title: str) -> None:
                 grid[i][j] = sum(v) / len(v) if v else float("nan")
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         ax.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.1f}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
         ax.set_xlabel("budget")
         ax.set_title(p, fontsize=8)
     axes[0][0].set_ylabel("needle depth")
