@@ -131,6 +131,16 @@ def model_dir(name: str) -> Path | str:
     return out
 
 
+def check_model(name: str) -> None:
+    """Fail fast with AssetError if `name` does not resolve to a loadable model config."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_dir(name))
+    except (OSError, ValueError) as e:
+        raise AssetError(f"could not load model {name!r}: {e}") from None
+
+
 def _convert_alias(alias: ModelAlias, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

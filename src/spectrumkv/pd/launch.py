@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..assets import check_model
 from ..errors import SpectrumKVError
 
 START_TIMEOUT_S = 180.0
@@ -34,6 +35,7 @@ class Cluster:
         return f"http://127.0.0.1:{self.decode_port}"
 
     def __enter__(self) -> Cluster:
+        check_model(self.model)  # a clear AssetError here beats two workers dying at start-up
         try:
             self.prefill_port = self._start(["serve", "prefill", "--port", "0"])
             self.decode_port = self._start(
