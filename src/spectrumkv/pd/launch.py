@@ -69,7 +69,11 @@ class Cluster:
                 break
             if line.startswith("READY "):
                 return int(line.rsplit(":", 1)[1])
-        raise LaunchError(f"worker {' '.join(args[:2])} did not start (exit {proc.poll()})")
+        try:
+            code = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        raise LaunchError(f"worker {' '.join(args[:2])} did not start (exit code {code})")
 
     def kill_prefill(self) -> None:
         """Kill the prefill worker abruptly (fault injection)."""
