@@ -22,8 +22,8 @@ from .config import PolicyConfig
 from .errors import BudgetError
 from .kv import first_slot
 from .quant import section_bytes
-from .tiers import NOMINAL_COST, TIER_ERROR, Tier
-from .wire import Header, frame_overhead, header_bytes
+from .tiers import NOMINAL_COST, STORED_TIERS, TIER_ERROR, Tier
+from .wire import Header, frame_overhead, frame_size, header_bytes
 
 #: The precision ladder (floor first) each greedy policy climbs.
 _LADDERS = {
@@ -78,14 +78,20 @@ def fp16_bytes(header: Header) -> int:
 
 def wire_bytes(header: Header, tiers: torch.Tensor) -> int:
     """Exact payload size for a [n_layers, n_tokens] tier map (mirrors wire.frame_bytes)."""
-    fp, q = header.fingerprint, header.quant
     total = len(header_bytes(header))
     for layer, first in enumerate(layer_firsts(header)):
         row = tiers[layer, first:]
-        total += frame_overhead(row.numel())
-        for t in (Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2):
-            total += section_bytes(t, int((row == int(t)).sum()), fp.n_kv_heads, fp.head_dim, q)
+        counts = {t: int((row == int(t)).sum()) for t in STORED_TIERS}
+        total += frame_size(row.numel(), counts, header.fingerprint, header.quant)
     return total
+
+
+def _slot_bytes(header: Header, tier: Tier) -> float:
+    """Wire bytes of one (layer, token) slot at `tier`, K and V; for kivi (fixed rate) the key
+    parameters shared by a block of tokens are amortized over the block."""
+    fp, q = header.fingerprint, header.quant  # the header says how tokens will be encoded
+    g = q.group_size if q.scheme == "kivi" else 1
+    return section_bytes(tier, g, fp.n_kv_heads, fp.head_dim, q) / g
 
 
 def plan(
@@ -166,7 +172,6 @@ def _per_layer(
     a diffuse layer keeps more.
     """
     n_layers, n = layer_scores.shape
-    fp, q = header.fingerprint, header.quant
     kept = present & (token_tiers != int(Tier.DROP))
     s = layer_scores.clone().float()
     s[~kept] = float("-inf")
@@ -176,7 +181,7 @@ def _per_layer(
         if policy.budget_mode == "nominal":
             costs[t] = NOMINAL_COST[t] * kept.flatten().double() / n_layers
         else:
-            costs[t] = section_bytes(t, 1, fp.n_kv_heads, fp.head_dim, q) * kept.flatten().double()
+            costs[t] = _slot_bytes(header, t) * kept.flatten().double()
     is_sink = torch.zeros(n_layers, n, dtype=torch.bool)
     is_sink[:, :sinks] = True
     is_sink &= kept
@@ -197,16 +202,12 @@ def rank_order(scores: torch.Tensor, sinks: int) -> torch.Tensor:
 
 def _token_costs(header: Header, policy: PolicyConfig, present: torch.Tensor) -> torch.Tensor:
     """[len(Tier), n] cost of each token at each tier in the policy's budget unit."""
-    fp, q = header.fingerprint, header.quant  # the header says how tokens will be encoded
     out = torch.zeros(len(Tier), present.numel(), dtype=torch.float64)
     for t in Tier:
         if policy.budget_mode == "nominal":
             out[t] = NOMINAL_COST[t]
         else:
-            # per token; for kivi (fixed rate) key parameters are amortized over a block
-            g = q.group_size if q.scheme == "kivi" else 1
-            per_layer = section_bytes(t, g, fp.n_kv_heads, fp.head_dim, q) / g
-            out[t] = present.double() * per_layer
+            out[t] = present.double() * _slot_bytes(header, t)
     return out
 
 
@@ -310,8 +311,7 @@ def rate_distortion(
     bytes spent on a more important token. Sinks are never below INT8. Tiers are monotone in
     importance when tokens cost the same.
     """
-    tiers_all = torch.tensor([int(t) for t in Tier])
-    err = torch.tensor([TIER_ERROR[Tier(int(t))] for t in tiers_all], dtype=torch.float64)
+    err = torch.tensor([TIER_ERROR[t] for t in Tier], dtype=torch.float64)
     finite = scores[torch.isfinite(scores)]
     lo_s = float(finite.min()) if finite.numel() else 0.0
     hi_s = float(finite.max()) if finite.numel() else 1.0

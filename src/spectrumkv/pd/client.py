@@ -23,6 +23,3 @@ def complete(url: str, prompt: str, max_tokens: int = 16, timeout: float = 300.0
 def get_text(url: str, path: str, timeout: float = 30.0) -> str:
     with urllib.request.urlopen(f"{url}{path}", timeout=timeout) as resp:
         return resp.read().decode()
-
-
-__all__ = ["complete", "get_text", "urllib"]

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..engines.hf import Engine, decode_state, generate, prefill
 from ..errors import SpectrumKVError
-from ..pipeline import split_prompt
+from ..pipeline import reference_state, split_prompt
 from ..transport.auth import client_handshake
 from ..transport.framing import Kind, PeerTimeout, TransportError, recv_msg, send_msg
 from ..wire import PayloadDecoder
@@ -62,7 +62,6 @@ class Transfer:
     n_tokens: int = 0
     done: PrefillDone | None = None
     unpack_s: float = 0.0
-    error: str | None = None
 
 
 class TransferFailed(SpectrumKVError):
@@ -96,7 +95,7 @@ class DecodeWorker:
                 kind, body = await recv_msg(reader, left)
                 t0 = time.perf_counter()
                 if kind == Kind.HEADER:
-                    out.n_tokens = dec.feed_header(body).n_tokens
+                    dec.feed_header(body)
                 elif kind == Kind.FRAME:
                     dec.feed_frame(body)
                 elif kind == Kind.DONE:
@@ -108,7 +107,8 @@ class DecodeWorker:
                 else:
                     raise TransportError(f"unexpected {kind.name} message")
                 out.unpack_s += time.perf_counter() - t0
-            out.layers = dec.finish().layers
+            payload = dec.finish()
+            out.layers, out.n_tokens = payload.layers, payload.header.n_tokens
             return out
         except TimeoutError:
             raise PeerTimeout("KV transfer deadline passed") from None
@@ -122,8 +122,7 @@ class DecodeWorker:
         """Model work, on the decode thread. `transfer` None = recompute locally."""
         context, last = split_prompt(ids)
         if transfer is None:
-            pre = prefill(self.engine, context)
-            state = decode_state(self.engine, pre.layers, pre.n_tokens)
+            state = reference_state(self.engine, prefill(self.engine, context))
         else:
             state = decode_state(self.engine, transfer.layers, transfer.n_tokens)
         generate(self.engine, state, last, max_tokens, emit)

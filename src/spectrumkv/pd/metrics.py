@@ -9,6 +9,7 @@ _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 class Metrics:
     def __init__(self) -> None:
+        self._wire_total = self._fp16_total = 0  # for the ratio gauge (bytes)
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "spectrumkv_requests", "Completion requests by outcome", ["outcome"], registry=r
@@ -32,6 +33,7 @@ class Metrics:
     def record_transfer(self, wire: int, fp16: int) -> None:
         self.wire_bytes.inc(wire)
         self.fp16_bytes.inc(fp16)
-        total_fp16 = self.fp16_bytes._value.get()
-        if total_fp16:
-            self.wire_ratio.set(self.wire_bytes._value.get() / total_fp16)
+        self._wire_total += wire
+        self._fp16_total += fp16
+        if self._fp16_total:
+            self.wire_ratio.set(self._wire_total / self._fp16_total)
