@@ -36,14 +36,14 @@ def make_header(
 
 
 def random_layers(header: Header, seed: int = 0) -> list[LayerKV]:
-    """Per-layer KV shaped like an engine's cache, values exactly representable in FP16."""
+    """Per-layer KV shaped like an engine's cache (float16)."""
     g = torch.Generator().manual_seed(seed)
     fp, n = header.fingerprint, header.n_tokens
     out = []
     for layer in range(fp.n_layers):
         first = first_slot(fp.is_sliding(layer), fp.sliding_window, n)
         shape = (fp.n_kv_heads, n - first, fp.head_dim)
-        k = (torch.randn(shape, generator=g) * 3).half().float()
-        v = torch.randn(shape, generator=g).half().float()
+        k = (torch.randn(shape, generator=g) * 3).half()
+        v = torch.randn(shape, generator=g).half()
         out.append(LayerKV(k, v, torch.arange(first, n)))
     return out

@@ -41,7 +41,7 @@ def keynorm_scores(layers: list[LayerKV], n: int) -> torch.Tensor:
     total = torch.zeros(n)
     count = torch.zeros(n)
     for kv in layers:
-        total.index_add_(0, kv.positions, kv.keys.norm(dim=-1).mean(0))
+        total.index_add_(0, kv.positions, kv.keys.float().norm(dim=-1).mean(0))
         count.index_add_(0, kv.positions, torch.ones(kv.positions.numel()))
     return -(total / count.clamp(min=1))
 

@@ -11,7 +11,8 @@ import torch
 class LayerKV:
     """One layer's cached tokens.
 
-    keys, values: [H, n, D] float32 (post-RoPE keys, as the engine caches them).
+    keys, values: [H, n, D] in the engine's KV dtype (float16 / bfloat16; float32 accepted),
+    post-RoPE keys, as the engine caches them.
     positions: [n] int64, the original prompt positions of the n slots, strictly increasing.
     """
 

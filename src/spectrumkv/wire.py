@@ -29,6 +29,7 @@ import msgspec
 import torch
 import xxhash
 
+from . import fused as fused_codec
 from .config import QuantConfig
 from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
 from .kv import LayerKV, first_slot
@@ -126,6 +127,8 @@ def pack_tier_map(tiers: torch.Tensor) -> bytes:
 
 
 def unpack_tier_map(raw: bytes | memoryview, n_slots: int) -> torch.Tensor:
+    if n_slots == 0:
+        return torch.empty(0, dtype=torch.uint8)
     b = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     t = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)
     if t.numel() > n_slots and int(t[n_slots:].max()) != 0:
@@ -136,17 +139,50 @@ def unpack_tier_map(raw: bytes | memoryview, n_slots: int) -> torch.Tensor:
     return t
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
 def frame_bytes(
-    layer: int, first_position: int, tiers: torch.Tensor, kv: LayerKV, header: Header
-) -> bytes:
-    """Encode one layer. `tiers`: [n_slots] Tier codes for kv's slots (positions from
-    first_position to n_tokens-1, kv holds exactly those slots)."""
+    layer: int,
+    first_position: int,
+    tiers: torch.Tensor,
+    kv: LayerKV,
+    header: Header,
+    fused: bool | None = None,
+) -> bytearray:
+    """Encode one layer into a new buffer (head + body + checksum, one allocation, no copies).
+
+    `tiers`: [n_slots] Tier codes for kv's slots (positions from first_position to n_tokens-1,
+    kv holds exactly those slots). `fused`: None uses the compiled kernels when they cover the
+    scheme, False forces the torch reference (identical bytes)."""
     fp, q = header.fingerprint, header.quant
-    kv_dtype = _KV_DTYPES[fp.kv_dtype]
+    t = tiers.to(torch.uint8)
+    n = t.numel()
+    counts = dict(zip(STORED_TIERS, _tier_counts(t), strict=True))
+    size = frame_size(n, counts, fp, q)
+    out = bytearray(size)
+    mv = memoryview(out)
+    body_end = size - _CHECK.size
+    _FRAME.pack_into(out, 0, FRAME_MAGIC, layer, first_position, n, body_end - _FRAME.size)
+    body = mv[_FRAME.size : body_end]
+    wire_dtype = _KV_DTYPES[fp.kv_dtype]
+    if fused is None:
+        fused = fused_codec.enabled(q)
+    if fused:
+        fused_codec.encode_body(kv.keys, kv.values, t, q.group_size, q.rotate, wire_dtype, body)
+    else:
+        _encode_body_reference(body, t, kv, wire_dtype, q)
+    _CHECK.pack_into(out, body_end, _checksum(mv[:body_end]))
+    return out
+
+
+def _tier_counts(tiers: torch.Tensor) -> list[int]:
+    """Slots per tier, in STORED_TIERS order."""
+    counts = torch.bincount(tiers.to(torch.long), minlength=len(Tier)).tolist()
+    return [counts[int(t)] for t in STORED_TIERS]
+
+
+def _encode_body_reference(
+    body: memoryview, tiers: torch.Tensor, kv: LayerKV, wire_dtype: torch.dtype, q: QuantConfig
+) -> None:
+    """The torch reference encoder: tier map, then each tier's K and V sections."""
     parts = [pack_tier_map(tiers)]
     for tier in STORED_TIERS:
         idx = (tiers == int(tier)).nonzero().flatten()
@@ -155,16 +191,18 @@ def frame_bytes(
         for x, is_key in ((kv.keys, True), (kv.values, False)):
             sel = x.index_select(1, idx).transpose(0, 1)  # [m, H, D]
             if tier == Tier.FP16:
-                parts.append(_tensor_bytes(sel.to(kv_dtype)))
+                parts.append(sel.to(wire_dtype))
                 continue
             qz = quantize(sel, tier, q, is_key)
-            parts.append(_tensor_bytes(qz.codes))
-            parts.append(_tensor_bytes(qz.scale))
-            if qz.minimum is not None:
-                parts.append(_tensor_bytes(qz.minimum))
-    body = b"".join(parts)
-    head = _FRAME.pack(FRAME_MAGIC, layer, first_position, tiers.numel(), len(body))
-    return head + body + _CHECK.pack(_checksum(head, body))
+            parts += [qz.codes, qz.scale] + ([qz.minimum] if qz.minimum is not None else [])
+    pos = 0
+    for part in parts:
+        raw = part if isinstance(part, bytes) else part.contiguous().view(torch.uint8).numpy()
+        raw = memoryview(raw).cast("B")
+        body[pos : pos + len(raw)] = raw
+        pos += len(raw)
+    if pos != len(body):
+        raise RuntimeError(f"reference encoder wrote {pos} bytes, frame_size says {len(body)}")
 
 
 def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> tuple[Header, int]:
@@ -226,11 +264,12 @@ def _fingerprint_diff(got: Fingerprint, want: Fingerprint) -> str:
 
 
 def read_frame(
-    buf: bytes | memoryview, offset: int, header: Header, layer: int
+    buf: bytes | memoryview, offset: int, header: Header, layer: int, fused: bool | None = None
 ) -> tuple[LayerKV, torch.Tensor, int]:
     """Parse and verify frame `layer` at `offset`.
 
-    Returns (kept slots of the layer, the frame's tier map, offset after the frame).
+    Returns (kept slots of the layer in the payload's KV dtype, the frame's tier map, offset
+    after the frame). `fused`: as in `frame_bytes`.
     """
     fp, q = header.fingerprint, header.quant
     mv = memoryview(buf)
@@ -260,16 +299,38 @@ def read_frame(
 
     map_len = (n_slots + 1) // 2
     tiers = unpack_tier_map(mv[body_start : body_start + map_len], n_slots)
-    counts = {t: int((tiers == int(t)).sum()) for t in STORED_TIERS}
+    counts = dict(zip(STORED_TIERS, _tier_counts(tiers), strict=True))
     if frame_size(n_slots, counts, fp, q) != _FRAME.size + body_len + _CHECK.size:
         raise WireFormatError(f"frame {layer} body length {body_len} does not match its tier map")
 
-    body = bytearray(mv[body_start + map_len : end])
     kept = (tiers != int(Tier.DROP)).nonzero().flatten()
+    sections = mv[body_start + map_len : end]
+    if fused is None:
+        fused = fused_codec.enabled(q)
+    if fused:
+        keys, values = fused_codec.decode_body(
+            sections, tiers, fp.n_kv_heads, fp.head_dim, q.group_size, q.rotate,
+            _KV_DTYPES[fp.kv_dtype], kept.numel(),
+        )  # fmt: skip
+    else:
+        keys, values = _decode_body_reference(sections, tiers, counts, kept, fp, q)
+    return LayerKV(keys, values, kept + first), tiers, end + _CHECK.size
+
+
+def _decode_body_reference(
+    sections: memoryview,
+    tiers: torch.Tensor,
+    counts: dict[Tier, int],
+    kept: torch.Tensor,
+    fp: Fingerprint,
+    q: QuantConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference decoder: [H, kept, D] keys and values in the wire's KV dtype."""
+    body = bytearray(sections)  # torch.frombuffer needs a writable buffer
     h, d = fp.n_kv_heads, fp.head_dim
-    keys = torch.empty(kept.numel(), h, d)
-    values = torch.empty(kept.numel(), h, d)
-    rank = torch.full((n_slots,), -1, dtype=torch.long)
+    keys = torch.empty(kept.numel(), h, d, dtype=_KV_DTYPES[fp.kv_dtype])
+    values = torch.empty_like(keys)
+    rank = torch.full((tiers.numel(),), -1, dtype=torch.long)
     rank[kept] = torch.arange(kept.numel())
     pos = 0
     for tier in STORED_TIERS:
@@ -279,13 +340,8 @@ def read_frame(
         dest = rank[(tiers == int(tier)).nonzero().flatten()]
         for out, is_key in ((keys, True), (values, False)):
             x, pos = _read_section(body, pos, tier, m, fp, q, is_key)
-            out[dest] = x
-    positions = kept + first
-    return (
-        LayerKV(keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous(), positions),
-        tiers,
-        end + _CHECK.size,
-    )
+            out[dest] = x.to(out.dtype)
+    return keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()
 
 
 def _take(body: bytearray, pos: int, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, int]:

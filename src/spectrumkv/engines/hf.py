@@ -158,9 +158,7 @@ def _layer_kv(engine: Engine, cache: DynamicCache, i: int, n: int) -> LayerKV:
         raise IncompatiblePayloadError(
             f"layer {i} cached {keys.shape[1]} slots, expected {n - first}: unsupported cache"
         )
-    return LayerKV(
-        keys.to(engine.kv_dtype).float(), values.to(engine.kv_dtype).float(), torch.arange(first, n)
-    )
+    return LayerKV(keys.to(engine.kv_dtype), values.to(engine.kv_dtype), torch.arange(first, n))
 
 
 def _window_hook(engine: Engine, layer: int, w: int, out: list):

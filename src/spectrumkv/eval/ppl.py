@@ -68,15 +68,13 @@ def paper_nll(
     kv_dtype = engine.kv_dtype
 
     def transform(layer: int, k: torch.Tensor, v: torch.Tensor):
-        k, v = k.to(kv_dtype).float(), v.to(kv_dtype).float()
+        k, v = k.to(kv_dtype), v.to(kv_dtype)
         first = firsts[layer]
-        src = LayerKV(
-            k[:, first:n].contiguous(), v[:, first:n].contiguous(), torch.arange(first, n)
-        )
+        src = LayerKV(k[:, first:n], v[:, first:n], torch.arange(first, n))
         frame = frame_bytes(layer, first, plan.tiers[layer, first:], src, header)
         got, _, _ = read_frame(frame, 0, header, layer)
-        k, v = k.clone(), v.clone()
-        k[:, got.positions], v[:, got.positions] = got.keys, got.values
+        k, v = k.float(), v.float()
+        k[:, got.positions], v[:, got.positions] = got.keys.float(), got.values.float()
         return k, v
 
     hidden = torch.zeros(chunk.numel(), dtype=torch.bool)

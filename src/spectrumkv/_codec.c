@@ -1,0 +1,861 @@
+/* Fused frame codec for the asym-group scheme: one pass over the cache per layer.
+ *
+ * encode_frame: gather each kept token's K/V rows, (optionally) rotate them with a fast
+ * Walsh-Hadamard transform, quantize group-wise, pack the codes and write the frame body
+ * (tier map + sections) straight into the caller's buffer.
+ * decode_frame: the reverse, writing the kept slots into [H, kept, D] output tensors.
+ *
+ * The arithmetic mirrors the torch reference in quant.py operation by operation (same order,
+ * same IEEE float32 roundings, no FMA contraction: build with -ffp-contract=off), so both paths
+ * produce identical bytes; the tests check it. Bounds: the caller checks the frame's size
+ * against its tier map before calling; these functions check it again and never read or write
+ * outside the buffers they are given. The GIL is released while they run.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+static inline void relax(void) { _mm_pause(); }
+#else
+static inline void relax(void) {}
+#endif
+
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+enum { T_DROP = 0, T_INT2 = 1, T_INT4 = 2, T_INT8 = 3, T_FP16 = 4 };
+static const int STORED[4] = {T_FP16, T_INT8, T_INT4, T_INT2};
+static const int BITS[5] = {0, 2, 4, 8, 16};
+#define FP16_MAX 65504.0f
+#define MAX_THREADS 64
+#define MAX_HEAD_DIM 4096
+
+
+/* ---- scalar conversions (round to nearest even, like torch) ---- */
+
+static inline float h2f(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+
+static inline uint16_t f2h(float f) {
+    _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, 2);
+    return h;
+}
+
+static inline float bf2f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline int dtype_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* ---- row kernels ---- */
+
+static void load_row(const void *src, int dt, int d, float *out) {
+    if (dt == DT_F32) {
+        memcpy(out, src, (size_t)d * 4);
+    } else if (dt == DT_F16) {
+        const _Float16 *s = (const _Float16 *)src;
+        for (int i = 0; i < d; i++) out[i] = (float)s[i];
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int i = 0; i < d; i++) out[i] = bf2f(s[i]);
+    }
+}
+
+static void store_row(const float *x, int dt, int d, void *dst) {
+    if (dt == DT_F32) {
+        memcpy(dst, x, (size_t)d * 4);
+    } else if (dt == DT_F16) {
+        _Float16 *o = (_Float16 *)dst;
+        for (int i = 0; i < d; i++) o[i] = (_Float16)x[i];
+    } else {
+        uint16_t *o = (uint16_t *)dst;
+        for (int i = 0; i < d; i++) o[i] = f2bf(x[i]);
+    }
+}
+
+/* Orthonormal Sylvester-Hadamard transform in place; the same butterflies, in the same order,
+ * as quant.fwht. */
+static void fwht(float *x, int d, float norm) {
+    for (int h = 1; h < d; h *= 2) {
+        for (int i = 0; i < d; i += 2 * h) {
+            for (int j = i; j < i + h; j++) {
+                float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+    }
+    for (int i = 0; i < d; i++) x[i] = x[i] * norm;
+}
+
+static void quantize_row(float *x, int d, int g, int bits, uint8_t *codes, uint16_t *scale,
+                             uint16_t *minimum) {
+    const float levels = (float)((1 << bits) - 1);
+    uint8_t q[MAX_HEAD_DIM];
+    for (int i = 0; i < d; i++) {
+        float v = x[i];
+        v = v < -FP16_MAX ? -FP16_MAX : v;
+        x[i] = v > FP16_MAX ? FP16_MAX : v;
+    }
+    for (int k = 0; k < d / g; k++) {
+        const float *xg = x + k * g;
+        float lo = xg[0], hi = xg[0];
+        for (int i = 1; i < g; i++) {
+            lo = xg[i] < lo ? xg[i] : lo;
+            hi = xg[i] > hi ? xg[i] : hi;
+        }
+        uint16_t mn16 = f2h(lo);
+        float mn = h2f(mn16);
+        float sc = (hi - mn) / levels;
+        sc = sc > FP16_MAX ? FP16_MAX : sc;
+        uint16_t sc16 = f2h(sc);
+        float s = h2f(sc16);
+        if (!(s > 0.0f)) s = 1.0f;
+        const float inv = 1.0f / s;
+        for (int i = 0; i < g; i++) {
+            float c = rintf((xg[i] - mn) * inv);
+            c = c > 0.0f ? c : 0.0f; /* also maps NaN to 0 */
+            c = c < levels ? c : levels;
+            q[k * g + i] = (uint8_t)c;
+        }
+        scale[k] = sc16;
+        minimum[k] = mn16;
+    }
+    if (bits == 8) {
+        memcpy(codes, q, (size_t)d);
+    } else {
+        const int per = 8 / bits;
+        for (int j = 0; j < d / per; j++) {
+            uint8_t b = 0;
+            for (int p = 0; p < per; p++) b |= (uint8_t)(q[j * per + p] << (bits * p));
+            codes[j] = b;
+        }
+    }
+}
+
+static void dequantize_row(const uint8_t *codes, const uint16_t *scale,
+                               const uint16_t *minimum, int d, int g, int bits, float *x) {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int k = 0; k < d / g; k++) {
+        float s = h2f(scale[k]), mn = h2f(minimum[k]);
+        for (int i = k * g; i < (k + 1) * g; i++) {
+            int c = bits == 8 ? codes[i] : (codes[i / per] >> (bits * (i % per))) & mask;
+            float v = (float)c * s;
+            x[i] = v + mn;
+        }
+    }
+}
+
+/* One row (one token, one head) end to end: quantized bytes <-> 16-bit values. */
+#define ENCODE_ARGS                                                                            \
+    const void *src, int dt, int d, int g, int bits, int rotate, float norm, uint8_t *codes, \
+        uint16_t *scale, uint16_t *minimum
+#define DECODE_ARGS                                                                         \
+    const uint8_t *codes, const uint16_t *scale, const uint16_t *minimum, int d, int g,     \
+        int bits, int rotate, float norm, void *dst, int dt
+
+typedef void (*EncodeRow)(ENCODE_ARGS);
+typedef void (*DecodeRow)(DECODE_ARGS);
+
+static void encode_row_scalar(ENCODE_ARGS) {
+    float x[MAX_HEAD_DIM];
+    load_row(src, dt, d, x);
+    if (rotate) fwht(x, d, norm);
+    quantize_row(x, d, g, bits, codes, scale, minimum);
+}
+
+static void decode_row_scalar(DECODE_ARGS) {
+    float x[MAX_HEAD_DIM];
+    dequantize_row(codes, scale, minimum, d, g, bits, x);
+    if (rotate) fwht(x, d, norm);
+    store_row(x, dt, d, dst);
+}
+
+/* ---- AVX2 + F16C row kernels (x86-64), used when head_dim % 16 == 0 and group % 8 == 0.
+ * Same operations as the scalar kernels above, eight lanes at a time; NaN inputs are the only
+ * case where the two may differ (they clamp NaN differently). ---- */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,f16c")))
+#define HAVE_AVX2_KERNELS 1
+
+AVX2 static void load_row_avx2(const void *src, int dt, int d, float *out) {
+    if (dt == DT_F32) {
+        memcpy(out, src, (size_t)d * 4);
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)src;
+    for (int i = 0; i < d; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(s + i));
+        __m256 v = dt == DT_F16
+                       ? _mm256_cvtph_ps(h)
+                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        _mm256_storeu_ps(out + i, v);
+    }
+}
+
+AVX2 static void store_row_avx2(const float *x, int dt, int d, void *dst) {
+    if (dt == DT_F32) {
+        memcpy(dst, x, (size_t)d * 4);
+        return;
+    }
+    uint16_t *o = (uint16_t *)dst;
+    for (int i = 0; i < d; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m128i h;
+        if (dt == DT_F16) {
+            h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+        } else { /* bfloat16, round to nearest even, NaN -> 0x7fc0 (as torch) */
+            __m256i u = _mm256_castps_si256(v);
+            __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+            r = _mm256_srli_epi32(r, 16);
+            __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+            h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        }
+        _mm_storeu_si128((__m128i *)(o + i), h);
+    }
+}
+
+#define INLINE inline __attribute__((always_inline))
+#define MAXV (MAX_HEAD_DIM / 8)
+
+/* The row, nv vectors of 8 floats, is held in v[] (registers, once the specialised callers
+ * below fix nv). Butterflies h = 1, 2, 4 run inside each vector (lane j gets a + b, lane j + h
+ * gets a - b, exactly as the scalar loop), then h >= 8 across vectors. */
+AVX2 static INLINE void fwht_regs(__m256 *v, const int nv, float norm) {
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i++) {
+        __m256 x = v[i], s;
+        s = _mm256_permute_ps(x, 0xB1);
+        x = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xAA);
+        s = _mm256_permute_ps(x, 0x4E);
+        x = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xCC);
+        s = _mm256_permute2f128_ps(x, x, 0x01);
+        v[i] = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xF0);
+    }
+#pragma GCC unroll 16
+    for (int h = 1; h < nv; h *= 2) {
+#pragma GCC unroll 64
+        for (int i = 0; i < nv; i += 2 * h) {
+#pragma GCC unroll 64
+            for (int j = i; j < i + h; j++) {
+                __m256 a = v[j], b = v[j + h];
+                v[j] = _mm256_add_ps(a, b);
+                v[j + h] = _mm256_sub_ps(a, b);
+            }
+        }
+    }
+    const __m256 n8 = _mm256_set1_ps(norm);
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i++) v[i] = _mm256_mul_ps(v[i], n8);
+}
+
+AVX2 static INLINE float hmin8(__m256 v) {
+    __m128 a = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_min_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_min_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+
+AVX2 static INLINE float hmax8(__m256 v) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+
+AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const void *src, int dt,
+                                    int bits, int rotate, float norm, uint8_t *codes,
+                                    uint16_t *scale, uint16_t *minimum) {
+    const int nv = d / 8, gv = g / 8;
+    const uint16_t *s16 = (const uint16_t *)src;
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i++) {
+        if (dt == DT_F32) {
+            v[i] = _mm256_loadu_ps((const float *)src + 8 * i);
+        } else {
+            __m128i h = _mm_loadu_si128((const __m128i *)(s16 + 8 * i));
+            v[i] = dt == DT_F16
+                       ? _mm256_cvtph_ps(h)
+                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+    }
+    if (rotate) fwht_regs(v, nv, norm);
+    const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
+    const float levels = (float)((1 << bits) - 1);
+    const __m256 lv = _mm256_set1_ps(levels), zero = _mm256_setzero_ps();
+    uint8_t q[MAX_HEAD_DIM] __attribute__((aligned(32)));
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i++) v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
+    for (int k = 0; k < nv / gv; k++) {
+        __m256 lo = v[k * gv], hi = lo;
+#pragma GCC unroll 64
+        for (int i = 1; i < gv; i++) {
+            lo = _mm256_min_ps(lo, v[k * gv + i]);
+            hi = _mm256_max_ps(hi, v[k * gv + i]);
+        }
+        uint16_t mn16 = f2h(hmin8(lo));
+        float mn = h2f(mn16);
+        float sc = (hmax8(hi) - mn) / levels;
+        sc = sc > FP16_MAX ? FP16_MAX : sc;
+        uint16_t sc16 = f2h(sc);
+        float s = h2f(sc16);
+        if (!(s > 0.0f)) s = 1.0f;
+        scale[k] = sc16;
+        minimum[k] = mn16;
+        const __m256 mv = _mm256_set1_ps(mn), sv = _mm256_set1_ps(1.0f / s);
+#pragma GCC unroll 64
+        for (int i = k * gv; i < (k + 1) * gv; i++) {
+            __m256 c = _mm256_mul_ps(_mm256_sub_ps(v[i], mv), sv);
+            c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv); /* codes, as floats */
+        }
+    }
+    /* codes -> bytes, 32 at a time where possible */
+    int i = 0;
+#pragma GCC unroll 16
+    for (; i + 4 <= nv; i += 4) {
+        __m256i a = _mm256_packus_epi32(_mm256_cvttps_epi32(v[i]), _mm256_cvttps_epi32(v[i + 1]));
+        __m256i b = _mm256_packus_epi32(_mm256_cvttps_epi32(v[i + 2]), _mm256_cvttps_epi32(v[i + 3]));
+        __m256i c = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b),
+                                                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_store_si256((__m256i *)(q + 8 * i), c);
+    }
+    for (; i < nv; i++) {
+        __m256i ci = _mm256_cvttps_epi32(v[i]);
+        __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
+        _mm_storel_epi64((__m128i *)(q + 8 * i), _mm_packus_epi16(w, w));
+    }
+    if (bits == 8) {
+        memcpy(codes, q, (size_t)d);
+    } else if (bits == 4) { /* byte j = c[2j] | c[2j+1] << 4 */
+        const __m128i w = _mm_set1_epi16(0x1001);
+#pragma GCC unroll 64
+        for (int j = 0; j < d / 2; j += 8) {
+            __m128i p = _mm_maddubs_epi16(_mm_load_si128((const __m128i *)(q + 2 * j)), w);
+            _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(p, p));
+        }
+    } else {
+        for (int j = 0; j < d / 4; j++)
+            codes[j] = (uint8_t)(q[4 * j] | q[4 * j + 1] << 2 | q[4 * j + 2] << 4 | q[4 * j + 3] << 6);
+    }
+}
+
+AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const uint8_t *codes,
+                                    const uint16_t *scale, const uint16_t *minimum, int bits,
+                                    int rotate, float norm, void *dst, int dt) {
+    const int nv = d / 8, gv = g / 8;
+    const __m256i shift4 = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    const __m256i shift2 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    const __m128i dup4 = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i dup2 = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    for (int k = 0; k < nv / gv; k++) {
+        const __m256 sv = _mm256_set1_ps(h2f(scale[k])), mv = _mm256_set1_ps(h2f(minimum[k]));
+#pragma GCC unroll 64
+        for (int i = k * gv; i < (k + 1) * gv; i++) {
+            __m256i ci;
+            if (bits == 8) {
+                ci = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * i)));
+            } else if (bits == 4) {
+                uint32_t raw;
+                memcpy(&raw, codes + 4 * i, 4);
+                __m128i b = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)raw), dup4);
+                ci = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(b), shift4), mask);
+            } else {
+                uint16_t raw;
+                memcpy(&raw, codes + 2 * i, 2);
+                __m128i b = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)raw), dup2);
+                ci = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(b), shift2), mask);
+            }
+            v[i] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ci), sv), mv);
+        }
+    }
+    if (rotate) fwht_regs(v, nv, norm);
+    if (dt == DT_F32) {
+#pragma GCC unroll 64
+        for (int i = 0; i < nv; i++) _mm256_storeu_ps((float *)dst + 8 * i, v[i]);
+        return;
+    }
+    uint16_t *o = (uint16_t *)dst;
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i++) {
+        __m128i h;
+        if (dt == DT_F16) {
+            h = _mm256_cvtps_ph(v[i], _MM_FROUND_TO_NEAREST_INT);
+        } else { /* bfloat16, round to nearest even, NaN -> 0x7fc0 (as torch) */
+            __m256i u = _mm256_castps_si256(v[i]);
+            __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+            r = _mm256_srli_epi32(r, 16);
+            __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+            r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+            h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        }
+        _mm_storeu_si128((__m128i *)(o + 8 * i), h);
+    }
+}
+
+/* Specialisations: head_dim 64 and 128 with group = head_dim (the defaults for most models) keep
+ * the row in registers; everything else runs the same code with runtime sizes. */
+AVX2 static void encode_row_64(ENCODE_ARGS) {
+    __m256 v[8];
+    (void)d, (void)g;
+    encode_impl(v, 64, 64, src, dt, bits, rotate, norm, codes, scale, minimum);
+}
+AVX2 static void encode_row_128(ENCODE_ARGS) {
+    __m256 v[16];
+    (void)d, (void)g;
+    encode_impl(v, 128, 128, src, dt, bits, rotate, norm, codes, scale, minimum);
+}
+AVX2 static void encode_row_any(ENCODE_ARGS) {
+    __m256 v[MAXV];
+    encode_impl(v, d, g, src, dt, bits, rotate, norm, codes, scale, minimum);
+}
+AVX2 static void decode_row_64(DECODE_ARGS) {
+    __m256 v[8];
+    (void)d, (void)g;
+    decode_impl(v, 64, 64, codes, scale, minimum, bits, rotate, norm, dst, dt);
+}
+AVX2 static void decode_row_128(DECODE_ARGS) {
+    __m256 v[16];
+    (void)d, (void)g;
+    decode_impl(v, 128, 128, codes, scale, minimum, bits, rotate, norm, dst, dt);
+}
+AVX2 static void decode_row_any(DECODE_ARGS) {
+    __m256 v[MAXV];
+    decode_impl(v, d, g, codes, scale, minimum, bits, rotate, norm, dst, dt);
+}
+
+
+static EncodeRow pick_encoder(int d, int g) {
+    return d == g && d == 64 ? encode_row_64 : d == g && d == 128 ? encode_row_128 : encode_row_any;
+}
+static DecodeRow pick_decoder(int d, int g) {
+    return d == g && d == 64 ? decode_row_64 : d == g && d == 128 ? decode_row_128 : decode_row_any;
+}
+#else
+#define HAVE_AVX2_KERNELS 0
+#endif
+
+static int have_avx2;
+
+/* ---- frame layout ---- */
+
+typedef struct {
+    int tier;          /* Tier code */
+    int64_t m;         /* tokens at this tier */
+    const int64_t *idx; /* their slot indices, increasing */
+    size_t off[2];     /* body offset of the K and V sections */
+} Section;
+
+typedef struct {
+    /* geometry */
+    int h, d, g, rotate, wire_dt;
+    float norm;
+    /* encode: source [H, n, D]; decode: destination [H, kept, D] */
+    void *kv[2];
+    int kv_dt;
+    int64_t n;
+    uint8_t *body;
+    Section sec[4];
+    int nsec;
+    const int64_t *rank; /* decode: slot -> row in the destination */
+    int decode;
+    int simd; /* use the AVX2 kernels */
+    int nthreads, t;
+} Job;
+
+static size_t section_size(int tier, int64_t m, int h, int d, int g) {
+    if (tier == T_FP16) return (size_t)m * h * d * 2;
+    return (size_t)m * h * (size_t)d * BITS[tier] / 8 + (size_t)m * h * (d / g) * 4;
+}
+
+/* Fill job->sec from the tier map; returns the body size in bytes (tier map included). */
+static size_t layout(Job *job, const uint8_t *tiers, int64_t *idx_store) {
+    int64_t counts[5] = {0};
+    for (int64_t s = 0; s < job->n; s++) counts[tiers[s]]++;
+    size_t off = (size_t)(job->n + 1) / 2;
+    int64_t *cursor = idx_store;
+    job->nsec = 0;
+    for (int k = 0; k < 4; k++) {
+        int tier = STORED[k];
+        if (!counts[tier]) continue;
+        Section *sc = &job->sec[job->nsec++];
+        sc->tier = tier;
+        sc->m = counts[tier];
+        sc->idx = cursor;
+        for (int64_t s = 0; s < job->n; s++)
+            if (tiers[s] == tier) *cursor++ = s;
+        for (int kv = 0; kv < 2; kv++) {
+            sc->off[kv] = off;
+            off += section_size(tier, sc->m, job->h, job->d, job->g);
+        }
+    }
+    return off;
+}
+
+#if HAVE_AVX2_KERNELS
+#define KERNEL(name, ...) (job->simd ? name##_avx2(__VA_ARGS__) : name(__VA_ARGS__))
+#else
+#define KERNEL(name, ...) name(__VA_ARGS__)
+#endif
+
+static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int64_t hi) {
+    const int h = job->h, d = job->d, g = job->g, tier = sc->tier;
+    const size_t rowb = (size_t)d * dtype_size(job->kv_dt);
+    uint8_t *base = job->body + sc->off[kv];
+    float x[MAX_HEAD_DIM] __attribute__((aligned(32)));
+    if (tier == T_FP16) { /* a copy, or a dtype conversion when the source is float32 */
+        for (int64_t i = lo; i < hi; i++) {
+            for (int j = 0; j < h; j++) {
+                uint8_t *wire = base + ((size_t)i * h + j) * d * 2;
+                int64_t slot = job->decode ? job->rank[sc->idx[i]] : sc->idx[i];
+                uint8_t *mem = (uint8_t *)job->kv[kv] + ((size_t)j * job->n + slot) * rowb;
+                if (job->decode) {
+                    if (job->kv_dt == job->wire_dt) {
+                        memcpy(mem, wire, rowb);
+                    } else {
+                        KERNEL(load_row, wire, job->wire_dt, d, x);
+                        KERNEL(store_row, x, job->kv_dt, d, mem);
+                    }
+                } else if (job->kv_dt == job->wire_dt) {
+                    memcpy(wire, mem, rowb);
+                } else {
+                    KERNEL(load_row, mem, job->kv_dt, d, x);
+                    KERNEL(store_row, x, job->wire_dt, d, wire);
+                }
+            }
+        }
+        return;
+    }
+    const int bits = BITS[tier], ng = d / g;
+    const size_t code_row = (size_t)d * bits / 8;
+    uint8_t *codes = base;
+    uint16_t *scale = (uint16_t *)(base + (size_t)sc->m * h * code_row);
+    uint16_t *minimum = scale + (size_t)sc->m * h * ng;
+    EncodeRow encode_row = encode_row_scalar;
+    DecodeRow decode_row = decode_row_scalar;
+#if HAVE_AVX2_KERNELS
+    if (job->simd) {
+        encode_row = pick_encoder(d, g);
+        decode_row = pick_decoder(d, g);
+    }
+#endif
+    for (int64_t i = lo; i < hi; i++) {
+        for (int j = 0; j < h; j++) {
+            size_t r = (size_t)i * h + j;
+            int64_t slot = job->decode ? job->rank[sc->idx[i]] : sc->idx[i];
+            uint8_t *mem = (uint8_t *)job->kv[kv] + ((size_t)j * job->n + slot) * rowb;
+            if (job->decode)
+                decode_row(codes + r * code_row, scale + r * ng, minimum + r * ng, d, g, bits,
+                           job->rotate, job->norm, mem, job->kv_dt);
+            else
+                encode_row(mem, job->kv_dt, d, g, bits, job->rotate, job->norm, codes + r * code_row,
+                           scale + r * ng, minimum + r * ng);
+        }
+    }
+}
+
+static void *worker(void *arg) {
+    const Job *job = (const Job *)arg;
+    for (int k = 0; k < job->nsec; k++) {
+        const Section *sc = &job->sec[k];
+        int64_t lo = sc->m * job->t / job->nthreads, hi = sc->m * (job->t + 1) / job->nthreads;
+        for (int kv = 0; kv < 2; kv++) run_rows(job, sc, kv, lo, hi);
+    }
+    return NULL;
+}
+
+/* A persistent pool of helper threads. Starting a thread, or waking a sleeping one, costs
+ * ~100 us on some VMs, as much as encoding a small layer, so helpers spin for up to SPIN_NS
+ * after a job before they sleep, and a caller spins likewise before it sleeps on the result.
+ * One job runs at a time; a caller that finds the pool busy (another Python thread encoding)
+ * does its whole job on its own thread instead of waiting. */
+#define SPIN_NS 300000
+
+static struct {
+    pthread_mutex_t run; /* held for a whole job */
+    pthread_mutex_t mu;  /* guards the sleeps below */
+    pthread_cond_t wake, done;
+    int started;             /* helper threads alive, ids 1..started (under mu) */
+    _Atomic uint64_t gen;    /* bumped for each job */
+    _Atomic int pending;     /* helpers still working on the current job */
+    int nthreads;            /* threads taking part in the current job, the caller included */
+    uint64_t born[MAX_THREADS]; /* gen when each helper was started */
+    Job jobs[MAX_THREADS];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Spin until the job generation moves past `value` or SPIN_NS pass; returns whether it did. */
+static int spin_while_gen(uint64_t value) {
+    int64_t until = now_ns() + SPIN_NS;
+    for (int i = 1;; i++) {
+        if (atomic_load(&pool.gen) != value) return 1;
+        if (!(i & 255) && now_ns() > until) return 0;
+        relax();
+    }
+}
+
+static int spin_while_pending(void) {
+    int64_t until = now_ns() + SPIN_NS;
+    for (int i = 1;; i++) {
+        if (atomic_load(&pool.pending) == 0) return 1;
+        if (!(i & 255) && now_ns() > until) return 0;
+        relax();
+    }
+}
+
+static void *helper_main(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool.mu);
+    uint64_t seen = pool.born[id];
+    pthread_mutex_unlock(&pool.mu);
+    for (;;) {
+        if (!spin_while_gen(seen)) {
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = atomic_load(&pool.gen);
+        if (id >= pool.nthreads) continue;
+        worker(&pool.jobs[id]);
+        if (atomic_fetch_sub(&pool.pending, 1) == 1) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
+    return NULL;
+}
+
+/* After fork() only the forking thread exists in the child: forget the helpers. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.run, NULL);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.started = 0;
+    atomic_store(&pool.pending, 0);
+}
+
+static void run_parallel(const Job *job, int nthreads) {
+    nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
+    if (nthreads == 1 || pthread_mutex_trylock(&pool.run) != 0) {
+        Job solo = *job;
+        solo.nthreads = 1;
+        solo.t = 0;
+        worker(&solo);
+        return;
+    }
+    pthread_mutex_lock(&pool.mu);
+    while (pool.started < nthreads - 1) {
+        pthread_t th;
+        pool.born[pool.started + 1] = atomic_load(&pool.gen);
+        if (pthread_create(&th, NULL, helper_main, (void *)(intptr_t)(pool.started + 1)) != 0)
+            break;
+        pthread_detach(th);
+        pool.started++;
+    }
+    const int total = pool.started + 1 < nthreads ? pool.started + 1 : nthreads;
+    for (int t = 0; t < total; t++) {
+        pool.jobs[t] = *job;
+        pool.jobs[t].nthreads = total;
+        pool.jobs[t].t = t;
+    }
+    pool.nthreads = total;
+    atomic_store(&pool.pending, total - 1);
+    atomic_fetch_add(&pool.gen, 1); /* publishes the jobs to spinning helpers */
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    worker(&pool.jobs[0]);
+    if (!spin_while_pending()) {
+        pthread_mutex_lock(&pool.mu);
+        while (atomic_load(&pool.pending)) pthread_cond_wait(&pool.done, &pool.mu);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    pthread_mutex_unlock(&pool.run);
+}
+
+/* ---- Python entry points ---- */
+
+static int use_simd(int d, int g) { return have_avx2 && d % 16 == 0 && g % 8 == 0; }
+
+static int check_geometry(int h, int d, int g, int nthreads) {
+    if (h < 1 || d < 1 || d > MAX_HEAD_DIM || g < 1 || d % g || (d * 2) % 8 ||
+        nthreads < 1 || nthreads > MAX_THREADS) {
+        PyErr_SetString(PyExc_ValueError, "invalid codec geometry");
+        return -1;
+    }
+    return 0;
+}
+
+static int check_tiers(const Py_buffer *tiers, int64_t n) {
+    if (tiers->len != n) {
+        PyErr_SetString(PyExc_ValueError, "tier list length does not match the slot count");
+        return -1;
+    }
+    const uint8_t *t = (const uint8_t *)tiers->buf;
+    for (int64_t s = 0; s < n; s++)
+        if (t[s] > T_FP16) {
+            PyErr_SetString(PyExc_ValueError, "invalid tier code");
+            return -1;
+        }
+    return 0;
+}
+
+/* encode_frame(k_ptr, v_ptr, kv_dtype, H, n, D, g, rotate, wire_dtype, tiers, out, threads)
+ * k/v: contiguous [H, n, D] in kv_dtype. tiers: n bytes (Tier codes). out: writable buffer of
+ * exactly the body size (tier map + sections). */
+static PyObject *encode_frame(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long kp, vp;
+    int kv_dt, h, d, g, rotate, wire_dt, nthreads;
+    long long n;
+    Py_buffer tiers, out;
+    if (!PyArg_ParseTuple(args, "KKiiLiiiiy*w*i", &kp, &vp, &kv_dt, &h, &n, &d, &g, &rotate,
+                          &wire_dt, &tiers, &out, &nthreads))
+        return NULL;
+    PyObject *ret = NULL;
+    int64_t *idx = NULL;
+    if (check_geometry(h, d, g, nthreads) || check_tiers(&tiers, n)) goto done;
+    Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
+               .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
+               .kv_dt = kv_dt, .n = n, .body = (uint8_t *)out.buf,
+               .simd = use_simd(d, g)};
+    idx = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    if (!idx) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (layout(&job, (const uint8_t *)tiers.buf, idx) != (size_t)out.len) {
+        PyErr_SetString(PyExc_ValueError, "output buffer size does not match the tier map");
+        goto done;
+    }
+    const uint8_t *t = (const uint8_t *)tiers.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t s = 0; s < n; s += 2)
+        job.body[s / 2] = (uint8_t)(t[s] | (s + 1 < n ? t[s + 1] << 4 : 0));
+    run_parallel(&job, nthreads);
+    Py_END_ALLOW_THREADS
+    ret = Py_NewRef(Py_None);
+done:
+    PyMem_Free(idx);
+    PyBuffer_Release(&tiers);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+/* decode_frame(body, tiers, H, n, D, g, rotate, wire_dtype, k_ptr, v_ptr, kv_dtype, kept,
+ *              threads)
+ * body: the frame body after the tier map. tiers: n bytes. k/v: contiguous [H, kept, D]
+ * outputs in kv_dtype; kept = slots whose tier is not DROP. */
+static PyObject *decode_frame(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer body, tiers;
+    int h, d, g, rotate, wire_dt, kv_dt, nthreads;
+    long long n, kept;
+    unsigned long long kp, vp;
+    if (!PyArg_ParseTuple(args, "y*y*iLiiiiKKiLi", &body, &tiers, &h, &n, &d, &g, &rotate,
+                          &wire_dt, &kp, &vp, &kv_dt, &kept, &nthreads))
+        return NULL;
+    PyObject *ret = NULL;
+    int64_t *idx = NULL, *rank = NULL;
+    if (check_geometry(h, d, g, nthreads) || check_tiers(&tiers, n)) goto done;
+    idx = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    rank = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    if (!idx || !rank) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint8_t *t = (const uint8_t *)tiers.buf;
+    int64_t r = 0;
+    for (int64_t s = 0; s < n; s++) rank[s] = t[s] == T_DROP ? -1 : r++;
+    if (r != kept) {
+        PyErr_SetString(PyExc_ValueError, "kept slot count does not match the tier map");
+        goto done;
+    }
+    size_t map_len = (size_t)(n + 1) / 2;
+    Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
+               .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
+               .kv_dt = kv_dt, .n = kept, .body = (uint8_t *)body.buf, .rank = rank,
+               .decode = 1, .simd = use_simd(d, g)};
+    Job sizing = job;
+    sizing.n = n;
+    size_t want = layout(&sizing, t, idx);
+    if (want - map_len != (size_t)body.len) {
+        PyErr_SetString(PyExc_ValueError, "frame body size does not match its tier map");
+        goto done;
+    }
+    memcpy(job.sec, sizing.sec, sizeof job.sec);
+    job.nsec = sizing.nsec;
+    for (int k = 0; k < job.nsec; k++) /* offsets counted from after the tier map */
+        for (int kv = 0; kv < 2; kv++) job.sec[k].off[kv] -= map_len;
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(&job, nthreads);
+    Py_END_ALLOW_THREADS
+    ret = Py_NewRef(Py_None);
+done:
+    PyMem_Free(idx);
+    PyMem_Free(rank);
+    PyBuffer_Release(&body);
+    PyBuffer_Release(&tiers);
+    return ret;
+}
+
+/* set_simd(flag) -> previous: turn the AVX2 kernels off (0) or back on (1, where the CPU has
+ * them), e.g. to test or time the scalar kernels. */
+static PyObject *set_simd(PyObject *self, PyObject *args) {
+    (void)self;
+    int flag, previous = have_avx2;
+    if (!PyArg_ParseTuple(args, "p", &flag)) return NULL;
+#if HAVE_AVX2_KERNELS
+    have_avx2 = flag && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#endif
+    return PyBool_FromLong(previous);
+}
+
+static PyMethodDef methods[] = {
+    {"set_simd", set_simd, METH_VARARGS, "Enable or disable the AVX2 kernels."},
+    {"encode_frame", encode_frame, METH_VARARGS, "Encode one frame body (asym-group)."},
+    {"decode_frame", decode_frame, METH_VARARGS, "Decode one frame body (asym-group)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_codec", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__codec(void) {
+    pthread_atfork(NULL, NULL, pool_after_fork);
+#if HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#endif
+    return PyModule_Create(&module);
+}

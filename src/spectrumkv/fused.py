@@ -1,0 +1,83 @@
+"""The compiled fast path of the wire codec (`spectrumkv._codec`, built from `_codec.c`).
+
+It covers the default `asym-group` scheme (with or without rotation) and the FP16 tier, for K/V
+held in float32, float16 or bfloat16, in one pass per layer frame, with the GIL released and the
+work split over `threads` threads. Its bytes are identical to the torch reference in `quant.py`
+(tests check it); `sym-token` and `kivi` always run on the reference. When the extension could not
+be compiled, `AVAILABLE` is False and the wire module uses the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import QuantConfig
+
+try:
+    from . import _codec
+except ImportError:  # built as an optional extension; see setup.py
+    _codec = None
+
+AVAILABLE = _codec is not None
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def enabled(q: QuantConfig) -> bool:
+    """Whether frames with these quantization settings go through the fused kernels.
+
+    `SPECTRUMKV_CODEC=reference` in the environment forces the torch reference everywhere."""
+    if os.environ.get("SPECTRUMKV_CODEC", "auto") == "reference":
+        return False
+    return AVAILABLE and q.scheme == "asym-group"
+
+
+def _threads(threads: int | None) -> int:
+    return max(1, min(64, threads or torch.get_num_threads()))
+
+
+def encode_body(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tiers: torch.Tensor,
+    group: int,
+    rotate: bool,
+    wire_dtype: torch.dtype,
+    out: memoryview,
+    threads: int | None = None,
+) -> None:
+    """Write a frame body (tier map + sections) into `out`, which must have exactly its size.
+
+    keys, values: [H, n, D] (float32/float16/bfloat16); tiers: [n] Tier codes."""
+    h, n, d = keys.shape
+    k, v = keys.contiguous(), values.contiguous()
+    t = tiers.to(torch.uint8).contiguous().numpy()
+    _codec.encode_frame(
+        k.data_ptr(), v.data_ptr(), _DTYPE_CODES[k.dtype], h, n, d, group, int(rotate),
+        _DTYPE_CODES[wire_dtype], t, out, _threads(threads),
+    )  # fmt: skip
+
+
+def decode_body(
+    body: memoryview,
+    tiers: torch.Tensor,
+    heads: int,
+    head_dim: int,
+    group: int,
+    rotate: bool,
+    wire_dtype: torch.dtype,
+    kept: int,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a verified frame body (the bytes after the tier map) into [H, kept, D] keys and
+    values in `wire_dtype`. Raises ValueError if the body's size does not match the tier map."""
+    keys = torch.empty(heads, kept, head_dim, dtype=wire_dtype)
+    values = torch.empty_like(keys)
+    t = tiers.to(torch.uint8).contiguous().numpy()
+    code = _DTYPE_CODES[wire_dtype]
+    _codec.decode_frame(
+        body, t, heads, t.shape[0], head_dim, group, int(rotate), code,
+        keys.data_ptr(), values.data_ptr(), code, kept, _threads(threads),
+    )  # fmt: skip
+    return keys, values

@@ -1,0 +1,91 @@
+"""The compiled codec against the torch reference: identical bytes out, identical tensors back."""
+
+import msgspec
+import pytest
+import torch
+
+from spectrumkv import fused
+from spectrumkv.config import QuantConfig
+from spectrumkv.kv import LayerKV
+from spectrumkv.tiers import Tier
+from spectrumkv.wire import frame_bytes, read_frame
+
+from .synthetic import make_header
+
+
+def test_extension_is_built():
+    assert fused.AVAILABLE, "spectrumkv._codec did not compile; see setup.py (needs a C compiler)"
+
+
+def _cache(h, n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(h, n, d, generator=g) * 3
+    v = torch.randn(h, n, d, generator=g)
+    if n:
+        k[:, :, 1] += 40  # an outlier channel, as real keys have
+        k[:, 0] = 0.0  # an all-zero token: scale 0
+        v[:, -1] = 2.5  # a constant token
+        v[0, n // 2, :8] = 60000.0  # near the FP16 limit
+    return LayerKV(k.to(dtype), v.to(dtype), torch.arange(n))
+
+
+def _both_ways(kv, tiers, header):
+    a = frame_bytes(0, 0, tiers, kv, header, fused=True)
+    b = frame_bytes(0, 0, tiers, kv, header, fused=False)
+    assert a == b
+    got_f, map_f, end_f = read_frame(a, 0, header, 0, fused=True)
+    got_r, map_r, end_r = read_frame(a, 0, header, 0, fused=False)
+    assert end_f == end_r == len(a) and torch.equal(map_f, map_r)
+    for x, y in ((got_f.keys, got_r.keys), (got_f.values, got_r.values)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x.view(torch.int16), y.view(torch.int16))
+    assert torch.equal(got_f.positions, got_r.positions)
+    return got_f
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 64])
+@pytest.mark.parametrize("head_dim,group", [(16, 8), (64, 64), (128, 32)])
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_matches_reference(n, head_dim, group, rotate, wire, src_dtype):
+    header = make_header(n, heads=3, head_dim=head_dim, quant=QuantConfig(group, rotate=rotate))
+    fp = msgspec.structs.replace(header.fingerprint, kv_dtype=wire)
+    header = msgspec.structs.replace(header, fingerprint=fp)
+    kv = _cache(3, n, head_dim, src_dtype, seed=n + head_dim)
+    tiers = torch.randint(0, len(Tier), (n,), generator=torch.Generator().manual_seed(n))
+    got = _both_ways(kv, tiers, header)
+    kept = tiers != int(Tier.DROP)
+    assert torch.equal(got.positions, kept.nonzero().flatten())
+    fp16 = (tiers[kept] == int(Tier.FP16)).nonzero().flatten()
+    want = kv.keys[:, kept][:, fp16].to(got.keys.dtype)
+    assert torch.equal(got.keys[:, fp16].view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.model
+def test_fused_matches_reference_on_a_real_cache(smol):
+    from spectrumkv import chat_ids, prefill
+    from spectrumkv.config import PolicyConfig
+    from spectrumkv.pipeline import make_header as header_for
+
+    pre = prefill(smol, chat_ids(smol, "Explain how a refrigerator keeps food cold.")[:-1])
+    header = header_for(smol, pre.n_tokens, PolicyConfig("spectrum", budget=0.4))
+    g = torch.Generator().manual_seed(3)
+    for layer in (0, 13, 29):
+        tiers = torch.randint(0, len(Tier), (pre.n_tokens,), generator=g)
+        _both_ways(pre.layers[layer], tiers, header)
+
+
+def test_kernel_rejects_a_body_that_does_not_match_the_tier_map():
+    header = make_header(8, heads=2, head_dim=16)
+    kv = _cache(2, 8, 16, torch.float16, seed=1)
+    tiers = torch.full((8,), int(Tier.INT4))
+    frame = frame_bytes(0, 0, tiers, kv, header, fused=True)
+    body = memoryview(frame)[16 + 4 : -8]
+    with pytest.raises(ValueError, match="does not match"):
+        fused.decode_body(body[:-1], tiers, 2, 16, 8, True, torch.float16, 8)
+    with pytest.raises(ValueError, match="invalid tier"):
+        fused.decode_body(body, torch.full((8,), 9), 2, 16, 8, True, torch.float16, 8)
+    with pytest.raises(ValueError, match="does not match"):
+        out = memoryview(bytearray(len(frame) - 16 - 8 - 1))
+        fused.encode_body(kv.keys, kv.values, tiers, 8, True, torch.float16, out)
