@@ -44,7 +44,7 @@ def _both_ways(kv, tiers, header):
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 64])
-@pytest.mark.parametrize("head_dim,group", [(16, 8), (64, 64), (128, 32)])
+@pytest.mark.parametrize("head_dim,group", [(16, 8), (64, 64), (128, 32), (128, 128)])
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("wire", ["float16", "bfloat16"])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,3 +1,4 @@
+import msgspec
 import pytest
 import torch
 
@@ -7,7 +8,13 @@ from spectrumkv.pipeline import encode
 from spectrumkv.policy import plan
 from spectrumkv.quant import dequantize, quantize
 from spectrumkv.tiers import Tier
-from spectrumkv.wire import _PREAMBLE, MAX_HEADER_BYTES, decode_payload, read_header
+from spectrumkv.wire import (
+    _PREAMBLE,
+    MAX_HEADER_BYTES,
+    VERSION,
+    decode_payload,
+    read_header,
+)
 
 from .synthetic import make_header, random_layers
 
@@ -93,7 +100,7 @@ def test_wrong_model_is_refused():
 
 
 def test_oversized_header_is_refused_before_reading():
-    forged = _PREAMBLE.pack(b"SPKV", 1, 0, MAX_HEADER_BYTES + 1) + b"\0" * 16
+    forged = _PREAMBLE.pack(b"SPKV", VERSION, 0, MAX_HEADER_BYTES + 1) + b"\0" * 16
     with pytest.raises(WireFormatError, match="exceeds"):
         read_header(forged)
 
@@ -140,3 +147,16 @@ def test_kivi2_round_trip_and_exact_size():
     assert torch.equal(out.layers[0].keys[:, -32:], src.keys[:, -32:])
     rel = (out.layers[0].keys[:, :-32] - src.keys[:, :-32]).pow(2).mean() / src.keys.pow(2).mean()
     assert rel < 0.3
+
+
+def test_frames_are_bound_to_their_header():
+    """Two payloads of the same shape, policy and plan differ only in payload_id: a frame moved
+    from one to the other fails its checksum instead of decoding as the wrong request's KV."""
+    header, pre, p, payload = _payload(n=20)
+    other = msgspec.structs.replace(header, payload_id=header.payload_id + 1)
+    other_payload = encode(other, pre, p)
+    _, start = read_header(payload)
+    spliced = other_payload[:start] + payload[start:]
+    with pytest.raises(ChecksumError, match="frame 0"):
+        decode_payload(spliced)
+    assert decode_payload(other_payload).header.payload_id == header.payload_id + 1

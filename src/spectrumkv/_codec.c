@@ -285,54 +285,10 @@ AVX2 static INLINE float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
 }
 
-AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const void *src, int dt,
-                                    int bits, int rotate, float norm, uint8_t *codes,
-                                    uint16_t *scale, uint16_t *minimum) {
-    const int nv = d / 8, gv = g / 8;
-    const uint16_t *s16 = (const uint16_t *)src;
-#pragma GCC unroll 64
-    for (int i = 0; i < nv; i++) {
-        if (dt == DT_F32) {
-            v[i] = _mm256_loadu_ps((const float *)src + 8 * i);
-        } else {
-            __m128i h = _mm_loadu_si128((const __m128i *)(s16 + 8 * i));
-            v[i] = dt == DT_F16
-                       ? _mm256_cvtph_ps(h)
-                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        }
-    }
-    if (rotate) fwht_regs(v, nv, norm);
-    const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
-    const float levels = (float)((1 << bits) - 1);
-    const __m256 lv = _mm256_set1_ps(levels), zero = _mm256_setzero_ps();
+/* Codes held as floats in v[] (nv = d / 8 vectors) -> packed bytes, low bits first. */
+AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8_t *codes) {
+    const int nv = d / 8;
     uint8_t q[MAX_HEAD_DIM] __attribute__((aligned(32)));
-#pragma GCC unroll 64
-    for (int i = 0; i < nv; i++) v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
-    for (int k = 0; k < nv / gv; k++) {
-        __m256 lo = v[k * gv], hi = lo;
-#pragma GCC unroll 64
-        for (int i = 1; i < gv; i++) {
-            lo = _mm256_min_ps(lo, v[k * gv + i]);
-            hi = _mm256_max_ps(hi, v[k * gv + i]);
-        }
-        uint16_t mn16 = f2h(hmin8(lo));
-        float mn = h2f(mn16);
-        float sc = (hmax8(hi) - mn) / levels;
-        sc = sc > FP16_MAX ? FP16_MAX : sc;
-        uint16_t sc16 = f2h(sc);
-        float s = h2f(sc16);
-        if (!(s > 0.0f)) s = 1.0f;
-        scale[k] = sc16;
-        minimum[k] = mn16;
-        const __m256 mv = _mm256_set1_ps(mn), sv = _mm256_set1_ps(1.0f / s);
-#pragma GCC unroll 64
-        for (int i = k * gv; i < (k + 1) * gv; i++) {
-            __m256 c = _mm256_mul_ps(_mm256_sub_ps(v[i], mv), sv);
-            c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv); /* codes, as floats */
-        }
-    }
-    /* codes -> bytes, 32 at a time where possible */
     int i = 0;
 #pragma GCC unroll 16
     for (; i + 4 <= nv; i += 4) {
@@ -360,6 +316,55 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
         for (int j = 0; j < d / 4; j++)
             codes[j] = (uint8_t)(q[4 * j] | q[4 * j + 1] << 2 | q[4 * j + 2] << 4 | q[4 * j + 3] << 6);
     }
+}
+
+AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const void *src, int dt,
+                                    int bits, int rotate, float norm, uint8_t *codes,
+                                    uint16_t *scale, uint16_t *minimum) {
+    const int nv = d / 8, gv = g / 8;
+    const uint16_t *s16 = (const uint16_t *)src;
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i++) {
+        if (dt == DT_F32) {
+            v[i] = _mm256_loadu_ps((const float *)src + 8 * i);
+        } else {
+            __m128i h = _mm_loadu_si128((const __m128i *)(s16 + 8 * i));
+            v[i] = dt == DT_F16
+                       ? _mm256_cvtph_ps(h)
+                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+    }
+    if (rotate) fwht_regs(v, nv, norm);
+    const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
+    const float levels = (float)((1 << bits) - 1);
+    const __m256 lv = _mm256_set1_ps(levels), zero = _mm256_setzero_ps();
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i++) v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
+    for (int k = 0; k < nv / gv; k++) {
+        __m256 lo = v[k * gv], hi = lo;
+#pragma GCC unroll 64
+        for (int i = 1; i < gv; i++) {
+            lo = _mm256_min_ps(lo, v[k * gv + i]);
+            hi = _mm256_max_ps(hi, v[k * gv + i]);
+        }
+        uint16_t mn16 = f2h(hmin8(lo));
+        float mn = h2f(mn16);
+        float sc = (hmax8(hi) - mn) / levels;
+        sc = sc > FP16_MAX ? FP16_MAX : sc;
+        uint16_t sc16 = f2h(sc);
+        float s = h2f(sc16);
+        if (!(s > 0.0f)) s = 1.0f;
+        scale[k] = sc16;
+        minimum[k] = mn16;
+        const __m256 mv = _mm256_set1_ps(mn), sv = _mm256_set1_ps(1.0f / s);
+#pragma GCC unroll 64
+        for (int i = k * gv; i < (k + 1) * gv; i++) {
+            __m256 c = _mm256_mul_ps(_mm256_sub_ps(v[i], mv), sv);
+            c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv); /* codes, as floats */
+        }
+    }
+    pack_codes(v, d, bits, codes);
 }
 
 AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const uint8_t *codes,
@@ -448,6 +453,89 @@ AVX2 static void decode_row_any(DECODE_ARGS) {
     decode_impl(v, d, g, codes, scale, minimum, bits, rotate, norm, dst, dt);
 }
 
+
+/* Eight rows at once, for group == head_dim (one scale per row): the per-row parameter
+ * arithmetic (FP16 rounding of min and scale, 1/scale) is a long latency chain, so it is done
+ * for the eight rows together in one vector; the rows wait in `scratch` (L1) meanwhile. */
+#define BLOCK_ROWS 8
+
+AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const void *const *src, int dt,
+                                          int bits, int rotate, float norm, uint8_t *codes,
+                                          uint16_t *scale, uint16_t *minimum) {
+    const int nv = d / 8;
+    float scratch[BLOCK_ROWS * 128] __attribute__((aligned(32)));
+    float lo[BLOCK_ROWS] __attribute__((aligned(32))), hi[BLOCK_ROWS] __attribute__((aligned(32)));
+    const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
+    for (int r = 0; r < BLOCK_ROWS; r++) {
+        const uint16_t *s16 = (const uint16_t *)src[r];
+#pragma GCC unroll 64
+        for (int i = 0; i < nv; i++) {
+            if (dt == DT_F32) {
+                v[i] = _mm256_loadu_ps((const float *)src[r] + 8 * i);
+            } else {
+                __m128i h = _mm_loadu_si128((const __m128i *)(s16 + 8 * i));
+                v[i] = dt == DT_F16
+                           ? _mm256_cvtph_ps(h)
+                           : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            }
+        }
+        if (rotate) fwht_regs(v, nv, norm);
+        __m256 l = _mm256_set1_ps(INFINITY), u = _mm256_set1_ps(-INFINITY);
+#pragma GCC unroll 64
+        for (int i = 0; i < nv; i++) {
+            v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
+            l = _mm256_min_ps(l, v[i]);
+            u = _mm256_max_ps(u, v[i]);
+            _mm256_store_ps(scratch + r * d + 8 * i, v[i]);
+        }
+        lo[r] = hmin8(l);
+        hi[r] = hmax8(u);
+    }
+    const float levels = (float)((1 << bits) - 1);
+    __m128i mn16 = _mm256_cvtps_ph(_mm256_load_ps(lo), _MM_FROUND_TO_NEAREST_INT);
+    __m256 mn = _mm256_cvtph_ps(mn16);
+    __m256 sc = _mm256_div_ps(_mm256_sub_ps(_mm256_load_ps(hi), mn), _mm256_set1_ps(levels));
+    sc = _mm256_min_ps(top, sc);
+    __m128i sc16 = _mm256_cvtps_ph(sc, _MM_FROUND_TO_NEAREST_INT);
+    __m256 sf = _mm256_cvtph_ps(sc16);
+    sf = _mm256_blendv_ps(_mm256_set1_ps(1.0f), sf, _mm256_cmp_ps(sf, _mm256_setzero_ps(), _CMP_GT_OQ));
+    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sf);
+    _mm_storeu_si128((__m128i *)scale, sc16);
+    _mm_storeu_si128((__m128i *)minimum, mn16);
+    float mns[BLOCK_ROWS] __attribute__((aligned(32))), invs[BLOCK_ROWS] __attribute__((aligned(32)));
+    _mm256_store_ps(mns, mn);
+    _mm256_store_ps(invs, inv);
+    const __m256 lv = _mm256_set1_ps(levels), zero = _mm256_setzero_ps();
+    const size_t code_row = (size_t)d * bits / 8;
+    for (int r = 0; r < BLOCK_ROWS; r++) {
+        const __m256 mv = _mm256_set1_ps(mns[r]), iv = _mm256_set1_ps(invs[r]);
+#pragma GCC unroll 64
+        for (int i = 0; i < nv; i++) {
+            __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(scratch + r * d + 8 * i), mv), iv);
+            c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv);
+        }
+        pack_codes(v, d, bits, codes + r * code_row);
+    }
+}
+
+AVX2 static void encode_block_64(const void *const *src, int dt, int bits, int rotate, float norm,
+                                 uint8_t *codes, uint16_t *scale, uint16_t *minimum) {
+    __m256 v[8];
+    encode_block_impl(v, 64, src, dt, bits, rotate, norm, codes, scale, minimum);
+}
+AVX2 static void encode_block_128(const void *const *src, int dt, int bits, int rotate, float norm,
+                                  uint8_t *codes, uint16_t *scale, uint16_t *minimum) {
+    __m256 v[16];
+    encode_block_impl(v, 128, src, dt, bits, rotate, norm, codes, scale, minimum);
+}
+
+typedef void (*EncodeBlock)(const void *const *src, int dt, int bits, int rotate, float norm,
+                            uint8_t *codes, uint16_t *scale, uint16_t *minimum);
+
+static EncodeBlock pick_block_encoder(int d, int g) {
+    return d != g ? NULL : d == 64 ? encode_block_64 : d == 128 ? encode_block_128 : NULL;
+}
 
 static EncodeRow pick_encoder(int d, int g) {
     return d == g && d == 64 ? encode_row_64 : d == g && d == 128 ? encode_row_128 : encode_row_any;
@@ -557,24 +645,33 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
     uint16_t *minimum = scale + (size_t)sc->m * h * ng;
     EncodeRow encode_row = encode_row_scalar;
     DecodeRow decode_row = decode_row_scalar;
+    size_t r = (size_t)lo * h, r_end = (size_t)hi * h; /* rows of this section, token-major */
 #if HAVE_AVX2_KERNELS
     if (job->simd) {
         encode_row = pick_encoder(d, g);
         decode_row = pick_decoder(d, g);
+        EncodeBlock block = job->decode ? NULL : pick_block_encoder(d, g);
+        for (; block && r + BLOCK_ROWS <= r_end; r += BLOCK_ROWS) {
+            const void *src[BLOCK_ROWS];
+            for (int b = 0; b < BLOCK_ROWS; b++) {
+                size_t i = (r + b) / h, j = (r + b) % h;
+                src[b] = (const uint8_t *)job->kv[kv] + (j * job->n + sc->idx[i]) * rowb;
+            }
+            block(src, job->kv_dt, bits, job->rotate, job->norm, codes + r * code_row, scale + r,
+                  minimum + r);
+        }
     }
 #endif
-    for (int64_t i = lo; i < hi; i++) {
-        for (int j = 0; j < h; j++) {
-            size_t r = (size_t)i * h + j;
-            int64_t slot = job->decode ? job->rank[sc->idx[i]] : sc->idx[i];
-            uint8_t *mem = (uint8_t *)job->kv[kv] + ((size_t)j * job->n + slot) * rowb;
-            if (job->decode)
-                decode_row(codes + r * code_row, scale + r * ng, minimum + r * ng, d, g, bits,
-                           job->rotate, job->norm, mem, job->kv_dt);
-            else
-                encode_row(mem, job->kv_dt, d, g, bits, job->rotate, job->norm, codes + r * code_row,
-                           scale + r * ng, minimum + r * ng);
-        }
+    for (; r < r_end; r++) {
+        size_t i = r / h, j = r % h;
+        int64_t slot = job->decode ? job->rank[sc->idx[i]] : sc->idx[i];
+        uint8_t *mem = (uint8_t *)job->kv[kv] + (j * job->n + slot) * rowb;
+        if (job->decode)
+            decode_row(codes + r * code_row, scale + r * ng, minimum + r * ng, d, g, bits,
+                       job->rotate, job->norm, mem, job->kv_dt);
+        else
+            encode_row(mem, job->kv_dt, d, g, bits, job->rotate, job->norm, codes + r * code_row,
+                       scale + r * ng, minimum + r * ng);
     }
 }
 
@@ -842,7 +939,13 @@ static PyObject *set_simd(PyObject *self, PyObject *args) {
     return PyBool_FromLong(previous);
 }
 
+static PyObject *simd(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyBool_FromLong(have_avx2);
+}
+
 static PyMethodDef methods[] = {
+    {"simd", simd, METH_NOARGS, "Whether the AVX2 kernels are in use."},
     {"set_simd", set_simd, METH_VARARGS, "Enable or disable the AVX2 kernels."},
     {"encode_frame", encode_frame, METH_VARARGS, "Encode one frame body (asym-group)."},
     {"decode_frame", decode_frame, METH_VARARGS, "Decode one frame body (asym-group)."},

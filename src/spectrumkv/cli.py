@@ -174,6 +174,37 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> None:
         ttft.plot(records, args.plot)
 
 
+def _cmd_bench_codec(args: argparse.Namespace) -> None:
+    from .bench import codec
+
+    shape = codec.CacheShape(args.layers, args.kv_heads, args.head_dim, args.tokens)
+    repeats = args.repeats
+    if args.quick:
+        shape, repeats = codec.CacheShape(4, args.kv_heads, args.head_dim, 256), 1
+    policies = [codec.parse_policy(x) for x in args.policies.split(",")]
+    codecs = ["fused", "reference"] if args.reference else ["fused"]
+    if not codec.fused.AVAILABLE:
+        print("spectrumkv: warning: the fused codec is not built; measuring the reference only")
+        codecs = ["reference"]
+    codec.print_header(shape)
+    records = codec.run_codec(
+        shape, args.dtypes.split(","), policies, repeats, codecs, args.threads
+    )
+    if args.json:
+        codec.write_json(records, args.json)
+
+
+def _cmd_bench_scoring(args: argparse.Namespace) -> None:
+    from .bench import scoring
+    from .config import PolicyConfig
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    policy = PolicyConfig(args.policy, budget=args.budget)
+    records = scoring.run_scoring(args.model, lengths, args.corpus, policy)
+    if args.json:
+        scoring.write_json(records, args.json)
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from .assets import model_dir
 
@@ -278,6 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--plot", help="write a PNG of TTFT and transfer phase vs link rate")
     bt.add_argument("--from-json", help="re-print and re-plot earlier records, run nothing")
     bt.set_defaults(func=_cmd_bench_ttft)
+
+    bc = bench.add_parser("codec", help="encode/decode throughput vs a plain copy of the cache")
+    bc.add_argument("--layers", type=int, default=30)
+    bc.add_argument("--kv-heads", type=int, default=3)
+    bc.add_argument("--head-dim", type=int, default=64)
+    bc.add_argument("--tokens", type=int, default=4096)
+    bc.add_argument("--dtypes", default="bfloat16,float16")
+    bc.add_argument(
+        "--policies",
+        default="uniform-int8,uniform-int4,spectrum@0.5,spectrum@0.3",
+        help="comma-separated policy[@budget]",
+    )
+    bc.add_argument("--repeats", type=int, default=5, help="timed passes; the best is reported")
+    bc.add_argument("--threads", type=int, help="torch and codec threads (default: torch's)")
+    bc.add_argument("--reference", action="store_true", help="also time the torch reference")
+    bc.add_argument("--quick", action="store_true", help="4 layers x 256 tokens, one pass (CI)")
+    bc.add_argument("--json", help="write records to this path")
+    bc.set_defaults(func=_cmd_bench_codec)
+
+    bs = bench.add_parser("scoring", help="scoring + planning time beside prefill time")
+    bs.add_argument("--model", default="smollm2-135m")
+    bs.add_argument("--corpus", default="wiki")
+    bs.add_argument("--lengths", default="2048,8192,32768", help="prompt lengths (tokens)")
+    bs.add_argument("--policy", default="spectrum")
+    bs.add_argument("--budget", type=float, default=0.3)
+    bs.add_argument("--json", help="write records to this path")
+    bs.set_defaults(func=_cmd_bench_scoring)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

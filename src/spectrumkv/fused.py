@@ -33,6 +33,17 @@ def enabled(q: QuantConfig) -> bool:
     return AVAILABLE and q.scheme == "asym-group"
 
 
+def simd_enabled() -> bool:
+    """Whether the AVX2/F16C kernels run (x86-64 CPUs that have them); else the scalar C ones."""
+    return bool(_codec.simd())
+
+
+def set_simd(flag: bool) -> bool:
+    """Use the AVX2 kernels (where the CPU has them) or force the scalar C kernels; returns the
+    previous setting. For tests and benchmarks: both produce the same bytes."""
+    return bool(_codec.set_simd(flag))
+
+
 def _threads(threads: int | None) -> int:
     return max(1, min(64, threads or torch.get_num_threads()))
 

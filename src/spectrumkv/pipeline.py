@@ -12,7 +12,7 @@ from .config import PolicyConfig, ScoreConfig
 from .engines.hf import DecodeState, Engine, Prefilled, decode_state
 from .importance import score_tokens
 from .policy import Plan, layer_firsts, plan
-from .wire import Header, decode_payload, frame_bytes, header_bytes
+from .wire import Header, decode_payload, frame_bytes, header_bytes, new_payload_id
 
 
 def make_header(engine: Engine, n_tokens: int, policy: PolicyConfig) -> Header:
@@ -24,6 +24,7 @@ def make_header(engine: Engine, n_tokens: int, policy: PolicyConfig) -> Header:
         rotate=policy.quant.rotate,
         policy=policy.name,
         budget=policy.budget,
+        payload_id=new_payload_id(),
     )
 
 

@@ -1,4 +1,4 @@
-"""The SpectrumKV wire format, version 1: encode and decode, one layer frame at a time.
+"""The SpectrumKV wire format, version 2: encode and decode, one layer frame at a time.
 
 Layout (all integers little endian)::
 
@@ -14,16 +14,21 @@ Layout (all integers little endian)::
                  INTk sym-token:  codes m*H*D*k/8 | scale m f16
                  INTk kivi keys:  codes m*H*D*k/8 | scale, minimum ceil(m/G)*H*D f16 each
                tokens of a tier appear in position order
-      checksum u64 xxh3_64(head + body)
+      checksum u64 xxh3_64(head + body, seed = the header's checksum)
 
-A frame covers prompt positions [first_position, n_tokens). Every length is checked against the
-fingerprint and the tier map before anything is allocated. No pickle anywhere.
+A frame covers prompt positions [first_position, n_tokens). Seeding each frame's checksum with
+the header's binds the frames to their header: every header carries a random `payload_id`, so a
+frame from another payload (another request, another model) fails its checksum even where the
+shapes agree. Every length is checked against the fingerprint and the tier map before anything
+is allocated. No pickle anywhere. (Version 1 had unseeded frame checksums and no payload_id.)
 """
 
 from __future__ import annotations
 
+import secrets
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 import msgspec
 import torch
@@ -37,7 +42,7 @@ from .quant import Quantized, dequantize, hadamard, quantize, section_bytes
 from .tiers import STORED_TIERS, TIER_BITS, Tier
 
 MAGIC = b"SPKV"
-VERSION = 1
+VERSION = 2
 FRAME_MAGIC = b"LF"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TOKENS = 1 << 22
@@ -67,7 +72,8 @@ class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Payload header. `n_tokens`: cached prompt tokens (positions 0..n_tokens-1)."""
+    """Payload header. `n_tokens`: cached prompt tokens (positions 0..n_tokens-1).
+    `payload_id`: random per payload (see `new_payload_id`), binds the frames to this header."""
 
     fingerprint: Fingerprint
     n_tokens: int
@@ -76,6 +82,7 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rotate: bool
     policy: str
     budget: float | None
+    payload_id: int = 0
 
     @property
     def quant(self) -> QuantConfig:
@@ -92,8 +99,13 @@ _header_encoder = msgspec.msgpack.Encoder()
 _header_decoder = msgspec.msgpack.Decoder(Header)
 
 
-def _checksum(*parts: bytes | memoryview) -> int:
-    h = xxhash.xxh3_64()
+def new_payload_id() -> int:
+    """A random 63-bit payload id."""
+    return secrets.randbits(63)
+
+
+def _checksum(*parts: bytes | memoryview, seed: int = 0) -> int:
+    h = xxhash.xxh3_64(seed=seed)
     for p in parts:
         h.update(p)
     return h.intdigest()
@@ -104,6 +116,13 @@ def header_bytes(header: Header) -> bytes:
     body = _header_encoder.encode(header)
     pre = _PREAMBLE.pack(MAGIC, VERSION, 0, len(body))
     return pre + body + _CHECK.pack(_checksum(pre, body))
+
+
+@lru_cache(maxsize=64)
+def frame_seed(header: Header) -> int:
+    """The seed of every frame checksum of a payload: its header's checksum."""
+    raw = header_bytes(header)
+    return _CHECK.unpack_from(raw, len(raw) - _CHECK.size)[0]
 
 
 def frame_size(n_slots: int, tier_counts: dict[Tier, int], fp: Fingerprint, q: QuantConfig) -> int:
@@ -169,7 +188,7 @@ def frame_bytes(
         fused_codec.encode_body(kv.keys, kv.values, t, q.group_size, q.rotate, wire_dtype, body)
     else:
         _encode_body_reference(body, t, kv, wire_dtype, q)
-    _CHECK.pack_into(out, body_end, _checksum(mv[:body_end]))
+    _CHECK.pack_into(out, body_end, _checksum(mv[:body_end], seed=frame_seed(header)))
     return out
 
 
@@ -238,6 +257,8 @@ def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> t
 
 def _validate_header(h: Header) -> None:
     fp = h.fingerprint
+    if not (0 <= h.payload_id < 1 << 63):
+        raise WireFormatError("payload_id out of range")
     if not (0 <= h.n_tokens <= MAX_TOKENS):
         raise WireFormatError(f"n_tokens {h.n_tokens} out of range")
     if not (1 <= fp.n_layers <= 4096 and 1 <= fp.n_kv_heads <= 1024 and 1 <= fp.head_dim <= 4096):
@@ -294,7 +315,7 @@ def read_frame(
     if len(mv) < end + _CHECK.size:
         raise WireFormatError(f"payload truncated inside frame {layer}")
     (check,) = _CHECK.unpack_from(mv, end)
-    if check != _checksum(mv[offset:body_start], mv[body_start:end]):
+    if check != _checksum(mv[offset:end], seed=frame_seed(header)):
         raise ChecksumError(f"frame {layer} checksum mismatch")
 
     map_len = (n_slots + 1) // 2

@@ -1,0 +1,224 @@
+"""`spectrumkv bench codec`: encode/decode throughput against a plain copy of the same cache.
+
+Throughputs are in GB/s of FP16-equivalent input (2 bytes per cached element, K and V, all
+layers), so every policy is measured against the same amount of cache. `copy_gbps` is a plain
+tensor copy of that cache measured in the same run; the ratios are what the codec targets are
+stated in. Each figure is the best of `repeats` passes (the least disturbed by other work on a
+shared machine). Scoring runs the real observation-window attention scorer on random queries of
+the model's shape; planning is the real planner.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+
+from .. import fused
+from ..config import PolicyConfig, ScoreConfig
+from ..importance import WindowQueries, score_tokens
+from ..kv import LayerKV
+from ..policy import layer_firsts, plan
+from ..wire import Fingerprint, Header, frame_bytes, read_frame
+
+DEFAULT_POLICIES = (
+    ("uniform-int8", None),
+    ("uniform-int4", None),
+    ("spectrum", 0.5),
+    ("spectrum", 0.3),
+)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    layers: int = 30
+    kv_heads: int = 3
+    head_dim: int = 64
+    tokens: int = 4096
+    q_heads: int = 9
+
+    @property
+    def fp16_bytes(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.tokens * 2
+
+
+@dataclass
+class CodecRecord:
+    codec: str  # "fused" or "reference"
+    policy: str
+    budget: float | None
+    dtype: str
+    tokens: int
+    layers: int
+    threads: int
+    wire_bytes: int
+    wire_ratio: float
+    score_s: float
+    plan_s: float
+    encode_s: float
+    decode_s: float
+    encode_gbps: float
+    decode_gbps: float
+    copy_gbps: float
+    encode_ratio: float
+    decode_ratio: float
+
+
+def parse_policy(spec: str) -> tuple[str, float | None]:
+    """ "spectrum@0.5" -> ("spectrum", 0.5); "uniform-int4" -> ("uniform-int4", None)."""
+    name, _, budget = spec.partition("@")
+    return name, float(budget) if budget else None
+
+
+def best_of(repeats: int, fn: Callable[[], object]) -> float:
+    """Fastest of `repeats` timed calls, seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def synthetic_cache(shape: CacheShape, dtype: torch.dtype, seed: int = 0) -> list[LayerKV]:
+    """Random K/V of the given shape: the codec's speed does not depend on the values."""
+    g = torch.Generator().manual_seed(seed)
+    size = (shape.kv_heads, shape.tokens, shape.head_dim)
+    pos = torch.arange(shape.tokens)
+
+    def rand(scale: float) -> torch.Tensor:
+        return (torch.randn(size, generator=g) * scale).to(dtype)
+
+    return [LayerKV(rand(2.0), rand(1.0), pos) for _ in range(shape.layers)]
+
+
+def _header(shape: CacheShape, dtype: str, name: str, budget: float | None) -> Header:
+    fp = Fingerprint(
+        arch="bench", n_layers=shape.layers, n_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+        kv_dtype=dtype, rope="none", sliding_window=0, sliding_layers=(), weights_digest="0" * 16,
+    )  # fmt: skip
+    return Header(fp, shape.tokens, "asym-group", 64, True, name, budget)
+
+
+def copy_gbps(layers: list[LayerKV], fp16_bytes: int, repeats: int) -> float:
+    """Throughput of a plain tensor copy of every layer's K and V."""
+    dst = [(torch.empty_like(kv.keys), torch.empty_like(kv.values)) for kv in layers]
+
+    def copy() -> None:
+        for (k, v), kv in zip(dst, layers, strict=True):
+            k.copy_(kv.keys)
+            v.copy_(kv.values)
+
+    copy()
+    return fp16_bytes / best_of(repeats, copy) / 1e9
+
+
+def encode_all(
+    layers: list[LayerKV], header: Header, tiers: torch.Tensor, use_fused: bool
+) -> list[bytearray]:
+    return [
+        frame_bytes(i, f, tiers[i, f:], layers[i], header, fused=use_fused)
+        for i, f in enumerate(layer_firsts(header))
+    ]
+
+
+def decode_all(frames: list[bytearray], header: Header, use_fused: bool) -> None:
+    for i, frame in enumerate(frames):
+        read_frame(frame, 0, header, i, fused=use_fused)
+
+
+def measure(
+    layers: list[LayerKV], header: Header, tiers: torch.Tensor, use_fused: bool, repeats: int
+) -> tuple[int, float, float]:
+    """(wire bytes, best encode seconds, best decode seconds) for one plan."""
+    frames = encode_all(layers, header, tiers, use_fused)
+    enc = best_of(repeats, partial(encode_all, layers, header, tiers, use_fused))
+    dec = best_of(repeats, partial(decode_all, frames, header, use_fused))
+    return sum(len(f) for f in frames), enc, dec
+
+
+def run_codec(
+    shape: CacheShape,
+    dtypes: list[str],
+    policies: list[tuple[str, float | None]],
+    repeats: int,
+    codecs: list[str],
+    threads: int | None = None,
+) -> list[CodecRecord]:
+    if threads:
+        torch.set_num_threads(threads)
+    n_threads = torch.get_num_threads()
+    records = []
+    for dtype in dtypes:
+        layers = synthetic_cache(shape, getattr(torch, dtype))
+        copy = copy_gbps(layers, shape.fp16_bytes, repeats)
+        g = torch.Generator().manual_seed(1)
+        window = [
+            WindowQueries(torch.randn(shape.q_heads, 32, shape.head_dim, generator=g), 0.125, 0)
+            for _ in range(shape.layers)
+        ]
+        for name, budget in policies:
+            header = _header(shape, dtype, name, budget)
+            policy = PolicyConfig(name, budget=budget)
+            t0 = time.perf_counter()
+            scores, per_layer = score_tokens(ScoreConfig(), shape.tokens, layers, window)
+            t1 = time.perf_counter()
+            p = plan(scores, header, policy, per_layer)
+            t2 = time.perf_counter()
+            for codec in codecs:
+                reps = repeats if codec == "fused" else 1
+                wire, enc, dec = measure(layers, header, p.tiers, codec == "fused", reps)
+                records.append(
+                    CodecRecord(
+                        codec=codec, policy=name, budget=budget, dtype=dtype, tokens=shape.tokens,
+                        layers=shape.layers, threads=n_threads, wire_bytes=wire,
+                        wire_ratio=wire / shape.fp16_bytes, score_s=t1 - t0, plan_s=t2 - t1,
+                        encode_s=enc, decode_s=dec, encode_gbps=shape.fp16_bytes / enc / 1e9,
+                        decode_gbps=shape.fp16_bytes / dec / 1e9, copy_gbps=copy,
+                        encode_ratio=shape.fp16_bytes / enc / 1e9 / copy,
+                        decode_ratio=shape.fp16_bytes / dec / 1e9 / copy,
+                    )
+                )  # fmt: skip
+                print_row(records[-1])
+    return records
+
+
+_COLUMNS = (
+    ("codec", 9, "{}"),
+    ("policy", 13, "{}"),
+    ("budget", 6, "{}"),
+    ("dtype", 8, "{}"),
+    ("wire_ratio", 10, "{:.3f}"),
+    ("score_s", 8, "{:.3f}"),
+    ("plan_s", 7, "{:.3f}"),
+    ("encode_gbps", 11, "{:.2f}"),
+    ("decode_gbps", 11, "{:.2f}"),
+    ("copy_gbps", 9, "{:.2f}"),
+    ("encode_ratio", 12, "{:.1%}"),
+    ("decode_ratio", 12, "{:.1%}"),
+)
+
+
+def print_header(shape: CacheShape) -> None:
+    simd = "AVX2" if fused.AVAILABLE and fused.simd_enabled() else "scalar"
+    kernels = f"fused kernels: {simd}" if fused.AVAILABLE else "fused kernels: NOT BUILT"
+    print(
+        f"cache: {shape.layers} layers x {shape.kv_heads} KV heads x {shape.head_dim} dims x "
+        f"{shape.tokens} tokens, K and V = {shape.fp16_bytes / 1e6:.1f} MB at FP16; "
+        f"{torch.get_num_threads()} threads; {kernels}"
+    )
+    print(" ".join(f"{name:>{w}}" for name, w, _ in _COLUMNS))
+
+
+def print_row(r: CodecRecord) -> None:
+    d = asdict(r)
+    print(" ".join(f"{fmt.format(d[name]):>{w}}" for name, w, fmt in _COLUMNS), flush=True)
+
+
+def write_json(records: list[CodecRecord], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump([asdict(r) for r in records], f, indent=1)
