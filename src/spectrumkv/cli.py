@@ -205,6 +205,25 @@ def _cmd_bench_scoring(args: argparse.Namespace) -> None:
         scoring.write_json(records, args.json)
 
 
+def _cmd_bench_fuzz(args: argparse.Namespace) -> None:
+    from .bench import fuzz
+
+    def progress(done: int, counts) -> None:
+        if done % 10000 == 0 or done == args.cases:
+            print(f"{done:>8} cases: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    report = fuzz.run_fuzz(args.cases, args.seed, args.samples, progress=progress)
+    print(f"{report.cases} cases in {report.seconds:.1f} s")
+    for name, counts in report.by_mutation.items():
+        print(f"  {name:>15}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for key in fuzz.OUTCOMES:
+        print(f"{key:>18}: {report.counts[key]}")
+    if args.json:
+        fuzz.write_json(report, args.json)
+    if report.bad:
+        raise SystemExit(f"spectrumkv: {report.bad} cases ended badly; see --json for examples")
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from .assets import model_dir
 
@@ -336,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--budget", type=float, default=0.3)
     bs.add_argument("--json", help="write records to this path")
     bs.set_defaults(func=_cmd_bench_scoring)
+
+    bf = bench.add_parser("fuzz", help="mutated payloads against the decoder")
+    bf.add_argument("--cases", type=int, default=100_000)
+    bf.add_argument("--seed", type=int, default=0)
+    bf.add_argument("--samples", type=int, default=64, help="valid payloads to mutate")
+    bf.add_argument("--json", help="write outcome counts (and bad examples) to this path")
+    bf.set_defaults(func=_cmd_bench_fuzz)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

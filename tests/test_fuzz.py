@@ -1,0 +1,46 @@
+"""The decoder under mutation, and the fuzz harness's own detectors."""
+
+import random
+import time
+
+import pytest
+import torch
+
+from spectrumkv.bench import fuzz
+from spectrumkv.wire import decode_payload
+
+
+def test_a_few_thousand_mutations_end_identical_or_in_a_typed_error():
+    report = fuzz.run_fuzz(3000, seed=11)
+    assert report.bad == 0, report.examples[:3]
+    assert report.counts["typed_error"] > 2500
+    assert all(sum(c.values()) > 0 for c in report.by_mutation.values())
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return fuzz.random_sample(random.Random(5))
+
+
+def test_harness_flags_a_valid_but_different_payload_as_silent_corruption(sample):
+    p = decode_payload(sample.payload)
+    assert fuzz.classify(sample.payload, sample, 5.0, 256 << 20) == "identical"
+    kv = p.layers[0]
+    kv.keys.view(-1)[0] += 1  # the reference decode now differs from what the bytes say
+    altered = fuzz.Sample(sample.payload, sample.header, sample.frame_starts, p)
+    assert fuzz.classify(sample.payload, altered, 5.0, 256 << 20) == "silent_corruption"
+
+
+@pytest.mark.parametrize(
+    "decoder,outcome",
+    [
+        (lambda *a, **k: time.sleep(30), "hang"),
+        (lambda *a, **k: [][1], "crash"),
+        (lambda *a, **k: torch.ones(96 << 20, dtype=torch.uint8).sum(), "oversized_alloc"),
+    ],
+)
+def test_harness_detects_hangs_crashes_and_big_allocations(monkeypatch, sample, decoder, outcome):
+    monkeypatch.setattr(fuzz, "decode_payload", decoder)
+    t0 = time.perf_counter()
+    assert fuzz.classify(sample.payload, sample, 0.3, 64 << 20) == outcome
+    assert time.perf_counter() - t0 < 5
