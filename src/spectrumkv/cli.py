@@ -131,8 +131,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     engine = load(args.model)
     if args.role == "prefill":
         from .pd.prefill_worker import serve_prefill
+        from .transport.tls import server_context
 
-        coro = serve_prefill(engine, args.host, args.port, secret)
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise SystemExit("spectrumkv: --tls-cert and --tls-key go together")
+        tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        coro = serve_prefill(engine, args.host, args.port, secret, tls)
     else:
         from .pd.decode_worker import DecodeConfig, serve_decode
         from .pd.protocol import TransferOptions
@@ -146,7 +150,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             link_latency_s=args.link_latency_ms / 1000,
             overlap=not args.no_overlap,
         )
-        cfg = DecodeConfig(host, int(port), secret, args.deadline, args.on_failure, transfer)
+        cfg = DecodeConfig(
+            host, int(port), secret, args.deadline, args.on_failure, transfer, args.tls_ca
+        )
         coro = serve_decode(engine, cfg, args.host, args.port)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)
@@ -313,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--link-gbps", type=float, default=0.0, help="emulated link rate (0 = off)")
     sv.add_argument("--link-latency-ms", type=float, default=0.0)
     sv.add_argument("--no-overlap", action="store_true", help="send after prefill, not streamed")
+    sv.add_argument("--tls-cert", help="prefill: PEM certificate, serve the KV channel over TLS")
+    sv.add_argument("--tls-key", help="prefill: PEM private key of --tls-cert")
+    sv.add_argument("--tls-ca", help="decode: PEM CA/certificate to verify the prefill worker")
     sv.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)

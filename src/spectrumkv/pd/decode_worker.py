@@ -28,6 +28,7 @@ from ..errors import SpectrumKVError
 from ..pipeline import reference_state, split_prompt
 from ..transport.auth import client_handshake
 from ..transport.framing import Kind, PeerTimeout, TransportError, recv_msg, send_msg
+from ..transport.tls import client_context
 from ..wire import PayloadDecoder
 from .metrics import Metrics
 from .prefill_worker import ROLE
@@ -40,7 +41,9 @@ log = logging.getLogger("spectrumkv.decode")
 class DecodeConfig:
     """prefill_host/port: the prefill worker. deadline_s: for the whole KV transfer (seconds).
     on_failure: "recompute" or "fail". `transfer`: defaults for requests that do not say
-    otherwise (a request's `spectrumkv` field may override any of them)."""
+    otherwise (a request's `spectrumkv` field may override any of them). `tls_ca`: PEM file of
+    the CA (or self-signed certificate) the prefill worker's TLS certificate must chain to;
+    None = plain TCP."""
 
     prefill_host: str
     prefill_port: int
@@ -48,6 +51,7 @@ class DecodeConfig:
     deadline_s: float = 60.0
     on_failure: str = "recompute"
     transfer: TransferOptions = TransferOptions()
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_failure not in ("recompute", "fail"):
@@ -74,6 +78,7 @@ class DecodeWorker:
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.in_flight: dict[str, float] = {}
+        self.tls = client_context(cfg.tls_ca) if cfg.tls_ca else None
 
     async def fetch_kv(self, req: PrefillRequest) -> Transfer:
         """Receive and verify the KV of `req` from the prefill worker within the deadline."""
@@ -84,7 +89,7 @@ class DecodeWorker:
         try:
             async with asyncio.timeout(self.cfg.deadline_s):
                 reader, writer = await asyncio.open_connection(
-                    self.cfg.prefill_host, self.cfg.prefill_port
+                    self.cfg.prefill_host, self.cfg.prefill_port, ssl=self.tls
                 )
                 await client_handshake(reader, writer, self.cfg.secret, ROLE)
                 await send_msg(writer, Kind.REQUEST, msgspec.json.encode(req))

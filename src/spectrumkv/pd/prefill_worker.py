@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -118,9 +119,12 @@ class PrefillServer:
         await send_msg(writer, Kind.DONE, encode(done))
 
 
-async def serve_prefill(engine: Engine, host: str, port: int, secret: bytes) -> None:
+async def serve_prefill(
+    engine: Engine, host: str, port: int, secret: bytes, tls: ssl.SSLContext | None = None
+) -> None:
+    """Serve until cancelled. `tls`: a server context (transport.tls.server_context) or None."""
     server = PrefillServer(engine, secret)
-    srv = await asyncio.start_server(server.handle, host, port)
+    srv = await asyncio.start_server(server.handle, host, port, ssl=tls)
     bound = srv.sockets[0].getsockname()[1]
     print(f"READY prefill {host}:{bound}", flush=True)
     async with srv:

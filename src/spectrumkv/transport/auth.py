@@ -1,6 +1,12 @@
-"""Shared-secret challenge-response: the server sends a fresh 32-byte nonce, the client answers
-HMAC-SHA256(secret, nonce | role), the server compares in constant time. A fresh nonce per
-connection means a recorded answer cannot be replayed."""
+"""Mutual shared-secret challenge-response.
+
+The server sends a fresh 32-byte nonce; the client answers HMAC-SHA256(secret, nonce | role)
+plus a fresh nonce of its own; the server checks the answer in constant time and proves itself
+with HMAC-SHA256(secret, client_nonce | role | "server"). Fresh nonces on both sides mean a
+recorded answer cannot be replayed in either direction, and a decode worker never takes KV from
+a server that does not know the secret. Refusals are logged with the peer's address. (For
+confidentiality on the wire, run it inside TLS: see tls.py.)
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,9 @@ class AuthError(TransportError):
     """The peer failed authentication."""
 
 
+NONCE_BYTES = 32
+
+
 def _answer(secret: bytes, nonce: bytes, role: bytes) -> bytes:
     return hmac.new(secret, nonce + b"|" + role, hashlib.sha256).digest()
 
@@ -27,23 +36,30 @@ def _answer(secret: bytes, nonce: bytes, role: bytes) -> bytes:
 async def server_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes, role: bytes
 ) -> None:
-    nonce = secrets.token_bytes(32)
+    nonce = secrets.token_bytes(NONCE_BYTES)
     await send_msg(writer, Kind.CHALLENGE, nonce)
-    kind, body = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=64)
-    if kind != Kind.AUTH or not hmac.compare_digest(body, _answer(secret, nonce, role)):
+    kind, body = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=128)
+    answer, client_nonce = body[:-NONCE_BYTES], body[-NONCE_BYTES:]
+    ok = kind == Kind.AUTH and len(body) == 32 + NONCE_BYTES
+    if not (ok and hmac.compare_digest(answer, _answer(secret, nonce, role))):
         peer = writer.get_extra_info("peername")
         log.warning("refused unauthenticated peer %s", peer)
         raise AuthError(f"peer {peer} failed authentication")
-    await send_msg(writer, Kind.AUTH_OK, b"")
+    await send_msg(writer, Kind.AUTH_OK, _answer(secret, client_nonce, role + b"|server"))
 
 
 async def client_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes, role: bytes
 ) -> None:
-    kind, nonce = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=64)
-    if kind != Kind.CHALLENGE or len(nonce) != 32:
+    kind, nonce = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=128)
+    if kind != Kind.CHALLENGE or len(nonce) != NONCE_BYTES:
         raise AuthError("peer did not send a challenge")
-    await send_msg(writer, Kind.AUTH, _answer(secret, nonce, role))
-    kind, _ = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=64)
+    mine = secrets.token_bytes(NONCE_BYTES)
+    await send_msg(writer, Kind.AUTH, _answer(secret, nonce, role) + mine)
+    kind, proof = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=128)
     if kind != Kind.AUTH_OK:
         raise AuthError("peer refused our credentials")
+    if not hmac.compare_digest(proof, _answer(secret, mine, role + b"|server")):
+        peer = writer.get_extra_info("peername")
+        log.warning("server %s failed to prove it knows the secret", peer)
+        raise AuthError(f"server {peer} failed authentication")
