@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 
 from .errors import SpectrumKVError
@@ -230,6 +231,17 @@ def _cmd_bench_fuzz(args: argparse.Namespace) -> None:
         raise SystemExit(f"spectrumkv: {report.bad} cases ended badly; see --json for examples")
 
 
+def _cmd_bench_faults(args: argparse.Namespace) -> None:
+    from .bench import faults
+
+    records, summary = faults.run_faults(args.model, args.rounds, args.seed, args.deadline)
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        faults.write_json(records, summary, args.json)
+    if not faults.is_clean(summary):
+        raise SystemExit("spectrumkv: some faults were not survived cleanly")
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from .assets import model_dir
 
@@ -371,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--samples", type=int, default=64, help="valid payloads to mutate")
     bf.add_argument("--json", help="write outcome counts (and bad examples) to this path")
     bf.set_defaults(func=_cmd_bench_fuzz)
+
+    bx = bench.add_parser("faults", help="fault injection into real workers")
+    bx.add_argument("--model", default="smollm2-135m")
+    bx.add_argument("--rounds", type=int, default=100)
+    bx.add_argument("--seed", type=int, default=0)
+    bx.add_argument("--deadline", type=float, default=8.0, help="decode worker's KV deadline, s")
+    bx.add_argument("--json", help="write records and the summary to this path")
+    bx.set_defaults(func=_cmd_bench_faults)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

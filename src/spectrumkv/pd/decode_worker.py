@@ -119,6 +119,8 @@ class DecodeWorker:
             raise PeerTimeout("KV transfer deadline passed") from None
         except OSError as e:
             raise TransportError(f"cannot reach prefill worker: {e}") from None
+        except msgspec.MsgspecError as e:  # a DONE or ERROR message that does not parse
+            raise TransportError(f"malformed message from prefill worker: {e}") from None
         finally:
             if writer is not None:
                 writer.close()

@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..assets import check_model
@@ -21,10 +22,13 @@ class LaunchError(SpectrumKVError):
 
 @dataclass
 class Cluster:
-    """Two worker processes. `url`: the decode worker's HTTP base URL."""
+    """Two worker processes: procs[0] prefill, procs[1] decode. `url`: the decode worker's HTTP
+    base URL. `route(prefill_port) -> port`: where the decode worker dials the prefill worker
+    (e.g. through a fault-injection proxy); default: directly."""
 
     model: str
     decode_args: list[str] = field(default_factory=list)
+    route: Callable[[int], int] | None = None
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
     procs: list[subprocess.Popen] = field(default_factory=list)
     prefill_port: int = 0
@@ -38,6 +42,7 @@ class Cluster:
         check_model(self.model)  # a clear AssetError here beats two workers dying at start-up
         try:
             self.prefill_port = self._start(["serve", "prefill", "--port", "0"])
+            dial = self.route(self.prefill_port) if self.route else self.prefill_port
             self.decode_port = self._start(
                 [
                     "serve",
@@ -45,7 +50,7 @@ class Cluster:
                     "--port",
                     "0",
                     "--prefill",
-                    f"127.0.0.1:{self.prefill_port}",
+                    f"127.0.0.1:{dial}",
                     *self.decode_args,
                 ]
             )
@@ -57,11 +62,15 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _start(self, args: list[str]) -> int:
+    def _start(self, args: list[str], slot: int | None = None) -> int:
+        """Start a worker (appended to procs, or replacing procs[slot]); returns its port."""
         env = {**os.environ, "SPECTRUMKV_SECRET": self.secret}
         cmd = [sys.executable, "-m", "spectrumkv.cli", *args, "--model", self.model]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-        self.procs.append(proc)
+        if slot is None:
+            self.procs.append(proc)
+        else:
+            self.procs[slot] = proc
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -79,6 +88,12 @@ class Cluster:
         """Kill the prefill worker abruptly (fault injection)."""
         self.procs[0].kill()
         self.procs[0].wait(10)
+
+    def restart_prefill(self) -> None:
+        """Start a new prefill worker on the old port (after `kill_prefill`)."""
+        if self.procs[0].poll() is None:
+            self.kill_prefill()
+        self._start(["serve", "prefill", "--port", str(self.prefill_port)], slot=0)
 
     def close(self) -> None:
         for p in self.procs:

@@ -35,10 +35,17 @@ class PeerTimeout(TransportError):
     """A deadline passed while waiting for the peer."""
 
 
-async def send_msg(writer: asyncio.StreamWriter, kind: Kind, body: bytes | memoryview) -> None:
-    writer.write(_HEAD.pack(len(body), int(kind)))
-    writer.write(body)
-    await writer.drain()
+async def send_msg(
+    writer: asyncio.StreamWriter, kind: Kind, body: bytes | bytearray | memoryview
+) -> None:
+    """Queue one message (head and body written separately: the body is not copied into a
+    joined buffer) and wait for the transport to drain. Raises TransportError if the peer left."""
+    try:
+        writer.write(_HEAD.pack(len(body), int(kind)))
+        writer.write(body)
+        await writer.drain()
+    except (ConnectionError, OSError) as e:
+        raise TransportError(f"peer closed the connection: {type(e).__name__}") from None
 
 
 async def recv_msg(
