@@ -43,12 +43,20 @@ def _both_ways(kv, tiers, header):
     return got_f
 
 
+@pytest.fixture(params=["simd", "scalar"])
+def kernels(request):
+    """Run a test on the AVX2 kernels (where the CPU has them) and on the scalar C kernels."""
+    previous = fused.set_simd(request.param == "simd")
+    yield request.param
+    fused.set_simd(previous)
+
+
 @pytest.mark.parametrize("n", [0, 1, 7, 64])
 @pytest.mark.parametrize("head_dim,group", [(16, 8), (64, 64), (128, 32), (128, 128)])
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("wire", ["float16", "bfloat16"])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_matches_reference(n, head_dim, group, rotate, wire, src_dtype):
+def test_fused_matches_reference(n, head_dim, group, rotate, wire, src_dtype, kernels):
     header = make_header(n, heads=3, head_dim=head_dim, quant=QuantConfig(group, rotate=rotate))
     fp = msgspec.structs.replace(header.fingerprint, kv_dtype=wire)
     header = msgspec.structs.replace(header, fingerprint=fp)
@@ -89,3 +97,20 @@ def test_kernel_rejects_a_body_that_does_not_match_the_tier_map():
     with pytest.raises(ValueError, match="does not match"):
         out = memoryview(bytearray(len(frame) - 16 - 8 - 1))
         fused.encode_body(kv.keys, kv.values, tiers, 8, True, torch.float16, out)
+
+
+def test_encode_and_decode_into_reused_buffers(kernels):
+    header = make_header(40, heads=2, head_dim=64, quant=QuantConfig(64))
+    kv = _cache(2, 40, 64, torch.float16, seed=4)
+    tiers = torch.randint(0, len(Tier), (40,), generator=torch.Generator().manual_seed(4))
+    fresh = frame_bytes(0, 0, tiers, kv, header)
+    send = bytearray(len(fresh) + 100)
+    assert bytes(frame_bytes(0, 0, tiers, kv, header, out=send)) == bytes(fresh)
+    with pytest.raises(ValueError, match="needs"):
+        frame_bytes(0, 0, tiers, kv, header, out=bytearray(len(fresh) - 1))
+    want, _, _ = read_frame(fresh, 0, header, 0)
+    recv = (torch.full((2, 40, 64), 7.0).half(), torch.full((2, 40, 64), 7.0).half())
+    for use_fused in (True, False):
+        got, _, _ = read_frame(fresh, 0, header, 0, fused=use_fused, out=recv)
+        assert got.keys.data_ptr() == recv[0].data_ptr()
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)

@@ -871,17 +871,18 @@ done:
 }
 
 /* decode_frame(body, tiers, H, n, D, g, rotate, wire_dtype, k_ptr, v_ptr, kv_dtype, kept,
- *              threads)
- * body: the frame body after the tier map. tiers: n bytes. k/v: contiguous [H, kept, D]
- * outputs in kv_dtype; kept = slots whose tier is not DROP. */
+ *              capacity, threads)
+ * body: the frame body after the tier map. tiers: n bytes. k/v: [H, capacity, D] outputs in
+ * kv_dtype (rows contiguous, capacity >= kept); kept = slots whose tier is not DROP, written to
+ * rows 0..kept-1 of each head. */
 static PyObject *decode_frame(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer body, tiers;
     int h, d, g, rotate, wire_dt, kv_dt, nthreads;
-    long long n, kept;
+    long long n, kept, capacity;
     unsigned long long kp, vp;
-    if (!PyArg_ParseTuple(args, "y*y*iLiiiiKKiLi", &body, &tiers, &h, &n, &d, &g, &rotate,
-                          &wire_dt, &kp, &vp, &kv_dt, &kept, &nthreads))
+    if (!PyArg_ParseTuple(args, "y*y*iLiiiiKKiLLi", &body, &tiers, &h, &n, &d, &g, &rotate,
+                          &wire_dt, &kp, &vp, &kv_dt, &kept, &capacity, &nthreads))
         return NULL;
     PyObject *ret = NULL;
     int64_t *idx = NULL, *rank = NULL;
@@ -895,14 +896,14 @@ static PyObject *decode_frame(PyObject *self, PyObject *args) {
     const uint8_t *t = (const uint8_t *)tiers.buf;
     int64_t r = 0;
     for (int64_t s = 0; s < n; s++) rank[s] = t[s] == T_DROP ? -1 : r++;
-    if (r != kept) {
+    if (r != kept || capacity < kept) {
         PyErr_SetString(PyExc_ValueError, "kept slot count does not match the tier map");
         goto done;
     }
     size_t map_len = (size_t)(n + 1) / 2;
     Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
                .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
-               .kv_dt = kv_dt, .n = kept, .body = (uint8_t *)body.buf, .rank = rank,
+               .kv_dt = kv_dt, .n = capacity, .body = (uint8_t *)body.buf, .rank = rank,
                .decode = 1, .simd = use_simd(d, g)};
     Job sizing = job;
     sizing.n = n;

@@ -195,7 +195,7 @@ def _cmd_bench_codec(args: argparse.Namespace) -> None:
         codecs = ["reference"]
     codec.print_header(shape)
     records = codec.run_codec(
-        shape, args.dtypes.split(","), policies, repeats, codecs, args.threads
+        shape, args.dtypes.split(","), policies, repeats, codecs, args.threads, args.fresh
     )
     if args.json:
         codec.write_json(records, args.json)
@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--threads", type=int, help="torch and codec threads (default: torch's)")
     bc.add_argument("--reference", action="store_true", help="also time the torch reference")
     bc.add_argument("--quick", action="store_true", help="4 layers x 256 tokens, one pass (CI)")
+    bc.add_argument(
+        "--fresh", action="store_true", help="allocate every frame and output anew (no reuse)"
+    )
     bc.add_argument("--json", help="write records to this path")
     bc.set_defaults(func=_cmd_bench_codec)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from .config import QuantConfig
@@ -79,16 +80,32 @@ def decode_body(
     rotate: bool,
     wire_dtype: torch.dtype,
     kept: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a verified frame body (the bytes after the tier map) into [H, kept, D] keys and
-    values in `wire_dtype`. Raises ValueError if the body's size does not match the tier map."""
-    keys = torch.empty(heads, kept, head_dim, dtype=wire_dtype)
-    values = torch.empty_like(keys)
-    t = tiers.to(torch.uint8).contiguous().numpy()
+    values in `wire_dtype`. `out`: destination tensors [H, capacity >= kept, D] to write into
+    (e.g. a receive cache reused across requests); the result is then their [:, :kept] view.
+    Raises ValueError if the body's size does not match the tier map."""
+    if out is None:
+        keys = torch.empty(heads, kept, head_dim, dtype=wire_dtype)
+        values = torch.empty_like(keys)
+    else:
+        keys, values = out
+        want = (heads, keys.shape[1], head_dim)
+        for x in out:
+            if (
+                x.shape != want
+                or x.dtype != wire_dtype
+                or x.stride() != (want[1] * head_dim, head_dim, 1)
+            ):
+                raise ValueError(f"decode destination must be contiguous {want} {wire_dtype}")
+        if keys.shape[1] < kept:
+            raise ValueError(f"decode destination holds {keys.shape[1]} slots, frame keeps {kept}")
+    t = np.ascontiguousarray(tiers.to(torch.uint8).numpy())
     code = _DTYPE_CODES[wire_dtype]
     _codec.decode_frame(
         body, t, heads, t.shape[0], head_dim, group, int(rotate), code,
-        keys.data_ptr(), values.data_ptr(), code, kept, _threads(threads),
+        keys.data_ptr(), values.data_ptr(), code, kept, keys.shape[1], _threads(threads),
     )  # fmt: skip
-    return keys, values
+    return keys[:, :kept], values[:, :kept]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import msgspec
+import numpy as np
 import torch
 import xxhash
 
@@ -146,16 +147,15 @@ def pack_tier_map(tiers: torch.Tensor) -> bytes:
 
 
 def unpack_tier_map(raw: bytes | memoryview, n_slots: int) -> torch.Tensor:
-    if n_slots == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    b = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    t = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)
-    if t.numel() > n_slots and int(t[n_slots:].max()) != 0:
+    b = np.frombuffer(raw, dtype=np.uint8)
+    t = np.empty(2 * b.size, dtype=np.uint8)
+    t[0::2], t[1::2] = b & 0xF, b >> 4
+    if t.size > n_slots and t[n_slots:].any():
         raise WireFormatError("tier map padding nibble is not zero")
     t = t[:n_slots]
-    if t.numel() and int(t.max()) > int(Tier.FP16):
+    if t.size and int(t.max()) > int(Tier.FP16):
         raise WireFormatError(f"invalid tier code {int(t.max())} in tier map")
-    return t
+    return torch.from_numpy(t)
 
 
 def frame_bytes(
@@ -165,21 +165,30 @@ def frame_bytes(
     kv: LayerKV,
     header: Header,
     fused: bool | None = None,
-) -> bytearray:
-    """Encode one layer into a new buffer (head + body + checksum, one allocation, no copies).
+    out: bytearray | memoryview | None = None,
+) -> bytearray | memoryview:
+    """Encode one layer: head + body + checksum, written once, in place, with no joins.
 
     `tiers`: [n_slots] Tier codes for kv's slots (positions from first_position to n_tokens-1,
     kv holds exactly those slots). `fused`: None uses the compiled kernels when they cover the
-    scheme, False forces the torch reference (identical bytes)."""
+    scheme, False forces the torch reference (identical bytes). `out`: a buffer to encode into
+    (e.g. a send buffer reused across frames); the frame is then a memoryview of its prefix.
+    Without it the frame is a new bytearray."""
     fp, q = header.fingerprint, header.quant
     t = tiers.to(torch.uint8)
     n = t.numel()
     counts = dict(zip(STORED_TIERS, _tier_counts(t), strict=True))
     size = frame_size(n, counts, fp, q)
-    out = bytearray(size)
-    mv = memoryview(out)
+    if out is None:
+        frame = out = bytearray(size)
+        mv = memoryview(out)
+    else:
+        mv = memoryview(out).cast("B")
+        if len(mv) < size:
+            raise ValueError(f"output buffer holds {len(mv)} bytes, the frame needs {size}")
+        frame = mv = mv[:size]
     body_end = size - _CHECK.size
-    _FRAME.pack_into(out, 0, FRAME_MAGIC, layer, first_position, n, body_end - _FRAME.size)
+    _FRAME.pack_into(mv, 0, FRAME_MAGIC, layer, first_position, n, body_end - _FRAME.size)
     body = mv[_FRAME.size : body_end]
     wire_dtype = _KV_DTYPES[fp.kv_dtype]
     if fused is None:
@@ -188,8 +197,8 @@ def frame_bytes(
         fused_codec.encode_body(kv.keys, kv.values, t, q.group_size, q.rotate, wire_dtype, body)
     else:
         _encode_body_reference(body, t, kv, wire_dtype, q)
-    _CHECK.pack_into(out, body_end, _checksum(mv[:body_end], seed=frame_seed(header)))
-    return out
+    _CHECK.pack_into(mv, body_end, _checksum(mv[:body_end], seed=frame_seed(header)))
+    return frame
 
 
 def _tier_counts(tiers: torch.Tensor) -> list[int]:
@@ -285,12 +294,19 @@ def _fingerprint_diff(got: Fingerprint, want: Fingerprint) -> str:
 
 
 def read_frame(
-    buf: bytes | memoryview, offset: int, header: Header, layer: int, fused: bool | None = None
+    buf: bytes | bytearray | memoryview,
+    offset: int,
+    header: Header,
+    layer: int,
+    fused: bool | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[LayerKV, torch.Tensor, int]:
     """Parse and verify frame `layer` at `offset`.
 
     Returns (kept slots of the layer in the payload's KV dtype, the frame's tier map, offset
-    after the frame). `fused`: as in `frame_bytes`.
+    after the frame). `fused`: as in `frame_bytes`. `out`: destination K and V tensors
+    [H, capacity, D] (contiguous, KV dtype, capacity >= kept slots) to decode into, e.g. a
+    receive cache reused across requests; the returned keys/values are then views of them.
     """
     fp, q = header.fingerprint, header.quant
     mv = memoryview(buf)
@@ -320,21 +336,26 @@ def read_frame(
 
     map_len = (n_slots + 1) // 2
     tiers = unpack_tier_map(mv[body_start : body_start + map_len], n_slots)
-    counts = dict(zip(STORED_TIERS, _tier_counts(tiers), strict=True))
+    per_code = np.bincount(tiers.numpy(), minlength=len(Tier))
+    counts = {t: int(per_code[int(t)]) for t in STORED_TIERS}
     if frame_size(n_slots, counts, fp, q) != _FRAME.size + body_len + _CHECK.size:
         raise WireFormatError(f"frame {layer} body length {body_len} does not match its tier map")
 
-    kept = (tiers != int(Tier.DROP)).nonzero().flatten()
+    kept = torch.from_numpy(np.flatnonzero(tiers.numpy()))
     sections = mv[body_start + map_len : end]
     if fused is None:
         fused = fused_codec.enabled(q)
     if fused:
         keys, values = fused_codec.decode_body(
             sections, tiers, fp.n_kv_heads, fp.head_dim, q.group_size, q.rotate,
-            _KV_DTYPES[fp.kv_dtype], kept.numel(),
+            _KV_DTYPES[fp.kv_dtype], kept.numel(), out,
         )  # fmt: skip
     else:
         keys, values = _decode_body_reference(sections, tiers, counts, kept, fp, q)
+        if out is not None:
+            out[0][:, : kept.numel()] = keys
+            out[1][:, : kept.numel()] = values
+            keys, values = out[0][:, : kept.numel()], out[1][:, : kept.numel()]
     return LayerKV(keys, values, kept + first), tiers, end + _CHECK.size
 
 

@@ -49,6 +49,7 @@ class CacheShape:
 @dataclass
 class CodecRecord:
     codec: str  # "fused" or "reference"
+    buffers: str  # "reused" or "fresh"
     policy: str
     budget: float | None
     dtype: str
@@ -117,27 +118,53 @@ def copy_gbps(layers: list[LayerKV], fp16_bytes: int, repeats: int) -> float:
     return fp16_bytes / best_of(repeats, copy) / 1e9
 
 
+@dataclass
+class Buffers:
+    """Per-layer send buffers and receive tensors reused across passes, as a serving system
+    reuses registered send memory and its KV cache pages."""
+
+    send: list[bytearray]
+    recv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def for_layers(cls, layers: list[LayerKV]) -> Buffers:
+        send = [bytearray(64 + 4 * kv.keys.numel() + kv.keys.shape[1]) for kv in layers]
+        recv = [(torch.empty_like(kv.keys), torch.empty_like(kv.values)) for kv in layers]
+        return cls(send, recv)
+
+
 def encode_all(
-    layers: list[LayerKV], header: Header, tiers: torch.Tensor, use_fused: bool
-) -> list[bytearray]:
-    return [
-        frame_bytes(i, f, tiers[i, f:], layers[i], header, fused=use_fused)
-        for i, f in enumerate(layer_firsts(header))
-    ]
+    layers: list[LayerKV],
+    header: Header,
+    tiers: torch.Tensor,
+    use_fused: bool,
+    bufs: Buffers | None = None,
+) -> list:
+    frames = []
+    for i, first in enumerate(layer_firsts(header)):
+        out = bufs.send[i] if bufs else None
+        frames.append(frame_bytes(i, first, tiers[i, first:], layers[i], header, use_fused, out))
+    return frames
 
 
-def decode_all(frames: list[bytearray], header: Header, use_fused: bool) -> None:
+def decode_all(frames: list, header: Header, use_fused: bool, bufs: Buffers | None = None) -> None:
     for i, frame in enumerate(frames):
-        read_frame(frame, 0, header, i, fused=use_fused)
+        read_frame(frame, 0, header, i, fused=use_fused, out=bufs.recv[i] if bufs else None)
 
 
 def measure(
-    layers: list[LayerKV], header: Header, tiers: torch.Tensor, use_fused: bool, repeats: int
+    layers: list[LayerKV],
+    header: Header,
+    tiers: torch.Tensor,
+    use_fused: bool,
+    repeats: int,
+    bufs: Buffers | None,
 ) -> tuple[int, float, float]:
-    """(wire bytes, best encode seconds, best decode seconds) for one plan."""
-    frames = encode_all(layers, header, tiers, use_fused)
-    enc = best_of(repeats, partial(encode_all, layers, header, tiers, use_fused))
-    dec = best_of(repeats, partial(decode_all, frames, header, use_fused))
+    """(wire bytes, best encode seconds, best decode seconds) for one plan. With `bufs`, frames
+    are encoded into and decoded into reused memory; without, every pass allocates afresh."""
+    frames = [bytes(f) for f in encode_all(layers, header, tiers, use_fused)]
+    enc = best_of(repeats, partial(encode_all, layers, header, tiers, use_fused, bufs))
+    dec = best_of(repeats, partial(decode_all, frames, header, use_fused, bufs))
     return sum(len(f) for f in frames), enc, dec
 
 
@@ -148,7 +175,10 @@ def run_codec(
     repeats: int,
     codecs: list[str],
     threads: int | None = None,
+    fresh: bool = False,
 ) -> list[CodecRecord]:
+    """`fresh`: allocate every frame and every decoded tensor anew (page faults included);
+    default: reuse send buffers and receive tensors across passes."""
     if threads:
         torch.set_num_threads(threads)
     n_threads = torch.get_num_threads()
@@ -156,6 +186,7 @@ def run_codec(
     for dtype in dtypes:
         layers = synthetic_cache(shape, getattr(torch, dtype))
         copy = copy_gbps(layers, shape.fp16_bytes, repeats)
+        bufs = None if fresh else Buffers.for_layers(layers)
         g = torch.Generator().manual_seed(1)
         window = [
             WindowQueries(torch.randn(shape.q_heads, 32, shape.head_dim, generator=g), 0.125, 0)
@@ -171,10 +202,11 @@ def run_codec(
             t2 = time.perf_counter()
             for codec in codecs:
                 reps = repeats if codec == "fused" else 1
-                wire, enc, dec = measure(layers, header, p.tiers, codec == "fused", reps)
+                wire, enc, dec = measure(layers, header, p.tiers, codec == "fused", reps, bufs)
                 records.append(
                     CodecRecord(
-                        codec=codec, policy=name, budget=budget, dtype=dtype, tokens=shape.tokens,
+                        codec=codec, buffers="fresh" if fresh else "reused", policy=name,
+                        budget=budget, dtype=dtype, tokens=shape.tokens,
                         layers=shape.layers, threads=n_threads, wire_bytes=wire,
                         wire_ratio=wire / shape.fp16_bytes, score_s=t1 - t0, plan_s=t2 - t1,
                         encode_s=enc, decode_s=dec, encode_gbps=shape.fp16_bytes / enc / 1e9,
@@ -189,6 +221,7 @@ def run_codec(
 
 _COLUMNS = (
     ("codec", 9, "{}"),
+    ("buffers", 7, "{}"),
     ("policy", 13, "{}"),
     ("budget", 6, "{}"),
     ("dtype", 8, "{}"),
