@@ -52,7 +52,9 @@ def kernels(request):
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 64])
-@pytest.mark.parametrize("head_dim,group", [(16, 8), (64, 64), (128, 32), (128, 128)])
+@pytest.mark.parametrize(
+    "head_dim,group", [(16, 8), (64, 64), (128, 32), (128, 64), (128, 128), (256, 64)]
+)
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("wire", ["float16", "bfloat16"])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16])

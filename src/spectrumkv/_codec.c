@@ -424,49 +424,30 @@ AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const u
 
 /* Specialisations: head_dim 64 and 128 with group = head_dim (the defaults for most models) keep
  * the row in registers; everything else runs the same code with runtime sizes. */
-AVX2 static void encode_row_64(ENCODE_ARGS) {
-    __m256 v[8];
-    (void)d, (void)g;
-    encode_impl(v, 64, 64, src, dt, bits, rotate, norm, codes, scale, minimum);
-}
-AVX2 static void encode_row_128(ENCODE_ARGS) {
-    __m256 v[16];
-    (void)d, (void)g;
-    encode_impl(v, 128, 128, src, dt, bits, rotate, norm, codes, scale, minimum);
-}
 AVX2 static void encode_row_any(ENCODE_ARGS) {
     __m256 v[MAXV];
     encode_impl(v, d, g, src, dt, bits, rotate, norm, codes, scale, minimum);
-}
-AVX2 static void decode_row_64(DECODE_ARGS) {
-    __m256 v[8];
-    (void)d, (void)g;
-    decode_impl(v, 64, 64, codes, scale, minimum, bits, rotate, norm, dst, dt);
-}
-AVX2 static void decode_row_128(DECODE_ARGS) {
-    __m256 v[16];
-    (void)d, (void)g;
-    decode_impl(v, 128, 128, codes, scale, minimum, bits, rotate, norm, dst, dt);
 }
 AVX2 static void decode_row_any(DECODE_ARGS) {
     __m256 v[MAXV];
     decode_impl(v, d, g, codes, scale, minimum, bits, rotate, norm, dst, dt);
 }
 
+/* Eight groups at once: the per-group parameter arithmetic (FP16 rounding of min and scale,
+ * 1/scale) is a long latency chain, so it runs for 8 groups (8 / (D/G) rows) together in one
+ * vector while the rows wait in `scratch` (L1). Needs D/G in {1, 2, 4, 8}; the scale/minimum
+ * entries of the block's rows are contiguous (row-major over (row, group)). */
+#define BLOCK_GROUPS 8
 
-/* Eight rows at once, for group == head_dim (one scale per row): the per-row parameter
- * arithmetic (FP16 rounding of min and scale, 1/scale) is a long latency chain, so it is done
- * for the eight rows together in one vector; the rows wait in `scratch` (L1) meanwhile. */
-#define BLOCK_ROWS 8
-
-AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const void *const *src, int dt,
-                                          int bits, int rotate, float norm, uint8_t *codes,
-                                          uint16_t *scale, uint16_t *minimum) {
-    const int nv = d / 8;
-    float scratch[BLOCK_ROWS * 128] __attribute__((aligned(32)));
-    float lo[BLOCK_ROWS] __attribute__((aligned(32))), hi[BLOCK_ROWS] __attribute__((aligned(32)));
+AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
+                                          const void *const *src, int dt, int bits, int rotate,
+                                          float norm, uint8_t *codes, uint16_t *scale,
+                                          uint16_t *minimum) {
+    const int nv = d / 8, gv = g / 8, ng = d / g, rows = BLOCK_GROUPS / ng;
+    float scratch[BLOCK_GROUPS * 128] __attribute__((aligned(32)));
+    float lo[BLOCK_GROUPS] __attribute__((aligned(32))), hi[BLOCK_GROUPS] __attribute__((aligned(32)));
     const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
-    for (int r = 0; r < BLOCK_ROWS; r++) {
+    for (int r = 0; r < rows; r++) {
         const uint16_t *s16 = (const uint16_t *)src[r];
 #pragma GCC unroll 64
         for (int i = 0; i < nv; i++) {
@@ -480,16 +461,19 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const void *co
             }
         }
         if (rotate) fwht_regs(v, nv, norm);
-        __m256 l = _mm256_set1_ps(INFINITY), u = _mm256_set1_ps(-INFINITY);
+#pragma GCC unroll 8
+        for (int k = 0; k < ng; k++) {
+            __m256 l = _mm256_set1_ps(INFINITY), u = _mm256_set1_ps(-INFINITY);
 #pragma GCC unroll 64
-        for (int i = 0; i < nv; i++) {
-            v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
-            l = _mm256_min_ps(l, v[i]);
-            u = _mm256_max_ps(u, v[i]);
-            _mm256_store_ps(scratch + r * d + 8 * i, v[i]);
+            for (int i = k * gv; i < (k + 1) * gv; i++) {
+                v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
+                l = _mm256_min_ps(l, v[i]);
+                u = _mm256_max_ps(u, v[i]);
+                _mm256_store_ps(scratch + r * d + 8 * i, v[i]);
+            }
+            lo[r * ng + k] = hmin8(l);
+            hi[r * ng + k] = hmax8(u);
         }
-        lo[r] = hmin8(l);
-        hi[r] = hmax8(u);
     }
     const float levels = (float)((1 << bits) - 1);
     __m128i mn16 = _mm256_cvtps_ph(_mm256_load_ps(lo), _MM_FROUND_TO_NEAREST_INT);
@@ -502,46 +486,63 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const void *co
     __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sf);
     _mm_storeu_si128((__m128i *)scale, sc16);
     _mm_storeu_si128((__m128i *)minimum, mn16);
-    float mns[BLOCK_ROWS] __attribute__((aligned(32))), invs[BLOCK_ROWS] __attribute__((aligned(32)));
+    float mns[BLOCK_GROUPS] __attribute__((aligned(32))), invs[BLOCK_GROUPS] __attribute__((aligned(32)));
     _mm256_store_ps(mns, mn);
     _mm256_store_ps(invs, inv);
     const __m256 lv = _mm256_set1_ps(levels), zero = _mm256_setzero_ps();
     const size_t code_row = (size_t)d * bits / 8;
-    for (int r = 0; r < BLOCK_ROWS; r++) {
-        const __m256 mv = _mm256_set1_ps(mns[r]), iv = _mm256_set1_ps(invs[r]);
+    for (int r = 0; r < rows; r++) {
+#pragma GCC unroll 8
+        for (int k = 0; k < ng; k++) {
+            const __m256 mv = _mm256_set1_ps(mns[r * ng + k]), iv = _mm256_set1_ps(invs[r * ng + k]);
 #pragma GCC unroll 64
-        for (int i = 0; i < nv; i++) {
-            __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(scratch + r * d + 8 * i), mv), iv);
-            c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv);
+            for (int i = k * gv; i < (k + 1) * gv; i++) {
+                __m256 c = _mm256_load_ps(scratch + r * d + 8 * i);
+                c = _mm256_mul_ps(_mm256_sub_ps(c, mv), iv);
+                c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv);
+            }
         }
         pack_codes(v, d, bits, codes + r * code_row);
     }
 }
 
-AVX2 static void encode_block_64(const void *const *src, int dt, int bits, int rotate, float norm,
-                                 uint8_t *codes, uint16_t *scale, uint16_t *minimum) {
-    __m256 v[8];
-    encode_block_impl(v, 64, src, dt, bits, rotate, norm, codes, scale, minimum);
-}
-AVX2 static void encode_block_128(const void *const *src, int dt, int bits, int rotate, float norm,
-                                  uint8_t *codes, uint16_t *scale, uint16_t *minimum) {
-    __m256 v[16];
-    encode_block_impl(v, 128, src, dt, bits, rotate, norm, codes, scale, minimum);
-}
-
 typedef void (*EncodeBlock)(const void *const *src, int dt, int bits, int rotate, float norm,
                             uint8_t *codes, uint16_t *scale, uint16_t *minimum);
 
+/* Specialisations for the common (head_dim, group) pairs keep a row in registers; any other
+ * shape runs the same code with runtime sizes. */
+#define SPECIALISE(D, G)                                                                        \
+    AVX2 static void encode_block_##D##_##G(const void *const *src, int dt, int bits,           \
+                                            int rotate, float norm, uint8_t *codes,             \
+                                            uint16_t *scale, uint16_t *minimum) {               \
+        __m256 v[(D) / 8];                                                                      \
+        encode_block_impl(v, D, G, src, dt, bits, rotate, norm, codes, scale, minimum);         \
+    }                                                                                           \
+    AVX2 static void decode_row_##D##_##G(DECODE_ARGS) {                                        \
+        __m256 v[(D) / 8];                                                                      \
+        (void)d, (void)g;                                                                       \
+        decode_impl(v, D, G, codes, scale, minimum, bits, rotate, norm, dst, dt);               \
+    }
+SPECIALISE(64, 64)
+SPECIALISE(128, 64)
+SPECIALISE(128, 128)
+SPECIALISE(256, 64)
+
 static EncodeBlock pick_block_encoder(int d, int g) {
-    return d != g ? NULL : d == 64 ? encode_block_64 : d == 128 ? encode_block_128 : NULL;
+    if (d == 64 && g == 64) return encode_block_64_64;
+    if (d == 128 && g == 64) return encode_block_128_64;
+    if (d == 128 && g == 128) return encode_block_128_128;
+    if (d == 256 && g == 64) return encode_block_256_64;
+    return NULL;
 }
 
-static EncodeRow pick_encoder(int d, int g) {
-    return d == g && d == 64 ? encode_row_64 : d == g && d == 128 ? encode_row_128 : encode_row_any;
-}
 static DecodeRow pick_decoder(int d, int g) {
-    return d == g && d == 64 ? decode_row_64 : d == g && d == 128 ? decode_row_128 : decode_row_any;
+    if (d == 64 && g == 64) return decode_row_64_64;
+    if (d == 128 && g == 64) return decode_row_128_64;
+    if (d == 128 && g == 128) return decode_row_128_128;
+    if (d == 256 && g == 64) return decode_row_256_64;
+    return decode_row_any;
 }
 #else
 #define HAVE_AVX2_KERNELS 0
@@ -648,17 +649,18 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
     size_t r = (size_t)lo * h, r_end = (size_t)hi * h; /* rows of this section, token-major */
 #if HAVE_AVX2_KERNELS
     if (job->simd) {
-        encode_row = pick_encoder(d, g);
+        encode_row = encode_row_any;
         decode_row = pick_decoder(d, g);
         EncodeBlock block = job->decode ? NULL : pick_block_encoder(d, g);
-        for (; block && r + BLOCK_ROWS <= r_end; r += BLOCK_ROWS) {
-            const void *src[BLOCK_ROWS];
-            for (int b = 0; b < BLOCK_ROWS; b++) {
+        const size_t rows = BLOCK_GROUPS / ng;
+        for (; block && rows && r + rows <= r_end; r += rows) {
+            const void *src[BLOCK_GROUPS];
+            for (size_t b = 0; b < rows; b++) {
                 size_t i = (r + b) / h, j = (r + b) % h;
                 src[b] = (const uint8_t *)job->kv[kv] + (j * job->n + sc->idx[i]) * rowb;
             }
-            block(src, job->kv_dt, bits, job->rotate, job->norm, codes + r * code_row, scale + r,
-                  minimum + r);
+            block(src, job->kv_dt, bits, job->rotate, job->norm, codes + r * code_row,
+                  scale + r * ng, minimum + r * ng);
         }
     }
 #endif

@@ -184,10 +184,10 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> None:
 def _cmd_bench_codec(args: argparse.Namespace) -> None:
     from .bench import codec
 
-    shape = codec.CacheShape(args.layers, args.kv_heads, args.head_dim, args.tokens)
+    shape = codec.CacheShape(args.layers, args.kv_heads, args.head_dim, args.tokens, args.q_heads)
     repeats = args.repeats
     if args.quick:
-        shape, repeats = codec.CacheShape(4, args.kv_heads, args.head_dim, 256), 1
+        shape, repeats = codec.CacheShape(4, args.kv_heads, args.head_dim, 256, args.q_heads), 1
     policies = [codec.parse_policy(x) for x in args.policies.split(",")]
     codecs = ["fused", "reference"] if args.reference else ["fused"]
     if not codec.fused.AVAILABLE:
@@ -355,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--kv-heads", type=int, default=3)
     bc.add_argument("--head-dim", type=int, default=64)
     bc.add_argument("--tokens", type=int, default=4096)
+    bc.add_argument("--q-heads", type=int, default=9, help="query heads (window queries)")
     bc.add_argument("--dtypes", default="bfloat16,float16")
     bc.add_argument(
         "--policies",

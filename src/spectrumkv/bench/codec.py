@@ -35,11 +35,20 @@ DEFAULT_POLICIES = (
 
 @dataclass(frozen=True)
 class CacheShape:
+    """A model's cache geometry (default: SmolLM2-135M at 4096 tokens). `q_heads` only shapes
+    the scorer's window queries; it must be a multiple of `kv_heads`."""
+
     layers: int = 30
     kv_heads: int = 3
     head_dim: int = 64
     tokens: int = 4096
     q_heads: int = 9
+
+    def __post_init__(self) -> None:
+        if self.q_heads % self.kv_heads:
+            raise ValueError(
+                f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}"
+            )
 
     @property
     def fp16_bytes(self) -> int:
