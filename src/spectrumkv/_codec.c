@@ -693,6 +693,9 @@ static void *worker(void *arg) {
  * One job runs at a time; a caller that finds the pool busy (another Python thread encoding)
  * does its whole job on its own thread instead of waiting. */
 #define SPIN_NS 300000
+/* Waking a helper that already sleeps costs about a millisecond on a VM; below this many rows
+ * (~4 MB of FP16 input at head_dim 64) the caller works alone unless a helper is still awake. */
+#define WAKE_MIN_ROWS 32768
 
 static struct {
     pthread_mutex_t run; /* held for a whole job */
@@ -701,6 +704,7 @@ static struct {
     int started;             /* helper threads alive, ids 1..started (under mu) */
     _Atomic uint64_t gen;    /* bumped for each job */
     _Atomic int pending;     /* helpers still working on the current job */
+    _Atomic int awake;       /* helpers spinning or working (not asleep) */
     int nthreads;            /* threads taking part in the current job, the caller included */
     uint64_t born[MAX_THREADS]; /* gen when each helper was started */
     Job jobs[MAX_THREADS];
@@ -737,11 +741,14 @@ static void *helper_main(void *arg) {
     pthread_mutex_lock(&pool.mu);
     uint64_t seen = pool.born[id];
     pthread_mutex_unlock(&pool.mu);
+    atomic_fetch_add(&pool.awake, 1);
     for (;;) {
         if (!spin_while_gen(seen)) {
+            atomic_fetch_sub(&pool.awake, 1);
             pthread_mutex_lock(&pool.mu);
             while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
             pthread_mutex_unlock(&pool.mu);
+            atomic_fetch_add(&pool.awake, 1);
         }
         seen = atomic_load(&pool.gen);
         if (id >= pool.nthreads) continue;
@@ -763,11 +770,19 @@ static void pool_after_fork(void) {
     pthread_cond_init(&pool.done, NULL);
     pool.started = 0;
     atomic_store(&pool.pending, 0);
+    atomic_store(&pool.awake, 0);
+}
+
+static size_t job_rows(const Job *job) {
+    size_t rows = 0;
+    for (int k = 0; k < job->nsec; k++) rows += 2 * (size_t)job->sec[k].m * job->h;
+    return rows;
 }
 
 static void run_parallel(const Job *job, int nthreads) {
     nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
-    if (nthreads == 1 || pthread_mutex_trylock(&pool.run) != 0) {
+    int small = job_rows(job) < WAKE_MIN_ROWS && atomic_load(&pool.awake) < nthreads - 1;
+    if (nthreads == 1 || small || pthread_mutex_trylock(&pool.run) != 0) {
         Job solo = *job;
         solo.nthreads = 1;
         solo.t = 0;
