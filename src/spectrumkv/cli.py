@@ -242,6 +242,20 @@ def _cmd_bench_faults(args: argparse.Namespace) -> None:
         raise SystemExit("spectrumkv: some faults were not survived cleanly")
 
 
+def _cmd_bench_load(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .bench import load
+
+    report = load.run_load(args.model, args.clients, args.duration, max_tokens=args.max_tokens)
+    summary = {k: v for k, v in asdict(report).items() if k != "memory"}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        load.write_json(report, args.json)
+    if args.plot:
+        load.plot(report, args.plot)
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from .assets import model_dir
 
@@ -395,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument("--deadline", type=float, default=8.0, help="decode worker's KV deadline, s")
     bx.add_argument("--json", help="write records and the summary to this path")
     bx.set_defaults(func=_cmd_bench_faults)
+
+    bl = bench.add_parser("load", help="concurrent clients through the HTTP front")
+    bl.add_argument("--model", default="smollm2-135m")
+    bl.add_argument("--clients", type=int, default=32)
+    bl.add_argument("--duration", type=float, default=150.0, help="seconds of load")
+    bl.add_argument("--max-tokens", type=int, default=4)
+    bl.add_argument("--json", help="write the report (memory samples included) here")
+    bl.add_argument("--plot", help="write a PNG of both workers' memory over time")
+    bl.set_defaults(func=_cmd_bench_load)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from ..pd.client import complete, get_text
-from ..pd.launch import Cluster
+from ..pd.launch import Cluster, rss_mb
 
 FAULTS = ("none", "close", "stall", "corrupt", "kill")
 
@@ -117,14 +117,6 @@ class FaultRecord:
     seconds: float
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def run_faults(
     model: str, rounds: int, seed: int = 0, deadline_s: float = 8.0, max_tokens: int = 8
 ) -> tuple[list[FaultRecord], dict]:
@@ -148,7 +140,7 @@ def run_faults(
         ref = complete(c.url, prompt, max_tokens, **opts)["spectrumkv"]["token_ids"]
         stream_bytes = complete(c.url, prompt, 1, **opts)["spectrumkv"]["wire_bytes"]
         decode_pid = c.procs[1].pid
-        rss_start = _rss_kb(decode_pid)
+        rss_start = rss_mb(decode_pid)
         for i in range(rounds):
             kind = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else rng.choice(FAULTS)
             fault = Fault(kind, rng.randrange(stream_bytes + 200), rng.random() < 0.2)
@@ -195,8 +187,8 @@ def run_faults(
             "outcomes": dict(Counter(r.outcome for r in records)),
             "faults": dict(Counter(r.fault for r in records)),
             "in_flight_after": health["in_flight"],
-            "decode_rss_mb_start": rss_start / 1024,
-            "decode_rss_mb_end": _rss_kb(decode_pid) / 1024,
+            "decode_rss_mb_start": rss_start,
+            "decode_rss_mb_end": rss_mb(decode_pid),
             "max_seconds": max(r.seconds for r in records),
             "deadline_s": deadline_s,
         }

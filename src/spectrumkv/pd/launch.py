@@ -20,6 +20,15 @@ class LaunchError(SpectrumKVError):
     """A worker process did not come up."""
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 @dataclass
 class Cluster:
     """Two worker processes: procs[0] prefill, procs[1] decode. `url`: the decode worker's HTTP
