@@ -1,5 +1,7 @@
 """The compiled codec against the torch reference: identical bytes out, identical tensors back."""
 
+import json
+
 import msgspec
 import pytest
 import torch
@@ -116,3 +118,19 @@ def test_encode_and_decode_into_reused_buffers(kernels):
         got, _, _ = read_frame(fresh, 0, header, 0, fused=use_fused, out=recv)
         assert got.keys.data_ptr() == recv[0].data_ptr()
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+
+
+def test_bench_codec_quick_mode_reports_the_issue_fields(tmp_path, capsys):
+    from spectrumkv.cli import main
+
+    out = tmp_path / "codec.json"
+    assert main(["bench", "codec", "--quick", "--reference", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    keys = {"policy", "budget", "dtype", "encode_gbps", "decode_gbps", "copy_gbps",
+            "encode_ratio", "decode_ratio"}  # fmt: skip
+    assert len(records) == 16 and all(keys <= r.keys() for r in records)
+    fused_rows = [r for r in records if r["codec"] == "fused"]
+    assert all(r["encode_gbps"] > 0 and r["decode_gbps"] > 0 for r in fused_rows)
+    spectrum = [r for r in records if r["policy"] == "spectrum"]
+    assert all(abs(r["wire_ratio"] - r["budget"]) < 0.01 for r in spectrum)
+    assert "fused kernels" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """The decoder under mutation, and the fuzz harness's own detectors."""
 
+import json
 import random
 import time
 
@@ -44,3 +45,15 @@ def test_harness_detects_hangs_crashes_and_big_allocations(monkeypatch, sample, 
     t0 = time.perf_counter()
     assert fuzz.classify(sample.payload, sample, 0.3, 64 << 20) == outcome
     assert time.perf_counter() - t0 < 5
+
+
+def test_bench_fuzz_command_writes_the_issue_keys(tmp_path):
+    from spectrumkv.cli import main
+
+    out = tmp_path / "fuzz.json"
+    assert main(["bench", "fuzz", "--cases", "300", "--samples", "8", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    for key in ("cases", "identical", "typed_error", "crash", "hang", "oversized_alloc",
+                "silent_corruption"):  # fmt: skip
+        assert key in got
+    assert got["cases"] == 300 and got["identical"] + got["typed_error"] == 300
