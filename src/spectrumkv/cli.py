@@ -173,7 +173,7 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> None:
             ttft.print_row(r)
     else:
         records = ttft.run_ttft(args.model, lengths, links, budgets, overlaps, args.score_layers)
-    for line in ttft.projection(records):
+    for line in ttft.projection(records, codec_json=args.codec_json):
         print(line)
     if args.json:
         ttft.write_json(records, args.json)
@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--json", help="write records to this path")
     bt.add_argument("--plot", help="write a PNG of TTFT and transfer phase vs link rate")
     bt.add_argument("--from-json", help="re-print and re-plot earlier records, run nothing")
+    bt.add_argument("--codec-json", help="project 7B models from `bench codec --json` figures")
     bt.set_defaults(func=_cmd_bench_ttft)
 
     bc = bench.add_parser("codec", help="encode/decode throughput vs a plain copy of the cache")
