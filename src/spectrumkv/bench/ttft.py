@@ -2,7 +2,10 @@
 
 For each prompt length x emulated link x budget (x overlap on/off) one request with max_tokens=1
 goes through the decode worker; the prefill worker reports its stage times. `limit_s` is the
-physical floor of the transfer: wire bytes / link rate.
+physical floor of the transfer: wire bytes / link rate. The transfer phase is what the transfer
+adds after prefill: the exposed send time (prefill end -> last byte sent) plus the decode-side
+unpack left after the last byte arrived (`unpack_tail_s`; frames are unpacked as they arrive, so
+the rest of `unpack_s` overlaps with the wire).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class TtftRecord:
     transfer_phase_s: float
     ttft_s: float
     limit_s: float
+    unpack_tail_s: float = 0.0  # decode-side work left after the last byte (records before v2: 0)
 
 
 def prompt_of(text: str, tokenizer, n_tokens: int, offset: int) -> str:
@@ -97,8 +101,9 @@ def run_ttft(
                                 encode_s=s["encode_s"],
                                 wire_s=s["wire_s"],
                                 unpack_s=s["unpack_s"],
+                                unpack_tail_s=s["unpack_tail_s"],
                                 transfer_exposed_s=exposed,
-                                transfer_phase_s=exposed + s["unpack_s"],
+                                transfer_phase_s=exposed + s["unpack_tail_s"],
                                 ttft_s=s["ttft_s"],
                                 limit_s=s["wire_bytes"] * 8 / (gbps * 1e9),
                             )
@@ -166,7 +171,7 @@ def projection(
 
 
 def plot(records: list[TtftRecord], png: str) -> None:
-    """Top row: TTFT; bottom row: the transfer phase (exposed transfer + decode-side unpack)."""
+    """Top row: TTFT; bottom row: the transfer phase (exposed transfer + decode-side unpack tail)."""
     lengths = sorted({r.prompt_tokens for r in records})
     fig, axes = plt.subplots(2, len(lengths), figsize=(4.2 * len(lengths), 6.6), squeeze=False)
     for col, n in enumerate(lengths):

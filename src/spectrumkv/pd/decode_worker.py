@@ -60,12 +60,15 @@ class DecodeConfig:
 
 @dataclass
 class Transfer:
-    """What arrived for one request, with stage times in seconds."""
+    """What arrived for one request, with stage times in seconds. `unpack_s`: all verify +
+    decode work; `unpack_tail_s`: the part left after the last byte arrived (the rest overlapped
+    with the transfer)."""
 
     layers: list = field(default_factory=list)
     n_tokens: int = 0
     done: PrefillDone | None = None
     unpack_s: float = 0.0
+    unpack_tail_s: float = 0.0
 
 
 class TransferFailed(SpectrumKVError):
@@ -77,6 +80,9 @@ class DecodeWorker:
         self.engine, self.cfg = engine, cfg
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        # verify + decode frames off the event loop, in arrival order, while the socket keeps
+        # receiving (the codec releases the GIL)
+        self.unpacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unpack")
         self.in_flight: dict[str, float] = {}
         self.tls = client_context(cfg.tls_ca) if cfg.tls_ca else None
 
@@ -86,6 +92,7 @@ class DecodeWorker:
         dec = PayloadDecoder(expect=self.engine.fingerprint)
         deadline = time.monotonic() + self.cfg.deadline_s
         writer = None
+        pending: list[asyncio.Future] = []
         try:
             async with asyncio.timeout(self.cfg.deadline_s):
                 reader, writer = await asyncio.open_connection(
@@ -93,25 +100,36 @@ class DecodeWorker:
                 )
                 await client_handshake(reader, writer, self.cfg.secret, ROLE)
                 await send_msg(writer, Kind.REQUEST, msgspec.json.encode(req))
+            loop = asyncio.get_running_loop()
+
+            def unpack(feed, body: bytes) -> None:
+                t0 = time.perf_counter()
+                feed(body)
+                out.unpack_s += time.perf_counter() - t0
+
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PeerTimeout("KV transfer deadline passed")
                 kind, body = await recv_msg(reader, left)
-                t0 = time.perf_counter()
-                if kind == Kind.HEADER:
-                    dec.feed_header(body)
-                elif kind == Kind.FRAME:
-                    dec.feed_frame(body)
+                for fut in pending:  # a frame that failed verification ends the transfer now
+                    if fut.done() and fut.exception():
+                        raise fut.exception()
+                if kind in (Kind.HEADER, Kind.FRAME):
+                    feed = dec.feed_header if kind == Kind.HEADER else dec.feed_frame
+                    pending.append(loop.run_in_executor(self.unpacker, unpack, feed, body))
                 elif kind == Kind.DONE:
                     out.done = msgspec.json.decode(body, type=PrefillDone)
+                    t_last = time.perf_counter()
+                    left = max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(asyncio.gather(*pending), left)
+                    out.unpack_tail_s = time.perf_counter() - t_last
                     break
                 elif kind == Kind.ERROR:
                     err = msgspec.json.decode(body, type=ErrorReply)
                     raise TransferFailed(f"prefill worker: {err.error}: {err.message}")
                 else:
                     raise TransportError(f"unexpected {kind.name} message")
-                out.unpack_s += time.perf_counter() - t0
             payload = dec.finish()
             out.layers, out.n_tokens = payload.layers, payload.header.n_tokens
             return out
@@ -124,6 +142,9 @@ class DecodeWorker:
         finally:
             if writer is not None:
                 writer.close()
+            for fut in pending:  # after a failure: drop queued frames, collect their errors
+                if not fut.cancel() and fut.done():
+                    fut.exception()
 
     def _generate(self, ids: torch.Tensor, transfer: Transfer | None, max_tokens: int, emit):
         """Model work, on the decode thread. `transfer` None = recompute locally."""
@@ -240,6 +261,7 @@ class DecodeWorker:
                 wire_s=d.wire_s,
                 transfer_exposed_s=d.transfer_exposed_s,
                 unpack_s=transfer.unpack_s,
+                unpack_tail_s=transfer.unpack_tail_s,
                 wire_bytes=d.wire_bytes,
                 fp16_bytes=d.fp16_bytes,
                 wire_ratio=d.wire_bytes / d.fp16_bytes if d.fp16_bytes else None,
@@ -248,6 +270,7 @@ class DecodeWorker:
             for stage in ("prefill", "encode", "transfer_exposed"):
                 m.stage.labels(stage).observe(getattr(d, f"{stage}_s"))
             m.stage.labels("unpack").observe(transfer.unpack_s)
+            m.stage.labels("unpack_tail").observe(transfer.unpack_tail_s)
         return stats
 
     # --- HTTP -----------------------------------------------------------------------------
