@@ -17,3 +17,35 @@ def test_every_fault_ends_in_the_right_answer_or_a_clear_error():
     # a fault on the KV stream must not pass unnoticed as a different answer
     assert all(r.outcome != "wrong_answer" for r in records)
     assert summary["decode_rss_mb_end"] - summary["decode_rss_mb_start"] < 200
+
+
+def test_a_request_corrupted_into_another_prompt_is_caught(smol):
+    """Flip one digit of the first token id on its way to the prefill worker: the prefill worker
+    computes the KV of a different prompt, and the decode worker must notice (token digest)."""
+    import urllib.error
+
+    from spectrumkv.pd.client import complete
+    from spectrumkv.pd.launch import Cluster
+
+    prompt = "The three primary colours are"
+    ids = smol.tokenizer(prompt)["input_ids"]
+    proxy = None
+
+    def route(port: int) -> int:
+        nonlocal proxy
+        proxy = faults.FaultProxy(port)
+        return proxy.port
+
+    auth, head = 5 + 32 + 32, 5  # AUTH message (answer + client nonce), REQUEST message head
+    prefix = len('{"request_id":"cmpl-0123456789abcdef","token_ids":[')
+    offset = auth + head + prefix + len(str(ids[0])) - 1  # last digit of the first token id
+    with Cluster("smollm2-135m", ["--deadline", "10"], route=route) as c:
+        ref = complete(c.url, prompt, 6, budget=1.0)["spectrumkv"]["token_ids"]
+        proxy.arm(faults.Fault("corrupt", offset, upstream=True, xor=0x01))
+        with pytest.raises(urllib.error.HTTPError) as e:
+            complete(c.url, prompt, 6, budget=1.0, on_failure="fail")
+        assert e.value.code == 502 and "not for this request's prompt" in e.value.read().decode()
+        proxy.arm(faults.Fault("corrupt", offset, upstream=True, xor=0x01))
+        r = complete(c.url, prompt, 6, budget=1.0, on_failure="recompute")
+        assert r["spectrumkv"]["outcome"] == "recomputed" and r["spectrumkv"]["token_ids"] == ref
+    proxy.close()

@@ -160,3 +160,11 @@ def test_frames_are_bound_to_their_header():
     with pytest.raises(ChecksumError, match="frame 0"):
         decode_payload(spliced)
     assert decode_payload(other_payload).header.payload_id == header.payload_id + 1
+
+
+def test_tokens_digest_identifies_the_prompt():
+    from spectrumkv.wire import tokens_digest
+
+    a = tokens_digest([1, 2, 3])
+    assert a == tokens_digest(torch.tensor([1, 2, 3])) != 0
+    assert a != tokens_digest([1, 2, 4]) and a != tokens_digest([1, 2, 3, 0])

@@ -12,10 +12,21 @@ from .config import PolicyConfig, ScoreConfig
 from .engines.hf import DecodeState, Engine, Prefilled, decode_state
 from .importance import score_tokens
 from .policy import Plan, layer_firsts, plan
-from .wire import Header, decode_payload, frame_bytes, header_bytes, new_payload_id
+from .wire import (
+    Header,
+    decode_payload,
+    frame_bytes,
+    header_bytes,
+    new_payload_id,
+    tokens_digest,
+)
 
 
-def make_header(engine: Engine, n_tokens: int, policy: PolicyConfig) -> Header:
+def make_header(
+    engine: Engine, n_tokens: int, policy: PolicyConfig, context_ids: torch.Tensor | None = None
+) -> Header:
+    """A fresh header (new payload id); with `context_ids`, it records their digest so the
+    receiver can check the cache is for its prompt."""
     return Header(
         fingerprint=engine.fingerprint,
         n_tokens=n_tokens,
@@ -25,6 +36,7 @@ def make_header(engine: Engine, n_tokens: int, policy: PolicyConfig) -> Header:
         policy=policy.name,
         budget=policy.budget,
         payload_id=new_payload_id(),
+        tokens_digest=tokens_digest(context_ids) if context_ids is not None else 0,
     )
 
 

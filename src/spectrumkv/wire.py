@@ -74,7 +74,9 @@ class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Payload header. `n_tokens`: cached prompt tokens (positions 0..n_tokens-1).
-    `payload_id`: random per payload (see `new_payload_id`), binds the frames to this header."""
+    `payload_id`: random per payload (see `new_payload_id`), binds the frames to this header.
+    `tokens_digest`: `tokens_digest(ids)` of the cached tokens, so a receiver can check that the
+    cache is for *its* prompt (0 = not recorded)."""
 
     fingerprint: Fingerprint
     n_tokens: int
@@ -84,6 +86,7 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: str
     budget: float | None
     payload_id: int = 0
+    tokens_digest: int = 0
 
     @property
     def quant(self) -> QuantConfig:
@@ -103,6 +106,12 @@ _header_decoder = msgspec.msgpack.Decoder(Header)
 def new_payload_id() -> int:
     """A random 63-bit payload id."""
     return secrets.randbits(63)
+
+
+def tokens_digest(ids: torch.Tensor | list[int]) -> int:
+    """xxh3_64 of the token ids as little-endian int64, never 0 (0 means "not recorded")."""
+    raw = torch.as_tensor(ids, dtype=torch.int64).contiguous().numpy().astype("<i8").tobytes()
+    return xxhash.xxh3_64_intdigest(raw) or 1
 
 
 def _checksum(*parts: bytes | memoryview, seed: int = 0) -> int:
@@ -266,8 +275,8 @@ def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> t
 
 def _validate_header(h: Header) -> None:
     fp = h.fingerprint
-    if not (0 <= h.payload_id < 1 << 63):
-        raise WireFormatError("payload_id out of range")
+    if not (0 <= h.payload_id < 1 << 63 and 0 <= h.tokens_digest < 1 << 64):
+        raise WireFormatError("payload_id or tokens_digest out of range")
     if not (0 <= h.n_tokens <= MAX_TOKENS):
         raise WireFormatError(f"n_tokens {h.n_tokens} out of range")
     if not (1 <= fp.n_layers <= 4096 and 1 <= fp.n_kv_heads <= 1024 and 1 <= fp.head_dim <= 4096):

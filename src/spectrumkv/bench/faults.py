@@ -6,7 +6,8 @@ TCP proxy that applies one fault per connection to the byte stream:
 - close:   close both sockets after `offset` bytes of the KV stream;
 - stall:   stop forwarding after `offset` bytes and keep the sockets open (the decode worker's
            deadline must fire);
-- corrupt: flip one byte at `offset` of the KV stream (or of the request, `upstream=True`);
+- corrupt: flip one byte at `offset` of the KV stream, or of the request (`upstream=True`: a
+           token id or the JSON around it; the payload's token digest catches the former);
 - kill:    kill the prefill worker process `delay` seconds into the transfer, then restart it;
 - none:    pass everything through.
 
@@ -38,6 +39,7 @@ class Fault:
     kind: str = "none"
     offset: int = 0  # bytes into the stream
     upstream: bool = False  # corrupt the decode -> prefill direction instead
+    xor: int = 0xFF  # corrupt: the byte at `offset` is XORed with this
 
 
 class FaultProxy:
@@ -93,7 +95,7 @@ class FaultProxy:
                     return
                 if fault.kind == "corrupt" and sent <= fault.offset < sent + len(chunk):
                     b = bytearray(chunk)
-                    b[fault.offset - sent] ^= 0xFF
+                    b[fault.offset - sent] ^= fault.xor
                     chunk = bytes(b)
                 w.write(chunk)
                 await w.drain()
@@ -143,7 +145,10 @@ def run_faults(
         rss_start = rss_mb(decode_pid)
         for i in range(rounds):
             kind = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else rng.choice(FAULTS)
-            fault = Fault(kind, rng.randrange(stream_bytes + 200), rng.random() < 0.2)
+            upstream = kind == "corrupt" and rng.random() < 0.3
+            # the request direction carries ~100 bytes of handshake + the JSON request
+            offset = rng.randrange(100, 400) if upstream else rng.randrange(stream_bytes + 200)
+            fault = Fault(kind, offset, upstream)
             on_failure = rng.choice(("recompute", "fail"))
             proxy.arm(fault if kind != "kill" else Fault())
             killer = None

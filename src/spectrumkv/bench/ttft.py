@@ -171,7 +171,7 @@ def projection(
 
 
 def plot(records: list[TtftRecord], png: str) -> None:
-    """Top row: TTFT; bottom row: the transfer phase (exposed transfer + decode-side unpack tail)."""
+    """Top row: TTFT; bottom row: the transfer phase (exposed send + decode-side unpack tail)."""
     lengths = sorted({r.prompt_tokens for r in records})
     fig, axes = plt.subplots(2, len(lengths), figsize=(4.2 * len(lengths), 6.6), squeeze=False)
     for col, n in enumerate(lengths):

@@ -24,12 +24,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..engines.hf import Engine, decode_state, generate, prefill
-from ..errors import SpectrumKVError
+from ..errors import IncompatiblePayloadError, SpectrumKVError
 from ..pipeline import reference_state, split_prompt
 from ..transport.auth import client_handshake
 from ..transport.framing import Kind, PeerTimeout, TransportError, recv_msg, send_msg
 from ..transport.tls import client_context
-from ..wire import PayloadDecoder
+from ..wire import PayloadDecoder, tokens_digest
 from .metrics import Metrics
 from .prefill_worker import ROLE
 from .protocol import ErrorReply, PrefillDone, PrefillRequest, TransferOptions, with_overrides
@@ -131,6 +131,8 @@ class DecodeWorker:
                 else:
                     raise TransportError(f"unexpected {kind.name} message")
             payload = dec.finish()
+            if payload.header.tokens_digest != tokens_digest(req.token_ids):
+                raise IncompatiblePayloadError("the KV payload is not for this request's prompt")
             out.layers, out.n_tokens = payload.layers, payload.header.n_tokens
             return out
         except TimeoutError:

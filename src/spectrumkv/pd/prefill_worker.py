@@ -67,7 +67,7 @@ class PrefillServer:
             policy = PolicyConfig(opt.policy, budget=opt.budget)
             scoring = ScoreConfig(layers=opt.score_layers)
             ids = torch.tensor(req.token_ids, dtype=torch.long)
-            enc = StreamingEncoder(self.engine, ids.numel(), policy, scoring, emit)
+            enc = StreamingEncoder(self.engine, ids, policy, scoring, emit)
         except (SpectrumKVError, ValueError) as e:
             err = ErrorReply(req.request_id, type(e).__name__, str(e))
             await send_msg(writer, Kind.ERROR, encode(err))

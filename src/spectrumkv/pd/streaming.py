@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
+
 from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import Engine
 from ..importance import WindowQueries, score_tokens
@@ -25,8 +27,14 @@ class StreamingEncoder:
     """
 
     def __init__(
-        self, engine: Engine, n_tokens: int, policy: PolicyConfig, scoring: ScoreConfig, emit: Emit
+        self,
+        engine: Engine,
+        context_ids: torch.Tensor,
+        policy: PolicyConfig,
+        scoring: ScoreConfig,
+        emit: Emit,
     ) -> None:
+        n_tokens = context_ids.numel()
         n_layers = engine.fingerprint.n_layers
         self.k = min(scoring.layers or n_layers, n_layers)
         if policy.name == "spectrum-layer" and self.k < n_layers:
@@ -38,7 +46,7 @@ class StreamingEncoder:
             scoring,
             emit,
         )
-        self.header: Header = make_header(engine, n_tokens, policy)
+        self.header: Header = make_header(engine, n_tokens, policy, context_ids)
         self.firsts = layer_firsts(self.header)
         self.layers: list[LayerKV] = []
         self.window: list[WindowQueries] = []
