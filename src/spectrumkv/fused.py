@@ -62,6 +62,11 @@ def encode_body(
     """Write a frame body (tier map + sections) into `out`, which must have exactly its size.
 
     keys, values: [H, n, D] (float32/float16/bfloat16); tiers: [n] Tier codes."""
+    if keys.shape != values.shape or keys.dtype != values.dtype or keys.dtype not in _DTYPE_CODES:
+        raise ValueError(
+            f"keys/values must be [H, n, D] of one float dtype, got {tuple(keys.shape)} "
+            f"{keys.dtype} and {tuple(values.shape)} {values.dtype}"
+        )
     h, n, d = keys.shape
     k, v = keys.contiguous(), values.contiguous()
     t = tiers.to(torch.uint8).contiguous().numpy()
