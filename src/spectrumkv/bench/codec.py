@@ -2,7 +2,7 @@
 
 Throughputs are in GB/s of FP16-equivalent input (2 bytes per cached element, K and V, all
 layers), so every policy is measured against the same amount of cache. `copy_gbps` is a plain
-tensor copy of that cache measured in the same run; the ratios are what the codec targets are
+tensor copy of that cache measured in the same run, right before each row; the ratios are what the codec targets are
 stated in. Each figure is the best of `repeats` passes (the least disturbed by other work on a
 shared machine). Scoring runs the real observation-window attention scorer on random queries of
 the model's shape; planning is the real planner.
@@ -194,7 +194,6 @@ def run_codec(
     records = []
     for dtype in dtypes:
         layers = synthetic_cache(shape, getattr(torch, dtype))
-        copy = copy_gbps(layers, shape.fp16_bytes, repeats)
         bufs = None if fresh else Buffers.for_layers(layers)
         g = torch.Generator().manual_seed(1)
         window = [
@@ -211,6 +210,8 @@ def run_codec(
             t2 = time.perf_counter()
             for codec in codecs:
                 reps = repeats if codec == "fused" else 1
+                # the baseline next to each row: this machine's speed drifts over a run
+                copy = copy_gbps(layers, shape.fp16_bytes, repeats)
                 wire, enc, dec = measure(layers, header, p.tiers, codec == "fused", reps, bufs)
                 records.append(
                     CodecRecord(
