@@ -2,8 +2,8 @@
 
 Throughputs are in GB/s of FP16-equivalent input (2 bytes per cached element, K and V, all
 layers), so every policy is measured against the same amount of cache. `copy_gbps` is a plain
-tensor copy of that cache measured in the same run, right before each row; the ratios are what the codec targets are
-stated in. Each figure is the best of `repeats` passes (the least disturbed by other work on a
+tensor copy of that cache, measured right before each row; the ratios are what the codec targets
+are stated in. Each figure is the best of `repeats` passes (the least disturbed by other work on a
 shared machine). Scoring runs the real observation-window attention scorer on random queries of
 the model's shape; planning is the real planner.
 """
