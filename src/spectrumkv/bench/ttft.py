@@ -115,7 +115,8 @@ def run_ttft(
 def print_header() -> None:
     print(
         f"{'tokens':>6} {'Gbps':>5} {'budget':>6} {'ovl':>3} {'wire MB':>8} {'prefill':>8} "
-        f"{'encode':>7} {'wire':>7} {'exposed':>8} {'unpack':>7} {'TTFT':>7} {'limit':>7}"
+        f"{'encode':>7} {'wire':>7} {'exposed':>8} {'unpack':>7} {'tail':>7} {'phase':>7} "
+        f"{'TTFT':>7} {'limit':>7}"
     )
 
 
@@ -124,7 +125,8 @@ def print_row(r: TtftRecord) -> None:
         f"{r.prompt_tokens:>6} {r.link_gbps:>5g} {r.budget:>6.2f} "
         f"{'on' if r.overlap else 'off':>3} "
         f"{r.wire_bytes / 1e6:>8.2f} {r.prefill_s:>7.2f}s {r.encode_s:>6.3f}s {r.wire_s:>6.3f}s "
-        f"{r.transfer_exposed_s:>7.3f}s {r.unpack_s:>6.3f}s {r.ttft_s:>6.2f}s {r.limit_s:>6.3f}s",
+        f"{r.transfer_exposed_s:>7.3f}s {r.unpack_s:>6.3f}s {r.unpack_tail_s:>6.3f}s "
+        f"{r.transfer_phase_s:>6.3f}s {r.ttft_s:>6.2f}s {r.limit_s:>6.3f}s",
         flush=True,
     )
 
