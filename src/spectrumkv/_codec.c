@@ -694,8 +694,11 @@ static void *worker(void *arg) {
  * does its whole job on its own thread instead of waiting. */
 #define SPIN_NS 300000
 /* Waking a helper that already sleeps costs about a millisecond on a VM; below this many rows
- * (~4 MB of FP16 input at head_dim 64) the caller works alone unless a helper is still awake. */
+ * (~4 MB of FP16 input at head_dim 64) the caller works alone, unless a helper is still awake
+ * or jobs are coming back to back (the previous one ended under BACK_TO_BACK_NS ago), where one
+ * wake-up pays for many jobs. */
 #define WAKE_MIN_ROWS 32768
+#define BACK_TO_BACK_NS 2000000
 
 static struct {
     pthread_mutex_t run; /* held for a whole job */
@@ -773,6 +776,8 @@ static void pool_after_fork(void) {
     atomic_store(&pool.awake, 0);
 }
 
+static _Atomic int64_t last_job_end;
+
 static size_t job_rows(const Job *job) {
     size_t rows = 0;
     for (int k = 0; k < job->nsec; k++) rows += 2 * (size_t)job->sec[k].m * job->h;
@@ -781,12 +786,15 @@ static size_t job_rows(const Job *job) {
 
 static void run_parallel(const Job *job, int nthreads) {
     nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
-    int small = job_rows(job) < WAKE_MIN_ROWS && atomic_load(&pool.awake) < nthreads - 1;
+    int back_to_back = now_ns() - atomic_load(&last_job_end) < BACK_TO_BACK_NS;
+    int small = job_rows(job) < WAKE_MIN_ROWS && atomic_load(&pool.awake) < nthreads - 1 &&
+                !back_to_back;
     if (nthreads == 1 || small || pthread_mutex_trylock(&pool.run) != 0) {
         Job solo = *job;
         solo.nthreads = 1;
         solo.t = 0;
         worker(&solo);
+        atomic_store(&last_job_end, now_ns());
         return;
     }
     pthread_mutex_lock(&pool.mu);
@@ -815,6 +823,7 @@ static void run_parallel(const Job *job, int nthreads) {
         while (atomic_load(&pool.pending)) pthread_cond_wait(&pool.done, &pool.mu);
         pthread_mutex_unlock(&pool.mu);
     }
+    atomic_store(&last_job_end, now_ns());
     pthread_mutex_unlock(&pool.run);
 }
 
