@@ -25,7 +25,9 @@ for step in $STEPS; do
       --budgets 0.15,0.3 --policies "spectrum,pdtrim@fr=0.25,uniform-int4" \
       --json $R/niah_smollm2-135m.json
     $skv eval niah --model smollm2-135m --corpus wiki --contexts 2048 --depths 10 --needles 5 \
-      --budgets 0.3 --policies "spectrum,pdtrim@fr=0.25" --json $R/niah_smollm2-135m.json ;;
+      --budgets 0.3 --policies "spectrum,pdtrim@fr=0.25" --json $R/niah_smollm2-135m.json
+    $skv eval niah --model gemma3-270m --corpus wiki --contexts 1024 --depths 10 --needles 5 \
+      --budgets 0.3 --policies "spectrum,pdtrim@fr=0.25" --json $R/niah_gemma3-270m.json ;;
   probe)
     for m in smollm2-135m gemma3-270m; do
       for kind in paper ppl+niah; do
@@ -48,8 +50,6 @@ for step in $STEPS; do
     $skv bench load --clients 32 --duration 150 --json $R/load.json \
       --plot $R/load-memory.png | tee $R/load.txt ;;
   report)
-    $skv eval niah --model gemma3-270m --corpus wiki --contexts 1024 --depths 10 --needles 5 \
-      --budgets 0.3 --policies "spectrum,pdtrim@fr=0.25" --json $R/niah_gemma3-270m.json
     $skv report $R/ppl_*.json $R/niah_*.json --out $R ;;
   esac
 done
