@@ -26,7 +26,7 @@ for step in $STEPS; do
       --json $R/niah_smollm2-135m.json
     $skv eval niah --model smollm2-135m --corpus wiki --contexts 2048 --depths 10 --needles 5 \
       --budgets 0.3 --policies "spectrum,pdtrim@fr=0.25" --json $R/niah_smollm2-135m.json
-    $skv eval niah --model gemma3-270m --corpus wiki --contexts 1024 --depths 10 --needles 5 \
+    $skv eval niah --model gemma3-270m --corpus wiki --contexts 1024,2048 --depths 10 --needles 5 \
       --budgets 0.3 --policies "spectrum,pdtrim@fr=0.25" --json $R/niah_gemma3-270m.json ;;
   probe)
     for m in smollm2-135m gemma3-270m; do
