@@ -563,10 +563,10 @@ typedef struct {
     /* geometry */
     int h, d, g, rotate, wire_dt;
     float norm;
-    /* encode: source [H, n, D]; decode: destination [H, kept, D] */
+    /* encode: source [H, stride, D]; decode: destination [H, stride >= kept, D] */
     void *kv[2];
     int kv_dt;
-    int64_t n;
+    int64_t stride; /* slots per head in kv[] */
     uint8_t *body;
     Section sec[4];
     int nsec;
@@ -581,11 +581,11 @@ static size_t section_size(int tier, int64_t m, int h, int d, int g) {
     return (size_t)m * h * (size_t)d * BITS[tier] / 8 + (size_t)m * h * (d / g) * 4;
 }
 
-/* Fill job->sec from the tier map; returns the body size in bytes (tier map included). */
-static size_t layout(Job *job, const uint8_t *tiers, int64_t *idx_store) {
+/* Fill job->sec from the n-slot tier map, sections starting at byte `off` of job->body;
+ * returns the offset just past the last section. */
+static size_t layout(Job *job, const uint8_t *tiers, int64_t n, size_t off, int64_t *idx_store) {
     int64_t counts[5] = {0};
-    for (int64_t s = 0; s < job->n; s++) counts[tiers[s]]++;
-    size_t off = (size_t)(job->n + 1) / 2;
+    for (int64_t s = 0; s < n; s++) counts[tiers[s]]++;
     int64_t *cursor = idx_store;
     job->nsec = 0;
     for (int k = 0; k < 4; k++) {
@@ -595,7 +595,7 @@ static size_t layout(Job *job, const uint8_t *tiers, int64_t *idx_store) {
         sc->tier = tier;
         sc->m = counts[tier];
         sc->idx = cursor;
-        for (int64_t s = 0; s < job->n; s++)
+        for (int64_t s = 0; s < n; s++)
             if (tiers[s] == tier) *cursor++ = s;
         for (int kv = 0; kv < 2; kv++) {
             sc->off[kv] = off;
@@ -621,7 +621,7 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
             for (int j = 0; j < h; j++) {
                 uint8_t *wire = base + ((size_t)i * h + j) * d * 2;
                 int64_t slot = job->decode ? job->rank[sc->idx[i]] : sc->idx[i];
-                uint8_t *mem = (uint8_t *)job->kv[kv] + ((size_t)j * job->n + slot) * rowb;
+                uint8_t *mem = (uint8_t *)job->kv[kv] + ((size_t)j * job->stride + slot) * rowb;
                 if (job->decode) {
                     if (job->kv_dt == job->wire_dt) {
                         memcpy(mem, wire, rowb);
@@ -657,7 +657,7 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
             const void *src[BLOCK_GROUPS];
             for (size_t b = 0; b < rows; b++) {
                 size_t i = (r + b) / h, j = (r + b) % h;
-                src[b] = (const uint8_t *)job->kv[kv] + (j * job->n + sc->idx[i]) * rowb;
+                src[b] = (const uint8_t *)job->kv[kv] + (j * job->stride + sc->idx[i]) * rowb;
             }
             block(src, job->kv_dt, bits, job->rotate, job->norm, codes + r * code_row,
                   scale + r * ng, minimum + r * ng);
@@ -667,7 +667,7 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
     for (; r < r_end; r++) {
         size_t i = r / h, j = r % h;
         int64_t slot = job->decode ? job->rank[sc->idx[i]] : sc->idx[i];
-        uint8_t *mem = (uint8_t *)job->kv[kv] + (j * job->n + slot) * rowb;
+        uint8_t *mem = (uint8_t *)job->kv[kv] + (j * job->stride + slot) * rowb;
         if (job->decode)
             decode_row(codes + r * code_row, scale + r * ng, minimum + r * ng, d, g, bits,
                        job->rotate, job->norm, mem, job->kv_dt);
@@ -871,14 +871,15 @@ static PyObject *encode_frame(PyObject *self, PyObject *args) {
     if (check_geometry(h, d, g, nthreads) || check_tiers(&tiers, n)) goto done;
     Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
                .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
-               .kv_dt = kv_dt, .n = n, .body = (uint8_t *)out.buf,
+               .kv_dt = kv_dt, .stride = n, .body = (uint8_t *)out.buf,
                .simd = use_simd(d, g)};
     idx = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
     if (!idx) {
         PyErr_NoMemory();
         goto done;
     }
-    if (layout(&job, (const uint8_t *)tiers.buf, idx) != (size_t)out.len) {
+    /* the body is the tier map, then the sections */
+    if (layout(&job, (const uint8_t *)tiers.buf, n, (size_t)(n + 1) / 2, idx) != (size_t)out.len) {
         PyErr_SetString(PyExc_ValueError, "output buffer size does not match the tier map");
         goto done;
     }
@@ -926,22 +927,15 @@ static PyObject *decode_frame(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "kept slot count does not match the tier map");
         goto done;
     }
-    size_t map_len = (size_t)(n + 1) / 2;
     Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
                .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
-               .kv_dt = kv_dt, .n = capacity, .body = (uint8_t *)body.buf, .rank = rank,
+               .kv_dt = kv_dt, .stride = capacity, .body = (uint8_t *)body.buf, .rank = rank,
                .decode = 1, .simd = use_simd(d, g)};
-    Job sizing = job;
-    sizing.n = n;
-    size_t want = layout(&sizing, t, idx);
-    if (want - map_len != (size_t)body.len) {
+    /* the body here starts after the tier map */
+    if (layout(&job, t, n, 0, idx) != (size_t)body.len) {
         PyErr_SetString(PyExc_ValueError, "frame body size does not match its tier map");
         goto done;
     }
-    memcpy(job.sec, sizing.sec, sizeof job.sec);
-    job.nsec = sizing.nsec;
-    for (int k = 0; k < job.nsec; k++) /* offsets counted from after the tier map */
-        for (int kv = 0; kv < 2; kv++) job.sec[k].off[kv] -= map_len;
     Py_BEGIN_ALLOW_THREADS
     run_parallel(&job, nthreads);
     Py_END_ALLOW_THREADS

@@ -186,7 +186,7 @@ def frame_bytes(
     fp, q = header.fingerprint, header.quant
     t = tiers.to(torch.uint8)
     n = t.numel()
-    counts = dict(zip(STORED_TIERS, _tier_counts(t), strict=True))
+    counts = _tier_counts(t)
     size = frame_size(n, counts, fp, q)
     if out is None:
         frame = out = bytearray(size)
@@ -210,10 +210,10 @@ def frame_bytes(
     return frame
 
 
-def _tier_counts(tiers: torch.Tensor) -> list[int]:
-    """Slots per tier, in STORED_TIERS order."""
-    counts = torch.bincount(tiers.to(torch.long), minlength=len(Tier)).tolist()
-    return [counts[int(t)] for t in STORED_TIERS]
+def _tier_counts(tiers: torch.Tensor) -> dict[Tier, int]:
+    """Slots per stored tier of a uint8 tier map."""
+    per_code = np.bincount(tiers.numpy(), minlength=len(Tier))
+    return {t: int(per_code[int(t)]) for t in STORED_TIERS}
 
 
 def _encode_body_reference(
@@ -345,8 +345,7 @@ def read_frame(
 
     map_len = (n_slots + 1) // 2
     tiers = unpack_tier_map(mv[body_start : body_start + map_len], n_slots)
-    per_code = np.bincount(tiers.numpy(), minlength=len(Tier))
-    counts = {t: int(per_code[int(t)]) for t in STORED_TIERS}
+    counts = _tier_counts(tiers)
     if frame_size(n_slots, counts, fp, q) != _FRAME.size + body_len + _CHECK.size:
         raise WireFormatError(f"frame {layer} body length {body_len} does not match its tier map")
 
