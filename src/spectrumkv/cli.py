@@ -110,17 +110,6 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(args.results, args.out)}")
 
 
-def _secret() -> bytes:
-    import os
-
-    from .errors import ConfigError
-
-    secret = os.environ.get("SPECTRUMKV_SECRET", "")
-    if len(secret) < 16:
-        raise ConfigError("set SPECTRUMKV_SECRET (>= 16 characters), shared by both workers")
-    return secret.encode()
-
-
 def _cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
     import logging
@@ -128,7 +117,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from .engines.hf import load
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    secret = _secret()
+    from .transport.auth import secret_from_env
+
+    secret = secret_from_env()
     engine = load(args.model)
     if args.role == "prefill":
         from .pd.prefill_worker import serve_prefill
@@ -419,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", help="write the report (memory samples included) here")
     bl.add_argument("--plot", help="write a PNG of both workers' memory over time")
     bl.set_defaults(func=_cmd_bench_load)
+
+    from .integrations.vllm.commands import register as register_vllm
+
+    register_vllm(sub, bench)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

@@ -13,6 +13,7 @@ from .engines.hf import DecodeState, Engine, Prefilled, decode_state
 from .importance import score_tokens
 from .policy import Plan, layer_firsts, plan
 from .wire import (
+    Fingerprint,
     Header,
     decode_payload,
     frame_bytes,
@@ -25,13 +26,23 @@ from .wire import (
 def make_header(
     engine: Engine, n_tokens: int, policy: PolicyConfig, context_ids: torch.Tensor | None = None
 ) -> Header:
+    """A fresh header for this engine's model (see `new_header`)."""
+    return new_header(engine.fingerprint, n_tokens, policy, context_ids)
+
+
+def new_header(
+    fp: Fingerprint,
+    n_tokens: int,
+    policy: PolicyConfig,
+    context_ids: torch.Tensor | list[int] | None = None,
+) -> Header:
     """A fresh header (new payload id); with `context_ids`, it records their digest so the
     receiver can check the cache is for its prompt."""
     return Header(
-        fingerprint=engine.fingerprint,
+        fingerprint=fp,
         n_tokens=n_tokens,
         scheme=policy.quant.scheme,
-        group_size=policy.quant.group_for(engine.fingerprint.head_dim),
+        group_size=policy.quant.group_for(fp.head_dim),
         rotate=policy.quant.rotate,
         policy=policy.name,
         budget=policy.budget,

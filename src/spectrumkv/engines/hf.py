@@ -16,10 +16,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import xxhash
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ..assets import model_dir
 from ..errors import AssetError, IncompatiblePayloadError
@@ -74,14 +76,36 @@ def load(name: str, kv_dtype: str = "float16", threads: int | None = None) -> En
 
 def fingerprint(model: torch.nn.Module, kv_dtype: str = "float16") -> Fingerprint:
     """Shape, positional encoding and a digest of layer 0's key projection."""
+    return config_fingerprint(model.config, _attn(model, 0).k_proj.weight, kv_dtype)
+
+
+def dir_fingerprint(path: str | Path, kv_dtype: str) -> Fingerprint:
+    """The fingerprint of a local HF model directory, without loading the model: its config and
+    layer 0's key projection read from the safetensors files (for engines that load weights
+    their own way, e.g. vLLM, which fuses the projections)."""
+    path = Path(path)
+    cfg = AutoConfig.from_pretrained(path)
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            name = next((k for k in st.keys() if k.endswith(_K0_SUFFIX)), None)  # noqa: SIM118
+            if name is not None:
+                return config_fingerprint(cfg, st.get_tensor(name), kv_dtype)
+    raise AssetError(f"no *{_K0_SUFFIX} tensor in the safetensors files of {path}")
+
+
+_K0_SUFFIX = "layers.0.self_attn.k_proj.weight"
+
+
+def config_fingerprint(cfg, k0: torch.Tensor, kv_dtype: str) -> Fingerprint:
+    """Fingerprint from a transformers config and layer 0's key projection weight."""
     if kv_dtype not in _KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {list(_KV_DTYPES)}, got {kv_dtype!r}")
-    cfg = model.config
+    cfg = cfg.get_text_config()
     layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 0)}
-    k0 = _attn(model, 0).k_proj.weight.detach().float().contiguous()
+    k0 = k0.detach().float().contiguous()
     return Fingerprint(
         arch=cfg.model_type,
         n_layers=cfg.num_hidden_layers,

@@ -14,8 +14,10 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 
+from ..errors import ConfigError
 from .framing import Kind, TransportError, recv_msg, send_msg
 
 log = logging.getLogger("spectrumkv.auth")
@@ -27,6 +29,15 @@ class AuthError(TransportError):
 
 
 NONCE_BYTES = 32
+SECRET_ENV = "SPECTRUMKV_SECRET"
+
+
+def secret_from_env(var: str = SECRET_ENV) -> bytes:
+    """The shared secret both ends of a transfer know, from the environment (>= 16 chars)."""
+    secret = os.environ.get(var, "")
+    if len(secret) < 16:
+        raise ConfigError(f"set {var} (>= 16 characters), shared by both ends of the transfer")
+    return secret.encode()
 
 
 def _answer(secret: bytes, nonce: bytes, role: bytes) -> bytes:

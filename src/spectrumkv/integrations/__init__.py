@@ -1,0 +1,1 @@
+"""Adapters that plug SpectrumKV into serving engines (optional extras)."""
