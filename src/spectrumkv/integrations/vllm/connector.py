@@ -31,7 +31,7 @@ from .config import ConnectorConfig
 from .meta import SpectrumKVMetadata
 from .scheduler import ConsumerScheduler, ProducerScheduler
 from .stats import SpectrumKVPromMetrics, SpectrumKVStats
-from .worker import ConsumerWorker, ProducerWorker
+from .worker import ConsumerWorker, ProducerWorker, plan_no_drop
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -177,11 +177,11 @@ def _check_budget(fp: Fingerprint, policy: PolicyConfig) -> None:
     """A budget below what the policy reaches without dropping tokens fails at start-up."""
     scores = torch.zeros(_CHECK_TOKENS)
     try:
-        plan(scores, new_header(fp, _CHECK_TOKENS, policy), policy)
+        plan_no_drop(scores, new_header(fp, _CHECK_TOKENS, policy), policy)
     except BudgetError as e:
         int4 = PolicyConfig("uniform-int4", budget=None, quant=policy.quant)
         least = plan(scores, new_header(fp, _CHECK_TOKENS, int4), int4).wire_budget
         raise ConfigError(
-            f"{e}; the paged cache keeps every token, so the smallest budget is about "
-            f"{least:.3f} (all INT4, {_CHECK_TOKENS}-token prompt)"
+            f"{e}; the smallest budget is about {least:.3f} (all INT4, {_CHECK_TOKENS}-token "
+            "prompt)"
         ) from None

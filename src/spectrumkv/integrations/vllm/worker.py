@@ -26,11 +26,13 @@ from dataclasses import replace
 
 import torch
 
-from ...errors import ConfigError, SpectrumKVError
+from ...config import PolicyConfig
+from ...errors import BudgetError, ConfigError, SpectrumKVError
 from ...importance import keynorm_scores
 from ...kv import LayerKV
 from ...pipeline import new_header
-from ...policy import plan
+from ...policy import Plan, plan
+from ...tiers import Tier
 from ...transport.framing import TransportError
 from ...transport.push import (
     BackgroundLoop,
@@ -41,7 +43,7 @@ from ...transport.push import (
     start_receiver,
 )
 from ...transport.shaper import LinkShaper
-from ...wire import Fingerprint, frame_bytes, header_bytes
+from ...wire import Fingerprint, Header, frame_bytes, header_bytes
 from .config import ConnectorConfig
 from .meta import LoadReq, SendReq, SpectrumKVMetadata
 from .paged import PagedLayout, gather, learn_layout, scatter, token_slots
@@ -67,6 +69,19 @@ def cpu_write_op(isa: str):
         ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, kv_cache_dtype="auto")
 
     return write
+
+
+def plan_no_drop(scores: torch.Tensor, header: Header, policy: PolicyConfig) -> Plan:
+    """`policy.plan`, refusing a plan that drops tokens (the paged cache keeps every position):
+    raises BudgetError when the budget is below what the policy reaches without dropping."""
+    p = plan(scores, header, policy)
+    dropped = int((p.tiers[p.present] == int(Tier.DROP)).sum())
+    if dropped:
+        raise BudgetError(
+            f"budget {policy.budget} needs {dropped} dropped (layer, token) slots; vLLM's paged "
+            "cache keeps every token, so the connector never drops"
+        )
+    return p
 
 
 class PagedCache:
@@ -138,7 +153,7 @@ class ProducerWorker:
         if req.budget is not None:
             policy = replace(policy, budget=float(req.budget))
         header = new_header(self.fp, n, policy, req.token_ids)
-        p = plan(keynorm_scores(layers, n), header, policy)
+        p = plan_no_drop(keynorm_scores(layers, n), header, policy)
         chunks = [header_bytes(header)]
         chunks += [frame_bytes(i, 0, p.tiers[i], kv, header) for i, kv in enumerate(layers)]
         shaper = LinkShaper(self.cfg.link_gbps, self.cfg.link_latency_s)
