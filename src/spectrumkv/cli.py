@@ -59,6 +59,16 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> None:
         print(f"records in {args.json} (re-running resumes: finished runs are skipped)")
 
 
+def _cmd_eval_agreement(args: argparse.Namespace) -> None:
+    from .eval.agreement import run_agreement, write_json
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    methods = args.methods.split(",")
+    records = run_agreement(args.model, args.corpus, lengths, args.prompts, methods, args.keep)
+    if args.json:
+        write_json(records, args.json)
+
+
 def _cmd_eval_niah(args: argparse.Namespace) -> None:
     from .assets import load_text
     from .engines.hf import load
@@ -301,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     nh.add_argument("--policies", default="spectrum,pdtrim", help="run specs, as for eval ppl")
     nh.add_argument("--json", help="results file: written after every trial, resumed if present")
     nh.set_defaults(func=_cmd_eval_niah)
+
+    ag = ev.add_parser("agreement", help="importance proxies vs window-attention ranking")
+    ag.add_argument("--model", default="smollm2-135m")
+    ag.add_argument("--corpus", default="wiki")
+    ag.add_argument("--lengths", default="512,2048", help="prompt lengths (tokens)")
+    ag.add_argument("--prompts", type=int, default=4, help="prompts per length")
+    ag.add_argument("--methods", default="keynorm,positional,random")
+    ag.add_argument("--keep", type=float, default=0.3, help="top fraction compared")
+    ag.add_argument("--json", help="write records to this path")
+    ag.set_defaults(func=_cmd_eval_agreement)
 
     pr = sub.add_parser("probe", help="deployment-time INT4 tolerance probe -> model profile")
     pr.add_argument("--model", default="smollm2-135m")

@@ -43,6 +43,8 @@ class ConnectorConfig:
     past it the blocks are reported as load errors and vLLM recomputes them.
     inbox_mb / inbox_ttl_s: decoded payloads the consumer holds before their request comes.
     link_gbps / link_latency_s: link emulation on the producer (0 = off).
+    tls_cert / tls_key (consumer) and tls_ca (producer): PEM paths; set them to run the push
+    channel inside TLS (the producer checks the consumer's certificate against tls_ca).
     """
 
     role: Literal["producer", "consumer"]
@@ -56,6 +58,9 @@ class ConnectorConfig:
     inbox_ttl_s: float = 120.0
     link_gbps: float = 0.0
     link_latency_s: float = 0.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -66,6 +71,8 @@ class ConnectorConfig:
             raise ConfigError(f"inbox_mb must be >= 1, got {self.inbox_mb}")
         if self.link_gbps < 0 or self.link_latency_s < 0:
             raise ConfigError("link_gbps and link_latency_s must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
         if not 0 <= self.receiver_port < 65536:
             raise ConfigError(f"receiver port {self.receiver_port} out of range")
 

@@ -43,6 +43,7 @@ from ...transport.push import (
     start_receiver,
 )
 from ...transport.shaper import LinkShaper
+from ...transport.tls import client_context, server_context
 from ...wire import Fingerprint, Header, frame_bytes, header_bytes
 from .config import ConnectorConfig
 from .meta import LoadReq, SendReq, SpectrumKVMetadata
@@ -128,6 +129,7 @@ class ProducerWorker:
         self.cache: PagedCache | None = None
         self.loop = BackgroundLoop("spectrumkv-push")
         self.stats = SpectrumKVStats()
+        self.tls = client_context(cfg.tls_ca) if cfg.tls_ca else None
 
     def register(self, kv_caches: dict[str, torch.Tensor], isa: str) -> None:
         self.cache = PagedCache(kv_caches, self.fp, isa)
@@ -159,7 +161,13 @@ class ProducerWorker:
         shaper = LinkShaper(self.cfg.link_gbps, self.cfg.link_latency_s)
         cfg = self.cfg
         coro = push_payload(
-            cfg.receiver_host, cfg.receiver_port, cfg.secret, req.transfer_id, chunks, shaper
+            cfg.receiver_host,
+            cfg.receiver_port,
+            cfg.secret,
+            req.transfer_id,
+            chunks,
+            shaper,
+            self.tls,
         )
         sent = self.loop.run(coro, cfg.push_timeout_s)
         return sent, p.fp16_bytes
@@ -167,7 +175,13 @@ class ProducerWorker:
     def _notify_failure(self, transfer_id: str, error: str) -> None:
         cfg = self.cfg
         coro = push_payload(
-            cfg.receiver_host, cfg.receiver_port, cfg.secret, transfer_id, [], error=error
+            cfg.receiver_host,
+            cfg.receiver_port,
+            cfg.secret,
+            transfer_id,
+            [],
+            tls=self.tls,
+            error=error,
         )
         try:
             self.loop.run(coro, min(cfg.push_timeout_s, 5.0))
@@ -192,12 +206,18 @@ class ConsumerWorker:
         self.inbox = KVInbox(cfg.inbox_mb << 20, cfg.inbox_ttl_s)
         self.receiver = PushReceiver(self.inbox, cfg.secret, fp)
         self.loop = BackgroundLoop("spectrumkv-receive")
-        self.server = self.loop.run(
-            start_receiver(self.receiver, cfg.receiver_host, cfg.receiver_port), 10.0
-        )
+        tls = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+        where = f"{cfg.receiver_host}:{cfg.receiver_port}"
+        try:
+            self.server = self.loop.run(
+                start_receiver(self.receiver, cfg.receiver_host, cfg.receiver_port, tls), 10.0
+            )
+        except OSError as e:
+            self.loop.stop()
+            raise ConfigError(f"SpectrumKV receiver cannot listen on {where}: {e}") from None
         self.errors: set[int] = set()
         self.stats = SpectrumKVStats()
-        log.info("SpectrumKV receiver on %s:%d", cfg.receiver_host, cfg.receiver_port)
+        log.info("SpectrumKV receiver on %s (TLS %s)", where, "on" if tls else "off")
 
     def register(self, kv_caches: dict[str, torch.Tensor], isa: str) -> None:
         self.cache = PagedCache(kv_caches, self.fp, isa)
