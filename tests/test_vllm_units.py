@@ -176,3 +176,24 @@ def test_proxy_rewrites_requests_for_each_instance():
     assert d["max_tokens"] == 50 and d["stream"] is True
     assert d["kv_transfer_params"] == {TRANSFER_ID: "t", LOAD: True}
     assert "kv_transfer_params" not in decode_body(body, None)
+
+
+def test_budget_floor_is_checked_at_start_up_and_plans_never_drop():
+    from spectrumkv.assets import model_dir
+    from spectrumkv.config import PolicyConfig
+    from spectrumkv.engines.hf import dir_fingerprint
+    from spectrumkv.errors import BudgetError
+    from spectrumkv.integrations.vllm.connector import _check_budget
+    from spectrumkv.integrations.vllm.worker import plan_no_drop
+    from spectrumkv.pipeline import new_header
+
+    fp = dir_fingerprint(model_dir("smollm2-135m"), "bfloat16")
+    _check_budget(fp, PolicyConfig("spectrum", budget=0.3))
+    with pytest.raises(ConfigError, match="smallest budget is about 0.28"):
+        _check_budget(fp, PolicyConfig("spectrum", budget=0.25))
+    policy = PolicyConfig("spectrum", budget=0.26)
+    with pytest.raises(BudgetError, match="dropped"):
+        plan_no_drop(torch.rand(600), new_header(fp, 600, policy), policy)
+    ok = PolicyConfig("spectrum", budget=0.3)
+    p = plan_no_drop(torch.rand(600), new_header(fp, 600, ok), ok)
+    assert p.wire_budget <= 0.3 and p.counts()["DROP"] == 0

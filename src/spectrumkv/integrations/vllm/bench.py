@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .client import Answer, ask
@@ -32,6 +32,8 @@ class Record:
     wire_bytes: int
     fp16_bytes: int
     fallbacks: int
+    push_s: float
+    load_s: float
     projected: bool = False
 
 
@@ -58,6 +60,8 @@ def _record(connector, budget, link, tokens, answers: list[Answer], projected=Fa
         int(statistics.median(a.wire_bytes for a in answers)),
         int(statistics.median(a.fp16_bytes for a in answers)),
         sum(bool(a.fallback) for a in answers),
+        statistics.median(a.push_s for a in answers),
+        statistics.median(a.load_s for a in answers),
         projected,
     )
 
@@ -89,14 +93,7 @@ def run_bench(
             answers = [ask(pd, p, max_tokens) for p in prompts]
         for link in links:
             shifted = [
-                Answer(
-                    a.text,
-                    a.ttft_s + (a.wire_bytes * 8 / (link * 1e9) if link else 0.0),
-                    a.total_s,
-                    a.wire_bytes,
-                    a.fp16_bytes,
-                    a.fallback,
-                )
+                replace(a, ttft_s=a.ttft_s + (a.wire_bytes * 8 / (link * 1e9) if link else 0.0))
                 for a in answers
             ]
             records.append(_record("example", None, link, prompt_tokens, shifted, link > 0))
@@ -106,8 +103,8 @@ def run_bench(
 def markdown(records: list[Record]) -> str:
     rows = [
         "| connector | budget | link | prompt tokens | requests | TTFT p50 (s) | "
-        "bytes per request (MB) | vs 16-bit KV | fallbacks |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "bytes per request (MB) | vs 16-bit KV | push p50 (s) | load p50 (s) | fallbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         name = "vLLM ExampleConnector" if r.connector == "example" else "SpectrumKV"
@@ -117,6 +114,11 @@ def markdown(records: list[Record]) -> str:
         budget = "-" if r.budget is None else f"{r.budget:g}"
         rows.append(
             f"| {name} | {budget} | {link} | {r.prompt_tokens} | {r.requests} | {ttft} | "
-            f"{r.wire_bytes / 1e6:.2f} | {ratio} | {r.fallbacks} |"
+            f"{r.wire_bytes / 1e6:.2f} | {ratio} | {_secs(r.push_s)} | {_secs(r.load_s)} | "
+            f"{r.fallbacks} |"
         )
     return "\n".join(rows)
+
+
+def _secs(s: float) -> str:
+    return f"{s:.3f}" if s else "-"

@@ -18,7 +18,9 @@ from .launch import VllmPD
 class Answer:
     """One request. ttft_s: request sent -> first streamed token at the client (seconds).
     wire_bytes / fp16_bytes: the producer's counters for this request (SpectrumKV), or the bytes
-    ExampleConnector wrote to its shared directory (fp16_bytes = wire_bytes then)."""
+    ExampleConnector wrote to its shared directory (fp16_bytes = wire_bytes then).
+    push_s: the producer's score + encode + push until the consumer's verdict; load_s: the
+    consumer's claim + write into the paged cache (SpectrumKV only, else 0)."""
 
     text: str
     ttft_s: float
@@ -26,6 +28,8 @@ class Answer:
     wire_bytes: int
     fp16_bytes: int
     fallback: str
+    push_s: float = 0.0
+    load_s: float = 0.0
 
 
 def stream_completion(
@@ -78,29 +82,41 @@ def ask(
     if salt:
         body["cache_salt"] = salt
     headers = {"X-SpectrumKV-Budget": str(budget)} if budget is not None else {}
-    storage = pd.setup.log_dir / "example-storage"
     if pd.setup.connector == "example":
+        storage = pd.setup.log_dir / "example-storage"
         before = _dir_bytes(storage)
-    else:
-        before_m = pd.metrics("prefill")
+        text, ttft, total, h = stream_completion(pd.proxy_url, body, headers)
+        wire = _dir_bytes(storage) - before
+        return Answer(text, ttft, total, wire, wire, h.get("X-SpectrumKV-Fallback", ""))
+    before_p, before_d = pd.metrics("prefill"), pd.metrics("decode")
     text, ttft, total, h = stream_completion(pd.proxy_url, body, headers)
-    if pd.setup.connector == "example":
-        wire = fp16 = _dir_bytes(storage) - before
-    else:
-        after = _wait_counters(pd, before_m)
-        wire = int(
-            after["vllm:spectrumkv_wire_bytes_total"]
-            - before_m.get("vllm:spectrumkv_wire_bytes_total", 0)
-        )
-        fp16 = int(
-            after["vllm:spectrumkv_fp16_bytes_total"]
-            - before_m.get("vllm:spectrumkv_fp16_bytes_total", 0)
-        )
-    return Answer(text, ttft, total, wire, fp16, h.get("X-SpectrumKV-Fallback", ""))
+    p = _delta(_wait_counters(pd, before_p), before_p)
+    d = _delta(pd.metrics("decode"), before_d)
+    return Answer(
+        text,
+        ttft,
+        total,
+        int(p["wire_bytes_total"]),
+        int(p["fp16_bytes_total"]),
+        h.get("X-SpectrumKV-Fallback", ""),
+        p["transfer_seconds_sum"],
+        d["transfer_seconds_sum"],
+    )
+
+
+_KEYS = ("wire_bytes_total", "fp16_bytes_total", "transfer_seconds_sum")
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Counter growth, keyed without the vllm:spectrumkv_ prefix."""
+    return {
+        k: after.get(f"vllm:spectrumkv_{k}", 0.0) - before.get(f"vllm:spectrumkv_{k}", 0.0)
+        for k in _KEYS
+    }
 
 
 def _wait_counters(pd: VllmPD, before: dict[str, float], timeout_s: float = 15.0) -> dict:
-    """vLLM publishes connector stats on its logging interval: wait until they moved."""
+    """vLLM publishes connector stats with its step outputs: wait until they moved."""
     key = "vllm:spectrumkv_transfers_total"
     fail = "vllm:spectrumkv_failures_total"
     deadline = time.monotonic() + timeout_s
@@ -108,11 +124,5 @@ def _wait_counters(pd: VllmPD, before: dict[str, float], timeout_s: float = 15.0
         now = pd.metrics("prefill")
         moved = now.get(key, 0) > before.get(key, 0) or now.get(fail, 0) > before.get(fail, 0)
         if moved or time.monotonic() > deadline:
-            return {
-                **{
-                    "vllm:spectrumkv_wire_bytes_total": 0.0,
-                    "vllm:spectrumkv_fp16_bytes_total": 0.0,
-                },
-                **now,
-            }
+            return now
         time.sleep(0.5)

@@ -183,12 +183,14 @@ class VllmPD:
             proc.wait()
 
     def metrics(self, name: str) -> dict[str, float]:
-        """The instance's vllm:spectrumkv_* Prometheus counters (summed over label sets)."""
+        """The instance's vllm:spectrumkv_* counters and histogram sums (over label sets)."""
         with urllib.request.urlopen(self.url(name) + "/metrics", timeout=10) as r:
             text = r.read().decode()
         out: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith("vllm:spectrumkv_") and "_total" in line.split("{")[0]:
+            if line.startswith("vllm:spectrumkv_") and line.split("{")[0].endswith(
+                ("_total", "_sum")
+            ):
                 key = line.split("{")[0].split(" ")[0]
                 out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         return out
