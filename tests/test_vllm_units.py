@@ -41,6 +41,8 @@ def test_settings_are_validated_once_with_clear_errors(monkeypatch):
         ("kv_consumer", {"receiver": "nohost"}, "host:port"),
         ("kv_consumer", {"load_timeout_s": 0}, "load_timeout_s"),
         ("kv_consumer", {"inbox_mb": "lots"}, "bad kv_connector_extra_config value"),
+        ("kv_producer", {"importance": "attention"}, "importance must be one of"),
+        ("kv_consumer", {"tls_cert": "c.pem"}, "go together"),
     ]
     for role, extra, msg in bad:
         with pytest.raises(ConfigError, match=msg):

@@ -24,6 +24,9 @@ from ...transport.auth import secret_from_env
 #: masks are built from sequence lengths, not per-slot), so a dropped token cannot be expressed.
 NO_DROP_POLICIES = ("spectrum", "spectrum-2tier", "uniform-int8", "uniform-int4", "fp16")
 ROLES = {"kv_producer": "producer", "kv_consumer": "consumer"}
+#: Importance scorers that need only the cached keys (importance.py): `keynorm` (small key
+#: norms attract attention) or `positional` (the SpectrumKV paper's decay + recency heuristic).
+PROXIES = ("keynorm", "positional")
 
 #: Keys the proxy puts in a request's `kv_transfer_params`:
 #:   prefill request: {TRANSFER_ID: id, BUDGET: 0.5 (optional, overrides the producer's)}
@@ -45,6 +48,7 @@ class ConnectorConfig:
     link_gbps / link_latency_s: link emulation on the producer (0 = off).
     tls_cert / tls_key (consumer) and tls_ca (producer): PEM paths; set them to run the push
     channel inside TLS (the producer checks the consumer's certificate against tls_ca).
+    importance: how the producer ranks tokens without attention weights (see PROXIES).
     """
 
     role: Literal["producer", "consumer"]
@@ -61,9 +65,15 @@ class ConnectorConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    importance: str = "keynorm"
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
+        if self.importance not in PROXIES:
+            raise ConfigError(
+                f"importance must be one of {', '.join(PROXIES)} (vLLM never materialises "
+                f"attention weights), got {self.importance!r}"
+            )
         for name in ("push_timeout_s", "load_timeout_s", "inbox_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

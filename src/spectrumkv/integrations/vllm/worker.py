@@ -7,9 +7,9 @@ push waits for the consumer's verdict, so when the prefill request returns, the 
 holds a verified payload (or a recorded failure).
 
 Importance inside vLLM: attention weights are never materialised by its kernels, so the
-producer uses the key-norm proxy (`importance.keynorm_scores`: tokens with small key norms draw
-the most attention, Devoto et al. 2024); `spectrumkv bench proxy` measures how it ranks tokens
-against the HF pipeline's window-attention scores and what it costs in perplexity.
+producer scores with a proxy that needs only the cached keys (config.PROXIES, default key norm:
+tokens with small key norms draw the most attention, Devoto et al. 2024); `spectrumkv eval
+agreement` measures how such proxies rank tokens against the HF pipeline's window attention.
 
 Consumer: a receiver thread accepts pushes into an inbox (decoded and verified on arrival). At
 the start of a step (`start_load_kv`) each load claims its payload, checks it is for this
@@ -26,9 +26,9 @@ from dataclasses import replace
 
 import torch
 
-from ...config import PolicyConfig
+from ...config import PolicyConfig, ScoreConfig
 from ...errors import BudgetError, ConfigError, SpectrumKVError
-from ...importance import keynorm_scores
+from ...importance import score_tokens
 from ...kv import LayerKV
 from ...pipeline import new_header
 from ...policy import Plan, plan
@@ -155,7 +155,8 @@ class ProducerWorker:
         if req.budget is not None:
             policy = replace(policy, budget=float(req.budget))
         header = new_header(self.fp, n, policy, req.token_ids)
-        p = plan_no_drop(keynorm_scores(layers, n), header, policy)
+        scores, _ = score_tokens(ScoreConfig(method=self.cfg.importance), n, layers, None)
+        p = plan_no_drop(scores, header, policy)
         chunks = [header_bytes(header)]
         chunks += [frame_bytes(i, 0, p.tiers[i], kv, header) for i, kv in enumerate(layers)]
         shaper = LinkShaper(self.cfg.link_gbps, self.cfg.link_latency_s)
