@@ -2,8 +2,8 @@
 
 Each instance is a real `vllm serve` process (its own engine-core and worker processes) with
 its log in `log_dir`; the proxy runs on a background event loop of the calling process.
-On this 2-core machine the prefill instance is pinned to CPU 0 and the decode instance to CPU 1
-when the machine has at least two CPUs.
+The prefill instance is pinned to the first CPU this process may use and the decode instance to
+the second, when there are at least two.
 """
 
 from __future__ import annotations
@@ -144,8 +144,9 @@ class VllmPD:
             "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib),
             "HF_HUB_OFFLINE": "1",
         }
-        if (os.cpu_count() or 1) >= 2:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[cpu])
         log = open(s.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
