@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from spectrumkv.assets import load_text, model_dir
-from spectrumkv.integrations.vllm.client import ask, stream_completion
+from spectrumkv.assets import corpus_ids, model_dir
+from spectrumkv.integrations.vllm.client import ask, completion_body, stream_completion
 from spectrumkv.integrations.vllm.config import LOAD, TRANSFER_ID
 from spectrumkv.integrations.vllm.launch import PDSetup, VllmPD
 
@@ -34,7 +34,7 @@ def pd(tmp_path_factory):
         load_timeout_s=3.0,
         extra_args=("--enforce-eager", "--max-num-batched-tokens", "128"),
     )
-    ids = AutoTokenizer.from_pretrained(model)(load_text("wiki"))["input_ids"]
+    ids = corpus_ids(AutoTokenizer.from_pretrained(model), "wiki", 900)
     prompts = [ids[i * 300 : (i + 1) * 300] for i in range(3)]
     with VllmPD(setup) as cluster:
         cluster.prompts = prompts
@@ -46,14 +46,7 @@ def reference(pd: VllmPD, prompt: list[int]) -> str:
     """Single-instance greedy answer (computed once per prompt)."""
     key = tuple(prompt)
     if key not in pd.references:
-        body = {
-            "model": pd.setup.model,
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "cache_salt": uuid.uuid4().hex,
-        }
+        body = completion_body(pd.setup.model, prompt, MAX_TOKENS, uuid.uuid4().hex)
         pd.references[key] = stream_completion(pd.url("decode"), body)[0]
     return pd.references[key]
 
@@ -91,15 +84,8 @@ def test_transfer_that_never_arrives_is_recomputed(pd):
     reported through get_block_ids_with_load_errors, vLLM recomputes, the answer is exact."""
     failures = counters(pd, "decode", "failures")
     prompt = pd.prompts[1]
-    body = {
-        "model": pd.setup.model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "cache_salt": uuid.uuid4().hex,
-        "kv_transfer_params": {TRANSFER_ID: "never-sent", LOAD: True},
-    }
+    body = completion_body(pd.setup.model, prompt, MAX_TOKENS, uuid.uuid4().hex)
+    body["kv_transfer_params"] = {TRANSFER_ID: "never-sent", LOAD: True}
     t0 = time.perf_counter()
     text = stream_completion(pd.url("decode"), body)[0]
     assert time.perf_counter() - t0 < 60
@@ -138,13 +124,6 @@ def test_killed_prefill_instance_falls_back_to_local_prefill(pd):
 
 
 def ask_without_counters(pd: VllmPD, prompt: list[int]) -> tuple[str, str]:
-    body = {
-        "model": pd.setup.model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "cache_salt": uuid.uuid4().hex,
-    }
+    body = completion_body(pd.setup.model, prompt, MAX_TOKENS, uuid.uuid4().hex)
     text, _, _, headers = stream_completion(pd.proxy_url, body)
     return text, headers.get("X-SpectrumKV-Fallback", "")

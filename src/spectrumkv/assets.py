@@ -200,3 +200,11 @@ def load_text(corpus: str) -> str:
     data = json.loads(packaged_file(pf).read_text(encoding="utf-8"))
     # Sorted by title so every run sees the same text in the same order.
     return "\n\n".join(data[k]["extract"].strip() for k in sorted(data) if data[k].get("extract"))
+
+
+def corpus_ids(tokenizer, corpus: str, need: int = 0) -> list[int]:
+    """A corpus as token ids (no special tokens); ValueError if it has fewer than `need`."""
+    ids = tokenizer(load_text(corpus), add_special_tokens=False)["input_ids"]
+    if len(ids) < need:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than {need}")
+    return ids

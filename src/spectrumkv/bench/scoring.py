@@ -11,7 +11,9 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from ..assets import load_text
+import torch
+
+from ..assets import corpus_ids
 from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import load, prefill
 from ..importance import score_tokens
@@ -33,12 +35,9 @@ def run_scoring(
     model: str, lengths: list[int], corpus: str, policy: PolicyConfig
 ) -> list[ScoringRecord]:
     engine = load(model)
-    text = load_text(corpus)
-    ids = engine.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = torch.tensor(corpus_ids(engine.tokenizer, corpus, max(lengths)))
     records = []
     for n in lengths:
-        if n > ids.numel():
-            raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than {n}")
         pre = prefill(engine, ids[:n])
         t0 = time.perf_counter()
         scores, per_layer = score_tokens(ScoreConfig(), n, pre.layers, pre.window)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..assets import load_text
+from ..assets import corpus_ids
 from ..config import ScoreConfig
 from ..engines.hf import load, prefill
 from ..importance import score_tokens
@@ -56,12 +56,9 @@ def run_agreement(
     model: str, corpus: str, lengths: list[int], prompts: int, methods: list[str], keep: float
 ) -> list[AgreementRecord]:
     engine = load(model)
-    text = load_text(corpus)
-    ids = engine.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = torch.tensor(corpus_ids(engine.tokenizer, corpus, max(lengths) * prompts))
     records = []
     for n in lengths:
-        if n * prompts > ids.numel():
-            raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than {n * prompts}")
         sums = {m: [0.0, 0.0] for m in methods}
         for i in range(prompts):
             pre = prefill(engine, ids[i * n : (i + 1) * n])

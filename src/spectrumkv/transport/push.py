@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..errors import SpectrumKVError
+from ..policy import fp16_bytes
 from ..wire import Fingerprint, Payload, PayloadDecoder
 from .auth import client_handshake, server_handshake
 from .framing import Kind, PeerTimeout, TransportError, recv_msg, send_msg
@@ -257,8 +258,7 @@ class PushReceiver:
             raise TransportError(f"expected HEADER, got {kind.name}")
         header = dec.feed_header(body)
         wire_bytes = len(body)
-        fp = header.fingerprint
-        need = 2 * fp.n_kv_heads * fp.head_dim * header.n_tokens * fp.n_layers * 2
+        need = fp16_bytes(header)  # what the decoded 16-bit tensors will hold
         if not self.inbox.reserve_ok(need):
             raise TransferFailed(f"inbox cannot hold {need} more bytes")
         while True:

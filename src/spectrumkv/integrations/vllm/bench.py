@@ -41,11 +41,9 @@ def bench_prompts(model: str, n: int, tokens: int) -> list[list[int]]:
     """n + 1 disjoint windows of `tokens` Wikipedia tokens (the first is the warm-up)."""
     from transformers import AutoTokenizer
 
-    from ...assets import load_text
+    from ...assets import corpus_ids
 
-    ids = AutoTokenizer.from_pretrained(model)(load_text("wiki"))["input_ids"]
-    if len(ids) < (n + 1) * tokens:
-        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than {(n + 1) * tokens}")
+    ids = corpus_ids(AutoTokenizer.from_pretrained(model), "wiki", (n + 1) * tokens)
     return [ids[i * tokens : (i + 1) * tokens] for i in range(n + 1)]
 
 

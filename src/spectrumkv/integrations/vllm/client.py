@@ -64,6 +64,21 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def completion_body(model: str, prompt: list[int] | str, max_tokens: int, salt: str = "") -> dict:
+    """A greedy /v1/completions body that always generates `max_tokens` tokens; `salt` keeps
+    it out of other requests' prefix-cache entries."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    if salt:
+        body["cache_salt"] = salt
+    return body
+
+
 def ask(
     pd: VllmPD,
     prompt: list[int] | str,
@@ -72,15 +87,7 @@ def ask(
     salt: str = "",
 ) -> Answer:
     """One greedy request through the proxy, with the bytes it moved."""
-    body = {
-        "model": pd.setup.model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-    }
-    if salt:
-        body["cache_salt"] = salt
+    body = completion_body(pd.setup.model, prompt, max_tokens, salt)
     headers = {"X-SpectrumKV-Budget": str(budget)} if budget is not None else {}
     if pd.setup.connector == "example":
         storage = pd.setup.log_dir / "example-storage"

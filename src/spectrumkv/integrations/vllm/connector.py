@@ -104,7 +104,7 @@ class SpectrumKVConnector(KVConnectorBase_V1):
         return self.worker.take_errors() if isinstance(self.worker, ConsumerWorker) else set()
 
     def get_kv_connector_stats(self) -> SpectrumKVStats | None:
-        return self.worker.take_stats() if self.worker is not None else None
+        return self.worker.stats.take() if self.worker is not None else None
 
     def shutdown(self) -> None:
         if self.worker is not None:

@@ -43,6 +43,14 @@ class SpectrumKVStats(KVConnectorStats):
     def reset(self) -> None:
         self.data = _empty()
 
+    def take(self) -> SpectrumKVStats | None:
+        """The observations so far (None if there are none); this object starts empty again."""
+        if self.is_empty():
+            return None
+        out = SpectrumKVStats(self.data)
+        self.reset()
+        return out
+
     def aggregate(self, other: KVConnectorStats) -> SpectrumKVStats:
         for k in _LISTS:
             self.data[k].extend(other.data.get(k, []))

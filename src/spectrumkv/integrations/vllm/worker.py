@@ -160,40 +160,30 @@ class ProducerWorker:
         chunks = [header_bytes(header)]
         chunks += [frame_bytes(i, 0, p.tiers[i], kv, header) for i, kv in enumerate(layers)]
         shaper = LinkShaper(self.cfg.link_gbps, self.cfg.link_latency_s)
-        cfg = self.cfg
-        coro = push_payload(
-            cfg.receiver_host,
-            cfg.receiver_port,
-            cfg.secret,
-            req.transfer_id,
-            chunks,
-            shaper,
-            self.tls,
-        )
-        sent = self.loop.run(coro, cfg.push_timeout_s)
+        sent = self._push(req.transfer_id, chunks, shaper=shaper)
         return sent, p.fp16_bytes
 
-    def _notify_failure(self, transfer_id: str, error: str) -> None:
+    def _push(
+        self, transfer_id: str, chunks: list[bytes], timeout_s: float | None = None, **kw
+    ) -> int:
+        """Push to the consumer within the deadline (push_payload's keywords: shaper, error)."""
         cfg = self.cfg
         coro = push_payload(
             cfg.receiver_host,
             cfg.receiver_port,
             cfg.secret,
             transfer_id,
-            [],
+            chunks,
             tls=self.tls,
-            error=error,
+            **kw,
         )
+        return self.loop.run(coro, timeout_s or cfg.push_timeout_s)
+
+    def _notify_failure(self, transfer_id: str, error: str) -> None:
         try:
-            self.loop.run(coro, min(cfg.push_timeout_s, 5.0))
+            self._push(transfer_id, [], min(self.cfg.push_timeout_s, 5.0), error=error)
         except (TransportError, TransferFailed) as e:
             log.warning("could not notify the consumer of failed transfer %s: %s", transfer_id, e)
-
-    def take_stats(self) -> SpectrumKVStats | None:
-        if self.stats.is_empty():
-            return None
-        out, self.stats = self.stats, SpectrumKVStats()
-        return out
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -259,12 +249,6 @@ class ConsumerWorker:
 
     def take_errors(self) -> set[int]:
         out, self.errors = self.errors, set()
-        return out
-
-    def take_stats(self) -> SpectrumKVStats | None:
-        if self.stats.is_empty():
-            return None
-        out, self.stats = self.stats, SpectrumKVStats()
         return out
 
     def shutdown(self) -> None:
