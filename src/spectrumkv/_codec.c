@@ -191,13 +191,13 @@ static void decode_row_scalar(DECODE_ARGS) {
     store_row(x, dt, d, dst);
 }
 
-/* ---- AVX2 + F16C row kernels (x86-64), used when head_dim % 16 == 0 and group % 8 == 0.
+/* ---- AVX2 + F16C + FMA row kernels (x86-64), used when head_dim % 16 == 0 and group % 8 == 0.
  * Same operations as the scalar kernels above, eight lanes at a time; NaN inputs are the only
  * case where the two may differ (they clamp NaN differently). ---- */
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,f16c")))
+#define AVX2 __attribute__((target("avx2,f16c,fma")))
 #define HAVE_AVX2_KERNELS 1
 
 AVX2 static void load_row_avx2(const void *src, int dt, int d, float *out) {
@@ -246,18 +246,21 @@ AVX2 static void store_row_avx2(const float *x, int dt, int d, void *dst) {
  * below fix nv). Butterflies h = 1, 2, 4 run inside each vector (lane j gets a + b, lane j + h
  * gets a - b, exactly as the scalar loop), then h >= 8 across vectors. */
 AVX2 static INLINE void fwht_regs(__m256 *v, const int nv, float norm) {
+    const __m256 sign1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+    const __m256 sign2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+    const __m256 sign4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
 #pragma GCC unroll 64
     for (int i = 0; i < nv; i++) {
-        __m256 x = v[i], s;
-        s = _mm256_permute_ps(x, 0xB1);
-        x = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xAA);
-        s = _mm256_permute_ps(x, 0x4E);
-        x = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xCC);
-        s = _mm256_permute2f128_ps(x, x, 0x01);
-        v[i] = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xF0);
+        __m256 x = v[i];
+        x = _mm256_fmadd_ps(x, sign1, _mm256_permute_ps(x, 0xB1));
+        x = _mm256_fmadd_ps(x, sign2, _mm256_permute_ps(x, 0x4E));
+        v[i] = _mm256_fmadd_ps(x, sign4, _mm256_permute2f128_ps(x, x, 0x01));
     }
+    /* a counted loop (not h *= 2) so that GCC unrolls it and v[] stays in registers */
+    const int stages = __builtin_ctz((unsigned)nv);
 #pragma GCC unroll 16
-    for (int h = 1; h < nv; h *= 2) {
+    for (int st = 0; st < stages; st++) {
+        const int h = 1 << st;
 #pragma GCC unroll 64
         for (int i = 0; i < nv; i += 2 * h) {
 #pragma GCC unroll 64
@@ -394,7 +397,9 @@ AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const u
                 __m128i b = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)raw), dup2);
                 ci = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(b), shift2), mask);
             }
-            v[i] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ci), sv), mv);
+            /* one rounding, as the reference's two: code * scale is exact in float32
+             * (<= 8-bit code times an FP16 scale, at most 19 significant bits) */
+            v[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ci), sv, mv);
         }
     }
     if (rotate) fwht_regs(v, nv, norm);
@@ -420,6 +425,8 @@ AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const u
         }
         _mm_storeu_si128((__m128i *)(o + 8 * i), h);
     }
+}
+
 }
 
 /* Specialisations: head_dim 64 and 128 with group = head_dim (the defaults for most models) keep
@@ -955,7 +962,8 @@ static PyObject *set_simd(PyObject *self, PyObject *args) {
     int flag, previous = have_avx2;
     if (!PyArg_ParseTuple(args, "p", &flag)) return NULL;
 #if HAVE_AVX2_KERNELS
-    have_avx2 = flag && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    have_avx2 = flag && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                __builtin_cpu_supports("fma");
 #endif
     return PyBool_FromLong(previous);
 }
@@ -979,7 +987,8 @@ PyMODINIT_FUNC PyInit__codec(void) {
     pthread_atfork(NULL, NULL, pool_after_fork);
 #if HAVE_AVX2_KERNELS
     __builtin_cpu_init();
-    have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                __builtin_cpu_supports("fma");
 #endif
     return PyModule_Create(&module);
 }
