@@ -14,7 +14,7 @@ from spectrumkv.pd.client import complete, get_text
 from spectrumkv.pd.launch import Cluster
 from spectrumkv.pd.prefill_worker import ROLE
 from spectrumkv.transport.auth import client_handshake
-from spectrumkv.transport.framing import TransportError
+from spectrumkv.transport.framing import TransportError, connect
 
 pytestmark = pytest.mark.model
 PROMPT = "Why is the sky blue? Explain it to a ten-year-old."
@@ -75,11 +75,11 @@ def test_bad_requests_get_clear_errors(cluster):
 
 def test_peer_with_wrong_secret_is_refused(cluster):
     async def attempt(secret: bytes) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", cluster.prefill_port)
+        ch = await connect("127.0.0.1", cluster.prefill_port)
         try:
-            await client_handshake(reader, writer, secret, ROLE)
+            await client_handshake(ch, secret, ROLE)
         finally:
-            writer.close()
+            ch.close()
 
     with pytest.raises(TransportError):
         asyncio.run(attempt(b"not-the-secret-at-all"))

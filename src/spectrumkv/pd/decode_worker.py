@@ -27,7 +27,7 @@ from ..engines.hf import Engine, decode_state, generate, prefill
 from ..errors import IncompatiblePayloadError, SpectrumKVError
 from ..pipeline import reference_state, split_prompt
 from ..transport.auth import client_handshake
-from ..transport.framing import Kind, PeerTimeout, TransportError, recv_msg, send_msg
+from ..transport.framing import Channel, Kind, PeerTimeout, TransportError, connect
 from ..transport.tls import client_context
 from ..wire import PayloadDecoder, tokens_digest
 from .metrics import Metrics
@@ -91,15 +91,13 @@ class DecodeWorker:
         out = Transfer()
         dec = PayloadDecoder(expect=self.engine.fingerprint)
         deadline = time.monotonic() + self.cfg.deadline_s
-        writer = None
+        ch: Channel | None = None
         pending: list[asyncio.Future] = []
         try:
             async with asyncio.timeout(self.cfg.deadline_s):
-                reader, writer = await asyncio.open_connection(
-                    self.cfg.prefill_host, self.cfg.prefill_port, ssl=self.tls
-                )
-                await client_handshake(reader, writer, self.cfg.secret, ROLE)
-                await send_msg(writer, Kind.REQUEST, msgspec.json.encode(req))
+                ch = await connect(self.cfg.prefill_host, self.cfg.prefill_port, self.tls)
+                await client_handshake(ch, self.cfg.secret, ROLE)
+                await ch.send(Kind.REQUEST, msgspec.json.encode(req))
             loop = asyncio.get_running_loop()
 
             def unpack(feed, body: bytes) -> None:
@@ -111,7 +109,7 @@ class DecodeWorker:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PeerTimeout("KV transfer deadline passed")
-                kind, body = await recv_msg(reader, left)
+                kind, body = await ch.recv(left)
                 for fut in pending:  # a frame that failed verification ends the transfer now
                     if fut.done() and fut.exception():
                         raise fut.exception()
@@ -137,13 +135,11 @@ class DecodeWorker:
             return out
         except TimeoutError:
             raise PeerTimeout("KV transfer deadline passed") from None
-        except OSError as e:
-            raise TransportError(f"cannot reach prefill worker: {e}") from None
         except msgspec.MsgspecError as e:  # a DONE or ERROR message that does not parse
             raise TransportError(f"malformed message from prefill worker: {e}") from None
         finally:
-            if writer is not None:
-                writer.close()
+            if ch is not None:
+                ch.close()
             for fut in pending:  # after a failure: drop queued frames, collect their errors
                 if not fut.cancel() and fut.done():
                     fut.exception()

@@ -21,7 +21,7 @@ from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import Engine, prefill
 from ..errors import SpectrumKVError
 from ..transport.auth import server_handshake
-from ..transport.framing import Kind, TransportError, recv_msg, send_msg
+from ..transport.framing import Channel, Kind, TransportError, serve
 from ..transport.shaper import LinkShaper
 from .protocol import ErrorReply, PrefillDone, PrefillRequest, decode_request, encode
 from .streaming import StreamingEncoder
@@ -37,25 +37,24 @@ class PrefillServer:
         self.secret = secret
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, ch: Channel) -> None:
+        """One decode worker's connection (the channel is closed after it)."""
         try:
-            await server_handshake(reader, writer, self.secret, ROLE)
+            await server_handshake(ch, self.secret, ROLE)
             while True:
-                kind, body = await recv_msg(reader, IDLE_TIMEOUT_S, max_bytes=16 << 20)
+                kind, body = await ch.recv(IDLE_TIMEOUT_S, max_bytes=16 << 20)
                 if kind != Kind.REQUEST:
                     raise TransportError(f"expected a request, got {kind.name}")
                 try:
                     req = decode_request(body)
                 except msgspec.MsgspecError as e:
-                    await send_msg(writer, Kind.ERROR, encode(ErrorReply("", "BadRequest", str(e))))
+                    await ch.send(Kind.ERROR, encode(ErrorReply("", "BadRequest", str(e))))
                     continue
-                await self.serve(req, writer)
+                await self.serve(req, ch)
         except TransportError as e:
             log.debug("connection ended: %s", e)
-        finally:
-            writer.close()
 
-    async def serve(self, req: PrefillRequest, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, req: PrefillRequest, ch: Channel) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -70,7 +69,7 @@ class PrefillServer:
             enc = StreamingEncoder(self.engine, ids, policy, scoring, emit)
         except (SpectrumKVError, ValueError) as e:
             err = ErrorReply(req.request_id, type(e).__name__, str(e))
-            await send_msg(writer, Kind.ERROR, encode(err))
+            await ch.send(Kind.ERROR, encode(err))
             return
 
         shaper = LinkShaper(opt.link_gbps, opt.link_latency_s)
@@ -80,7 +79,7 @@ class PrefillServer:
             while (item := await queue.get()) is not None:
                 kind, chunk = item
                 await shaper.transmit(len(chunk))
-                await send_msg(writer, Kind.HEADER if kind == "header" else Kind.FRAME, chunk)
+                await ch.send(Kind.HEADER if kind == "header" else Kind.FRAME, chunk)
                 sent["bytes"] += len(chunk)
 
         def run_prefill() -> float:
@@ -101,7 +100,7 @@ class PrefillServer:
         except (SpectrumKVError, ValueError) as e:
             send_task.cancel()
             err = ErrorReply(req.request_id, type(e).__name__, str(e))
-            await send_msg(writer, Kind.ERROR, encode(err))
+            await ch.send(Kind.ERROR, encode(err))
             return
         queue.put_nowait(None)
         await send_task
@@ -116,7 +115,7 @@ class PrefillServer:
             fp16_bytes=enc.plan.fp16_bytes if enc.plan else 0,
             nominal_budget=enc.plan.nominal_budget if enc.plan else 0.0,
         )
-        await send_msg(writer, Kind.DONE, encode(done))
+        await ch.send(Kind.DONE, encode(done))
 
 
 async def serve_prefill(
@@ -124,7 +123,7 @@ async def serve_prefill(
 ) -> None:
     """Serve until cancelled. `tls`: a server context (transport.tls.server_context) or None."""
     server = PrefillServer(engine, secret)
-    srv = await asyncio.start_server(server.handle, host, port, ssl=tls)
+    srv = await serve(server.handle, host, port, tls)
     bound = srv.sockets[0].getsockname()[1]
     print(f"READY prefill {host}:{bound}", flush=True)
     async with srv:

@@ -1,5 +1,6 @@
-"""Moving bytes between workers: framing, authentication, link shaping.
+"""Moving bytes between workers: framing, authentication, link shaping, push transfers.
 
-The TCP backend (asyncio streams) lives here; other backends (shared memory, NIXL, Mooncake)
-would provide the same two calls, `send_msg` and `recv_msg`, over their own channel.
+The TCP backend (`framing.Channel`: asyncio, optional TLS, message bodies received straight
+into their own buffers) lives here; other backends (shared memory, NIXL, Mooncake) would
+provide the same two calls, `send` and `recv`, over their own channel.
 """

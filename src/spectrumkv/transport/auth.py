@@ -10,7 +10,6 @@ confidentiality on the wire, run it inside TLS: see tls.py.)
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -18,7 +17,7 @@ import os
 import secrets
 
 from ..errors import ConfigError
-from .framing import Kind, TransportError, recv_msg, send_msg
+from .framing import Channel, Kind, TransportError
 
 log = logging.getLogger("spectrumkv.auth")
 AUTH_TIMEOUT_S = 5.0
@@ -44,33 +43,29 @@ def _answer(secret: bytes, nonce: bytes, role: bytes) -> bytes:
     return hmac.new(secret, nonce + b"|" + role, hashlib.sha256).digest()
 
 
-async def server_handshake(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes, role: bytes
-) -> None:
+async def server_handshake(ch: Channel, secret: bytes, role: bytes) -> None:
     nonce = secrets.token_bytes(NONCE_BYTES)
-    await send_msg(writer, Kind.CHALLENGE, nonce)
-    kind, body = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=128)
+    await ch.send(Kind.CHALLENGE, nonce)
+    kind, body = await ch.recv(AUTH_TIMEOUT_S, max_bytes=128)
     answer, client_nonce = body[:-NONCE_BYTES], body[-NONCE_BYTES:]
     ok = kind == Kind.AUTH and len(body) == 32 + NONCE_BYTES
     if not (ok and hmac.compare_digest(answer, _answer(secret, nonce, role))):
-        peer = writer.get_extra_info("peername")
+        peer = ch.peer
         log.warning("refused unauthenticated peer %s", peer)
         raise AuthError(f"peer {peer} failed authentication")
-    await send_msg(writer, Kind.AUTH_OK, _answer(secret, client_nonce, role + b"|server"))
+    await ch.send(Kind.AUTH_OK, _answer(secret, client_nonce, role + b"|server"))
 
 
-async def client_handshake(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes, role: bytes
-) -> None:
-    kind, nonce = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=128)
+async def client_handshake(ch: Channel, secret: bytes, role: bytes) -> None:
+    kind, nonce = await ch.recv(AUTH_TIMEOUT_S, max_bytes=128)
     if kind != Kind.CHALLENGE or len(nonce) != NONCE_BYTES:
         raise AuthError("peer did not send a challenge")
     mine = secrets.token_bytes(NONCE_BYTES)
-    await send_msg(writer, Kind.AUTH, _answer(secret, nonce, role) + mine)
-    kind, proof = await recv_msg(reader, AUTH_TIMEOUT_S, max_bytes=128)
+    await ch.send(Kind.AUTH, _answer(secret, nonce, role) + mine)
+    kind, proof = await ch.recv(AUTH_TIMEOUT_S, max_bytes=128)
     if kind != Kind.AUTH_OK:
         raise AuthError("peer refused our credentials")
     if not hmac.compare_digest(proof, _answer(secret, mine, role + b"|server")):
-        peer = writer.get_extra_info("peername")
+        peer = ch.peer
         log.warning("server %s failed to prove it knows the secret", peer)
         raise AuthError(f"server {peer} failed authentication")

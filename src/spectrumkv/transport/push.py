@@ -31,7 +31,7 @@ from ..errors import SpectrumKVError
 from ..policy import fp16_bytes
 from ..wire import Fingerprint, Payload, PayloadDecoder
 from .auth import client_handshake, server_handshake
-from .framing import Kind, PeerTimeout, TransportError, recv_msg, send_msg
+from .framing import Channel, Kind, PeerTimeout, TransportError, connect, serve
 from .shaper import LinkShaper
 
 log = logging.getLogger("spectrumkv.push")
@@ -188,22 +188,19 @@ async def push_payload(
     receiver's verdict. With `error` set, send only the failure notice. Returns the bytes of
     payload sent; raises TransferFailed if the receiver refused it, TransportError on a lost
     peer (callers bound the whole call with a deadline)."""
-    try:
-        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
-    except OSError as e:
-        raise TransportError(f"cannot reach receiver {host}:{port}: {e}") from None
+    ch = await connect(host, port, tls)
     sent = 0
     try:
-        await client_handshake(reader, writer, secret, ROLE)
-        await send_msg(writer, Kind.REQUEST, msgspec.json.encode(PushStart(transfer_id, error)))
+        await client_handshake(ch, secret, ROLE)
+        await ch.send(Kind.REQUEST, msgspec.json.encode(PushStart(transfer_id, error)))
         if not error:
             for i, chunk in enumerate(chunks):
                 if shaper is not None:
                     await shaper.transmit(len(chunk))
-                await send_msg(writer, Kind.HEADER if i == 0 else Kind.FRAME, chunk)
+                await ch.send(Kind.HEADER if i == 0 else Kind.FRAME, chunk)
                 sent += len(chunk)
-            await send_msg(writer, Kind.DONE, b"")
-        kind, body = await recv_msg(reader, MESSAGE_TIMEOUT_S, max_bytes=1 << 16)
+            await ch.send(Kind.DONE, b"")
+        kind, body = await ch.recv(MESSAGE_TIMEOUT_S, max_bytes=1 << 16)
         reply = msgspec.json.decode(body, type=PushReply)
         if kind != Kind.DONE or not reply.ok:
             raise TransferFailed(f"receiver refused transfer {transfer_id!r}: {reply.message}")
@@ -211,7 +208,7 @@ async def push_payload(
     except msgspec.MsgspecError as e:
         raise TransportError(f"malformed reply from receiver: {e}") from None
     finally:
-        writer.close()
+        ch.close()
 
 
 class PushReceiver:
@@ -224,36 +221,35 @@ class PushReceiver:
         self.received = 0
         self.refused = 0
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, ch: Channel) -> None:
+        """One push connection (run by `start_receiver`; the channel is closed after it)."""
         transfer_id = ""
         try:
-            await server_handshake(reader, writer, self.secret, ROLE)
-            kind, body = await recv_msg(reader, MESSAGE_TIMEOUT_S, max_bytes=4096)
+            await server_handshake(ch, self.secret, ROLE)
+            kind, body = await ch.recv(MESSAGE_TIMEOUT_S, max_bytes=4096)
             start = msgspec.json.decode(body, type=PushStart) if kind == Kind.REQUEST else None
             if start is None or not 0 < len(start.transfer_id) <= MAX_TRANSFER_ID:
                 raise TransportError("a push must start with a valid REQUEST")
             transfer_id = start.transfer_id
             if start.error:
                 self.inbox.fail(transfer_id, f"sender gave up: {start.error}")
-                await self._reply(writer, True, "failure recorded")
+                await self._reply(ch, True, "failure recorded")
                 return
-            payload, wire_bytes = await self._receive(reader)
+            payload, wire_bytes = await self._receive(ch)
             self.inbox.put(transfer_id, payload, wire_bytes)
             self.received += 1
-            await self._reply(writer, True)
+            await self._reply(ch, True)
         except (SpectrumKVError, msgspec.MsgspecError) as e:
             self.refused += 1
             log.warning("refused push %r: %s: %s", transfer_id, type(e).__name__, e)
             if transfer_id:
                 self.inbox.fail(transfer_id, f"{type(e).__name__}: {e}")
             with contextlib.suppress(TransportError):
-                await self._reply(writer, False, f"{type(e).__name__}: {e}")
-        finally:
-            writer.close()
+                await self._reply(ch, False, f"{type(e).__name__}: {e}")
 
-    async def _receive(self, reader: asyncio.StreamReader) -> tuple[Payload, int]:
+    async def _receive(self, ch: Channel) -> tuple[Payload, int]:
         dec = PayloadDecoder(self.expect)
-        kind, body = await recv_msg(reader, MESSAGE_TIMEOUT_S)
+        kind, body = await ch.recv(MESSAGE_TIMEOUT_S)
         if kind != Kind.HEADER:
             raise TransportError(f"expected HEADER, got {kind.name}")
         header = dec.feed_header(body)
@@ -262,7 +258,7 @@ class PushReceiver:
         if not self.inbox.reserve_ok(need):
             raise TransferFailed(f"inbox cannot hold {need} more bytes")
         while True:
-            kind, body = await recv_msg(reader, MESSAGE_TIMEOUT_S)
+            kind, body = await ch.recv(MESSAGE_TIMEOUT_S)
             if kind == Kind.DONE:
                 return dec.finish(), wire_bytes
             if kind != Kind.FRAME:
@@ -271,14 +267,12 @@ class PushReceiver:
             wire_bytes += len(body)
 
     @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, ok: bool, message: str = "") -> None:
-        await send_msg(
-            writer, Kind.DONE if ok else Kind.ERROR, msgspec.json.encode(PushReply(ok, message))
-        )
+    async def _reply(ch: Channel, ok: bool, message: str = "") -> None:
+        await ch.send(Kind.DONE if ok else Kind.ERROR, msgspec.json.encode(PushReply(ok, message)))
 
 
 async def start_receiver(
     receiver: PushReceiver, host: str, port: int, tls: ssl.SSLContext | None = None
 ) -> asyncio.Server:
     """Listen for pushes; port 0 picks a free port (read it from the server's sockets)."""
-    return await asyncio.start_server(receiver.handle, host, port, ssl=tls)
+    return await serve(receiver.handle, host, port, tls)
