@@ -41,6 +41,7 @@ for step in $STEPS; do
   codec)
     $skv bench codec --json $R/codec.json | tee $R/codec.txt
     $skv bench codec --fresh --reference --json $R/codec-fresh.json | tee $R/codec-fresh.txt
+    $skv bench push --json $R/push.json | tee $R/push.txt
     $skv bench codec --head-dim 128 --kv-heads 4 --q-heads 28 --layers 28 --dtypes bfloat16 \
       --json $R/codec-qwen7b-shape.json | tee $R/codec-qwen7b-shape.txt
     $skv bench scoring --lengths 2048,8192,32768 --json $R/scoring.json | tee $R/scoring.txt ;;

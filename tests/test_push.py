@@ -176,3 +176,19 @@ def test_push_inside_tls_and_plaintext_sender_refused(cert):
     assert sent == sum(len(c) for c in chunks)
     assert inbox.take("t9", 1.0)[0].header == header
     assert isinstance(plain_error, TransportError) and len(inbox) == 0
+
+
+def test_bench_push_quick_mode_measures_all_three_paths(tmp_path, capsys):
+    import json
+
+    from spectrumkv.cli import main
+
+    out = tmp_path / "push.json"
+    assert main(["bench", "push", "--quick", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["policy"] for r in records] == ["uniform-int8", "spectrum", "spectrum"]
+    for r in records:
+        assert r["wire_bytes"] > 0 and r["raw_gbps"] > 0 and r["push_gbps"] > 0
+        assert r["decode_gbps"] > 0 and r["push_over_raw"] > 0
+    assert records[2]["wire_bytes"] < records[1]["wire_bytes"]  # b=0.3 below b=0.5
+    assert "loopback TCP" in capsys.readouterr().out

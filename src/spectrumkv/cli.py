@@ -202,6 +202,20 @@ def _cmd_bench_codec(args: argparse.Namespace) -> None:
         codec.write_json(records, args.json)
 
 
+def _cmd_bench_push(args: argparse.Namespace) -> None:
+    from .bench import codec, push
+
+    shape = codec.CacheShape(args.layers, args.kv_heads, args.head_dim, args.tokens)
+    repeats = args.repeats
+    if args.quick:
+        shape, repeats = codec.CacheShape(4, args.kv_heads, args.head_dim, 256), 1
+    push.print_header(shape, args.dtype)
+    policies = [codec.parse_policy(x) for x in args.policies.split(",")]
+    records = push.run_push(shape, args.dtype, policies, repeats)
+    if args.json:
+        push.write_json(records, args.json)
+
+
 def _cmd_bench_scoring(args: argparse.Namespace) -> None:
     from .bench import scoring
     from .config import PolicyConfig
@@ -397,6 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bc.add_argument("--json", help="write records to this path")
     bc.set_defaults(func=_cmd_bench_codec)
+
+    bp = bench.add_parser("push", help="push transfers over loopback vs raw TCP")
+    bp.add_argument("--layers", type=int, default=30)
+    bp.add_argument("--kv-heads", type=int, default=3)
+    bp.add_argument("--head-dim", type=int, default=64)
+    bp.add_argument("--tokens", type=int, default=4096)
+    bp.add_argument("--dtype", default="bfloat16")
+    bp.add_argument("--policies", default="uniform-int8,spectrum@0.5,spectrum@0.3")
+    bp.add_argument("--repeats", type=int, default=5, help="timed runs; the best is reported")
+    bp.add_argument("--quick", action="store_true", help="4 layers x 256 tokens, one run (CI)")
+    bp.add_argument("--json", help="write records to this path")
+    bp.set_defaults(func=_cmd_bench_push)
 
     bs = bench.add_parser("scoring", help="scoring + planning time beside prefill time")
     bs.add_argument("--model", default="smollm2-135m")

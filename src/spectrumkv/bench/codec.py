@@ -106,7 +106,8 @@ def synthetic_cache(shape: CacheShape, dtype: torch.dtype, seed: int = 0) -> lis
     return [LayerKV(rand(2.0), rand(1.0), pos) for _ in range(shape.layers)]
 
 
-def _header(shape: CacheShape, dtype: str, name: str, budget: float | None) -> Header:
+def synthetic_header(shape: CacheShape, dtype: str, name: str, budget: float | None) -> Header:
+    """The header of a payload of the synthetic cache (a made-up model fingerprint)."""
     fp = Fingerprint(
         arch="bench", n_layers=shape.layers, n_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
         kv_dtype=dtype, rope="none", sliding_window=0, sliding_layers=(), weights_digest="0" * 16,
@@ -201,7 +202,7 @@ def run_codec(
             for _ in range(shape.layers)
         ]
         for name, budget in policies:
-            header = _header(shape, dtype, name, budget)
+            header = synthetic_header(shape, dtype, name, budget)
             policy = PolicyConfig(name, budget=budget)
             t0 = time.perf_counter()
             scores, per_layer = score_tokens(ScoreConfig(), shape.tokens, layers, window)
