@@ -288,10 +288,16 @@ AVX2 static INLINE float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
 }
 
-/* Codes held as floats in v[] (nv = d / 8 vectors) -> packed bytes, low bits first. */
+/* Rounded codes held as floats in v[] (nv = d / 8 vectors) -> packed bytes, low bits first.
+ * The clamp to [0, 2^bits - 1] happens here, on integers: the packs saturate below 0 and above
+ * 255, a byte minimum does the rest. Exact for every finite input: a code is never above about
+ * twice 2^bits - 1 (the FP16-rounded scale is at least half the exact one, subnormals included),
+ * far below where the 16-bit pack would wrap. */
 AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8_t *codes) {
     const int nv = d / 8;
     uint8_t q[MAX_HEAD_DIM] __attribute__((aligned(32)));
+    uint8_t *dst = bits == 8 ? codes : q;
+    const __m256i top = _mm256_set1_epi8((char)((1 << bits) - 1));
     int i = 0;
 #pragma GCC unroll 16
     for (; i + 4 <= nv; i += 4) {
@@ -299,15 +305,16 @@ AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8
         __m256i b = _mm256_packus_epi32(_mm256_cvttps_epi32(v[i + 2]), _mm256_cvttps_epi32(v[i + 3]));
         __m256i c = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b),
                                                 _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_store_si256((__m256i *)(q + 8 * i), c);
+        _mm256_storeu_si256((__m256i *)(dst + 8 * i), _mm256_min_epu8(c, top));
     }
     for (; i < nv; i++) {
         __m256i ci = _mm256_cvttps_epi32(v[i]);
         __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
-        _mm_storel_epi64((__m128i *)(q + 8 * i), _mm_packus_epi16(w, w));
+        w = _mm_min_epu8(_mm_packus_epi16(w, w), _mm256_castsi256_si128(top));
+        _mm_storel_epi64((__m128i *)(dst + 8 * i), w);
     }
     if (bits == 8) {
-        memcpy(codes, q, (size_t)d);
+        return;
     } else if (bits == 4) { /* byte j = c[2j] | c[2j+1] << 4 */
         const __m128i w = _mm_set1_epi16(0x1001);
 #pragma GCC unroll 64
@@ -340,7 +347,6 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
     if (rotate) fwht_regs(v, nv, norm);
     const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
     const float levels = (float)((1 << bits) - 1);
-    const __m256 lv = _mm256_set1_ps(levels), zero = _mm256_setzero_ps();
 #pragma GCC unroll 64
     for (int i = 0; i < nv; i++) v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
     for (int k = 0; k < nv / gv; k++) {
@@ -364,7 +370,7 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
         for (int i = k * gv; i < (k + 1) * gv; i++) {
             __m256 c = _mm256_mul_ps(_mm256_sub_ps(v[i], mv), sv);
             c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv); /* codes, as floats */
+            v[i] = c; /* rounded codes, as floats; pack_codes clamps them */
         }
     }
     pack_codes(v, d, bits, codes);
@@ -425,8 +431,6 @@ AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const u
         }
         _mm_storeu_si128((__m128i *)(o + 8 * i), h);
     }
-}
-
 }
 
 /* Specialisations: head_dim 64 and 128 with group = head_dim (the defaults for most models) keep
@@ -496,7 +500,6 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
     float mns[BLOCK_GROUPS] __attribute__((aligned(32))), invs[BLOCK_GROUPS] __attribute__((aligned(32)));
     _mm256_store_ps(mns, mn);
     _mm256_store_ps(invs, inv);
-    const __m256 lv = _mm256_set1_ps(levels), zero = _mm256_setzero_ps();
     const size_t code_row = (size_t)d * bits / 8;
     for (int r = 0; r < rows; r++) {
 #pragma GCC unroll 8
@@ -507,7 +510,7 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
                 __m256 c = _mm256_load_ps(scratch + r * d + 8 * i);
                 c = _mm256_mul_ps(_mm256_sub_ps(c, mv), iv);
                 c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                v[i] = _mm256_min_ps(_mm256_max_ps(c, zero), lv);
+                v[i] = c; /* clamped in pack_codes */
             }
         }
         pack_codes(v, d, bits, codes + r * code_row);
