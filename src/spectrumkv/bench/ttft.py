@@ -11,6 +11,7 @@ the rest of `unpack_s` overlaps with the wire).
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass
 
 import matplotlib
@@ -149,7 +150,7 @@ def projection(
         source = "the workers' measured encode and unpack stage times"
     if not enc or not dec:
         return []
-    enc_bps, dec_bps = sorted(enc)[len(enc) // 2], sorted(dec)[len(dec) // 2]
+    enc_bps, dec_bps = statistics.median(enc), statistics.median(dec)
     lines = [
         f"PROJECTION (not a measurement): {tokens}-token prompt, transfer phase without overlap "
         f"= encode + wire + unpack, using {source} on this machine "
