@@ -260,3 +260,22 @@ def test_unknown_kind_breaks_reading_but_the_reason_can_still_be_sent():
 
     kind, body = asyncio.run(main())
     assert kind == Kind.ERROR and b"unknown message kind 99" in body
+
+
+def test_message_delivered_to_a_recv_cancelled_in_the_same_turn_is_not_lost():
+    """The deadline fires after the message reached the waiting recv but before it returned:
+    the next recv still gets the message (no transport needed: bytes are fed to the protocol)."""
+
+    async def main():
+        ch = Channel()
+        task = asyncio.create_task(ch.recv(5))
+        await asyncio.sleep(0)  # the recv is waiting
+        msg = _wire(Kind.DONE, b"kept")
+        ch.get_buffer(-1)[: len(msg)] = msg
+        ch.buffer_updated(len(msg))  # hands the message to the waiting recv ...
+        task.cancel()  # ... which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await ch.recv(1)
+
+    assert asyncio.run(main()) == (Kind.DONE, b"kept")

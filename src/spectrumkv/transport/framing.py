@@ -84,16 +84,26 @@ class Channel(asyncio.BufferedProtocol):
         Raises PeerTimeout, or TransportError if the peer left or sent a bad head."""
         if self._waiter is not None:
             raise RuntimeError("a recv is already waiting on this channel")
-        self._waiter = asyncio.get_running_loop().create_future()
+        w = self._waiter = asyncio.get_running_loop().create_future()
         self._limit = max_bytes
         self._advance()
         try:
             async with asyncio.timeout(timeout):
-                return await self._waiter
+                return await w
         except TimeoutError:
+            self._keep_unclaimed(w)
             raise PeerTimeout(f"no message from peer within {timeout:.1f} s") from None
+        except asyncio.CancelledError:
+            self._keep_unclaimed(w)
+            raise
         finally:
             self._waiter = None
+
+    def _keep_unclaimed(self, w: asyncio.Future) -> None:
+        """A message handed to a recv that was cancelled before it could return it (deadline and
+        arrival in the same loop turn) goes back for the next recv: nothing is lost."""
+        if w.done() and not w.cancelled() and w.exception() is None:
+            self._ready = w.result()
 
     async def send(self, kind: Kind, body: bytes | bytearray | memoryview) -> None:
         """Queue one message (the body is not copied into a joined buffer) and wait until the
