@@ -313,9 +313,8 @@ AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8
         w = _mm_min_epu8(_mm_packus_epi16(w, w), _mm256_castsi256_si128(top));
         _mm_storel_epi64((__m128i *)(dst + 8 * i), w);
     }
-    if (bits == 8) {
-        return;
-    } else if (bits == 4) { /* byte j = c[2j] | c[2j+1] << 4 */
+    if (bits == 8) return; /* already written to codes */
+    if (bits == 4) { /* byte j = c[2j] | c[2j+1] << 4 */
         const __m128i w = _mm_set1_epi16(0x1001);
 #pragma GCC unroll 64
         for (int j = 0; j < d / 2; j += 8) {

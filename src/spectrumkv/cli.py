@@ -6,8 +6,12 @@ import argparse
 import contextlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import SpectrumKVError
+
+if TYPE_CHECKING:
+    from .bench.codec import CacheShape
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -182,13 +186,29 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> None:
         ttft.plot(records, args.plot)
 
 
+def _bench_cache(args: argparse.Namespace, q_heads: int) -> tuple[CacheShape, int]:
+    """The synthetic cache shape and timed repeats of `bench codec` and `bench push`
+    (--quick: 4 layers x 256 tokens, one pass)."""
+    from .bench.codec import CacheShape
+
+    quick = (4, 256, 1)
+    layers, tokens, repeats = quick if args.quick else (args.layers, args.tokens, args.repeats)
+    return CacheShape(layers, args.kv_heads, args.head_dim, tokens, q_heads), repeats
+
+
+def _add_cache_args(p: argparse.ArgumentParser, quick: str) -> None:
+    """--layers/--kv-heads/--head-dim/--tokens (default: SmolLM2-135M at 4096 tokens), --quick."""
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--quick", action="store_true", help=quick)
+
+
 def _cmd_bench_codec(args: argparse.Namespace) -> None:
     from .bench import codec
 
-    shape = codec.CacheShape(args.layers, args.kv_heads, args.head_dim, args.tokens, args.q_heads)
-    repeats = args.repeats
-    if args.quick:
-        shape, repeats = codec.CacheShape(4, args.kv_heads, args.head_dim, 256, args.q_heads), 1
+    shape, repeats = _bench_cache(args, args.q_heads)
     policies = [codec.parse_policy(x) for x in args.policies.split(",")]
     codecs = ["fused", "reference"] if args.reference else ["fused"]
     if not codec.fused.AVAILABLE:
@@ -205,10 +225,7 @@ def _cmd_bench_codec(args: argparse.Namespace) -> None:
 def _cmd_bench_push(args: argparse.Namespace) -> None:
     from .bench import codec, push
 
-    shape = codec.CacheShape(args.layers, args.kv_heads, args.head_dim, args.tokens)
-    repeats = args.repeats
-    if args.quick:
-        shape, repeats = codec.CacheShape(4, args.kv_heads, args.head_dim, 256), 1
+    shape, repeats = _bench_cache(args, q_heads=args.kv_heads)  # push scores by key norm
     push.print_header(shape, args.dtype)
     policies = [codec.parse_policy(x) for x in args.policies.split(",")]
     records = push.run_push(shape, args.dtype, policies, repeats)
@@ -391,10 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.set_defaults(func=_cmd_bench_ttft)
 
     bc = bench.add_parser("codec", help="encode/decode throughput vs a plain copy of the cache")
-    bc.add_argument("--layers", type=int, default=30)
-    bc.add_argument("--kv-heads", type=int, default=3)
-    bc.add_argument("--head-dim", type=int, default=64)
-    bc.add_argument("--tokens", type=int, default=4096)
+    _add_cache_args(bc, quick="4 layers x 256 tokens, one pass (CI)")
     bc.add_argument("--q-heads", type=int, default=9, help="query heads (window queries)")
     bc.add_argument("--dtypes", default="bfloat16,float16")
     bc.add_argument(
@@ -405,7 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--repeats", type=int, default=5, help="timed passes; the best is reported")
     bc.add_argument("--threads", type=int, help="torch and codec threads (default: torch's)")
     bc.add_argument("--reference", action="store_true", help="also time the torch reference")
-    bc.add_argument("--quick", action="store_true", help="4 layers x 256 tokens, one pass (CI)")
     bc.add_argument(
         "--fresh", action="store_true", help="allocate every frame and output anew (no reuse)"
     )
@@ -413,14 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.set_defaults(func=_cmd_bench_codec)
 
     bp = bench.add_parser("push", help="push transfers over loopback vs raw TCP")
-    bp.add_argument("--layers", type=int, default=30)
-    bp.add_argument("--kv-heads", type=int, default=3)
-    bp.add_argument("--head-dim", type=int, default=64)
-    bp.add_argument("--tokens", type=int, default=4096)
+    _add_cache_args(bp, quick="4 layers x 256 tokens, one run (CI)")
     bp.add_argument("--dtype", default="bfloat16")
     bp.add_argument("--policies", default="uniform-int8,spectrum@0.5,spectrum@0.3")
     bp.add_argument("--repeats", type=int, default=5, help="timed runs; the best is reported")
-    bp.add_argument("--quick", action="store_true", help="4 layers x 256 tokens, one run (CI)")
     bp.add_argument("--json", help="write records to this path")
     bp.set_defaults(func=_cmd_bench_push)
 

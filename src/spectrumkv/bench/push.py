@@ -27,8 +27,8 @@ from ..config import PolicyConfig, ScoreConfig
 from ..importance import score_tokens
 from ..policy import plan
 from ..transport.push import KVInbox, PushReceiver, push_payload, start_receiver
-from ..wire import Header, PayloadDecoder, frame_bytes, header_bytes
-from .codec import CacheShape, synthetic_cache, synthetic_header
+from ..wire import Header, PayloadDecoder, header_bytes
+from .codec import CacheShape, encode_all, synthetic_cache, synthetic_header
 
 SECRET = b"bench-push-secret-32-bytes-long!"
 
@@ -55,7 +55,7 @@ def encode_payload(
     header = synthetic_header(shape, dtype, policy, budget)
     scores, per_layer = score_tokens(ScoreConfig(method="keynorm"), shape.tokens, layers, None)
     p = plan(scores, header, PolicyConfig(policy, budget=budget), per_layer)
-    frames = [bytes(frame_bytes(i, 0, p.tiers[i], kv, header)) for i, kv in enumerate(layers)]
+    frames = [bytes(f) for f in encode_all(layers, header, p.tiers, use_fused=True)]
     return [header_bytes(header), *frames], header
 
 
