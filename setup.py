@@ -11,6 +11,7 @@ setup(
         Extension(
             "spectrumkv._codec",
             sources=["src/spectrumkv/_codec.c"],
+            depends=["src/spectrumkv/_xxh3.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"],
             extra_link_args=["-pthread"],
             optional=True,

@@ -3,14 +3,16 @@
 import json
 
 import msgspec
+import numpy as np
 import pytest
 import torch
+import xxhash
 
 from spectrumkv import fused
 from spectrumkv.config import QuantConfig
 from spectrumkv.kv import LayerKV
 from spectrumkv.tiers import Tier
-from spectrumkv.wire import frame_bytes, read_frame
+from spectrumkv.wire import CHECK_BLOCK, frame_bytes, frame_checksum_reference, read_frame
 
 from .synthetic import make_header
 
@@ -86,6 +88,53 @@ def test_fused_matches_reference_on_a_real_cache(smol):
     for layer in (0, 13, 29):
         tiers = torch.randint(0, len(Tier), (pre.n_tokens,), generator=g)
         _both_ways(pre.layers[layer], tiers, header)
+
+
+_SEEDS = (0, 1, 2**64 - 1, 0x9E3779B97F4A7C15)
+
+
+def test_compiled_xxh3_matches_the_xxhash_package_at_every_length(kernels):
+    """With the whole buffer as head and no body, the checksum is xxh3_64 of the buffer itself:
+    every length through the small (0-16), medium (17-240) and long (several 1 KiB blocks) paths."""
+    raw = np.random.default_rng(0).integers(0, 256, 3200, dtype=np.uint8).tobytes()
+    for n in range(len(raw) + 1):
+        for seed in _SEEDS[:2] if n % 7 else _SEEDS:
+            got = fused.frame_checksum(raw[:n], n, seed, 1)
+            assert got == xxhash.xxh3_64_intdigest(raw[:n], seed), (n, seed)
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 5, 16, 17, 300, CHECK_BLOCK + 15, CHECK_BLOCK + 16, CHECK_BLOCK + 17, 3 * CHECK_BLOCK + 999],
+)
+def test_threaded_frame_checksum_matches_the_reference(size, kernels):
+    raw = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    for seed in _SEEDS:
+        want = frame_checksum_reference(raw, seed)
+        for threads in (1, 2, 3, 8):
+            assert fused.frame_checksum(raw, min(16, size), seed, threads) == want
+    flipped = bytearray(raw)
+    if size:
+        flipped[size - 1] ^= 1
+        assert fused.frame_checksum(bytes(flipped), min(16, size), 5, 2) != fused.frame_checksum(
+            raw, min(16, size), 5, 2
+        )
+
+
+def test_reference_mode_writes_and_reads_the_same_frames(monkeypatch):
+    """SPECTRUMKV_CODEC=reference (torch codec, xxhash-package checksums) is byte-compatible."""
+    header = make_header(3000, heads=2, head_dim=64, quant=QuantConfig(64))
+    kv = _cache(2, 3000, 64, torch.float16, seed=3)
+    tiers = torch.randint(0, len(Tier), (3000,), generator=torch.Generator().manual_seed(3))
+    fast = bytes(frame_bytes(0, 0, tiers, kv, header))
+    assert len(fast) > 2 * CHECK_BLOCK  # several checksum blocks
+    monkeypatch.setenv("SPECTRUMKV_CODEC", "reference")
+    assert not fused.checksums_enabled()
+    assert bytes(frame_bytes(0, 0, tiers, kv, header)) == fast
+    got, _, _ = read_frame(fast, 0, header, 0)
+    monkeypatch.delenv("SPECTRUMKV_CODEC")
+    want, _, _ = read_frame(fast, 0, header, 0)
+    assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
 
 
 def test_kernel_rejects_a_body_that_does_not_match_the_tier_map():

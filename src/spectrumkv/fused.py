@@ -34,6 +34,12 @@ def enabled(q: QuantConfig) -> bool:
     return AVAILABLE and q.scheme == "asym-group"
 
 
+def checksums_enabled() -> bool:
+    """Whether frame checksums run in the compiled, threaded implementation (same values as the
+    `xxhash`-package one in wire.py; `SPECTRUMKV_CODEC=reference` turns it off too)."""
+    return AVAILABLE and os.environ.get("SPECTRUMKV_CODEC", "auto") != "reference"
+
+
 def simd_enabled() -> bool:
     """Whether the AVX2/F16C kernels run (x86-64 CPUs that have them); else the scalar C ones."""
     return bool(_codec.simd())
@@ -74,6 +80,13 @@ def encode_body(
         k.data_ptr(), v.data_ptr(), _DTYPE_CODES[k.dtype], h, n, d, group, int(rotate),
         _DTYPE_CODES[wire_dtype], t, out, _threads(threads),
     )  # fmt: skip
+
+
+def frame_checksum(frame: memoryview, head_len: int, seed: int, threads: int | None = None) -> int:
+    """The wire format's frame checksum of `frame` (head_len bytes of head, then the body):
+    xxh3_64 of each CHECK_BLOCK-byte block of the body, split over `threads` threads, then of the
+    head followed by those digests. See `wire.frame_checksum`."""
+    return _codec.frame_checksum(frame, head_len, seed, _threads(threads))
 
 
 def decode_body(

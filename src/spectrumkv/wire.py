@@ -1,4 +1,4 @@
-"""The SpectrumKV wire format, version 2: encode and decode, one layer frame at a time.
+"""The SpectrumKV wire format, version 3: encode and decode, one layer frame at a time.
 
 Layout (all integers little endian)::
 
@@ -14,13 +14,17 @@ Layout (all integers little endian)::
                  INTk sym-token:  codes m*H*D*k/8 | scale m f16
                  INTk kivi keys:  codes m*H*D*k/8 | scale, minimum ceil(m/G)*H*D f16 each
                tokens of a tier appear in position order
-      checksum u64 xxh3_64(head + body, seed = the header's checksum)
+      checksum u64 xxh3_64(head + d_0 + ... + d_k-1, seed), d_i = xxh3_64(body block i, seed)
+               as u64: the body in blocks of CHECK_BLOCK (64 KiB) bytes, the last one shorter;
+               seed = the header's checksum
 
 A frame covers prompt positions [first_position, n_tokens). Seeding each frame's checksum with
 the header's binds the frames to their header: every header carries a random `payload_id`, so a
 frame from another payload (another request, another model) fails its checksum even where the
-shapes agree. Every length is checked against the fingerprint and the tier map before anything
-is allocated. No pickle anywhere. (Version 1 had unseeded frame checksums and no payload_id.)
+shapes agree. Hashing the body in blocks lets the compiled codec checksum a frame on all its
+threads. Every length is checked against the fingerprint and the tier map before anything is
+allocated. No pickle anywhere. (Version 1 had unseeded frame checksums and no payload_id;
+version 2 hashed each frame in one serial pass.)
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ from .quant import Quantized, dequantize, hadamard, quantize, section_bytes
 from .tiers import STORED_TIERS, TIER_BITS, Tier
 
 MAGIC = b"SPKV"
-VERSION = 2
+VERSION = 3
 FRAME_MAGIC = b"LF"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TOKENS = 1 << 22
+CHECK_BLOCK = 64 * 1024  # bytes of frame body per block digest (the C codec's CHECK_BLOCK)
 
 _PREAMBLE = struct.Struct("<4sHHI")
 _FRAME = struct.Struct("<2sHIII")
@@ -128,6 +133,25 @@ def header_bytes(header: Header) -> bytes:
     return pre + body + _CHECK.pack(_checksum(pre, body))
 
 
+def frame_checksum(frame: bytes | bytearray | memoryview, seed: int) -> int:
+    """The checksum of a frame's head + body (`frame`, without the trailing checksum): computed
+    by the compiled codec on its threads where it is built, else here; both give the same value."""
+    if fused_codec.checksums_enabled():
+        return fused_codec.frame_checksum(frame, _FRAME.size, seed)
+    return frame_checksum_reference(frame, seed)
+
+
+def frame_checksum_reference(frame: bytes | bytearray | memoryview, seed: int) -> int:
+    """`frame_checksum` with the `xxhash` package, one block at a time."""
+    mv = memoryview(frame).cast("B")
+    body = mv[_FRAME.size :]
+    digests = [
+        xxhash.xxh3_64_intdigest(body[i : i + CHECK_BLOCK], seed)
+        for i in range(0, len(body), CHECK_BLOCK)
+    ]
+    return _checksum(mv[: _FRAME.size], struct.pack(f"<{len(digests)}Q", *digests), seed=seed)
+
+
 @lru_cache(maxsize=64)
 def frame_seed(header: Header) -> int:
     """The seed of every frame checksum of a payload: its header's checksum."""
@@ -206,7 +230,7 @@ def frame_bytes(
         fused_codec.encode_body(kv.keys, kv.values, t, q.group_size, q.rotate, wire_dtype, body)
     else:
         _encode_body_reference(body, t, kv, wire_dtype, q)
-    _CHECK.pack_into(mv, body_end, _checksum(mv[:body_end], seed=frame_seed(header)))
+    _CHECK.pack_into(mv, body_end, frame_checksum(mv[:body_end], frame_seed(header)))
     return frame
 
 
@@ -340,7 +364,7 @@ def read_frame(
     if len(mv) < end + _CHECK.size:
         raise WireFormatError(f"payload truncated inside frame {layer}")
     (check,) = _CHECK.unpack_from(mv, end)
-    if check != _checksum(mv[offset:end], seed=frame_seed(header)):
+    if check != frame_checksum(mv[offset:end], frame_seed(header)):
         raise ChecksumError(f"frame {layer} checksum mismatch")
 
     map_len = (n_slots + 1) // 2
