@@ -1030,6 +1030,65 @@ done:
     return ret;
 }
 
+/* count_tiers(tiers) -> (counts per Tier code): tiers is a buffer of Tier codes (uint8).
+ * ValueError on a code above FP16. */
+static PyObject *count_tiers(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer tiers;
+    if (!PyArg_ParseTuple(args, "y*", &tiers)) return NULL;
+    const uint8_t *t = (const uint8_t *)tiers.buf;
+    int64_t counts[256] = {0};
+    for (Py_ssize_t s = 0; s < tiers.len; s++) counts[t[s]]++;
+    PyBuffer_Release(&tiers);
+    if (tiers.len != counts[0] + counts[1] + counts[2] + counts[3] + counts[4]) {
+        PyErr_SetString(PyExc_ValueError, "invalid tier code");
+        return NULL;
+    }
+    return Py_BuildValue("(LLLLL)", (long long)counts[0], (long long)counts[1],
+                         (long long)counts[2], (long long)counts[3], (long long)counts[4]);
+}
+
+/* unpack_tiers(packed, n, first, tiers_out, positions_out) -> (counts per Tier code)
+ * packed: ceil(n/2) bytes of 4-bit Tier codes, low nibble first. Writes the n codes to tiers_out
+ * (n bytes) and first + s for each kept (not DROP) slot s, in order, to positions_out (n int64);
+ * returns a 5-tuple of slot counts indexed by Tier code. ValueError on a code above FP16 or a
+ * nonzero padding nibble. */
+static PyObject *unpack_tiers(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer packed, tiers, positions;
+    long long n, first;
+    if (!PyArg_ParseTuple(args, "y*LLw*w*", &packed, &n, &first, &tiers, &positions)) return NULL;
+    PyObject *ret = NULL;
+    if (n < 0 || packed.len != (n + 1) / 2 || tiers.len != n ||
+        positions.len != n * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "tier map buffers do not match the slot count");
+        goto done;
+    }
+    const uint8_t *in = (const uint8_t *)packed.buf;
+    uint8_t *t = (uint8_t *)tiers.buf, bad = 0;
+    int64_t *pos = (int64_t *)positions.buf, counts[16] = {0}, kept = 0;
+    for (int64_t s = 0; s < n; s++) {
+        uint8_t c = (uint8_t)(s & 1 ? in[s / 2] >> 4 : in[s / 2] & 0xF);
+        t[s] = c;
+        counts[c]++;
+        bad |= c > T_FP16;
+        pos[kept] = first + s;
+        kept += c != T_DROP;
+    }
+    if (bad || (n & 1 && in[n / 2] >> 4)) {
+        PyErr_SetString(PyExc_ValueError, bad ? "invalid tier code in tier map"
+                                              : "tier map padding nibble is not zero");
+        goto done;
+    }
+    ret = Py_BuildValue("(LLLLL)", (long long)counts[0], (long long)counts[1],
+                        (long long)counts[2], (long long)counts[3], (long long)counts[4]);
+done:
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&tiers);
+    PyBuffer_Release(&positions);
+    return ret;
+}
+
 /* set_simd(flag) -> previous: turn the AVX2 kernels off (0) or back on (1, where the CPU has
  * them), e.g. to test or time the scalar kernels. */
 static PyObject *set_simd(PyObject *self, PyObject *args) {
@@ -1054,6 +1113,8 @@ static PyMethodDef methods[] = {
     {"encode_frame", encode_frame, METH_VARARGS, "Encode one frame body (asym-group)."},
     {"decode_frame", decode_frame, METH_VARARGS, "Decode one frame body (asym-group)."},
     {"frame_checksum", frame_checksum, METH_VARARGS, "Checksum of a frame head and body."},
+    {"count_tiers", count_tiers, METH_VARARGS, "Slot count of each tier code."},
+    {"unpack_tiers", unpack_tiers, METH_VARARGS, "Unpack and count a frame's tier map."},
     {NULL, NULL, 0, NULL},
 };
 

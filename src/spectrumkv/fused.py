@@ -34,9 +34,10 @@ def enabled(q: QuantConfig) -> bool:
     return AVAILABLE and q.scheme == "asym-group"
 
 
-def checksums_enabled() -> bool:
-    """Whether frame checksums run in the compiled, threaded implementation (same values as the
-    `xxhash`-package one in wire.py; `SPECTRUMKV_CODEC=reference` turns it off too)."""
+def compiled() -> bool:
+    """Whether the compiled helpers run: threaded frame checksums and tier-map unpacking (same
+    results as their numpy / `xxhash`-package twins in wire.py, which run otherwise).
+    `SPECTRUMKV_CODEC=reference` turns them off too."""
     return AVAILABLE and os.environ.get("SPECTRUMKV_CODEC", "auto") != "reference"
 
 
@@ -87,6 +88,20 @@ def frame_checksum(frame: memoryview, head_len: int, seed: int, threads: int | N
     xxh3_64 of each CHECK_BLOCK-byte block of the body, split over `threads` threads, then of the
     head followed by those digests. See `wire.frame_checksum`."""
     return _codec.frame_checksum(frame, head_len, seed, _threads(threads))
+
+
+def count_tiers(tiers: torch.Tensor) -> tuple[int, ...]:
+    """Slot count of each Tier code in a contiguous uint8 tier map; ValueError on a bad code."""
+    return _codec.count_tiers(tiers.numpy())
+
+
+def unpack_tiers(
+    raw: bytes | memoryview, n_slots: int, first: int, tiers: torch.Tensor, positions: torch.Tensor
+) -> tuple[int, ...]:
+    """Unpack a packed tier map into `tiers` ([n_slots] uint8) and the kept slots' positions
+    (first + slot) into the front of `positions` ([n_slots] int64); returns the slot count of
+    each Tier code. ValueError on an unknown code or a nonzero padding nibble."""
+    return _codec.unpack_tiers(raw, n_slots, first, tiers.numpy(), positions.numpy())
 
 
 def decode_body(

@@ -136,7 +136,7 @@ def header_bytes(header: Header) -> bytes:
 def frame_checksum(frame: bytes | bytearray | memoryview, seed: int) -> int:
     """The checksum of a frame's head + body (`frame`, without the trailing checksum): computed
     by the compiled codec on its threads where it is built, else here; both give the same value."""
-    if fused_codec.checksums_enabled():
+    if fused_codec.compiled():
         return fused_codec.frame_checksum(frame, _FRAME.size, seed)
     return frame_checksum_reference(frame, seed)
 
@@ -179,7 +179,21 @@ def pack_tier_map(tiers: torch.Tensor) -> bytes:
     return (t[0::2] | (t[1::2] << 4)).numpy().tobytes()
 
 
-def unpack_tier_map(raw: bytes | memoryview, n_slots: int) -> torch.Tensor:
+def read_tier_map(
+    raw: bytes | memoryview, n_slots: int, first: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[Tier, int]]:
+    """Unpack and check a frame's tier map (ceil(n_slots/2) bytes). Returns the n_slots Tier
+    codes (uint8), the positions (first + slot, int64) of the kept slots and the slot count of
+    each stored tier. Raises WireFormatError on an unknown code or a nonzero padding nibble."""
+    if fused_codec.compiled():
+        tiers = torch.empty(n_slots, dtype=torch.uint8)
+        positions = torch.empty(n_slots, dtype=torch.int64)
+        try:
+            per_code = fused_codec.unpack_tiers(raw, n_slots, first, tiers, positions)
+        except ValueError as e:
+            raise WireFormatError(str(e)) from None
+        kept = n_slots - per_code[int(Tier.DROP)]
+        return tiers, positions[:kept], {t: per_code[int(t)] for t in STORED_TIERS}
     b = np.frombuffer(raw, dtype=np.uint8)
     t = np.empty(2 * b.size, dtype=np.uint8)
     t[0::2], t[1::2] = b & 0xF, b >> 4
@@ -187,8 +201,9 @@ def unpack_tier_map(raw: bytes | memoryview, n_slots: int) -> torch.Tensor:
         raise WireFormatError("tier map padding nibble is not zero")
     t = t[:n_slots]
     if t.size and int(t.max()) > int(Tier.FP16):
-        raise WireFormatError(f"invalid tier code {int(t.max())} in tier map")
-    return torch.from_numpy(t)
+        raise WireFormatError("invalid tier code in tier map")
+    tiers = torch.from_numpy(t)
+    return tiers, torch.from_numpy(np.flatnonzero(t) + first), _tier_counts(tiers)
 
 
 def frame_bytes(
@@ -208,7 +223,7 @@ def frame_bytes(
     (e.g. a send buffer reused across frames); the frame is then a memoryview of its prefix.
     Without it the frame is a new bytearray."""
     fp, q = header.fingerprint, header.quant
-    t = tiers.to(torch.uint8)
+    t = tiers.to(torch.uint8).contiguous()
     n = t.numel()
     counts = _tier_counts(t)
     size = frame_size(n, counts, fp, q)
@@ -235,8 +250,11 @@ def frame_bytes(
 
 
 def _tier_counts(tiers: torch.Tensor) -> dict[Tier, int]:
-    """Slots per stored tier of a uint8 tier map."""
-    per_code = np.bincount(tiers.numpy(), minlength=len(Tier))
+    """Slots per stored tier of a contiguous uint8 tier map of valid codes."""
+    if fused_codec.compiled():
+        per_code = fused_codec.count_tiers(tiers)
+    else:
+        per_code = np.bincount(tiers.numpy(), minlength=len(Tier))
     return {t: int(per_code[int(t)]) for t in STORED_TIERS}
 
 
@@ -368,27 +386,26 @@ def read_frame(
         raise ChecksumError(f"frame {layer} checksum mismatch")
 
     map_len = (n_slots + 1) // 2
-    tiers = unpack_tier_map(mv[body_start : body_start + map_len], n_slots)
-    counts = _tier_counts(tiers)
+    tiers, positions, counts = read_tier_map(mv[body_start : body_start + map_len], n_slots, first)
     if frame_size(n_slots, counts, fp, q) != _FRAME.size + body_len + _CHECK.size:
         raise WireFormatError(f"frame {layer} body length {body_len} does not match its tier map")
 
-    kept = torch.from_numpy(np.flatnonzero(tiers.numpy()))
+    kept = positions.numel()
     sections = mv[body_start + map_len : end]
     if fused is None:
         fused = fused_codec.enabled(q)
     if fused:
         keys, values = fused_codec.decode_body(
             sections, tiers, fp.n_kv_heads, fp.head_dim, q.group_size, q.rotate,
-            _KV_DTYPES[fp.kv_dtype], kept.numel(), out,
+            _KV_DTYPES[fp.kv_dtype], kept, out,
         )  # fmt: skip
     else:
-        keys, values = _decode_body_reference(sections, tiers, counts, kept, fp, q)
+        keys, values = _decode_body_reference(sections, tiers, counts, positions - first, fp, q)
         if out is not None:
-            out[0][:, : kept.numel()] = keys
-            out[1][:, : kept.numel()] = values
-            keys, values = out[0][:, : kept.numel()], out[1][:, : kept.numel()]
-    return LayerKV(keys, values, kept + first), tiers, end + _CHECK.size
+            out[0][:, :kept] = keys
+            out[1][:, :kept] = values
+            keys, values = out[0][:, :kept], out[1][:, :kept]
+    return LayerKV(keys, values, positions), tiers, end + _CHECK.size
 
 
 def _decode_body_reference(
