@@ -190,6 +190,8 @@ def test_encode_and_decode_into_reused_buffers(kernels):
     fresh = frame_bytes(0, 0, tiers, kv, header)
     send = bytearray(len(fresh) + 100)
     assert bytes(frame_bytes(0, 0, tiers, kv, header, out=send)) == bytes(fresh)
+    send = bytearray(b"\xa5" * len(send))  # stale bytes everywhere: each one is overwritten
+    assert bytes(frame_bytes(0, 0, tiers, kv, header, out=send)) == bytes(fresh)
     with pytest.raises(ValueError, match="needs"):
         frame_bytes(0, 0, tiers, kv, header, out=bytearray(len(fresh) - 1))
     want, _, _ = read_frame(fresh, 0, header, 0)
