@@ -17,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 import torch
@@ -29,6 +30,7 @@ from ..pipeline import reference_state, split_prompt
 from ..transport.auth import client_handshake
 from ..transport.framing import Channel, Kind, PeerTimeout, TransportError, connect
 from ..transport.tls import client_context
+from ..transport.unpack import Unpacker
 from ..wire import PayloadDecoder, tokens_digest
 from .metrics import Metrics
 from .prefill_worker import ROLE
@@ -92,13 +94,12 @@ class DecodeWorker:
         dec = PayloadDecoder(expect=self.engine.fingerprint)
         deadline = time.monotonic() + self.cfg.deadline_s
         ch: Channel | None = None
-        pending: list[asyncio.Future] = []
+        unpacker = Unpacker(self.unpacker)
         try:
             async with asyncio.timeout(self.cfg.deadline_s):
                 ch = await connect(self.cfg.prefill_host, self.cfg.prefill_port, self.tls)
                 await client_handshake(ch, self.cfg.secret, ROLE)
                 await ch.send(Kind.REQUEST, msgspec.json.encode(req))
-            loop = asyncio.get_running_loop()
 
             def unpack(feed, body: bytes) -> None:
                 t0 = time.perf_counter()
@@ -110,17 +111,15 @@ class DecodeWorker:
                 if left <= 0:
                     raise PeerTimeout("KV transfer deadline passed")
                 kind, body = await ch.recv(left)
-                for fut in pending:  # a frame that failed verification ends the transfer now
-                    if fut.done() and fut.exception():
-                        raise fut.exception()
                 if kind in (Kind.HEADER, Kind.FRAME):
                     feed = dec.feed_header if kind == Kind.HEADER else dec.feed_frame
-                    pending.append(loop.run_in_executor(self.unpacker, unpack, feed, body))
+                    left = max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(unpacker.feed(partial(unpack, feed), body), left)
                 elif kind == Kind.DONE:
                     out.done = msgspec.json.decode(body, type=PrefillDone)
                     t_last = time.perf_counter()
                     left = max(0.0, deadline - time.monotonic())
-                    await asyncio.wait_for(asyncio.gather(*pending), left)
+                    await asyncio.wait_for(unpacker.drain(), left)
                     out.unpack_tail_s = time.perf_counter() - t_last
                     break
                 elif kind == Kind.ERROR:
@@ -140,9 +139,7 @@ class DecodeWorker:
         finally:
             if ch is not None:
                 ch.close()
-            for fut in pending:  # after a failure: drop queued frames, collect their errors
-                if not fut.cancel() and fut.done():
-                    fut.exception()
+            unpacker.abandon()  # after a failure: drop queued frames, collect their errors
 
     def _generate(self, ids: torch.Tensor, transfer: Transfer | None, max_tokens: int, emit):
         """Model work, on the decode thread. `transfer` None = recompute locally."""

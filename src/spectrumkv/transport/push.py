@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from ..wire import Fingerprint, Payload, PayloadDecoder
 from .auth import client_handshake, server_handshake
 from .framing import Channel, Kind, PeerTimeout, TransportError, connect, serve
 from .shaper import LinkShaper
+from .unpack import Unpacker
 
 log = logging.getLogger("spectrumkv.push")
 ROLE = b"prefill->decode push"
@@ -212,7 +214,9 @@ async def push_payload(
 
 
 class PushReceiver:
-    """Accepts pushes into an inbox. `expect`: the model a payload must be for."""
+    """Accepts pushes into an inbox. `expect`: the model a payload must be for. Frames are
+    verified and decoded on one worker thread, in arrival order, while the event loop keeps
+    receiving (this and other connections)."""
 
     def __init__(self, inbox: KVInbox, secret: bytes, expect: Fingerprint) -> None:
         self.inbox = inbox
@@ -220,6 +224,7 @@ class PushReceiver:
         self.expect = expect
         self.received = 0
         self.refused = 0
+        self.unpacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-unpack")
 
     async def handle(self, ch: Channel) -> None:
         """One push connection (run by `start_receiver`; the channel is closed after it)."""
@@ -257,14 +262,22 @@ class PushReceiver:
         need = fp16_bytes(header)  # what the decoded 16-bit tensors will hold
         if not self.inbox.reserve_ok(need):
             raise TransferFailed(f"inbox cannot hold {need} more bytes")
-        while True:
-            kind, body = await ch.recv(MESSAGE_TIMEOUT_S)
-            if kind == Kind.DONE:
-                return dec.finish(), wire_bytes
-            if kind != Kind.FRAME:
-                raise TransportError(f"expected FRAME or DONE, got {kind.name}")
-            dec.feed_frame(body)
-            wire_bytes += len(body)
+        unpacker = Unpacker(self.unpacker)
+        try:
+            while True:
+                kind, body = await ch.recv(MESSAGE_TIMEOUT_S)
+                async with asyncio.timeout(MESSAGE_TIMEOUT_S):  # decoding the frames before it
+                    if kind == Kind.DONE:
+                        await unpacker.drain()
+                        return dec.finish(), wire_bytes
+                    if kind != Kind.FRAME:
+                        raise TransportError(f"expected FRAME or DONE, got {kind.name}")
+                    await unpacker.feed(dec.feed_frame, body)
+                wire_bytes += len(body)
+        except TimeoutError:
+            raise PeerTimeout(f"decoding fell {MESSAGE_TIMEOUT_S:.0f} s behind") from None
+        finally:
+            unpacker.abandon()
 
     @staticmethod
     async def _reply(ch: Channel, ok: bool, message: str = "") -> None:
