@@ -1030,22 +1030,37 @@ done:
     return ret;
 }
 
+/* Slots per Tier code of n codes, as a 5-tuple; NULL with ValueError if a code is above FP16.
+ * 16-bit counters per 4096-code block, so the compiler vectorizes the compares (a
+ * counts[t[s]]++ loop stalls on its own stores: ~25x slower here). */
+static PyObject *tier_counts_tuple(const uint8_t *t, int64_t n) {
+    int64_t counts[5] = {0};
+    for (int64_t b = 0; b < n; b += 4096) {
+        const int64_t end = b + 4096 < n ? b + 4096 : n;
+        uint16_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0;
+        for (int64_t s = b; s < end; s++) {
+            const uint8_t v = t[s];
+            c0 += v == 0, c1 += v == 1, c2 += v == 2, c3 += v == 3, c4 += v == 4;
+        }
+        counts[0] += c0, counts[1] += c1, counts[2] += c2, counts[3] += c3, counts[4] += c4;
+    }
+    if (counts[0] + counts[1] + counts[2] + counts[3] + counts[4] != n) {
+        PyErr_SetString(PyExc_ValueError, "invalid tier code in tier map");
+        return NULL;
+    }
+    return Py_BuildValue("(LLLLL)", (long long)counts[0], (long long)counts[1],
+                         (long long)counts[2], (long long)counts[3], (long long)counts[4]);
+}
+
 /* count_tiers(tiers) -> (counts per Tier code): tiers is a buffer of Tier codes (uint8).
  * ValueError on a code above FP16. */
 static PyObject *count_tiers(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer tiers;
     if (!PyArg_ParseTuple(args, "y*", &tiers)) return NULL;
-    const uint8_t *t = (const uint8_t *)tiers.buf;
-    int64_t counts[256] = {0};
-    for (Py_ssize_t s = 0; s < tiers.len; s++) counts[t[s]]++;
+    PyObject *ret = tier_counts_tuple((const uint8_t *)tiers.buf, tiers.len);
     PyBuffer_Release(&tiers);
-    if (tiers.len != counts[0] + counts[1] + counts[2] + counts[3] + counts[4]) {
-        PyErr_SetString(PyExc_ValueError, "invalid tier code");
-        return NULL;
-    }
-    return Py_BuildValue("(LLLLL)", (long long)counts[0], (long long)counts[1],
-                         (long long)counts[2], (long long)counts[3], (long long)counts[4]);
+    return ret;
 }
 
 /* unpack_tiers(packed, n, first, tiers_out, positions_out) -> (counts per Tier code)
@@ -1065,23 +1080,21 @@ static PyObject *unpack_tiers(PyObject *self, PyObject *args) {
         goto done;
     }
     const uint8_t *in = (const uint8_t *)packed.buf;
-    uint8_t *t = (uint8_t *)tiers.buf, bad = 0;
-    int64_t *pos = (int64_t *)positions.buf, counts[16] = {0}, kept = 0;
-    for (int64_t s = 0; s < n; s++) {
-        uint8_t c = (uint8_t)(s & 1 ? in[s / 2] >> 4 : in[s / 2] & 0xF);
-        t[s] = c;
-        counts[c]++;
-        bad |= c > T_FP16;
+    uint8_t *t = (uint8_t *)tiers.buf;
+    int64_t *pos = (int64_t *)positions.buf, kept = 0;
+    for (int64_t i = 0; i < n / 2; i++) { /* low nibble first */
+        t[2 * i] = in[i] & 0xF;
+        t[2 * i + 1] = in[i] >> 4;
+    }
+    if (n & 1) t[n - 1] = in[n / 2] & 0xF;
+    for (int64_t s = 0; s < n; s++) { /* the kept slots' positions, branch-free */
         pos[kept] = first + s;
-        kept += c != T_DROP;
+        kept += t[s] != T_DROP;
     }
-    if (bad || (n & 1 && in[n / 2] >> 4)) {
-        PyErr_SetString(PyExc_ValueError, bad ? "invalid tier code in tier map"
-                                              : "tier map padding nibble is not zero");
-        goto done;
-    }
-    ret = Py_BuildValue("(LLLLL)", (long long)counts[0], (long long)counts[1],
-                        (long long)counts[2], (long long)counts[3], (long long)counts[4]);
+    if (n & 1 && in[n / 2] >> 4)
+        PyErr_SetString(PyExc_ValueError, "tier map padding nibble is not zero");
+    else
+        ret = tier_counts_tuple(t, n);
 done:
     PyBuffer_Release(&packed);
     PyBuffer_Release(&tiers);
