@@ -601,26 +601,50 @@ static size_t section_size(int tier, int64_t m, int h, int d, int g) {
     return (size_t)m * h * (size_t)d * BITS[tier] / 8 + (size_t)m * h * (d / g) * 4;
 }
 
-/* Fill job->sec from the n-slot tier map, sections starting at byte `off` of job->body;
- * returns the offset just past the last section. */
+/* Slots per Tier code of n codes (each <= FP16) into counts[5]. 16-bit counters per 4096-code
+ * block, so the compiler vectorizes the compares (a counts[t[s]]++ loop stalls on its own
+ * stores: ~25x slower here). Returns the number of codes that are not valid Tier codes. */
+static int64_t count_codes(const uint8_t *t, int64_t n, int64_t counts[5]) {
+    for (int k = 0; k < 5; k++) counts[k] = 0;
+    for (int64_t b = 0; b < n; b += 4096) {
+        const int64_t end = b + 4096 < n ? b + 4096 : n;
+        uint16_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0;
+        for (int64_t s = b; s < end; s++) {
+            const uint8_t v = t[s];
+            c0 += v == 0, c1 += v == 1, c2 += v == 2, c3 += v == 3, c4 += v == 4;
+        }
+        counts[0] += c0, counts[1] += c1, counts[2] += c2, counts[3] += c3, counts[4] += c4;
+    }
+    return n - (counts[0] + counts[1] + counts[2] + counts[3] + counts[4]);
+}
+
+/* Fill job->sec from the n-slot tier map (valid codes), sections starting at byte `off` of
+ * job->body; returns the offset just past the last section. idx_store: n + 1 entries; each
+ * section's slot indices are listed in it, in slot order, in one branch-free pass (dropped
+ * slots all write the spare last entry). */
 static size_t layout(Job *job, const uint8_t *tiers, int64_t n, size_t off, int64_t *idx_store) {
-    int64_t counts[5] = {0};
-    for (int64_t s = 0; s < n; s++) counts[tiers[s]]++;
-    int64_t *cursor = idx_store;
+    int64_t counts[5];
+    count_codes(tiers, n, counts);
+    int64_t *next[5] = {idx_store + n, NULL, NULL, NULL, NULL}, *cursor = idx_store;
     job->nsec = 0;
     for (int k = 0; k < 4; k++) {
         int tier = STORED[k];
+        next[tier] = cursor;
         if (!counts[tier]) continue;
         Section *sc = &job->sec[job->nsec++];
         sc->tier = tier;
         sc->m = counts[tier];
         sc->idx = cursor;
-        for (int64_t s = 0; s < n; s++)
-            if (tiers[s] == tier) *cursor++ = s;
+        cursor += counts[tier];
         for (int kv = 0; kv < 2; kv++) {
             sc->off[kv] = off;
             off += section_size(tier, sc->m, job->h, job->d, job->g);
         }
+    }
+    for (int64_t s = 0; s < n; s++) {
+        const uint8_t c = tiers[s];
+        *next[c] = s;
+        next[c] += c != T_DROP;
     }
     return off;
 }
@@ -914,7 +938,7 @@ static PyObject *encode_frame(PyObject *self, PyObject *args) {
                .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
                .kv_dt = kv_dt, .stride = n, .body = (uint8_t *)out.buf,
                .simd = use_simd(d, g)};
-    idx = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    idx = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
     if (!idx) {
         PyErr_NoMemory();
         goto done;
@@ -955,7 +979,7 @@ static PyObject *decode_frame(PyObject *self, PyObject *args) {
     PyObject *ret = NULL;
     int64_t *idx = NULL, *rank = NULL;
     if (check_geometry(h, d, g, nthreads) || check_tiers(&tiers, n)) goto done;
-    idx = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    idx = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
     rank = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
     if (!idx || !rank) {
         PyErr_NoMemory();
@@ -1030,21 +1054,10 @@ done:
     return ret;
 }
 
-/* Slots per Tier code of n codes, as a 5-tuple; NULL with ValueError if a code is above FP16.
- * 16-bit counters per 4096-code block, so the compiler vectorizes the compares (a
- * counts[t[s]]++ loop stalls on its own stores: ~25x slower here). */
+/* Slots per Tier code of n codes, as a 5-tuple; NULL with ValueError if a code is above FP16. */
 static PyObject *tier_counts_tuple(const uint8_t *t, int64_t n) {
-    int64_t counts[5] = {0};
-    for (int64_t b = 0; b < n; b += 4096) {
-        const int64_t end = b + 4096 < n ? b + 4096 : n;
-        uint16_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0;
-        for (int64_t s = b; s < end; s++) {
-            const uint8_t v = t[s];
-            c0 += v == 0, c1 += v == 1, c2 += v == 2, c3 += v == 3, c4 += v == 4;
-        }
-        counts[0] += c0, counts[1] += c1, counts[2] += c2, counts[3] += c3, counts[4] += c4;
-    }
-    if (counts[0] + counts[1] + counts[2] + counts[3] + counts[4] != n) {
+    int64_t counts[5];
+    if (count_codes(t, n, counts)) {
         PyErr_SetString(PyExc_ValueError, "invalid tier code in tier map");
         return NULL;
     }
