@@ -910,12 +910,11 @@ static int check_tiers(const Py_buffer *tiers, int64_t n) {
         PyErr_SetString(PyExc_ValueError, "tier list length does not match the slot count");
         return -1;
     }
-    const uint8_t *t = (const uint8_t *)tiers->buf;
-    for (int64_t s = 0; s < n; s++)
-        if (t[s] > T_FP16) {
-            PyErr_SetString(PyExc_ValueError, "invalid tier code");
-            return -1;
-        }
+    int64_t counts[5];
+    if (count_codes((const uint8_t *)tiers->buf, n, counts)) {
+        PyErr_SetString(PyExc_ValueError, "invalid tier code");
+        return -1;
+    }
     return 0;
 }
 

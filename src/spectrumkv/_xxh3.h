@@ -143,6 +143,15 @@ static void xxh_scramble_scalar(uint64_t *acc, const uint8_t *sec) {
     }
 }
 
+/* The final merge of the 8 accumulators of a long input, with the seeded secret `s`. */
+static inline uint64_t xxh_merge(const uint64_t *acc, size_t len, const uint8_t *s) {
+    uint64_t result = len * XXH_P64_1;
+    for (int i = 0; i < 4; i++)
+        result += xxh_fold128(acc[2 * i] ^ xxh_read64(s + 11 + 16 * i),
+                              acc[2 * i + 1] ^ xxh_read64(s + 11 + 16 * i + 8));
+    return xxh_avalanche(result);
+}
+
 /* The long-input loop: every full block but the last (accumulate its 16 stripes, then scramble),
  * then the last block's stripes and the final stripe, then the merge. `s`: the seeded secret. */
 static uint64_t xxh3_long_scalar(const uint8_t *p, size_t len, const uint8_t *s) {
@@ -156,11 +165,7 @@ static uint64_t xxh3_long_scalar(const uint8_t *p, size_t len, const uint8_t *s)
     xxh_accumulate_scalar(acc, p + blocks * XXH_BLOCK, s,
                           (len - 1 - blocks * XXH_BLOCK) / XXH_STRIPE);
     xxh_accumulate_scalar(acc, p + len - XXH_STRIPE, s + XXH_SECRET_SIZE - XXH_STRIPE - 7, 1);
-    uint64_t result = len * XXH_P64_1;
-    for (int i = 0; i < 4; i++)
-        result += xxh_fold128(acc[2 * i] ^ xxh_read64(s + 11 + 16 * i),
-                              acc[2 * i + 1] ^ xxh_read64(s + 11 + 16 * i + 8));
-    return xxh_avalanche(result);
+    return xxh_merge(acc, len, s);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -213,11 +218,7 @@ XXH_AVX2 static uint64_t xxh3_long_avx2(const uint8_t *p, size_t len, const uint
     uint64_t acc[8];
     _mm256_storeu_si256((__m256i *)acc, a0);
     _mm256_storeu_si256((__m256i *)(acc + 4), a1);
-    uint64_t result = len * XXH_P64_1;
-    for (int i = 0; i < 4; i++)
-        result += xxh_fold128(acc[2 * i] ^ xxh_read64(s + 11 + 16 * i),
-                              acc[2 * i + 1] ^ xxh_read64(s + 11 + 16 * i + 8));
-    return xxh_avalanche(result);
+    return xxh_merge(acc, len, s);
 }
 #else
 #define XXH_HAVE_AVX2 0

@@ -25,20 +25,18 @@ AVAILABLE = _codec is not None
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def enabled(q: QuantConfig) -> bool:
-    """Whether frames with these quantization settings go through the fused kernels.
-
-    `SPECTRUMKV_CODEC=reference` in the environment forces the torch reference everywhere."""
-    if os.environ.get("SPECTRUMKV_CODEC", "auto") == "reference":
-        return False
-    return AVAILABLE and q.scheme == "asym-group"
-
-
 def compiled() -> bool:
     """Whether the compiled helpers run: threaded frame checksums and tier-map unpacking (same
     results as their numpy / `xxhash`-package twins in wire.py, which run otherwise).
     `SPECTRUMKV_CODEC=reference` turns them off too."""
     return AVAILABLE and os.environ.get("SPECTRUMKV_CODEC", "auto") != "reference"
+
+
+def enabled(q: QuantConfig) -> bool:
+    """Whether frames with these quantization settings go through the fused kernels.
+
+    `SPECTRUMKV_CODEC=reference` in the environment forces the torch reference everywhere."""
+    return compiled() and q.scheme == "asym-group"
 
 
 def simd_enabled() -> bool:

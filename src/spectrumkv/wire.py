@@ -193,7 +193,7 @@ def read_tier_map(
         except ValueError as e:
             raise WireFormatError(str(e)) from None
         kept = n_slots - per_code[int(Tier.DROP)]
-        return tiers, positions[:kept], {t: per_code[int(t)] for t in STORED_TIERS}
+        return tiers, positions[:kept], _stored_counts(per_code)
     b = np.frombuffer(raw, dtype=np.uint8)
     t = np.empty(2 * b.size, dtype=np.uint8)
     t[0::2], t[1::2] = b & 0xF, b >> 4
@@ -252,9 +252,12 @@ def frame_bytes(
 def _tier_counts(tiers: torch.Tensor) -> dict[Tier, int]:
     """Slots per stored tier of a contiguous uint8 tier map of valid codes."""
     if fused_codec.compiled():
-        per_code = fused_codec.count_tiers(tiers)
-    else:
-        per_code = np.bincount(tiers.numpy(), minlength=len(Tier))
+        return _stored_counts(fused_codec.count_tiers(tiers))
+    return _stored_counts(np.bincount(tiers.numpy(), minlength=len(Tier)))
+
+
+def _stored_counts(per_code) -> dict[Tier, int]:
+    """{stored tier: slots} from slot counts indexed by Tier code."""
     return {t: int(per_code[int(t)]) for t in STORED_TIERS}
 
 
