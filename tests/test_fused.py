@@ -37,6 +37,9 @@ def _cache(h, n, d, dtype, seed):
         k[:, 0] = 0.0  # an all-zero token: scale 0
         v[:, -1] = 2.5  # a constant token
         v[0, n // 2, :8] = 60000.0  # near the FP16 limit
+        k[-1, n // 3, :32] = 60000.0  # rotated, beyond the FP16 range: the kernels clamp
+        if dtype != torch.float16:
+            k[0, n // 3, -1] = 1e5  # beyond it before rotation too
     return LayerKV(k.to(dtype), v.to(dtype), torch.arange(n))
 
 
@@ -181,6 +184,12 @@ def test_kernel_rejects_a_body_that_does_not_match_the_tier_map():
     with pytest.raises(ValueError, match="does not match"):
         out = memoryview(bytearray(len(frame) - 16 - 8 - 1))
         fused.encode_body(kv.keys, kv.values, tiers, 8, True, torch.float16, out)
+    # sections hold the FP16 tier in 16 bits: a float32 wire dtype would overrun them
+    with pytest.raises(ValueError, match="dtype"):
+        out = memoryview(bytearray(len(frame) - 16 - 8))
+        fused.encode_body(kv.keys, kv.values, tiers, 8, True, torch.float32, out)
+    with pytest.raises(ValueError, match="dtype"):
+        fused.decode_body(body, tiers, 2, 16, 8, True, torch.float32, 8)
 
 
 def test_encode_and_decode_into_reused_buffers(kernels):

@@ -294,11 +294,12 @@ AVX2 static INLINE float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
 }
 
-/* Rounded codes held as floats in v[] (nv = d / 8 vectors) -> packed bytes, low bits first.
- * The clamp to [0, 2^bits - 1] happens here, on integers: the packs saturate below 0 and above
- * 255, a byte minimum does the rest. Exact for every finite input: a code is never above about
- * twice 2^bits - 1 (the FP16-rounded scale is at least half the exact one, subnormals included),
- * far below where the 16-bit pack would wrap. */
+/* Unrounded codes held as floats in v[] (nv = d / 8 vectors) -> packed bytes, low bits first.
+ * The conversion rounds to nearest even (the MXCSR default), as the reference's rint. The clamp
+ * to [0, 2^bits - 1] happens here, on integers: the packs saturate below 0 and above 255, a byte
+ * minimum does the rest. Exact for every finite input: a code is never above about twice
+ * 2^bits - 1 (the FP16-rounded scale is at least half the exact one, subnormals included), far
+ * below where the 16-bit pack would wrap; NaN converts to INT_MIN, which saturates to 0. */
 AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8_t *codes) {
     const int nv = d / 8;
     uint8_t q[MAX_HEAD_DIM] __attribute__((aligned(32)));
@@ -307,14 +308,14 @@ AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8
     int i = 0;
 #pragma GCC unroll 16
     for (; i + 4 <= nv; i += 4) {
-        __m256i a = _mm256_packus_epi32(_mm256_cvttps_epi32(v[i]), _mm256_cvttps_epi32(v[i + 1]));
-        __m256i b = _mm256_packus_epi32(_mm256_cvttps_epi32(v[i + 2]), _mm256_cvttps_epi32(v[i + 3]));
+        __m256i a = _mm256_packus_epi32(_mm256_cvtps_epi32(v[i]), _mm256_cvtps_epi32(v[i + 1]));
+        __m256i b = _mm256_packus_epi32(_mm256_cvtps_epi32(v[i + 2]), _mm256_cvtps_epi32(v[i + 3]));
         __m256i c = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b),
                                                 _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(dst + 8 * i), _mm256_min_epu8(c, top));
     }
     for (; i < nv; i++) {
-        __m256i ci = _mm256_cvttps_epi32(v[i]);
+        __m256i ci = _mm256_cvtps_epi32(v[i]);
         __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
         w = _mm_min_epu8(_mm_packus_epi16(w, w), _mm256_castsi256_si128(top));
         _mm_storel_epi64((__m128i *)(dst + 8 * i), w);
@@ -327,9 +328,16 @@ AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8
             __m128i p = _mm_maddubs_epi16(_mm_load_si128((const __m128i *)(q + 2 * j)), w);
             _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(p, p));
         }
-    } else {
-        for (int j = 0; j < d / 4; j++)
-            codes[j] = (uint8_t)(q[4 * j] | q[4 * j + 1] << 2 | q[4 * j + 2] << 4 | q[4 * j + 3] << 6);
+    } else { /* byte j = c[4j] | c[4j+1] << 2 | c[4j+2] << 4 | c[4j+3] << 6 */
+        const __m128i w2 = _mm_set1_epi16(0x0401), w4 = _mm_set1_epi32(0x00100001);
+#pragma GCC unroll 64
+        for (int j = 0; j < d / 4; j += 4) {
+            __m128i p = _mm_maddubs_epi16(_mm_load_si128((const __m128i *)(q + 4 * j)), w2);
+            __m128i b = _mm_madd_epi16(p, w4);
+            b = _mm_packus_epi16(_mm_packus_epi32(b, b), b);
+            uint32_t word = (uint32_t)_mm_cvtsi128_si32(b);
+            memcpy(codes + j, &word, 4);
+        }
     }
 }
 
@@ -373,9 +381,7 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
         const __m256 mv = _mm256_set1_ps(mn), sv = _mm256_set1_ps(1.0f / s);
 #pragma GCC unroll 64
         for (int i = k * gv; i < (k + 1) * gv; i++) {
-            __m256 c = _mm256_mul_ps(_mm256_sub_ps(v[i], mv), sv);
-            c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v[i] = c; /* rounded codes, as floats; pack_codes clamps them */
+            v[i] = _mm256_mul_ps(_mm256_sub_ps(v[i], mv), sv); /* pack_codes rounds, clamps */
         }
     }
     pack_codes(v, d, bits, codes);
@@ -455,14 +461,36 @@ AVX2 static void decode_row_any(DECODE_ARGS) {
  * entries of the block's rows are contiguous (row-major over (row, group)). */
 #define BLOCK_GROUPS 8
 
+AVX2 static INLINE __m256 min_or_max(__m256 x, __m256 y, const int take_max) {
+    return take_max ? _mm256_max_ps(x, y) : _mm256_min_ps(x, y);
+}
+
+/* Lane k of the result: the minimum (take_max: maximum) of the 8 lanes of a[k], for 8 vectors
+ * at once (NaN-free inputs). */
+AVX2 static INLINE __m256 reduce8(const __m256 *a, const int take_max) {
+    __m256 b[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++)
+        b[k] = min_or_max(_mm256_permute2f128_ps(a[k], a[k + 4], 0x20),
+                          _mm256_permute2f128_ps(a[k], a[k + 4], 0x31), take_max);
+    __m256 c[2];
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++)
+        c[k] = min_or_max(_mm256_unpacklo_ps(b[2 * k], b[2 * k + 1]),
+                          _mm256_unpackhi_ps(b[2 * k], b[2 * k + 1]), take_max);
+    return min_or_max(_mm256_shuffle_ps(c[0], c[1], 0x44), _mm256_shuffle_ps(c[0], c[1], 0xEE),
+                      take_max);
+}
+
 AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
                                           const void *const *src, int dt, int bits, int rotate,
                                           float norm, uint8_t *codes, uint16_t *scale,
                                           uint16_t *minimum) {
     const int nv = d / 8, gv = g / 8, ng = d / g, rows = BLOCK_GROUPS / ng;
     float scratch[BLOCK_GROUPS * 128] __attribute__((aligned(32)));
-    float lo[BLOCK_GROUPS] __attribute__((aligned(32))), hi[BLOCK_GROUPS] __attribute__((aligned(32)));
+    __m256 lo8[BLOCK_GROUPS], hi8[BLOCK_GROUPS];
     const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
+    __m256 sum = _mm256_setzero_ps();
     for (int r = 0; r < rows; r++) {
         const uint16_t *s16 = (const uint16_t *)src[r];
 #pragma GCC unroll 64
@@ -479,22 +507,46 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
         if (rotate) fwht_regs(v, nv, norm);
 #pragma GCC unroll 8
         for (int k = 0; k < ng; k++) {
-            __m256 l = _mm256_set1_ps(INFINITY), u = _mm256_set1_ps(-INFINITY);
+            __m256 l = v[k * gv], u = l;
+            sum = _mm256_add_ps(sum, l);
+            _mm256_store_ps(scratch + r * d + 8 * k * gv, l);
 #pragma GCC unroll 64
-            for (int i = k * gv; i < (k + 1) * gv; i++) {
-                v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
+            for (int i = k * gv + 1; i < (k + 1) * gv; i++) {
                 l = _mm256_min_ps(l, v[i]);
                 u = _mm256_max_ps(u, v[i]);
+                sum = _mm256_add_ps(sum, v[i]);
                 _mm256_store_ps(scratch + r * d + 8 * i, v[i]);
             }
-            lo[r * ng + k] = hmin8(l);
-            hi[r * ng + k] = hmax8(u);
+            lo8[r * ng + k] = l;
+            hi8[r * ng + k] = u;
         }
     }
+    __m256 lo = reduce8(lo8, 0), hi = reduce8(hi8, 1);
+    /* Values are clamped to the FP16 range before quantizing. The sum is finite only when no
+     * value is NaN or infinite; then the clamp changes nothing unless lo or hi is out of range. */
+    const __m256 in_range = _mm256_and_ps(
+        _mm256_and_ps(_mm256_cmp_ps(lo, bottom, _CMP_GE_OQ), _mm256_cmp_ps(hi, top, _CMP_LE_OQ)),
+        _mm256_cmp_ps(_mm256_sub_ps(sum, sum), _mm256_setzero_ps(), _CMP_EQ_OQ));
+    const int clamp = _mm256_movemask_ps(in_range) != 0xFF;
+    if (clamp) { /* rare: clamp every value (NaN -> -FP16_MAX) and take min and max again */
+        for (int gi = 0; gi < BLOCK_GROUPS; gi++) {
+            float *x = scratch + gi * g;
+            __m256 l = _mm256_set1_ps(INFINITY), u = _mm256_set1_ps(-INFINITY);
+            for (int i = 0; i < gv; i++) {
+                __m256 c = _mm256_min_ps(_mm256_max_ps(_mm256_load_ps(x + 8 * i), bottom), top);
+                _mm256_store_ps(x + 8 * i, c);
+                l = _mm256_min_ps(l, c);
+                u = _mm256_max_ps(u, c);
+            }
+            lo8[gi] = l;
+            hi8[gi] = u;
+        }
+        lo = reduce8(lo8, 0), hi = reduce8(hi8, 1);
+    }
     const float levels = (float)((1 << bits) - 1);
-    __m128i mn16 = _mm256_cvtps_ph(_mm256_load_ps(lo), _MM_FROUND_TO_NEAREST_INT);
+    __m128i mn16 = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
     __m256 mn = _mm256_cvtph_ps(mn16);
-    __m256 sc = _mm256_div_ps(_mm256_sub_ps(_mm256_load_ps(hi), mn), _mm256_set1_ps(levels));
+    __m256 sc = _mm256_div_ps(_mm256_sub_ps(hi, mn), _mm256_set1_ps(levels));
     sc = _mm256_min_ps(top, sc);
     __m128i sc16 = _mm256_cvtps_ph(sc, _MM_FROUND_TO_NEAREST_INT);
     __m256 sf = _mm256_cvtph_ps(sc16);
@@ -513,9 +565,7 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
 #pragma GCC unroll 64
             for (int i = k * gv; i < (k + 1) * gv; i++) {
                 __m256 c = _mm256_load_ps(scratch + r * d + 8 * i);
-                c = _mm256_mul_ps(_mm256_sub_ps(c, mv), iv);
-                c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                v[i] = c; /* clamped in pack_codes */
+                v[i] = _mm256_mul_ps(_mm256_sub_ps(c, mv), iv); /* pack_codes rounds, clamps */
             }
         }
         pack_codes(v, d, bits, codes + r * code_row);
@@ -896,10 +946,13 @@ static void run_parallel(const Job *job, int nthreads) {
 
 static int use_simd(int d, int g) { return have_avx2 && d % 16 == 0 && g % 8 == 0; }
 
-static int check_geometry(int h, int d, int g, int nthreads) {
+/* Sections hold the FP16 tier as 16-bit values: the wire dtype is float16 or bfloat16; the
+ * cache side may also be float32. */
+static int check_geometry(int h, int d, int g, int nthreads, int wire_dt, int kv_dt) {
     if (h < 1 || d < 1 || d > MAX_HEAD_DIM || g < 1 || d % g || (d * 2) % 8 ||
-        nthreads < 1 || nthreads > MAX_THREADS) {
-        PyErr_SetString(PyExc_ValueError, "invalid codec geometry");
+        nthreads < 1 || nthreads > MAX_THREADS || (wire_dt != DT_F16 && wire_dt != DT_BF16) ||
+        kv_dt < DT_F32 || kv_dt > DT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "invalid codec geometry or dtype");
         return -1;
     }
     return 0;
@@ -932,7 +985,7 @@ static PyObject *encode_frame(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *ret = NULL;
     int64_t *idx = NULL;
-    if (check_geometry(h, d, g, nthreads) || check_tiers(&tiers, n)) goto done;
+    if (check_geometry(h, d, g, nthreads, wire_dt, kv_dt) || check_tiers(&tiers, n)) goto done;
     Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
                .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
                .kv_dt = kv_dt, .stride = n, .body = (uint8_t *)out.buf,
@@ -977,7 +1030,7 @@ static PyObject *decode_frame(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *ret = NULL;
     int64_t *idx = NULL, *rank = NULL;
-    if (check_geometry(h, d, g, nthreads) || check_tiers(&tiers, n)) goto done;
+    if (check_geometry(h, d, g, nthreads, wire_dt, kv_dt) || check_tiers(&tiers, n)) goto done;
     idx = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
     rank = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
     if (!idx || !rank) {
