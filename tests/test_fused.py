@@ -16,7 +16,9 @@ from spectrumkv.tiers import Tier
 from spectrumkv.wire import (
     CHECK_BLOCK,
     frame_bytes,
+    frame_checksum,
     frame_checksum_reference,
+    frame_seed,
     read_frame,
     read_tier_map,
 )
@@ -209,6 +211,30 @@ def test_encode_and_decode_into_reused_buffers(kernels):
         got, _, _ = read_frame(fresh, 0, header, 0, fused=use_fused, out=recv)
         assert got.keys.data_ptr() == recv[0].data_ptr()
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_non_finite_scales_decode_as_the_reference_does(rotate, kernels):
+    """Bytes may carry an infinite or NaN scale or minimum (the reference encoder writes a NaN
+    minimum for a NaN in the cache): the decoder's NaN handling then runs. NaN comes out where
+    the reference has NaN (torch's own NaN bits differ between its code paths), including for
+    NaN payloads that plain rounding to bfloat16 would carry into the sign bit (-0.0)."""
+    header = make_header(16, heads=2, head_dim=64, quant=QuantConfig(64, rotate=rotate))
+    fp = msgspec.structs.replace(header.fingerprint, kv_dtype="bfloat16")
+    header = msgspec.structs.replace(header, fingerprint=fp)
+    kv = _cache(2, 16, 64, torch.bfloat16, seed=5)
+    frame = bytearray(frame_bytes(0, 0, torch.full((16,), int(Tier.INT8)), kv, header))
+    # K section after the 8-byte tier map: 16 x 2 rows of 64 codes, then 32 scales, 32 minima
+    scales = 20 + 8 + 16 * 2 * 64
+    for entry, bits in ((3, 0x7C00), (9, 0xFC00), (40, 0x7FFF)):  # +inf, -inf scale; NaN min
+        frame[scales + 2 * entry : scales + 2 * entry + 2] = bits.to_bytes(2, "little")
+    frame[-8:] = frame_checksum(memoryview(frame)[:-8], frame_seed(header)).to_bytes(8, "little")
+    got_f, _, _ = read_frame(frame, 0, header, 0, fused=True)
+    got_r, _, _ = read_frame(frame, 0, header, 0, fused=False)
+    nan = torch.isnan(got_r.keys)
+    assert nan.any() and torch.equal(torch.isnan(got_f.keys), nan)
+    assert torch.equal(got_f.keys[~nan].view(torch.int16), got_r.keys[~nan].view(torch.int16))
+    assert torch.equal(got_f.values.view(torch.int16), got_r.values.view(torch.int16))
 
 
 def test_bench_codec_quick_mode_reports_the_issue_fields(tmp_path, capsys):

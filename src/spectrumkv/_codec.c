@@ -232,7 +232,7 @@ AVX2 static void store_row_avx2(const float *x, int dt, int d, void *dst) {
         __m128i h;
         if (dt == DT_F16) {
             h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-        } else { /* bfloat16, round to nearest even, NaN -> 0x7fc0 (as torch) */
+        } else { /* bfloat16, round to nearest even, NaN -> 0x7fc0 (as torch's scalar path) */
             __m256i u = _mm256_castps_si256(v);
             __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
             __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
@@ -387,9 +387,10 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
     pack_codes(v, d, bits, codes);
 }
 
-AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const uint8_t *codes,
-                                    const uint16_t *scale, const uint16_t *minimum, int bits,
-                                    int rotate, float norm, void *dst, int dt) {
+/* Codes of one row -> code * scale + minimum in v[] (nv = d / 8 vectors); scale and minimum per
+ * group, already widened to float32. */
+AVX2 static INLINE void dequantize_regs(__m256 *v, const int d, const int g, const uint8_t *codes,
+                                        const float *scale, const float *minimum, int bits) {
     const int nv = d / 8, gv = g / 8;
     const __m256i shift4 = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
     const __m256i shift2 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
@@ -397,7 +398,7 @@ AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const u
     const __m128i dup2 = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     for (int k = 0; k < nv / gv; k++) {
-        const __m256 sv = _mm256_set1_ps(h2f(scale[k])), mv = _mm256_set1_ps(h2f(minimum[k]));
+        const __m256 sv = _mm256_broadcast_ss(scale + k), mv = _mm256_broadcast_ss(minimum + k);
 #pragma GCC unroll 64
         for (int i = k * gv; i < (k + 1) * gv; i++) {
             __m256i ci;
@@ -419,29 +420,51 @@ AVX2 static INLINE void decode_impl(__m256 *v, const int d, const int g, const u
             v[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ci), sv, mv);
         }
     }
-    if (rotate) fwht_regs(v, nv, norm);
+}
+
+/* v[] (nv vectors, nv even) -> dst in dt. bfloat16 rounds to nearest even; NaN lanes become
+ * 0x7fc0 (rounding alone could carry a NaN payload into the sign bit: -0.0), unless `finite`
+ * says there are none: values decoded with finite FP16 scales and minima are finite
+ * (|code * scale + minimum| < 2^25, and the rotation only sums such values). */
+AVX2 static INLINE void store_regs(const __m256 *v, const int nv, void *dst, int dt, int finite) {
     if (dt == DT_F32) {
 #pragma GCC unroll 64
         for (int i = 0; i < nv; i++) _mm256_storeu_ps((float *)dst + 8 * i, v[i]);
         return;
     }
     uint16_t *o = (uint16_t *)dst;
+    if (dt == DT_F16) {
 #pragma GCC unroll 64
-    for (int i = 0; i < nv; i++) {
-        __m128i h;
-        if (dt == DT_F16) {
-            h = _mm256_cvtps_ph(v[i], _MM_FROUND_TO_NEAREST_INT);
-        } else { /* bfloat16, round to nearest even, NaN -> 0x7fc0 (as torch) */
-            __m256i u = _mm256_castps_si256(v[i]);
-            __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-            __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
-            r = _mm256_srli_epi32(r, 16);
-            __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
-            r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-            h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        }
-        _mm_storeu_si128((__m128i *)(o + 8 * i), h);
+        for (int i = 0; i < nv; i++)
+            _mm_storeu_si128((__m128i *)(o + 8 * i),
+                             _mm256_cvtps_ph(v[i], _MM_FROUND_TO_NEAREST_INT));
+        return;
     }
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+#pragma GCC unroll 64
+    for (int i = 0; i < nv; i += 2) {
+        __m256i r[2];
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; j++) {
+            __m256i u = _mm256_castps_si256(v[i + j]);
+            __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+            r[j] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), lsb), 16);
+            if (!finite) {
+                __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v[i + j], v[i + j], _CMP_UNORD_Q));
+                r[j] = _mm256_blendv_epi8(r[j], _mm256_set1_epi32(0x7fc0), nan);
+            }
+        }
+        /* the pack interleaves 128-bit lanes; the permute puts them back in order */
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8);
+        _mm256_storeu_si256((__m256i *)(o + 8 * i), packed);
+    }
+}
+
+/* Whether n FP16 values are all finite. */
+static inline int fp16_finite(const uint16_t *x, int n) {
+    int ok = 1;
+    for (int k = 0; k < n; k++) ok &= (x[k] & 0x7c00) != 0x7c00;
+    return ok;
 }
 
 /* Specialisations: head_dim 64 and 128 with group = head_dim (the defaults for most models) keep
@@ -452,8 +475,13 @@ AVX2 static void encode_row_any(ENCODE_ARGS) {
 }
 AVX2 static void decode_row_any(DECODE_ARGS) {
     __m256 v[MAXV];
-    decode_impl(v, d, g, codes, scale, minimum, bits, rotate, norm, dst, dt);
+    float sc[MAX_HEAD_DIM], mn[MAX_HEAD_DIM];
+    for (int k = 0; k < d / g; k++) sc[k] = h2f(scale[k]), mn[k] = h2f(minimum[k]);
+    dequantize_regs(v, d, g, codes, sc, mn, bits);
+    if (rotate) fwht_regs(v, d / 8, norm);
+    store_regs(v, d / 8, dst, dt, fp16_finite(scale, d / g) && fp16_finite(minimum, d / g));
 }
+
 
 /* Eight groups at once: the per-group parameter arithmetic (FP16 rounding of min and scale,
  * 1/scale) is a long latency chain, so it runs for 8 groups (8 / (D/G) rows) together in one
@@ -550,18 +578,21 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
     sc = _mm256_min_ps(top, sc);
     __m128i sc16 = _mm256_cvtps_ph(sc, _MM_FROUND_TO_NEAREST_INT);
     __m256 sf = _mm256_cvtph_ps(sc16);
-    sf = _mm256_blendv_ps(_mm256_set1_ps(1.0f), sf, _mm256_cmp_ps(sf, _mm256_setzero_ps(), _CMP_GT_OQ));
+    sf = _mm256_blendv_ps(_mm256_set1_ps(1.0f), sf,
+                          _mm256_cmp_ps(sf, _mm256_setzero_ps(), _CMP_GT_OQ));
     __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sf);
     _mm_storeu_si128((__m128i *)scale, sc16);
     _mm_storeu_si128((__m128i *)minimum, mn16);
-    float mns[BLOCK_GROUPS] __attribute__((aligned(32))), invs[BLOCK_GROUPS] __attribute__((aligned(32)));
+    float mns[BLOCK_GROUPS] __attribute__((aligned(32)));
+    float invs[BLOCK_GROUPS] __attribute__((aligned(32)));
     _mm256_store_ps(mns, mn);
     _mm256_store_ps(invs, inv);
     const size_t code_row = (size_t)d * bits / 8;
     for (int r = 0; r < rows; r++) {
 #pragma GCC unroll 8
         for (int k = 0; k < ng; k++) {
-            const __m256 mv = _mm256_set1_ps(mns[r * ng + k]), iv = _mm256_set1_ps(invs[r * ng + k]);
+            const __m256 mv = _mm256_set1_ps(mns[r * ng + k]);
+            const __m256 iv = _mm256_set1_ps(invs[r * ng + k]);
 #pragma GCC unroll 64
             for (int i = k * gv; i < (k + 1) * gv; i++) {
                 __m256 c = _mm256_load_ps(scratch + r * d + 8 * i);
@@ -572,8 +603,35 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
     }
 }
 
+/* The reverse for a block of 8 groups: their FP16 scales and minima widened in one vector each
+ * (not one scalar conversion per row, on the row's critical path), then row by row. */
+AVX2 static INLINE void decode_block_impl(__m256 *v, const int d, const int g,
+                                          const uint8_t *codes, const uint16_t *scale,
+                                          const uint16_t *minimum, int bits, int rotate,
+                                          float norm, void *const *dst, int dt) {
+    const int nv = d / 8, ng = d / g, rows = BLOCK_GROUPS / ng;
+    float sc[BLOCK_GROUPS] __attribute__((aligned(32)));
+    float mn[BLOCK_GROUPS] __attribute__((aligned(32)));
+    const __m128i s16 = _mm_loadu_si128((const __m128i *)scale);
+    const __m128i m16 = _mm_loadu_si128((const __m128i *)minimum);
+    _mm256_store_ps(sc, _mm256_cvtph_ps(s16));
+    _mm256_store_ps(mn, _mm256_cvtph_ps(m16));
+    const __m128i exp = _mm_set1_epi16(0x7c00); /* all-ones exponent: infinity or NaN */
+    const __m128i inf_nan = _mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(s16, exp), exp),
+                                         _mm_cmpeq_epi16(_mm_and_si128(m16, exp), exp));
+    const int finite = _mm_testz_si128(inf_nan, inf_nan);
+    const size_t code_row = (size_t)d * bits / 8;
+    for (int r = 0; r < rows; r++) {
+        dequantize_regs(v, d, g, codes + r * code_row, sc + r * ng, mn + r * ng, bits);
+        if (rotate) fwht_regs(v, nv, norm);
+        store_regs(v, nv, dst[r], dt, finite);
+    }
+}
+
 typedef void (*EncodeBlock)(const void *const *src, int dt, int bits, int rotate, float norm,
                             uint8_t *codes, uint16_t *scale, uint16_t *minimum);
+typedef void (*DecodeBlock)(const uint8_t *codes, const uint16_t *scale, const uint16_t *minimum,
+                            int bits, int rotate, float norm, void *const *dst, int dt);
 
 /* Specialisations for the common (head_dim, group) pairs keep a row in registers; any other
  * shape runs the same code with runtime sizes. */
@@ -584,10 +642,11 @@ typedef void (*EncodeBlock)(const void *const *src, int dt, int bits, int rotate
         __m256 v[(D) / 8];                                                                      \
         encode_block_impl(v, D, G, src, dt, bits, rotate, norm, codes, scale, minimum);         \
     }                                                                                           \
-    AVX2 static void decode_row_##D##_##G(DECODE_ARGS) {                                        \
+    AVX2 static void decode_block_##D##_##G(const uint8_t *codes, const uint16_t *scale,       \
+                                            const uint16_t *minimum, int bits, int rotate,      \
+                                            float norm, void *const *dst, int dt) {             \
         __m256 v[(D) / 8];                                                                      \
-        (void)d, (void)g;                                                                       \
-        decode_impl(v, D, G, codes, scale, minimum, bits, rotate, norm, dst, dt);               \
+        decode_block_impl(v, D, G, codes, scale, minimum, bits, rotate, norm, dst, dt);         \
     }
 SPECIALISE(64, 64)
 SPECIALISE(128, 64)
@@ -602,12 +661,12 @@ static EncodeBlock pick_block_encoder(int d, int g) {
     return NULL;
 }
 
-static DecodeRow pick_decoder(int d, int g) {
-    if (d == 64 && g == 64) return decode_row_64_64;
-    if (d == 128 && g == 64) return decode_row_128_64;
-    if (d == 128 && g == 128) return decode_row_128_128;
-    if (d == 256 && g == 64) return decode_row_256_64;
-    return decode_row_any;
+static DecodeBlock pick_block_decoder(int d, int g) {
+    if (d == 64 && g == 64) return decode_block_64_64;
+    if (d == 128 && g == 64) return decode_block_128_64;
+    if (d == 128 && g == 128) return decode_block_128_128;
+    if (d == 256 && g == 64) return decode_block_256_64;
+    return NULL;
 }
 #else
 #define HAVE_AVX2_KERNELS 0
@@ -744,17 +803,23 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
 #if HAVE_AVX2_KERNELS
     if (job->simd) {
         encode_row = encode_row_any;
-        decode_row = pick_decoder(d, g);
-        EncodeBlock block = job->decode ? NULL : pick_block_encoder(d, g);
+        decode_row = decode_row_any;
+        EncodeBlock encode_block = pick_block_encoder(d, g);
+        DecodeBlock decode_block = pick_block_decoder(d, g);
         const size_t rows = BLOCK_GROUPS / ng;
-        for (; block && rows && r + rows <= r_end; r += rows) {
-            const void *src[BLOCK_GROUPS];
+        for (; encode_block && rows && r + rows <= r_end; r += rows) {
+            void *mem[BLOCK_GROUPS];
             for (size_t b = 0; b < rows; b++) {
                 size_t i = (r + b) / h, j = (r + b) % h;
-                src[b] = (const uint8_t *)job->kv[kv] + (j * job->stride + sc->idx[i]) * rowb;
+                int64_t slot = job->decode ? job->rank[sc->idx[i]] : sc->idx[i];
+                mem[b] = (uint8_t *)job->kv[kv] + (j * job->stride + slot) * rowb;
             }
-            block(src, job->kv_dt, bits, job->rotate, job->norm, codes + r * code_row,
-                  scale + r * ng, minimum + r * ng);
+            if (job->decode)
+                decode_block(codes + r * code_row, scale + r * ng, minimum + r * ng, bits,
+                             job->rotate, job->norm, mem, job->kv_dt);
+            else
+                encode_block((const void *const *)mem, job->kv_dt, bits, job->rotate, job->norm,
+                             codes + r * code_row, scale + r * ng, minimum + r * ng);
         }
     }
 #endif
