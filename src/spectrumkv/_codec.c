@@ -467,8 +467,8 @@ static inline int fp16_finite(const uint16_t *x, int n) {
     return ok;
 }
 
-/* Specialisations: head_dim 64 and 128 with group = head_dim (the defaults for most models) keep
- * the row in registers; everything else runs the same code with runtime sizes. */
+/* Any row, with runtime sizes: rows left over after whole blocks, and (head_dim, group) pairs
+ * without a specialised block kernel below. */
 AVX2 static void encode_row_any(ENCODE_ARGS) {
     __m256 v[MAXV];
     encode_impl(v, d, g, src, dt, bits, rotate, norm, codes, scale, minimum);
@@ -653,20 +653,20 @@ SPECIALISE(128, 64)
 SPECIALISE(128, 128)
 SPECIALISE(256, 64)
 
-static EncodeBlock pick_block_encoder(int d, int g) {
-    if (d == 64 && g == 64) return encode_block_64_64;
-    if (d == 128 && g == 64) return encode_block_128_64;
-    if (d == 128 && g == 128) return encode_block_128_128;
-    if (d == 256 && g == 64) return encode_block_256_64;
-    return NULL;
-}
+typedef struct {
+    EncodeBlock encode;
+    DecodeBlock decode;
+} BlockKernels;
 
-static DecodeBlock pick_block_decoder(int d, int g) {
-    if (d == 64 && g == 64) return decode_block_64_64;
-    if (d == 128 && g == 64) return decode_block_128_64;
-    if (d == 128 && g == 128) return decode_block_128_128;
-    if (d == 256 && g == 64) return decode_block_256_64;
-    return NULL;
+static BlockKernels pick_block_kernels(int d, int g) {
+#define PICK(D, G) \
+    if (d == (D) && g == (G)) return (BlockKernels){encode_block_##D##_##G, decode_block_##D##_##G}
+    PICK(64, 64);
+    PICK(128, 64);
+    PICK(128, 128);
+    PICK(256, 64);
+#undef PICK
+    return (BlockKernels){NULL, NULL};
 }
 #else
 #define HAVE_AVX2_KERNELS 0
@@ -804,10 +804,9 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
     if (job->simd) {
         encode_row = encode_row_any;
         decode_row = decode_row_any;
-        EncodeBlock encode_block = pick_block_encoder(d, g);
-        DecodeBlock decode_block = pick_block_decoder(d, g);
+        const BlockKernels block = pick_block_kernels(d, g);
         const size_t rows = BLOCK_GROUPS / ng;
-        for (; encode_block && rows && r + rows <= r_end; r += rows) {
+        for (; block.encode && rows && r + rows <= r_end; r += rows) {
             void *mem[BLOCK_GROUPS];
             for (size_t b = 0; b < rows; b++) {
                 size_t i = (r + b) / h, j = (r + b) % h;
@@ -815,10 +814,10 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
                 mem[b] = (uint8_t *)job->kv[kv] + (j * job->stride + slot) * rowb;
             }
             if (job->decode)
-                decode_block(codes + r * code_row, scale + r * ng, minimum + r * ng, bits,
+                block.decode(codes + r * code_row, scale + r * ng, minimum + r * ng, bits,
                              job->rotate, job->norm, mem, job->kv_dt);
             else
-                encode_block((const void *const *)mem, job->kv_dt, bits, job->rotate, job->norm,
+                block.encode((const void *const *)mem, job->kv_dt, bits, job->rotate, job->norm,
                              codes + r * code_row, scale + r * ng, minimum + r * ng);
         }
     }
