@@ -224,8 +224,9 @@ def test_non_finite_scales_decode_as_the_reference_does(rotate, kernels):
     header = msgspec.structs.replace(header, fingerprint=fp)
     kv = _cache(2, 16, 64, torch.bfloat16, seed=5)
     frame = bytearray(frame_bytes(0, 0, torch.full((16,), int(Tier.INT8)), kv, header))
-    # K section after the 8-byte tier map: 16 x 2 rows of 64 codes, then 32 scales, 32 minima
-    scales = 20 + 8 + 16 * 2 * 64
+    # after the 16-byte frame head and the 8-byte tier map, the K section: 16 x 2 rows of 64
+    # codes, then 32 scales, then 32 minima
+    scales = 16 + 8 + 16 * 2 * 64
     for entry, bits in ((3, 0x7C00), (9, 0xFC00), (40, 0x7FFF)):  # +inf, -inf scale; NaN min
         frame[scales + 2 * entry : scales + 2 * entry + 2] = bits.to_bytes(2, "little")
     frame[-8:] = frame_checksum(memoryview(frame)[:-8], frame_seed(header)).to_bytes(8, "little")
