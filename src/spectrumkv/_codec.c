@@ -727,13 +727,12 @@ static int64_t count_codes(const uint8_t *t, int64_t n, int64_t counts[5]) {
     return n - (counts[0] + counts[1] + counts[2] + counts[3] + counts[4]);
 }
 
-/* Fill job->sec from the n-slot tier map (valid codes), sections starting at byte `off` of
- * job->body; returns the offset just past the last section. idx_store: n + 1 entries; each
- * section's slot indices are listed in it, in slot order, in one branch-free pass (dropped
- * slots all write the spare last entry). */
-static size_t layout(Job *job, const uint8_t *tiers, int64_t n, size_t off, int64_t *idx_store) {
-    int64_t counts[5];
-    count_codes(tiers, n, counts);
+/* Fill job->sec from the n-slot tier map (valid codes; counts: slots per Tier code, from
+ * check_tiers), sections starting at byte `off` of job->body; returns the offset just past the
+ * last section. idx_store: n + 1 entries; each section's slot indices are listed in it, in slot
+ * order, in one branch-free pass (dropped slots all write the spare last entry). */
+static size_t layout(Job *job, const uint8_t *tiers, int64_t n, const int64_t counts[5],
+                     size_t off, int64_t *idx_store) {
     int64_t *next[5] = {idx_store + n, NULL, NULL, NULL, NULL}, *cursor = idx_store;
     job->nsec = 0;
     for (int k = 0; k < 4; k++) {
@@ -1022,12 +1021,12 @@ static int check_geometry(int h, int d, int g, int nthreads, int wire_dt, int kv
     return 0;
 }
 
-static int check_tiers(const Py_buffer *tiers, int64_t n) {
+/* Checks an n-slot tier list and counts its slots per Tier code into counts[5]. */
+static int check_tiers(const Py_buffer *tiers, int64_t n, int64_t counts[5]) {
     if (tiers->len != n) {
         PyErr_SetString(PyExc_ValueError, "tier list length does not match the slot count");
         return -1;
     }
-    int64_t counts[5];
     if (count_codes((const uint8_t *)tiers->buf, n, counts)) {
         PyErr_SetString(PyExc_ValueError, "invalid tier code");
         return -1;
@@ -1048,8 +1047,9 @@ static PyObject *encode_frame(PyObject *self, PyObject *args) {
                           &wire_dt, &tiers, &out, &nthreads))
         return NULL;
     PyObject *ret = NULL;
-    int64_t *idx = NULL;
-    if (check_geometry(h, d, g, nthreads, wire_dt, kv_dt) || check_tiers(&tiers, n)) goto done;
+    int64_t *idx = NULL, counts[5];
+    if (check_geometry(h, d, g, nthreads, wire_dt, kv_dt) || check_tiers(&tiers, n, counts))
+        goto done;
     Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
                .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
                .kv_dt = kv_dt, .stride = n, .body = (uint8_t *)out.buf,
@@ -1060,7 +1060,7 @@ static PyObject *encode_frame(PyObject *self, PyObject *args) {
         goto done;
     }
     /* the body is the tier map, then the sections */
-    if (layout(&job, (const uint8_t *)tiers.buf, n, (size_t)(n + 1) / 2, idx) != (size_t)out.len) {
+    if (layout(&job, tiers.buf, n, counts, (size_t)(n + 1) / 2, idx) != (size_t)out.len) {
         PyErr_SetString(PyExc_ValueError, "output buffer size does not match the tier map");
         goto done;
     }
@@ -1093,8 +1093,9 @@ static PyObject *decode_frame(PyObject *self, PyObject *args) {
                           &wire_dt, &kp, &vp, &kv_dt, &kept, &capacity, &nthreads))
         return NULL;
     PyObject *ret = NULL;
-    int64_t *idx = NULL, *rank = NULL;
-    if (check_geometry(h, d, g, nthreads, wire_dt, kv_dt) || check_tiers(&tiers, n)) goto done;
+    int64_t *idx = NULL, *rank = NULL, counts[5];
+    if (check_geometry(h, d, g, nthreads, wire_dt, kv_dt) || check_tiers(&tiers, n, counts))
+        goto done;
     idx = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
     rank = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
     if (!idx || !rank) {
@@ -1113,7 +1114,7 @@ static PyObject *decode_frame(PyObject *self, PyObject *args) {
                .kv_dt = kv_dt, .stride = capacity, .body = (uint8_t *)body.buf, .rank = rank,
                .decode = 1, .simd = use_simd(d, g)};
     /* the body here starts after the tier map */
-    if (layout(&job, t, n, 0, idx) != (size_t)body.len) {
+    if (layout(&job, t, n, counts, 0, idx) != (size_t)body.len) {
         PyErr_SetString(PyExc_ValueError, "frame body size does not match its tier map");
         goto done;
     }
