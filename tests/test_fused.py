@@ -213,6 +213,40 @@ def test_encode_and_decode_into_reused_buffers(kernels):
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
 
 
+@pytest.mark.parametrize("head_dim,group", [(16, 8), (64, 64), (128, 32), (128, 64)])
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_in_the_cache_gives_the_reference_bytes_and_decodes_to_nan(
+    head_dim, group, rotate, src_dtype, kernels
+):
+    """A NaN anywhere in a group (first, middle or last value; any sign or payload) gives the
+    reference's canonical bytes on every kernel: scale = minimum = 0x7E00, codes 0. Decoded, that
+    group (with rotation, which spreads a NaN over the row: the whole row) is NaN and nothing
+    else is: the NaN is carried, not turned into a plausible number. Infinities saturate."""
+    n, h = 24, 2
+    header = make_header(n, heads=h, head_dim=head_dim, quant=QuantConfig(group, rotate=rotate))
+    kv = _cache(h, n, head_dim, torch.float32, seed=head_dim + group)
+    k = kv.keys.view(torch.int32).clone()
+    hits = [(0, 2, 0), (1, 5, group // 2), (0, 9, group - 1), (1, 9, head_dim - 1), (0, 20, 0)]
+    payloads = [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0xFFC10000]
+    for (head, slot, channel), bits in zip(hits, payloads, strict=True):
+        k[head, slot, channel] = bits - (1 << 32) if bits >= 1 << 31 else bits
+    keys = k.view(torch.float32)
+    keys[1, 13, 3] = float("inf")  # saturates to 65504, no NaN
+    keys[0, 14, -1] = float("-inf")
+    kv = LayerKV(keys.to(src_dtype), kv.values.to(src_dtype), kv.positions)
+    tiers = torch.tensor([int(Tier.INT8), int(Tier.INT4), int(Tier.INT2)] * (n // 3))
+    got = _both_ways(kv, tiers, header)
+    nan = torch.zeros(h, n, head_dim // group, dtype=torch.bool)
+    for head, slot, channel in hits:
+        nan[head, slot, channel // group] = True
+    if rotate:
+        nan[:] = nan.any(-1, keepdim=True)
+    want = nan.repeat_interleave(group, -1)
+    assert torch.equal(torch.isnan(got.keys), want)
+    assert not torch.isnan(got.values).any()
+
+
 @pytest.mark.parametrize("rotate", [True, False])
 def test_non_finite_scales_decode_as_the_reference_does(rotate, kernels):
     """Bytes may carry an infinite or NaN scale or minimum (the reference encoder writes a NaN

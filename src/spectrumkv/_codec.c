@@ -38,6 +38,9 @@ enum { T_DROP = 0, T_INT2 = 1, T_INT4 = 2, T_INT8 = 3, T_FP16 = 4 };
 static const int STORED[4] = {T_FP16, T_INT8, T_INT4, T_INT2};
 static const int BITS[5] = {0, 2, 4, 8, 16};
 #define FP16_MAX 65504.0f
+/* A group holding a NaN is written as scale = minimum = this quiet NaN and codes 0 (the
+ * reference's canonical bytes, whatever the NaN's payload), so it decodes to NaN. */
+#define FP16_NAN 0x7e00
 #define MAX_THREADS 64
 #define MAX_HEAD_DIM 4096
 
@@ -126,15 +129,17 @@ static void quantize_row(float *x, int d, int g, int bits, uint8_t *codes, uint1
     for (int k = 0; k < d / g; k++) {
         const float *xg = x + k * g;
         float lo = xg[0], hi = xg[0];
+        int nan = xg[0] != xg[0];
         for (int i = 1; i < g; i++) {
             lo = xg[i] < lo ? xg[i] : lo;
             hi = xg[i] > hi ? xg[i] : hi;
+            nan |= xg[i] != xg[i];
         }
-        uint16_t mn16 = f2h(lo);
+        uint16_t mn16 = nan ? FP16_NAN : f2h(lo);
         float mn = h2f(mn16);
         float sc = (hi - mn) / levels;
         sc = sc > FP16_MAX ? FP16_MAX : sc;
-        uint16_t sc16 = f2h(sc);
+        uint16_t sc16 = nan ? FP16_NAN : f2h(sc);
         float s = h2f(sc16);
         if (!(s > 0.0f)) s = 1.0f;
         const float inv = 1.0f / s;
@@ -198,8 +203,7 @@ static void decode_row_scalar(DECODE_ARGS) {
 }
 
 /* ---- AVX2 + F16C + FMA row kernels (x86-64), used when head_dim % 16 == 0 and group % 8 == 0.
- * Same operations as the scalar kernels above, eight lanes at a time; NaN inputs are the only
- * case where the two may differ (they clamp NaN differently). ---- */
+ * Same operations as the scalar kernels above, eight lanes at a time. ---- */
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -360,20 +364,25 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
     if (rotate) fwht_regs(v, nv, norm);
     const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
     const float levels = (float)((1 << bits) - 1);
-#pragma GCC unroll 64
-    for (int i = 0; i < nv; i++) v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
     for (int k = 0; k < nv / gv; k++) {
+        __m256 nan = _mm256_setzero_ps(); /* the clamp below maps NaN to -FP16_MAX */
+#pragma GCC unroll 64
+        for (int i = k * gv; i < (k + 1) * gv; i++) {
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+            v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
+        }
         __m256 lo = v[k * gv], hi = lo;
 #pragma GCC unroll 64
         for (int i = 1; i < gv; i++) {
             lo = _mm256_min_ps(lo, v[k * gv + i]);
             hi = _mm256_max_ps(hi, v[k * gv + i]);
         }
-        uint16_t mn16 = f2h(hmin8(lo));
+        const int has_nan = _mm256_movemask_ps(nan) != 0;
+        uint16_t mn16 = has_nan ? FP16_NAN : f2h(hmin8(lo));
         float mn = h2f(mn16);
         float sc = (hmax8(hi) - mn) / levels;
         sc = sc > FP16_MAX ? FP16_MAX : sc;
-        uint16_t sc16 = f2h(sc);
+        uint16_t sc16 = has_nan ? FP16_NAN : f2h(sc);
         float s = h2f(sc16);
         if (!(s > 0.0f)) s = 1.0f;
         scale[k] = sc16;
@@ -556,20 +565,29 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
         _mm256_and_ps(_mm256_cmp_ps(lo, bottom, _CMP_GE_OQ), _mm256_cmp_ps(hi, top, _CMP_LE_OQ)),
         _mm256_cmp_ps(_mm256_sub_ps(sum, sum), _mm256_setzero_ps(), _CMP_EQ_OQ));
     const int clamp = _mm256_movemask_ps(in_range) != 0xFF;
-    if (clamp) { /* rare: clamp every value (NaN -> -FP16_MAX) and take min and max again */
+    if (clamp) { /* rare: clamp every value and take min and max again; a group holding a NaN
+                  * (which the clamp maps to -FP16_MAX) gets NaN for both */
+        int32_t nan[BLOCK_GROUPS];
         for (int gi = 0; gi < BLOCK_GROUPS; gi++) {
             float *x = scratch + gi * g;
             __m256 l = _mm256_set1_ps(INFINITY), u = _mm256_set1_ps(-INFINITY);
+            __m256 n = _mm256_setzero_ps();
             for (int i = 0; i < gv; i++) {
-                __m256 c = _mm256_min_ps(_mm256_max_ps(_mm256_load_ps(x + 8 * i), bottom), top);
+                __m256 c = _mm256_load_ps(x + 8 * i);
+                n = _mm256_or_ps(n, _mm256_cmp_ps(c, c, _CMP_UNORD_Q));
+                c = _mm256_min_ps(_mm256_max_ps(c, bottom), top);
                 _mm256_store_ps(x + 8 * i, c);
                 l = _mm256_min_ps(l, c);
                 u = _mm256_max_ps(u, c);
             }
             lo8[gi] = l;
             hi8[gi] = u;
+            nan[gi] = _mm256_movemask_ps(n) ? -1 : 0;
         }
-        lo = reduce8(lo8, 0), hi = reduce8(hi8, 1);
+        const __m256 nan_lanes = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)nan));
+        const __m256 qnan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)); /* -> FP16_NAN */
+        lo = _mm256_blendv_ps(reduce8(lo8, 0), qnan, nan_lanes);
+        hi = _mm256_blendv_ps(reduce8(hi8, 1), qnan, nan_lanes);
     }
     const float levels = (float)((1 << bits) - 1);
     __m128i mn16 = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);

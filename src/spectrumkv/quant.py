@@ -148,6 +148,10 @@ def dequantize(
 
 
 def _quantize_asym_group(x: torch.Tensor, bits: int, g: int) -> Quantized:
+    """Per (token, head, group of g channels): minimum and scale in FP16, codes
+    round((x - minimum) / scale) in [0, 2^bits - 1]. Values are first clamped to the FP16 range
+    (infinities saturate to +-65504). A group holding a NaN is written as scale = minimum = FP16
+    NaN (0x7E00) and codes 0, so it decodes to NaN, as a raw transfer would carry it."""
     m, h, d = x.shape
     xg = x.float().reshape(m, h, d // g, g).clamp(-_FP16_MAX, _FP16_MAX)
     lo = xg.amin(dim=-1)
@@ -158,6 +162,11 @@ def _quantize_asym_group(x: torch.Tensor, bits: int, g: int) -> Quantized:
     s = scale.float()
     inv = 1.0 / torch.where(s > 0, s, torch.ones_like(s))  # multiply: a divide costs 5x more
     codes = torch.round((xg - minimum.float()[..., None]) * inv[..., None]).clamp_(0, levels)
+    nan = lo.isnan()  # amin propagates NaN: these groups hold one
+    if nan.any():  # canonical bytes, whatever the NaN's payload: decodes to NaN everywhere
+        scale.masked_fill_(nan, math.nan)
+        minimum.masked_fill_(nan, math.nan)
+        codes.masked_fill_(nan[..., None], 0)
     codes = codes.to(torch.uint8).reshape(m, h, d)
     return Quantized(pack(codes, bits), scale, minimum)
 
