@@ -1,6 +1,7 @@
 """The compiled codec against the torch reference: identical bytes out, identical tensors back."""
 
 import json
+import os
 
 import msgspec
 import numpy as np
@@ -144,8 +145,8 @@ def test_compiled_tier_map_reader_matches_numpy(n, monkeypatch):
         if trial >= 10 and raw:
             raw[g.integers(len(raw))] |= 0xF0 if trial % 2 else 0x0F  # a bad code (or padding)
         results = []
-        for mode in ("auto", "reference"):
-            monkeypatch.setenv("SPECTRUMKV_CODEC", mode)
+        for reference in (False, True):
+            monkeypatch.setattr(fused, "_reference", reference)
             try:
                 tiers, positions, counts = read_tier_map(bytes(raw), n, 100)
                 results.append((tiers.tolist(), positions.tolist(), counts))
@@ -157,20 +158,34 @@ def test_compiled_tier_map_reader_matches_numpy(n, monkeypatch):
             assert results[0][1] == (np.flatnonzero(codes) + 100).tolist()
 
 
-def test_reference_mode_writes_and_reads_the_same_frames(monkeypatch):
-    """SPECTRUMKV_CODEC=reference (torch codec, xxhash-package checksums) is byte-compatible."""
+def test_reference_mode_writes_and_reads_the_same_frames():
+    """Reference mode (torch codec, xxhash-package checksums) is byte-compatible."""
     header = make_header(3000, heads=2, head_dim=64, quant=QuantConfig(64))
     kv = _cache(2, 3000, 64, torch.float16, seed=3)
     tiers = torch.randint(0, len(Tier), (3000,), generator=torch.Generator().manual_seed(3))
     fast = bytes(frame_bytes(0, 0, tiers, kv, header))
     assert len(fast) > 2 * CHECK_BLOCK  # several checksum blocks
-    monkeypatch.setenv("SPECTRUMKV_CODEC", "reference")
-    assert not fused.compiled()
-    assert bytes(frame_bytes(0, 0, tiers, kv, header)) == fast
-    got, _, _ = read_frame(fast, 0, header, 0)
-    monkeypatch.delenv("SPECTRUMKV_CODEC")
+    previous = fused.set_reference(True)
+    try:
+        assert not fused.compiled() and not fused.enabled(header.quant)
+        assert bytes(frame_bytes(0, 0, tiers, kv, header)) == fast
+        got, _, _ = read_frame(fast, 0, header, 0)
+    finally:
+        assert fused.set_reference(previous) is True
+    assert fused.compiled()
     want, _, _ = read_frame(fast, 0, header, 0)
     assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+
+
+def test_the_environment_switches_a_new_process_to_reference_mode():
+    import subprocess
+    import sys
+
+    code = "from spectrumkv import fused; print(fused.compiled())"
+    for value, want in (("reference", "False"), ("auto", "True")):
+        env = {**os.environ, "SPECTRUMKV_CODEC": value}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert run.stdout.strip() == want, run.stderr
 
 
 def test_kernel_rejects_a_body_that_does_not_match_the_tier_map():

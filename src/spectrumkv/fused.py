@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import QuantConfig
+from .tiers import as_tier_codes
 
 try:
     from . import _codec
@@ -25,18 +26,30 @@ AVAILABLE = _codec is not None
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+# SPECTRUMKV_CODEC=reference, read once here (asked on every frame, os.environ costs ~1 us).
+_reference = os.environ.get("SPECTRUMKV_CODEC", "auto") == "reference"
+
+
 def compiled() -> bool:
     """Whether the compiled helpers run: threaded frame checksums and tier-map unpacking (same
     results as their numpy / `xxhash`-package twins in wire.py, which run otherwise).
-    `SPECTRUMKV_CODEC=reference` turns them off too."""
-    return AVAILABLE and os.environ.get("SPECTRUMKV_CODEC", "auto") != "reference"
+    Reference mode (`set_reference`) turns them off too."""
+    return AVAILABLE and not _reference
 
 
 def enabled(q: QuantConfig) -> bool:
-    """Whether frames with these quantization settings go through the fused kernels.
-
-    `SPECTRUMKV_CODEC=reference` in the environment forces the torch reference everywhere."""
+    """Whether frames with these quantization settings go through the fused kernels."""
     return compiled() and q.scheme == "asym-group"
+
+
+def set_reference(flag: bool) -> bool:
+    """Run everything on the torch reference and the Python helpers (True) or on the compiled
+    codec where it covers the scheme (False); returns the previous setting. The process starts
+    in reference mode when `SPECTRUMKV_CODEC=reference` is in its environment. Both modes read
+    and write the same bytes."""
+    global _reference
+    previous, _reference = _reference, bool(flag)
+    return previous
 
 
 def simd_enabled() -> bool:
@@ -74,10 +87,9 @@ def encode_body(
         )
     h, n, d = keys.shape
     k, v = keys.contiguous(), values.contiguous()
-    t = tiers.to(torch.uint8).contiguous().numpy()
     _codec.encode_frame(
         k.data_ptr(), v.data_ptr(), _DTYPE_CODES[k.dtype], h, n, d, group, int(rotate),
-        _DTYPE_CODES[wire_dtype], t, out, _threads(threads),
+        _DTYPE_CODES[wire_dtype], as_tier_codes(tiers).numpy(), out, _threads(threads),
     )  # fmt: skip
 
 
@@ -89,17 +101,17 @@ def frame_checksum(frame: memoryview, head_len: int, seed: int, threads: int | N
 
 
 def count_tiers(tiers: torch.Tensor) -> tuple[int, ...]:
-    """Slot count of each Tier code in a contiguous uint8 tier map; ValueError on a bad code."""
-    return _codec.count_tiers(tiers.numpy())
+    """Slot count of each Tier code in a tier map; ValueError on a bad code."""
+    return _codec.count_tiers(as_tier_codes(tiers).numpy())
 
 
 def unpack_tiers(
-    raw: bytes | memoryview, n_slots: int, first: int, tiers: torch.Tensor, positions: torch.Tensor
+    raw: bytes | memoryview, n_slots: int, first: int, tiers: np.ndarray, positions: np.ndarray
 ) -> tuple[int, ...]:
     """Unpack a packed tier map into `tiers` ([n_slots] uint8) and the kept slots' positions
     (first + slot) into the front of `positions` ([n_slots] int64); returns the slot count of
     each Tier code. ValueError on an unknown code or a nonzero padding nibble."""
-    return _codec.unpack_tiers(raw, n_slots, first, tiers.numpy(), positions.numpy())
+    return _codec.unpack_tiers(raw, n_slots, first, tiers, positions)
 
 
 def decode_body(
@@ -133,10 +145,12 @@ def decode_body(
                 raise ValueError(f"decode destination must be contiguous {want} {wire_dtype}")
         if keys.shape[1] < kept:
             raise ValueError(f"decode destination holds {keys.shape[1]} slots, frame keeps {kept}")
-    t = np.ascontiguousarray(tiers.to(torch.uint8).numpy())
+    t = as_tier_codes(tiers).numpy()
     code = _DTYPE_CODES[wire_dtype]
     _codec.decode_frame(
         body, t, heads, t.shape[0], head_dim, group, int(rotate), code,
         keys.data_ptr(), values.data_ptr(), code, kept, keys.shape[1], _threads(threads),
     )  # fmt: skip
+    if keys.shape[1] == kept:
+        return keys, values
     return keys[:, :kept], values[:, :kept]

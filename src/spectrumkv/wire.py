@@ -44,7 +44,7 @@ from .config import QuantConfig
 from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
 from .kv import LayerKV, first_slot
 from .quant import Quantized, dequantize, hadamard, quantize, section_bytes
-from .tiers import STORED_TIERS, TIER_BITS, Tier
+from .tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
 
 MAGIC = b"SPKV"
 VERSION = 3
@@ -95,7 +95,14 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def quant(self) -> QuantConfig:
-        return QuantConfig(self.group_size, self.scheme, self.rotate)  # type: ignore[arg-type]
+        return _quant_config(self.group_size, self.scheme, self.rotate)
+
+
+@lru_cache(maxsize=64)
+def _quant_config(group_size: int, scheme: str, rotate: bool) -> QuantConfig:
+    """One (frozen) QuantConfig per setting: `Header.quant` is read on every frame, and building
+    and validating a new one each time cost about 1 us."""
+    return QuantConfig(group_size, scheme, rotate)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -186,14 +193,14 @@ def read_tier_map(
     codes (uint8), the positions (first + slot, int64) of the kept slots and the slot count of
     each stored tier. Raises WireFormatError on an unknown code or a nonzero padding nibble."""
     if fused_codec.compiled():
-        tiers = torch.empty(n_slots, dtype=torch.uint8)
-        positions = torch.empty(n_slots, dtype=torch.int64)
+        t = np.empty(n_slots, dtype=np.uint8)  # numpy: a torch.empty costs 3-4x more
+        positions = np.empty(n_slots, dtype=np.int64)
         try:
-            per_code = fused_codec.unpack_tiers(raw, n_slots, first, tiers, positions)
+            per_code = fused_codec.unpack_tiers(raw, n_slots, first, t, positions)
         except ValueError as e:
             raise WireFormatError(str(e)) from None
         kept = n_slots - per_code[int(Tier.DROP)]
-        return tiers, positions[:kept], _stored_counts(per_code)
+        return torch.from_numpy(t), torch.from_numpy(positions[:kept]), _stored_counts(per_code)
     b = np.frombuffer(raw, dtype=np.uint8)
     t = np.empty(2 * b.size, dtype=np.uint8)
     t[0::2], t[1::2] = b & 0xF, b >> 4
@@ -224,7 +231,7 @@ def frame_bytes(
     Without it the frame is a memoryview of new memory, which every byte is written into once
     (not zero-filled first as a bytearray would be: that pass cost 10-20 % of an encode)."""
     fp, q = header.fingerprint, header.quant
-    t = tiers.to(torch.uint8).contiguous()
+    t = as_tier_codes(tiers)
     n = t.numel()
     counts = _tier_counts(t)
     size = frame_size(n, counts, fp, q)
