@@ -129,17 +129,17 @@ static void quantize_row(float *x, int d, int g, int bits, uint8_t *codes, uint1
     for (int k = 0; k < d / g; k++) {
         const float *xg = x + k * g;
         float lo = xg[0], hi = xg[0];
-        int nan = xg[0] != xg[0];
+        int has_nan = xg[0] != xg[0];
         for (int i = 1; i < g; i++) {
             lo = xg[i] < lo ? xg[i] : lo;
             hi = xg[i] > hi ? xg[i] : hi;
-            nan |= xg[i] != xg[i];
+            has_nan |= xg[i] != xg[i];
         }
-        uint16_t mn16 = nan ? FP16_NAN : f2h(lo);
+        uint16_t mn16 = has_nan ? FP16_NAN : f2h(lo);
         float mn = h2f(mn16);
         float sc = (hi - mn) / levels;
         sc = sc > FP16_MAX ? FP16_MAX : sc;
-        uint16_t sc16 = nan ? FP16_NAN : f2h(sc);
+        uint16_t sc16 = has_nan ? FP16_NAN : f2h(sc);
         float s = h2f(sc16);
         if (!(s > 0.0f)) s = 1.0f;
         const float inv = 1.0f / s;
@@ -365,10 +365,10 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
     const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
     const float levels = (float)((1 << bits) - 1);
     for (int k = 0; k < nv / gv; k++) {
-        __m256 nan = _mm256_setzero_ps(); /* the clamp below maps NaN to -FP16_MAX */
+        __m256 unord = _mm256_setzero_ps(); /* NaN lanes: the clamp maps NaN to -FP16_MAX */
 #pragma GCC unroll 64
         for (int i = k * gv; i < (k + 1) * gv; i++) {
-            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+            unord = _mm256_or_ps(unord, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
             v[i] = _mm256_min_ps(_mm256_max_ps(v[i], bottom), top);
         }
         __m256 lo = v[k * gv], hi = lo;
@@ -377,7 +377,7 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
             lo = _mm256_min_ps(lo, v[k * gv + i]);
             hi = _mm256_max_ps(hi, v[k * gv + i]);
         }
-        const int has_nan = _mm256_movemask_ps(nan) != 0;
+        const int has_nan = _mm256_movemask_ps(unord) != 0;
         uint16_t mn16 = has_nan ? FP16_NAN : f2h(hmin8(lo));
         float mn = h2f(mn16);
         float sc = (hmax8(hi) - mn) / levels;
@@ -567,7 +567,7 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
     const int clamp = _mm256_movemask_ps(in_range) != 0xFF;
     if (clamp) { /* rare: clamp every value and take min and max again; a group holding a NaN
                   * (which the clamp maps to -FP16_MAX) gets NaN for both */
-        int32_t nan[BLOCK_GROUPS];
+        int32_t nan_group[BLOCK_GROUPS];
         for (int gi = 0; gi < BLOCK_GROUPS; gi++) {
             float *x = scratch + gi * g;
             __m256 l = _mm256_set1_ps(INFINITY), u = _mm256_set1_ps(-INFINITY);
@@ -582,9 +582,10 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
             }
             lo8[gi] = l;
             hi8[gi] = u;
-            nan[gi] = _mm256_movemask_ps(n) ? -1 : 0;
+            nan_group[gi] = _mm256_movemask_ps(n) ? -1 : 0;
         }
-        const __m256 nan_lanes = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)nan));
+        const __m256 nan_lanes =
+            _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)nan_group));
         const __m256 qnan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)); /* -> FP16_NAN */
         lo = _mm256_blendv_ps(reduce8(lo8, 0), qnan, nan_lanes);
         hi = _mm256_blendv_ps(reduce8(hi8, 1), qnan, nan_lanes);
