@@ -168,3 +168,33 @@ def test_tokens_digest_identifies_the_prompt():
     a = tokens_digest([1, 2, 3])
     assert a == tokens_digest(torch.tensor([1, 2, 3])) != 0
     assert a != tokens_digest([1, 2, 4]) and a != tokens_digest([1, 2, 3, 0])
+
+
+@pytest.mark.parametrize("use_fused", [True, False])
+@pytest.mark.parametrize(
+    "tiers,error",
+    [
+        (torch.full((8,), 9), "invalid tier code"),
+        (torch.full((8,), 9, dtype=torch.uint8), "invalid tier code"),
+        (torch.full((8,), -1), "invalid tier code"),
+        (torch.full((8,), -252), "invalid tier code"),  # would wrap to FP16 as uint8
+        (torch.full((5,), 3), "5 tier codes for a layer of 8 slots"),
+        (torch.full((12,), 3), "12 tier codes for a layer of 8 slots"),
+        (torch.full((2, 4), 3), "one-dimensional integer"),
+        (torch.full((8,), 3.0), "one-dimensional integer"),
+    ],
+)
+def test_encoding_rejects_a_bad_tier_list_on_either_codec(tiers, error, use_fused):
+    """Before, the reference path wrote frames for unknown codes and wrong-length lists, which
+    only the receiver could reject."""
+    from spectrumkv import fused
+    from spectrumkv.wire import frame_bytes
+
+    header = make_header(8)
+    kv = random_layers(header)[0]
+    previous = fused.set_reference(not use_fused)
+    try:
+        with pytest.raises(ValueError, match=error):
+            frame_bytes(0, 0, tiers, kv, header)
+    finally:
+        fused.set_reference(previous)

@@ -33,9 +33,22 @@ STORED_TIERS = (Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2)
 TIER_ERROR = {Tier.FP16: 0.0, Tier.INT8: 2.7e-5, Tier.INT4: 7.6e-3, Tier.INT2: 0.19, Tier.DROP: 1.0}
 
 
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def as_tier_codes(tiers: torch.Tensor) -> torch.Tensor:
-    """`tiers` as a contiguous uint8 tensor of Tier codes: itself when it already is one (an
-    unneeded `.to(...).contiguous()` costs ~1.5 us, on every frame), else a converted copy."""
-    if tiers.dtype == torch.uint8 and tiers.is_contiguous():
-        return tiers
+    """A one-dimensional tensor of Tier codes as a contiguous uint8 tensor: itself when it
+    already is one (an unneeded `.to(...).contiguous()` costs ~1.5 us, on every frame), else a
+    converted copy. ValueError for another shape or dtype, or, when converting, a value outside
+    the codes (which uint8 would wrap: -252 would become FP16). uint8 codes above FP16 are
+    rejected where the map is counted."""
+    if tiers.dim() != 1 or tiers.dtype not in _INT_DTYPES:
+        raise ValueError(
+            f"a tier list is one-dimensional integer Tier codes, got {tuple(tiers.shape)} "
+            f"{tiers.dtype}"
+        )
+    if tiers.dtype == torch.uint8:
+        return tiers if tiers.is_contiguous() else tiers.contiguous()
+    if tiers.numel() and (int(tiers.min()) < 0 or int(tiers.max()) > Tier.FP16):
+        raise ValueError("invalid tier code in tier list")
     return tiers.to(torch.uint8).contiguous()

@@ -233,6 +233,8 @@ def frame_bytes(
     fp, q = header.fingerprint, header.quant
     t = as_tier_codes(tiers)
     n = t.numel()
+    if n != kv.keys.shape[1]:
+        raise ValueError(f"{n} tier codes for a layer of {kv.keys.shape[1]} slots")
     counts = _tier_counts(t)
     size = frame_size(n, counts, fp, q)
     if out is None:
@@ -257,10 +259,13 @@ def frame_bytes(
 
 
 def _tier_counts(tiers: torch.Tensor) -> dict[Tier, int]:
-    """Slots per stored tier of a contiguous uint8 tier map of valid codes."""
+    """Slots per stored tier of a contiguous uint8 tier map; ValueError on a code above FP16."""
     if fused_codec.compiled():
         return _stored_counts(fused_codec.count_tiers(tiers))
-    return _stored_counts(np.bincount(tiers.numpy(), minlength=len(Tier)))
+    per_code = np.bincount(tiers.numpy(), minlength=len(Tier))
+    if per_code.size > len(Tier):
+        raise ValueError("invalid tier code in tier map")
+    return _stored_counts(per_code)
 
 
 def _stored_counts(per_code) -> dict[Tier, int]:
