@@ -2,8 +2,10 @@ import msgspec
 import pytest
 import torch
 
+from spectrumkv import fused
 from spectrumkv.config import PolicyConfig, QuantConfig
 from spectrumkv.errors import ChecksumError, IncompatiblePayloadError, WireFormatError
+from spectrumkv.kv import LayerKV
 from spectrumkv.pipeline import encode
 from spectrumkv.policy import plan
 from spectrumkv.quant import dequantize, quantize
@@ -13,6 +15,7 @@ from spectrumkv.wire import (
     MAX_HEADER_BYTES,
     VERSION,
     decode_payload,
+    frame_bytes,
     read_header,
 )
 
@@ -170,7 +173,14 @@ def test_tokens_digest_identifies_the_prompt():
     assert a != tokens_digest([1, 2, 4]) and a != tokens_digest([1, 2, 3, 0])
 
 
-@pytest.mark.parametrize("use_fused", [True, False])
+@pytest.fixture(params=["fused", "reference"])
+def codec(request):
+    """Run a test on the compiled codec and on the torch reference."""
+    previous = fused.set_reference(request.param == "reference")
+    yield request.param
+    fused.set_reference(previous)
+
+
 @pytest.mark.parametrize(
     "tiers,error",
     [
@@ -184,17 +194,28 @@ def test_tokens_digest_identifies_the_prompt():
         (torch.full((8,), 3.0), "one-dimensional integer"),
     ],
 )
-def test_encoding_rejects_a_bad_tier_list_on_either_codec(tiers, error, use_fused):
+def test_encoding_rejects_a_bad_tier_list_on_either_codec(tiers, error, codec):
     """Before, the reference path wrote frames for unknown codes and wrong-length lists, which
     only the receiver could reject."""
-    from spectrumkv import fused
-    from spectrumkv.wire import frame_bytes
-
     header = make_header(8)
-    kv = random_layers(header)[0]
-    previous = fused.set_reference(not use_fused)
-    try:
-        with pytest.raises(ValueError, match=error):
-            frame_bytes(0, 0, tiers, kv, header)
-    finally:
-        fused.set_reference(previous)
+    with pytest.raises(ValueError, match=error):
+        frame_bytes(0, 0, tiers, random_layers(header)[0], header)
+
+
+@pytest.mark.parametrize(
+    "shape,dtypes,error",
+    [
+        ((3, 8, 16), (torch.float16, torch.float16), "the header says 2 KV heads of 16 dims"),
+        ((2, 8, 32), (torch.float16, torch.float16), "the header says 2 KV heads of 16 dims"),
+        ((2, 8, 16), (torch.float64, torch.float64), "must be float16, bfloat16 or float32"),
+        ((2, 8, 16), (torch.int32, torch.int32), "must be float16, bfloat16 or float32"),
+        ((2, 8, 16), (torch.float16, torch.bfloat16), "keys and values alike"),
+    ],
+)
+def test_encoding_rejects_a_layer_the_header_does_not_describe(shape, dtypes, error, codec):
+    """Both codecs give the same clear error (before: a buffer-size or memoryview error, and
+    the reference encoded float64 or integer caches)."""
+    header = make_header(8)
+    kv = LayerKV(torch.ones(shape).to(dtypes[0]), torch.ones(shape).to(dtypes[1]), torch.arange(8))
+    with pytest.raises(ValueError, match=error):
+        frame_bytes(0, 0, torch.full((8,), int(Tier.INT8)), kv, header)

@@ -235,6 +235,7 @@ def frame_bytes(
     n = t.numel()
     if n != kv.keys.shape[1]:
         raise ValueError(f"{n} tier codes for a layer of {kv.keys.shape[1]} slots")
+    _check_layer(kv, fp)
     counts = _tier_counts(t)
     size = frame_size(n, counts, fp, q)
     if out is None:
@@ -256,6 +257,24 @@ def frame_bytes(
         _encode_body_reference(body, t, kv, wire_dtype, q)
     _CHECK.pack_into(mv, body_end, frame_checksum(mv[:body_end], frame_seed(header)))
     return frame
+
+
+_SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_layer(kv: LayerKV, fp: Fingerprint) -> None:
+    """ValueError unless kv's keys and values are [heads, slots, head_dim] as the fingerprint
+    says, in one of the dtypes an engine caches (16-bit, or float32)."""
+    shape = tuple(kv.keys.shape)
+    if len(shape) != 3 or (shape[0], shape[2]) != (fp.n_kv_heads, fp.head_dim):
+        raise ValueError(
+            f"layer KV is {shape}; the header says {fp.n_kv_heads} KV heads of {fp.head_dim} dims"
+        )
+    if kv.keys.dtype != kv.values.dtype or kv.keys.dtype not in _SOURCE_DTYPES:
+        raise ValueError(
+            f"layer KV must be float16, bfloat16 or float32 (keys and values alike), got "
+            f"{kv.keys.dtype} and {kv.values.dtype}"
+        )
 
 
 def _tier_counts(tiers: torch.Tensor) -> dict[Tier, int]:
