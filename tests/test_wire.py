@@ -16,6 +16,7 @@ from spectrumkv.wire import (
     VERSION,
     decode_payload,
     frame_bytes,
+    read_frame,
     read_header,
 )
 
@@ -219,3 +220,29 @@ def test_encoding_rejects_a_layer_the_header_does_not_describe(shape, dtypes, er
     kv = LayerKV(torch.ones(shape).to(dtypes[0]), torch.ones(shape).to(dtypes[1]), torch.arange(8))
     with pytest.raises(ValueError, match=error):
         frame_bytes(0, 0, torch.full((8,), int(Tier.INT8)), kv, header)
+
+
+@pytest.mark.parametrize(
+    "shapes,dtype,error",
+    [
+        (((2, 4, 16), (2, 4, 16)), torch.float16, "holds 4 slots, frame keeps 8"),
+        (((3, 8, 16), (3, 8, 16)), torch.float16, "must be contiguous"),
+        (((2, 8, 16), (2, 8, 16)), torch.bfloat16, "must be contiguous"),
+        (((2, 8, 16), (2, 10, 16)), torch.float16, "must be contiguous"),
+    ],
+)
+def test_decoding_rejects_a_destination_that_cannot_hold_the_frame(shapes, dtype, error, codec):
+    """Before, the reference path raised torch's RuntimeError or wrote into tensors of another
+    dtype or capacity."""
+    header = make_header(8)
+    kv = random_layers(header)[0]
+    frame = bytes(frame_bytes(0, 0, torch.full((8,), int(Tier.INT8)), kv, header))
+    out = tuple(torch.empty(s, dtype=dtype) for s in shapes)
+    with pytest.raises(ValueError, match=error):
+        read_frame(frame, 0, header, 0, out=out)
+    strided = tuple(torch.empty(2, 16, 8, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        read_frame(frame, 0, header, 0, out=strided)
+    roomy = tuple(torch.empty(2, 10, 16, dtype=torch.float16) for _ in range(2))
+    got, _, _ = read_frame(frame, 0, header, 0, out=roomy)
+    assert got.keys.data_ptr() == roomy[0].data_ptr() and got.keys.shape == (2, 8, 16)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import QuantConfig
+from .kv import check_destination
 from .tiers import as_tier_codes
 
 try:
@@ -129,22 +130,14 @@ def decode_body(
     """Decode a verified frame body (the bytes after the tier map) into [H, kept, D] keys and
     values in `wire_dtype`. `out`: destination tensors [H, capacity >= kept, D] to write into
     (e.g. a receive cache reused across requests); the result is then their [:, :kept] view.
-    Raises ValueError if the body's size does not match the tier map."""
+    Raises ValueError if the body's size does not match the tier map, or `out` cannot hold the
+    frame (`kv.check_destination`)."""
     if out is None:
         keys = torch.empty(heads, kept, head_dim, dtype=wire_dtype)
         values = torch.empty_like(keys)
     else:
+        check_destination(out, heads, head_dim, wire_dtype, kept)  # the C writes through it
         keys, values = out
-        want = (heads, keys.shape[1], head_dim)
-        for x in out:
-            if (
-                x.shape != want
-                or x.dtype != wire_dtype
-                or x.stride() != (want[1] * head_dim, head_dim, 1)
-            ):
-                raise ValueError(f"decode destination must be contiguous {want} {wire_dtype}")
-        if keys.shape[1] < kept:
-            raise ValueError(f"decode destination holds {keys.shape[1]} slots, frame keeps {kept}")
     t = as_tier_codes(tiers).numpy()
     code = _DTYPE_CODES[wire_dtype]
     _codec.decode_frame(

@@ -29,6 +29,20 @@ class LayerKV:
             )
 
 
+def check_destination(
+    out: tuple[torch.Tensor, torch.Tensor], heads: int, head_dim: int, dtype: torch.dtype, kept: int
+) -> None:
+    """ValueError unless `out` is a (keys, values) pair that a decoder may write `kept` slots
+    into: contiguous [heads, capacity, head_dim] tensors of `dtype`, one capacity, >= kept."""
+    keys, _ = out
+    want = (heads, keys.shape[1], head_dim)
+    for x in out:
+        if x.shape != want or x.dtype != dtype or x.stride() != (want[1] * head_dim, head_dim, 1):
+            raise ValueError(f"decode destination must be contiguous {want} {dtype}")
+    if keys.shape[1] < kept:
+        raise ValueError(f"decode destination holds {keys.shape[1]} slots, frame keeps {kept}")
+
+
 def first_slot(layer_is_sliding: bool, sliding_window: int, n_tokens: int) -> int:
     """First prompt position an engine keeps in a layer after prefilling n_tokens.
 

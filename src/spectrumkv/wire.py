@@ -42,7 +42,7 @@ import xxhash
 from . import fused as fused_codec
 from .config import QuantConfig
 from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
-from .kv import LayerKV, first_slot
+from .kv import LayerKV, check_destination, first_slot
 from .quant import Quantized, dequantize, hadamard, quantize, section_bytes
 from .tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
 
@@ -391,7 +391,8 @@ def read_frame(
     Returns (kept slots of the layer in the payload's KV dtype, the frame's tier map, offset
     after the frame). `fused`: as in `frame_bytes`. `out`: destination K and V tensors
     [H, capacity, D] (contiguous, KV dtype, capacity >= kept slots) to decode into, e.g. a
-    receive cache reused across requests; the returned keys/values are then views of them.
+    receive cache reused across requests; the returned keys/values are then views of them
+    (ValueError for tensors that cannot hold the frame, before anything is decoded).
     """
     fp, q = header.fingerprint, header.quant
     mv = memoryview(buf)
@@ -434,6 +435,8 @@ def read_frame(
             _KV_DTYPES[fp.kv_dtype], kept, out,
         )  # fmt: skip
     else:
+        if out is not None:
+            check_destination(out, fp.n_kv_heads, fp.head_dim, _KV_DTYPES[fp.kv_dtype], kept)
         keys, values = _decode_body_reference(sections, tiers, counts, positions - first, fp, q)
         if out is not None:
             out[0][:, :kept] = keys
