@@ -233,9 +233,7 @@ def frame_bytes(
     fp, q = header.fingerprint, header.quant
     t = as_tier_codes(tiers)
     n = t.numel()
-    if n != kv.keys.shape[1]:
-        raise ValueError(f"{n} tier codes for a layer of {kv.keys.shape[1]} slots")
-    _check_layer(kv, fp)
+    _check_layer(kv, fp, n)
     counts = _tier_counts(t)
     size = frame_size(n, counts, fp, q)
     if out is None:
@@ -262,13 +260,13 @@ def frame_bytes(
 _SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_layer(kv: LayerKV, fp: Fingerprint) -> None:
-    """ValueError unless kv's keys and values are [heads, slots, head_dim] as the fingerprint
-    says, in one of the dtypes an engine caches (16-bit, or float32)."""
-    shape = tuple(kv.keys.shape)
-    if len(shape) != 3 or (shape[0], shape[2]) != (fp.n_kv_heads, fp.head_dim):
+def _check_layer(kv: LayerKV, fp: Fingerprint, n_slots: int) -> None:
+    """ValueError unless kv's keys and values are [heads, n_slots, head_dim] (heads and head_dim
+    as the fingerprint says, a slot per tier code), in one of the dtypes an engine caches."""
+    shape, want = tuple(kv.keys.shape), (fp.n_kv_heads, n_slots, fp.head_dim)
+    if shape != want:
         raise ValueError(
-            f"layer KV is {shape}; the header says {fp.n_kv_heads} KV heads of {fp.head_dim} dims"
+            f"layer KV is {shape}; header and tier list say {want} (KV heads, slots, head_dim)"
         )
     if kv.keys.dtype != kv.values.dtype or kv.keys.dtype not in _SOURCE_DTYPES:
         raise ValueError(
