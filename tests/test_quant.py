@@ -117,3 +117,41 @@ def test_kivi_keys_are_quantized_per_channel():
     assert (err.view(70, -1) <= span / 3 / 2 * 1.01 + span * 2**-9 + 1e-5).all()
     values = quantize(x, Tier.INT2, q, is_key=False)
     assert values.scale.shape == (70, 2, 1)  # values per token
+
+
+def _with_bits(x: torch.Tensor, where: tuple[int, int, int], bits: int) -> torch.Tensor:
+    y = x.clone()
+    y.view(torch.int32)[where] = bits - (1 << 32) if bits >= 1 << 31 else bits
+    return y
+
+
+@pytest.mark.parametrize("scheme", ["asym-group", "sym-token", "kivi"])
+@pytest.mark.parametrize("tier", [Tier.INT8, Tier.INT4, Tier.INT2])
+def test_a_nan_gives_canonical_bytes_and_spoils_only_its_own_group(scheme, tier):
+    """A NaN's group (asym-group: its group of channels; sym-token: its token; kivi keys: its
+    channel over its block of tokens) is written as FP16 NaN parameters and codes 0, whatever
+    the NaN's sign or payload, and decodes to NaN; every other value decodes exactly as it does
+    with a 0 in the NaN's place. A NaN code cast to uint8 used to be arbitrary: in a packed byte
+    it could spill into a neighbouring channel's bits."""
+    q = QuantConfig(group_size=8, scheme=scheme, rotate=False)
+    x = torch.randn(20, 2, 16, generator=torch.Generator().manual_seed(1))
+    where = (9, 1, 4)
+    zero = _with_bits(x, where, 0)
+    got = [quantize(_with_bits(x, where, b), tier, q, is_key=True) for b in
+           (0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF)]  # fmt: skip
+    for other in got[1:]:
+        for a, b in zip(vars(got[0]).values(), vars(other).values(), strict=True):
+            assert a is None or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    nan_back = dequantize(got[0], tier, q, 16, is_key=True)
+    zero_back = dequantize(quantize(zero, tier, q, is_key=True), tier, q, 16, is_key=True)
+    spoiled = torch.zeros_like(x, dtype=torch.bool)
+    if scheme == "asym-group":
+        spoiled[9, 1, :8] = True
+    elif scheme == "sym-token":
+        spoiled[9] = True
+    else:
+        spoiled[8:16, 1, 4] = True  # block of 8 tokens holding token 9, channel 4
+    assert torch.equal(nan_back.isnan(), spoiled)
+    assert torch.equal(nan_back[~spoiled], zero_back[~spoiled])
+    codes = unpack(got[0].codes, {Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2}[tier])
+    assert (codes[spoiled] == 0).all()  # not whatever a NaN becomes when cast to uint8

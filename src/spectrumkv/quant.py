@@ -184,8 +184,13 @@ def _quantize_per_channel(x: torch.Tensor, bits: int, block: int) -> Quantized:
     s = scale.float()
     s = torch.where(s > 0, s, torch.ones_like(s)).repeat_interleave(block, 0)[:m]
     lo = minimum.float().repeat_interleave(block, 0)[:m]
-    codes = torch.round((xf - lo) / s).clamp_(0, levels).to(torch.uint8)
-    return Quantized(pack(codes, bits), scale, minimum)
+    codes = torch.round((xf - lo) / s).clamp_(0, levels)
+    nan = minimum.isnan()  # amin propagates NaN: these (block, head, channel) groups hold one
+    if nan.any():  # as in `_quantize_asym_group`; a NaN code cast to uint8 is arbitrary and
+        scale.masked_fill_(nan, math.nan)  # would spill into its packed neighbour's bits
+        minimum.masked_fill_(nan, math.nan)
+        codes.masked_fill_(nan.repeat_interleave(block, 0)[:m], 0)
+    return Quantized(pack(codes.to(torch.uint8), bits), scale, minimum)
 
 
 def _quantize_sym_token(x: torch.Tensor, bits: int) -> Quantized:
@@ -197,4 +202,8 @@ def _quantize_sym_token(x: torch.Tensor, bits: int) -> Quantized:
     s = scale.float()
     s = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round(xf / s[:, None, None]).clamp_(-qmax, qmax) + (1 << (bits - 1))
+    nan = absmax.isnan()  # tokens holding a NaN: canonical bytes, as in `_quantize_asym_group`
+    if nan.any():
+        scale.masked_fill_(nan, math.nan)
+        codes.masked_fill_(nan[:, None, None], 0)
     return Quantized(pack(codes.to(torch.uint8), bits), scale, None)
