@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import QuantConfig
-from .kv import check_destination
+from .kv import check_destination, check_source
 from .tiers import as_tier_codes
 
 try:
@@ -81,11 +81,7 @@ def encode_body(
     """Write a frame body (tier map + sections) into `out`, which must have exactly its size.
 
     keys, values: [H, n, D] (float32/float16/bfloat16); tiers: [n] Tier codes."""
-    if keys.shape != values.shape or keys.dtype != values.dtype or keys.dtype not in _DTYPE_CODES:
-        raise ValueError(
-            f"keys/values must be [H, n, D] of one float dtype, got {tuple(keys.shape)} "
-            f"{keys.dtype} and {tuple(values.shape)} {values.dtype}"
-        )
+    check_source(keys, values)  # the C reads through them
     h, n, d = keys.shape
     k, v = keys.contiguous(), values.contiguous()
     _codec.encode_frame(

@@ -29,6 +29,25 @@ class LayerKV:
             )
 
 
+#: The dtypes a cache may be encoded from (an engine's 16-bit KV dtypes, or float32).
+SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_source(keys: torch.Tensor, values: torch.Tensor) -> None:
+    """ValueError unless keys and values are [H, n, D] tensors of one shape and one of
+    SOURCE_DTYPES: what an encoder may read."""
+    if (
+        keys.dim() != 3
+        or keys.shape != values.shape
+        or keys.dtype != values.dtype
+        or keys.dtype not in SOURCE_DTYPES
+    ):
+        raise ValueError(
+            f"layer KV must be float16, bfloat16 or float32 [H, n, D] tensors (keys and values "
+            f"alike), got {tuple(keys.shape)} {keys.dtype} and {tuple(values.shape)} {values.dtype}"
+        )
+
+
 def check_destination(
     out: tuple[torch.Tensor, torch.Tensor], heads: int, head_dim: int, dtype: torch.dtype, kept: int
 ) -> None:

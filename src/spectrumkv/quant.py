@@ -8,6 +8,7 @@ implementation: faster kernels must produce the same bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -147,6 +148,23 @@ def dequantize(
     return fwht(out) if quant.rotate else out
 
 
+def _write_nan_groups(
+    nan: torch.Tensor,
+    codes: torch.Tensor,
+    codes_of: Callable[[], torch.Tensor],
+    *params: torch.Tensor,
+) -> None:
+    """Rewrite the groups flagged in `nan` (those holding a NaN, which the min/max reductions
+    propagate) canonically: their FP16 `params` become NaN (0x7E00) and their (unrounded, float)
+    `codes` 0, whatever the NaN's sign or payload, so they decode to NaN. A NaN code left to the
+    uint8 cast would be arbitrary and could spill into a packed neighbour's bits. `codes_of()`:
+    `nan` broadcast to the codes' shape, built only when some group holds a NaN."""
+    if nan.any():
+        for p in params:
+            p.masked_fill_(nan, math.nan)
+        codes.masked_fill_(codes_of(), 0)
+
+
 def _quantize_asym_group(x: torch.Tensor, bits: int, g: int) -> Quantized:
     """Per (token, head, group of g channels): minimum and scale in FP16, codes
     round((x - minimum) / scale) in [0, 2^bits - 1]. Values are first clamped to the FP16 range
@@ -162,11 +180,8 @@ def _quantize_asym_group(x: torch.Tensor, bits: int, g: int) -> Quantized:
     s = scale.float()
     inv = 1.0 / torch.where(s > 0, s, torch.ones_like(s))  # multiply: a divide costs 5x more
     codes = torch.round((xg - minimum.float()[..., None]) * inv[..., None]).clamp_(0, levels)
-    nan = lo.isnan()  # amin propagates NaN: these groups hold one
-    if nan.any():  # canonical bytes, whatever the NaN's payload: decodes to NaN everywhere
-        scale.masked_fill_(nan, math.nan)
-        minimum.masked_fill_(nan, math.nan)
-        codes.masked_fill_(nan[..., None], 0)
+    nan = lo.isnan()
+    _write_nan_groups(nan, codes, lambda: nan[..., None], scale, minimum)
     codes = codes.to(torch.uint8).reshape(m, h, d)
     return Quantized(pack(codes, bits), scale, minimum)
 
@@ -185,11 +200,8 @@ def _quantize_per_channel(x: torch.Tensor, bits: int, block: int) -> Quantized:
     s = torch.where(s > 0, s, torch.ones_like(s)).repeat_interleave(block, 0)[:m]
     lo = minimum.float().repeat_interleave(block, 0)[:m]
     codes = torch.round((xf - lo) / s).clamp_(0, levels)
-    nan = minimum.isnan()  # amin propagates NaN: these (block, head, channel) groups hold one
-    if nan.any():  # as in `_quantize_asym_group`; a NaN code cast to uint8 is arbitrary and
-        scale.masked_fill_(nan, math.nan)  # would spill into its packed neighbour's bits
-        minimum.masked_fill_(nan, math.nan)
-        codes.masked_fill_(nan.repeat_interleave(block, 0)[:m], 0)
+    nan = minimum.isnan()  # per (block, head, channel)
+    _write_nan_groups(nan, codes, lambda: nan.repeat_interleave(block, 0)[:m], scale, minimum)
     return Quantized(pack(codes.to(torch.uint8), bits), scale, minimum)
 
 
@@ -202,8 +214,6 @@ def _quantize_sym_token(x: torch.Tensor, bits: int) -> Quantized:
     s = scale.float()
     s = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round(xf / s[:, None, None]).clamp_(-qmax, qmax) + (1 << (bits - 1))
-    nan = absmax.isnan()  # tokens holding a NaN: canonical bytes, as in `_quantize_asym_group`
-    if nan.any():
-        scale.masked_fill_(nan, math.nan)
-        codes.masked_fill_(nan[:, None, None], 0)
+    nan = absmax.isnan()  # per token
+    _write_nan_groups(nan, codes, lambda: nan[:, None, None], scale)
     return Quantized(pack(codes.to(torch.uint8), bits), scale, None)

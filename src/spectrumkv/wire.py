@@ -42,7 +42,7 @@ import xxhash
 from . import fused as fused_codec
 from .config import QuantConfig
 from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
-from .kv import LayerKV, check_destination, first_slot
+from .kv import LayerKV, check_destination, check_source, first_slot
 from .quant import Quantized, dequantize, hadamard, quantize, section_bytes
 from .tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
 
@@ -257,21 +257,13 @@ def frame_bytes(
     return frame
 
 
-_SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _check_layer(kv: LayerKV, fp: Fingerprint, n_slots: int) -> None:
-    """ValueError unless kv's keys and values are [heads, n_slots, head_dim] (heads and head_dim
-    as the fingerprint says, a slot per tier code), in one of the dtypes an engine caches."""
+    """ValueError unless kv is [heads, n_slots, head_dim]: heads and head_dim as the fingerprint
+    says, a slot per tier code. (Each encoder checks the dtypes it reads: `kv.check_source`.)"""
     shape, want = tuple(kv.keys.shape), (fp.n_kv_heads, n_slots, fp.head_dim)
     if shape != want:
         raise ValueError(
             f"layer KV is {shape}; header and tier list say {want} (KV heads, slots, head_dim)"
-        )
-    if kv.keys.dtype != kv.values.dtype or kv.keys.dtype not in _SOURCE_DTYPES:
-        raise ValueError(
-            f"layer KV must be float16, bfloat16 or float32 (keys and values alike), got "
-            f"{kv.keys.dtype} and {kv.values.dtype}"
         )
 
 
@@ -294,6 +286,7 @@ def _encode_body_reference(
     body: memoryview, tiers: torch.Tensor, kv: LayerKV, wire_dtype: torch.dtype, q: QuantConfig
 ) -> None:
     """The torch reference encoder: tier map, then each tier's K and V sections."""
+    check_source(kv.keys, kv.values)
     parts = [pack_tier_map(tiers)]
     for tier in STORED_TIERS:
         idx = (tiers == int(tier)).nonzero().flatten()
