@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spectrumkv.bench import fuzz
-from spectrumkv.wire import decode_payload
+from spectrumkv.payload import decode_payload
 
 
 def test_a_few_thousand_mutations_end_identical_or_in_a_typed_error():

@@ -133,7 +133,7 @@ def test_unreachable_receiver_is_a_transport_error():
 
 def test_inbox_cap_and_expiry():
     header, layers, chunks = _chunks()
-    from spectrumkv.wire import Payload
+    from spectrumkv.payload import Payload
 
     payload = Payload(header, layers)
     size = payload_nbytes(payload)

@@ -6,6 +6,7 @@ from spectrumkv import fused
 from spectrumkv.config import PolicyConfig, QuantConfig
 from spectrumkv.errors import ChecksumError, IncompatiblePayloadError, WireFormatError
 from spectrumkv.kv import LayerKV
+from spectrumkv.payload import decode_payload
 from spectrumkv.pipeline import encode
 from spectrumkv.policy import plan
 from spectrumkv.quant import dequantize, quantize
@@ -14,7 +15,6 @@ from spectrumkv.wire import (
     _PREAMBLE,
     MAX_HEADER_BYTES,
     VERSION,
-    decode_payload,
     frame_bytes,
     read_frame,
     read_header,

@@ -22,10 +22,11 @@ from .errors import (
     WireFormatError,
 )
 from .importance import score_tokens
+from .payload import decode_payload
 from .pipeline import encode, iter_payload, plan_transfer, receive, reference_state, split_prompt
 from .policy import Plan, plan
 from .tiers import Tier
-from .wire import Fingerprint, Header, decode_payload
+from .wire import Fingerprint, Header
 
 __all__ = [
     "AssetError",

@@ -2,9 +2,10 @@
 
 It covers the default `asym-group` scheme (with or without rotation) and the FP16 tier, for K/V
 held in float32, float16 or bfloat16, in one pass per layer frame, with the GIL released and the
-work split over `threads` threads. Its bytes are identical to the torch reference in `quant.py`
-(tests check it); `sym-token` and `kivi` always run on the reference. When the extension could not
-be compiled, `AVAILABLE` is False and the wire module uses the reference.
+work split over `threads` threads. Its bytes are identical to the torch reference
+(`reference_codec.py`, `quant.py`; tests check it); `sym-token` and `kivi` always run on the
+reference. When the extension could not be compiled, `AVAILABLE` is False and the wire module uses
+the reference.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ _reference = os.environ.get("SPECTRUMKV_CODEC", "auto") == "reference"
 
 def compiled() -> bool:
     """Whether the compiled helpers run: threaded frame checksums and tier-map unpacking (same
-    results as their numpy / `xxhash`-package twins in wire.py, which run otherwise).
-    Reference mode (`set_reference`) turns them off too."""
+    results as their numpy / `xxhash`-package twins in wire.py and reference_codec.py, which run
+    otherwise). Reference mode (`set_reference`) turns them off too."""
     return AVAILABLE and not _reference
 
 

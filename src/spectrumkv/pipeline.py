@@ -11,11 +11,11 @@ import torch
 from .config import PolicyConfig, ScoreConfig
 from .engines.hf import DecodeState, Engine, Prefilled, decode_state
 from .importance import score_tokens
+from .payload import decode_payload
 from .policy import Plan, layer_firsts, plan
 from .wire import (
     Fingerprint,
     Header,
-    decode_payload,
     frame_bytes,
     header_bytes,
     new_payload_id,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import secrets
 import struct
-from dataclasses import dataclass
 from functools import lru_cache
 
 import msgspec
@@ -40,11 +39,12 @@ import torch
 import xxhash
 
 from . import fused as fused_codec
+from . import reference_codec
 from .config import QuantConfig
 from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
-from .kv import LayerKV, check_destination, check_source, first_slot
-from .quant import Quantized, dequantize, hadamard, quantize, section_bytes
-from .tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
+from .kv import LayerKV, check_destination, first_slot
+from .quant import hadamard, section_bytes
+from .tiers import STORED_TIERS, Tier, as_tier_codes
 
 MAGIC = b"SPKV"
 VERSION = 3
@@ -103,12 +103,6 @@ def _quant_config(group_size: int, scheme: str, rotate: bool) -> QuantConfig:
     """One (frozen) QuantConfig per setting: `Header.quant` is read on every frame, and building
     and validating a new one each time cost about 1 us."""
     return QuantConfig(group_size, scheme, rotate)  # type: ignore[arg-type]
-
-
-@dataclass
-class Payload:
-    header: Header
-    layers: list[LayerKV]
 
 
 _header_encoder = msgspec.msgpack.Encoder()
@@ -179,13 +173,6 @@ def frame_overhead(n_slots: int) -> int:
     return _FRAME.size + (n_slots + 1) // 2 + _CHECK.size
 
 
-def pack_tier_map(tiers: torch.Tensor) -> bytes:
-    t = tiers.to(torch.uint8)
-    if t.numel() % 2:
-        t = torch.cat([t, t.new_zeros(1)])
-    return (t[0::2] | (t[1::2] << 4)).numpy().tobytes()
-
-
 def read_tier_map(
     raw: bytes | memoryview, n_slots: int, first: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[Tier, int]]:
@@ -201,14 +188,7 @@ def read_tier_map(
             raise WireFormatError(str(e)) from None
         kept = n_slots - per_code[int(Tier.DROP)]
         return torch.from_numpy(t), torch.from_numpy(positions[:kept]), _stored_counts(per_code)
-    b = np.frombuffer(raw, dtype=np.uint8)
-    t = np.empty(2 * b.size, dtype=np.uint8)
-    t[0::2], t[1::2] = b & 0xF, b >> 4
-    if t.size > n_slots and t[n_slots:].any():
-        raise WireFormatError("tier map padding nibble is not zero")
-    t = t[:n_slots]
-    if t.size and int(t.max()) > int(Tier.FP16):
-        raise WireFormatError("invalid tier code in tier map")
+    t = reference_codec.unpack_tier_map(raw, n_slots)
     tiers = torch.from_numpy(t)
     return tiers, torch.from_numpy(np.flatnonzero(t) + first), _tier_counts(tiers)
 
@@ -252,7 +232,7 @@ def frame_bytes(
     if fused:
         fused_codec.encode_body(kv.keys, kv.values, t, q.group_size, q.rotate, wire_dtype, body)
     else:
-        _encode_body_reference(body, t, kv, wire_dtype, q)
+        reference_codec.encode_body(body, t, kv, wire_dtype, q)
     _CHECK.pack_into(mv, body_end, frame_checksum(mv[:body_end], frame_seed(header)))
     return frame
 
@@ -280,33 +260,6 @@ def _tier_counts(tiers: torch.Tensor) -> dict[Tier, int]:
 def _stored_counts(per_code) -> dict[Tier, int]:
     """{stored tier: slots} from slot counts indexed by Tier code."""
     return {t: int(per_code[int(t)]) for t in STORED_TIERS}
-
-
-def _encode_body_reference(
-    body: memoryview, tiers: torch.Tensor, kv: LayerKV, wire_dtype: torch.dtype, q: QuantConfig
-) -> None:
-    """The torch reference encoder: tier map, then each tier's K and V sections."""
-    check_source(kv.keys, kv.values)
-    parts = [pack_tier_map(tiers)]
-    for tier in STORED_TIERS:
-        idx = (tiers == int(tier)).nonzero().flatten()
-        if idx.numel() == 0:
-            continue
-        for x, is_key in ((kv.keys, True), (kv.values, False)):
-            sel = x.index_select(1, idx).transpose(0, 1)  # [m, H, D]
-            if tier == Tier.FP16:
-                parts.append(sel.to(wire_dtype))
-                continue
-            qz = quantize(sel, tier, q, is_key)
-            parts += [qz.codes, qz.scale] + ([qz.minimum] if qz.minimum is not None else [])
-    pos = 0
-    for part in parts:
-        raw = part if isinstance(part, bytes) else part.contiguous().view(torch.uint8).numpy()
-        raw = memoryview(raw).cast("B")
-        body[pos : pos + len(raw)] = raw
-        pos += len(raw)
-    if pos != len(body):
-        raise RuntimeError(f"reference encoder wrote {pos} bytes, frame_size says {len(body)}")
 
 
 def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> tuple[Header, int]:
@@ -426,139 +379,17 @@ def read_frame(
             _KV_DTYPES[fp.kv_dtype], kept, out,
         )  # fmt: skip
     else:
+        wire_dtype = _KV_DTYPES[fp.kv_dtype]
         if out is not None:
-            check_destination(out, fp.n_kv_heads, fp.head_dim, _KV_DTYPES[fp.kv_dtype], kept)
-        keys, values = _decode_body_reference(sections, tiers, counts, positions - first, fp, q)
+            check_destination(out, fp.n_kv_heads, fp.head_dim, wire_dtype, kept)
+        keys, values = reference_codec.decode_body(
+            sections, tiers, counts, positions - first, fp.n_kv_heads, fp.head_dim, wire_dtype, q
+        )
         if out is not None:
             out[0][:, :kept] = keys
             out[1][:, :kept] = values
             keys, values = out[0][:, :kept], out[1][:, :kept]
     return LayerKV(keys, values, positions), tiers, end + _CHECK.size
-
-
-def _decode_body_reference(
-    sections: memoryview,
-    tiers: torch.Tensor,
-    counts: dict[Tier, int],
-    kept: torch.Tensor,
-    fp: Fingerprint,
-    q: QuantConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch reference decoder: [H, kept, D] keys and values in the wire's KV dtype."""
-    body = bytearray(sections)  # torch.frombuffer needs a writable buffer
-    h, d = fp.n_kv_heads, fp.head_dim
-    keys = torch.empty(kept.numel(), h, d, dtype=_KV_DTYPES[fp.kv_dtype])
-    values = torch.empty_like(keys)
-    rank = torch.full((tiers.numel(),), -1, dtype=torch.long)
-    rank[kept] = torch.arange(kept.numel())
-    pos = 0
-    for tier in STORED_TIERS:
-        m = counts[tier]
-        if m == 0:
-            continue
-        dest = rank[(tiers == int(tier)).nonzero().flatten()]
-        for out, is_key in ((keys, True), (values, False)):
-            x, pos = _read_section(body, pos, tier, m, fp, q, is_key)
-            out[dest] = x.to(out.dtype)
-    return keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()
-
-
-def _take(body: bytearray, pos: int, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, int]:
-    nbytes = count * torch.empty(0, dtype=dtype).element_size()
-    t = torch.frombuffer(body, dtype=dtype, count=count, offset=pos) if count else torch.empty(0)
-    return t.to(dtype), pos + nbytes
-
-
-def _read_section(
-    body: bytearray, pos: int, tier: Tier, m: int, fp: Fingerprint, q: QuantConfig, is_key: bool
-) -> tuple[torch.Tensor, int]:
-    h, d = fp.n_kv_heads, fp.head_dim
-    if tier == Tier.FP16:
-        x, pos = _take(body, pos, _KV_DTYPES[fp.kv_dtype], m * h * d)
-        return x.float().view(m, h, d), pos
-    bits = TIER_BITS[tier]
-    codes, pos = _take(body, pos, torch.uint8, m * h * d * bits // 8)
-    codes = codes.view(m, h, d * bits // 8)
-    if q.scheme == "sym-token":
-        scale, pos = _take(body, pos, torch.float16, m)
-        return dequantize(Quantized(codes, scale, None), tier, q, d), pos
-    if q.scheme == "kivi" and is_key:
-        nb = -(-m // q.group_size)
-        scale, pos = _take(body, pos, torch.float16, nb * h * d)
-        minimum, pos = _take(body, pos, torch.float16, nb * h * d)
-        qz = Quantized(codes, scale.view(nb, h, d), minimum.view(nb, h, d))
-        return dequantize(qz, tier, q, d, is_key=True), pos
-    ng = d // q.group_for(d)
-    scale, pos = _take(body, pos, torch.float16, m * h * ng)
-    minimum, pos = _take(body, pos, torch.float16, m * h * ng)
-    qz = Quantized(codes, scale.view(m, h, ng), minimum.view(m, h, ng))
-    return dequantize(qz, tier, q, d), pos
-
-
-class PayloadDecoder:
-    """Incremental decoder for a streamed payload: the header, then frames in layer order.
-
-    Each piece is verified on arrival, so a receiver rejects a bad frame before the rest comes.
-    `finish()` checks that every layer arrived and that the kept token sets are consistent.
-    """
-
-    def __init__(self, expect: Fingerprint | None = None) -> None:
-        self.expect = expect
-        self.header: Header | None = None
-        self.layers: list[LayerKV] = []
-        self._full_keep: torch.Tensor | None = None
-
-    def feed_header(self, buf: bytes | memoryview) -> Header:
-        if self.header is not None:
-            raise WireFormatError("a second header in one payload")
-        header, used = read_header(buf, self.expect)
-        if used != len(buf):
-            raise WireFormatError(f"{len(buf) - used} unexpected bytes after the header")
-        self.header = header
-        return header
-
-    def feed_frame(self, buf: bytes | memoryview) -> LayerKV:
-        if self.header is None:
-            raise WireFormatError("a frame before the header")
-        layer = len(self.layers)
-        if layer >= self.header.fingerprint.n_layers:
-            raise WireFormatError("more frames than layers")
-        kv, _, used = read_frame(buf, 0, self.header, layer)
-        if used != len(buf):
-            raise WireFormatError(f"{len(buf) - used} unexpected bytes after frame {layer}")
-        if not self.header.fingerprint.is_sliding(layer):
-            if self._full_keep is None:
-                self._full_keep = kv.positions
-            elif not torch.equal(self._full_keep, kv.positions):
-                raise WireFormatError(f"layer {layer} keeps a different token set than layer 0")
-        self.layers.append(kv)
-        return kv
-
-    @property
-    def complete(self) -> bool:
-        return self.header is not None and len(self.layers) == self.header.fingerprint.n_layers
-
-    def finish(self) -> Payload:
-        if self.header is None or not self.complete:
-            got = len(self.layers)
-            raise WireFormatError(f"payload incomplete: {got} layer frames received")
-        _check_sliding_consistency(self.header, self.layers, self._full_keep)
-        return Payload(self.header, self.layers)
-
-
-def decode_payload(buf: bytes | memoryview, expect: Fingerprint | None = None) -> Payload:
-    """Decode a whole payload. Raises WireFormatError / ChecksumError / IncompatiblePayloadError."""
-    dec = PayloadDecoder(expect)
-    header, off = read_header(buf, expect)
-    dec.header = header
-    mv = memoryview(buf)
-    for layer in range(header.fingerprint.n_layers):
-        end = frame_end(mv, off, layer)
-        dec.feed_frame(mv[off:end])
-        off = end
-    if off != len(buf):
-        raise WireFormatError(f"{len(buf) - off} unexpected bytes after the last frame")
-    return dec.finish()
 
 
 def frame_end(buf: bytes | memoryview, offset: int, layer: int) -> int:
@@ -567,18 +398,3 @@ def frame_end(buf: bytes | memoryview, offset: int, layer: int) -> int:
         raise WireFormatError(f"payload truncated before frame {layer}")
     body_len = _FRAME.unpack_from(buf, offset)[4]
     return offset + _FRAME.size + body_len + _CHECK.size
-
-
-def _check_sliding_consistency(
-    header: Header, layers: list[LayerKV], full_keep: torch.Tensor | None
-) -> None:
-    """Sliding layers must keep exactly the full layers' tokens that fall inside their window."""
-    if full_keep is None:
-        return
-    for layer in header.fingerprint.sliding_layers:
-        first = first_slot(True, header.fingerprint.sliding_window, header.n_tokens)
-        want = full_keep[full_keep >= first]
-        if not torch.equal(layers[layer].positions, want):
-            raise WireFormatError(
-                f"sliding layer {layer} keeps a token set inconsistent with the rest"
-            )

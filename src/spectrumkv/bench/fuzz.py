@@ -37,12 +37,11 @@ import torch
 from ..config import FIXED_RATE, POLICIES, PolicyConfig, QuantConfig
 from ..errors import BudgetError, SpectrumKVError
 from ..kv import LayerKV, first_slot
+from ..payload import Payload, decode_payload
 from ..policy import layer_firsts, plan
 from ..wire import (
     Fingerprint,
     Header,
-    Payload,
-    decode_payload,
     frame_bytes,
     frame_end,
     header_bytes,

@@ -25,9 +25,10 @@ import torch
 
 from ..config import PolicyConfig, ScoreConfig
 from ..importance import score_tokens
+from ..payload import PayloadDecoder
 from ..policy import plan
 from ..transport.push import KVInbox, PushReceiver, push_payload, start_receiver
-from ..wire import Header, PayloadDecoder, header_bytes
+from ..wire import Header, header_bytes
 from .codec import CacheShape, encode_all, synthetic_cache, synthetic_header
 
 SECRET = b"bench-push-secret-32-bytes-long!"

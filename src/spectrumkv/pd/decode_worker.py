@@ -26,12 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..engines.hf import Engine, decode_state, generate, prefill
 from ..errors import IncompatiblePayloadError, SpectrumKVError
+from ..payload import PayloadDecoder
 from ..pipeline import reference_state, split_prompt
 from ..transport.auth import client_handshake
 from ..transport.framing import Channel, Kind, PeerTimeout, TransportError, connect
 from ..transport.tls import client_context
 from ..transport.unpack import Unpacker
-from ..wire import PayloadDecoder, tokens_digest
+from ..wire import tokens_digest
 from .metrics import Metrics
 from .prefill_worker import ROLE
 from .protocol import ErrorReply, PrefillDone, PrefillRequest, TransferOptions, with_overrides

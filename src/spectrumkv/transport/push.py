@@ -6,7 +6,7 @@ prompt's KV is ready; the decode side claims it when the request arrives). Per c
     sender                                  receiver
     <- CHALLENGE / AUTH / AUTH_OK ->        (mutual HMAC, auth.py)
     REQUEST  {transfer_id, error}    ->     error set: the sender gave up; the claim fails now
-    HEADER, FRAME x n_layers, DONE   ->     strict decode (wire.PayloadDecoder, expected model)
+    HEADER, FRAME x n_layers, DONE   ->     strict decode (payload.PayloadDecoder, expected model)
                                      <-     DONE (stored) | ERROR (refused, with the reason)
 
 The receiver keeps decoded payloads in a `KVInbox` until claimed, bounded in bytes and age.
@@ -29,8 +29,9 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..errors import SpectrumKVError
+from ..payload import Payload, PayloadDecoder
 from ..policy import fp16_bytes
-from ..wire import Fingerprint, Payload, PayloadDecoder
+from ..wire import Fingerprint
 from .auth import client_handshake, server_handshake
 from .framing import Channel, Kind, PeerTimeout, TransportError, connect, serve
 from .shaper import LinkShaper
