@@ -228,6 +228,47 @@ def test_encode_and_decode_into_reused_buffers(kernels):
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
 
 
+def test_concurrent_callers_and_sleeping_helpers_give_the_reference_bytes():
+    """Four Python threads encode and decode frames of mixed sizes at once, some after pauses
+    long enough for the pool's helpers to fall asleep: each call either runs alone or splits
+    its job with helpers that claim their shares late or not at all, and every frame and every
+    decoded tensor must still be the reference's. (The 4096-token frames are big enough to wake
+    the pool on their own; the smaller ones use it only when it is awake or busy.)"""
+    import random
+    import threading
+    import time
+
+    cases = []
+    for n in (16, 512, 4096):
+        header = make_header(n, heads=4, head_dim=64, quant=QuantConfig(64), budget=None)
+        kv = _cache(4, n, 64, torch.bfloat16, seed=n)
+        tiers = torch.randint(0, len(Tier), (n,), generator=torch.Generator().manual_seed(n))
+        frame = bytes(frame_bytes(0, 0, tiers, kv, header, fused=False))
+        want, _, _ = read_frame(frame, 0, header, 0, fused=False)
+        cases.append((header, tiers, kv, frame, want))
+    errors: list[str] = []
+
+    def run(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(12):
+            header, tiers, kv, frame, want = rng.choice(cases)
+            if rng.random() < 0.4:
+                time.sleep(rng.uniform(0.0005, 0.003))
+            if bytes(frame_bytes(0, 0, tiers, kv, header)) != frame:
+                errors.append(f"encode of {tiers.numel()} slots differs")
+            got, _, _ = read_frame(frame, 0, header, 0)
+            if not (torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)):
+                errors.append(f"decode of {tiers.numel()} slots differs")
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a codec call hung"
+    assert errors == []
+
+
 @pytest.mark.parametrize("head_dim,group", [(16, 8), (64, 64), (128, 32), (128, 64)])
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16])

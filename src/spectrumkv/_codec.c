@@ -883,10 +883,13 @@ static void *worker(void *arg) {
 }
 
 /* A persistent pool of helper threads. Starting a thread, or waking a sleeping one, costs
- * ~100 us on some VMs, as much as encoding a small layer, so helpers spin for up to SPIN_NS
+ * 0.1-1 ms on some VMs, as much as encoding a small layer, so helpers spin for up to SPIN_NS
  * after a job before they sleep, and a caller spins likewise before it sleeps on the result.
- * One job runs at a time; a caller that finds the pool busy (another Python thread encoding)
- * does its whole job on its own thread instead of waiting. */
+ * A job is split into one share per thread; each helper share is claimed (share[t], a CAS
+ * from "open for generation g" to "claimed") by its helper or, once the caller has done its
+ * own share, by the caller, so a caller never waits for a helper that has not woken yet: it
+ * waits only for shares a helper has started. One job runs at a time; a caller that finds the
+ * pool busy (another Python thread encoding) does its whole job on its own thread. */
 #define SPIN_NS 300000
 /* Waking a helper that already sleeps costs about a millisecond on a VM; below this many rows
  * (~4 MB of FP16 input at head_dim 64) the caller works alone, unless a helper is still awake
@@ -903,7 +906,7 @@ static struct {
     _Atomic uint64_t gen;    /* bumped for each job */
     _Atomic int pending;     /* helpers still working on the current job */
     _Atomic int awake;       /* helpers spinning or working (not asleep) */
-    int nthreads;            /* threads taking part in the current job, the caller included */
+    _Atomic uint64_t share[MAX_THREADS]; /* share t: gen (open) or gen | CLAIMED (taken) */
     uint64_t born[MAX_THREADS]; /* gen when each helper was started */
     Job jobs[MAX_THREADS];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
@@ -923,6 +926,14 @@ static int spin_while_gen(uint64_t value) {
         if (!(i & 255) && now_ns() > until) return 0;
         relax();
     }
+}
+
+#define CLAIMED (UINT64_C(1) << 63)
+
+/* Take share t of job generation g; fails if it was taken or belongs to another job. */
+static int claim(int t, uint64_t g) {
+    uint64_t open = g;
+    return atomic_compare_exchange_strong(&pool.share[t], &open, g | CLAIMED);
 }
 
 static int spin_while_pending(void) {
@@ -949,7 +960,7 @@ static void *helper_main(void *arg) {
             atomic_fetch_add(&pool.awake, 1);
         }
         seen = atomic_load(&pool.gen);
-        if (id >= pool.nthreads) continue;
+        if (!claim(id, seen)) continue; /* not part of this job, or the caller took it */
         worker(&pool.jobs[id]);
         if (atomic_fetch_sub(&pool.pending, 1) == 1) {
             pthread_mutex_lock(&pool.mu);
@@ -1009,12 +1020,19 @@ static void run_parallel(const Job *job, int nthreads) {
         pool.jobs[t].nthreads = total;
         pool.jobs[t].t = t;
     }
-    pool.nthreads = total;
+    const uint64_t g = atomic_load(&pool.gen) + 1;
+    for (int t = 1; t < total; t++) atomic_store(&pool.share[t], g);
     atomic_store(&pool.pending, total - 1);
-    atomic_fetch_add(&pool.gen, 1); /* publishes the jobs to spinning helpers */
+    atomic_store(&pool.gen, g); /* publishes the jobs to spinning helpers */
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.mu);
     worker(&pool.jobs[0]);
+    for (int t = 1; t < total; t++) { /* shares no helper has started yet */
+        if (claim(t, g)) {
+            worker(&pool.jobs[t]);
+            atomic_fetch_sub(&pool.pending, 1);
+        }
+    }
     if (!spin_while_pending()) {
         pthread_mutex_lock(&pool.mu);
         while (atomic_load(&pool.pending)) pthread_cond_wait(&pool.done, &pool.mu);
