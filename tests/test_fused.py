@@ -10,6 +10,7 @@ import torch
 import xxhash
 
 from spectrumkv import fused
+from spectrumkv.bench import memory
 from spectrumkv.config import QuantConfig
 from spectrumkv.errors import WireFormatError
 from spectrumkv.kv import LayerKV
@@ -342,3 +343,13 @@ def test_bench_codec_quick_mode_reports_the_issue_fields(tmp_path, capsys):
     spectrum = [r for r in records if r["policy"] == "spectrum"]
     assert all(abs(r["wire_ratio"] - r["budget"]) < 0.01 for r in spectrum)
     assert "fused kernels" in capsys.readouterr().out
+    if memory.available():  # Linux: peak temporaries of one layer's encode and decode
+        for r in records:
+            temps = r["encode_temp_bytes"], r["decode_temp_bytes"]
+            assert all(t is not None and t >= 0 for t in temps)
+        # the compiled codec works in place (a few KB of scratch, a u64 per 64 KiB block); the
+        # torch reference holds float32 copies of whole sections
+        assert all(r["encode_temp_bytes"] < 0.1 * r["layer_bytes"] for r in fused_rows)
+        assert all(r["decode_temp_bytes"] < 0.1 * r["layer_bytes"] for r in fused_rows)
+        reference = [r for r in records if r["codec"] == "reference"]
+        assert all(r["encode_temp_bytes"] > r["layer_bytes"] for r in reference)

@@ -5,7 +5,9 @@ layers), so every policy is measured against the same amount of cache. `copy_gbp
 tensor copy of that cache, measured right before each row; the ratios are what the codec targets
 are stated in. Each figure is the best of `repeats` passes (the least disturbed by other work on a
 shared machine). Scoring runs the real observation-window attention scorer on random queries of
-the model's shape; planning is the real planner.
+the model's shape; planning is the real planner. Memory: the peak temporaries of encoding and of
+decoding layer 0 once (`memory.peak_extra_bytes`, less the frame or tensors the call returns
+where it allocates them), against the layer's size (its K and V in the source dtype).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..importance import WindowQueries, score_tokens
 from ..kv import LayerKV
 from ..policy import layer_firsts, plan
 from ..wire import Fingerprint, Header, frame_bytes, read_frame
+from . import memory
 
 DEFAULT_POLICIES = (
     ("uniform-int8", None),
@@ -76,6 +79,9 @@ class CodecRecord:
     copy_gbps: float
     encode_ratio: float
     decode_ratio: float
+    layer_bytes: int  # layer 0's K and V in the source dtype
+    encode_temp_bytes: int | None  # peak temporaries encoding layer 0 (None: not measurable)
+    decode_temp_bytes: int | None
 
 
 def parse_policy(spec: str) -> tuple[str, float | None]:
@@ -178,6 +184,24 @@ def measure(
     return sum(len(f) for f in frames), enc, dec
 
 
+def temporaries(
+    layers: list[LayerKV], header: Header, tiers: torch.Tensor, fused: bool, bufs: Buffers | None
+) -> tuple[int, int]:
+    """Peak bytes of temporaries while encoding, then decoding, layer 0 once: what each call
+    touches beyond the process's memory before it, less the frame (encode) or K/V tensors
+    (decode) it returns when it allocates them (`bufs` None). OSError where not measurable."""
+    first = layer_firsts(header)[0]
+    send, recv = (bufs.send[0], bufs.recv[0]) if bufs else (None, None)
+    encode = partial(frame_bytes, 0, first, tiers[0, first:], layers[0], header, fused, send)
+    enc, frame = memory.peak_extra_bytes(encode)
+    frame = bytes(frame)
+    dec, (kv, _, _) = memory.peak_extra_bytes(partial(read_frame, frame, 0, header, 0, fused, recv))
+    if bufs is None:
+        enc -= len(frame)
+        dec -= kv.keys.nbytes + kv.values.nbytes
+    return max(0, enc), max(0, dec)
+
+
 def run_codec(
     shape: CacheShape,
     dtypes: list[str],
@@ -214,6 +238,11 @@ def run_codec(
                 # the baseline next to each row: this machine's speed drifts over a run
                 copy = copy_gbps(layers, shape.fp16_bytes, repeats)
                 wire, enc, dec = measure(layers, header, p.tiers, codec == "fused", reps, bufs)
+                temp = (
+                    temporaries(layers, header, p.tiers, codec == "fused", bufs)
+                    if memory.available()
+                    else (None, None)
+                )
                 records.append(
                     CodecRecord(
                         codec=codec, buffers="fresh" if fresh else "reused", policy=name,
@@ -224,6 +253,8 @@ def run_codec(
                         decode_gbps=shape.fp16_bytes / dec / 1e9, copy_gbps=copy,
                         encode_ratio=shape.fp16_bytes / enc / 1e9 / copy,
                         decode_ratio=shape.fp16_bytes / dec / 1e9 / copy,
+                        layer_bytes=2 * layers[0].keys.nbytes, encode_temp_bytes=temp[0],
+                        decode_temp_bytes=temp[1],
                     )
                 )  # fmt: skip
                 print_row(records[-1])
@@ -244,6 +275,8 @@ _COLUMNS = (
     ("copy_gbps", 9, "{:.2f}"),
     ("encode_ratio", 12, "{:.1%}"),
     ("decode_ratio", 12, "{:.1%}"),
+    ("encode_temp_x", 13, "{:.3f}"),
+    ("decode_temp_x", 13, "{:.3f}"),
 )
 
 
@@ -259,8 +292,13 @@ def print_header(shape: CacheShape) -> None:
 
 
 def print_row(r: CodecRecord) -> None:
+    """One table row; `*_temp_x`: peak temporaries in multiples of the layer's size."""
     d = asdict(r)
-    print(" ".join(f"{fmt.format(d[name]):>{w}}" for name, w, fmt in _COLUMNS), flush=True)
+    for op in ("encode", "decode"):
+        temp = d[f"{op}_temp_bytes"]
+        d[f"{op}_temp_x"] = "n/a" if temp is None else temp / r.layer_bytes
+    cells = (fmt.format(d[name]) if d[name] != "n/a" else "n/a" for name, _, fmt in _COLUMNS)
+    print(" ".join(f"{c:>{w}}" for c, (_, w, _) in zip(cells, _COLUMNS, strict=True)), flush=True)
 
 
 def write_json(records: list[CodecRecord], path: str) -> None:
