@@ -34,3 +34,33 @@ def test_reuses_of_freed_heap_still_count():
     for _ in range(3):
         extra, _ = memory.peak_extra_bytes(lambda: int(np.ones(1 << 18).sum()))  # 2 MB
         assert extra >= 2 << 20
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_the_compiled_codec_holds_almost_no_temporaries_and_the_reference_many(fresh):
+    """Issue 6's memory target, on a 4 MB layer (4 KV heads x 4096 tokens x 64 dims, bf16):
+    the compiled codec encodes and decodes in place (a few KB of scratch per thread, a u64 per
+    64 KiB of frame), the torch reference holds float32 copies of whole sections."""
+    import torch
+
+    from spectrumkv.bench.codec import (
+        Buffers,
+        CacheShape,
+        synthetic_cache,
+        synthetic_header,
+        temporaries,
+    )
+    from spectrumkv.tiers import Tier
+
+    shape = CacheShape(layers=1, kv_heads=4, tokens=4096, q_heads=4)
+    layers = synthetic_cache(shape, torch.bfloat16)
+    header = synthetic_header(shape, "bfloat16", "random-tier", None)
+    tiers = torch.randint(0, len(Tier), (1, 4096), generator=torch.Generator().manual_seed(0))
+    tiers = tiers.to(torch.uint8)
+    bufs = None if fresh else Buffers.for_layers(layers)
+    layer_bytes = 2 * layers[0].keys.nbytes
+    temporaries(layers, header, tiers, True, bufs)  # helper threads started outside the count
+    encode, decode = temporaries(layers, header, tiers, True, bufs)
+    assert encode < 0.05 * layer_bytes and decode < 0.05 * layer_bytes
+    encode, decode = temporaries(layers, header, tiers, False, bufs)
+    assert encode > layer_bytes and decode > layer_bytes

@@ -347,9 +347,7 @@ def test_bench_codec_quick_mode_reports_the_issue_fields(tmp_path, capsys):
         for r in records:
             temps = r["encode_temp_bytes"], r["decode_temp_bytes"]
             assert all(t is not None and t >= 0 for t in temps)
-        # the compiled codec works in place (a few KB of scratch, a u64 per 64 KiB block); the
-        # torch reference holds float32 copies of whole sections
-        assert all(r["encode_temp_bytes"] < 0.1 * r["layer_bytes"] for r in fused_rows)
-        assert all(r["decode_temp_bytes"] < 0.1 * r["layer_bytes"] for r in fused_rows)
+        # the torch reference holds float32 copies of whole sections (the compiled codec's
+        # bound is in test_bench_memory.py, on a layer big enough to dwarf thread stacks)
         reference = [r for r in records if r["codec"] == "reference"]
         assert all(r["encode_temp_bytes"] > r["layer_bytes"] for r in reference)

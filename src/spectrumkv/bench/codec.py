@@ -62,6 +62,7 @@ class CacheShape:
 class CodecRecord:
     codec: str  # "fused" or "reference"
     buffers: str  # "reused" or "fresh"
+    pause_ms: float  # idle time before each frame (0: back to back)
     policy: str
     budget: float | None
     dtype: str
@@ -149,23 +150,39 @@ class Buffers:
         return cls(send, recv)
 
 
-def encode_all(
+def encode_calls(
     layers: list[LayerKV],
     header: Header,
     tiers: torch.Tensor,
     use_fused: bool,
-    bufs: Buffers | None = None,
-) -> list:
-    frames = []
-    for i, first in enumerate(layer_firsts(header)):
-        out = bufs.send[i] if bufs else None
-        frames.append(frame_bytes(i, first, tiers[i, first:], layers[i], header, use_fused, out))
-    return frames
+    bufs: Buffers | None,
+) -> list[Callable[[], memoryview]]:
+    """One call per layer, encoding its frame (into its reused send buffer, with `bufs`)."""
+    return [
+        partial(frame_bytes, i, first, tiers[i, first:], layers[i], header, use_fused,
+                bufs.send[i] if bufs else None)
+        for i, first in enumerate(layer_firsts(header))
+    ]  # fmt: skip
 
 
-def decode_all(frames: list, header: Header, use_fused: bool, bufs: Buffers | None = None) -> None:
-    for i, frame in enumerate(frames):
-        read_frame(frame, 0, header, i, fused=use_fused, out=bufs.recv[i] if bufs else None)
+def encode_all(
+    layers: list[LayerKV], header: Header, tiers: torch.Tensor, use_fused: bool
+) -> list[memoryview]:
+    """Every layer's frame, in new memory."""
+    return [encode() for encode in encode_calls(layers, header, tiers, use_fused, None)]
+
+
+def paced_seconds(calls: list[Callable[[], object]], pause_s: float) -> float:
+    """The calls' own time, summed, each timed alone; with `pause_s` > 0, the process idles that
+    long (untimed) before each call, as a prefill worker computes a layer between two frames."""
+    total = 0.0
+    for call in calls:
+        if pause_s:
+            time.sleep(pause_s)
+        t0 = time.perf_counter()
+        call()
+        total += time.perf_counter() - t0
+    return total
 
 
 def measure(
@@ -175,27 +192,39 @@ def measure(
     use_fused: bool,
     repeats: int,
     bufs: Buffers | None,
+    pause_s: float = 0.0,
 ) -> tuple[int, float, float]:
-    """(wire bytes, best encode seconds, best decode seconds) for one plan. With `bufs`, frames
-    are encoded into and decoded into reused memory; without, every pass allocates afresh."""
+    """(wire bytes, best encode seconds, best decode seconds) for one plan, each the sum of the
+    frames' own times (`paced_seconds`). With `bufs`, frames are encoded into and decoded into
+    reused memory; without, every pass allocates afresh."""
     frames = [bytes(f) for f in encode_all(layers, header, tiers, use_fused)]
-    enc = best_of(repeats, partial(encode_all, layers, header, tiers, use_fused, bufs))
-    dec = best_of(repeats, partial(decode_all, frames, header, use_fused, bufs))
+    encodes = encode_calls(layers, header, tiers, use_fused, bufs)
+    decodes = [
+        partial(read_frame, frame, 0, header, i, use_fused, bufs.recv[i] if bufs else None)
+        for i, frame in enumerate(frames)
+    ]
+    enc = min(paced_seconds(encodes, pause_s) for _ in range(repeats))
+    dec = min(paced_seconds(decodes, pause_s) for _ in range(repeats))
     return sum(len(f) for f in frames), enc, dec
 
 
 def temporaries(
-    layers: list[LayerKV], header: Header, tiers: torch.Tensor, fused: bool, bufs: Buffers | None
+    layers: list[LayerKV],
+    header: Header,
+    tiers: torch.Tensor,
+    use_fused: bool,
+    bufs: Buffers | None,
 ) -> tuple[int, int]:
     """Peak bytes of temporaries while encoding, then decoding, layer 0 once: what each call
     touches beyond the process's memory before it, less the frame (encode) or K/V tensors
     (decode) it returns when it allocates them (`bufs` None). OSError where not measurable."""
     first = layer_firsts(header)[0]
     send, recv = (bufs.send[0], bufs.recv[0]) if bufs else (None, None)
-    encode = partial(frame_bytes, 0, first, tiers[0, first:], layers[0], header, fused, send)
+    encode = partial(frame_bytes, 0, first, tiers[0, first:], layers[0], header, use_fused, send)
     enc, frame = memory.peak_extra_bytes(encode)
     frame = bytes(frame)
-    dec, (kv, _, _) = memory.peak_extra_bytes(partial(read_frame, frame, 0, header, 0, fused, recv))
+    decode = partial(read_frame, frame, 0, header, 0, use_fused, recv)
+    dec, (kv, _, _) = memory.peak_extra_bytes(decode)
     if bufs is None:
         enc -= len(frame)
         dec -= kv.keys.nbytes + kv.values.nbytes
@@ -210,9 +239,12 @@ def run_codec(
     codecs: list[str],
     threads: int | None = None,
     fresh: bool = False,
+    pause_ms: float = 0.0,
 ) -> list[CodecRecord]:
     """`fresh`: allocate every frame and every decoded tensor anew (page faults included);
-    default: reuse send buffers and receive tensors across passes."""
+    default: reuse send buffers and receive tensors across passes. `pause_ms`: idle time before
+    each frame (`paced_seconds`), the streamed case where the codec's helper threads go to sleep
+    between frames; 0 = frames back to back."""
     if threads:
         torch.set_num_threads(threads)
     n_threads = torch.get_num_threads()
@@ -237,7 +269,9 @@ def run_codec(
                 reps = repeats if codec == "fused" else 1
                 # the baseline next to each row: this machine's speed drifts over a run
                 copy = copy_gbps(layers, shape.fp16_bytes, repeats)
-                wire, enc, dec = measure(layers, header, p.tiers, codec == "fused", reps, bufs)
+                wire, enc, dec = measure(
+                    layers, header, p.tiers, codec == "fused", reps, bufs, pause_ms / 1e3
+                )
                 temp = (
                     temporaries(layers, header, p.tiers, codec == "fused", bufs)
                     if memory.available()
@@ -245,7 +279,8 @@ def run_codec(
                 )
                 records.append(
                     CodecRecord(
-                        codec=codec, buffers="fresh" if fresh else "reused", policy=name,
+                        codec=codec, buffers="fresh" if fresh else "reused", pause_ms=pause_ms,
+                        policy=name,
                         budget=budget, dtype=dtype, tokens=shape.tokens,
                         layers=shape.layers, threads=n_threads, wire_bytes=wire,
                         wire_ratio=wire / shape.fp16_bytes, score_s=t1 - t0, plan_s=t2 - t1,
@@ -280,13 +315,14 @@ _COLUMNS = (
 )
 
 
-def print_header(shape: CacheShape) -> None:
+def print_header(shape: CacheShape, pause_ms: float = 0.0) -> None:
     simd = "AVX2" if fused.AVAILABLE and fused.simd_enabled() else "scalar"
     kernels = f"fused kernels: {simd}" if fused.AVAILABLE else "fused kernels: NOT BUILT"
+    pacing = f"; {pause_ms:g} ms idle before each frame" if pause_ms else ""
     print(
         f"cache: {shape.layers} layers x {shape.kv_heads} KV heads x {shape.head_dim} dims x "
         f"{shape.tokens} tokens, K and V = {shape.fp16_bytes / 1e6:.1f} MB at FP16; "
-        f"{torch.get_num_threads()} threads; {kernels}"
+        f"{torch.get_num_threads()} threads; {kernels}{pacing}"
     )
     print(" ".join(f"{name:>{w}}" for name, w, _ in _COLUMNS))
 

@@ -60,10 +60,11 @@ def _cmd_codec(args: argparse.Namespace) -> None:
     if not codec.fused.AVAILABLE:
         print("spectrumkv: warning: the fused codec is not built; measuring the reference only")
         codecs = ["reference"]
-    codec.print_header(shape)
+    codec.print_header(shape, args.pause_ms)
     records = codec.run_codec(
-        shape, args.dtypes.split(","), policies, repeats, codecs, args.threads, args.fresh
-    )
+        shape, args.dtypes.split(","), policies, repeats, codecs, args.threads, args.fresh,
+        args.pause_ms,
+    )  # fmt: skip
     if args.json:
         codec.write_json(records, args.json)
 
@@ -164,6 +165,12 @@ def register(bench: argparse._SubParsersAction) -> None:
     bc.add_argument("--reference", action="store_true", help="also time the torch reference")
     bc.add_argument(
         "--fresh", action="store_true", help="allocate every frame and output anew (no reuse)"
+    )
+    bc.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        help="idle time before each frame, as between the layers of a streamed prefill",
     )
     bc.add_argument("--json", help="write records to this path")
     bc.set_defaults(func=_cmd_codec)
