@@ -44,6 +44,8 @@ for step in $STEPS; do
     $skv bench push --json $R/push.json | tee $R/push.txt
     $skv bench codec --head-dim 128 --kv-heads 4 --q-heads 28 --layers 28 --dtypes bfloat16 \
       --json $R/codec-qwen7b-shape.json | tee $R/codec-qwen7b-shape.txt
+    $skv bench codec --tokens 256 --pause-ms 1 --policies uniform-int8,spectrum@0.5 \
+      --json $R/codec-paced.json | tee $R/codec-paced.txt
     $skv bench scoring --lengths 2048,8192,32768 --json $R/scoring.json | tee $R/scoring.txt ;;
   trust)
     $skv bench fuzz --cases 100000 --json $R/fuzz.json | tee $R/fuzz.txt
