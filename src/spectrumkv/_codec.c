@@ -883,7 +883,7 @@ static void *worker(void *arg) {
 }
 
 /* A persistent pool of helper threads. Starting a thread, or waking a sleeping one, costs
- * 0.1-1 ms on some VMs, as much as encoding a small layer, so helpers spin for up to SPIN_NS
+ * 0.1-4 ms on some VMs, as much as encoding a small layer, so helpers spin for up to SPIN_NS
  * after a job before they sleep, and a caller spins likewise before it sleeps on the result.
  * A job is split into one share per thread; each helper share is claimed (share[t], a CAS
  * from "open for generation g" to "claimed") by its helper or, once the caller has done its
@@ -904,7 +904,7 @@ static struct {
     pthread_cond_t wake, done;
     int started;             /* helper threads alive, ids 1..started (under mu) */
     _Atomic uint64_t gen;    /* bumped for each job */
-    _Atomic int pending;     /* helpers still working on the current job */
+    _Atomic int pending;     /* helper shares of the current job not done yet */
     _Atomic int awake;       /* helpers spinning or working (not asleep) */
     _Atomic uint64_t share[MAX_THREADS]; /* share t: gen (open) or gen | CLAIMED (taken) */
     uint64_t born[MAX_THREADS]; /* gen when each helper was started */
