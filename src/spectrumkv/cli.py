@@ -269,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .integrations.vllm.commands import register as register_vllm
 
     register_vllm(sub, bench)
+    from .paged.commands import register as register_paged
+    from .scd.commands import register as register_scd
+
+    register_paged(bench)
+    register_scd(sub)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

@@ -1,0 +1,1 @@
+"""Semantic Cache Distillation: model A's prefill rebuilds a fine-tuned model B's KV cache."""
