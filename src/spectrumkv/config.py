@@ -67,8 +67,9 @@ class QuantConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     """Token importance. `window`: observation window W (tokens); `pool`: max-pool width (odd).
-    `layers`: score from the first `layers` layers only (0 = all). A prefill worker that streams
-    layer by layer can plan, and start sending, as soon as those layers are done."""
+    `layers`: score from the first `layers` layers that hold the whole prompt only (0 = all;
+    see `importance.scoring_layers`). A prefill worker that streams layer by layer can plan, and
+    start sending, as soon as those layers are done."""
 
     method: ScoreMethod = "attention"
     window: int = 32

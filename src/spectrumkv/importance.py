@@ -7,6 +7,7 @@ Sinks are not handled here: the policy ranks the first `sinks` positions first.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,31 @@ def attention_scores(
     return token, per_layer
 
 
+def scoring_layers(whole: Sequence[bool], k: int) -> list[int]:
+    """The layers scored with `ScoreConfig.layers` = k, given which layers hold the whole
+    prompt (`whole[i]`: layer i caches every prompt position; a sliding-window layer does so
+    only while the prompt fits its window). k > 0: the first k such layers, or every such layer
+    if there are fewer; every layer if none is (or k = 0). A sliding layer scores only the
+    tokens inside its window, everything older at exactly 0, so an early plan taken from
+    Gemma-3's first layers (all sliding) would rank the rest of the prompt by position."""
+    held = [i for i, w in enumerate(whole) if w]
+    if k == 0 or not held:
+        return list(range(len(whole)))
+    return held[:k]
+
+
 def score_tokens(
     cfg: ScoreConfig, n: int, layers: list[LayerKV], window: list[WindowQueries] | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Importance with the configured method: (per-token [n], per-layer [L, n] or None).
 
-    With `cfg.layers` = k > 0 only the first k layers are used (per-layer scores: None)."""
+    With `cfg.layers` = k > 0 only the layers `scoring_layers` picks among `layers` are used
+    (per-layer scores: None); a streaming caller passes the layers computed so far, up to the
+    last one picked."""
     if cfg.layers:
-        layers = layers[: cfg.layers]
-        window = window[: cfg.layers] if window is not None else None
+        picked = scoring_layers([kv.positions.numel() == n for kv in layers], cfg.layers)
+        layers = [layers[i] for i in picked]
+        window = [window[i] for i in picked] if window is not None else None
     if cfg.method == "attention":
         if window is None:
             raise ValueError("attention scoring needs the window queries captured at prefill")

@@ -24,6 +24,7 @@ _OPTIONS = {
     "mode",
     "window",
     "pool",
+    "layers",
     "profile",
 }
 

@@ -10,7 +10,7 @@ import torch
 
 from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import Engine
-from ..importance import WindowQueries, score_tokens
+from ..importance import WindowQueries, score_tokens, scoring_layers
 from ..kv import LayerKV
 from ..pipeline import make_header
 from ..policy import Plan, layer_firsts, plan
@@ -22,8 +22,10 @@ Emit = Callable[[str, bytes], None]  # ("header" | "frame", bytes)
 class StreamingEncoder:
     """Feed it `on_layer` from `engines.hf.prefill`; it calls `emit` with wire chunks.
 
-    With `scoring.layers = k`, the plan is made after layer k-1 from those layers' attention and
-    frames flow from then on; with k = 0 (all layers) nothing can leave before prefill ends.
+    With `scoring.layers = k`, the plan is made as soon as the layers `importance.scoring_layers`
+    picks are done (the first k that hold the whole prompt, or all of them if fewer) and frames
+    flow from then on; with k = 0, or when no layer holds the whole prompt, the plan reads every
+    layer and nothing leaves before prefill ends.
     """
 
     def __init__(
@@ -36,7 +38,10 @@ class StreamingEncoder:
     ) -> None:
         n_tokens = context_ids.numel()
         n_layers = engine.fingerprint.n_layers
-        self.k = min(scoring.layers or n_layers, n_layers)
+        self.header: Header = make_header(engine, n_tokens, policy, context_ids)
+        self.firsts = layer_firsts(self.header)
+        #: layers computed before the plan: up to the last one scoring reads
+        self.k = max(scoring_layers([f == 0 for f in self.firsts], scoring.layers)) + 1
         if policy.name == "spectrum-layer" and self.k < n_layers:
             raise ValueError("spectrum-layer needs every layer's scores; it cannot stream early")
         self.engine, self.n, self.policy, self.scoring, self.emit = (
@@ -46,8 +51,6 @@ class StreamingEncoder:
             scoring,
             emit,
         )
-        self.header: Header = make_header(engine, n_tokens, policy, context_ids)
-        self.firsts = layer_firsts(self.header)
         self.layers: list[LayerKV] = []
         self.window: list[WindowQueries] = []
         self.plan: Plan | None = None
