@@ -7,6 +7,7 @@ import contextlib
 import sys
 
 from .bench.commands import register as register_bench
+from .config import POLICIES
 from .errors import SpectrumKVError
 
 
@@ -124,40 +125,148 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
     import logging
 
+    from .transport.auth import secret_from_env
+    from .transport.tls import require_tls_off_loopback
+
+    if args.role == "prefill":
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise SystemExit("spectrumkv: --tls-cert and --tls-key go together")
+        require_tls_off_loopback(
+            args.host, bool(args.tls_cert), args.insecure, f"--host {args.host}"
+        )
+    else:
+        from .pd.openai import ServerDefaults, validate_defaults
+        from .pd.protocol import TransferOptions
+
+        host, _, port = args.prefill.rpartition(":")
+        if not host or not port.isdigit():
+            raise SystemExit(f"spectrumkv: --prefill must be host:port, got {args.prefill!r}")
+        require_tls_off_loopback(host, bool(args.tls_ca), args.insecure, f"--prefill {host}")
+        defaults = ServerDefaults(
+            transfer=TransferOptions(
+                policy=args.policy,
+                budget=args.budget,
+                score_layers=args.score_layers,
+                link_gbps=args.link_gbps,
+                link_latency_s=args.link_latency_s,
+                overlap=not args.no_overlap,
+            ),
+            budget=args.budget,
+            on_failure=args.on_failure,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+        )
+        validate_defaults(defaults, 0)  # before the model loads; again with its layer count
+    secret = secret_from_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from .engines.hf import load
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from .transport.auth import secret_from_env
-
-    secret = secret_from_env()
     engine = load(args.model)
     if args.role == "prefill":
         from .pd.prefill_worker import serve_prefill
         from .transport.tls import server_context
 
-        if bool(args.tls_cert) != bool(args.tls_key):
-            raise SystemExit("spectrumkv: --tls-cert and --tls-key go together")
         tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
         coro = serve_prefill(engine, args.host, args.port, secret, tls)
     else:
         from .pd.decode_worker import DecodeConfig, serve_decode
-        from .pd.protocol import TransferOptions
 
-        host, _, port = args.prefill.rpartition(":")
-        transfer = TransferOptions(
-            policy=args.policy,
-            budget=args.budget,
-            score_layers=args.score_layers,
-            link_gbps=args.link_gbps,
-            link_latency_s=args.link_latency_ms / 1000,
-            overlap=not args.no_overlap,
-        )
         cfg = DecodeConfig(
-            host, int(port), secret, args.deadline, args.on_failure, transfer, args.tls_ca
+            prefill_host=host,
+            prefill_port=int(port),
+            secret=secret,
+            deadline_s=args.deadline,
+            defaults=defaults,
+            tls_ca=args.tls_ca,
+            breaker_threshold=args.breaker_threshold,
+            breaker_cooldown_s=args.breaker_cooldown,
         )
         coro = serve_decode(engine, cfg, args.host, args.port)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)
+
+
+def _add_serve(sub) -> None:
+    """`serve prefill` and `serve decode`, each with its own flags (defaults shown in --help)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    sv = sub.add_parser(
+        "serve", help="run a prefill or decode worker (secret: $SPECTRUMKV_SECRET)"
+    ).add_subparsers(dest="role", required=True)
+    pf = sv.add_parser("prefill", formatter_class=fmt, help="the prefill worker (KV over TCP)")
+    dc = sv.add_parser(
+        "decode", formatter_class=fmt, help="the decode worker (OpenAI-compatible HTTP front)"
+    )
+    for p, port_help in ((pf, "KV channel port"), (dc, "HTTP port")):
+        p.add_argument("--model", default="smollm2-135m", help="alias, HF directory or hub id")
+        p.add_argument("--host", default="127.0.0.1", help="bind address")
+        p.add_argument("--port", type=int, default=0, help=f"{port_help}; 0 = any free port")
+        p.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow a KV channel off loopback without TLS (no integrity on the wire)",
+        )
+    pf.add_argument("--tls-cert", help="PEM certificate: serve the KV channel over TLS")
+    pf.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    pf.set_defaults(func=_cmd_serve)
+
+    dc.add_argument("--prefill", default="127.0.0.1:7100", help="the prefill worker, host:port")
+    dc.add_argument("--tls-ca", help="PEM CA/certificate the prefill worker's TLS must chain to")
+    dc.add_argument("--deadline", type=float, default=60.0, help="KV transfer deadline, seconds")
+    dc.add_argument(
+        "--on-failure",
+        default="recompute",
+        choices=["recompute", "fail"],
+        help="after a failed transfer: prefill locally, or answer HTTP 502",
+    )
+    dc.add_argument(
+        "--policy",
+        default="spectrum",
+        help=f"default policy per request; one of {', '.join(POLICIES)}",
+    )
+    dc.add_argument(
+        "--budget",
+        type=float,
+        default=0.5,
+        help="default budget of budgeted policies: wire bytes / FP16 bytes, in (0, 1]; "
+        "fixed-rate policies (uniform-*, fp16, kivi2) run at their own rate unless a request "
+        "gives one",
+    )
+    dc.add_argument(
+        "--score-layers",
+        type=int,
+        default=4,
+        help="plan from the first N layers that see the whole prompt, so frames stream "
+        "during prefill (0 = all layers, no overlap)",
+    )
+    dc.add_argument(
+        "--link-gbps", type=float, default=0.0, help="emulated link rate, Gbit/s (0 = off)"
+    )
+    dc.add_argument(
+        "--link-latency-s", type=float, default=0.0, help="emulated one-way latency, seconds"
+    )
+    dc.add_argument("--no-overlap", action="store_true", help="send after prefill, not streamed")
+    dc.add_argument(
+        "--max-tokens", type=int, default=16, help="tokens generated when a request says null"
+    )
+    dc.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="default sampling temperature (0 = greedy; OpenAI's default is 1)",
+    )
+    dc.add_argument(
+        "--breaker-threshold",
+        type=int,
+        default=3,
+        help="consecutive prefill-peer failures that open the circuit breaker (0 = never)",
+    )
+    dc.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=10.0,
+        help="seconds the open breaker skips the peer (requests recompute or fail at once)",
+    )
+    dc.set_defaults(func=_cmd_serve)
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
@@ -167,8 +276,18 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
         print(f"{name}: {model_dir(name)}")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spectrumkv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spectrumkv", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run prompts through the compressed transfer path")
@@ -239,30 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="output directory")
     rp.set_defaults(func=_cmd_report)
 
-    sv = sub.add_parser("serve", help="run a prefill or decode worker (secret: $SPECTRUMKV_SECRET)")
-    sv.add_argument("role", choices=["prefill", "decode"])
-    sv.add_argument("--model", default="smollm2-135m")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    sv.add_argument("--port", type=int, default=0, help="0 = any free port (printed as READY)")
-    sv.add_argument("--prefill", default="127.0.0.1:7100", help="decode: prefill worker host:port")
-    sv.add_argument("--deadline", type=float, default=60.0, help="decode: KV transfer deadline, s")
-    sv.add_argument("--on-failure", default="recompute", choices=["recompute", "fail"])
-    sv.add_argument("--policy", default="spectrum", help="decode: default policy per request")
-    sv.add_argument("--budget", type=float, default=0.5, help="decode: default budget")
-    sv.add_argument(
-        "--score-layers",
-        type=int,
-        default=4,
-        help="plan from the first N layers' attention so frames stream during prefill "
-        "(0 = all layers, no overlap)",
-    )
-    sv.add_argument("--link-gbps", type=float, default=0.0, help="emulated link rate (0 = off)")
-    sv.add_argument("--link-latency-ms", type=float, default=0.0)
-    sv.add_argument("--no-overlap", action="store_true", help="send after prefill, not streamed")
-    sv.add_argument("--tls-cert", help="prefill: PEM certificate, serve the KV channel over TLS")
-    sv.add_argument("--tls-key", help="prefill: PEM private key of --tls-cert")
-    sv.add_argument("--tls-ca", help="decode: PEM CA/certificate to verify the prefill worker")
-    sv.set_defaults(func=_cmd_serve)
+    _add_serve(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
     register_bench(bench)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from .pd.client import complete
+from .pd.client import complete, token_ids
 from .pd.launch import Cluster
 
 DEFAULT_PROMPTS = (
@@ -67,7 +67,7 @@ def run_demo(
                     cluster.url, prompt, max_new_tokens, chat=True, policy=policy, budget=budget
                 )
                 text, s = r["choices"][0]["text"], r["spectrumkv"]
-                ids = s["token_ids"]
+                ids = token_ids(r)
                 if ref is None:
                     ref = ids
                     continue

@@ -28,7 +28,7 @@ import urllib.error
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from ..pd.client import complete, get_text
+from ..pd.client import complete, get_json, token_ids
 from ..pd.launch import Cluster, rss_mb
 
 FAULTS = ("none", "close", "stall", "corrupt", "kill")
@@ -133,13 +133,15 @@ def run_faults(
         return proxy.port
 
     records: list[FaultRecord] = []
-    cluster = Cluster(model, ["--deadline", str(deadline_s)], route=route)
+    # no circuit breaker: every round must reach the proxy and meet its own fault
+    args = ["--deadline", str(deadline_s), "--breaker-threshold", "0"]
+    cluster = Cluster(model, args, route=route)
     with cluster as c:
         assert proxy is not None
         # 0.01 Gbps: the FP16 payload (~1 MB) takes about a second on the wire, so offsets and
         # kills land inside the transfer
         opts = {"chat": True, "budget": 1.0, "link_gbps": 0.01}
-        ref = complete(c.url, prompt, max_tokens, **opts)["spectrumkv"]["token_ids"]
+        ref = token_ids(complete(c.url, prompt, max_tokens, **opts))
         stream_bytes = complete(c.url, prompt, 1, **opts)["spectrumkv"]["wire_bytes"]
         decode_pid = c.procs[1].pid
         rss_start = rss_mb(decode_pid)
@@ -166,7 +168,7 @@ def run_faults(
                     on_failure=on_failure,
                     **opts,
                 )
-                ok = r["spectrumkv"]["token_ids"] == ref
+                ok = token_ids(r) == ref
                 outcome = r["spectrumkv"]["outcome"] if ok else "wrong_answer"
             except urllib.error.HTTPError as e:
                 outcome = "failed_clearly" if e.code == 502 else f"error_{e.code}"
@@ -186,7 +188,7 @@ def run_faults(
                 f"{on_failure:>9} -> {outcome:<15} {elapsed:6.2f} s",
                 flush=True,
             )
-        health = json.loads(get_text(c.url, "/health"))
+        _, health = get_json(c.url, "/health")
         summary = {
             "rounds": rounds,
             "outcomes": dict(Counter(r.outcome for r in records)),

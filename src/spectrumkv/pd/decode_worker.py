@@ -1,18 +1,23 @@
 """The decode worker: `spectrumkv serve decode`, with an OpenAI-compatible HTTP front.
 
-POST /v1/completions {prompt, max_tokens, stream, spectrumkv: {policy, budget, ...}}: the worker
-tokenizes, asks the prefill worker for the KV of all prompt tokens but the last (over an
+POST /v1/completions and /v1/chat/completions (openai.py validates the request; `stream`,
+`temperature`, `top_p`, `n`, `seed`, `stop` are honored, anything else is refused by name): the
+worker tokenizes, asks the prefill worker for the KV of all prompt tokens but the last (over an
 authenticated TCP connection), verifies and unpacks frames as they arrive, and generates.
-GET /metrics: Prometheus. Every wait has a deadline; a lost peer, a bad frame or a missing layer
-ends either in a local recompute (`on_failure="recompute"`: this worker prefills the prompt
-itself) or in a clear HTTP error (`on_failure="fail"`), never in a hang or a broken cache.
+GET /v1/models, /health (reports the prefill peer; 503 while it is unusable), /metrics.
+
+Every wait has a deadline; a lost peer, a bad frame or a missing layer ends either in a local
+recompute (`on_failure="recompute"`: this worker prefills the prompt itself, and the response
+says why) or in an HTTP 502 (`on_failure="fail"`), never in a hang or a broken cache. A peer
+that keeps failing opens a circuit breaker (breaker.py). A client that goes away stops its
+generation before the next token and closes its KV transfer, which cancels the prefill.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,45 +25,46 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import msgspec
-import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..engines.hf import Engine, decode_state, generate, prefill
+from ..engines.hf import Engine, decode_state, prefill
 from ..errors import IncompatiblePayloadError, SpectrumKVError
 from ..payload import PayloadDecoder
 from ..pipeline import reference_state, split_prompt
-from ..transport.auth import client_handshake
+from ..transport.auth import AuthError, client_handshake
 from ..transport.framing import Channel, Kind, PeerTimeout, TransportError, connect
 from ..transport.tls import client_context
 from ..transport.unpack import Unpacker
 from ..wire import tokens_digest
+from . import openai
+from .breaker import CircuitBreaker
 from .metrics import Metrics
+from .openai import ApiError, Job, ServerDefaults
 from .prefill_worker import ROLE
-from .protocol import ErrorReply, PrefillDone, PrefillRequest, TransferOptions, with_overrides
+from .protocol import ErrorReply, PrefillDone, PrefillRequest
+from .sampling import Cancelled, generate_choices
 
 log = logging.getLogger("spectrumkv.decode")
+#: How long /health waits for the prefill peer to connect and authenticate (seconds).
+HEALTH_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """prefill_host/port: the prefill worker. deadline_s: for the whole KV transfer (seconds).
-    on_failure: "recompute" or "fail". `transfer`: defaults for requests that do not say
-    otherwise (a request's `spectrumkv` field may override any of them). `tls_ca`: PEM file of
-    the CA (or self-signed certificate) the prefill worker's TLS certificate must chain to;
-    None = plain TCP."""
+    `defaults`: what requests get for what they do not say. `tls_ca`: PEM file of the CA (or
+    self-signed certificate) the prefill worker's TLS certificate must chain to; None = plain
+    TCP. breaker_threshold / breaker_cooldown_s: see breaker.py (0 = no breaker)."""
 
     prefill_host: str
     prefill_port: int
     secret: bytes
     deadline_s: float = 60.0
-    on_failure: str = "recompute"
-    transfer: TransferOptions = TransferOptions()
+    defaults: ServerDefaults = ServerDefaults()
     tls_ca: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.on_failure not in ("recompute", "fail"):
-            raise ValueError(f"on_failure must be recompute or fail, got {self.on_failure!r}")
+    breaker_threshold: int = 3
+    breaker_cooldown_s: float = 10.0
 
 
 @dataclass
@@ -75,11 +81,12 @@ class Transfer:
 
 
 class TransferFailed(SpectrumKVError):
-    """The KV transfer failed; the message says why."""
+    """The prefill worker reported an error for this request; the message says which."""
 
 
 class DecodeWorker:
     def __init__(self, engine: Engine, cfg: DecodeConfig) -> None:
+        openai.validate_defaults(cfg.defaults, engine.fingerprint.n_layers)
         self.engine, self.cfg = engine, cfg
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
@@ -88,6 +95,17 @@ class DecodeWorker:
         self.unpacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unpack")
         self.in_flight: dict[str, float] = {}
         self.tls = client_context(cfg.tls_ca) if cfg.tls_ca else None
+        self.breaker = CircuitBreaker(cfg.breaker_threshold, cfg.breaker_cooldown_s)
+
+    async def _open(self) -> Channel:
+        """Connect and authenticate to the prefill worker (the caller bounds the time)."""
+        ch = await connect(self.cfg.prefill_host, self.cfg.prefill_port, self.tls)
+        try:
+            await client_handshake(ch, self.cfg.secret, ROLE)
+        except BaseException:
+            ch.close()
+            raise
+        return ch
 
     async def fetch_kv(self, req: PrefillRequest) -> Transfer:
         """Receive and verify the KV of `req` from the prefill worker within the deadline."""
@@ -98,8 +116,7 @@ class DecodeWorker:
         unpacker = Unpacker(self.unpacker)
         try:
             async with asyncio.timeout(self.cfg.deadline_s):
-                ch = await connect(self.cfg.prefill_host, self.cfg.prefill_port, self.tls)
-                await client_handshake(ch, self.cfg.secret, ROLE)
+                ch = await self._open()
                 await ch.send(Kind.REQUEST, msgspec.json.encode(req))
 
             def unpack(feed, body: bytes) -> None:
@@ -139,108 +156,96 @@ class DecodeWorker:
             raise TransportError(f"malformed message from prefill worker: {e}") from None
         finally:
             if ch is not None:
-                ch.close()
+                ch.close()  # also how the prefill worker learns a request was abandoned
             unpacker.abandon()  # after a failure: drop queued frames, collect their errors
 
-    def _generate(self, ids: torch.Tensor, transfer: Transfer | None, max_tokens: int, emit):
+    async def _transfer(self, rid: str, job: Job) -> tuple[Transfer | None, str | None]:
+        """The request's KV, or (None, why) when it will be recomputed. Raises ApiError 502
+        with on_failure="fail"."""
+        if not self.breaker.allow():
+            left = self.breaker.cooldown_s - (time.monotonic() - (self.breaker.opened_at or 0))
+            why = f"circuit open for {max(0.0, left):.1f} s more after: {self.breaker.last_error}"
+            return None, self._fallback(rid, job, why)
+        req = PrefillRequest(rid, job.ids[:-1].tolist(), job.transfer)
+        try:
+            transfer = await self.fetch_kv(req)
+        except TransportError as e:  # the peer: unreachable, refused, closed, stalled
+            self.breaker.failure(f"{type(e).__name__}: {e}")
+            return None, self._fallback(rid, job, f"{type(e).__name__}: {e}")
+        except SpectrumKVError as e:  # this request: its plan, a frame, the payload
+            self.breaker.success()
+            return None, self._fallback(rid, job, f"{type(e).__name__}: {e}")
+        except BaseException:
+            self.breaker.release()
+            raise
+        self.breaker.success()
+        return transfer, None
+
+    def _fallback(self, rid: str, job: Job, why: str) -> str:
+        log.warning("%s: KV transfer failed (%s): %s", rid, job.on_failure, why)
+        if job.on_failure != "recompute":
+            self.metrics.requests.labels("failed").inc()
+            raise ApiError(
+                502, f"KV transfer failed: {why}", type="server_error", code="kv_transfer_failed"
+            )
+        return why
+
+    def _generate(self, job: Job, transfer: Transfer | None, on_piece, cancel: threading.Event):
         """Model work, on the decode thread. `transfer` None = recompute locally."""
-        context, last = split_prompt(ids)
+        context, last = split_prompt(job.ids)
         if transfer is None:
-            state = reference_state(self.engine, prefill(self.engine, context))
+
+            def check(*_) -> None:
+                if cancel.is_set():
+                    raise Cancelled("the client went away")
+
+            state = reference_state(self.engine, prefill(self.engine, context, on_layer=check))
         else:
             state = decode_state(self.engine, transfer.layers, transfer.n_tokens)
-        generate(self.engine, state, last, max_tokens, emit)
+        return generate_choices(self.engine, state, last, job.sampling, on_piece, cancel)
 
-    async def complete(self, body: dict, on_token) -> dict:
-        """Run one completion; `on_token(text_piece)` is awaited for every generated token."""
-        rid = f"cmpl-{uuid.uuid4().hex[:16]}"
+    async def run(self, job: Job, rid: str, on_piece) -> dict:
+        """Serve one validated request; `on_piece(index, text)` is awaited for each non-empty
+        piece of text. Cancelling the task stops generation and the transfer at once."""
         t_start = time.perf_counter()
-        opts = dict(body.get("spectrumkv") or {})
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise web.HTTPBadRequest(
-                text=json.dumps({"error": "prompt must be a non-empty string"})
-            )
-        max_tokens = int(body.get("max_tokens", 16))
-        if not 1 <= max_tokens <= 4096:
-            raise web.HTTPBadRequest(text=json.dumps({"error": "max_tokens must be in 1..4096"}))
-        tok = self.engine.tokenizer
-        if opts.get("chat"):
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )["input_ids"][0]
-        else:
-            ids = tok(prompt, return_tensors="pt")["input_ids"][0]
-        if ids.numel() < 2:
-            raise web.HTTPBadRequest(text=json.dumps({"error": "prompt needs >= 2 tokens"}))
-        on_failure = opts.pop("on_failure", self.cfg.on_failure)
-        opts.pop("chat", None)
-        try:
-            options = with_overrides(self.cfg.transfer, opts)
-        except msgspec.ValidationError as e:
-            msg = json.dumps({"error": f"bad spectrumkv options: {e}"})
-            raise web.HTTPBadRequest(text=msg) from None
-        req = PrefillRequest(request_id=rid, token_ids=ids[:-1].tolist(), options=options)
         self.in_flight[rid] = t_start
         self.metrics.in_flight.inc()
+        cancel = threading.Event()
         try:
-            transfer: Transfer | None
-            outcome = "ok"
-            try:
-                transfer = await self.fetch_kv(req)
-            except SpectrumKVError as e:
-                log.warning("%s: KV transfer failed: %s: %s", rid, type(e).__name__, e)
-                if on_failure != "recompute":
-                    self.metrics.requests.labels("failed").inc()
-                    raise web.HTTPBadGateway(
-                        text=json.dumps({"error": f"KV transfer failed: {type(e).__name__}: {e}"}),
-                        content_type="application/json",
-                    ) from None
-                transfer, outcome = None, "recomputed"
+            transfer, why = await self._transfer(rid, job)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
-            def emit(t: int) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, t)
+            def piece(index: int, text: str) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, text))
 
-            job = loop.run_in_executor(
-                self.executor, self._generate, ids, transfer, max_tokens, emit
-            )
-            job.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
-            tokens: list[int] = []
+            fut = loop.run_in_executor(self.executor, self._generate, job, transfer, piece, cancel)
+
+            def finished(f: asyncio.Future) -> None:
+                if not f.cancelled():
+                    f.exception()  # retrieved here; `await fut` re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+            fut.add_done_callback(finished)
             ttft = None
-            while (t := await queue.get()) is not None:
+            while (item := await queue.get()) is not None:
                 if ttft is None:
                     ttft = time.perf_counter() - t_start
-                tokens.append(t)
-                await on_token(tok.decode([t], skip_special_tokens=True))
-            await job
+                if item[1]:
+                    await on_piece(*item)
+            choices = await fut
+            outcome = "ok" if why is None else "recomputed"
             stats = self._stats(transfer, ttft, outcome)
-            stats["token_ids"] = tokens
+            if why is not None:
+                stats["reason"] = why
             self.metrics.requests.labels(outcome).inc()
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.engine.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": tok.decode(tokens, skip_special_tokens=True),
-                        "finish_reason": "length" if len(tokens) >= max_tokens else "stop",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": int(ids.numel()),
-                    "completion_tokens": len(tokens),
-                    "total_tokens": int(ids.numel()) + len(tokens),
-                },
-                "spectrumkv": stats,
-            }
+            return openai.response(job, rid, self.engine.name, choices, stats)
+        except (asyncio.CancelledError, ConnectionResetError):
+            waited = time.perf_counter() - t_start
+            log.info("%s: client went away after %.1f s: generation stopped", rid, waited)
+            raise
         finally:
+            cancel.set()
             self.in_flight.pop(rid, None)
             self.metrics.in_flight.dec()
 
@@ -269,54 +274,124 @@ class DecodeWorker:
             m.stage.labels("unpack_tail").observe(transfer.unpack_tail_s)
         return stats
 
-    # --- HTTP -----------------------------------------------------------------------------
-    async def http_completions(self, request: web.Request) -> web.StreamResponse:
+    async def peer_health(self) -> dict:
+        """Connect and authenticate to the prefill worker now (HEALTH_TIMEOUT_S at most)."""
+        peer = {
+            "address": f"{self.cfg.prefill_host}:{self.cfg.prefill_port}",
+            "reachable": False,
+            "authenticated": False,
+            "breaker": self.breaker.state,
+            "error": None,
+        }
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise web.HTTPBadRequest(text=json.dumps({"error": "body must be JSON"})) from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}))
-        if not body.get("stream"):
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                ch = await connect(self.cfg.prefill_host, self.cfg.prefill_port, self.tls)
+                peer["reachable"] = True
+                try:
+                    await client_handshake(ch, self.cfg.secret, ROLE)
+                finally:
+                    ch.close()
+            peer["authenticated"] = True
+        except AuthError as e:
+            peer["error"] = str(e)
+        except TransportError as e:
+            peer["error"] = f"{type(e).__name__}: {e}"
+        except TimeoutError:
+            peer["error"] = f"no answer within {HEALTH_TIMEOUT_S} s"
+        return peer
 
-            async def ignore(_: str) -> None:
+    # --- HTTP -----------------------------------------------------------------------------
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        job = openai.parse(self.engine, self.cfg.defaults, await request.read(), chat)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
+        if not job.stream:
+
+            async def ignore(index: int, text: str) -> None:
                 return None
 
-            return web.json_response(await self.complete(body, ignore))
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
+            return web.json_response(await self.run(job, rid, ignore))
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
 
-        async def send_piece(text: str) -> None:
-            chunk = {"object": "text_completion", "choices": [{"index": 0, "text": text}]}
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        async def send(index: int, text: str) -> None:
+            if not resp.prepared:  # headers go out with the first token: errors before it
+                await resp.prepare(request)  # are plain HTTP errors
+            await resp.write(openai.sse(openai.chunk(job, rid, self.engine.name, index, text)))
 
         try:
-            final = await self.complete(body, send_piece)
-            final["choices"][0]["text"] = ""
-            await resp.write(f"data: {json.dumps(final)}\n\n".encode())
-        except web.HTTPException as e:
-            await resp.write(f"data: {json.dumps({'error': e.text})}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
+            final = await self.run(job, rid, send)
+        except ApiError as e:
+            if not resp.prepared:
+                raise
+            await resp.write(openai.sse(e.body()))  # one well-formed error event
+        else:
+            if not resp.prepared:
+                await resp.prepare(request)
+            await resp.write(openai.sse(openai.final_chunk(final)))
+        await resp.write(openai.sse("[DONE]"))
         return resp
+
+    async def http_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def http_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def http_models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self.engine.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "spectrumkv",
+            "max_model_len": openai.context_limit(self.engine),
+        }
+        return web.json_response({"object": "list", "data": [model]})
 
     async def http_metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def http_health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "in_flight": len(self.in_flight)})
+        peer = await self.peer_health()
+        ok = peer["authenticated"] and peer["breaker"] != "open"
+        body = {"ok": ok, "in_flight": len(self.in_flight), "prefill": peer}
+        return web.json_response(body, status=200 if ok else 503)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 << 20)
+        app = web.Application(client_max_size=16 << 20, middlewares=[_json_errors])
         app.router.add_post("/v1/completions", self.http_completions)
+        app.router.add_post("/v1/chat/completions", self.http_chat)
+        app.router.add_get("/v1/models", self.http_models)
         app.router.add_get("/metrics", self.http_metrics)
         app.router.add_get("/health", self.http_health)
         return app
 
 
+@web.middleware
+async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error as OpenAI's JSON error body (also aiohttp's own 404/405/413)."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return web.json_response(e.body(), status=e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        err = ApiError(e.status, e.reason, type="invalid_request_error", code=str(e.status))
+        return web.json_response(err.body(), status=e.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        log.exception("internal error on %s", request.path)
+        err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        return web.json_response(err.body(), status=500)
+
+
 async def serve_decode(engine: Engine, cfg: DecodeConfig, host: str, port: int) -> None:
     worker = DecodeWorker(engine, cfg)
-    runner = web.AppRunner(worker.app(), access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler (and so its work)
+    runner = web.AppRunner(worker.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -2,33 +2,74 @@
 
 Accepts authenticated TCP connections from decode workers. Per request it prefills the prompt,
 plans and encodes layer by layer, and streams HEADER and FRAME messages (shaped to the requested
-link rate) followed by DONE with the stage times. One model, one prefill at a time; requests on
-other connections queue. A bad request gets an ERROR message, never a crash.
+link rate, within protocol.py's bounds) followed by DONE with the stage times. One model, one
+prefill at a time; requests on other connections queue. A bad request gets an ERROR message,
+never a crash. A request whose decode worker closes the connection is cancelled: skipped if it
+is still queued, stopped at the next layer if it is prefilling, its frames dropped if sending.
+Frames wait to be sent in a queue bounded in bytes (the prefill thread waits when it is full).
+One log line per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import torch
 
-from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import Engine, prefill
 from ..errors import SpectrumKVError
 from ..transport.auth import server_handshake
 from ..transport.framing import Channel, Kind, TransportError, serve
 from ..transport.shaper import LinkShaper
-from .protocol import ErrorReply, PrefillDone, PrefillRequest, decode_request, encode
+from .protocol import (
+    ErrorReply,
+    PrefillDone,
+    PrefillRequest,
+    decode_request,
+    encode,
+    policy_configs,
+)
+from .sampling import Cancelled
 from .streaming import StreamingEncoder
 
 log = logging.getLogger("spectrumkv.prefill")
 IDLE_TIMEOUT_S = 600.0
 ROLE = b"decode->prefill"
+#: Encoded frames of one request waiting to be sent, at most (bytes; one larger frame may wait
+#: alone).
+SEND_QUEUE_BYTES = 64 << 20
+
+
+class ByteGate:
+    """Bounds the bytes queued between the prefill thread (`acquire`, blocking) and the sender
+    (`release`). `acquire` raises Cancelled once `cancel` is set."""
+
+    def __init__(self, limit: int, cancel: threading.Event) -> None:
+        self.limit, self.cancel = limit, cancel
+        self.queued = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.queued and self.queued + n > self.limit:
+                if self.cancel.is_set():
+                    raise Cancelled("the decode worker went away")
+                self._cond.wait(0.1)
+            if self.cancel.is_set():
+                raise Cancelled("the decode worker went away")
+            self.queued += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.queued -= n
+            self._cond.notify_all()
 
 
 class PrefillServer:
@@ -48,6 +89,7 @@ class PrefillServer:
                 try:
                     req = decode_request(body)
                 except msgspec.MsgspecError as e:
+                    log.info("refused a malformed request from %s: %s", ch.peer, e)
                     await ch.send(Kind.ERROR, encode(ErrorReply("", "BadRequest", str(e))))
                     continue
                 await self.serve(req, ch)
@@ -55,55 +97,92 @@ class PrefillServer:
             log.debug("connection ended: %s", e)
 
     async def serve(self, req: PrefillRequest, ch: Channel) -> None:
+        """One request; logs one line with its outcome."""
+        t0 = time.perf_counter()
+        opt = req.options
+        what = f"{req.request_id}: {len(req.token_ids)} tokens, {opt.policy} b={opt.budget}"
+        cancel = threading.Event()
+        watcher = asyncio.create_task(ch.wait_closed())
+        watcher.add_done_callback(lambda _: cancel.set())
+        try:
+            done = await self._run(req, ch, cancel)
+        except (SpectrumKVError, ValueError) as e:
+            outcome = f"{type(e).__name__}: {e}"
+            if not isinstance(e, (Cancelled, TransportError)):
+                err = ErrorReply(req.request_id, type(e).__name__, str(e))
+                with contextlib.suppress(TransportError):
+                    await ch.send(Kind.ERROR, encode(err))
+            log.info("%s -> %s after %.2f s", what, outcome, time.perf_counter() - t0)
+            return
+        finally:
+            watcher.cancel()
+        log.info(
+            "%s -> ok: %d bytes (%.3f of fp16), prefill %.2f s, exposed %.3f s, total %.2f s",
+            what,
+            done.wire_bytes,
+            done.wire_bytes / done.fp16_bytes if done.fp16_bytes else 0.0,
+            done.prefill_s,
+            done.transfer_exposed_s,
+            time.perf_counter() - t0,
+        )
+
+    async def _run(self, req: PrefillRequest, ch: Channel, cancel: threading.Event) -> PrefillDone:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        gate = ByteGate(SEND_QUEUE_BYTES, cancel)
+        opt = req.options
+        policy, scoring = policy_configs(opt, self.engine.fingerprint.n_layers)
+        ids = torch.tensor(req.token_ids, dtype=torch.long)
 
         def emit(kind: str, chunk: bytes) -> None:
+            gate.acquire(len(chunk))
             loop.call_soon_threadsafe(queue.put_nowait, (kind, chunk))
 
-        try:
-            opt = req.options
-            policy = PolicyConfig(opt.policy, budget=opt.budget)
-            scoring = ScoreConfig(layers=opt.score_layers)
-            ids = torch.tensor(req.token_ids, dtype=torch.long)
-            enc = StreamingEncoder(self.engine, ids, policy, scoring, emit)
-        except (SpectrumKVError, ValueError) as e:
-            err = ErrorReply(req.request_id, type(e).__name__, str(e))
-            await ch.send(Kind.ERROR, encode(err))
-            return
-
+        enc = StreamingEncoder(self.engine, ids, policy, scoring, emit)
         shaper = LinkShaper(opt.link_gbps, opt.link_latency_s)
-        sent = {"bytes": 0}
+        sent = 0
 
         async def sender() -> None:
+            nonlocal sent
             while (item := await queue.get()) is not None:
                 kind, chunk = item
                 await shaper.transmit(len(chunk))
                 await ch.send(Kind.HEADER if kind == "header" else Kind.FRAME, chunk)
-                sent["bytes"] += len(chunk)
+                gate.release(len(chunk))
+                sent += len(chunk)
+
+        def on_layer(i, kv, wq) -> None:
+            if cancel.is_set():
+                raise Cancelled("the decode worker went away")
+            enc.on_layer(i, kv, wq)
 
         def run_prefill() -> float:
+            if cancel.is_set():  # it left while this request queued
+                raise Cancelled("the decode worker went away before prefill started")
             if opt.overlap:
-                prefill(self.engine, ids, on_layer=enc.on_layer)
+                prefill(self.engine, ids, on_layer=on_layer)
                 return time.perf_counter()
             layers: list = []
-            prefill(self.engine, ids, on_layer=lambda i, kv, wq: layers.append((i, kv, wq)))
+            prefill(self.engine, ids, on_layer=lambda *a: layers.append(a))
             done = time.perf_counter()
-            for i, kv, wq in layers:
-                enc.on_layer(i, kv, wq)
+            for layer in layers:
+                on_layer(*layer)
             return done
 
         send_task = asyncio.create_task(sender())
         t0 = time.perf_counter()
         try:
             prefill_end = await loop.run_in_executor(self.executor, run_prefill)
-        except (SpectrumKVError, ValueError) as e:
+            queue.put_nowait(None)
+            closed = asyncio.create_task(ch.wait_closed())
+            await asyncio.wait([send_task, closed], return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if not send_task.done():
+                raise Cancelled("the decode worker went away while frames were sent")
+            send_task.result()
+        finally:
+            cancel.set()  # wakes a prefill thread waiting on the gate
             send_task.cancel()
-            err = ErrorReply(req.request_id, type(e).__name__, str(e))
-            await ch.send(Kind.ERROR, encode(err))
-            return
-        queue.put_nowait(None)
-        await send_task
         sent_end = time.perf_counter()
         done = PrefillDone(
             request_id=req.request_id,
@@ -111,11 +190,12 @@ class PrefillServer:
             encode_s=enc.encode_s,
             wire_s=shaper.wire_s,
             transfer_exposed_s=max(0.0, sent_end - prefill_end),
-            wire_bytes=sent["bytes"],
+            wire_bytes=sent,
             fp16_bytes=enc.plan.fp16_bytes if enc.plan else 0,
             nominal_budget=enc.plan.nominal_budget if enc.plan else 0.0,
         )
         await ch.send(Kind.DONE, encode(done))
+        return done
 
 
 async def serve_prefill(

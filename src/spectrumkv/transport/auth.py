@@ -2,14 +2,16 @@
 
 The server sends a fresh 32-byte nonce; the client answers HMAC-SHA256(secret, nonce | role)
 plus a fresh nonce of its own; the server checks the answer in constant time and proves itself
-with HMAC-SHA256(secret, client_nonce | role | "server"). Fresh nonces on both sides mean a
-recorded answer cannot be replayed in either direction, and a decode worker never takes KV from
-a server that does not know the secret. Refusals are logged with the peer's address. (For
-confidentiality on the wire, run it inside TLS: see tls.py.)
+with HMAC-SHA256(secret, client_nonce | role | "server"), or sends ERROR "authentication failed"
+and closes (so the client can say so instead of "peer closed the connection"). Fresh nonces on
+both sides mean a recorded answer cannot be replayed in either direction, and a decode worker
+never takes KV from a server that does not know the secret. Refusals are logged with the peer's
+address. (For confidentiality and integrity on the wire, run it inside TLS: see tls.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -29,6 +31,8 @@ class AuthError(TransportError):
 
 NONCE_BYTES = 32
 SECRET_ENV = "SPECTRUMKV_SECRET"
+#: The ERROR body a server sends before closing on a client that failed authentication.
+REFUSED = b"authentication failed"
 
 
 def secret_from_env(var: str = SECRET_ENV) -> bytes:
@@ -52,6 +56,8 @@ async def server_handshake(ch: Channel, secret: bytes, role: bytes) -> None:
     if not (ok and hmac.compare_digest(answer, _answer(secret, nonce, role))):
         peer = ch.peer
         log.warning("refused unauthenticated peer %s", peer)
+        with contextlib.suppress(TransportError):  # say why before closing
+            await ch.send(Kind.ERROR, REFUSED)
         raise AuthError(f"peer {peer} failed authentication")
     await ch.send(Kind.AUTH_OK, _answer(secret, client_nonce, role + b"|server"))
 
@@ -62,9 +68,14 @@ async def client_handshake(ch: Channel, secret: bytes, role: bytes) -> None:
         raise AuthError("peer did not send a challenge")
     mine = secrets.token_bytes(NONCE_BYTES)
     await ch.send(Kind.AUTH, _answer(secret, nonce, role) + mine)
-    kind, proof = await ch.recv(AUTH_TIMEOUT_S, max_bytes=128)
+    try:
+        kind, proof = await ch.recv(AUTH_TIMEOUT_S, max_bytes=128)
+    except TransportError as e:
+        raise AuthError(f"authentication failed: {e}") from None
+    if kind == Kind.ERROR and bytes(proof) == REFUSED:
+        raise AuthError(f"authentication failed: {ch.peer} refused our secret ({SECRET_ENV})")
     if kind != Kind.AUTH_OK:
-        raise AuthError("peer refused our credentials")
+        raise AuthError(f"authentication failed: unexpected {kind.name} from {ch.peer}")
     if not hmac.compare_digest(proof, _answer(secret, mine, role + b"|server")):
         peer = ch.peer
         log.warning("server %s failed to prove it knows the secret", peer)

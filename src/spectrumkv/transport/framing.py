@@ -69,6 +69,7 @@ class Channel(asyncio.BufferedProtocol):
         self._reading = True
         self._writable = asyncio.Event()
         self._writable.set()
+        self._closed = asyncio.Event()
         self.on_connect: Callable[[Channel], None] | None = None
 
     # -- the caller's side
@@ -122,6 +123,10 @@ class Channel(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is lost (the peer left, or `close` took effect)."""
+        await self._closed.wait()
+
     # -- asyncio's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,6 +158,7 @@ class Channel(asyncio.BufferedProtocol):
         self._break(TransportError(f"peer closed the connection{detail}"))
         self._advance()
         self._writable.set()
+        self._closed.set()
 
     def pause_writing(self) -> None:
         self._writable.clear()
