@@ -1,20 +1,36 @@
-"""Build the optional fused codec (`spectrumkv._codec`). Everything else is in pyproject.toml.
+"""Build the optional compiled extensions. Everything else is in pyproject.toml.
 
-The extension is optional: if it cannot be compiled, SpectrumKV runs on the torch reference
-codec (same bytes, slower). `-ffp-contract=off` keeps its float arithmetic identical to torch's.
+- `spectrumkv._codec`, the fused frame codec: if it cannot be compiled, SpectrumKV runs on the
+  torch reference codec (same bytes, slower). `-ffp-contract=off` keeps its float arithmetic
+  identical to torch's.
+- `spectrumkv.paged._attention`, paged decode attention: if it cannot be compiled, the paged
+  routes that need it are unavailable and the torch routes (`padded`, the reference) still run.
+
+Both share the persistent thread pool in `src/spectrumkv/_pool.h` (one pool per extension).
 """
 
 from setuptools import Extension, setup
+
+_FLAGS = ["-O3", "-std=gnu11", "-fno-math-errno"]
 
 setup(
     ext_modules=[
         Extension(
             "spectrumkv._codec",
             sources=["src/spectrumkv/_codec.c"],
-            depends=["src/spectrumkv/_xxh3.h"],
-            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"],
+            depends=["src/spectrumkv/_xxh3.h", "src/spectrumkv/_pool.h"],
+            extra_compile_args=[*_FLAGS, "-ffp-contract=off"],
             extra_link_args=["-pthread"],
             optional=True,
-        )
+        ),
+        Extension(
+            "spectrumkv.paged._attention",
+            sources=["src/spectrumkv/paged/_attention.c"],
+            depends=["src/spectrumkv/_pool.h"],
+            include_dirs=["src/spectrumkv"],
+            extra_compile_args=_FLAGS,
+            extra_link_args=["-pthread"],
+            optional=True,
+        ),
     ]
 )

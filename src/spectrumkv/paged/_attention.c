@@ -1,0 +1,472 @@
+/* Paged decode attention: one new query token per request, grouped-query attention over a
+ * paged KV cache (spectrumkv.paged.cache), exact FP32 online softmax.
+ *
+ * decode(): the work unit is a task (request b, KV head h, token range [lo, hi)). A task reads
+ * each K/V row of its range once for all `group` query heads of head h, in tiles of TILE tokens,
+ * keeping m (running max), l (running sum) and acc (running weighted sum of V) per query head.
+ * A request whose length is split into several ranges writes one partial (m, l, acc) per range;
+ * after all tasks ran, a merge pass combines them exactly: M = max m_s, L = sum e^(m_s-M) l_s,
+ * out = sum e^(m_s-M) acc_s / L. Unsplit tasks write their output directly.
+ *
+ * All tasks of one call run as ONE job on the persistent pool (_pool.h): every thread takes the
+ * next task from a shared counter (longest tasks first), so a call is one dispatch whatever the
+ * batch. The routes in attention.py differ only in which requests they pass per call and how
+ * they split them.
+ *
+ * Bounds: every length and every block-table entry that a length reaches is checked against the
+ * table width and the pool before any thread starts; nothing outside the given buffers is read
+ * or written. The GIL is released while the tasks run. Temporaries: the task list and split
+ * partials, O(batch x KV heads x splits x group x head_dim), never O(context length). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+static inline void relax(void) { _mm_pause(); }
+#define HAVE_AVX2_KERNELS 1
+#define AVX2 __attribute__((target("avx2,f16c,fma")))
+#else
+static inline void relax(void) {}
+#define HAVE_AVX2_KERNELS 0
+#endif
+
+#include "_pool.h"
+
+enum { DT_F16 = 1, DT_BF16 = 2 };
+#define MAX_GROUP 16
+#define MAX_HEAD_DIM 256
+#define MAX_HEADS 1024
+#define TILE 32
+/* Below this many KV bytes a call runs on the caller alone unless helpers are awake. */
+#define SMALL_JOB_BYTES (512 * 1024)
+
+static int have_avx2 = 0;
+
+typedef struct {
+    int32_t b, h, lo, hi; /* request, KV head, tokens [lo, hi) */
+    int32_t slot;         /* partial slot, or -1: the task covers its request, write out */
+} Task;
+
+typedef struct {
+    int32_t b, h, s0, ns; /* a split (request, KV head): its partial slots [s0, s0 + ns) */
+} Merge;
+
+typedef struct {
+    const float *q; /* [B, Hkv * group, d] */
+    const uint16_t *k, *v; /* [P, Hkv, ps, d] */
+    const int32_t *tables; /* [B, W] */
+    int W, ps, hkv, group, d, dt, simd;
+    float scale;
+    const Task *tasks;
+    int ntasks;
+    float *out;            /* [B, Hkv * group, d] */
+    float *pm, *pl, *pacc; /* per partial slot: [group], [group], [group * d] */
+    _Atomic int next;
+} Ctx;
+
+/* ---- scalar kernel ---- */
+
+static inline float load1(const uint16_t *p, int dt) {
+    if (dt == DT_BF16) {
+        uint32_t u = (uint32_t)*p << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    _Float16 x;
+    memcpy(&x, p, 2);
+    return (float)x;
+}
+
+static inline const uint16_t *row(const Ctx *c, const uint16_t *base, int b, int h, int tok) {
+    const int32_t page = c->tables[(size_t)b * c->W + tok / c->ps];
+    return base + (((size_t)page * c->hkv + h) * c->ps + tok % c->ps) * (size_t)c->d;
+}
+
+/* Runs one task; m, l: [group]; acc: [group * d] (unnormalized). */
+static void task_scalar(const Ctx *c, const Task *t, float *m, float *l, float *acc) {
+    const int G = c->group, d = c->d;
+    float qs[MAX_GROUP * MAX_HEAD_DIM], s[MAX_GROUP][TILE];
+    const float *q = c->q + ((size_t)t->b * c->hkv * G + (size_t)t->h * G) * d;
+    for (int i = 0; i < G * d; i++) qs[i] = q[i] * c->scale;
+    for (int g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+    memset(acc, 0, sizeof(float) * G * d);
+    for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
+        const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
+        for (int i = 0; i < n; i++) {
+            const uint16_t *kr = row(c, c->k, t->b, t->h, t0 + i);
+            for (int g = 0; g < G; g++) {
+                float dot = 0.0f;
+                for (int j = 0; j < d; j++) dot += qs[g * d + j] * load1(kr + j, c->dt);
+                s[g][i] = dot;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float mt = m[g];
+            for (int i = 0; i < n; i++) mt = s[g][i] > mt ? s[g][i] : mt;
+            const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mt);
+            l[g] *= alpha;
+            for (int j = 0; j < d; j++) acc[g * d + j] *= alpha;
+            for (int i = 0; i < n; i++) {
+                s[g][i] = expf(s[g][i] - mt);
+                l[g] += s[g][i];
+            }
+            m[g] = mt;
+        }
+        for (int i = 0; i < n; i++) {
+            const uint16_t *vr = row(c, c->v, t->b, t->h, t0 + i);
+            for (int j = 0; j < d; j++) {
+                const float x = load1(vr + j, c->dt);
+                for (int g = 0; g < G; g++) acc[g * d + j] += s[g][i] * x;
+            }
+        }
+    }
+}
+
+/* ---- AVX2 / F16C / FMA kernel (head_dim a multiple of 8) ---- */
+
+#if HAVE_AVX2_KERNELS
+#define INLINE inline __attribute__((always_inline))
+
+AVX2 static INLINE __m256 load8(const uint16_t *p, int dt) {
+    const __m128i x = _mm_loadu_si128((const __m128i *)p);
+    if (dt == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+    return _mm256_cvtph_ps(x);
+}
+
+AVX2 static INLINE float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* e^x for x <= 0 (Cephes expf polynomial, relative error ~2e-7; x < -87 gives ~0). */
+AVX2 static INLINE __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, float *acc) {
+    const int G = c->group, d = c->d, nv = d / 8, dt = c->dt;
+    float qs[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(32)));
+    float s[MAX_GROUP][TILE] __attribute__((aligned(32)));
+    float vt[TILE * MAX_HEAD_DIM] __attribute__((aligned(32)));
+    const float *q = c->q + ((size_t)t->b * c->hkv * G + (size_t)t->h * G) * d;
+    for (int i = 0; i < G * d; i++) qs[i] = q[i] * c->scale;
+    for (int g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+    memset(acc, 0, sizeof(float) * G * d);
+    for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
+        const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
+        /* K: the tile's rows converted once into vt, then 8 scores at a time per query head,
+         * the 8 dot products reduced together */
+        for (int i = 0; i < n; i++) {
+            const uint16_t *kp = row(c, c->k, t->b, t->h, t0 + i);
+            for (int j = 0; j < nv; j++) _mm256_store_ps(vt + i * d + 8 * j, load8(kp + 8 * j, dt));
+        }
+        if (n % 8) memset(vt + n * d, 0, sizeof(float) * (8 - n % 8) * d); /* rows past the end */
+        for (int g = 0; g < G; g++) {
+            const float *qg = qs + g * d;
+            for (int i = 0; i < n; i += 8) {
+                const float *x = vt + i * d;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+                       a6 = a0, a7 = a0;
+                for (int j = 0; j < d; j += 8) {
+                    const __m256 qv = _mm256_load_ps(qg + j);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + j), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + d + j), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + 2 * d + j), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + 3 * d + j), a3);
+                    a4 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + 4 * d + j), a4);
+                    a5 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + 5 * d + j), a5);
+                    a6 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + 6 * d + j), a6);
+                    a7 = _mm256_fmadd_ps(qv, _mm256_load_ps(x + 7 * d + j), a7);
+                }
+                const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+                _mm256_store_ps(&s[g][i], _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                                        _mm256_permute2f128_ps(u0, u1, 0x31)));
+            }
+        }
+        for (int i = n; i < TILE; i++)
+            for (int g = 0; g < G; g++) s[g][i] = -INFINITY;
+        for (int g = 0; g < G; g++) {
+            __m256 mx = _mm256_set1_ps(m[g]);
+            for (int i = 0; i < TILE; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(&s[g][i]));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float mt = _mm_cvtss_f32(h);
+            const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mt);
+            if (alpha != 1.0f) {
+                const __m256 va = _mm256_set1_ps(alpha);
+                l[g] *= alpha;
+                for (int j = 0; j < d; j += 8)
+                    _mm256_storeu_ps(acc + g * d + j, _mm256_mul_ps(_mm256_loadu_ps(acc + g * d + j), va));
+            }
+            const __m256 vm = _mm256_set1_ps(mt);
+            for (int i = 0; i < TILE; i += 8)
+                _mm256_store_ps(&s[g][i], exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][i]), vm)));
+            for (int i = n; i < TILE; i++) s[g][i] = 0.0f; /* exp8 left ~e^-87 there */
+            __m256 sum = _mm256_load_ps(&s[g][0]);
+            for (int i = 8; i < TILE; i += 8) sum = _mm256_add_ps(sum, _mm256_load_ps(&s[g][i]));
+            l[g] += hsum8(sum);
+            m[g] = mt;
+        }
+        /* V: the tile's rows converted once into vt, then acc[g] += sum_i p[g][i] v[i], 32
+         * dims at a time with the accumulators in registers */
+        for (int i = 0; i < n; i++) {
+            const uint16_t *vp = row(c, c->v, t->b, t->h, t0 + i);
+            for (int j = 0; j < nv; j++) _mm256_store_ps(vt + i * d + 8 * j, load8(vp + 8 * j, dt));
+        }
+        for (int g = 0; g < G; g++) {
+            float *ag = acc + g * d;
+            int j = 0;
+            for (; j + 32 <= d; j += 32) {
+                __m256 a0 = _mm256_loadu_ps(ag + j), a1 = _mm256_loadu_ps(ag + j + 8);
+                __m256 a2 = _mm256_loadu_ps(ag + j + 16), a3 = _mm256_loadu_ps(ag + j + 24);
+                for (int i = 0; i < n; i++) {
+                    const __m256 p = _mm256_broadcast_ss(&s[g][i]);
+                    const float *x = vt + i * d + j;
+                    a0 = _mm256_fmadd_ps(p, _mm256_load_ps(x), a0);
+                    a1 = _mm256_fmadd_ps(p, _mm256_load_ps(x + 8), a1);
+                    a2 = _mm256_fmadd_ps(p, _mm256_load_ps(x + 16), a2);
+                    a3 = _mm256_fmadd_ps(p, _mm256_load_ps(x + 24), a3);
+                }
+                _mm256_storeu_ps(ag + j, a0);
+                _mm256_storeu_ps(ag + j + 8, a1);
+                _mm256_storeu_ps(ag + j + 16, a2);
+                _mm256_storeu_ps(ag + j + 24, a3);
+            }
+            for (; j < d; j += 8) {
+                __m256 a0 = _mm256_loadu_ps(ag + j);
+                for (int i = 0; i < n; i++)
+                    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][i]), _mm256_load_ps(vt + i * d + j), a0);
+                _mm256_storeu_ps(ag + j, a0);
+            }
+        }
+    }
+}
+#endif
+
+/* ---- the job: tasks from a shared counter, then the merge ---- */
+
+static void run_task(Ctx *c, const Task *t) {
+    const int G = c->group, d = c->d;
+    float m[MAX_GROUP], l[MAX_GROUP], local[MAX_GROUP * MAX_HEAD_DIM];
+    float *acc = t->slot < 0 ? local : c->pacc + (size_t)t->slot * G * d;
+#if HAVE_AVX2_KERNELS
+    if (c->simd)
+        task_avx2(c, t, m, l, acc);
+    else
+#endif
+        task_scalar(c, t, m, l, acc);
+    if (t->slot >= 0) {
+        memcpy(c->pm + (size_t)t->slot * G, m, sizeof(float) * G);
+        memcpy(c->pl + (size_t)t->slot * G, l, sizeof(float) * G);
+        return;
+    }
+    float *o = c->out + ((size_t)t->b * c->hkv * G + (size_t)t->h * G) * d;
+    for (int g = 0; g < G; g++) {
+        const float inv = 1.0f / l[g];
+        for (int j = 0; j < d; j++) o[g * d + j] = acc[g * d + j] * inv;
+    }
+}
+
+static void share(void *ctx, int t, int nthreads) {
+    (void)t, (void)nthreads;
+    Ctx *c = (Ctx *)ctx;
+    for (;;) {
+        const int i = atomic_fetch_add(&c->next, 1);
+        if (i >= c->ntasks) return;
+        run_task(c, &c->tasks[i]);
+    }
+}
+
+/* Combines the partials of slots [s0, s0 + ns) into the output rows of (b, h). */
+static void merge(const Ctx *c, int b, int h, int s0, int ns) {
+    const int G = c->group, d = c->d;
+    float *o = c->out + ((size_t)b * c->hkv * G + (size_t)h * G) * d;
+    for (int g = 0; g < G; g++) {
+        float M = -INFINITY, L = 0.0f;
+        for (int s = s0; s < s0 + ns; s++) M = fmaxf(M, c->pm[(size_t)s * G + g]);
+        for (int j = 0; j < d; j++) o[g * d + j] = 0.0f;
+        for (int s = s0; s < s0 + ns; s++) {
+            const float w = expf(c->pm[(size_t)s * G + g] - M);
+            L += w * c->pl[(size_t)s * G + g];
+            const float *a = c->pacc + ((size_t)s * G + g) * d;
+            for (int j = 0; j < d; j++) o[g * d + j] += w * a[j];
+        }
+        const float inv = 1.0f / L;
+        for (int j = 0; j < d; j++) o[g * d + j] *= inv;
+    }
+}
+
+static int by_size_desc(const void *x, const void *y) {
+    const Task *a = x, *b = y;
+    return (b->hi - b->lo) - (a->hi - a->lo);
+}
+
+/* decode(q_ptr, k_ptr, v_ptr, pool_elems, tables, lengths, out_ptr, q_heads, kv_heads,
+ *        head_dim, page_size, dtype, scale, max_splits, min_split_tokens, nthreads)
+ *   -> (tasks, split requests x heads, threads used)
+ * q and out: float32 [B, q_heads, head_dim] (B = len(lengths)); k, v: 16-bit
+ * [pages, kv_heads, page_size, head_dim] with pool_elems elements each; tables: int32 [B, W];
+ * lengths: int32 [B]. A request of n tokens is split into min(max_splits,
+ * ceil(n / min_split_tokens)) ranges (rounded to whole TILE-token tiles). */
+static PyObject *decode(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long qp, kp, vp, op;
+    long long pool_elems;
+    Py_buffer tb, lb;
+    int hq, hkv, d, ps, dt, max_splits, min_split, nthreads;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KKKLy*y*Kiiiiifiii", &qp, &kp, &vp, &pool_elems, &tb, &lb, &op,
+                          &hq, &hkv, &d, &ps, &dt, &scale, &max_splits, &min_split, &nthreads))
+        return NULL;
+    PyObject *ret = NULL;
+    Task *tasks = NULL;
+    Merge *mg = NULL;
+    float *part = NULL;
+    const int64_t B = lb.len / 4;
+    const char *bad = NULL;
+    if (hkv < 1 || hkv > MAX_HEADS || hq < hkv || hq % hkv || hq / hkv > MAX_GROUP || d < 1 ||
+        d > MAX_HEAD_DIM || ps < 1 || (dt != DT_F16 && dt != DT_BF16) || max_splits < 1 ||
+        min_split < 1 || nthreads < 1 || nthreads > POOL_MAX_THREADS || pool_elems < 0 ||
+        !(scale > 0.0f) || lb.len % 4 || B < 1)
+        bad = "invalid decode geometry";
+    else if (tb.len % (4 * B))
+        bad = "block table size is not batch x width";
+    const int64_t W = bad ? 0 : tb.len / (4 * B);
+    const int64_t row_elems = (int64_t)hkv * ps * d;
+    const int64_t P = bad ? 0 : pool_elems / row_elems;
+    if (!bad && pool_elems % row_elems) bad = "page pool size is not a whole number of pages";
+    const int32_t *tables = tb.buf, *lengths = lb.buf;
+    int64_t ntasks = 0, nslots = 0, bytes = 0;
+    for (int64_t b = 0; b < B && !bad; b++) {
+        const int64_t n = lengths[b];
+        if (n < 1 || n > W * ps) {
+            bad = "a length is < 1 or exceeds the block table's width";
+            break;
+        }
+        for (int64_t p = 0; p < (n + ps - 1) / ps; p++)
+            if (tables[b * W + p] < 0 || tables[b * W + p] >= P) {
+                bad = "a block table entry points outside the page pool";
+                break;
+            }
+        int64_t ns = (n + min_split - 1) / min_split;
+        ns = ns < 1 ? 1 : ns > max_splits ? max_splits : ns;
+        int64_t chunk = (n + ns - 1) / ns;
+        chunk = (chunk + TILE - 1) / TILE * TILE;
+        ns = (n + chunk - 1) / chunk;
+        ntasks += ns * hkv;
+        if (ns > 1) nslots += ns * hkv;
+        bytes += 2 * n * hkv * d * 2;
+    }
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        goto done;
+    }
+    const int G = hq / hkv;
+    tasks = PyMem_Malloc(sizeof(Task) * (size_t)ntasks);
+    mg = PyMem_Malloc(sizeof(Merge) * (size_t)B * hkv);
+    part = PyMem_Malloc(sizeof(float) * (size_t)(nslots ? nslots : 1) * G * (d + 2));
+    if (!tasks || !mg || !part) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t i = 0, slot = 0, nmerges = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n = lengths[b];
+        int64_t ns = (n + min_split - 1) / min_split;
+        ns = ns < 1 ? 1 : ns > max_splits ? max_splits : ns;
+        int64_t chunk = (n + ns - 1) / ns;
+        chunk = (chunk + TILE - 1) / TILE * TILE;
+        ns = (n + chunk - 1) / chunk;
+        for (int h = 0; h < hkv; h++) {
+            if (ns > 1) mg[nmerges++] = (Merge){(int32_t)b, h, (int32_t)slot, (int32_t)ns};
+            for (int64_t s = 0; s < ns; s++) {
+                const int64_t lo = s * chunk, hi = lo + chunk < n ? lo + chunk : n;
+                tasks[i++] = (Task){(int32_t)b, h, (int32_t)lo, (int32_t)hi,
+                                    ns > 1 ? (int32_t)slot++ : -1};
+            }
+        }
+    }
+    Ctx c = {.q = (const float *)qp, .k = (const uint16_t *)kp, .v = (const uint16_t *)vp,
+             .tables = tables, .W = (int)W, .ps = ps, .hkv = hkv, .group = G, .d = d, .dt = dt,
+             .simd = have_avx2 && d % 8 == 0, .scale = scale, .tasks = tasks,
+             .ntasks = (int)ntasks, .out = (float *)op, .pm = part,
+             .pl = part + (size_t)nslots * G, .pacc = part + (size_t)nslots * G * 2};
+    atomic_store(&c.next, 0);
+    int used;
+    Py_BEGIN_ALLOW_THREADS
+    if (ntasks > 1) qsort(tasks, (size_t)ntasks, sizeof(Task), by_size_desc);
+    used = pool_run(share, &c, ntasks > 1 ? nthreads : 1, bytes < SMALL_JOB_BYTES);
+    for (int64_t k = 0; k < nmerges; k++) merge(&c, mg[k].b, mg[k].h, mg[k].s0, mg[k].ns);
+    Py_END_ALLOW_THREADS
+    ret = Py_BuildValue("LLi", (long long)ntasks, (long long)nmerges, used);
+done:
+    PyMem_Free(tasks);
+    PyMem_Free(mg);
+    PyMem_Free(part);
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&lb);
+    return ret;
+}
+
+/* set_simd(flag) -> previous: use the AVX2 kernel (1, where the CPU has AVX2, F16C and FMA) or
+ * the scalar one (0), e.g. to test or time the scalar kernel. */
+static PyObject *set_simd(PyObject *self, PyObject *args) {
+    (void)self;
+    int flag, previous = have_avx2;
+    if (!PyArg_ParseTuple(args, "p", &flag)) return NULL;
+#if HAVE_AVX2_KERNELS
+    have_avx2 = flag && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                __builtin_cpu_supports("fma");
+#endif
+    return PyBool_FromLong(previous);
+}
+
+static PyObject *simd(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyBool_FromLong(have_avx2);
+}
+
+static PyMethodDef methods[] = {
+    {"decode", decode, METH_VARARGS, "Paged GQA decode attention over block tables."},
+    {"simd", simd, METH_NOARGS, "Whether the AVX2 kernel is in use."},
+    {"set_simd", set_simd, METH_VARARGS, "Enable or disable the AVX2 kernel."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_attention", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__attention(void) {
+    pool_init();
+#if HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                __builtin_cpu_supports("fma");
+#endif
+    return PyModule_Create(&module);
+}

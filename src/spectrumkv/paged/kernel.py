@@ -1,0 +1,100 @@
+"""The compiled decode kernel (`spectrumkv.paged._attention`, from `_attention.c`) and the one
+input check every route runs.
+
+`decode()` runs all (request, KV head, split) tasks of a batch as one job on the extension's
+persistent thread pool, then merges split requests exactly. When the extension was not built,
+`AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference) run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import PagedInputError
+
+try:
+    from . import _attention
+except ImportError:  # an optional extension; see setup.py
+    _attention = None
+
+AVAILABLE = _attention is not None
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
+
+
+def check_inputs(q, k_pages, v_pages, tables, lengths) -> None:
+    """Shapes and dtypes of a decode call (PagedInputError naming what is wrong). The table
+    contents (entries inside the pool, 1 <= length <= width x page_size) are checked by the
+    kernel itself, and by `check_tables` for the torch routes."""
+    if k_pages.dim() != 4 or k_pages.shape != v_pages.shape:
+        raise PagedInputError(
+            f"k/v pages must be equal [pages, kv_heads, page_size, head_dim], got "
+            f"{list(k_pages.shape)} and {list(v_pages.shape)}"
+        )
+    if k_pages.dtype not in _DTYPE_CODES or v_pages.dtype != k_pages.dtype:
+        raise PagedInputError(f"KV pages must both be float16 or bfloat16: {k_pages.dtype}, "
+                              f"{v_pages.dtype}")  # fmt: skip
+    if not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        raise PagedInputError("KV pages must be contiguous")
+    _, hkv, _, d = k_pages.shape
+    if q.dim() != 3 or q.shape[2] != d or q.shape[1] % hkv or not q.is_floating_point():
+        raise PagedInputError(f"q must be float [batch, q_heads (a multiple of {hkv}), {d}], "
+                              f"got {q.dtype} {list(q.shape)}")  # fmt: skip
+    if tables.dtype != torch.int32 or tables.dim() != 2 or tables.shape[0] != q.shape[0]:
+        raise PagedInputError(f"tables must be int32 [batch={q.shape[0]}, width], got "
+                              f"{tables.dtype} {list(tables.shape)}")  # fmt: skip
+    if lengths.dtype != torch.int32 or lengths.shape != (q.shape[0],):
+        raise PagedInputError(f"lengths must be int32 [batch={q.shape[0]}], got "
+                              f"{lengths.dtype} {list(lengths.shape)}")  # fmt: skip
+
+
+def check_tables(tables, lengths, pages: int, page_size: int) -> None:
+    """Every length in [1, width x page_size] and every table entry it reaches in [0, pages)."""
+    if bool((lengths < 1).any()) or bool((lengths > tables.shape[1] * page_size).any()):
+        raise PagedInputError("a length is < 1 or exceeds the block table's width")
+    used = torch.arange(tables.shape[1])[None, :] * page_size < lengths[:, None]
+    entries = tables[used]
+    if bool((entries < 0).any()) or bool((entries >= pages).any()):
+        raise PagedInputError("a block table entry points outside the page pool")
+
+
+def simd_enabled() -> bool:
+    """Whether the AVX2/F16C/FMA kernel runs (else the scalar C one)."""
+    return bool(_attention.simd())
+
+
+def set_simd(flag: bool) -> bool:
+    """Use the AVX2 kernel where the CPU has it (True) or the scalar C kernel; returns the
+    previous setting. For tests and benchmarks."""
+    return bool(_attention.set_simd(flag))
+
+
+def decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    max_splits: int = 1,
+    min_split_tokens: int = 1 << 30,
+    threads: int | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """One dispatch over the whole batch. A request of n tokens is cut into
+    min(max_splits, ceil(n / min_split_tokens)) ranges (whole 32-token tiles); each (request,
+    KV head, range) is one task. Returns (out float32 [batch, q_heads, head_dim], tasks).
+    Inputs as in `check_inputs`, which the caller has run."""
+    qf = q.to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty(qf.shape, dtype=torch.float32)
+    threads = max(1, min(64, threads or torch.get_num_threads()))
+    try:
+        tasks, _, _ = _attention.decode(
+            qf.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), k_pages.numel(),
+            tables.contiguous().numpy(), lengths.contiguous().numpy(), out.data_ptr(),
+            q.shape[1], k_pages.shape[1], k_pages.shape[3], k_pages.shape[2],
+            _DTYPE_CODES[k_pages.dtype], scale, max_splits, min_split_tokens, threads,
+        )  # fmt: skip
+    except ValueError as e:
+        raise PagedInputError(str(e)) from None
+    return out, tasks

@@ -1,0 +1,66 @@
+"""Plain torch decode attention over block tables: the float64 reference every route is tested
+against, and the torch SDPA routes (`sdpa`, one call per request; `padded`, one padded batch).
+
+Shapes (all routes): q [batch, q_heads, head_dim]; k_pages, v_pages [pages, kv_heads, page_size,
+head_dim]; tables int32 [batch, width]; lengths int32 [batch]. Output float32 [batch, q_heads,
+head_dim] (float64 for `reference`). Inputs are assumed checked (`kernel.check_inputs`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather(pages: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """One request's first n tokens as a dense [kv_heads, n, head_dim] copy."""
+    ps = pages.shape[2]
+    used = table[: -(-n // ps)].long()
+    dense = pages.index_select(0, used)  # [n_pages, kv_heads, ps, d]
+    return dense.transpose(0, 1).reshape(pages.shape[1], -1, pages.shape[3])[:, :n]
+
+
+def reference(q, k_pages, v_pages, tables, lengths, scale: float) -> torch.Tensor:
+    """Exact attention in float64, one request at a time."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k_pages.shape[1]
+    for b, n in enumerate(lengths.tolist()):
+        k = gather(k_pages, tables[b], n).double().repeat_interleave(group, 0)
+        v = gather(v_pages, tables[b], n).double().repeat_interleave(group, 0)
+        w = torch.softmax(torch.einsum("hd,hnd->hn", q[b].double() * scale, k), dim=-1)
+        out[b] = torch.einsum("hn,hnd->hd", w, v)
+    return out
+
+
+def sdpa_per_request(q, k_pages, v_pages, tables, lengths, scale: float) -> torch.Tensor:
+    """Anchor: gather each request's K/V and call torch SDPA on it (GQA), one call per request,
+    in the KV dtype (what a HF model's sdpa attention does with a dense cache)."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for b, n in enumerate(lengths.tolist()):
+        k = gather(k_pages, tables[b], n).unsqueeze(0)
+        v = gather(v_pages, tables[b], n).unsqueeze(0)
+        qb = q[b : b + 1, :, None].to(k.dtype)
+        o = F.scaled_dot_product_attention(qb, k, v, scale=scale, enable_gqa=True)
+        out[b] = o[0, :, 0].float()
+    return out
+
+
+def padded(q, k_pages, v_pages, tables, lengths, scale: float) -> torch.Tensor:
+    """The coarse padded batch: gather every request into [batch, kv_heads, max_len, d] (pages
+    past a request's end are page 0, masked out), then one masked SDPA call in the KV dtype."""
+    batch, width = tables.shape
+    ps, n_max = k_pages.shape[2], int(lengths.max())
+    used = -(-n_max // ps)
+    idx = tables[:, :used].long().clamp(min=0).reshape(-1)
+
+    def dense(pages):
+        x = pages.index_select(0, idx).view(batch, used, pages.shape[1], ps, pages.shape[3])
+        return x.transpose(1, 2).reshape(batch, pages.shape[1], used * ps, pages.shape[3])
+
+    k, v = dense(k_pages), dense(v_pages)
+    mask = torch.arange(used * ps)[None, :] < lengths[:, None]
+    qb = q[:, :, None].to(k.dtype)
+    o = F.scaled_dot_product_attention(
+        qb, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return o[:, :, 0].float()

@@ -1,0 +1,96 @@
+"""Decode attention over block tables, by route. The entry point of the paged package.
+
+    out = decode_attention(q, k_pages, v_pages, tables, lengths, route="adaptive")
+
+q: [batch, q_heads, head_dim], any float dtype (one new token per request; q_heads a multiple of
+kv_heads: grouped-query attention). k_pages, v_pages: one layer's pool, [pages, kv_heads,
+page_size, head_dim], float16 or bfloat16, contiguous (`PagedKVCache.layer`). tables: int32
+[batch, width], page ids; lengths: int32 [batch], tokens per request (1 <= n <= width x
+page_size). Returns float32 [batch, q_heads, head_dim] (cast to the model dtype as needed).
+scale defaults to head_dim ** -0.5. Bad input raises PagedInputError before anything runs.
+
+Routes (all on the same pages; see cost.py for how `adaptive` picks):
+- per-request: one kernel dispatch (and merge) per request, split by the profile's settings;
+- split: one dispatch, every request cut into the profile's `split_splits` ranges;
+- workqueue: one dispatch over only the (request, KV head, split) tasks that exist, a split
+  every `min_split_tokens` tokens (at most `max_splits`), longest first, then one merge;
+- padded: gather into a padded dense batch and run torch SDPA (no compiled code);
+- adaptive: the route the cost model predicts fastest for these lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import cost, kernel, reference
+from .errors import PagedInputError
+
+ROUTES = (*cost.FIXED_ROUTES, "adaptive")
+
+
+@dataclass
+class StepInfo:
+    """What one call did: the route that ran, kernel dispatches, tasks, merge bytes."""
+
+    route: str
+    dispatches: int
+    tasks: int
+    merge_bytes: int
+
+
+def geometry(q: torch.Tensor, k_pages: torch.Tensor) -> cost.Geometry:
+    return cost.Geometry(
+        k_pages.shape[1], q.shape[1] // k_pages.shape[1], k_pages.shape[3], k_pages.itemsize
+    )
+
+
+def run_route(
+    q, k_pages, v_pages, tables, lengths, route: str = "adaptive", scale: float | None = None,
+    profile: cost.MachineProfile | None = None, threads: int | None = None,
+) -> tuple[torch.Tensor, StepInfo]:  # fmt: skip
+    """`decode_attention` that also reports what ran (for benchmarks and engines' metrics)."""
+    if route not in ROUTES:
+        raise PagedInputError(f"unknown route {route!r}; choose from {', '.join(ROUTES)}")
+    kernel.check_inputs(q, k_pages, v_pages, tables, lengths)
+    profile = profile or cost.MachineProfile()
+    scale = float(scale) if scale is not None else k_pages.shape[3] ** -0.5
+    if route == "adaptive":
+        lens = lengths.tolist()
+        if min(lens) < 1:
+            raise PagedInputError("a length is < 1 or exceeds the block table's width")
+        route = cost.choose(lens, geometry(q, k_pages), profile)
+    if route == "padded" or not kernel.AVAILABLE:
+        if route != "padded":
+            raise PagedInputError(f"route {route!r} needs the compiled kernel (not built)")
+        kernel.check_tables(tables, lengths, k_pages.shape[0], k_pages.shape[2])
+        return reference.padded(q, k_pages, v_pages, tables, lengths, scale), StepInfo(
+            "padded", 1, 0, 0
+        )
+    settings = cost.route_settings(route, profile)
+    group, d = q.shape[1] // k_pages.shape[1], k_pages.shape[3]
+    merge = 0
+    for n in lengths.tolist():
+        ns = cost.splits_of(max(n, 1), *settings)[0]
+        merge += ns * k_pages.shape[1] * group * (d + 2) * 4 if ns > 1 else 0
+    if route == "per-request":
+        out = torch.empty(q.shape, dtype=torch.float32)
+        tasks = 0
+        for b in range(q.shape[0]):
+            _, t = kernel.decode(
+                q[b : b + 1], k_pages, v_pages, tables[b : b + 1], lengths[b : b + 1], scale,
+                *settings, threads, out[b : b + 1],
+            )  # fmt: skip
+            tasks += t
+        return out, StepInfo(route, q.shape[0], tasks, merge)
+    out, tasks = kernel.decode(q, k_pages, v_pages, tables, lengths, scale, *settings, threads)
+    return out, StepInfo(route, 1, tasks, merge)
+
+
+def decode_attention(
+    q, k_pages, v_pages, tables, lengths, route: str = "adaptive", scale: float | None = None,
+    profile: cost.MachineProfile | None = None, threads: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Attention of one new query token per request over its paged K/V (see module doc)."""
+    return run_route(q, k_pages, v_pages, tables, lengths, route, scale, profile, threads)[0]

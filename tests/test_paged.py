@@ -1,0 +1,197 @@
+"""The paged KV cache, the compiled decode kernel and every route against a float64 reference."""
+
+import pytest
+import torch
+import transformers
+
+from spectrumkv.paged import kernel
+from spectrumkv.paged.cache import PagedConfig, PagedKVCache
+from spectrumkv.paged.cost import MachineProfile
+from spectrumkv.paged.errors import CacheFullError, PagedInputError, UnsupportedModelError
+from spectrumkv.paged.reference import gather, reference, sdpa_per_request
+from spectrumkv.paged.routes import ROUTES, decode_attention, run_route
+
+# small split settings so short test requests still split (and merge) on every kernel route
+SPLITTY = MachineProfile(min_split_tokens=64, max_splits=5, split_splits=3)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def make_cache(lengths, dtype=torch.float16, kv_heads=3, head_dim=64, page_size=16, seed=0):
+    """A shuffled pool with holes: requests interleaved with freed ones, random contents."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum(-(-n // page_size) for n in lengths)
+    cfg = PagedConfig(1, kv_heads, head_dim, 2 * need + 4, page_size, dtype)
+    cache = PagedKVCache(cfg, shuffle_seed=seed)
+    for i, n in enumerate(lengths):
+        cache.allocate(("hole", i), n)  # freed below: holes between live requests' pages
+        cache.allocate(i, n)
+        k, v = torch.randn(2, kv_heads, n, head_dim, generator=g)
+        cache.write(0, i, 0, k, v)
+    for i in range(len(lengths)):
+        cache.free(("hole", i))
+    tables, lens = cache.block_tables(list(range(len(lengths))))
+    return cache, tables, lens
+
+
+def check_routes(lengths, dtype, q_heads=9, kv_heads=3, head_dim=64, page_size=16, tol=2e-3):
+    cache, tables, lens = make_cache(lengths, dtype, kv_heads, head_dim, page_size)
+    kp, vp = cache.layer(0)
+    q = torch.randn(len(lengths), q_heads, head_dim, generator=torch.Generator().manual_seed(1))
+    ref = reference(q, kp, vp, tables, lens, head_dim**-0.5)
+    for route in ROUTES:
+        out = decode_attention(q, kp, vp, tables, lens, route=route, profile=SPLITTY)
+        assert out.shape == q.shape and out.dtype == torch.float32
+        err = (out.double() - ref).abs().max().item()
+        # padded runs SDPA in the KV dtype: its output is rounded to it
+        limit = tol if route != "padded" else max(tol, ref.abs().max().item() * 2**-8)
+        assert err < limit, (route, err)
+    return cache, tables, lens, q, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routes_match_reference_at_page_boundaries(dtype):
+    check_routes([1, 15, 16, 17, 31, 32, 33, 64, 65, 200, 513], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_7b_shape_and_32_token_pages(dtype):
+    check_routes([1, 33, 300, 700], dtype, q_heads=32, kv_heads=8, head_dim=128, page_size=32)
+
+
+def test_long_request_32k():
+    check_routes([32768, 5], torch.bfloat16, q_heads=4, kv_heads=1, head_dim=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scalar_kernel_matches(dtype):
+    cache, tables, lens = make_cache([1, 40, 300], dtype)
+    kp, vp = cache.layer(0)
+    q = torch.randn(3, 9, 64)
+    ref = reference(q, kp, vp, tables, lens, 0.125)
+    previous = kernel.set_simd(False)
+    try:
+        out, _ = kernel.decode(q, kp, vp, tables, lens, 0.125, 4, 64)
+    finally:
+        kernel.set_simd(previous)
+    assert (out.double() - ref).abs().max().item() < 2e-3
+
+
+def test_merge_is_exact():
+    """Split and unsplit runs of one request agree to float rounding (the merge is exact)."""
+    cache, tables, lens = make_cache([5000, 777], torch.float16)
+    kp, vp = cache.layer(0)
+    q = torch.randn(2, 9, 64)
+    whole, tasks1 = kernel.decode(q, kp, vp, tables, lens, 0.125)
+    for splits, min_tokens in ((2, 32), (7, 100), (64, 32)):
+        parts, tasks = kernel.decode(q, kp, vp, tables, lens, 0.125, splits, min_tokens)
+        assert tasks > tasks1
+        assert torch.allclose(parts, whole, rtol=1e-5, atol=2e-6)
+
+
+def test_adaptive_reports_its_choice():
+    cache, tables, lens = make_cache([100, 3000], torch.float16)
+    kp, vp = cache.layer(0)
+    q = torch.randn(2, 9, 64)
+    _, info = run_route(q, kp, vp, tables, lens, "adaptive")
+    assert info.route in ("per-request", "split", "workqueue", "padded")
+    _, info = run_route(q, kp, vp, tables, lens, "per-request")
+    assert info.dispatches == 2
+
+
+def test_sdpa_anchor_matches():
+    cache, tables, lens = make_cache([1, 50, 333], torch.float16)
+    kp, vp = cache.layer(0)
+    q = torch.randn(3, 9, 64)
+    ref = reference(q, kp, vp, tables, lens, 0.125)
+    assert (sdpa_per_request(q, kp, vp, tables, lens, 0.125).double() - ref).abs().max() < 2e-3
+
+
+# ---- the cache ----
+
+
+def test_cache_append_write_free_and_full_pool():
+    cfg = PagedConfig(2, 3, 64, pages=4, page_size=16)
+    cache = PagedKVCache(cfg, shuffle_seed=3)
+    cache.allocate("a", 16)
+    cache.allocate("b", 17)  # 2 pages
+    assert cache.free_pages == 1
+    k = torch.randn(3, 17, 64)
+    cache.write(1, "b", 0, k, -k)
+    before = cache.k.clone()
+    slots = cache.append(["a", "b"])  # "a" needs a new page, "b" does not
+    assert cache.length("a") == 17 and cache.length("b") == 18 and cache.free_pages == 0
+    step = torch.randn(2, 3, 64)
+    cache.write_slots(1, slots, step, step)
+    kp, _ = cache.layer(1)
+    tables, lens = cache.block_tables(["a", "b"])
+    got = gather(kp, tables[1], 18)
+    assert torch.equal(got[:, :17], k.half()) and torch.equal(got[:, 17], step[1].half())
+    assert torch.equal(gather(kp, tables[0], 17)[:, 16], step[0].half())
+    with pytest.raises(CacheFullError):
+        cache.extend("a", 16)
+    with pytest.raises(CacheFullError):
+        cache.allocate("c", 1)
+    assert cache.length("a") == 17 and cache.free_pages == 0 and "c" not in cache._pages
+    assert torch.equal(cache.k[0], before[0])  # layer 0 untouched by all of this
+    cache.free("b")
+    assert cache.free_pages == 2
+    cache.allocate("c", 32)
+    assert set(cache.pages_of("c")).isdisjoint(cache.pages_of("a"))
+
+
+def test_sliding_window_models_are_refused():
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        PagedConfig.for_model(transformers.Gemma3TextConfig(), pages=8)
+    cfg = PagedConfig.for_model(
+        transformers.LlamaConfig(num_attention_heads=9, num_key_value_heads=3, hidden_size=576),
+        pages=8,
+    )
+    assert (cfg.kv_heads, cfg.head_dim) == (3, 64)
+
+
+# ---- bad input: a typed error, never a crash or an out-of-bounds read ----
+
+
+@pytest.fixture
+def small():
+    cache, tables, lens = make_cache([20, 40], torch.float16)
+    kp, vp = cache.layer(0)
+    return torch.randn(2, 9, 64), kp, vp, tables, lens
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_bad_tables_and_lengths(small, route):
+    q, kp, vp, tables, lens = small
+    bad = tables.clone()
+    bad[1, 1] = kp.shape[0]  # one past the pool
+    cases = [(bad, lens), (tables, torch.tensor([20, 0], dtype=torch.int32))]
+    cases.append((tables, torch.tensor([-5, 40], dtype=torch.int32)))
+    cases.append((tables, torch.tensor([20, tables.shape[1] * 16 + 1], dtype=torch.int32)))
+    neg = tables.clone()
+    neg[0, 0] = -1
+    cases.append((neg, lens))
+    for t, n in cases:
+        with pytest.raises(PagedInputError):
+            decode_attention(q, kp, vp, t, n, route=route)
+
+
+def test_bad_shapes_and_dtypes(small):
+    q, kp, vp, tables, lens = small
+    with pytest.raises(PagedInputError, match="float16 or bfloat16"):
+        decode_attention(q, kp, vp.bfloat16(), tables, lens)
+    with pytest.raises(PagedInputError, match="q must be"):
+        decode_attention(torch.randn(2, 8, 64), kp, vp, tables, lens)  # 8 % 3 heads
+    with pytest.raises(PagedInputError, match="q must be"):
+        decode_attention(torch.randn(2, 9, 32), kp, vp, tables, lens)
+    with pytest.raises(PagedInputError, match="tables must be"):
+        decode_attention(torch.randn(3, 9, 64), kp, vp, tables, lens)  # batch 3 vs tables 2
+    with pytest.raises(PagedInputError, match="tables must be"):
+        decode_attention(q, kp, vp, tables.long(), lens)
+    with pytest.raises(PagedInputError, match="lengths must be"):
+        decode_attention(q, kp, vp, tables, lens[:1])
+    with pytest.raises(PagedInputError, match="unknown route"):
+        decode_attention(q, kp, vp, tables, lens, route="fastest")
+    with pytest.raises(PagedInputError):
+        PagedConfig(1, 3, 64, pages=0)
+    with pytest.raises(PagedInputError):
+        PagedConfig(1, 3, 64, pages=4, dtype=torch.float32)
