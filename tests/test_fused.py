@@ -90,6 +90,30 @@ def test_fused_matches_reference(n, head_dim, group, rotate, wire, src_dtype, ke
     assert torch.equal(got.keys[:, fp16].view(torch.int16), want.view(torch.int16))
 
 
+@pytest.mark.parametrize("n", [0, 7, 33])
+@pytest.mark.parametrize("head_dim", [48, 80, 96, 112])
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_head_dims_that_are_not_powers_of_two(n, head_dim, rotate, src_dtype, kernels):
+    """One geometry for both codecs (`QuantConfig.geometry`): group 16 or 32 for group_size 64,
+    rotation in power-of-two blocks. Before, the compiled encoder rotated past the end of the
+    vector (garbage), the reference refused, and group_size 64 did not fit 80/96/112 at all."""
+    header = make_header(n, heads=2, head_dim=head_dim, quant=QuantConfig(64, rotate=rotate))
+    kv = _cache(2, n, head_dim, src_dtype, seed=n + head_dim)
+    g = torch.Generator().manual_seed(n)
+    tiers = torch.randint(0, len(Tier), (n,), generator=g)
+    _both_ways(kv, tiers, header)
+    x = torch.randn(2, n, head_dim, generator=g).to(src_dtype)
+    got, _, _ = read_frame(
+        frame_bytes(0, 0, tiers, LayerKV(x, x, torch.arange(n)), header), 0, header, 0
+    )
+    keep = tiers != int(Tier.DROP)
+    int8 = (tiers[keep] == int(Tier.INT8)).nonzero().flatten()
+    if int8.numel():  # INT8 decodes close to the original: not garbage
+        want = x[:, keep][:, int8].float()
+        assert (got.values[:, int8].float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
 @pytest.mark.model
 def test_fused_matches_reference_on_a_real_cache(smol):
     from spectrumkv import chat_ids, prefill
@@ -195,19 +219,20 @@ def test_kernel_rejects_a_body_that_does_not_match_the_tier_map():
     tiers = torch.full((8,), int(Tier.INT4))
     frame = frame_bytes(0, 0, tiers, kv, header, fused=True)
     body = memoryview(frame)[16 + 4 : -8]
+    geo = QuantConfig(8).geometry(16)
     with pytest.raises(ValueError, match="does not match"):
-        fused.decode_body(body[:-1], tiers, 2, 16, 8, True, torch.float16, 8)
+        fused.decode_body(body[:-1], tiers, 2, geo, torch.float16, 8)
     with pytest.raises(ValueError, match="invalid tier"):
-        fused.decode_body(body, torch.full((8,), 9), 2, 16, 8, True, torch.float16, 8)
+        fused.decode_body(body, torch.full((8,), 9), 2, geo, torch.float16, 8)
     with pytest.raises(ValueError, match="does not match"):
         out = memoryview(bytearray(len(frame) - 16 - 8 - 1))
-        fused.encode_body(kv.keys, kv.values, tiers, 8, True, torch.float16, out)
+        fused.encode_body(kv.keys, kv.values, tiers, geo, torch.float16, out)
     # sections hold the FP16 tier in 16 bits: a float32 wire dtype would overrun them
     with pytest.raises(ValueError, match="dtype"):
         out = memoryview(bytearray(len(frame) - 16 - 8))
-        fused.encode_body(kv.keys, kv.values, tiers, 8, True, torch.float32, out)
+        fused.encode_body(kv.keys, kv.values, tiers, geo, torch.float32, out)
     with pytest.raises(ValueError, match="dtype"):
-        fused.decode_body(body, tiers, 2, 16, 8, True, torch.float32, 8)
+        fused.decode_body(body, tiers, 2, geo, torch.float32, 8)
 
 
 def test_encode_and_decode_into_reused_buffers(kernels):

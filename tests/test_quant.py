@@ -99,8 +99,41 @@ def test_bad_quant_config_is_rejected():
         QuantConfig(group_size=48)
     with pytest.raises(ConfigError):
         QuantConfig(scheme="nf4")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError):
-        QuantConfig(group_size=64).group_for(96)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        QuantConfig(group_size=64).group_for(42)
+
+
+@pytest.mark.parametrize(
+    "head_dim,group,blocks",
+    [(64, 64, (64,)), (32, 32, (32,)), (256, 64, (256,)), (96, 32, (64, 32)),
+     (80, 16, (64, 16)), (112, 16, (64, 32, 16)), (12, 4, (8, 4))],
+)  # fmt: skip
+def test_geometry_fits_any_head_dim(head_dim, group, blocks):
+    """Before, head_dim 80/96/112 had no group at group_size 64 (ConfigError) and no rotation."""
+    geo = QuantConfig(64).geometry(head_dim)
+    assert (geo.group, geo.blocks) == (group, blocks)
+    assert all(sum(blocks[:i]) % group == 0 for i in range(len(blocks)))
+    assert QuantConfig(64, rotate=False).geometry(head_dim).blocks == ()
+
+
+@pytest.mark.parametrize("head_dim", [96, 80, 48])
+def test_block_rotation_is_orthonormal_and_helps_int4_on_outlier_channels(head_dim):
+    from spectrumkv.quant import rotate
+
+    geo = QuantConfig(64).geometry(head_dim)
+    eye = torch.eye(head_dim)
+    r = rotate(eye, geo.blocks)
+    assert torch.allclose(r @ r.T, eye, atol=1e-6) and torch.allclose(r, r.T)
+    assert torch.allclose(rotate(rotate(eye * 3, geo.blocks), geo.blocks), eye * 3, atol=1e-5)
+    torch.manual_seed(0)
+    x = torch.randn(256, 2, head_dim)
+    x[..., 3] += 30  # an outlier channel, as real keys have
+    err = {}
+    for rot in (True, False):
+        q = QuantConfig(64, rotate=rot)
+        y = dequantize(quantize(x, Tier.INT4, q), Tier.INT4, q, head_dim)
+        err[rot] = float(((y - x) ** 2).mean() / (x**2).mean())
+    assert err[True] < 0.7 * err[False], err
 
 
 def test_kivi_keys_are_quantized_per_channel():

@@ -246,3 +246,36 @@ def test_decoding_rejects_a_destination_that_cannot_hold_the_frame(shapes, dtype
     roomy = tuple(torch.empty(2, 10, 16, dtype=torch.float16) for _ in range(2))
     got, _, _ = read_frame(frame, 0, header, 0, out=roomy)
     assert got.keys.data_ptr() == roomy[0].data_ptr() and got.keys.shape == (2, 8, 16)
+
+
+@pytest.mark.parametrize(
+    "group,error",
+    [
+        (32, "group_size 32 is not the group its fingerprint implies"),  # wider than head_dim
+        (12, "bad quantization parameters"),
+        (16, "does not match its tier map"),  # a legal group, but not the one the frames use
+    ],
+)
+def test_a_header_group_size_its_fingerprint_does_not_imply_is_refused(group, error, codec):
+    """Checksums re-sealed, so the check behind them is reached. Before, the reference decoded
+    group_size 32 on head_dim 16 as 16, and the compiled decoder raised a bare ValueError
+    (HTTP 500 in the PD worker, a full load_timeout_s wait in the vLLM receiver)."""
+    import struct
+
+    from spectrumkv.wire import frame_checksum, header_bytes
+
+    header = make_header(8, n_layers=2)  # head_dim 16, group 8
+    tiers = torch.full((8,), int(Tier.INT4))
+    frames = [
+        bytes(frame_bytes(i, 0, tiers, kv, header))[:-8]
+        for i, kv in enumerate(random_layers(header))
+    ]
+    raw = header_bytes(msgspec.structs.replace(header, group_size=group))
+    seed = struct.unpack("<Q", raw[-8:])[0]
+    payload = raw + b"".join(f + struct.pack("<Q", frame_checksum(f, seed)) for f in frames)
+    with pytest.raises(WireFormatError, match=error) as e:
+        decode_payload(payload, expect=header.fingerprint)
+    assert not isinstance(e.value, ChecksumError)
+    bad = msgspec.structs.replace(header, group_size=32)
+    with pytest.raises(WireFormatError, match="not the group its fingerprint implies"):
+        frame_bytes(0, 0, tiers, random_layers(header)[0], bad)

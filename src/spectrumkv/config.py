@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from .errors import BudgetError, ConfigError
@@ -40,9 +42,11 @@ class QuantConfig:
     `kivi`: KIVI-style: keys per channel over blocks of `group_size` consecutive tokens (of the
     same tier), values per token in groups of `group_size` along head_dim; FP16 scale + minimum.
     `rotate`: multiply each head vector by an orthonormal Hadamard matrix before quantizing (and
-    back after), which spreads outlier channels over the group; needs a power-of-two head_dim.
-    Measured on SmolLM2 keys: INT4 group-64 relative MSE 0.018 -> 0.007. FP16 tiers are never
-    rotated.
+    back after), which spreads outlier channels over the group. Measured on SmolLM2 keys: INT4
+    group-64 relative MSE 0.018 -> 0.007. FP16 tiers are never rotated.
+    How both settings apply to a model's head_dim (the group a head vector actually uses, the
+    rotation's blocks) is its `geometry(head_dim)`: the one place every codec and the receiver
+    read it from.
     """
 
     group_size: int = 64
@@ -56,12 +60,57 @@ class QuantConfig:
         if g < 4 or g > 1024 or g & (g - 1):
             raise ConfigError(f"group_size must be a power of two in [4, 1024], got {g}")
 
+    def geometry(self, head_dim: int) -> Geometry:
+        """How a head vector of `head_dim` channels is quantized (ConfigError if it cannot be)."""
+        return _geometry(self.group_size, self.rotate, head_dim)
+
     def group_for(self, head_dim: int) -> int:
-        """Effective group size for a head dimension (a group never spans two heads)."""
-        g = min(self.group_size, head_dim)
-        if head_dim % g:
-            raise ConfigError(f"head_dim {head_dim} is not a multiple of group_size {g}")
-        return g
+        """Effective group size for a head dimension: `geometry(head_dim).group`."""
+        return self.geometry(head_dim).group
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The layout of one head vector in the integer tiers, shared by the encoder, both codecs
+    (compiled and reference) and the receiver, which all derive it from a `QuantConfig` and the
+    model's head_dim (`QuantConfig.geometry`), so they cannot disagree.
+
+    `group`: channels per FP16 (scale, minimum) pair: the largest power of two up to
+    `group_size` that divides head_dim (a group never spans two heads); for a power-of-two
+    head_dim that is min(group_size, head_dim), e.g. head_dim 96 with group_size 64 -> 32.
+    `blocks`: the Hadamard rotation as independent orthonormal blocks of consecutive channels,
+    each a power of two, largest first (head_dim 128 -> (128,), 96 -> (64, 32), 80 -> (64, 16));
+    () without rotation. Every block boundary is a multiple of `group`.
+    """
+
+    head_dim: int
+    group: int
+    blocks: tuple[int, ...]
+
+    @property
+    def rotate(self) -> bool:
+        return bool(self.blocks)
+
+    @property
+    def one_block(self) -> bool:
+        """Rotation over the whole vector: what the compiled kernels apply in place. Other
+        rotations are applied around them, in torch (`quant.rotate`)."""
+        return len(self.blocks) == 1
+
+
+#: Largest head_dim a frame may describe (the compiled codec's limit).
+MAX_HEAD_DIM = 4096
+
+
+@lru_cache(maxsize=256)
+def _geometry(group_size: int, rotate: bool, head_dim: int) -> Geometry:
+    if not (4 <= head_dim <= MAX_HEAD_DIM) or head_dim % 4:
+        raise ConfigError(
+            f"head_dim must be a multiple of 4 in [4, {MAX_HEAD_DIM}] (INT2 packs 4 codes a byte), "
+            f"got {head_dim}"
+        )
+    blocks = tuple(1 << b for b in range(head_dim.bit_length() - 1, -1, -1) if head_dim >> b & 1)
+    return Geometry(head_dim, math.gcd(group_size, head_dim), blocks if rotate else ())
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 It covers the default `asym-group` scheme (with or without rotation) and the FP16 tier, for K/V
 held in float32, float16 or bfloat16, in one pass per layer frame, with the GIL released and the
-work split over `threads` threads. Its bytes are identical to the torch reference
-(`reference_codec.py`, `quant.py`; tests check it); `sym-token` and `kivi` always run on the
-reference. When the extension could not be compiled, `AVAILABLE` is False and the wire module uses
-the reference.
+work split over `threads` threads. The kernels rotate a whole head vector (a power-of-two
+head_dim); a rotation in several blocks (`Geometry.blocks`, e.g. head_dim 96 -> 64 + 32) is
+applied here around them with the reference's own `quant.rotate`, on a float32 copy. Its bytes
+are identical to the torch reference (`reference_codec.py`, `quant.py`; tests check it);
+`sym-token` and `kivi` always run on the reference. When the extension could not be compiled,
+`AVAILABLE` is False and the wire module uses the reference.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import os
 import numpy as np
 import torch
 
-from .config import QuantConfig
+from .config import Geometry, QuantConfig
 from .kv import check_destination, check_source
-from .tiers import as_tier_codes
+from .quant import rotate
+from .tiers import Tier, as_tier_codes
 
 try:
     from . import _codec
@@ -69,25 +72,37 @@ def _threads(threads: int | None) -> int:
     return max(1, min(64, threads or torch.get_num_threads()))
 
 
+def _integer_rows(codes: np.ndarray) -> torch.Tensor:
+    """Indices of the integer-tier entries of a tier-code array (INT2/INT4/INT8: the rotated
+    ones; the FP16 tier never is)."""
+    return torch.from_numpy(np.flatnonzero((codes != Tier.DROP) & (codes != Tier.FP16)))
+
+
 def encode_body(
     keys: torch.Tensor,
     values: torch.Tensor,
     tiers: torch.Tensor,
-    group: int,
-    rotate: bool,
+    geo: Geometry,
     wire_dtype: torch.dtype,
     out: memoryview,
     threads: int | None = None,
 ) -> None:
     """Write a frame body (tier map + sections) into `out`, which must have exactly its size.
 
-    keys, values: [H, n, D] (float32/float16/bfloat16); tiers: [n] Tier codes."""
+    keys, values: [H, n, D] (float32/float16/bfloat16); tiers: [n] Tier codes; geo: the
+    geometry of D (`QuantConfig.geometry`)."""
     check_source(keys, values)  # the C reads through them
     h, n, d = keys.shape
+    t = as_tier_codes(tiers).numpy()
     k, v = keys.contiguous(), values.contiguous()
+    if geo.rotate and not geo.one_block:
+        rows = _integer_rows(t)
+        k, v = (x.to(torch.float32, copy=True) for x in (k, v))
+        for x in (k, v) if rows.numel() else ():
+            x[:, rows] = rotate(x[:, rows], geo.blocks)
     _codec.encode_frame(
-        k.data_ptr(), v.data_ptr(), _DTYPE_CODES[k.dtype], h, n, d, group, int(rotate),
-        _DTYPE_CODES[wire_dtype], as_tier_codes(tiers).numpy(), out, _threads(threads),
+        k.data_ptr(), v.data_ptr(), _DTYPE_CODES[k.dtype], h, n, d, geo.group,
+        int(geo.one_block), _DTYPE_CODES[wire_dtype], t, out, _threads(threads),
     )  # fmt: skip
 
 
@@ -116,31 +131,43 @@ def decode_body(
     body: memoryview,
     tiers: torch.Tensor,
     heads: int,
-    head_dim: int,
-    group: int,
-    rotate: bool,
+    geo: Geometry,
     wire_dtype: torch.dtype,
     kept: int,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a verified frame body (the bytes after the tier map) into [H, kept, D] keys and
-    values in `wire_dtype`. `out`: destination tensors [H, capacity >= kept, D] to write into
-    (e.g. a receive cache reused across requests); the result is then their [:, :kept] view.
-    Raises ValueError if the body's size does not match the tier map, or `out` cannot hold the
-    frame (`kv.check_destination`)."""
+    values in `wire_dtype` (D = geo.head_dim). `out`: destination tensors [H, capacity >= kept,
+    D] to write into (e.g. a receive cache reused across requests); the result is then their
+    [:, :kept] view. Raises ValueError if the body's size does not match the tier map, or `out`
+    cannot hold the frame (`kv.check_destination`)."""
+    d = geo.head_dim
     if out is None:
-        keys = torch.empty(heads, kept, head_dim, dtype=wire_dtype)
+        keys = torch.empty(heads, kept, d, dtype=wire_dtype)
         values = torch.empty_like(keys)
     else:
-        check_destination(out, heads, head_dim, wire_dtype, kept)  # the C writes through it
+        check_destination(out, heads, d, wire_dtype, kept)  # the C writes through it
         keys, values = out
     t = as_tier_codes(tiers).numpy()
     code = _DTYPE_CODES[wire_dtype]
-    _codec.decode_frame(
-        body, t, heads, t.shape[0], head_dim, group, int(rotate), code,
-        keys.data_ptr(), values.data_ptr(), code, kept, keys.shape[1], _threads(threads),
-    )  # fmt: skip
+    if geo.rotate and not geo.one_block:  # decode unrotated in float32, rotate, then round
+        k32, v32 = torch.empty(heads, kept, d), torch.empty(heads, kept, d)
+        _codec.decode_frame(
+            body, t, heads, t.shape[0], d, geo.group, 0, code,
+            k32.data_ptr(), v32.data_ptr(), _DTYPE_CODES[torch.float32], kept, kept,
+            _threads(threads),
+        )  # fmt: skip
+        rows = _integer_rows(t[t != Tier.DROP])
+        for x, dst in ((k32, keys), (v32, values)):
+            if rows.numel():
+                x[:, rows] = rotate(x[:, rows], geo.blocks)
+            dst[:, :kept] = x
+    else:
+        _codec.decode_frame(
+            body, t, heads, t.shape[0], d, geo.group, int(geo.rotate), code,
+            keys.data_ptr(), values.data_ptr(), code, kept, keys.shape[1], _threads(threads),
+        )  # fmt: skip
     if keys.shape[1] == kept:
         return keys, values
     return keys[:, :kept], values[:, :kept]

@@ -114,16 +114,26 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(x.shape) * torch.tensor(1.0 / math.sqrt(d), dtype=torch.float32)
 
 
+def rotate(x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+    """The codec's rotation of float32 x [..., D] (`Geometry.blocks`, summing to D): `fwht` of
+    each block of consecutive channels, i.e. x times a block-diagonal matrix of orthonormal
+    Hadamard blocks, symmetric, so also its own inverse. One block is plain `fwht`."""
+    if len(blocks) == 1:
+        return fwht(x)
+    return torch.cat([fwht(part) for part in x.split(blocks, dim=-1)], dim=-1)
+
+
 def quantize(x: torch.Tensor, tier: Tier, quant: QuantConfig, is_key: bool = False) -> Quantized:
     """Quantize [m, H, D] float32 to `tier` (INT8/INT4/INT2). `is_key` matters for `kivi`."""
     bits = TIER_BITS[tier]
-    if quant.rotate:
-        x = fwht(x.float())
+    geo = quant.geometry(x.shape[-1])
+    if geo.rotate:
+        x = rotate(x.float(), geo.blocks)
     if quant.scheme == "sym-token":
         return _quantize_sym_token(x, bits)
     if quant.scheme == "kivi" and is_key:
         return _quantize_per_channel(x, bits, quant.group_size)
-    return _quantize_asym_group(x, bits, quant.group_for(x.shape[-1]))
+    return _quantize_asym_group(x, bits, geo.group)
 
 
 def dequantize(
@@ -131,6 +141,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Inverse of `quantize`, returns float32 [m, H, D]."""
     bits = TIER_BITS[tier]
+    geo = quant.geometry(head_dim)
     codes = unpack(q.codes, bits).float()
     if quant.scheme == "kivi" and is_key:
         m = codes.shape[0]
@@ -140,12 +151,12 @@ def dequantize(
         half = float(1 << (bits - 1))
         out = (codes - half) * q.scale.float()[:, None, None]
     else:
-        g = quant.group_for(head_dim)
+        g = geo.group
         m, h = codes.shape[:2]
         codes = codes.view(m, h, head_dim // g, g)
         out = codes * q.scale.float()[..., None] + q.minimum.float()[..., None]
         out = out.view(m, h, head_dim)
-    return fwht(out) if quant.rotate else out
+    return rotate(out, geo.blocks) if geo.rotate else out
 
 
 def _write_nan_groups(

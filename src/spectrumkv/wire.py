@@ -40,10 +40,10 @@ import xxhash
 
 from . import fused as fused_codec
 from . import reference_codec
-from .config import QuantConfig
+from .config import Geometry, QuantConfig
 from .errors import ChecksumError, IncompatiblePayloadError, WireFormatError
 from .kv import LayerKV, check_destination, first_slot
-from .quant import hadamard, section_bytes
+from .quant import section_bytes
 from .tiers import STORED_TIERS, Tier, as_tier_codes
 
 MAGIC = b"SPKV"
@@ -129,7 +129,14 @@ def _checksum(*parts: bytes | memoryview, seed: int = 0) -> int:
 
 def header_bytes(header: Header) -> bytes:
     """Preamble + header + checksum."""
-    body = _header_encoder.encode(header)
+    return seal_header(_header_encoder.encode(header))
+
+
+def seal_header(body: bytes) -> bytes:
+    """Preamble + `body` (a msgpack header, not checked against the schema) + checksum, as
+    `header_bytes` writes them; its last 8 bytes are the seed of the payload's frame checksums
+    (`frame_checksum`). For fuzzing and tests: a mutation that re-seals reaches every check
+    behind the checksums."""
     pre = _PREAMBLE.pack(MAGIC, VERSION, 0, len(body))
     return pre + body + _CHECK.pack(_checksum(pre, body))
 
@@ -158,6 +165,25 @@ def frame_seed(header: Header) -> int:
     """The seed of every frame checksum of a payload: its header's checksum."""
     raw = header_bytes(header)
     return _CHECK.unpack_from(raw, len(raw) - _CHECK.size)[0]
+
+
+@lru_cache(maxsize=64)
+def geometry(header: Header) -> Geometry:
+    """The codec geometry of a payload's frames (`QuantConfig.geometry` of its head_dim), the
+    one both codecs encode and decode with. WireFormatError when the header's quantization
+    cannot describe its fingerprint's head_dim, or its group_size is not the group that implies
+    (a sender writes the group it used, `QuantConfig.group_for`)."""
+    head_dim = header.fingerprint.head_dim
+    try:
+        geo = header.quant.geometry(head_dim)
+    except ValueError as e:
+        raise WireFormatError(f"bad quantization parameters: {e}") from None
+    if header.group_size != geo.group:
+        raise WireFormatError(
+            f"header group_size {header.group_size} is not the group its fingerprint implies "
+            f"({geo.group} for head_dim {head_dim})"
+        )
+    return geo
 
 
 def frame_size(n_slots: int, tier_counts: dict[Tier, int], fp: Fingerprint, q: QuantConfig) -> int:
@@ -209,8 +235,9 @@ def frame_bytes(
     scheme, False forces the torch reference (identical bytes). `out`: a buffer to encode into
     (e.g. a send buffer reused across frames); the frame is then a memoryview of its prefix.
     Without it the frame is a memoryview of new memory, which every byte is written into once
-    (not zero-filled first as a bytearray would be: that pass cost 10-20 % of an encode)."""
-    fp, q = header.fingerprint, header.quant
+    (not zero-filled first as a bytearray would be: that pass cost 10-20 % of an encode).
+    WireFormatError for a header whose quantization a receiver would refuse (`geometry`)."""
+    fp, q, geo = header.fingerprint, header.quant, geometry(header)
     t = as_tier_codes(tiers)
     n = t.numel()
     _check_layer(kv, fp, n)
@@ -230,7 +257,7 @@ def frame_bytes(
     if fused is None:
         fused = fused_codec.enabled(q)
     if fused:
-        fused_codec.encode_body(kv.keys, kv.values, t, q.group_size, q.rotate, wire_dtype, body)
+        fused_codec.encode_body(kv.keys, kv.values, t, geo, wire_dtype, body)
     else:
         reference_codec.encode_body(body, t, kv, wire_dtype, q)
     _CHECK.pack_into(mv, body_end, frame_checksum(mv[:body_end], frame_seed(header)))
@@ -305,12 +332,7 @@ def _validate_header(h: Header) -> None:
         raise WireFormatError(f"unknown kv dtype {fp.kv_dtype!r}")
     if any(not (0 <= i < fp.n_layers) for i in fp.sliding_layers):
         raise WireFormatError("sliding layer index out of range")
-    try:
-        h.quant.group_for(fp.head_dim)
-        if h.rotate:
-            hadamard(fp.head_dim)
-    except ValueError as e:
-        raise WireFormatError(f"bad quantization parameters: {e}") from None
+    geometry(h)
 
 
 def _fingerprint_diff(got: Fingerprint, want: Fingerprint) -> str:
@@ -375,8 +397,7 @@ def read_frame(
         fused = fused_codec.enabled(q)
     if fused:
         keys, values = fused_codec.decode_body(
-            sections, tiers, fp.n_kv_heads, fp.head_dim, q.group_size, q.rotate,
-            _KV_DTYPES[fp.kv_dtype], kept, out,
+            sections, tiers, fp.n_kv_heads, geometry(header), _KV_DTYPES[fp.kv_dtype], kept, out,
         )  # fmt: skip
     else:
         wire_dtype = _KV_DTYPES[fp.kv_dtype]
