@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -25,8 +26,69 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     print(finetune(recipe, args.out, save_every=args.save_every))
 
 
+def _threads(n: int) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from ..engines.hf import load
+    from .artifact import save
+    from .calibrate import CalibConfig, calibrate
+
+    _threads(args.threads)
+    cfg = CalibConfig(
+        corpus=args.corpus, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+        code_budget=args.code_budget, patch_rank=args.patch_rank, max_patches=args.max_patches,
+        eps=args.eps, aligner_steps=args.aligner_steps, dev_chunks=args.dev_chunks,
+    )  # fmt: skip
+    a = load(args.producer)
+    b = a if args.consumer == args.producer else load(args.consumer)
+    art = calibrate(a, b, cfg)
+    save(art, args.out)
+    m = art.manifest
+    print(f"{args.out}: patch layers {m.patch_layers}, KL on dev {m.kl_dev:.4f} (eps {m.eps})")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from ..engines.hf import load
+    from .artifact import load as load_artifact
+    from .evaluate import EvalConfig, rebuild_timing, run_eval
+    from .plots import plot_all
+
+    _threads(args.threads)
+    cfg = EvalConfig(corpus=args.corpus, chunks=args.chunks, context=args.context,
+                     continuation=args.continuation)  # fmt: skip
+    a, b = load(args.producer), load(args.consumer)
+    art = load_artifact(args.artifact)
+    control = load_artifact(args.control) if args.control else None
+    result = run_eval(a, b, art, control, cfg)
+    if args.timing_tokens:
+        result["timing"] = rebuild_timing(a, b, art, args.timing_tokens, args.corpus)
+    result["command"] = "spectrumkv " + " ".join(sys.argv[1:])
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    for r in result["records"]:
+        print(
+            f"{r['method']:>20} bytes {r['bytes_ratio']:.3f}  dPPL {r['delta_pct']:+7.2f}% "
+            f"(chunk sd {r['delta_pct_chunk_std']:.2f})  KL {r['kl']:.4f}  prefix "
+            f"{r['exact_prefix']:.1f}  F1 {r['token_f1']:.2f}  rebuild {r['rebuild_s']:.3f}s"
+        )
+    if "timing" in result:
+        print(result["timing"])
+    if args.plots:
+        for p in plot_all(result, args.plots):
+            print(p)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `spectrumkv scd` (finetune, calibrate, eval) to the main parser."""
+    from .calibrate import CalibConfig
+    from .evaluate import EvalConfig
     from .finetune import Recipe
 
     scd = sub.add_parser("scd", help="Semantic Cache Distillation: cross-model KV transfer")
@@ -41,7 +103,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--batch", type=int, default=d.batch)
     ft.add_argument("--seq-len", type=int, default=d.seq_len)
     ft.add_argument("--warmup", type=int, default=d.warmup)
-    ft.add_argument("--save-every", type=int, default=25, help="checkpoint period (steps)")
+    ft.add_argument("--save-every", type=int, default=10, help="checkpoint period (steps)")
     ft.add_argument("--out", default=None, help="output directory (default: the cache)")
     ft.add_argument("--threads", type=int, default=0)
     ft.set_defaults(func=_cmd_finetune)
+
+    c = CalibConfig()
+    cal = cmds.add_parser("calibrate", help="fit the low-rank maps and patch layers of a pair")
+    cal.add_argument("--producer", required=True, help="model A (prefill side)")
+    cal.add_argument("--consumer", required=True, help="model B (decode side)")
+    cal.add_argument("--corpus", default=c.corpus)
+    cal.add_argument("--prompts", type=int, default=c.prompts)
+    cal.add_argument("--prompt-tokens", type=int, default=c.prompt_tokens)
+    cal.add_argument("--code-budget", type=float, default=c.code_budget,
+                     help="reuse-path code bytes / raw FP16 KV bytes")  # fmt: skip
+    cal.add_argument("--patch-rank", type=int, default=c.patch_rank)
+    cal.add_argument("--max-patches", type=int, default=c.max_patches)
+    cal.add_argument("--eps", type=float, default=c.eps, help="KL target on dev (nats/token)")
+    cal.add_argument("--aligner-steps", type=int, default=c.aligner_steps)
+    cal.add_argument("--dev-chunks", type=int, default=c.dev_chunks)
+    cal.add_argument("--out", required=True, help="artifact directory")
+    cal.add_argument("--threads", type=int, default=0)
+    cal.set_defaults(func=_cmd_calibrate)
+
+    e = EvalConfig()
+    ev = cmds.add_parser("eval", help="SCD vs every baseline under the PD protocol")
+    ev.add_argument("--producer", required=True)
+    ev.add_argument("--consumer", required=True)
+    ev.add_argument("--artifact", required=True)
+    ev.add_argument("--control", default=None, help="artifact calibrated with A = B (control)")
+    ev.add_argument("--corpus", default=e.corpus)
+    ev.add_argument("--chunks", type=int, default=e.chunks)
+    ev.add_argument("--context", type=int, default=e.context)
+    ev.add_argument("--continuation", type=int, default=e.continuation)
+    ev.add_argument("--timing-tokens", type=int, default=4096, help="0: skip the timing run")
+    ev.add_argument("--json", required=True)
+    ev.add_argument("--plots", default=None, help="path stem of the PNG plots")
+    ev.add_argument("--threads", type=int, default=0)
+    ev.set_defaults(func=_cmd_eval)

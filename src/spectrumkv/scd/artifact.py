@@ -1,0 +1,155 @@
+"""The calibration artifact: a directory with `tensors.safetensors` (every encoder, decoder,
+mean, PCA basis and aligner weight, float32) and `manifest.json` (both models' fingerprints,
+ranks, patch layers, epsilon, calibration corpus and split, the tensors' sha256). Nothing is
+pickled. A corrupted artifact or one used with other models is a typed error.
+
+Tensor names, per layer i: `i.k.{mu_a,enc,dec,mu_b}` and `i.v.{...}` (reuse path);
+at patch layers `i.h.{mu,basis}` (A's attention-input PCA) and `i.al.{lin,up,down}.{weight,bias}`
+(the aligner).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import IncompatiblePayloadError, SpectrumKVError
+from ..wire import Fingerprint
+from .fit import Aligner
+
+VERSION = 1
+
+
+class ArtifactError(SpectrumKVError):
+    """An SCD artifact is missing, malformed or corrupted."""
+
+
+class ArtifactMismatchError(ArtifactError, IncompatiblePayloadError):
+    """An SCD artifact calibrated for other models than the ones given."""
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What an artifact was calibrated for and how. `ranks[i]` = (r_K, r_V) of layer i's reuse
+    path (unused at patch layers); `patch_rank` = r_H; `kl_dev` = mean token
+    KL(B with codes || oracle) measured on the dev split with these settings (nats);
+    `code_budget` = reuse-path code bytes as a fraction of raw FP16 KV bytes."""
+
+    version: int
+    producer: Fingerprint
+    consumer: Fingerprint
+    ranks: list[tuple[int, int]]
+    patch_layers: list[int]
+    patch_rank: int
+    aligner_width: int
+    eps: float
+    kl_dev: float
+    code_budget: float
+    corpus: str
+    split: str
+    prompts: int
+    prompt_tokens: int
+    tensors_sha256: str = ""
+
+
+@dataclass
+class Artifact:
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    _aligners: dict[int, Aligner] = field(default_factory=dict, repr=False)
+
+    def aligner(self, layer: int) -> Aligner:
+        """Layer's aligner module (built once)."""
+        if layer not in self._aligners:
+            t = self.tensors
+            basis, w = t[f"{layer}.h.basis"], t[f"{layer}.al.up.weight"]
+            al = Aligner(basis.shape[1], t[f"{layer}.al.lin.weight"].shape[0], w.shape[0])
+            prefix = f"{layer}.al."
+            al.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)})
+            self._aligners[layer] = al.eval()
+        return self._aligners[layer]
+
+
+def check_models(art: Artifact, producer: Fingerprint, consumer: Fingerprint) -> None:
+    """ArtifactMismatchError unless the artifact was calibrated for this producer and consumer."""
+    for role, want, got in (
+        ("producer", art.manifest.producer, producer),
+        ("consumer", art.manifest.consumer, consumer),
+    ):
+        if want != got:
+            raise ArtifactMismatchError(
+                f"artifact calibrated for {role} {want.arch}/{want.weights_digest}, "
+                f"got {got.arch}/{got.weights_digest}"
+            )
+
+
+def save(art: Artifact, out: str | Path) -> Path:
+    """Write the artifact directory (tensors first, then the manifest with their sha256)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous() for k, v in art.tensors.items()}
+    save_file(tensors, str(out / "tensors.safetensors"))
+    digest = _sha256(out / "tensors.safetensors")
+    manifest = msgspec.structs.replace(art.manifest, tensors_sha256=digest)
+    (out / "manifest.json").write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
+    art.manifest = manifest
+    return out
+
+
+def load(path: str | Path) -> Artifact:
+    """Read and verify an artifact directory; ArtifactError on anything wrong."""
+    path = Path(path)
+    try:
+        raw = (path / "manifest.json").read_bytes()
+        manifest = msgspec.json.decode(raw, type=Manifest)
+    except OSError as e:
+        raise ArtifactError(f"no readable SCD artifact at {path}: {e}") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ArtifactError(f"{path}/manifest.json is not a valid SCD manifest: {e}") from None
+    if manifest.version != VERSION:
+        raise ArtifactError(f"artifact version {manifest.version}, this code reads {VERSION}")
+    tfile = path / "tensors.safetensors"
+    if not tfile.is_file() or _sha256(tfile) != manifest.tensors_sha256:
+        raise ArtifactError(f"{tfile} is missing or does not match the manifest's sha256")
+    try:
+        tensors = load_file(str(tfile))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{tfile}: {e}") from None
+    art = Artifact(manifest, tensors)
+    _check_layout(art)
+    return art
+
+
+def _check_layout(art: Artifact) -> None:
+    """Every tensor the manifest implies is present with consistent shapes."""
+    m, t = art.manifest, art.tensors
+    width = m.consumer.n_kv_heads * m.consumer.head_dim
+    if len(m.ranks) != m.consumer.n_layers or m.producer.n_layers != m.consumer.n_layers:
+        raise ArtifactError("manifest ranks do not cover every layer")
+    try:
+        for i, (rk, rv) in enumerate(m.ranks):
+            if i in m.patch_layers:
+                if t[f"{i}.h.basis"].shape[1] != m.patch_rank:
+                    raise ArtifactError(f"layer {i}: patch basis is not rank {m.patch_rank}")
+                art.aligner(i)
+                continue
+            for kv, r in (("k", rk), ("v", rv)):
+                if t[f"{i}.{kv}.enc"].shape[1] != r or t[f"{i}.{kv}.dec"].shape != (r, width):
+                    raise ArtifactError(f"layer {i} {kv}: maps are not rank {r} x {width}")
+    except KeyError as e:
+        raise ArtifactError(f"artifact lacks tensor {e}") from None
+    except RuntimeError as e:  # load_state_dict shape mismatch
+        raise ArtifactError(f"aligner tensors: {e}") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

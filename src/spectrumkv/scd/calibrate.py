@@ -1,0 +1,214 @@
+"""Calibration: paired prefills of A and B on the corpus' `calib` split, low-rank K/V maps with
+ranks under a byte budget, patch aligners, and patch layers chosen on the `dev` split.
+
+Layer choice: with no patches, B's mean token KL against its own prefill on the dev chunks is
+KL_0. Each layer alone patched (affine aligner) gives KL_l; layers are ranked by KL gain per
+extra byte (a patch cheaper than the reuse codes it replaces ranks first, by gain), then added
+in that order while the set lowers KL, until KL <= eps or `max_patches`. The chosen layers'
+aligners then get their MLP trained, and KL on dev is measured once more for the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..engines.hf import Engine, decode_state
+from ..errors import ConfigError
+from ..eval.ppl import corpus_chunks
+from .artifact import VERSION, Artifact, Manifest
+from .capture import Captured, capture, check_supported, derotate, flat
+from .codes import encode_layer, reconstruct_layer
+from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
+from .metrics import Scored, kl, score
+from .splits import split_text
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration settings. `code_budget`: reuse-path code bytes as a fraction of raw FP16 KV
+    bytes; `patch_rank`: r_H (elements of A's attention-input code per token at a patch layer);
+    `dev_context`/`dev_continuation`: the PD protocol's chunk on the dev split."""
+
+    corpus: str = "wiki"
+    prompts: int = 8
+    prompt_tokens: int = 512
+    code_budget: float = 0.5
+    patch_rank: int = 128
+    max_patches: int = 6
+    eps: float = 0.02
+    aligner_width: int = 128
+    aligner_steps: int = 150
+    dev_chunks: int = 3
+    dev_context: int = 1024
+    dev_continuation: int = 128
+    ridge: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.prompts < 1 or self.prompt_tokens < 16 or self.dev_chunks < 1:
+            raise ConfigError("need prompts >= 1, prompt_tokens >= 16, dev_chunks >= 1")
+        if not 0 < self.code_budget <= 1 or self.eps < 0 or self.max_patches < 0:
+            raise ConfigError("code_budget must be in (0, 1], eps and max_patches >= 0")
+        if self.patch_rank < RANK_STEP or self.patch_rank % RANK_STEP:
+            raise ConfigError(f"patch_rank must be a positive multiple of {RANK_STEP}")
+        if not 2 <= self.dev_continuation < self.dev_context:
+            raise ConfigError("need 2 <= dev_continuation < dev_context")
+
+
+def _paired(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> tuple[list, list]:
+    """Per layer, stacked calibration samples (K, V, attention input) of A and of B."""
+    n_layers = engine_a.fingerprint.n_layers
+    text = split_text(cfg.corpus, "calib")
+    chunks = corpus_chunks(engine_a, text, cfg.prompt_tokens, cfg.prompts)
+    per: dict[str, list[list[torch.Tensor]]] = {
+        k: [[] for _ in range(n_layers)] for k in ("ka", "va", "xa", "kb", "vb", "xb")
+    }
+    for ids in tqdm(chunks, desc="calibration prefills", leave=False):
+        for eng, tag in ((engine_a, "a"), (engine_b, "b")):
+            c = capture(eng, ids, input_layers=range(n_layers))
+            for i, kv in enumerate(c.pre.layers):
+                per["k" + tag][i].append(derotate(eng, kv))
+                per["v" + tag][i].append(flat(kv.values))
+                per["x" + tag][i].append(c.inputs[i])
+    cat = {k: [torch.cat(v) for v in lists] for k, lists in per.items()}
+    a = list(zip(cat["ka"], cat["va"], cat["xa"], strict=True))
+    b = list(zip(cat["kb"], cat["vb"], cat["xb"], strict=True))
+    return a, b
+
+
+class _Dev:
+    """The dev split's chunks: A's captures and B's oracle scores, and KL of a candidate."""
+
+    def __init__(self, engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> None:
+        self.a, self.b = engine_a, engine_b
+        split = cfg.dev_context - cfg.dev_continuation
+        chunks = corpus_chunks(engine_a, split_text(cfg.corpus, "dev"), cfg.dev_context,
+                               cfg.dev_chunks)  # fmt: skip
+        n_layers = engine_a.fingerprint.n_layers
+        self.items: list[tuple[Captured, torch.Tensor, Scored]] = []
+        for chunk in tqdm(chunks, desc="dev prefills", leave=False):
+            cap = capture(engine_a, chunk[: split - 1], input_layers=range(n_layers))
+            ora = capture(engine_b, chunk[: split - 1]).pre
+            feed = chunk[split - 1 :]
+            oracle = score(engine_b, decode_state(engine_b, ora.layers, ora.n_tokens), feed)
+            self.items.append((cap, feed, oracle))
+
+    def layers(self, art: Artifact, item: int, only: list[int] | None = None) -> list:
+        """B's reconstructed layers of one dev chunk (or just the layers in `only`)."""
+        cap = self.items[item][0]
+        todo = range(len(cap.pre.layers)) if only is None else only
+        return [
+            reconstruct_layer(
+                art, self.b, encode_layer(art, self.a, i, cap.pre.layers[i], cap.inputs[i])
+            )
+            for i in todo
+        ]
+
+    def kl(self, art: Artifact, base: list[list] | None = None, swap: list[int] = ()) -> float:
+        """Mean KL over dev chunks; with `base` (per chunk, all layers) only `swap` layers are
+        reconstructed again."""
+        total = 0.0
+        for j, (cap, feed, oracle) in enumerate(self.items):
+            if base is None:
+                layers = self.layers(art, j)
+            else:
+                layers = list(base[j])
+                for i, kv in zip(swap, self.layers(art, j, list(swap)), strict=True):
+                    layers[i] = kv
+            got = score(self.b, decode_state(self.b, layers, cap.pre.n_tokens), feed)
+            total += kl(got, oracle)
+        return total / len(self.items)
+
+
+def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
+    """Fit everything (module docstring); returns the artifact (save it with artifact.save)."""
+    for e in (engine_a, engine_b):
+        check_supported(e)
+    fa, fb = engine_a.fingerprint, engine_b.fingerprint
+    if (fa.n_layers, fa.n_kv_heads, fa.head_dim) != (fb.n_layers, fb.n_kv_heads, fb.head_dim):
+        raise ConfigError("producer and consumer must share layers, KV heads and head_dim")
+    a, b = _paired(engine_a, engine_b, cfg)
+    fits = [
+        (fit_low_rank(a[i][0], b[i][0], cfg.ridge), fit_low_rank(a[i][1], b[i][1], cfg.ridge))
+        for i in tqdm(range(fa.n_layers), desc="low-rank fits", leave=False)
+    ]
+    width = fb.n_kv_heads * fb.head_dim
+    ranks = allocate_ranks(fits, int(cfg.code_budget * fa.n_layers * 2 * width))
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (rk, rv) in enumerate(ranks):
+        for kv, fit, r in (("k", fits[i][0], rk), ("v", fits[i][1], rv)):
+            tensors.update({f"{i}.{kv}.{n}": t for n, t in fit.truncated(r).items()})
+    for i in tqdm(range(fa.n_layers), desc="patch candidates", leave=False):
+        mu, basis = fit_pca(a[i][2], cfg.patch_rank)
+        al = fit_aligner((a[i][2] - mu) @ basis, b[i][2], width=cfg.aligner_width)
+        tensors |= {f"{i}.h.mu": mu, f"{i}.h.basis": basis}
+        tensors |= {f"{i}.al.{k}": v.detach() for k, v in al.state_dict().items()}
+    manifest = Manifest(
+        version=VERSION, producer=fa, consumer=fb, ranks=ranks, patch_layers=[],
+        patch_rank=cfg.patch_rank, aligner_width=cfg.aligner_width, eps=cfg.eps, kl_dev=0.0,
+        code_budget=cfg.code_budget, corpus=cfg.corpus, split="calib", prompts=cfg.prompts,
+        prompt_tokens=cfg.prompt_tokens,
+    )  # fmt: skip
+    art = Artifact(manifest, tensors)
+    dev = _Dev(engine_a, engine_b, cfg)
+    chosen, kl_now = _select(art, dev, cfg)
+    for i in tqdm(chosen, desc="train aligners", leave=False):
+        mu, basis = tensors[f"{i}.h.mu"], tensors[f"{i}.h.basis"]
+        attn = engine_b.model.model.layers[i].self_attn
+        proj = _Frozen(attn)
+        al = fit_aligner((a[i][2] - mu) @ basis, b[i][2], proj, cfg.aligner_width,
+                         cfg.aligner_steps)  # fmt: skip
+        tensors |= {f"{i}.al.{k}": v.detach() for k, v in al.state_dict().items()}
+    art = Artifact(_with(art.manifest, chosen, 0.0), tensors)
+    if chosen:
+        kl_now = dev.kl(art)
+    art.manifest = _with(art.manifest, chosen, kl_now)
+    return art
+
+
+class _Frozen(torch.nn.Module):
+    """B's K/V projections of a layer, concatenated, with frozen weights."""
+
+    def __init__(self, attn: torch.nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ws = [(p.weight.detach(), p.bias) for p in (self.attn.k_proj, self.attn.v_proj)]
+        return torch.cat([F.linear(x, w, None if b is None else b.detach()) for w, b in ws], -1)
+
+
+def _with(m: Manifest, patch_layers: list[int], kl_dev: float) -> Manifest:
+    import msgspec
+
+    return msgspec.structs.replace(m, patch_layers=sorted(patch_layers), kl_dev=kl_dev)
+
+
+def _select(art: Artifact, dev: _Dev, cfg: CalibConfig) -> tuple[list[int], float]:
+    """Patch layers by KL gain per byte on dev (module docstring); returns (layers, KL)."""
+    m = art.manifest
+    base = [dev.layers(art, j) for j in range(len(dev.items))]
+    kl0 = dev.kl(art, base)
+    if cfg.max_patches == 0 or kl0 <= cfg.eps:
+        return [], kl0
+    candidates = []
+    all_patch = _with(m, list(range(len(m.ranks))), 0.0)
+    trial = Artifact(all_patch, art.tensors)
+    for i in tqdm(range(len(m.ranks)), desc="patch gains", leave=False):
+        gain = kl0 - dev.kl(trial, base, [i])
+        extra = 2 * (m.patch_rank - sum(m.ranks[i]))
+        key = -gain / extra if extra > 0 else -1e9 - gain
+        candidates.append((key, i, gain))
+    chosen: list[int] = []
+    best = kl0
+    for _, i, gain in sorted(candidates):
+        if len(chosen) >= cfg.max_patches or best <= cfg.eps or gain <= 0:
+            break
+        trial = Artifact(_with(m, [*chosen, i], 0.0), art.tensors)
+        got = dev.kl(trial, base, [*chosen, i])
+        if got < best:
+            chosen, best = [*chosen, i], got
+    return chosen, best

@@ -1,0 +1,90 @@
+"""Prefill with SCD's captures: the engine's own prefill (`engines.hf.prefill`, K/V rounded to
+the KV dtype as a serving cache is) and, for the layers asked for, the attention input, i.e. the
+normalized hidden state that W_k / W_v consume, taken by a forward pre-hook on each attention
+module while that prefill runs. `derotate` / `flat` turn a cached layer into the [n, H*D]
+samples the fits use (keys without RoPE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ..engines.hf import Engine, Prefilled, prefill
+from ..errors import IncompatiblePayloadError
+from ..kv import LayerKV
+from . import rope
+
+
+@dataclass
+class Captured:
+    """One prompt's prefill: inputs: layer -> attention input [n, hidden] float32."""
+
+    inputs: dict[int, torch.Tensor]
+    pre: Prefilled
+
+
+def check_supported(engine: Engine) -> None:
+    """IncompatiblePayloadError for models SCD does not handle here (sliding-window layers,
+    no single rotary embedding)."""
+    fp = engine.fingerprint
+    if fp.sliding_layers or not hasattr(engine.model.model, "rotary_emb"):
+        raise IncompatiblePayloadError(
+            f"{engine.name}: SCD supports decoder models with one rotary embedding and no "
+            "sliding-window layers"
+        )
+
+
+def flat(kv: torch.Tensor) -> torch.Tensor:
+    """[H, n, D] -> [n, H*D] float32."""
+    return kv.float().transpose(0, 1).reshape(kv.shape[1], -1)
+
+
+def unflat(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[n, H*D] -> [H, n, D]."""
+    return x.view(x.shape[0], heads, -1).transpose(0, 1)
+
+
+def derotate(engine: Engine, layer: LayerKV) -> torch.Tensor:
+    """A cached layer's keys without RoPE, [n, H*D] float32 (the engine's own settings)."""
+    cos, sin = rope.rotary(engine.model, layer.positions)
+    return flat(rope.remove(layer.keys.float(), cos, sin))
+
+
+def capture(
+    engine: Engine,
+    ids: torch.Tensor,
+    input_layers: Iterable[int] = (),
+    on_layer: Callable[[int, LayerKV, torch.Tensor | None], None] | None = None,
+) -> Captured:
+    """Prefill 1-D `ids`, capturing the attention inputs of `input_layers`.
+    `on_layer(i, kv, attention_input or None)` runs as each layer completes."""
+    check_supported(engine)
+    wanted = set(input_layers)
+    inputs: dict[int, torch.Tensor] = {}
+    layers = engine.model.model.layers
+
+    def pre_hook(i):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            inputs[i] = hidden[0].detach().float().clone()
+
+        return hook
+
+    hooks = [
+        layers[i].self_attn.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+        for i in sorted(wanted)
+    ]
+
+    def layer_done(i, kv, _window):
+        if on_layer is not None:
+            on_layer(i, kv, inputs.get(i))
+
+    try:
+        pre = prefill(engine, ids, on_layer=layer_done)
+    finally:
+        for h in hooks:
+            h.remove()
+    return Captured(inputs, pre)

@@ -1,0 +1,134 @@
+"""Encode (model A's side) and reconstruct (model B's side), one layer at a time.
+
+A layer's code is either reuse-path codes of its keys and values ([n, r_K], [n, r_V], from A's
+de-rotated keys and values) or, at a patch layer, a code of A's attention input ([n, r_H]).
+Codes travel as FP16 (2 bytes an element), or quantized by the project's asym-group quantizer
+(`quantize_codes`). B decodes keys/values with its decoders and re-applies its own RoPE, or at a
+patch layer maps the code through the aligner to its attention input and runs its own K/V
+projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import QuantConfig
+from ..engines.hf import DecodeState, Engine, decode_state
+from ..kv import LayerKV
+from ..quant import dequantize, quantize
+from ..tiers import Tier
+from . import rope
+from .artifact import Artifact
+from .capture import capture, derotate, flat, unflat
+
+#: Group size of quantized codes (along the code dimension; ranks are multiples of it).
+CODE_GROUP = 16
+
+
+@dataclass
+class LayerCode:
+    """One layer's codes for n tokens at `positions`; `nbytes` is what the wire would carry for
+    the code elements and quantization parameters (FP16: 2 bytes an element)."""
+
+    layer: int
+    positions: torch.Tensor
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    nbytes: int = 0
+
+
+def encode_layer(
+    art: Artifact, engine_a: Engine, layer: int, kv: LayerKV, attn_input: torch.Tensor | None
+) -> LayerCode:
+    """A's codes of one layer: from its cached K/V, or at a patch layer its attention input."""
+    t = art.tensors
+    if layer in art.manifest.patch_layers:
+        if attn_input is None:
+            raise ValueError(f"layer {layer} is a patch layer: its attention input is needed")
+        h = ((attn_input.float() - t[f"{layer}.h.mu"]) @ t[f"{layer}.h.basis"]).half()
+        return LayerCode(layer, kv.positions, h=h, nbytes=2 * h.numel())
+    k = _enc(t, f"{layer}.k", derotate(engine_a, kv))
+    v = _enc(t, f"{layer}.v", flat(kv.values))
+    return LayerCode(layer, kv.positions, k=k, v=v, nbytes=2 * (k.numel() + v.numel()))
+
+
+def _enc(t: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return ((x - t[f"{name}.mu_a"]) @ t[f"{name}.enc"]).half()
+
+
+def encode(art: Artifact, engine_a: Engine, ids: torch.Tensor) -> list[LayerCode]:
+    """A's prefill of 1-D `ids` -> per-layer codes, each produced as soon as its layer is done."""
+    codes: list[LayerCode] = []
+    capture(
+        engine_a,
+        ids,
+        input_layers=art.manifest.patch_layers,
+        on_layer=lambda i, kv, x: codes.append(encode_layer(art, engine_a, i, kv, x)),
+    )
+    return codes
+
+
+@torch.inference_mode()
+def reconstruct_layer(art: Artifact, engine_b: Engine, code: LayerCode) -> LayerKV:
+    """B's K/V of one layer from its codes, in B's KV dtype, keys rotated with B's RoPE."""
+    t, i = art.tensors, code.layer
+    heads = engine_b.fingerprint.n_kv_heads
+    if code.h is not None:
+        x = art.aligner(i)(code.h.float())
+        attn = engine_b.model.model.layers[i].self_attn
+        keys, values = attn.k_proj(x), attn.v_proj(x)
+    else:
+        keys = code.k.float() @ t[f"{i}.k.dec"] + t[f"{i}.k.mu_b"]
+        values = code.v.float() @ t[f"{i}.v.dec"] + t[f"{i}.v.mu_b"]
+    cos, sin = rope.rotary(engine_b.model, code.positions)
+    k = rope.apply(unflat(keys, heads), cos, sin)
+    dt = engine_b.kv_dtype
+    return LayerKV(k.to(dt), unflat(values, heads).to(dt), code.positions)
+
+
+def reconstruct(
+    art: Artifact, engine_b: Engine, codes: list[LayerCode], n_tokens: int
+) -> DecodeState:
+    """B's decode cache from all layers' codes (see `reconstruct_layer`)."""
+    layers = [reconstruct_layer(art, engine_b, c) for c in codes]
+    return decode_state(engine_b, layers, n_tokens)
+
+
+def quantize_codes(codes: list[LayerCode], int8: torch.Tensor) -> list[LayerCode]:
+    """Codes passed through the project's asym-group quantizer (groups of CODE_GROUP along the
+    code dimension, FP16 scale + minimum per group): tokens where `int8` [n] is True at INT8,
+    the rest at INT4. Returns dequantized codes whose `nbytes` counts codes and parameters."""
+    qc = QuantConfig(group_size=CODE_GROUP, rotate=False)
+    out = []
+    for c in codes:
+        new = LayerCode(c.layer, c.positions)
+        for name in ("k", "v", "h"):
+            x = getattr(c, name)
+            if x is None:
+                continue
+            y = torch.empty_like(x, dtype=torch.float32)
+            for tier, rows in ((Tier.INT8, int8), (Tier.INT4, ~int8)):
+                if rows.any():
+                    part = x[rows].float()[:, None, :]
+                    q = quantize(part, tier, qc)
+                    y[rows] = dequantize(q, tier, qc, part.shape[-1])[:, 0]
+                    new.nbytes += q.codes.numel() + 2 * (q.scale.numel() + q.minimum.numel())
+            setattr(new, name, y)
+        out.append(new)
+    return out
+
+
+def code_bytes_per_token(art: Artifact, int8: bool | None = None) -> float:
+    """Wire bytes a token's codes take over all layers: FP16 (int8=None), all INT8 or all INT4."""
+    m = art.manifest
+    total = 0.0
+    for i, (rk, rv) in enumerate(m.ranks):
+        width = m.patch_rank if i in m.patch_layers else rk + rv
+        if int8 is None:
+            total += 2 * width
+        else:
+            total += width * (1 if int8 else 0.5) + 4 * width / CODE_GROUP
+    return total

@@ -1,0 +1,289 @@
+"""`scd eval`: the PD protocol of `eval ppl` with model A's prefix reaching model B through each
+method, B scoring the continuation. Text: the corpus' `eval` split (no fine-tune, calibration
+or layer-selection text). Per method and chunk: NLL, mean token KL against B's own prefill
+(the oracle), greedy agreement with the oracle's greedy continuation, exact bytes, and the
+seconds B spends rebuilding its cache (the oracle: its own prefill)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..config import PolicyConfig, ScoreConfig
+from ..engines.hf import Engine, Prefilled, decode_state, generate, prefill
+from ..eval.ppl import corpus_chunks
+from ..importance import score_tokens
+from ..kv import LayerKV
+from ..payload import decode_payload
+from ..pipeline import encode, plan_transfer
+from . import droidspeak, rope
+from .artifact import Artifact, check_models
+from .capture import Captured, capture
+from .codes import code_bytes_per_token, encode_layer, quantize_codes, reconstruct_layer
+from .metrics import Scored, agreement, kl, score
+from .splits import split_text
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    corpus: str = "wiki"
+    chunks: int = 8
+    context: int = 1024
+    continuation: int = 128
+    greedy_tokens: int = 32
+    budgets: tuple[float, ...] = (0.5, 0.3)
+    quant_budget: float = 0.25
+    droid_width: int = 4
+    droid_dev_chunks: int = 2
+
+
+@dataclass
+class Chunk:
+    """One eval chunk: A's capture (+ its residual at the DroidSpeak span), B's (oracle)."""
+
+    a: Captured
+    hidden: torch.Tensor
+    b: Captured
+    feed: torch.Tensor
+    oracle: Scored
+    greedy: list[int]
+
+
+Built = tuple[list[LayerKV], int, float]  # B's layers, bytes sent, seconds B spent rebuilding
+
+
+def kv_bytes(layers: list[LayerKV]) -> int:
+    """Raw FP16 bytes of a cache (keys and values)."""
+    return sum(2 * (kv.keys.numel() + kv.values.numel()) for kv in layers)
+
+
+def rerotated(a: Engine, b: Engine, layers: list[LayerKV]) -> list[LayerKV]:
+    """A's cache for B: as is when their RoPE settings agree, else keys re-rotated with B's."""
+    if a.fingerprint.rope == b.fingerprint.rope:
+        return layers
+    out = []
+    for kv in layers:
+        ca, sa = rope.rotary(a.model, kv.positions)
+        cb, sb = rope.rotary(b.model, kv.positions)
+        k = rope.apply(rope.remove(kv.keys.float(), ca, sa), cb, sb).to(b.kv_dtype)
+        out.append(LayerKV(k, kv.values.to(b.kv_dtype), kv.positions))
+    return out
+
+
+def _chunk(a: Engine, b: Engine, ids: torch.Tensor, split: int, span: int, cfg, inputs) -> Chunk:
+    store: dict = {}
+    hook = droidspeak.residual_hook(a, span, store)
+    try:
+        ca = capture(a, ids[: split - 1], input_layers=inputs)
+    finally:
+        hook.remove()
+    cb = capture(b, ids[: split - 1], input_layers=inputs)
+    feed = ids[split - 1 :]
+    oracle = score(b, decode_state(b, cb.pre.layers, cb.pre.n_tokens), feed)
+    ref = generate(b, decode_state(b, cb.pre.layers, cb.pre.n_tokens), int(feed[0]),
+                   cfg.greedy_tokens)  # fmt: skip
+    return Chunk(ca, store["hidden"], cb, feed, oracle, ref)
+
+
+def methods(
+    a: Engine, b: Engine, art: Artifact, control: Artifact | None, span: int, cfg: EvalConfig
+) -> dict[str, Callable[[Chunk], Built]]:
+    """Every method: name -> chunk -> (B's layers, bytes, rebuild seconds)."""
+
+    def oracle(c: Chunk) -> Built:
+        return c.b.pre.layers, kv_bytes(c.b.pre.layers), c.b.pre.prefill_s
+
+    def raw(c: Chunk) -> Built:
+        t0 = time.perf_counter()
+        layers = rerotated(a, b, c.a.pre.layers)
+        return layers, kv_bytes(c.a.pre.layers), time.perf_counter() - t0
+
+    def spectrum(budget: float) -> Callable[[Chunk], Built]:
+        def run(c: Chunk) -> Built:
+            header, plan = plan_transfer(a, c.a.pre, PolicyConfig(budget=budget))
+            payload = encode(header, c.a.pre, plan)
+            t0 = time.perf_counter()
+            layers = rerotated(a, b, decode_payload(payload, expect=a.fingerprint).layers)
+            return layers, len(payload), time.perf_counter() - t0
+
+        return run
+
+    def codes(artifact: Artifact, src: str, quant: float | None = None):
+        def run(c: Chunk) -> Built:
+            cap = c.a if src == "a" else c.b
+            eng = a if src == "a" else b
+            cs = [
+                encode_layer(artifact, eng, i, kv, cap.inputs.get(i))
+                for i, kv in enumerate(cap.pre.layers)
+            ]
+            if quant is not None:
+                cs = quantize_codes(cs, _int8_tokens(artifact, cap.pre, quant))
+            t0 = time.perf_counter()
+            layers = [reconstruct_layer(artifact, b, x) for x in cs]
+            return layers, sum(x.nbytes for x in cs), time.perf_counter() - t0
+
+        return run
+
+    def droid(c: Chunk) -> Built:
+        layers = list(rerotated(a, b, c.a.pre.layers))
+        stop = min(span + cfg.droid_width, len(layers))
+        fresh, secs = droidspeak.recompute_span(b, c.hidden, span, stop)
+        layers[span:stop] = fresh
+        sent = kv_bytes(c.a.pre.layers) - kv_bytes(c.a.pre.layers[span:stop])
+        return layers, sent + 2 * c.hidden.numel(), secs
+
+    reuse_only = Artifact(_no_patches(art), art.tensors)
+    out = {"oracle": oracle, "raw": raw}
+    out |= {f"raw-spectrum-b{b_:g}": spectrum(b_) for b_ in cfg.budgets}
+    out |= {"reuse-only": codes(reuse_only, "a"), "droidspeak": droid, "scd": codes(art, "a")}
+    out[f"scd-q{cfg.quant_budget:g}"] = codes(art, "a", cfg.quant_budget)
+    if control is not None:
+        out["control-same-model"] = codes(control, "b")
+    return out
+
+
+def _no_patches(art: Artifact):
+    import msgspec
+
+    return msgspec.structs.replace(art.manifest, patch_layers=[])
+
+
+def _int8_tokens(art: Artifact, pre: Prefilled, budget: float) -> torch.Tensor:
+    """Tokens whose codes go at INT8 (the most important by the project's scoring), the rest at
+    INT4, so that codes take about `budget` x raw FP16 KV bytes."""
+    fp = art.manifest.consumer
+    raw = fp.n_layers * 2 * fp.n_kv_heads * fp.head_dim * 2
+    c8, c4 = code_bytes_per_token(art, True), code_bytes_per_token(art, False)
+    frac = min(1.0, max(0.0, (budget * raw - c4) / (c8 - c4)))
+    scores, _ = score_tokens(ScoreConfig(), pre.n_tokens, pre.layers, pre.window)
+    mask = torch.zeros(pre.n_tokens, dtype=torch.bool)
+    mask[torch.argsort(scores, descending=True)[: int(frac * pre.n_tokens)]] = True
+    return mask
+
+
+def layer_errors(got: list[LayerKV], ref: list[LayerKV]) -> list[tuple[float, float]]:
+    """Per layer relative squared error of keys and values against B's own cache."""
+
+    def rel(x, y):
+        return float(((x.float() - y.float()) ** 2).sum() / (y.float() ** 2).sum())
+
+    return [(rel(g.keys, r.keys), rel(g.values, r.values)) for g, r in zip(got, ref, strict=True)]
+
+
+def droid_span(a: Engine, b: Engine, cfg: EvalConfig) -> tuple[int, list[float]]:
+    """DroidSpeak's profile on the dev split: per layer, KL of B with only that layer's KV
+    taken from A; returns the chosen span's start and the per-layer damage."""
+    split = cfg.context - cfg.continuation
+    text = split_text(cfg.corpus, "dev")
+    damage = [0.0] * a.fingerprint.n_layers
+    for ids in corpus_chunks(a, text, cfg.context, cfg.droid_dev_chunks):
+        pa, pb = prefill(a, ids[: split - 1]), prefill(b, ids[: split - 1])
+        ra, feed = rerotated(a, b, pa.layers), ids[split - 1 :]
+        oracle = score(b, decode_state(b, pb.layers, pb.n_tokens), feed)
+        for i in tqdm(range(len(damage)), desc="droidspeak profile", leave=False):
+            layers = list(pb.layers)
+            layers[i] = ra[i]
+            damage[i] += kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
+    return droidspeak.choose_span(damage, cfg.droid_width), damage
+
+
+def run_eval(
+    a: Engine, b: Engine, art: Artifact, control: Artifact | None, cfg: EvalConfig
+) -> dict:
+    """All methods on the eval split; returns {'records': [...], 'layer_errors': {...}, ...}."""
+    check_models(art, a.fingerprint, b.fingerprint)
+    if control is not None:
+        check_models(control, b.fingerprint, b.fingerprint)
+    span, damage = droid_span(a, b, cfg)
+    split = cfg.context - cfg.continuation
+    inputs = set(art.manifest.patch_layers) | set(control.manifest.patch_layers if control else ())
+    ids_all = corpus_chunks(a, split_text(cfg.corpus, "eval"), cfg.context, cfg.chunks)
+    chunks = [_chunk(a, b, ids, split, span, cfg, inputs) for ids in tqdm(ids_all, desc="prefills")]
+    per: dict[str, dict] = {}
+    errors: dict[str, list] = {}
+    for name, build in tqdm(methods(a, b, art, control, span, cfg).items(), desc="methods"):
+        keys = ("nll", "n", "kl", "rebuild", "prefill", "prefix", "f1")
+        acc = per.setdefault(name, {k: [] for k in keys} | {"bytes": 0, "raw": 0})
+        errs = []
+        for c in chunks:
+            layers, nbytes, secs = build(c)
+            got = score(b, decode_state(b, layers, c.b.pre.n_tokens), c.feed)
+            out = generate(b, decode_state(b, layers, c.b.pre.n_tokens), int(c.feed[0]),
+                           cfg.greedy_tokens)  # fmt: skip
+            prefix, f1 = agreement(out, c.greedy)
+            acc["nll"].append(got.nll)
+            acc["n"].append(got.n)
+            acc["kl"].append(kl(got, c.oracle))
+            acc["bytes"] += nbytes
+            acc["raw"] += kv_bytes(c.b.pre.layers)
+            acc["rebuild"].append(secs)
+            acc["prefill"].append(c.b.pre.prefill_s)
+            acc["prefix"].append(prefix)
+            acc["f1"].append(f1)
+            errs.append(layer_errors(layers, c.b.pre.layers))
+        errors[name] = [[statistics.fmean(e[i][j] for e in errs) for j in (0, 1)]
+                        for i in range(len(errs[0]))]  # fmt: skip
+    oracle_ppl = _ppl(per["oracle"])
+    ora = per["oracle"]
+    oracle_chunks = [math.exp(x / n) for x, n in zip(ora["nll"], ora["n"], strict=True)]
+    records = []
+    for name, acc in per.items():
+        chunk_delta = [
+            100 * (math.exp(x / n) / o - 1)
+            for x, n, o in zip(acc["nll"], acc["n"], oracle_chunks, strict=True)
+        ]
+        ppl = _ppl(acc)
+        records.append({
+            "method": name, "bytes": acc["bytes"] / len(chunks),
+            "bytes_ratio": acc["bytes"] / acc["raw"], "ppl": ppl, "ppl_oracle": oracle_ppl,
+            "delta_pct": 100 * (ppl / oracle_ppl - 1),
+            "delta_pct_chunk_std": statistics.stdev(chunk_delta) if len(chunks) > 1 else 0.0,
+            "kl": statistics.fmean(acc["kl"]),
+            "kl_chunk_std": statistics.stdev(acc["kl"]) if len(chunks) > 1 else 0.0,
+            "exact_prefix": statistics.fmean(acc["prefix"]),
+            "token_f1": statistics.fmean(acc["f1"]),
+            "rebuild_s": statistics.fmean(acc["rebuild"]),
+            "oracle_prefill_s": statistics.fmean(acc["prefill"]),
+            "chunks": len(chunks), "context": cfg.context, "continuation": cfg.continuation,
+        })  # fmt: skip
+    return {
+        "records": records,
+        "layer_errors": errors,
+        "droidspeak": {"start": span, "width": cfg.droid_width, "damage": damage},
+        "manifest": {
+            "patch_layers": art.manifest.patch_layers,
+            "kl_dev": art.manifest.kl_dev,
+            "eps": art.manifest.eps,
+        },  # fmt: skip
+    }
+
+
+def _ppl(acc: dict) -> float:
+    return math.exp(sum(acc["nll"]) / sum(acc["n"]))
+
+
+def rebuild_timing(a: Engine, b: Engine, art: Artifact, tokens: int, corpus: str) -> dict:
+    """At `tokens` tokens: B's own prefill vs B rebuilding from SCD codes (and A's encode)."""
+    ids = corpus_chunks(a, split_text(corpus, "eval"), tokens, 1)[0]
+    t0 = time.perf_counter()
+    cap = capture(a, ids, input_layers=art.manifest.patch_layers)
+    cs = [encode_layer(art, a, i, kv, cap.inputs.get(i)) for i, kv in enumerate(cap.pre.layers)]
+    encode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    layers = [reconstruct_layer(art, b, x) for x in cs]
+    decode_state(b, layers, tokens)
+    rebuild_s = time.perf_counter() - t0
+    pre_b = prefill(b, ids)
+    return {
+        "tokens": tokens,
+        "b_prefill_s": pre_b.prefill_s,
+        "scd_rebuild_s": rebuild_s,
+        "rebuild_over_prefill": rebuild_s / pre_b.prefill_s,
+        "a_prefill_encode_s": encode_s,
+    }
