@@ -3,7 +3,119 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+DEFAULT_PROFILE = Path.home() / ".cache" / "spectrumkv" / "attention-profile.json"
+
+
+def _csv(kind):
+    return lambda s: tuple(kind(x) for x in s.split(","))
+
+
+def _profile(path: str | None):
+    from .cost import MachineProfile, load_profile
+
+    p = Path(path) if path else DEFAULT_PROFILE
+    if p.exists():
+        return load_profile(p)
+    if path:
+        raise SystemExit(f"no machine profile at {p}; run `spectrumkv bench calibrate` first")
+    print(f"note: no machine profile at {p}: adaptive uses uncalibrated defaults", file=sys.stderr)
+    return MachineProfile()
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"load_average": os.getloadavg(), "cpus": os.cpu_count(),
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine()}  # fmt: skip
+
+
+def _cmd_attention(args: argparse.Namespace) -> None:
+    from . import report, traces
+    from .bench import BenchConfig, run
+
+    profile = _profile(args.profile)
+    cfg = BenchConfig(
+        shapes=args.shapes, traces=args.traces, batches=args.batches, seeds=args.seeds,
+        page_sizes=args.page_sizes, routes=args.routes, dtype=args.dtype, scale=args.scale,
+        ring_bytes=int(args.ring_mb * 2**20), reps=args.reps,
+        trace_records=tuple(traces.load_trace(args.trace)) if args.trace else (),
+    )  # fmt: skip
+    if args.quick:
+        cfg = BenchConfig(
+            shapes=("smollm2-135m",), traces=("bimodal",), batches=(1, 4), seeds=(100,),
+            page_sizes=(32,), routes=args.routes, dtype=args.dtype, scale=0.05,
+            ring_bytes=8 << 20, max_layers=2, reps=1, trace_records=cfg.trace_records,
+        )  # fmt: skip
+    machine = _machine()
+    print(f"load average before: {machine['load_average']}", flush=True)
+    records = run(cfg, profile, progress=lambda s: print(s, flush=True))
+    rows = report.targets(records)
+    print(report.table(records))
+    print(report.targets_text(rows))
+    print(f"load average after: {os.getloadavg()}")
+    if args.json:
+        doc = {"config": {k: v for k, v in vars(args).items() if k != "func"},
+               "machine": machine, "load_average_after": os.getloadavg(),
+               "profile": vars(profile) if not hasattr(profile, "__dataclass_fields__")
+               else {f: getattr(profile, f) for f in profile.__dataclass_fields__},
+               "records": records, "targets": rows}  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    if args.plot:
+        report.plot(records, args.plot)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .calibrate import calibrate
+
+    profile = calibrate(
+        args.shape, args.page_size, getattr(torch, args.dtype), int(args.ring_mb * 2**20),
+        progress=lambda s: print(s, flush=True),
+    )  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(out)
+    print(f"wrote {out}: {profile}")
 
 
 def register(bench: argparse._SubParsersAction) -> None:
     """Add the paged-attention benchmarks to `spectrumkv bench`."""
+    from .bench import ANCHORS, SHAPES
+    from .routes import ROUTES
+    from .traces import TRACES
+
+    p = bench.add_parser("attention", help="paged decode attention: routes vs anchors per step")
+    p.add_argument("--shapes", type=_csv(str), default=("smollm2-135m",),
+                   help=f"comma list of {', '.join(SHAPES)}")  # fmt: skip
+    p.add_argument("--traces", type=_csv(str), default=TRACES)
+    p.add_argument("--trace", help='JSON list of {"context": n, "decode": m} to replay')
+    p.add_argument("--batches", type=_csv(int), default=(1, 2, 4, 8, 16, 32))
+    p.add_argument("--seeds", type=_csv(int), default=(100, 101, 102, 103, 104),
+                   help="held-out seeds (calibration uses 0 and 1)")  # fmt: skip
+    p.add_argument("--page-sizes", type=_csv(int), default=(32,))
+    p.add_argument("--routes", type=_csv(str), default=(*ROUTES, *ANCHORS))
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="bfloat16")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every trace length")
+    p.add_argument("--ring-mb", type=float, default=1024, help="KV read per ring pass (>> L3)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", help=f"machine profile JSON (default {DEFAULT_PROFILE})")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--json", help="write config, machine, records and targets here")
+    p.add_argument("--plot", help="write a PNG of tokens/s per route against batch")
+    p.set_defaults(func=_cmd_attention)
+
+    c = bench.add_parser("calibrate", help="measure the attention cost model's constants")
+    c.add_argument("--shape", choices=tuple(SHAPES), default="smollm2-135m")
+    c.add_argument("--page-size", type=int, default=32)
+    c.add_argument("--dtype", choices=("float16", "bfloat16"), default="bfloat16")
+    c.add_argument("--ring-mb", type=float, default=1024)
+    c.add_argument("--out", default=str(DEFAULT_PROFILE))
+    c.set_defaults(func=_cmd_calibrate)

@@ -2,10 +2,12 @@
 
 The issue's form is T(route) = KV bytes / beta * max(1, C_min / C(route)) + dispatches * lambda
 + merge bytes / beta. Here the parallelism term is made explicit per dispatch, because on a few
-cores what limits a dispatch is either the total bytes over all threads or its longest task on
-one thread (a makespan bound that also covers ragged splits):
+cores what limits a dispatch is either the total bytes over all threads or how its tasks pack
+onto the m threads (longest first, as the kernel takes them; with 3 equal tasks on 2 threads
+one thread reads two of them):
 
-    T(dispatch) = max(bytes / beta, longest task bytes / beta_1) + lambda + tasks * tau
+    makespan    = bytes / m + longest task bytes * (1 - 1/m)     (list-scheduling bound)
+    T(dispatch) = max(bytes / beta, makespan / beta_1) + lambda + tasks * tau
     T(route)    = sum of its dispatches + merge bytes / beta           (kernel routes)
     T(padded)   = padded bytes / beta_pad + lambda_pad                 (gather + SDPA)
 
@@ -120,7 +122,10 @@ def _dispatch(lengths: list[int], g: Geometry, p: MachineProfile, settings) -> t
         tasks += ns * g.kv_heads
         if ns > 1:
             merge += ns * g.kv_heads * g.group * (g.head_dim + 2) * 4
-    t = max(total / p.beta, longest / p.beta_1) + p.lam + tasks * p.tau + merge / p.beta
+    m = min(p.threads, tasks)
+    # longest-first list scheduling on m threads ends by total/m + longest (1 - 1/m)
+    makespan = total / m + longest * (1 - 1 / m)
+    t = max(total / p.beta, makespan / p.beta_1) + p.lam + tasks * p.tau + merge / p.beta
     return t, merge
 
 

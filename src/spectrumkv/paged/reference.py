@@ -23,12 +23,13 @@ def gather(pages: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
 def reference(q, k_pages, v_pages, tables, lengths, scale: float) -> torch.Tensor:
     """Exact attention in float64, one request at a time."""
     out = torch.empty(q.shape, dtype=torch.float64)
-    group = q.shape[1] // k_pages.shape[1]
+    hkv, d = k_pages.shape[1], k_pages.shape[3]
     for b, n in enumerate(lengths.tolist()):
-        k = gather(k_pages, tables[b], n).double().repeat_interleave(group, 0)
-        v = gather(v_pages, tables[b], n).double().repeat_interleave(group, 0)
-        w = torch.softmax(torch.einsum("hd,hnd->hn", q[b].double() * scale, k), dim=-1)
-        out[b] = torch.einsum("hn,hnd->hd", w, v)
+        k = gather(k_pages, tables[b], n).double()
+        v = gather(v_pages, tables[b], n).double()
+        qg = q[b].double().view(hkv, -1, d) * scale  # [kv_heads, group, d]
+        w = torch.softmax(torch.einsum("hgd,hnd->hgn", qg, k), dim=-1)
+        out[b] = torch.einsum("hgn,hnd->hgd", w, v).reshape(-1, d)
     return out
 
 

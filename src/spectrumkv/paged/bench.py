@@ -1,0 +1,182 @@
+"""`spectrumkv bench attention`: decode tokens/s of every route, and the anchors, on seeded
+length mixes (traces.py), against the memory-bandwidth limit measured in the same run.
+
+For each shape x page size x trace x batch x seed: a page pool (pages shuffled) holding the
+batch in a ring of layers sized so one pass reads well over the L3 cache where memory allows;
+every route runs one pass over the ring per repetition (each layer one decode-attention call,
+planning included, timed the same way for every route: wall time around the call), after one
+untimed call that wakes its threads (ours, or torch's OpenMP ones), route order rotated between
+repetitions. step_ms = median over repetitions of pass time / layers;
+tokens_per_s = batch / step_ms (one layer's attention; a model step is layers x this).
+limit_ms = the step's KV bytes / plain-copy rate (torch copy of the same layer, same run).
+max_abs_err: against the float64 reference on layer 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import cost, reference, traces, vllm_anchor
+from .cache import PagedConfig, PagedKVCache
+from .routes import ROUTES, run_route
+
+SHAPES = {"smollm2-135m": (3, 9, 64), "7b-gqa": (8, 32, 128)}  # kv heads, q heads, head dim
+ANCHORS = ("sdpa", "vllm")
+PADDED_CAP = 1 << 31  # skip `padded` when its dense batch would exceed this many bytes
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One `bench attention` run (the CLI's options)."""
+
+    shapes: tuple[str, ...] = ("smollm2-135m",)
+    traces: tuple[str, ...] = traces.TRACES
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    seeds: tuple[int, ...] = (100, 101, 102, 103, 104)  # held out: calibration uses 0..4
+    page_sizes: tuple[int, ...] = (32,)
+    routes: tuple[str, ...] = (*ROUTES, *ANCHORS)
+    dtype: str = "bfloat16"
+    scale: float = 1.0
+    ring_bytes: int = 1 << 30
+    max_layers: int = 16
+    reps: int = 3
+    trace_records: tuple = ()  # from --trace FILE: replaces `traces` with ("file",)
+
+
+def _fill(config: PagedConfig, lens: list[int], seed: int):
+    cache = PagedKVCache(config, shuffle_seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for x in (cache.k, cache.v):  # random layer 0; the ring's other layers copy it
+        x[0].copy_(torch.randn(x[0].shape, generator=g, dtype=torch.float32))
+        for layer in x[1:]:
+            layer.copy_(x[0])
+    for i, n in enumerate(lens):
+        cache.allocate(i, n)
+    tables, lengths = cache.block_tables(list(range(len(lens))))
+    return cache, tables, lengths
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, reps: int = 5) -> float:
+    """Bytes/s of a plain torch copy of an nbytes buffer (median of reps; bytes copied, i.e.
+    each byte read once and written once)."""
+    src = torch.ones(nbytes // 2, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return nbytes / _median_time(lambda: dst.copy_(src), reps)
+
+
+def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profile) -> list[dict]:
+    """All routes on one batch; one record per route (see module doc)."""
+    hkv, hq, d = SHAPES[shape]
+    dtype = getattr(torch, cfg.dtype)
+    pages = sum(-(-n // page_size) for n in lens)
+    layer_bytes = 2 * pages * hkv * page_size * d * dtype.itemsize
+    layers = max(1, min(cfg.max_layers, -(-cfg.ring_bytes // layer_bytes)))
+    pc = PagedConfig(layers, hkv, d, pages, page_size, dtype)
+    cache, tables, lengths = _fill(pc, lens, seed)
+    q = torch.randn(batch, hq, d, generator=torch.Generator().manual_seed(seed + 1))
+    scale = d**-0.5
+    kv_bytes = sum(lens) * 2 * hkv * d * dtype.itemsize
+    copy_rate = copy_bandwidth(max(64 << 20, min(kv_bytes, 512 << 20)))
+    ref = reference.reference(q, *cache.layer(0), tables, lengths, scale)
+    runners, infos = {}, {}
+    padded_bytes = batch * max(lens) * 2 * hkv * d * dtype.itemsize
+    for route in cfg.routes:
+        if route == "padded" and padded_bytes > PADDED_CAP:
+            continue
+        if route == "vllm":
+            if page_size % 32 or not vllm_anchor.available():
+                continue
+            anchors = [
+                vllm_anchor.VllmDecode(*cache.layer(i), tables, lengths, hq, scale)
+                for i in range(layers)
+            ]
+            runners[route] = lambda i, a=anchors: a[i](q)
+        elif route == "sdpa":
+            runners[route] = lambda i: reference.sdpa_per_request(
+                q, *cache.layer(i), tables, lengths, scale
+            )
+        else:
+
+            def run(i, route=route):
+                out, infos[route] = run_route(
+                    q, *cache.layer(i), tables, lengths, route, scale, profile
+                )
+                return out
+
+            runners[route] = run
+    errors = {r: (fn(0).double() - ref).abs().max().item() for r, fn in runners.items()}
+    order = list(runners)
+    times = {r: [] for r in order}
+    for rep in range(cfg.reps):
+        for route in order[rep % len(order) :] + order[: rep % len(order)]:
+            fn = runners[route]
+            fn(layers - 1)  # untimed: wakes this route's threads (ours or torch's OpenMP ones)
+            t0 = time.perf_counter()
+            for i in range(layers):
+                fn(i)
+            times[route].append((time.perf_counter() - t0) / layers)
+    records = []
+    for route in order:
+        step = statistics.median(times[route])
+        info = infos.get(route)
+        records.append(
+            {
+                "shape": shape, "dtype": cfg.dtype, "page_size": page_size, "trace": trace,
+                "batch": batch, "seed": seed, "route": route, "lengths": lens,
+                "tokens_per_s": batch / step, "step_ms": step * 1e3,
+                "limit_ms": kv_bytes / copy_rate * 1e3, "copy_gbps": copy_rate / 1e9,
+                "kv_bytes": kv_bytes, "layers_in_ring": layers,
+                "ring_bytes": layers * layer_bytes,
+                "dispatches_per_step": info.dispatches if info else
+                    (batch if route == "sdpa" else 1),
+                "tasks": info.tasks if info else None,
+                "merge_bytes": info.merge_bytes if info else 0,
+                "padded_bytes": padded_bytes - kv_bytes if route == "padded" else 0,
+                "chosen": info.route if route == "adaptive" else None,
+                "max_abs_err": errors[route],
+            }
+        )  # fmt: skip
+    return records
+
+
+def run(cfg: BenchConfig, profile: cost.MachineProfile, progress=print) -> list[dict]:
+    """Every case of `cfg`; records as in `run_case`."""
+    records = []
+    names = ("file",) if cfg.trace_records else cfg.traces
+    for shape in cfg.shapes:
+        for page_size in cfg.page_sizes:
+            for trace in names:
+                for batch in cfg.batches:
+                    for seed in cfg.seeds:
+                        if cfg.trace_records:
+                            lens = traces.file_lengths(list(cfg.trace_records), batch, seed)
+                            lens = [max(1, int(n * cfg.scale)) for n in lens]
+                        else:
+                            lens = traces.lengths(trace, batch, seed, cfg.scale)
+                        recs = run_case(shape, page_size, trace, batch, seed, lens, cfg, profile)
+                        gc.collect()  # the case's pools before the next one is built
+                        records += recs
+                        progress(
+                            f"{shape} p{page_size} {trace} B{batch} seed {seed}: "
+                            + " ".join(f"{r['route']}={r['step_ms']:.2f}ms" for r in recs)
+                        )
+    return records
+
+
+def profile_dict(profile: cost.MachineProfile) -> dict:
+    return asdict(profile)

@@ -1,0 +1,112 @@
+"""The attention cost model's route choice, machine profiles, traces and `bench attention`."""
+
+import dataclasses
+import json
+
+import pytest
+
+from spectrumkv.cli import main
+from spectrumkv.paged import traces
+from spectrumkv.paged.cost import Geometry, MachineProfile, choose, load_profile, predict, splits_of
+from spectrumkv.paged.errors import PagedInputError
+
+SMOL = Geometry(kv_heads=3, group=3, head_dim=64)
+BASE = MachineProfile(beta=10e9, beta_1=6e9, lam=20e-6, tau=1e-6, beta_pad=2e9, lam_pad=1e-4)
+
+
+def test_splits_match_the_kernel_rule():
+    assert splits_of(1, 16, 1024) == (1, 32)
+    assert splits_of(5000, 16, 1024) == (5, 1024)  # 1000 -> whole 32-token tiles
+    assert splits_of(100_000, 4, 1024) == (4, 25_024)
+    assert splits_of(65, 3, 32) == (3, 32)
+
+
+def test_route_choice_on_synthetic_profiles():
+    mixed = [30_000, 2_000, 9_000, 4_000, 50_000, 3_000, 7_000, 2_500]
+    # dispatches are expensive: never one per request
+    slow_dispatch = dataclasses.replace(BASE, lam=5e-3)
+    assert choose(mixed, SMOL, slow_dispatch) in ("split", "workqueue")
+    assert predict("per-request", mixed, SMOL, slow_dispatch) > 8 * 5e-3
+    # a padded batch that costs nothing wins
+    assert choose(mixed, SMOL, dataclasses.replace(BASE, beta_pad=1e15, lam_pad=1e-9)) == "padded"
+    # one long request, splitting disabled for workqueue: only `split` uses both threads
+    no_split = dataclasses.replace(BASE, min_split_tokens=1 << 30, split_splits=8)
+    assert choose([60_000], SMOL, no_split) == "split"
+    # many short requests: `split` pays a task and merge per tiny piece, per-request a dispatch
+    short = [64] * 32
+    busy = dataclasses.replace(BASE, tau=5e-6, split_splits=16)
+    assert choose(short, SMOL, busy) == "workqueue"
+
+
+def test_profile_round_trip_and_bad_files(tmp_path):
+    path = tmp_path / "p.json"
+    BASE.save(path)
+    assert load_profile(path) == BASE
+    path.write_text(json.dumps({"beta": -1.0}))
+    with pytest.raises(PagedInputError, match="beta"):
+        load_profile(path)
+    path.write_text(json.dumps({"beta": 1e9, "rm_rf": 1}))
+    with pytest.raises(PagedInputError, match="unknown"):
+        load_profile(path)
+    path.write_text("not json")
+    with pytest.raises(PagedInputError):
+        load_profile(path)
+    with pytest.raises(PagedInputError, match="max_splits"):
+        MachineProfile(max_splits=0)
+
+
+def test_traces_are_seeded_and_shaped():
+    for name in traces.TRACES:
+        a = traces.lengths(name, 16, 7)
+        assert a == traces.lengths(name, 16, 7) and a != traces.lengths(name, 16, 8)
+        assert len(a) == 16 and min(a) >= 1
+    bimodal = traces.lengths("bimodal", 8, 1)
+    assert all(n >= 24_600 for n in bimodal[3::4]) and max(bimodal[:3]) <= 12_000
+    assert set(traces.lengths("bucketed", 32, 0)) <= {8192, 16384, 32768, 65536}
+    assert traces.lengths("uniform", 4, 0, scale=0.001) == [
+        max(1, int(n * 0.001)) for n in traces.lengths("uniform", 4, 0)
+    ]
+    with pytest.raises(PagedInputError):
+        traces.lengths("poisson", 4, 0)
+
+
+def test_trace_file_validation(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps([{"context": 100, "decode": 5}, {"context": 7}]))
+    recs = traces.load_trace(f)
+    assert traces.file_lengths(recs, 3, 0) in ([100, 7, 100], [7, 100, 7])
+    for bad in ([], [{"context": 0}], [{"context": 5, "x": 1}], {"context": 5}, [{"context": "5"}]):
+        f.write_text(json.dumps(bad))
+        with pytest.raises(PagedInputError):
+            traces.load_trace(f)
+
+
+def test_bench_attention_quick(tmp_path, capsys):
+    out, png, trace = tmp_path / "a.json", tmp_path / "a.png", tmp_path / "t.json"
+    prof = tmp_path / "p.json"
+    BASE.save(prof)
+    trace.write_text(json.dumps([{"context": 3000, "decode": 4}, {"context": 40}]))
+    argv = ["bench", "attention", "--quick", "--json", str(out), "--plot", str(png),
+            "--profile", str(prof)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    records = doc["records"]
+    routes = {r["route"] for r in records}
+    assert {"per-request", "split", "workqueue", "padded", "adaptive", "sdpa"} <= routes
+    keys = {"trace", "batch", "seed", "route", "tokens_per_s", "step_ms", "limit_ms",
+            "dispatches_per_step", "max_abs_err"}  # fmt: skip
+    for r in records:
+        assert keys <= set(r) and r["step_ms"] > 0 and r["limit_ms"] > 0
+        assert r["max_abs_err"] < 2e-3 or r["route"] in ("padded", "sdpa", "vllm")
+        if r["route"] == "adaptive":
+            assert r["chosen"] in ("per-request", "split", "workqueue", "padded")
+        if r["route"] == "per-request":
+            assert r["dispatches_per_step"] == r["batch"]
+    assert doc["profile"]["beta"] == BASE.beta and doc["targets"]
+    assert png.stat().st_size > 1000
+    assert "adaptive" in capsys.readouterr().out
+    assert main([*argv[:3], "--trace", str(trace), "--json", str(out), "--routes",
+                 "workqueue,adaptive", "--profile", str(prof)]) == 0  # fmt: skip
+    recs = json.loads(out.read_text())["records"]
+    assert {r["trace"] for r in recs} == {"file"}
+    assert all(set(r["lengths"]) <= {150, 2} for r in recs)  # 3000 and 40 at scale 0.05
