@@ -1,0 +1,1 @@
+"""The decode engine: continuous batching over the paged KV cache (spectrumkv.paged)."""

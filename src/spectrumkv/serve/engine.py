@@ -1,0 +1,394 @@
+"""Continuous-batching decode engine over the paged KV cache.
+
+One engine thread owns the model and the page pool. Each iteration it (1) admits waiting
+requests, in arrival order, whose whole need fits the pool: the pages of their kept prompt
+tokens plus `max_tokens` new ones are *reserved* at admission, so an admitted request never
+fails for lack of pages and nothing is ever preempted or evicted; (2) writes each admitted
+request's prompt KV straight into its pages (a received payload's kept tokens, or a local
+prefill for the recompute path, run between decode steps); (3) runs one batched model step for
+every active request (one new token each) and samples per request; (4) retires requests that hit
+EOS, a stop string, `max_tokens`, or were cancelled, returning their pages at once.
+
+A request that cannot be admitted waits in a bounded queue; when the queue is full, or it waited
+`queue_timeout_s`, it fails with `PoolBusy` (HTTP 503 + Retry-After in the decode worker). A
+request larger than the whole pool fails at once with `RequestTooLarge`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engines.hf import Engine, prefill
+from ..errors import ConfigError, SpectrumKVError
+from ..kv import LayerKV
+from ..paged.cache import PagedKVCache
+from ..paged.cost import MachineProfile
+from ..paged.routes import ROUTES
+from ..pd.sampling import Cancelled, SamplingParams, StopText, next_token
+from .runner import ModelRunner, pool_config
+
+
+def default_pool_mb() -> float:
+    """Default page pool: 1/8 of the machine's physical memory, at most 4 GiB (MiB)."""
+    phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return float(min(4096, phys / 8 / (1 << 20)))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """pool_mb: K+V page pool, MiB, all layers. page_size: tokens per page. max_batch: most
+    requests decoding in one step. max_queue: most requests waiting for pages.
+    queue_timeout_s: longest wait for pages before PoolBusy (seconds). route: the decode-attention
+    route (paged.routes.ROUTES), "adaptive" = the cost model's pick every step."""
+
+    pool_mb: float = field(default_factory=default_pool_mb)
+    page_size: int = 16
+    max_batch: int = 32
+    max_queue: int = 64
+    queue_timeout_s: float = 30.0
+    route: str = "adaptive"
+
+    def __post_init__(self) -> None:
+        if not self.pool_mb > 0 or self.page_size < 1 or self.max_batch < 1:
+            raise ConfigError(f"pool_mb, page_size and max_batch must be positive: {self}")
+        if self.route not in ROUTES:
+            raise ConfigError(f"unknown route {self.route!r}; choose from {', '.join(ROUTES)}")
+        if self.max_queue < 0 or not self.queue_timeout_s >= 0:
+            raise ConfigError(f"max_queue and queue_timeout_s must be >= 0: {self}")
+
+
+class PoolBusy(SpectrumKVError):
+    """The page pool cannot take the request now (queue full or waited too long);
+    `retry_after_s` estimates when it may."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(SpectrumKVError, ValueError):
+    """A request's prompt plus max_tokens needs more pages than the whole pool holds."""
+
+
+@dataclass
+class Generation:
+    """One request's result, filled in by the engine thread. `wait()` returns once it ended
+    (raising its error, if any); `cancel()` stops it before its next step and frees its pages.
+    Times are seconds since `submit`. `on_piece(text)`, called on the engine thread, streams
+    the text as it becomes safe to show."""
+
+    params: SamplingParams
+    on_piece: Callable[[str], None] | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    error: BaseException | None = None
+    ttft_s: float | None = None
+    total_s: float | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    _done: threading.Event = field(default_factory=threading.Event)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Generation:
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation still running")
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@dataclass
+class _Job:
+    rid: int
+    gen: Generation
+    layers: list[LayerKV] | None  # None: prefill `context` locally (recompute)
+    context: torch.Tensor | None
+    n_kept: int  # prompt slots the pages hold
+    position: int  # original position of the next token fed
+    token: int  # next token fed
+    pages: int  # reserved pages
+    t_queued: float
+    rng: torch.Generator | None = None
+    stop: StopText | None = None  # set once started (its pages written)
+    ended: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters since start: steps, tokens generated, seconds spent in steps, sum of batch
+    sizes, requests finished / failed / rejected, and the last step's batch size and time."""
+
+    steps: int = 0
+    tokens: int = 0
+    step_s: float = 0.0
+    batch_sum: int = 0
+    finished: int = 0
+    failed: int = 0
+    rejected: int = 0
+    last_batch: int = 0
+    last_step_s: float = 0.0
+
+
+class BatchEngine:
+    """The engine thread and its queue (see module doc). Thread-safe `submit`; `close` stops
+    the thread, failing whatever is still queued or running."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: EngineConfig | None = None,
+        profile: MachineProfile | None = None,
+    ) -> None:
+        self.engine, self.cfg = engine, cfg or EngineConfig()
+        self.cache = PagedKVCache(pool_config(engine, self.cfg.pool_mb, self.cfg.page_size))
+        self.runner = ModelRunner(engine, self.cache, self.cfg.route, profile)
+        self.stats = EngineStats()
+        # called after every step with (batch size, seconds, route), on the engine thread
+        self.on_step: Callable[[int, float, str], None] | None = None
+        eos = engine.tokenizer.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos])
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._active: list[_Job] = []
+        self._committed = 0  # pages reserved by admitted requests
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public ----
+
+    @property
+    def total_pages(self) -> int:
+        return self.cache.config.pages
+
+    def pages_needed(self, n_kept: int, max_tokens: int) -> int:
+        return -(-(n_kept + max_tokens) // self.cfg.page_size)
+
+    def submit(
+        self,
+        params: SamplingParams,
+        first_input: int,
+        n_tokens: int,
+        layers: list[LayerKV] | None = None,
+        context: torch.Tensor | None = None,
+        on_piece: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Queue one completion. `layers`: the prompt's KV as received (kept tokens only, with
+        their original positions); or `context` (1-D ids) to prefill locally. `n_tokens`: the
+        context length, so `first_input` (the prompt's last token) goes at position n_tokens.
+        Raises PoolBusy (queue full), RequestTooLarge, ValueError (n > 1, bad arguments)."""
+        if params.n != 1:
+            raise ValueError("the batch engine runs one choice per request (n = 1)")
+        if (layers is None) == (context is None):
+            raise ValueError("give exactly one of layers (received KV) or context (recompute)")
+        n_kept = int(layers[0].positions.numel()) if layers is not None else int(context.numel())
+        pages = self.pages_needed(n_kept, params.max_tokens)
+        if pages > self.total_pages:
+            raise RequestTooLarge(
+                f"prompt ({n_kept} tokens) + max_tokens ({params.max_tokens}) needs {pages} "
+                f"pages; the pool holds {self.total_pages}"
+            )
+        gen = Generation(params, on_piece)
+        job = _Job(
+            next(self._ids),
+            gen,
+            layers,
+            context,
+            n_kept,
+            n_tokens,
+            first_input,
+            pages,
+            time.monotonic(),
+        )
+        with self._cond:
+            if self._closed:
+                raise SpectrumKVError("the engine is closed")
+            if len(self._waiting) >= self.cfg.max_queue:
+                self.stats.rejected += 1
+                raise PoolBusy("the KV page pool is full and so is the queue", self._retry_after())
+            self._waiting.append(job)
+            self._cond.notify()
+        return gen
+
+    def load(self) -> dict:
+        """Queue length, active requests, pool pages used / free / reserved."""
+        with self._cond:
+            return {
+                "queued": len(self._waiting),
+                "active": len(self._active),
+                "pages_total": self.total_pages,
+                "pages_free": self.cache.free_pages,
+                "pages_reserved": self._committed,
+            }
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    # ---- engine thread ----
+
+    def _retry_after(self) -> float:
+        """Seconds until pages are likely to free up: the shortest remaining output among the
+        active requests at the mean step time (at least 1 s)."""
+        s = self.stats
+        per_step = s.step_s / s.steps if s.steps else 0.1
+        left = min(
+            (j.gen.params.max_tokens - len(j.gen.token_ids) for j in self._active), default=1
+        )
+        return max(1.0, left * per_step)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._waiting or self._active):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._admit()
+            for job in admitted:
+                self._start(job)
+            self._retire(lambda j: j.gen._cancel.is_set(), Cancelled("the client went away"))
+            if self._active:
+                self._step()
+            elif not admitted:
+                with self._cond:  # only waiting requests that do not fit: wait for a change
+                    self._cond.wait(0.05)
+        with self._cond:
+            leftovers = list(self._waiting) + self._active
+            self._waiting.clear()
+        for job in leftovers:
+            self._finish(job, SpectrumKVError("the engine was closed"))
+
+    def _admit(self) -> list[_Job]:
+        """Under the lock: pop the waiting requests that fit, in order (the first that does not
+        fit blocks those behind it, so large requests are not starved); fail the expired."""
+        now, out = time.monotonic(), []
+        while self._waiting:
+            job = self._waiting[0]
+            if job.gen._cancel.is_set():
+                self._waiting.popleft()
+                job.gen.error = Cancelled("the client went away")
+                job.gen._done.set()
+                continue
+            room = len(self._active) + len(out) < self.cfg.max_batch
+            if room and self._committed + job.pages <= self.total_pages:
+                self._committed += job.pages
+                out.append(self._waiting.popleft())
+            elif now - job.t_queued >= self.cfg.queue_timeout_s:
+                self._waiting.popleft()
+                self.stats.rejected += 1
+                job.gen.error = PoolBusy(
+                    f"no KV pages for {self.cfg.queue_timeout_s:.0f} s", self._retry_after()
+                )
+                job.gen._done.set()
+            else:
+                break
+        return out
+
+    def _start(self, job: _Job) -> None:
+        """Write the job's prompt into its pages (prefilling it first on the recompute path)."""
+        try:
+            layers = job.layers
+            if layers is None:
+                layers = prefill(self.engine, job.context).layers
+            self.runner.write_prompt(job.rid, layers)
+        except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
+            with self._cond:
+                self._committed -= job.pages
+            job.gen.error = e
+            job.gen._done.set()
+            self.stats.failed += 1
+            return
+        job.layers = job.context = None  # the pages hold it now
+        p = job.gen.params
+        job.rng = torch.Generator().manual_seed(
+            p.seed if p.seed is not None else secrets.randbits(63)
+        )
+        job.stop = StopText(self.engine.tokenizer, p.stop)
+        self._active.append(job)
+
+    def _step(self) -> None:
+        jobs = self._active
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.step(
+                [j.rid for j in jobs], [j.token for j in jobs], [j.position for j in jobs]
+            )
+        except Exception as e:  # noqa: BLE001 - fail this batch, keep serving
+            self._retire(lambda j: True, e)
+            return
+        dt = time.perf_counter() - t0
+        s = self.stats
+        s.steps, s.step_s, s.batch_sum, s.tokens = (
+            s.steps + 1,
+            s.step_s + dt,
+            s.batch_sum + len(jobs),
+            s.tokens + len(jobs),
+        )
+        s.last_batch, s.last_step_s = len(jobs), dt
+        if self.on_step is not None:
+            self.on_step(len(jobs), dt, self.runner.last_route)
+        now = time.perf_counter()
+        for job, row in zip(jobs, logits, strict=True):
+            g = job.gen
+            tok = next_token(row, g.params, job.rng)
+            g.token_ids.append(tok)
+            if g.ttft_s is None:
+                g.ttft_s = now - g.t_submit
+            job.token, job.position = tok, job.position + 1
+            piece, stopped = job.stop.push(tok)
+            if piece and g.on_piece is not None:
+                g.on_piece(piece)
+            if stopped or tok in self._eos:
+                g.finish_reason = "stop"
+                job.ended = True
+            elif len(g.token_ids) >= g.params.max_tokens:
+                job.ended = True
+        self._retire(lambda j: j.ended, None)
+
+    def _retire(self, pred: Callable[[_Job], bool], error: BaseException | None) -> None:
+        keep = []
+        for job in self._active:
+            if pred(job):
+                self._finish(job, error)
+            else:
+                keep.append(job)
+        self._active = keep
+
+    def _finish(self, job: _Job, error: BaseException | None) -> None:
+        """Free the job's pages and release its reservation; end its Generation."""
+        if job.stop is not None:  # it was started: it holds pages
+            self.cache.free(job.rid)
+            with self._cond:
+                self._committed -= job.pages
+        g = job.gen
+        if error is None and job.stop is not None:
+            rest = job.stop.flush()
+            if rest and g.on_piece is not None:
+                g.on_piece(rest)
+            g.text = job.stop.text
+            self.stats.finished += 1
+        elif error is not None:
+            g.error = error
+            self.stats.failed += 1
+        g.total_s = time.perf_counter() - g.t_submit
+        g._done.set()

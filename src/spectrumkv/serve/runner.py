@@ -1,0 +1,140 @@
+"""Model runner: one batched forward of the HF model per decode step, attention over the paged
+KV cache.
+
+Everything but attention runs as the HF model's own code (embeddings, RoPE at each request's
+original next position, norms, MLP, LM head) on a batch of B rows of one token each. Attention is
+routed through transformers' `AttentionInterface` to `_paged_attention`, registered under the
+name `ATTENTION`: it writes each row's new K/V (post-RoPE, rounded to the KV dtype) into that
+request's next page slot and runs the paged decode kernel over the block tables. The model's
+`config._attn_implementation` is switched to `ATTENTION` only for the duration of `step` (other
+callers of the same model, e.g. a local prefill, keep their usual attention); the runner's
+contract is therefore that all model calls on this engine happen on one thread, the engine's.
+
+Why the HF model and not a hand-written runner: it is the same code that prefill and the
+one-at-a-time path run, so batch invariance is a property of the attention alone, and any model
+the paged cache accepts works without per-architecture code.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+from ..engines.hf import Engine
+from ..kv import LayerKV
+from ..paged import cost
+from ..paged.cache import PagedConfig, PagedKVCache, Slots
+from ..paged.errors import PagedInputError
+from ..paged.routes import ROUTES, run_route
+
+ATTENTION = "spectrumkv_paged"
+
+
+@dataclass
+class _Step:
+    """What the attention function needs during one batched forward."""
+
+    cache: PagedKVCache
+    slots: Slots
+    tables: torch.Tensor
+    lengths: torch.Tensor
+    route: str  # a fixed route, chosen once per step
+    profile: cost.MachineProfile
+
+
+_active = threading.local()
+
+
+def _paged_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers attention function: query [B, Hq, 1, D], key/value [B, Hkv, 1, D] (this
+    step's token, post-RoPE). Returns ([B, 1, Hq, D], None)."""
+    st: _Step | None = getattr(_active, "step", None)
+    if st is None or query.shape[2] != 1:
+        raise RuntimeError("paged attention runs only inside ModelRunner.step, one token a row")
+    layer = module.layer_idx
+    st.cache.write_slots(layer, st.slots, key[:, :, 0], value[:, :, 0])
+    k_pages, v_pages = st.cache.layer(layer)
+    out, _ = run_route(query[:, :, 0], k_pages, v_pages, st.tables, st.lengths, st.route,
+                       scaling, st.profile)  # fmt: skip
+    return out.to(query.dtype)[:, None], None
+
+
+AttentionInterface.register(ATTENTION, _paged_attention)
+
+
+def pool_config(engine: Engine, pool_mb: float, page_size: int = 16) -> PagedConfig:
+    """The page pool for `engine`'s model holding `pool_mb` MiB of K+V pages (all layers).
+    Models with sliding-window layers are refused (paged.errors.UnsupportedModelError)."""
+    probe = PagedConfig.for_model(engine.model.config, 1, page_size, engine.kv_dtype)
+    pages = int(pool_mb * (1 << 20)) // (probe.page_bytes * probe.layers)
+    if pages < 1:
+        raise PagedInputError(f"a {pool_mb} MiB pool holds no page of this model")
+    return PagedConfig.for_model(engine.model.config, pages, page_size, engine.kv_dtype)
+
+
+class ModelRunner:
+    """Runs batched decode steps of `engine`'s model over `cache` (one thread only).
+    `route`: one of paged.routes.ROUTES; "adaptive" asks the cost model (`profile`, default
+    the built-in one) once per step, for all layers. `last_route`: what the last step ran."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        cache: PagedKVCache,
+        route: str = "adaptive",
+        profile: cost.MachineProfile | None = None,
+    ) -> None:
+        if route not in ROUTES:
+            raise PagedInputError(f"unknown route {route!r}; choose from {', '.join(ROUTES)}")
+        self.engine, self.cache, self.route = engine, cache, route
+        self.profile = profile or cost.MachineProfile()
+        self.last_route = ""
+        c = cache.config
+        group = engine.model.config.num_attention_heads // c.kv_heads
+        self.geometry = cost.Geometry(c.kv_heads, group, c.head_dim, c.dtype.itemsize)
+
+    def write_prompt(self, rid: Any, layers: list[LayerKV]) -> None:
+        """Allocate `rid` with the prompt's kept tokens and write every layer into its pages,
+        slot order = position order (dropped tokens take no slot). All layers must hold the
+        same positions (the paged cache has one length per request)."""
+        ref = layers[0].positions
+        for i, kv in enumerate(layers):
+            if not torch.equal(kv.positions, ref):
+                raise PagedInputError(f"layer {i} keeps other positions than layer 0")
+        self.cache.allocate(rid, int(ref.numel()))
+        try:
+            for i, kv in enumerate(layers):
+                self.cache.write(i, rid, 0, kv.keys, kv.values)
+        except Exception:
+            self.cache.free(rid)
+            raise
+
+    @torch.inference_mode()
+    def step(self, rids: list[Any], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed one token per request (`tokens[i]` at original position `positions[i]`),
+        appending its K/V to the request's pages; returns float32 logits [B, vocab]."""
+        cache, model = self.cache, self.engine.model
+        slots = cache.append(rids)
+        tables, lengths = cache.block_tables(rids)
+        route = self.route
+        if route == "adaptive":
+            route = cost.choose(lengths.tolist(), self.geometry, self.profile)
+        self.last_route = route
+        _active.step = _Step(cache, slots, tables, lengths, route, self.profile)
+        cfg = model.config
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = ATTENTION
+        try:
+            out = model(
+                input_ids=torch.tensor(tokens).view(-1, 1),
+                position_ids=torch.tensor(positions).view(-1, 1),
+                use_cache=False,
+            )
+        finally:
+            cfg._attn_implementation = previous
+            _active.step = None
+        return out.logits[:, -1].float()

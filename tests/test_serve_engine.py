@@ -1,0 +1,157 @@
+"""The continuous-batching engine (spectrumkv.serve) on SmolLM2-135M: batched = alone, payloads
+with dropped tokens straight into pages, admission control, cancellation, sampling."""
+
+import contextlib
+import threading
+import time
+
+import pytest
+
+import spectrumkv as skv
+from spectrumkv.kv import LayerKV
+from spectrumkv.paged.errors import UnsupportedModelError
+from spectrumkv.payload import decode_payload
+from spectrumkv.pd.sampling import Cancelled, SamplingParams
+from spectrumkv.serve.engine import BatchEngine, EngineConfig, PoolBusy, RequestTooLarge
+from spectrumkv.serve.runner import pool_config
+
+pytestmark = pytest.mark.model
+
+PROMPTS = (  # mixed lengths: 6 to ~60 tokens of context
+    "The capital of France is",
+    "Why is the sky blue? Explain it to a ten-year-old in two sentences, with an example.",
+    "def fibonacci(n):",
+    "Write a short poem about the sea at night. It should rhyme, have four lines, and mention "
+    "the moon, the waves, a lighthouse and a ship far away on the horizon, sailing home.",
+)
+N = 12
+
+
+@pytest.fixture(scope="module")
+def prompts(smol):
+    out = []
+    for p in PROMPTS:
+        context, last = skv.split_prompt(smol.tokenizer(p, return_tensors="pt")["input_ids"][0])
+        out.append((context, last, skv.prefill(smol, context)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(smol):
+    eng = BatchEngine(smol, EngineConfig(pool_mb=24, max_queue=8, queue_timeout_s=0.5))
+    yield eng
+    eng.close()
+
+
+def _alone(smol, pre, last, n=N):
+    """Today's one-at-a-time path: an HF DynamicCache built from the layers, greedy."""
+    return skv.generate(smol, skv.reference_state(smol, pre), last, n)
+
+
+def test_batched_greedy_equals_each_alone(smol, prompts, engine):
+    greedy = SamplingParams(max_tokens=N)
+    gens = [
+        engine.submit(greedy, last, pre.n_tokens, layers=pre.layers) for _, last, pre in prompts
+    ]
+    gens.append(engine.submit(greedy, prompts[0][1], prompts[0][0].numel(), context=prompts[0][0]))
+    outs = [g.wait(120).token_ids for g in gens]
+    assert engine.stats.batch_sum / engine.stats.steps > 2  # they did decode together
+    for (_, last, pre), out in zip(prompts, outs, strict=False):
+        assert out == _alone(smol, pre, last)
+    assert outs[-1] == outs[0]  # the recompute path (local prefill into pages) too
+    assert engine.cache.free_pages == engine.total_pages
+
+
+def test_payload_with_dropped_tokens_decodes_into_pages(smol, prompts, engine):
+    _, last, pre = prompts[3]
+    header, plan = skv.plan_transfer(smol, pre, skv.PolicyConfig("pdtrim", budget=0.5))
+    payload = skv.encode(header, pre, plan)
+    layers = decode_payload(payload, expect=smol.fingerprint).layers
+    kept = layers[0].positions
+    assert kept.numel() < pre.n_tokens and int(kept[-1]) < pre.n_tokens  # holes, positions kept
+    ref = skv.generate(smol, skv.receive(smol, payload), last, N)
+    g = engine.submit(SamplingParams(max_tokens=N), last, pre.n_tokens, layers=layers).wait(60)
+    assert g.token_ids == ref
+    assert engine.cache.free_pages == engine.total_pages
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(prompts, engine):
+    (_, last, pre), p = prompts[2], SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    alone = engine.submit(p, last, pre.n_tokens, layers=pre.layers).wait(60).token_ids
+    batch = [
+        engine.submit(p, la, pr.n_tokens, layers=pr.layers)
+        for _, la, pr in prompts[2:] + prompts[:2]
+    ]
+    assert batch[0].wait(60).token_ids == alone
+    other = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=8)
+    assert engine.submit(other, last, pre.n_tokens, layers=pre.layers).wait(60).token_ids != alone
+
+
+def test_stop_string_cuts_the_text(smol, prompts, engine):
+    _, last, pre = prompts[0]
+    full = smol.tokenizer.decode(_alone(smol, pre, last), skip_special_tokens=True)
+    stop = full.strip()[2:5]
+    pieces: list[str] = []
+    g = engine.submit(SamplingParams(max_tokens=N, stop=(stop,)), last, pre.n_tokens,
+                      layers=pre.layers, on_piece=pieces.append).wait(60)  # fmt: skip
+    assert g.finish_reason == "stop" and stop not in g.text and full.startswith(g.text)
+    assert "".join(pieces) == g.text
+
+
+def test_pool_exhaustion_gives_pool_busy_not_a_crash(smol, prompts):
+    _, last, pre = prompts[2]  # greedy runs past 40 tokens
+    cfg = EngineConfig(pool_mb=pool_config(smol, 1).page_bytes * 30 * 4 / 2**20, page_size=16,
+                       max_queue=1, queue_timeout_s=0.3)  # fmt: skip
+    eng = BatchEngine(smol, cfg)  # 4 pages: room for one request at a time
+    try:
+        with pytest.raises(RequestTooLarge):
+            eng.submit(SamplingParams(max_tokens=200), last, pre.n_tokens, layers=pre.layers)
+        p = SamplingParams(max_tokens=40)
+        first = eng.submit(p, last, pre.n_tokens, layers=pre.layers)
+        while eng.load()["queued"]:  # admitted: it holds its pages
+            time.sleep(0.01)
+        second = eng.submit(p, last, pre.n_tokens, layers=pre.layers)  # waits for pages
+        with pytest.raises(PoolBusy) as e:  # queue (1) full
+            eng.submit(p, last, pre.n_tokens, layers=pre.layers)
+        assert e.value.retry_after_s >= 1
+        assert len(first.wait(120).token_ids) == 40
+        # the second either got the first's pages in time or timed out with PoolBusy
+        with contextlib.suppress(PoolBusy):
+            assert len(second.wait(120).token_ids) == 40
+        assert eng.cache.free_pages == eng.total_pages and eng.load()["pages_reserved"] == 0
+    finally:
+        eng.close()
+
+
+def test_cancelled_request_frees_its_pages(prompts, engine):
+    _, last, pre = prompts[2]
+    started = threading.Event()
+    g = engine.submit(SamplingParams(max_tokens=500), last, pre.n_tokens, layers=pre.layers,
+                      on_piece=lambda _: started.set())  # fmt: skip
+    assert started.wait(60)
+    assert engine.cache.free_pages < engine.total_pages
+    g.cancel()
+    with pytest.raises(Cancelled):
+        g.wait(60)
+    assert len(g.token_ids) < 500
+    assert engine.cache.free_pages == engine.total_pages
+
+
+def test_sliding_window_model_is_refused_clearly():
+    gemma = skv.load("gemma3-270m")
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        BatchEngine(gemma, EngineConfig(pool_mb=8))
+
+
+def test_bad_requests_get_typed_errors(prompts, engine):
+    _, last, pre = prompts[0]
+    with pytest.raises(ValueError, match="one choice"):
+        engine.submit(SamplingParams(max_tokens=4, n=2), last, pre.n_tokens, layers=pre.layers)
+    with pytest.raises(ValueError, match="exactly one"):
+        engine.submit(SamplingParams(max_tokens=4), last, pre.n_tokens)
+    bad = [LayerKV(kv.keys[:1], kv.values[:1], kv.positions) for kv in pre.layers]
+    g = engine.submit(SamplingParams(max_tokens=4), last, pre.n_tokens, layers=bad)
+    with pytest.raises(skv.SpectrumKVError):
+        g.wait(60)
+    assert engine.cache.free_pages == engine.total_pages
+    assert engine.load()["pages_reserved"] == 0
