@@ -36,12 +36,12 @@ class CalibConfig:
     corpus: str = "wiki"
     prompts: int = 8
     prompt_tokens: int = 512
-    code_budget: float = 0.5
+    code_budget: float = 0.55
     patch_rank: int = 128
     max_patches: int = 6
     eps: float = 0.02
     aligner_width: int = 128
-    aligner_steps: int = 150
+    aligner_steps: int = 100
     dev_chunks: int = 3
     dev_context: int = 1024
     dev_continuation: int = 128

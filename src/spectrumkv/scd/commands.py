@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--batch", type=int, default=d.batch)
     ft.add_argument("--seq-len", type=int, default=d.seq_len)
     ft.add_argument("--warmup", type=int, default=d.warmup)
-    ft.add_argument("--save-every", type=int, default=10, help="checkpoint period (steps)")
+    ft.add_argument("--save-every", type=int, default=6, help="checkpoint period (steps)")
     ft.add_argument("--out", default=None, help="output directory (default: the cache)")
     ft.add_argument("--threads", type=int, default=0)
     ft.set_defaults(func=_cmd_finetune)

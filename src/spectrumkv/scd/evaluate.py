@@ -36,7 +36,7 @@ class EvalConfig:
     chunks: int = 8
     context: int = 1024
     continuation: int = 128
-    greedy_tokens: int = 32
+    greedy_tokens: int = 16
     budgets: tuple[float, ...] = (0.5, 0.3)
     quant_budget: float = 0.25
     droid_width: int = 4

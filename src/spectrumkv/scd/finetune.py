@@ -32,12 +32,12 @@ class Recipe:
 
     base: str
     corpus: str = "wiki"
-    steps: int = 60
-    lr: float = 1e-3
+    steps: int = 24
+    lr: float = 2e-3
     seed: int = 0
     batch: int = 2
     seq_len: int = 128
-    warmup: int = 5
+    warmup: int = 3
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
@@ -67,7 +67,7 @@ def default_out(recipe: Recipe) -> Path:
     return cache_dir() / "models" / f"ft-{base}-{recipe.digest()}"
 
 
-def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 10) -> Path:
+def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Path:
     """Fine-tune (or resume, or return the cached result of) `recipe`; returns the model
     directory. `out/.complete` records the recipe; an `out` holding another recipe is an
     AssetError rather than being overwritten."""

@@ -1,0 +1,133 @@
+"""SCD: RoPE round trip, full-rank same-model reconstruction, artifact round trip and typed
+errors, and on a tiny pair fine-tuned inside the test, SCD beats raw reuse in KL."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from spectrumkv.assets import load_text, model_dir
+from spectrumkv.engines.hf import decode_state, load, prefill
+from spectrumkv.scd import artifact, rope
+from spectrumkv.scd.calibrate import CalibConfig, calibrate
+from spectrumkv.scd.codes import encode, reconstruct_layer
+from spectrumkv.scd.evaluate import rerotated
+from spectrumkv.scd.finetune import Recipe, finetune
+from spectrumkv.scd.metrics import kl, score
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512)  # fmt: skip
+SMALL = dict(prompts=2, prompt_tokens=96, patch_rank=16, max_patches=1, aligner_steps=5,
+             aligner_width=16, dev_chunks=1, dev_context=112, dev_continuation=16)  # fmt: skip
+
+
+def _tiny(path, seed: int, **over):
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))
+    cfg = LlamaConfig(vocab_size=len(tok), **(TINY | over))
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scd") / "text.txt"
+    path.write_text(load_text("wiki")[:120_000], encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, corpus):
+    """A tiny base model and its fine-tune (a few steps at a high learning rate)."""
+    d = tmp_path_factory.mktemp("pair")
+    base = _tiny(d / "base", 0)
+    recipe = Recipe(base=base, corpus=corpus, steps=4, lr=3e-3, batch=2, seq_len=64, warmup=1)
+    tuned = finetune(recipe, d / "tuned", save_every=2)
+    assert finetune(recipe, d / "tuned") == tuned  # cached: no second run
+    return load(base), load(str(tuned))
+
+
+def test_rope_round_trip_both_settings(tmp_path):
+    a = load(_tiny(tmp_path / "a", 0))
+    b = load(_tiny(tmp_path / "b", 0, rope_theta=1e6))
+    assert a.fingerprint.rope != b.fingerprint.rope
+    pos = torch.arange(300)
+    k = torch.randn(2, 300, 16)
+    ca, sa = rope.rotary(a.model, pos)
+    cb, sb = rope.rotary(b.model, pos)
+    for c, s in ((ca, sa), (cb, sb)):
+        assert torch.allclose(rope.remove(rope.apply(k, c, s), c, s), k, atol=1e-5, rtol=0)
+    # removed with A's settings and re-applied with B's == rotated by B directly
+    assert torch.allclose(rope.apply(rope.remove(rope.apply(k, ca, sa), ca, sa), cb, sb),
+                          rope.apply(k, cb, sb), atol=1e-5)  # fmt: skip
+    # apply matches the model's own rotation of its cached keys
+    ids = torch.arange(5, 45)
+    pre = prefill(a, ids)
+    attn = a.model.model.layers[0].self_attn
+    with torch.no_grad():
+        h = a.model.model.layers[0].input_layernorm(a.model.model.embed_tokens(ids))
+        raw = attn.k_proj(h).view(40, 2, 16).transpose(0, 1)
+    c, s = rope.rotary(a.model, torch.arange(40))
+    assert torch.allclose(rope.apply(raw, c, s).half().float(), pre.layers[0].keys.float(),
+                          atol=2e-3)  # fmt: skip
+    # raw reuse across different RoPE settings re-rotates the keys
+    moved = rerotated(a, b, pre.layers)
+    back = rope.remove(moved[0].keys.float(), *rope.rotary(b.model, pre.layers[0].positions))
+    assert torch.allclose(back, raw, atol=2e-2)
+
+
+def test_full_rank_same_model_reproduces_cache(tmp_path, corpus):
+    a = load(_tiny(tmp_path / "a", 1))
+    art = calibrate(
+        a, a, CalibConfig(corpus=corpus, code_budget=1.0, **(SMALL | {"max_patches": 0}))
+    )
+    assert art.manifest.ranks == [(32, 32)] * 3 and art.manifest.patch_layers == []
+    ids = torch.arange(100, 160)
+    pre = prefill(a, ids)
+    for code in encode(art, a, ids):
+        got = reconstruct_layer(art, a, code)
+        ref = pre.layers[code.layer]
+        for x, y in ((got.keys, ref.keys), (got.values, ref.values)):
+            err = float(((x.float() - y.float()) ** 2).sum() / (y.float() ** 2).sum())
+            assert err < 1e-4, (code.layer, err)
+
+
+def test_artifact_round_trip_and_typed_errors(tmp_path, pair, corpus):
+    a, b = pair
+    art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=0.5, **SMALL))
+    out = artifact.save(art, tmp_path / "art")
+    got = artifact.load(out)
+    assert got.manifest == art.manifest and got.manifest.tensors_sha256
+    assert got.tensors.keys() == art.tensors.keys()
+    assert all(torch.equal(got.tensors[k], art.tensors[k].float()) for k in art.tensors)
+    artifact.check_models(got, a.fingerprint, b.fingerprint)
+    with pytest.raises(artifact.ArtifactMismatchError):
+        artifact.check_models(got, b.fingerprint, a.fingerprint)
+    # one flipped byte in the tensors
+    data = bytearray((out / "tensors.safetensors").read_bytes())
+    data[-3] ^= 0x40
+    (out / "tensors.safetensors").write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match="sha256"):
+        artifact.load(out)
+    # a manifest that is not one
+    (out / "manifest.json").write_text(json.dumps({"version": 1}))
+    with pytest.raises(artifact.ArtifactError, match="manifest"):
+        artifact.load(out)
+    with pytest.raises(artifact.ArtifactError):
+        artifact.load(tmp_path / "nowhere")
+
+
+def test_scd_beats_raw_reuse_in_kl(pair, corpus):
+    a, b = pair
+    art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=0.75, **SMALL))
+    text = load_text(corpus)[:20_000]
+    ids = torch.tensor(a.tokenizer(text)["input_ids"][:112])
+    prefix, feed = ids[:95], ids[95:]
+    pa, pb = prefill(a, prefix), prefill(b, prefix)
+    oracle = score(b, decode_state(b, pb.layers, pb.n_tokens), feed)
+    raw = kl(score(b, decode_state(b, pa.layers, pa.n_tokens), feed), oracle)
+    layers = [reconstruct_layer(art, b, c) for c in encode(art, a, prefix)]
+    scd = kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
+    assert raw > 1e-3 and scd < raw / 2, (scd, raw)
