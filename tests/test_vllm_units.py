@@ -199,3 +199,16 @@ def test_budget_floor_is_checked_at_start_up_and_plans_never_drop():
     ok = PolicyConfig("spectrum", budget=0.3)
     p = plan_no_drop(torch.rand(600), new_header(fp, 600, ok), ok)
     assert p.wire_budget <= 0.3 and p.counts()["DROP"] == 0
+
+
+def test_a_sliding_window_model_of_any_kind_is_refused_at_start_up(tmp_path):
+    """A Mistral-style model (every layer slides, no `layer_types`) was fingerprinted as having
+    no sliding layers, so the connector took it and sent whole-prompt frames vLLM keeps."""
+    from spectrumkv.assets import model_dir
+    from spectrumkv.integrations.vllm.connector import check_model
+
+    from .tiny_models import mistral_dir
+
+    with pytest.raises(ConfigError, match=r"sliding-window layers yet \(3 of 3 here\)"):
+        check_model(str(mistral_dir(tmp_path)))
+    assert check_model(str(model_dir("smollm2-135m"))).sliding_layers == ()

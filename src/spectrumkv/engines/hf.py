@@ -101,8 +101,7 @@ def config_fingerprint(cfg, k0: torch.Tensor, kv_dtype: str) -> Fingerprint:
     if kv_dtype not in _KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {list(_KV_DTYPES)}, got {kv_dtype!r}")
     cfg = cfg.get_text_config()
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    sliding = sliding_layers(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 0)}
     k0 = k0.detach().float().contiguous()
@@ -117,6 +116,27 @@ def config_fingerprint(cfg, k0: torch.Tensor, kv_dtype: str) -> Fingerprint:
         sliding_layers=sliding,
         weights_digest=xxhash.xxh3_64_hexdigest(k0.numpy().tobytes()),
     )
+
+
+def sliding_layers(cfg) -> tuple[int, ...]:
+    """The sliding-window layers of a transformers text config, as transformers' own caches
+    see them: its `layer_types` where it has them (Gemma-3, Qwen2 with `use_sliding_window`),
+    else every layer when it sets a `sliding_window` (Mistral-style: one window for all)."""
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        every = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
+        types = [every] * cfg.num_hidden_layers
+    return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+
+def _model_mask(fp: Fingerprint, masks: dict[str, torch.Tensor]) -> torch.Tensor | dict:
+    """The attention_mask a model's forward takes: one mask when every layer is of one type
+    (a Mistral-style model takes only a tensor), else one per layer type."""
+    if not fp.sliding_layers:
+        return masks["full_attention"]
+    if len(fp.sliding_layers) == fp.n_layers:
+        return masks["sliding_attention"]
+    return masks
 
 
 def _attn(model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -287,7 +307,7 @@ def forward_with_kv_transform(
     out = engine.model(
         input_ids=ids.view(1, -1),
         position_ids=pos.view(1, -1),
-        attention_mask=masks if fp.sliding_layers else masks["full_attention"],
+        attention_mask=_model_mask(fp, masks),
         past_key_values=cache,
         use_cache=True,
     )
@@ -307,11 +327,10 @@ def step(engine: Engine, state: DecodeState, input_ids: torch.Tensor) -> torch.T
         kslide = torch.cat([state.sliding_positions, qpos])
         masks["sliding_attention"] = _mask(kslide, qpos, fp.sliding_window, dtype)
         state.sliding_positions = kslide[-(fp.sliding_window - 1) :]
-    attention_mask = masks if fp.sliding_layers else masks["full_attention"]
     out = engine.model(
         input_ids=input_ids.view(1, -1),
         position_ids=qpos.view(1, -1),
-        attention_mask=attention_mask,
+        attention_mask=_model_mask(fp, masks),
         past_key_values=state.cache,
         use_cache=True,
     )

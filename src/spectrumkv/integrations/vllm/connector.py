@@ -53,13 +53,7 @@ class SpectrumKVConnector(KVConnectorBase_V1):
         ktc = vllm_config.kv_transfer_config
         cfg = ConnectorConfig.from_extra(ktc.kv_role, ktc.kv_connector_extra_config or {})
         _check_engine(vllm_config, kv_cache_config)
-        fp = dir_fingerprint(vllm_config.model_config.model, "bfloat16")
-        if fp.sliding_layers:
-            raise ConfigError(
-                "SpectrumKVConnector does not support models with sliding-window layers yet "
-                f"({len(fp.sliding_layers)} of {fp.n_layers} here): vLLM keeps their whole "
-                "prompt when a connector is set, the wire format sends only the window"
-            )
+        fp = check_model(vllm_config.model_config.model)
         if cfg.role == "producer":
             _check_budget(fp, cfg.policy)
         self.cfg = cfg
@@ -171,6 +165,19 @@ def _check_engine(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> No
 
     if not current_platform.is_cpu():
         raise ConfigError("SpectrumKVConnector supports vLLM's CPU backend in this release")
+
+
+def check_model(path: str) -> Fingerprint:
+    """The fingerprint of the model directory vLLM serves; ConfigError, at start-up, for a
+    model with sliding-window layers (any kind: Gemma-3's mix or Mistral-style all-sliding)."""
+    fp = dir_fingerprint(path, "bfloat16")
+    if fp.sliding_layers:
+        raise ConfigError(
+            "SpectrumKVConnector does not support models with sliding-window layers yet "
+            f"({len(fp.sliding_layers)} of {fp.n_layers} here): vLLM keeps their whole "
+            "prompt when a connector is set, the wire format sends only the window"
+        )
+    return fp
 
 
 def _check_budget(fp: Fingerprint, policy: PolicyConfig) -> None:
