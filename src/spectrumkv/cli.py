@@ -156,7 +156,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             temperature=args.temperature,
         )
-        validate_defaults(defaults, 0)  # before the model loads; again with its layer count
+        validate_defaults(defaults)  # before the model loads
     secret = secret_from_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from .engines.hf import load
@@ -367,9 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     register_vllm(sub, bench)
     from .paged.commands import register as register_paged
     from .scd.commands import register as register_scd
+    from .serve.commands import register as register_serve
 
     register_paged(bench)
     register_scd(sub)
+    register_serve(bench)
 
     f = sub.add_parser("fetch", help="fetch and convert built-in models once (shows progress)")
     f.add_argument("models", nargs="+", help="model aliases, e.g. smollm2-135m gemma3-270m")

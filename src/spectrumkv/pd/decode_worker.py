@@ -86,7 +86,7 @@ class TransferFailed(SpectrumKVError):
 
 class DecodeWorker:
     def __init__(self, engine: Engine, cfg: DecodeConfig) -> None:
-        openai.validate_defaults(cfg.defaults, engine.fingerprint.n_layers)
+        openai.validate_defaults(cfg.defaults)
         self.engine, self.cfg = engine, cfg
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
@@ -243,6 +243,7 @@ class DecodeWorker:
         except (asyncio.CancelledError, ConnectionResetError):
             waited = time.perf_counter() - t_start
             log.info("%s: client went away after %.1f s: generation stopped", rid, waited)
+            self.metrics.requests.labels("cancelled").inc()
             raise
         finally:
             cancel.set()

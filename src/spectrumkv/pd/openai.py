@@ -159,9 +159,7 @@ def context_limit(engine: Engine) -> int:
     return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
 
 
-def transfer_options(
-    defaults: ServerDefaults, o: SpectrumKVField, n_layers: int
-) -> TransferOptions:
+def transfer_options(defaults: ServerDefaults, o: SpectrumKVField) -> TransferOptions:
     """Merge a request's `spectrumkv` field over the server's defaults and validate it with the
     library's configs. Raises ApiError 400 naming the field."""
     policy = defaults.transfer.policy if o.policy is UNSET else o.policy
@@ -179,7 +177,7 @@ def transfer_options(
         overlap=d.overlap if o.overlap is UNSET else o.overlap,
     )
     try:
-        policy_configs(opt, n_layers)
+        policy_configs(opt)
     except ValueError as e:  # ConfigError, BudgetError
         text = str(e)
         fields = ("budget", "score_layers", "link_gbps", "policy")  # the first one named
@@ -190,9 +188,9 @@ def transfer_options(
     return opt
 
 
-def validate_defaults(d: ServerDefaults, n_layers: int) -> None:
-    """Check a server's defaults as a request would be checked (n_layers 0: before the model is
-    loaded). Raises ConfigError / BudgetError naming the flag."""
+def validate_defaults(d: ServerDefaults) -> None:
+    """Check a server's defaults as a request would be checked. Raises ConfigError /
+    BudgetError naming the flag."""
     if not 0 < d.budget <= 1:
         raise BudgetError(f"--budget must be in (0, 1], got {d.budget}")
     if not 1 <= d.max_tokens <= MAX_TOKENS:
@@ -203,7 +201,7 @@ def validate_defaults(d: ServerDefaults, n_layers: int) -> None:
         raise ConfigError(f"--on-failure must be recompute or fail, got {d.on_failure!r}")
     try:
         msgspec.convert(msgspec.structs.asdict(d.transfer), TransferOptions)  # the bounds
-        transfer_options(d, SpectrumKVField(), n_layers)
+        transfer_options(d, SpectrumKVField())
     except msgspec.ValidationError as e:
         raise ConfigError(f"server default: {e}") from None
     except ApiError as e:
@@ -247,7 +245,7 @@ def parse(engine: Engine, defaults: ServerDefaults, raw: bytes, chat: bool) -> J
             param=field,
             code="context_length_exceeded",
         )
-    opt = transfer_options(defaults, body.spectrumkv, engine.fingerprint.n_layers)
+    opt = transfer_options(defaults, body.spectrumkv)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     sampling = SamplingParams(
         max_tokens=max_tokens,

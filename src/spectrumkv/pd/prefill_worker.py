@@ -131,7 +131,7 @@ class PrefillServer:
         queue: asyncio.Queue = asyncio.Queue()
         gate = ByteGate(SEND_QUEUE_BYTES, cancel)
         opt = req.options
-        policy, scoring = policy_configs(opt, self.engine.fingerprint.n_layers)
+        policy, scoring = policy_configs(opt)
         ids = torch.tensor(req.token_ids, dtype=torch.long)
 
         def emit(kind: str, chunk: bytes) -> None:

@@ -76,16 +76,16 @@ MAX_PROMPT_TOKENS = 1 << 20
 encode = msgspec.json.encode
 
 
-def policy_configs(opt: TransferOptions, n_layers: int) -> tuple[PolicyConfig, ScoreConfig]:
-    """The library configs for `opt` on a model of `n_layers` layers. Raises ConfigError /
+def policy_configs(opt: TransferOptions) -> tuple[PolicyConfig, ScoreConfig]:
+    """The library configs for `opt`. Raises ConfigError /
     BudgetError (both ValueError) naming the bad value: unknown policy, budget outside (0, 1],
     a budgeted policy without a budget, a link rate below MIN_LINK_GBPS, or `spectrum-layer`
-    (which needs every layer's scores) with score_layers < n_layers."""
+    (which needs every layer's scores) with score_layers other than 0 (all)."""
     if 0 < opt.link_gbps < MIN_LINK_GBPS:
         raise ConfigError(f"link_gbps must be 0 (unshaped) or >= {MIN_LINK_GBPS}")
     quant = QuantConfig(scheme="kivi") if opt.policy == "kivi2" else QuantConfig()
     policy = PolicyConfig(opt.policy, budget=opt.budget, quant=quant)
-    if policy.name == "spectrum-layer" and 0 < opt.score_layers < n_layers:
+    if policy.name == "spectrum-layer" and opt.score_layers:
         raise ConfigError("policy 'spectrum-layer' needs every layer's scores: score_layers 0")
     return policy, ScoreConfig(layers=opt.score_layers)
 
