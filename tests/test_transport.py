@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from spectrumkv.transport.auth import AuthError, client_handshake, server_handshake
+from spectrumkv.transport.auth import REFUSED, AuthError, client_handshake, server_handshake
 from spectrumkv.transport.framing import Channel, Kind, PeerTimeout, TransportError, connect, serve
 from spectrumkv.transport.tls import client_context, server_context
 
@@ -43,7 +43,7 @@ def test_authenticated_round_trip_and_wrong_secret_refused(caplog):
             assert await ch.recv(5) == (Kind.REQUEST, b"hello")
             ch.close()
             ch = await connect("127.0.0.1", port)
-            with pytest.raises(TransportError):
+            with pytest.raises(AuthError, match="authentication failed: .* refused our secret"):
                 await client_handshake(ch, b"wrong", ROLE)
             ch.close()
             await asyncio.sleep(0.1)
@@ -71,7 +71,8 @@ def test_recorded_answer_cannot_be_replayed():
             ch = await connect("127.0.0.1", port)
             await ch.recv(5)
             await ch.send(Kind.AUTH, recorded)
-            with pytest.raises(TransportError):
+            assert await ch.recv(5) == (Kind.ERROR, REFUSED)  # told why, never AUTH_OK
+            with pytest.raises(TransportError):  # then closed
                 await ch.recv(5)
             ch.close()
             await asyncio.sleep(0.1)
