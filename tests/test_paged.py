@@ -63,17 +63,21 @@ def test_long_request_32k():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scalar_kernel_matches(dtype):
-    cache, tables, lens = make_cache([1, 40, 300], dtype)
-    kp, vp = cache.layer(0)
-    q = torch.randn(3, 9, 64)
-    ref = reference(q, kp, vp, tables, lens, 0.125)
-    previous = kernel.set_simd(False)
+@pytest.mark.parametrize("isa", kernel.ISAS)
+def test_every_kernel_matches(dtype, isa):
+    """Each compiled kernel the CPU has (AVX-512 kernels need head_dim % 16 == 0; 72 % 16 != 0
+    runs the AVX2 one even when AVX-512 is asked for)."""
+    previous = kernel.set_isa(isa)
     try:
-        out, _ = kernel.decode(q, kp, vp, tables, lens, 0.125, 4, 64)
+        for d in (64, 72):
+            cache, tables, lens = make_cache([1, 40, 300], dtype, head_dim=d)
+            kp, vp = cache.layer(0)
+            q = torch.randn(3, 9, d)
+            ref = reference(q, kp, vp, tables, lens, d**-0.5)
+            out, _ = kernel.decode(q, kp, vp, tables, lens, d**-0.5, 4, 64)
+            assert (out.double() - ref).abs().max().item() < 2e-3
     finally:
-        kernel.set_simd(previous)
-    assert (out.double() - ref).abs().max().item() < 2e-3
+        kernel.set_isa(previous)
 
 
 def test_merge_is_exact():

@@ -47,7 +47,19 @@ enum { DT_F16 = 1, DT_BF16 = 2 };
 /* Below this many KV bytes a call runs on the caller alone unless helpers are awake. */
 #define SMALL_JOB_BYTES (512 * 1024)
 
-static int have_avx2 = 0;
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static int isa_level = ISA_SCALAR; /* the best kernel in use (set_isa may lower it) */
+
+static int cpu_isa(void) {
+#if HAVE_AVX2_KERNELS
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+          __builtin_cpu_supports("fma")))
+        return ISA_SCALAR;
+    return __builtin_cpu_supports("avx512f") ? ISA_AVX512 : ISA_AVX2;
+#else
+    return ISA_SCALAR;
+#endif
+}
 
 typedef struct {
     int32_t b, h, lo, hi; /* request, KV head, tokens [lo, hi) */
@@ -62,7 +74,7 @@ typedef struct {
     const float *q; /* [B, Hkv * group, d] */
     const uint16_t *k, *v; /* [P, Hkv, ps, d] */
     const int32_t *tables; /* [B, W] */
-    int W, ps, hkv, group, d, dt, simd;
+    int W, ps, hkv, group, d, dt, simd; /* simd: the ISA_* kernel to run */
     float scale;
     const Task *tasks;
     int ntasks;
@@ -85,9 +97,16 @@ static inline float load1(const uint16_t *p, int dt) {
     return (float)x;
 }
 
-static inline const uint16_t *row(const Ctx *c, const uint16_t *base, int b, int h, int tok) {
-    const int32_t page = c->tables[(size_t)b * c->W + tok / c->ps];
-    return base + (((size_t)page * c->hkv + h) * c->ps + tok % c->ps) * (size_t)c->d;
+/* Element offsets (into k or v) of the rows of tokens [t0, t0 + n) of task t: one division per
+ * tile, then the offset within the page steps along. */
+static inline void tile_rows(const Ctx *c, const Task *t, int t0, int n, size_t *off) {
+    const int32_t *table = c->tables + (size_t)t->b * c->W;
+    int p = t0 / c->ps, o = t0 % c->ps;
+    const size_t head = (size_t)t->h * c->ps, stride = (size_t)c->hkv * c->ps;
+    for (int i = 0; i < n; i++) {
+        off[i] = ((size_t)table[p] * stride + head + o) * (size_t)c->d;
+        if (++o == c->ps) o = 0, p++;
+    }
 }
 
 /* Runs one task; m, l: [group]; acc: [group * d] (unnormalized). */
@@ -100,8 +119,10 @@ static void task_scalar(const Ctx *c, const Task *t, float *m, float *l, float *
     memset(acc, 0, sizeof(float) * G * d);
     for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
         const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
+        size_t off[TILE];
+        tile_rows(c, t, t0, n, off);
         for (int i = 0; i < n; i++) {
-            const uint16_t *kr = row(c, c->k, t->b, t->h, t0 + i);
+            const uint16_t *kr = c->k + off[i];
             for (int g = 0; g < G; g++) {
                 float dot = 0.0f;
                 for (int j = 0; j < d; j++) dot += qs[g * d + j] * load1(kr + j, c->dt);
@@ -121,7 +142,7 @@ static void task_scalar(const Ctx *c, const Task *t, float *m, float *l, float *
             m[g] = mt;
         }
         for (int i = 0; i < n; i++) {
-            const uint16_t *vr = row(c, c->v, t->b, t->h, t0 + i);
+            const uint16_t *vr = c->v + off[i];
             for (int j = 0; j < d; j++) {
                 const float x = load1(vr + j, c->dt);
                 for (int g = 0; g < G; g++) acc[g * d + j] += s[g][i] * x;
@@ -178,10 +199,12 @@ AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, floa
     memset(acc, 0, sizeof(float) * G * d);
     for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
         const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
+        size_t off[TILE];
+        tile_rows(c, t, t0, n, off);
         /* K: the tile's rows converted once into vt, then 8 scores at a time per query head,
          * the 8 dot products reduced together */
         for (int i = 0; i < n; i++) {
-            const uint16_t *kp = row(c, c->k, t->b, t->h, t0 + i);
+            const uint16_t *kp = c->k + off[i];
             for (int j = 0; j < nv; j++) _mm256_store_ps(vt + i * d + 8 * j, load8(kp + 8 * j, dt));
         }
         if (n % 8) memset(vt + n * d, 0, sizeof(float) * (8 - n % 8) * d); /* rows past the end */
@@ -236,7 +259,7 @@ AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, floa
         /* V: the tile's rows converted once into vt, then acc[g] += sum_i p[g][i] v[i], 32
          * dims at a time with the accumulators in registers */
         for (int i = 0; i < n; i++) {
-            const uint16_t *vp = row(c, c->v, t->b, t->h, t0 + i);
+            const uint16_t *vp = c->v + off[i];
             for (int j = 0; j < nv; j++) _mm256_store_ps(vt + i * d + 8 * j, load8(vp + 8 * j, dt));
         }
         for (int g = 0; g < G; g++) {
@@ -267,6 +290,127 @@ AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, floa
         }
     }
 }
+
+/* ---- AVX-512 kernel (head_dim a multiple of 16): the same steps with 16-wide conversions and
+ * FMAs; the softmax bookkeeping stays 8-wide ---- */
+#define AVX512 __attribute__((target("avx512f,avx2,f16c,fma")))
+
+AVX512 static INLINE __m512 load16(const uint16_t *p, int dt) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)p);
+    if (dt == DT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+    return _mm512_cvtph_ps(x);
+}
+
+/* the two 8-lane halves of a, added */
+AVX512 static INLINE __m256 fold(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+AVX512 static void task_avx512(const Ctx *c, const Task *t, float *m, float *l, float *acc) {
+    const int G = c->group, d = c->d, dt = c->dt;
+    float qs[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float s[MAX_GROUP][TILE] __attribute__((aligned(32)));
+    float vt[TILE * MAX_HEAD_DIM] __attribute__((aligned(64)));
+    const float *q = c->q + ((size_t)t->b * c->hkv * G + (size_t)t->h * G) * d;
+    for (int i = 0; i < G * d; i++) qs[i] = q[i] * c->scale;
+    for (int g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+    memset(acc, 0, sizeof(float) * G * d);
+    for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
+        const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
+        size_t off[TILE];
+        tile_rows(c, t, t0, n, off);
+        /* K: the tile's rows converted once into vt, then 8 scores at a time per query head,
+         * the 8 dot products reduced together */
+        for (int i = 0; i < n; i++) {
+            const uint16_t *kp = c->k + off[i];
+            for (int j = 0; j < d; j += 16) _mm512_store_ps(vt + i * d + j, load16(kp + j, dt));
+        }
+        if (n % 8) memset(vt + n * d, 0, sizeof(float) * (8 - n % 8) * d); /* rows past the end */
+        for (int g = 0; g < G; g++) {
+            const float *qg = qs + g * d;
+            for (int i = 0; i < n; i += 8) {
+                const float *x = vt + i * d;
+                __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0, b4 = b0, b5 = b0,
+                       b6 = b0, b7 = b0;
+                for (int j = 0; j < d; j += 16) {
+                    const __m512 qv = _mm512_load_ps(qg + j);
+                    b0 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + j), b0);
+                    b1 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + d + j), b1);
+                    b2 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + 2 * d + j), b2);
+                    b3 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + 3 * d + j), b3);
+                    b4 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + 4 * d + j), b4);
+                    b5 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + 5 * d + j), b5);
+                    b6 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + 6 * d + j), b6);
+                    b7 = _mm512_fmadd_ps(qv, _mm512_load_ps(x + 7 * d + j), b7);
+                }
+                const __m256 a0 = fold(b0), a1 = fold(b1), a2 = fold(b2), a3 = fold(b3),
+                             a4 = fold(b4), a5 = fold(b5), a6 = fold(b6), a7 = fold(b7);
+                const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+                _mm256_store_ps(&s[g][i], _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                                        _mm256_permute2f128_ps(u0, u1, 0x31)));
+            }
+        }
+        for (int i = n; i < TILE; i++)
+            for (int g = 0; g < G; g++) s[g][i] = -INFINITY;
+        for (int g = 0; g < G; g++) {
+            __m256 mx = _mm256_set1_ps(m[g]);
+            for (int i = 0; i < TILE; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(&s[g][i]));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float mt = _mm_cvtss_f32(h);
+            const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mt);
+            if (alpha != 1.0f) {
+                const __m256 va = _mm256_set1_ps(alpha);
+                l[g] *= alpha;
+                for (int j = 0; j < d; j += 8)
+                    _mm256_storeu_ps(acc + g * d + j, _mm256_mul_ps(_mm256_loadu_ps(acc + g * d + j), va));
+            }
+            const __m256 vm = _mm256_set1_ps(mt);
+            for (int i = 0; i < TILE; i += 8)
+                _mm256_store_ps(&s[g][i], exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][i]), vm)));
+            for (int i = n; i < TILE; i++) s[g][i] = 0.0f; /* exp8 left ~e^-87 there */
+            __m256 sum = _mm256_load_ps(&s[g][0]);
+            for (int i = 8; i < TILE; i += 8) sum = _mm256_add_ps(sum, _mm256_load_ps(&s[g][i]));
+            l[g] += hsum8(sum);
+            m[g] = mt;
+        }
+        /* V: the tile's rows converted once into vt, then acc[g] += sum_i p[g][i] v[i], 32
+         * dims at a time with the accumulators in registers */
+        for (int i = 0; i < n; i++) {
+            const uint16_t *vp = c->v + off[i];
+            for (int j = 0; j < d; j += 16) _mm512_store_ps(vt + i * d + j, load16(vp + j, dt));
+        }
+        for (int g = 0; g < G; g++) {
+            float *ag = acc + g * d;
+            int j = 0;
+            for (; j + 64 <= d; j += 64) {
+                __m512 a0 = _mm512_loadu_ps(ag + j), a1 = _mm512_loadu_ps(ag + j + 16);
+                __m512 a2 = _mm512_loadu_ps(ag + j + 32), a3 = _mm512_loadu_ps(ag + j + 48);
+                for (int i = 0; i < n; i++) {
+                    const __m512 p = _mm512_set1_ps(s[g][i]);
+                    const float *x = vt + i * d + j;
+                    a0 = _mm512_fmadd_ps(p, _mm512_load_ps(x), a0);
+                    a1 = _mm512_fmadd_ps(p, _mm512_load_ps(x + 16), a1);
+                    a2 = _mm512_fmadd_ps(p, _mm512_load_ps(x + 32), a2);
+                    a3 = _mm512_fmadd_ps(p, _mm512_load_ps(x + 48), a3);
+                }
+                _mm512_storeu_ps(ag + j, a0);
+                _mm512_storeu_ps(ag + j + 16, a1);
+                _mm512_storeu_ps(ag + j + 32, a2);
+                _mm512_storeu_ps(ag + j + 48, a3);
+            }
+            for (; j < d; j += 16) {
+                __m512 a0 = _mm512_loadu_ps(ag + j);
+                for (int i = 0; i < n; i++)
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[g][i]), _mm512_load_ps(vt + i * d + j), a0);
+                _mm512_storeu_ps(ag + j, a0);
+            }
+        }
+    }
+}
 #endif
 
 /* ---- the job: tasks from a shared counter, then the merge ---- */
@@ -276,7 +420,9 @@ static void run_task(Ctx *c, const Task *t) {
     float m[MAX_GROUP], l[MAX_GROUP], local[MAX_GROUP * MAX_HEAD_DIM];
     float *acc = t->slot < 0 ? local : c->pacc + (size_t)t->slot * G * d;
 #if HAVE_AVX2_KERNELS
-    if (c->simd)
+    if (c->simd == ISA_AVX512)
+        task_avx512(c, t, m, l, acc);
+    else if (c->simd == ISA_AVX2)
         task_avx2(c, t, m, l, acc);
     else
 #endif
@@ -414,7 +560,8 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
     Ctx c = {.q = (const float *)qp, .k = (const uint16_t *)kp, .v = (const uint16_t *)vp,
              .tables = tables, .W = (int)W, .ps = ps, .hkv = hkv, .group = G, .d = d, .dt = dt,
-             .simd = have_avx2 && d % 8 == 0, .scale = scale, .tasks = tasks,
+             .simd = isa_level == ISA_AVX512 && d % 16 == 0 ? ISA_AVX512
+                     : isa_level >= ISA_AVX2 && d % 8 == 0 ? ISA_AVX2 : ISA_SCALAR, .scale = scale, .tasks = tasks,
              .ntasks = (int)ntasks, .out = (float *)op, .pm = part,
              .pl = part + (size_t)nslots * G, .pacc = part + (size_t)nslots * G * 2};
     atomic_store(&c.next, 0);
@@ -434,28 +581,26 @@ done:
     return ret;
 }
 
-/* set_simd(flag) -> previous: use the AVX2 kernel (1, where the CPU has AVX2, F16C and FMA) or
- * the scalar one (0), e.g. to test or time the scalar kernel. */
-static PyObject *set_simd(PyObject *self, PyObject *args) {
+/* set_isa(level) -> previous: use at most this kernel (0 scalar, 1 AVX2, 2 AVX-512), as far
+ * as the CPU has it; e.g. to test or time the other kernels. */
+static PyObject *set_isa(PyObject *self, PyObject *args) {
     (void)self;
-    int flag, previous = have_avx2;
-    if (!PyArg_ParseTuple(args, "p", &flag)) return NULL;
-#if HAVE_AVX2_KERNELS
-    have_avx2 = flag && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                __builtin_cpu_supports("fma");
-#endif
-    return PyBool_FromLong(previous);
+    int level, previous = isa_level;
+    if (!PyArg_ParseTuple(args, "i", &level)) return NULL;
+    const int best = cpu_isa();
+    isa_level = level < ISA_SCALAR ? ISA_SCALAR : level > best ? best : level;
+    return PyLong_FromLong(previous);
 }
 
-static PyObject *simd(PyObject *self, PyObject *args) {
+static PyObject *isa(PyObject *self, PyObject *args) {
     (void)self, (void)args;
-    return PyBool_FromLong(have_avx2);
+    return PyLong_FromLong(isa_level);
 }
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, "Paged GQA decode attention over block tables."},
-    {"simd", simd, METH_NOARGS, "Whether the AVX2 kernel is in use."},
-    {"set_simd", set_simd, METH_VARARGS, "Enable or disable the AVX2 kernel."},
+    {"isa", isa, METH_NOARGS, "The kernel in use: 0 scalar, 1 AVX2, 2 AVX-512."},
+    {"set_isa", set_isa, METH_VARARGS, "Use at most this kernel (0, 1, 2)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -465,8 +610,7 @@ PyMODINIT_FUNC PyInit__attention(void) {
     pool_init();
 #if HAVE_AVX2_KERNELS
     __builtin_cpu_init();
-    have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                __builtin_cpu_supports("fma");
 #endif
+    isa_level = cpu_isa();
     return PyModule_Create(&module);
 }

@@ -2,7 +2,8 @@
 input check every route runs.
 
 `decode()` runs all (request, KV head, split) tasks of a batch as one job on the extension's
-persistent thread pool, then merges split requests exactly. When the extension was not built,
+persistent thread pool, then merges split requests exactly. Kernels: AVX-512F, AVX2/F16C/FMA or
+plain C, the best the CPU has (`isa`, `set_isa`). When the extension was not built,
 `AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference) run.
 """
 
@@ -57,15 +58,20 @@ def check_tables(tables, lengths, pages: int, page_size: int) -> None:
         raise PagedInputError("a block table entry points outside the page pool")
 
 
-def simd_enabled() -> bool:
-    """Whether the AVX2/F16C/FMA kernel runs (else the scalar C one)."""
-    return bool(_attention.simd())
+ISAS = ("scalar", "avx2", "avx512")
 
 
-def set_simd(flag: bool) -> bool:
-    """Use the AVX2 kernel where the CPU has it (True) or the scalar C kernel; returns the
-    previous setting. For tests and benchmarks."""
-    return bool(_attention.set_simd(flag))
+def isa() -> str:
+    """The kernel in use: "avx512" (AVX-512F), "avx2" (AVX2/F16C/FMA) or "scalar" (plain C)."""
+    return ISAS[_attention.isa()]
+
+
+def set_isa(name: str) -> str:
+    """Use at most this kernel, as far as the CPU has it; returns the previous one. For tests
+    and benchmarks (all compute the same attention up to float rounding)."""
+    previous = isa()
+    _attention.set_isa(ISAS.index(name))
+    return previous
 
 
 def decode(
