@@ -71,13 +71,28 @@ def test_wrong_model_payload_is_refused(smol, prefilled):
 
 
 def test_attention_scores_are_window_limited_and_rank_sinks(smol, prefilled):
+    """The observation window (the last 32 context tokens) ranks above every other token, most
+    recent first; before it, the attention sink (position 0; max pooling spreads its score over
+    the pool's width) ranks first, overall and in nearly every layer; each layer's window
+    attention, before pooling, is a distribution over the context."""
     _, pre, _, _ = prefilled[0]
-    tok, per_layer = skv.importance.attention_scores(
-        pre.window, pre.layers, pre.n_tokens, skv.ScoreConfig()
+    n, w = pre.n_tokens, 32
+    assert n > w + 8 and all(q.queries.shape[1] == w for q in pre.window)
+    tok, per_layer = skv.importance.attention_scores(pre.window, pre.layers, n, skv.ScoreConfig())
+    assert per_layer.shape == (smol.fingerprint.n_layers, n) and torch.isfinite(tok).all()
+    window, rest = tok[n - w :], tok[: n - w]
+    assert (window.diff() > 0).all() and window.min() > rest.max()
+    assert (per_layer[:, n - w :].diff(dim=1) > 0).all()
+    assert rest.argmax() == 0 and rest[0] > 10 * rest.median()
+    sink_first = per_layer[:, 0] >= per_layer[:, 1 : n - w].max(dim=1).values
+    assert sink_first.float().mean() >= 0.8, sink_first
+    raw = torch.stack(
+        [
+            skv.importance.layer_attention_scores(q, kv, n, pool=1)
+            for q, kv in zip(pre.window, pre.layers, strict=True)
+        ]
     )
-    assert per_layer.shape == (smol.fingerprint.n_layers, pre.n_tokens)
-    assert all(w.queries.shape[1] == min(32, pre.n_tokens) for w in pre.window)
-    assert torch.isfinite(tok).all()
+    assert torch.allclose(raw.sum(dim=1), torch.ones(len(raw)), atol=1e-4)
 
 
 def test_gemma_round_trip_across_sliding_window():
@@ -99,3 +114,9 @@ def test_gemma_round_trip_across_sliding_window():
     assert hf[0, ids.numel() :].tolist() == ref
     out, plan = _transfer(engine, pre, last, "pdtrim", 0.5, n=8)  # drops tokens in all layers
     assert len(out) == 8 and plan.wire_bytes <= 0.5 * plan.fp16_bytes
+    # the served default (--score-layers 4) scores from the first layers that hold the whole
+    # prompt: here Gemma's full-attention layers, as all-layer scoring does. Before, it read
+    # four sliding layers and scored every token older than their window exactly 0.
+    early, _ = skv.score_tokens(skv.ScoreConfig(layers=4), pre.n_tokens, pre.layers, pre.window)
+    full, _ = skv.score_tokens(skv.ScoreConfig(), pre.n_tokens, pre.layers, pre.window)
+    assert torch.equal(early, full) and (early[: pre.n_tokens - 511] > 0).all()

@@ -9,6 +9,7 @@ on this machine, which sets the prompt length.)
 """
 
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -55,28 +56,83 @@ def counters(pd: VllmPD, name: str, key: str) -> float:
     return pd.metrics(name).get(f"vllm:spectrumkv_{key}_total", 0.0)
 
 
+#: The decode (consumer) instance's own view: payloads its connector loaded and failed to load,
+#: prompt tokens vLLM took from the connector, and prompt tokens it found in its prefix cache.
+CONSUMER = {
+    "loads": "vllm:spectrumkv_transfers_total",
+    "load_failures": "vllm:spectrumkv_failures_total",
+    "loaded_tokens": "vllm:external_prefix_cache_hits_total",
+    "cached_tokens": "vllm:prefix_cache_hits_total",
+}
+
+
+def consumer(pd: VllmPD) -> dict[str, float]:
+    with urllib.request.urlopen(pd.url("decode") + "/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    values = {k: 0.0 for k in CONSUMER}
+    names = {metric: key for key, metric in CONSUMER.items()}
+    for line in lines:
+        key = names.get(line.split("{")[0].split(" ")[0])
+        if key is not None:
+            values[key] += float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def consumer_growth(pd: VllmPD, before: dict[str, float], loads: int = 1) -> dict[str, float]:
+    """How the consumer's counters grew since `before`, once `loads` more loads or failures
+    show (connector stats reach /metrics with the engine's stats, a little later)."""
+    deadline = time.monotonic() + 20
+    while True:
+        now = consumer(pd)
+        grown = {k: now[k] - before[k] for k in CONSUMER}
+        if grown["loads"] + grown["load_failures"] >= loads or time.monotonic() > deadline:
+            return grown
+
+
+def assert_loaded(grown: dict[str, float], prompt: list[int], cached: bool = False) -> None:
+    """One verified load, no load error, and every prompt position but the last (which the
+    decode request feeds) came from the transfer or, with `cached`, partly the prefix cache."""
+    assert grown["loads"] == 1 and grown["load_failures"] == 0, grown
+    assert grown["loaded_tokens"] + grown["cached_tokens"] == len(prompt) - 1, grown
+    assert (grown["cached_tokens"] > 0) == cached, grown
+
+
 def test_budget_1_answers_equal_single_instance_vllm(pd):
+    """The answer is exact and the consumer really served it from the transfer: a load that
+    failed would be recomputed by vLLM with the same answer."""
     for prompt in pd.prompts:
+        want = reference(pd, prompt)
+        before = consumer(pd)
         got = ask(pd, prompt, MAX_TOKENS, budget=1.0, salt=uuid.uuid4().hex)
+        assert_loaded(consumer_growth(pd, before), prompt)
         assert not got.fallback
         assert got.wire_bytes > 0 and 0.99 < got.wire_bytes / got.fp16_bytes < 1.01
-        assert got.text == reference(pd, prompt)
+        assert got.text == want
 
 
 def test_budget_half_is_served_with_half_the_bytes(pd):
-    loads = counters(pd, "decode", "transfers")
     for prompt in pd.prompts:
+        before = consumer(pd)
         got = ask(pd, prompt, MAX_TOKENS, budget=0.5, salt=uuid.uuid4().hex)
+        assert_loaded(consumer_growth(pd, before), prompt)
         assert not got.fallback and got.text.strip()
         assert 0.45 < got.wire_bytes / got.fp16_bytes <= 0.5
-    assert counters(pd, "decode", "transfers") == loads + len(pd.prompts)
 
 
 def test_repeated_prompt_uses_the_decode_prefix_cache_and_stays_exact(pd):
-    salt = uuid.uuid4().hex
-    first = ask(pd, pd.prompts[0], MAX_TOKENS, budget=1.0, salt=salt)
-    second = ask(pd, pd.prompts[0], MAX_TOKENS, budget=1.0, salt=salt)
-    assert first.text == second.text == reference(pd, pd.prompts[0])
+    """The second request finds the first's blocks in the decode instance's prefix cache (same
+    salt) and loads only the positions past the last full cached block."""
+    prompt, salt = pd.prompts[0], uuid.uuid4().hex
+    want = reference(pd, prompt)
+    before = consumer(pd)
+    first = ask(pd, prompt, MAX_TOKENS, budget=1.0, salt=salt)
+    assert_loaded(consumer_growth(pd, before), prompt)
+    before = consumer(pd)
+    second = ask(pd, prompt, MAX_TOKENS, budget=1.0, salt=salt)
+    grown = consumer_growth(pd, before)
+    assert_loaded(grown, prompt, cached=True)
+    assert grown["cached_tokens"] >= len(prompt) // 2, grown
+    assert first.text == second.text == want
 
 
 def test_transfer_that_never_arrives_is_recomputed(pd):
