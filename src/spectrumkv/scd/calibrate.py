@@ -162,6 +162,8 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
         al = fit_aligner((a[i][2] - mu) @ basis, b[i][2], proj, cfg.aligner_width,
                          cfg.aligner_steps)  # fmt: skip
         tensors |= {f"{i}.al.{k}": v.detach() for k, v in al.state_dict().items()}
+    unused = [f"{i}.{p}." for i in range(fa.n_layers) if i not in chosen for p in ("h", "al")]
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(tuple(unused))}
     art = Artifact(_with(art.manifest, chosen, 0.0), tensors)
     if chosen:
         kl_now = dev.kl(art)

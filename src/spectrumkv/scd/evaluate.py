@@ -53,6 +53,7 @@ class Chunk:
     feed: torch.Tensor
     oracle: Scored
     greedy: list[int]
+    own_a: Scored  # A scoring the continuation from its own cache (how far apart A and B are)
 
 
 Built = tuple[list[LayerKV], int, float]  # B's layers, bytes sent, seconds B spent rebuilding
@@ -88,7 +89,8 @@ def _chunk(a: Engine, b: Engine, ids: torch.Tensor, split: int, span: int, cfg, 
     oracle = score(b, decode_state(b, cb.pre.layers, cb.pre.n_tokens), feed)
     ref = generate(b, decode_state(b, cb.pre.layers, cb.pre.n_tokens), int(feed[0]),
                    cfg.greedy_tokens)  # fmt: skip
-    return Chunk(ca, store["hidden"], cb, feed, oracle, ref)
+    own_a = score(a, decode_state(a, ca.pre.layers, ca.pre.n_tokens), feed)
+    return Chunk(ca, store["hidden"], cb, feed, oracle, ref, own_a)
 
 
 def methods(
@@ -255,6 +257,9 @@ def run_eval(
     return {
         "records": records,
         "layer_errors": errors,
+        "ppl_producer_own": math.exp(
+            sum(c.own_a.nll for c in chunks) / sum(c.own_a.n for c in chunks)
+        ),
         "droidspeak": {"start": span, "width": cfg.droid_width, "damage": damage},
         "manifest": {
             "patch_layers": art.manifest.patch_layers,
