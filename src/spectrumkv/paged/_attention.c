@@ -151,6 +151,12 @@ static void task_scalar(const Ctx *c, const Task *t, float *m, float *l, float *
     }
 }
 
+/* Pages are small and scattered, so the hardware prefetcher stops at each one: the SIMD kernels
+ * ask for the next tile's rows while they convert the current tile's. */
+static inline void prefetch_row(const uint16_t *p, int d) {
+    for (int b = 0; b < d * 2; b += 64) __builtin_prefetch((const char *)p + b, 0, 3);
+}
+
 /* ---- AVX2 / F16C / FMA kernel (head_dim a multiple of 8) ---- */
 
 #if HAVE_AVX2_KERNELS
@@ -199,12 +205,15 @@ AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, floa
     memset(acc, 0, sizeof(float) * G * d);
     for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
         const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
-        size_t off[TILE];
+        size_t off[TILE], next[TILE];
         tile_rows(c, t, t0, n, off);
+        const int nn = t->hi - t0 - n < TILE ? t->hi - t0 - n : TILE; /* rows of the next tile */
+        tile_rows(c, t, t0 + n, nn, next);
         /* K: the tile's rows converted once into vt, then 8 scores at a time per query head,
          * the 8 dot products reduced together */
         for (int i = 0; i < n; i++) {
             const uint16_t *kp = c->k + off[i];
+            if (i < nn) prefetch_row(c->k + next[i], d);
             for (int j = 0; j < nv; j++) _mm256_store_ps(vt + i * d + 8 * j, load8(kp + 8 * j, dt));
         }
         if (n % 8) memset(vt + n * d, 0, sizeof(float) * (8 - n % 8) * d); /* rows past the end */
@@ -260,6 +269,7 @@ AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, floa
          * dims at a time with the accumulators in registers */
         for (int i = 0; i < n; i++) {
             const uint16_t *vp = c->v + off[i];
+            if (i < nn) prefetch_row(c->v + next[i], d);
             for (int j = 0; j < nv; j++) _mm256_store_ps(vt + i * d + 8 * j, load8(vp + 8 * j, dt));
         }
         for (int g = 0; g < G; g++) {
@@ -318,12 +328,15 @@ AVX512 static void task_avx512(const Ctx *c, const Task *t, float *m, float *l, 
     memset(acc, 0, sizeof(float) * G * d);
     for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
         const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
-        size_t off[TILE];
+        size_t off[TILE], next[TILE];
         tile_rows(c, t, t0, n, off);
+        const int nn = t->hi - t0 - n < TILE ? t->hi - t0 - n : TILE; /* rows of the next tile */
+        tile_rows(c, t, t0 + n, nn, next);
         /* K: the tile's rows converted once into vt, then 8 scores at a time per query head,
          * the 8 dot products reduced together */
         for (int i = 0; i < n; i++) {
             const uint16_t *kp = c->k + off[i];
+            if (i < nn) prefetch_row(c->k + next[i], d);
             for (int j = 0; j < d; j += 16) _mm512_store_ps(vt + i * d + j, load16(kp + j, dt));
         }
         if (n % 8) memset(vt + n * d, 0, sizeof(float) * (8 - n % 8) * d); /* rows past the end */
@@ -381,6 +394,7 @@ AVX512 static void task_avx512(const Ctx *c, const Task *t, float *m, float *l, 
          * dims at a time with the accumulators in registers */
         for (int i = 0; i < n; i++) {
             const uint16_t *vp = c->v + off[i];
+            if (i < nn) prefetch_row(c->v + next[i], d);
             for (int j = 0; j < d; j += 16) _mm512_store_ps(vt + i * d + j, load16(vp + j, dt));
         }
         for (int g = 0; g < G; g++) {

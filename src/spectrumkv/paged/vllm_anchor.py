@@ -33,6 +33,10 @@ class VllmDecode:
         from vllm import _custom_ops as ops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+        if torch.cpu._is_amx_tile_supported():
+            # Linux lets a process use AMX tiles only after asking (arch_prctl); torch's oneDNN
+            # asks on its first AMX matmul, vLLM's kernel does not: without this, SIGILL.
+            torch._C._cpu._init_amx()
         pages, hkv, bs, d = k_pages.shape
         if bs % 32:
             raise PagedInputError(f"vLLM's CPU kernel needs blocks of a multiple of 32, got {bs}")
