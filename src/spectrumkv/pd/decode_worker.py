@@ -322,9 +322,14 @@ class DecodeWorker:
 
         try:
             final = await self.run(job, rid, send)
-        except ApiError as e:
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:
             if not resp.prepared:
-                raise
+                raise  # a plain HTTP error (openai.json_errors)
+            if not isinstance(e, ApiError):
+                log.exception("%s: failed while streaming", rid)
+                e = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
             await resp.write(openai.sse(e.body()))  # one well-formed error event
         else:
             if not resp.prepared:
@@ -360,33 +365,13 @@ class DecodeWorker:
         return web.json_response(body, status=200 if ok else 503)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 << 20, middlewares=[_json_errors])
+        app = web.Application(client_max_size=16 << 20, middlewares=[openai.json_errors])
         app.router.add_post("/v1/completions", self.http_completions)
         app.router.add_post("/v1/chat/completions", self.http_chat)
         app.router.add_get("/v1/models", self.http_models)
         app.router.add_get("/metrics", self.http_metrics)
         app.router.add_get("/health", self.http_health)
         return app
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """Every error as OpenAI's JSON error body (also aiohttp's own 404/405/413)."""
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return web.json_response(e.body(), status=e.status)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        err = ApiError(e.status, e.reason, type="invalid_request_error", code=str(e.status))
-        return web.json_response(err.body(), status=e.status)
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception as e:
-        log.exception("internal error on %s", request.path)
-        err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
-        return web.json_response(err.body(), status=500)
 
 
 async def serve_decode(engine: Engine, cfg: DecodeConfig, host: str, port: int) -> None:

@@ -11,7 +11,9 @@ own `PolicyConfig` / `ScoreConfig` (protocol.policy_configs), and a prompt that 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Annotated, Literal
 
 import msgspec
 import torch
+from aiohttp import web
 
 from ..config import FIXED_RATE
 from ..engines.hf import Engine
@@ -26,6 +29,7 @@ from ..errors import BudgetError, ConfigError, SpectrumKVError
 from .protocol import LinkGbps, LinkLatency, ScoreLayers, TransferOptions, policy_configs
 from .sampling import SamplingParams
 
+log = logging.getLogger("spectrumkv.decode")
 MAX_TOKENS = 4096
 MAX_N = 8
 MAX_STOP = 4
@@ -339,3 +343,23 @@ def sse(data: dict | str) -> bytes:
     """One server-sent event."""
     text = data if isinstance(data, str) else json.dumps(data)
     return f"data: {text}\n\n".encode()
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error as OpenAI's JSON error body (also aiohttp's own 404/405/413)."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return web.json_response(e.body(), status=e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        err = ApiError(e.status, e.reason, type="invalid_request_error", code=str(e.status))
+        return web.json_response(err.body(), status=e.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        log.exception("internal error on %s", request.path)
+        err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        return web.json_response(err.body(), status=500)
