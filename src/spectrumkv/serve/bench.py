@@ -1,0 +1,287 @@
+"""`spectrumkv bench decode`: decode throughput of the batch engine against baselines, on the
+same prompts, output lengths and concurrency, in one run.
+
+Requests: `n` prompts cut from the corpus at context lengths drawn from one of paged.traces'
+length mixes (scaled; default uniform x 1/16 = 250-2,000 tokens) or from `--trace FILE`; each
+decodes `decode` tokens (a file's own `decode` if given). Every engine runs greedy.
+
+Engines (`--engines`):
+- `batched`: serve.BatchEngine at `concurrency` requests per step, attention route `--route`;
+- `sequential`: today's one-at-a-time path (engines.hf decode_state + generate), in arrival order;
+- `hf-cb`: HF transformers' continuous batching (`generate_batch`, attn "paged|sdpa").
+
+Decode phase vs prefill: `batched` and `sequential` start from the prompts' KV, prefilled once
+beforehand (the decode worker receives it; the prefill time is reported apart, `prefill_s`), so
+their timed span is decode only: every request's first token and the rest. `hf-cb` prefills
+itself, so its decode time is T(decode tokens) - T(1 token), both timed in this run.
+
+Per record: aggregate decode tokens/s, TTFT and time per output token p50/p99 (all requests
+arrive at t=0; TTFT counts the wait for a batch slot or for the requests before it), peak KV
+bytes held, completed / failed, and for `batched` the mean step time at full batch beside its
+bandwidth limit: (weight bytes + KV bytes read in a step) / plain-copy bandwidth, same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..assets import load_text
+from ..engines.hf import Engine, decode_state, generate, prefill
+from ..paged import traces
+from ..paged.bench import copy_bandwidth
+from ..pd.sampling import SamplingParams
+from .engine import BatchEngine, EngineConfig
+
+ENGINES = ("batched", "sequential", "hf-cb")
+
+
+@dataclass(frozen=True)
+class DecodeBench:
+    """n requests, `decode` new tokens each, at `concurrency`; lengths from `trace` x `scale`
+    (or `trace_file`), seeded. pool_mb: the batch engine's page pool."""
+
+    n: int = 16
+    concurrency: int = 16
+    decode: int = 32
+    trace: str = "uniform"
+    scale: float = 1 / 16
+    trace_file: str | None = None
+    seed: int = 0
+    route: str = "adaptive"
+    pool_mb: float = 512.0
+    corpus: str = "wiki"
+
+
+@dataclass
+class Record:
+    engine: str
+    concurrency: int
+    n: int
+    tokens: int
+    decode_s: float
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    peak_kv_bytes: int
+    completed: int
+    failed: int
+    dtype: str
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Req:
+    context: torch.Tensor  # 1-D ids
+    last: int
+    decode: int
+
+
+def make_requests(engine: Engine, b: DecodeBench) -> list[_Req]:
+    """Prompts cut from the corpus at the trace's context lengths (consecutive slices)."""
+    if b.trace_file:
+        recs = traces.load_trace(b.trace_file)
+        lens = traces.file_lengths(recs, b.n, b.seed)
+        start = next(i for i, r in enumerate(recs) if r["context"] == lens[0])
+        decodes = [recs[(start + i) % len(recs)].get("decode") or b.decode for i in range(b.n)]
+    else:
+        lens, decodes = traces.lengths(b.trace, b.n, b.seed, b.scale), [b.decode] * b.n
+    chars = 8 * (sum(lens) + len(lens)) + 1000  # ~4 characters a token here; margin
+    text = load_text(b.corpus)[:chars]
+    ids = engine.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    out, at = [], 0
+    for n, m in zip(lens, decodes, strict=True):
+        n = max(2, n)
+        if at + n + 1 > ids.numel():
+            at = 0
+        out.append(_Req(ids[at : at + n], int(ids[at + n]), m))
+        at += n + 1
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+def _record(name, b, tokens, span, ttfts, tpots, peak, failed, dtype, **extra) -> Record:
+    return Record(
+        name, b.concurrency, b.n, tokens, span, tokens / span if span > 0 else 0.0,
+        _pct(ttfts, 0.5), _pct(ttfts, 0.99), _pct(tpots, 0.5), _pct(tpots, 0.99),
+        peak, b.n - failed, failed, dtype, extra,
+    )  # fmt: skip
+
+
+def run_sequential(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
+    """One request at a time from an HF DynamicCache (float32 compute, fp16 KV rounded)."""
+    t0 = time.perf_counter()
+    fp = engine.fingerprint
+    token_bytes = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 4  # a float32 DynamicCache
+    ttfts, tpots, tokens, peak = [], [], 0, 0
+    for r, pre in zip(reqs, pres, strict=True):
+        first: list[float] = []
+
+        def on_token(_: int, first: list[float] = first) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+        out = generate(engine, decode_state(engine, pre.layers, pre.n_tokens), r.last, r.decode,
+                       on_token)  # fmt: skip
+        end = time.perf_counter()
+        ttfts.append(first[0] - t0)
+        tpots.append((end - first[0]) / max(1, len(out) - 1))
+        tokens += len(out)
+        peak = max(peak, token_bytes * (int(pre.layers[0].positions.numel()) + len(out)))
+    return _record("sequential", b, tokens, time.perf_counter() - t0, ttfts, tpots, peak, 0,
+                   "float32 compute, KV float32 (from fp16)")  # fmt: skip
+
+
+def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
+    """All requests submitted at t=0 to a BatchEngine of `concurrency` slots."""
+    cfg = EngineConfig(pool_mb=b.pool_mb, max_batch=b.concurrency, max_queue=b.n,
+                       queue_timeout_s=3600, route=b.route)  # fmt: skip
+    eng = BatchEngine(engine, cfg)
+    steps: list[tuple[int, float, str]] = []
+    peak = [0]
+    used_bytes = eng.cache.config.page_bytes * eng.cache.config.layers
+
+    def on_step(batch: int, dt: float, route: str) -> None:
+        steps.append((batch, dt, route))
+        peak[0] = max(peak[0], (eng.total_pages - eng.cache.free_pages) * used_bytes)
+
+    eng.on_step = on_step
+    try:
+        t0 = time.perf_counter()
+        gens = [eng.submit(SamplingParams(max_tokens=r.decode), r.last, p.n_tokens,
+                           layers=p.layers) for r, p in zip(reqs, pres, strict=True)]  # fmt: skip
+        failed = 0
+        for g in gens:
+            try:
+                g.wait()
+            except Exception:  # noqa: BLE001 - counted
+                failed += 1
+        span = time.perf_counter() - t0
+    finally:
+        eng.close()
+    ok = [g for g in gens if g.error is None]
+    ttfts = [g.ttft_s for g in ok]
+    tpots = [(g.total_s - g.ttft_s) / max(1, len(g.token_ids) - 1) for g in ok]
+    full = [dt for batch, dt, _ in steps if batch == b.concurrency]
+    routes: dict[str, int] = {}
+    for _, _, route in steps:
+        routes[route] = routes.get(route, 0) + 1
+    extra = {"steps": len(steps), "routes": routes,
+             "mean_batch": sum(s[0] for s in steps) / max(1, len(steps)),
+             "full_batch_step_ms": 1000 * statistics.median(full) if full else None}  # fmt: skip
+    extra.update(_limit(engine, pres, b, eng.cache.config.dtype.itemsize))
+    return _record("batched", b, sum(len(g.token_ids) for g in ok), span, ttfts, tpots, peak[0],
+                   failed, f"float32 compute, KV {eng.cache.config.dtype}", **extra)  # fmt: skip
+
+
+def _limit(engine: Engine, pres, b: DecodeBench, kv_itemsize: int) -> dict:
+    """The bandwidth limit of a full-batch step at the first `concurrency` requests' midpoint
+    lengths: weight bytes + K/V bytes read, / plain-copy bytes per second (this run)."""
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    fp = engine.fingerprint
+    token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * kv_itemsize
+    ctx = sum(p.n_tokens + b.decode // 2 for p in pres[: b.concurrency])
+    bw = copy_bandwidth(256 << 20)
+    return {"weight_bytes": weights, "kv_bytes_per_step": ctx * token, "copy_gbps": bw / 1e9,
+            "limit_ms": 1000 * (weights + ctx * token) / bw}  # fmt: skip
+
+
+def run_hf_cb(engine: Engine, b: DecodeBench, reqs) -> Record:
+    """HF transformers' `generate_batch` (continuous batching, paged|sdpa attention), same
+    weights in float32; decode time = T(decode) - T(1 token), both timed here."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ..assets import model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir(engine.name), dtype=torch.float32, attn_implementation="paged|sdpa"
+    ).eval()
+    inputs = [torch.cat([r.context, torch.tensor([r.last])]).tolist() for r in reqs]
+    m = max(r.decode for r in reqs)
+    times = {}
+    for new in (1, m):
+        gc = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None)
+        t = time.perf_counter()
+        out = model.generate_batch(inputs, generation_config=gc)
+        times[new] = time.perf_counter() - t
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    span = times[m] - times[1]
+    decode_tokens = tokens - len(out)
+    return _record("hf-cb", b, decode_tokens, span, [times[1]] * len(out),
+                   [span / max(1, m - 1)] * len(out), 0, b.n - len(out), "float32",
+                   total_s=times[m], first_token_s=times[1])  # fmt: skip
+
+
+def _fresh_thread(fn, *args):
+    """fn(*args) on a new thread. Here, under load from other processes, one-token steps ran
+    10-100x slower on a thread that had run a long prefill (or on the main thread) than on a
+    fresh thread (cause not found), so every phase of the bench gets its own thread; the engine
+    has its own thread anyway."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run(engine: Engine, b: DecodeBench, engines: tuple[str, ...], rounds: int = 1) -> list[Record]:
+    """Prefill every prompt once, then time each engine on the same requests, `rounds` times
+    in alternation."""
+    reqs = make_requests(engine, b)
+    t = time.perf_counter()
+    pres = _fresh_thread(lambda: [prefill(engine, r.context) for r in reqs])
+    prefill_s = time.perf_counter() - t
+    records = []
+    for round_ in range(rounds):  # engines alternate, so each sees the same machine load
+        for name in engines:
+            if name == "batched":
+                rec = _fresh_thread(run_batched, engine, b, reqs, pres)
+            elif name == "sequential":
+                rec = _fresh_thread(run_sequential, engine, b, reqs, pres)
+            else:
+                rec = _fresh_thread(run_hf_cb, engine, b, reqs)
+            rec.extra.update(round=round_, prefill_s=prefill_s,
+                             contexts=[int(r.context.numel()) for r in reqs])  # fmt: skip
+            records.append(rec)
+            print_row(rec)
+    return records
+
+
+def ratios(records: list[Record], base: str = "batched") -> dict[str, list[float]]:
+    """Per round: tokens/s of `base` / tokens/s of each other engine (same round)."""
+    out: dict[str, list[float]] = {}
+    by_round: dict[int, dict[str, Record]] = {}
+    for r in records:
+        by_round.setdefault(r.extra.get("round", 0), {})[r.engine] = r
+    for rs in by_round.values():
+        if base in rs:
+            for name, r in rs.items():
+                if name != base and r.tokens_per_s > 0:
+                    out.setdefault(name, []).append(rs[base].tokens_per_s / r.tokens_per_s)
+    return out
+
+
+def print_header() -> None:
+    print(f"{'engine':<11} {'conc':>4} {'tokens':>6} {'decode s':>8} {'tok/s':>7} "
+          f"{'TTFT p50':>8} {'p99':>7} {'TPOT p50':>8} {'p99':>7} {'peak KV MB':>10} "
+          f"{'ok':>3} {'fail':>4}", flush=True)  # fmt: skip
+
+
+def print_row(r: Record) -> None:
+    print(f"{r.engine:<11} {r.concurrency:>4} {r.tokens:>6} {r.decode_s:>8.2f} "
+          f"{r.tokens_per_s:>7.2f} {r.ttft_p50_s:>8.2f} {r.ttft_p99_s:>7.2f} "
+          f"{r.tpot_p50_s:>8.3f} {r.tpot_p99_s:>7.3f} {r.peak_kv_bytes / 2**20:>10.1f} "
+          f"{r.completed:>3} {r.failed:>4}", flush=True)  # fmt: skip
+
+
+def write_json(records: list[Record], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump([asdict(r) for r in records], f, indent=1)
