@@ -156,7 +156,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             temperature=args.temperature,
         )
-        validate_defaults(defaults, 0)  # before the model loads; again with its layer count
+        validate_defaults(defaults)  # before the model loads
     secret = secret_from_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from .engines.hf import load
