@@ -237,7 +237,8 @@ def frame_bytes(
     Without it the frame is a memoryview of new memory, which every byte is written into once
     (not zero-filled first as a bytearray would be: that pass cost 10-20 % of an encode).
     WireFormatError for a header whose quantization a receiver would refuse (`geometry`)."""
-    fp, q, geo = header.fingerprint, header.quant, geometry(header)
+    geo = geometry(header)
+    fp, q = header.fingerprint, header.quant
     t = as_tier_codes(tiers)
     n = t.numel()
     _check_layer(kv, fp, n)
