@@ -13,6 +13,7 @@ import pytest
 
 import spectrumkv as skv
 from spectrumkv.pd.client import complete, get_json, get_text, post, token_ids
+from spectrumkv.pd.decode_worker import DecodeConfig, DecodeWorker
 from spectrumkv.pd.launch import Cluster
 from spectrumkv.pd.prefill_worker import ROLE
 from spectrumkv.transport.auth import AuthError, client_handshake
@@ -216,7 +217,7 @@ def test_a_prefill_nobody_waits_for_is_cancelled(cluster):
     assert r["ttft_s"] < 0.5 * full, (r["ttft_s"], full)
 
 
-def test_peer_with_wrong_secret_is_refused_as_an_authentication_failure(cluster):
+def test_peer_with_wrong_secret_is_refused_as_an_authentication_failure(cluster, smol):
     async def attempt(secret: bytes) -> None:
         ch = await connect("127.0.0.1", cluster.prefill_port)
         try:
@@ -229,6 +230,11 @@ def test_peer_with_wrong_secret_is_refused_as_an_authentication_failure(cluster)
     asyncio.run(attempt(cluster.secret.encode()))  # the right one still works
     status, health = get_json(cluster.url, "/health")
     assert status == 200 and health["ok"] and health["prefill"]["authenticated"]
+    # a decode worker configured with another secret says so in its health report
+    wrong = DecodeWorker(smol, DecodeConfig("127.0.0.1", cluster.prefill_port, b"x" * 32))
+    peer = asyncio.run(wrong.peer_health())
+    assert peer["reachable"] and not peer["authenticated"]
+    assert "authentication failed" in peer["error"]
 
 
 def test_killed_prefill_worker_gives_configured_outcome_and_opens_the_breaker(reference):
