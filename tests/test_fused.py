@@ -90,8 +90,8 @@ def test_fused_matches_reference(n, head_dim, group, rotate, wire, src_dtype, ke
     assert torch.equal(got.keys[:, fp16].view(torch.int16), want.view(torch.int16))
 
 
-@pytest.mark.parametrize("n", [0, 7, 33])
-@pytest.mark.parametrize("head_dim", [48, 80, 96, 112])
+@pytest.mark.parametrize("n", [0, 33])
+@pytest.mark.parametrize("head_dim", [80, 96, 112])
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
 def test_head_dims_that_are_not_powers_of_two(n, head_dim, rotate, src_dtype, kernels):

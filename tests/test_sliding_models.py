@@ -36,13 +36,13 @@ def test_transfer_and_decode_past_the_window(mistral):
     context, last = skv.split_prompt(ids)
     pre = skv.prefill(mistral, context)
     assert pre.layers[0].positions[0] == context.numel() - (WINDOW - 1)
-    ref = skv.generate(mistral, skv.reference_state(mistral, pre), last, 12)
-    hf = mistral.model.generate(ids.view(1, -1), max_new_tokens=12, do_sample=False)
+    ref = skv.generate(mistral, skv.reference_state(mistral, pre), last, 8)
+    hf = mistral.model.generate(ids.view(1, -1), max_new_tokens=8, do_sample=False)
     assert hf[0, ids.numel() :].tolist() == ref and len(set(ref)) > 3
-    for policy, budget in (("spectrum", 1.0), ("spectrum", 0.5), ("uniform-int4", None)):
+    for policy, budget in (("spectrum", 1.0), ("spectrum", 0.4)):
         header, plan = skv.plan_transfer(mistral, pre, skv.PolicyConfig(policy, budget=budget))
-        out = skv.generate(mistral, skv.receive(mistral, skv.encode(header, pre, plan)), last, 12)
+        out = skv.generate(mistral, skv.receive(mistral, skv.encode(header, pre, plan)), last, 8)
         if budget == 1.0:
             assert out == ref
         else:  # quantized tiers through the block rotation, decoded past the window
-            assert len(out) == 12 and plan.counts()
+            assert len(out) == 8 and plan.counts()
