@@ -1,0 +1,59 @@
+"""The compiled kernel never reads outside the page pool: the pool ends at an inaccessible
+(PROT_NONE) page, tables point at the pool's last page with lengths ending exactly there, and
+every route and kernel runs in a child process; a read past the end would kill it with SIGSEGV
+before it prints "ok". Then the child reads one element past the pool on purpose, to show the
+guard is there."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+from spectrumkv.paged import kernel
+
+CHILD = textwrap.dedent(
+    """
+    import ctypes, mmap, sys
+    import torch
+    from spectrumkv.paged import kernel
+    from spectrumkv.paged.routes import decode_attention
+
+    page, pages, hkv, ps, d = mmap.PAGESIZE, 6, 2, 16, 64
+    elems = pages * hkv * ps * d
+    nbytes = elems * 2
+    total = -(-nbytes // page) * page + page
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    pools = []
+    for _ in range(2):
+        base = libc.mmap(None, total, 3, 0x22, -1, 0)  # PROT_READ|WRITE, PRIVATE|ANONYMOUS
+        assert libc.mprotect(base + total - page, page, 0) == 0  # the guard page
+        start = base + total - page - nbytes  # the pool ends right at the guard
+        buf = (ctypes.c_uint16 * elems).from_address(start)
+        t = torch.frombuffer(buf, dtype=torch.bfloat16).view(pages, hkv, ps, d)
+        t.copy_(torch.randn(t.shape))
+        pools.append(t)
+    k, v = pools
+    tables = torch.tensor([[5, 4], [4, 5], [5, 0]], dtype=torch.int32)
+    lengths = torch.tensor([32, 17, 16], dtype=torch.int32)
+    q = torch.randn(3, 8, d)
+    for isa in kernel.ISAS:
+        kernel.set_isa(isa)
+        for route in ("per-request", "split", "workqueue", "adaptive"):
+            out = decode_attention(q, k, v, tables, lengths, route=route)
+            assert torch.isfinite(out).all()
+    print("ok", flush=True)
+    # and the guard works: reading one element past the pool faults
+    print(ctypes.c_uint16.from_address(start + nbytes).value)
+    """
+)
+
+
+def test_kernel_reads_stay_inside_the_pool():
+    assert kernel.AVAILABLE, "the compiled kernel was not built"
+    run = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]  # every route ran inside the pool
+    assert run.returncode == -signal.SIGSEGV  # then the read past the end hit the guard
