@@ -142,7 +142,10 @@ def run_faults(
         # kills land inside the transfer
         opts = {"chat": True, "budget": 1.0, "link_gbps": 0.01}
         ref = token_ids(complete(c.url, prompt, max_tokens, **opts))
-        stream_bytes = complete(c.url, prompt, 1, **opts)["spectrumkv"]["wire_bytes"]
+        # the stream's size must come from a transfer that worked: a 502 here says why not
+        # (e.g. a machine too slow for `deadline_s`)
+        stream_bytes = complete(c.url, prompt, 1, on_failure="fail", **opts)["spectrumkv"]
+        stream_bytes = stream_bytes["wire_bytes"]
         decode_pid = c.procs[1].pid
         rss_start = rss_mb(decode_pid)
         for i in range(rounds):
