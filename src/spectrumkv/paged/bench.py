@@ -27,7 +27,8 @@ from .routes import ROUTES, run_route
 
 SHAPES = {"smollm2-135m": (3, 9, 64), "7b-gqa": (8, 32, 128)}  # kv heads, q heads, head dim
 ANCHORS = ("sdpa", "vllm")
-PADDED_CAP = 1 << 31  # skip `padded` when its dense batch would exceed this many bytes
+PADDED_CAP = 1 << 30  # skip `padded` when its dense batch would exceed this many bytes
+SDPA_CAP = 1 << 28  # skip the per-request SDPA anchor above this many KV bytes per step
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,13 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
     runners, infos = {}, {}
     padded_bytes = batch * max(lens) * 2 * hkv * d * dtype.itemsize
     for route in cfg.routes:
-        if route == "padded" and padded_bytes > PADDED_CAP:
-            continue
+        if (
+            route == "padded"
+            and padded_bytes > PADDED_CAP
+            or route == "sdpa"
+            and kv_bytes > SDPA_CAP
+        ):
+            continue  # slow torch routes at sizes where they lose by far (see the JSON's config)
         if route == "vllm":
             if page_size % 32 or not vllm_anchor.available():
                 continue

@@ -5,7 +5,8 @@ the split settings, on calibration seeds only (the benchmark reports held-out se
   benchmark), with all threads and with one;
 - lam: one back-to-back call of a 32-token, one-request step (Python entry, checks, pool
   dispatch), less its bytes at beta_1; tau: the extra time per task of a 64-request step;
-- beta_pad, lam_pad: a line through the padded route's time at two padded sizes;
+- lam_pad: the padded route's time on the 32-token step; beta_pad: its padded bytes/s on the
+  large batch, less lam_pad;
 - min_split_tokens / max_splits (workqueue, per-request) and split_splits (split): the grid
   point with the least total time over the calibration cases (traces x batches 1, 4, 8).
 """
@@ -23,8 +24,8 @@ from .bench import SHAPES, _fill
 from .cache import PagedConfig
 
 CAL_SEEDS = (0, 1)
-WQ_GRID = tuple(itertools.product((512, 1024, 2048, 4096, 8192), (4, 8, 16)))
-SPLIT_GRID = (2, 4, 8, 16)
+WQ_GRID = tuple(itertools.product((1024, 2048, 4096, 8192), (4, 16)))
+SPLIT_GRID = (2, 4, 8)
 
 
 class _Case:
@@ -67,7 +68,6 @@ def calibrate(
                 ring_bytes)  # fmt: skip
     beta = big.kv_bytes / big.step(big.kernel(16, 1024), 3)
     beta_1 = big.kv_bytes / big.step(big.kernel(16, 1024, threads=1), 2)
-    del big
     tiny = _Case(shape, [32], 0, page_size, dtype, 1)
     fn = tiny.kernel(1, 1 << 30)
     lam = max(1e-7, tiny.step(lambda k, v: [fn(k, v) for _ in range(100)], 3) / 100
@@ -75,16 +75,15 @@ def calibrate(
     many = _Case(shape, [32] * 64, 0, page_size, dtype, 1)
     tasks = 64 * SHAPES[shape][0]
     tau = max(1e-8, (many.step(many.kernel(1, 1 << 30), 20) - lam - many.kv_bytes / beta) / tasks)
-    pads = []
-    for s in (0.05, 0.3):
-        c = _Case(shape, traces.lengths("uniform", 4, CAL_SEEDS[0], s), 0, page_size, dtype,
-                  ring_bytes // 4)  # fmt: skip
-        padded = 4 * int(c.lengths.max()) * 2 * SHAPES[shape][0] * SHAPES[shape][2] * 2
-        t = c.step(lambda k, v, c=c: reference.padded(c.q, k, v, c.tables, c.lengths, c.scale))
-        pads.append((padded, t))
-    (b0, t0), (b1, t1) = pads
-    beta_pad = (b1 - b0) / max(t1 - t0, 1e-9)
-    lam_pad = max(1e-6, t0 - b0 / beta_pad)
+    # padded: its fixed cost on the tiny step, its rate on the large batch
+    lam_pad = tiny.step(lambda k, v: reference.padded(tiny.q, k, v, tiny.tables, tiny.lengths,
+                                                      tiny.scale), 5)  # fmt: skip
+    padded = big.lengths.numel() * int(big.lengths.max()) * big.kv_bytes // int(big.lengths.sum())
+    t_pad = big.step(
+        lambda k, v, c=big: reference.padded(c.q, k, v, c.tables, c.lengths, c.scale), 1
+    )
+    beta_pad = padded / max(t_pad - lam_pad, 1e-9)
+    del big
     progress(f"beta {beta / 1e9:.2f} GB/s, beta_1 {beta_1 / 1e9:.2f} GB/s, lambda "
              f"{lam * 1e6:.1f} us, tau {tau * 1e6:.2f} us, padded {beta_pad / 1e9:.2f} GB/s + "
              f"{lam_pad * 1e6:.0f} us")  # fmt: skip
