@@ -131,6 +131,10 @@ def test_cache_append_write_free_and_full_pool():
     got = gather(kp, tables[1], 18)
     assert torch.equal(got[:, :17], k.half()) and torch.equal(got[:, 17], step[1].half())
     assert torch.equal(gather(kp, tables[0], 17)[:, 16], step[0].half())
+    q = torch.randn(2, 9, 64)
+    want = reference(q, kp, cache.layer(1)[1], tables, lens, 0.125)
+    got = cache.decode_attention(q, 1, tables, lens, route="workqueue")
+    assert (got.double() - want).abs().max() < 2e-3
     with pytest.raises(CacheFullError):
         cache.extend("a", 16)
     with pytest.raises(CacheFullError):

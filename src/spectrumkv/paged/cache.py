@@ -15,7 +15,7 @@ Typical use by a decode engine, per request and step:
     for layer:
         cache.write_slots(layer, slots, k, v)     # k, v: [batch, kv_heads, head_dim]
         tables, lengths = cache.block_tables(rids)    # once per step, shared by all layers
-        out = decode_attention(q, *cache.layer(layer), tables, lengths)
+        out = cache.decode_attention(q, layer, tables, lengths)   # [batch, q_heads, d] fp32
     cache.free(rid)
 
 Sliding-window layers (Gemma-3) are refused (`UnsupportedModelError` from `PagedConfig.for_model`):
@@ -226,3 +226,14 @@ class PagedKVCache:
             out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         lengths = torch.tensor([self._length[r] for r in rids], dtype=torch.int32)
         return out, lengths
+
+    def decode_attention(
+        self, q: torch.Tensor, layer: int, tables: torch.Tensor, lengths: torch.Tensor,
+        route: str = "adaptive", profile=None, scale: float | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention of one new query per request (q [batch, q_heads, head_dim]) over `layer`'s
+        pages; tables, lengths from `block_tables`. Returns float32 [batch, q_heads, head_dim].
+        See `routes.decode_attention` for routes and `cost.MachineProfile` for `profile`."""
+        from .routes import decode_attention
+
+        return decode_attention(q, *self.layer(layer), tables, lengths, route, scale, profile)
