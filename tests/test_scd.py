@@ -131,3 +131,32 @@ def test_scd_beats_raw_reuse_in_kl(pair, corpus):
     layers = [reconstruct_layer(art, b, c) for c in encode(art, a, prefix)]
     scd = kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
     assert raw > 1e-3 and scd < raw / 2, (scd, raw)
+
+
+def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):
+    from safetensors.torch import load_file
+
+    from spectrumkv.scd import finetune as ft
+
+    base = _tiny(tmp_path / "base", 2)
+    recipe = Recipe(base=base, corpus=corpus, steps=3, lr=1e-3, batch=1, seq_len=16, warmup=1)
+    straight = finetune(recipe, tmp_path / "straight")
+    real_batch = ft._batch
+
+    def crash_at_2(ids, r, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_batch(ids, r, step)
+
+    monkeypatch.setattr(ft, "_batch", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe, tmp_path / "resumed", save_every=1)
+    monkeypatch.setattr(ft, "_batch", real_batch)
+    assert (tmp_path / "resumed.partial" / "progress.json").is_file()
+    resumed = finetune(recipe, tmp_path / "resumed", save_every=1)
+    w1, w2 = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    assert not torch.equal(
+        w1["model.norm.weight"], load_file(f"{base}/model.safetensors")["model.norm.weight"]
+    )
