@@ -24,4 +24,6 @@ def test_bench_decode_quick(tmp_path, capsys):
     batched, sequential = records
     assert batched["tokens"] == sequential["tokens"]  # same greedy outputs' lengths
     assert batched["extra"]["mean_batch"] > 1 and batched["extra"]["limit_ms"] > 0
-    assert "batched / sequential" in capsys.readouterr().out
+    assert batched["extra"]["token_ids"] == sequential["extra"]["token_ids"]
+    out = capsys.readouterr().out
+    assert "batched at 4 / sequential" in out and "4 of 4 requests' greedy tokens identical" in out

@@ -27,7 +27,7 @@ import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -124,7 +124,7 @@ def run_sequential(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
     t0 = time.perf_counter()
     fp = engine.fingerprint
     token_bytes = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 4  # a float32 DynamicCache
-    ttfts, tpots, tokens, peak = [], [], 0, 0
+    ttfts, tpots, tokens, peak, outs = [], [], 0, 0, []
     for r, pre in zip(reqs, pres, strict=True):
         first: list[float] = []
 
@@ -138,9 +138,10 @@ def run_sequential(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
         ttfts.append(first[0] - t0)
         tpots.append((end - first[0]) / max(1, len(out) - 1))
         tokens += len(out)
+        outs.append(out)
         peak = max(peak, token_bytes * (int(pre.layers[0].positions.numel()) + len(out)))
     return _record("sequential", b, tokens, time.perf_counter() - t0, ttfts, tpots, peak, 0,
-                   "float32 compute, KV float32 (from fp16)")  # fmt: skip
+                   "float32 compute, KV float32 (from fp16)", token_ids=outs)  # fmt: skip
 
 
 def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
@@ -181,6 +182,7 @@ def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
              "mean_batch": sum(s[0] for s in steps) / max(1, len(steps)),
              "full_batch_step_ms": 1000 * statistics.median(full) if full else None}  # fmt: skip
     extra.update(_limit(engine, pres, b, eng.cache.config.dtype.itemsize))
+    extra["token_ids"] = [g.token_ids for g in gens]
     return _record("batched", b, sum(len(g.token_ids) for g in ok), span, ttfts, tpots, peak[0],
                    failed, f"float32 compute, KV {eng.cache.config.dtype}", **extra)  # fmt: skip
 
@@ -201,6 +203,7 @@ def run_hf_cb(engine: Engine, b: DecodeBench, reqs) -> Record:
     """HF transformers' `generate_batch` (continuous batching, paged|sdpa attention), same
     weights in float32; decode time = T(decode) - T(1 token), both timed here."""
     from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     from ..assets import model_dir
 
@@ -209,11 +212,18 @@ def run_hf_cb(engine: Engine, b: DecodeBench, reqs) -> Record:
     ).eval()
     inputs = [torch.cat([r.context, torch.tensor([r.last])]).tolist() for r in reqs]
     m = max(r.decode for r in reqs)
+    # its cache sized to the requests (left to itself it sizes it from free memory), at most
+    # `concurrency` requests per step, no warm-up (CUDA graphs only)
+    page = 64
+    blocks = sum(-(-(len(x) + m) // page) for x in inputs)
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=2048,
+                                  max_requests_per_batch=b.concurrency)  # fmt: skip
     times = {}
     for new in (1, m):
         gc = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None)
         t = time.perf_counter()
-        out = model.generate_batch(inputs, generation_config=gc)
+        out = model.generate_batch(inputs, generation_config=gc, continuous_batching_config=cb,
+                                   warmup=False)  # fmt: skip
         times[new] = time.perf_counter() - t
     tokens = sum(len(o.generated_tokens) for o in out.values())
     span = times[m] - times[1]
@@ -232,9 +242,16 @@ def _fresh_thread(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def run(engine: Engine, b: DecodeBench, engines: tuple[str, ...], rounds: int = 1) -> list[Record]:
+def run(
+    engine: Engine,
+    b: DecodeBench,
+    engines: tuple[str, ...],
+    rounds: int = 1,
+    concurrencies: tuple[int, ...] = (),
+) -> list[Record]:
     """Prefill every prompt once, then time each engine on the same requests, `rounds` times
-    in alternation."""
+    in alternation, at each of `concurrencies` (default: b.concurrency). `sequential` does not
+    depend on concurrency: it runs once per round (recorded at concurrency 1)."""
     reqs = make_requests(engine, b)
     t = time.perf_counter()
     pres = _fresh_thread(lambda: [prefill(engine, r.context) for r in reqs])
@@ -242,31 +259,80 @@ def run(engine: Engine, b: DecodeBench, engines: tuple[str, ...], rounds: int = 
     records = []
     for round_ in range(rounds):  # engines alternate, so each sees the same machine load
         for name in engines:
-            if name == "batched":
-                rec = _fresh_thread(run_batched, engine, b, reqs, pres)
-            elif name == "sequential":
-                rec = _fresh_thread(run_sequential, engine, b, reqs, pres)
-            else:
-                rec = _fresh_thread(run_hf_cb, engine, b, reqs)
-            rec.extra.update(round=round_, prefill_s=prefill_s,
-                             contexts=[int(r.context.numel()) for r in reqs])  # fmt: skip
-            records.append(rec)
-            print_row(rec)
+            for c in (1,) if name == "sequential" else concurrencies or (b.concurrency,):
+                bc = replace(b, concurrency=c)
+                if name == "batched":
+                    rec = _fresh_thread(run_batched, engine, bc, reqs, pres)
+                elif name == "sequential":
+                    rec = _fresh_thread(run_sequential, engine, bc, reqs, pres)
+                else:
+                    rec = _fresh_thread(run_hf_cb, engine, bc, reqs)
+                rec.extra.update(round=round_, prefill_s=prefill_s,
+                                 contexts=[int(r.context.numel()) for r in reqs])  # fmt: skip
+                records.append(rec)
+                print_row(rec)
     return records
 
 
-def ratios(records: list[Record], base: str = "batched") -> dict[str, list[float]]:
-    """Per round: tokens/s of `base` / tokens/s of each other engine (same round)."""
-    out: dict[str, list[float]] = {}
-    by_round: dict[int, dict[str, Record]] = {}
+def _rounds(records: list[Record]) -> dict[int, list[Record]]:
+    out: dict[int, list[Record]] = {}
     for r in records:
-        by_round.setdefault(r.extra.get("round", 0), {})[r.engine] = r
-    for rs in by_round.values():
-        if base in rs:
-            for name, r in rs.items():
-                if name != base and r.tokens_per_s > 0:
-                    out.setdefault(name, []).append(rs[base].tokens_per_s / r.tokens_per_s)
+        out.setdefault(r.extra.get("round", 0), []).append(r)
     return out
+
+
+def ratios(records: list[Record]) -> dict[tuple[str, int], list[float]]:
+    """{(engine, concurrency): per round, batched tokens/s at that concurrency / the engine's
+    tokens/s in the same round (sequential: at any concurrency)}."""
+    out: dict[tuple[str, int], list[float]] = {}
+    for rs in _rounds(records).values():
+        for bat in (r for r in rs if r.engine == "batched"):
+            for r in rs:
+                same_c = r.concurrency == bat.concurrency or r.engine == "sequential"
+                if r.engine != "batched" and same_c and r.tokens_per_s > 0:
+                    key = (r.engine, bat.concurrency)
+                    out.setdefault(key, []).append(bat.tokens_per_s / r.tokens_per_s)
+    return out
+
+
+def identical(records: list[Record]) -> list[tuple[int, int, int]]:
+    """(concurrency, requests whose batched greedy tokens equal the sequential ones in the same
+    round, requests), per batched record."""
+    out = []
+    for rs in _rounds(records).values():
+        seq = next((r for r in rs if r.engine == "sequential"), None)
+        for bat in (r for r in rs if r.engine == "batched" and seq is not None):
+            a, b = bat.extra["token_ids"], seq.extra["token_ids"]
+            out.append((bat.concurrency, sum(x == y for x, y in zip(a, b, strict=True)), len(a)))
+    return out
+
+
+def plot(records: list[Record], path: str) -> None:
+    """Decode tokens/s vs concurrency, one line per engine (median over rounds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r.engine for r in records):
+        pts: dict[int, list[float]] = {}
+        for r in records:
+            if r.engine == name:
+                pts.setdefault(r.concurrency, []).append(r.tokens_per_s)
+        cs = sorted(pts)
+        ys = [statistics.median(pts[c]) for c in cs]
+        if name == "sequential":  # one request at a time whatever the concurrency
+            cs = sorted({r.concurrency for r in records})
+            ys = ys * len(cs)
+        ax.plot(cs, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_title("decode throughput, smollm2-135m, 2-core CPU (shared, noisy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def print_header() -> None:
