@@ -78,3 +78,10 @@ def test_short_prompts_plan_from_the_first_layers(k):
         q = torch.randn(2, 8, 16, generator=g)
         enc.on_layer(i, LayerKV(kv, kv, torch.arange(short)), WindowQueries(q, 0.25, WINDOW))
     assert enc.plan is not None
+
+
+def test_eval_run_specs_take_the_scoring_layers():
+    """`spectrum@layers=4` measures the served default (before: an unknown run option)."""
+    from spectrumkv.eval.runs import RunSpec
+
+    assert RunSpec("spectrum@layers=4", 0.3).configs()[1].layers == 4
