@@ -58,6 +58,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
     records = run(cfg, profile, progress=lambda s: print(s, flush=True))
     rows = report.targets(records)
     print(report.table(records))
+    print(report.pivot(records))
     print(report.targets_text(rows))
     print(f"load average after: {os.getloadavg()}")
     if args.json:

@@ -60,6 +60,32 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(records: list[dict]) -> str:
+    """Markdown: one row per case, median step ms over seeds per route, the limit, adaptive's
+    ratio to the best fixed route / padded / vLLM (median of per-seed ratios) and its choices."""
+    cases = _cases(records)
+    routes = [r for r in (*FIXED, "adaptive", "sdpa", "vllm")
+              if any(r in s for seeds in cases.values() for s in seeds.values())]  # fmt: skip
+    head = ["shape", "page", "trace", "B", *routes, "limit", "ad/best", "ad/padded", "ad/vLLM",
+            "adaptive chose"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (shape, ps, trace, batch), seeds in sorted(cases.items()):
+        cells = [shape, str(ps), trace, str(batch)]
+        for r in routes:
+            vals = [s[r]["step_ms"] for s in seeds.values() if r in s]
+            cells.append(f"{statistics.median(vals):.2f}" if vals else "-")
+        cells.append(
+            f"{statistics.median(r['limit_ms'] for s in seeds.values() for r in s.values()):.2f}"
+        )
+        for base in (_best_fixed, "padded", "vllm"):
+            x = _ratio(seeds, "adaptive", base)
+            cells.append(f"{statistics.median(x):.2f}" if x else "-")
+        chosen = Counter(s["adaptive"]["chosen"] for s in seeds.values() if "adaptive" in s)
+        cells.append(" ".join(f"{k}:{v}" for k, v in sorted(chosen.items())))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def targets(records: list[dict]) -> list[dict]:
     """The issue's targets, per case where they apply: value (worst seed / median) and met."""
     out = []
