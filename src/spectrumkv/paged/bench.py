@@ -30,7 +30,6 @@ SHAPES = {"smollm2-135m": (3, 9, 64), "7b-gqa": (8, 32, 128)}  # kv heads, q hea
 ANCHORS = ("sdpa", "vllm")
 PADDED_CAP = 1 << 30  # skip `padded` when its dense batch would exceed this many bytes
 SDPA_CAP = 1 << 28  # skip the per-request SDPA anchor above this many KV bytes per step
-TORCH_MAX_BATCH = 8  # the torch routes (padded, sdpa) run at batch <= this (minutes above)
 
 
 @dataclass(frozen=True)
