@@ -1,8 +1,9 @@
 """The compiled kernel never reads outside the page pool: the pool ends at an inaccessible
 (PROT_NONE) page, tables point at the pool's last page with lengths ending exactly there, and
-every route and kernel runs in a child process; a read past the end would kill it with SIGSEGV
-before it prints "ok". Then the child reads one element past the pool on purpose, to show the
-guard is there."""
+every kernel (scalar, AVX2, AVX-512 where present) runs with the split settings of every kernel
+route, in a child process; a read past the end would kill it with SIGSEGV before it prints "ok".
+Then the child reads one element past the pool on purpose, to show the guard is there. The child
+loads the extension by path (not the spectrumkv package, whose import pulls in transformers)."""
 
 import signal
 import subprocess
@@ -13,11 +14,12 @@ from spectrumkv.paged import kernel
 
 CHILD = textwrap.dedent(
     """
-    import ctypes, mmap, sys
+    import ctypes, importlib.util, mmap, sys
     import torch
-    from spectrumkv.paged import kernel
-    from spectrumkv.paged.routes import decode_attention
 
+    spec = importlib.util.spec_from_file_location("_attention", sys.argv[1])
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
     page, pages, hkv, ps, d = mmap.PAGESIZE, 6, 2, 16, 64
     elems = pages * hkv * ps * d
     nbytes = elems * 2
@@ -40,20 +42,26 @@ CHILD = textwrap.dedent(
     tables = torch.tensor([[5, 4], [4, 5], [5, 0]], dtype=torch.int32)
     lengths = torch.tensor([32, 17, 16], dtype=torch.int32)
     q = torch.randn(3, 8, d)
-    for isa in kernel.ISAS:
-        kernel.set_isa(isa)
-        for route in ("per-request", "split", "workqueue", "adaptive"):
-            out = decode_attention(q, k, v, tables, lengths, route=route)
-            assert torch.isfinite(out).all()
+    out = torch.empty(3, 8, d)
+    for isa in range(4):
+        ext.set_isa(isa)
+        for splits, min_tokens in ((1, 1 << 30), (4, 32), (8, 1), (2, 2048)):
+            for b in (slice(0, 3), slice(0, 1), slice(1, 2), slice(2, 3)):  # batch, per request
+                qb, ob = q[b].contiguous(), out[b]
+                ext.decode(qb.data_ptr(), k.data_ptr(), v.data_ptr(), k.numel(),
+                           tables[b].numpy(), lengths[b].numpy(), ob.data_ptr(), 8, hkv, d, ps,
+                           2, 0.125, splits, min_tokens, 2)
+                assert torch.isfinite(ob).all()
     print("ok", flush=True)
-    # and the guard works: reading one element past the pool faults
-    print(ctypes.c_uint16.from_address(start + nbytes).value)
+    print(ctypes.c_uint16.from_address(start + nbytes).value)  # one past the end: faults
     """
 )
 
 
 def test_kernel_reads_stay_inside_the_pool():
     assert kernel.AVAILABLE, "the compiled kernel was not built"
-    run = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
-    assert run.stdout.strip() == "ok", run.stderr[-2000:]  # every route ran inside the pool
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, kernel._attention.__file__], capture_output=True, text=True
+    )
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]  # every call stayed inside the pool
     assert run.returncode == -signal.SIGSEGV  # then the read past the end hit the guard
