@@ -14,10 +14,11 @@ uptime | tee $R/attention-uptime.txt
 # multiples of 32), all traces, batch 1-32, every route + per-request SDPA + vLLM CPU
 $SK bench attention --profile $R/attention-profile.json --ring-mb 256 --reps 2 \
     --json $R/attention-smollm2.json --plot $R/attention-smollm2.png | tee $R/attention-smollm2.txt
-# 7B-class GQA shape (8 KV / 32 query heads, d=128), batch 1-8
-$SK bench attention --profile $R/attention-profile.json --shapes 7b-gqa --traces bimodal,uniform --batches 1,8 \
+# 7B-class GQA shape (8 KV / 32 query heads, d=128), batch 8
+$SK bench attention --profile $R/attention-profile.json --shapes 7b-gqa --traces bimodal,uniform --batches 8 \
     --ring-mb 256 --reps 2 --json $R/attention-7b.json --plot $R/attention-7b.png | tee $R/attention-7b.txt
-# our routes at 16-token pages (the default page size), two traces
+# our routes at 16-token pages (the default page size), two traces (not recorded in session 17:
+# out of time)
 $SK bench attention --profile $R/attention-profile.json --page-sizes 16 --traces bimodal,uniform \
     --batches 1,8 --routes per-request,split,workqueue,padded,adaptive --ring-mb 256 --reps 2 \
     --json $R/attention-p16.json | tee $R/attention-p16.txt
