@@ -17,9 +17,12 @@ $SK bench attention --profile $R/attention-profile.json --ring-mb 256 --reps 2 \
 # 7B-class GQA shape (8 KV / 32 query heads, d=128), batch 8
 $SK bench attention --profile $R/attention-profile.json --shapes 7b-gqa --traces bimodal,uniform --batches 8 \
     --ring-mb 256 --reps 2 --json $R/attention-7b.json --plot $R/attention-7b.png | tee $R/attention-7b.txt
-# our routes at 16-token pages (the default page size), two traces (not recorded in session 17:
-# out of time)
-$SK bench attention --profile $R/attention-profile.json --page-sizes 16 --traces bimodal,uniform \
-    --batches 1,8 --routes per-request,split,workqueue,padded,adaptive --ring-mb 256 --reps 2 \
+# float16 (vLLM runs its `vec` kernel there, `amx` in bf16), batch 8
+$SK bench attention --profile $R/attention-profile.json --dtype float16 --traces bimodal,uniform \
+    --batches 8 --routes per-request,split,workqueue,adaptive,vllm --ring-mb 256 --reps 2 \
+    --json $R/attention-fp16.json | tee $R/attention-fp16.txt
+# our routes at 16-token pages (the default page size), batch 8
+$SK bench attention --profile $R/attention-profile.json --page-sizes 16 --traces bimodal \
+    --batches 8 --routes per-request,split,workqueue,adaptive --ring-mb 256 --reps 2 \
     --json $R/attention-p16.json | tee $R/attention-p16.txt
 uptime | tee -a $R/attention-uptime.txt
