@@ -180,6 +180,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             tls_ca=args.tls_ca,
             breaker_threshold=args.breaker_threshold,
             breaker_cooldown_s=args.breaker_cooldown,
+            engine=args.engine,
+            kv_pool_mb=args.kv_pool_mb,
+            attention_route=args.attention_route,
         )
         coro = serve_decode(engine, cfg, args.host, args.port)
     with contextlib.suppress(KeyboardInterrupt):
@@ -265,6 +268,21 @@ def _add_serve(sub) -> None:
         type=float,
         default=10.0,
         help="seconds the open breaker skips the peer (requests recompute or fail at once)",
+    )
+    dc.add_argument(
+        "--engine",
+        default="sequential",
+        choices=["sequential", "batched"],
+        help="batched: continuous batching over a paged KV cache; sequential: one at a time",
+    )
+    dc.add_argument(
+        "--kv-pool-mb", type=float, default=0.0, help="batched: KV page pool, MiB (0 = RAM/8)"
+    )
+    dc.add_argument(
+        "--attention-route",
+        default="adaptive",
+        choices=["adaptive", "per-request", "split", "workqueue", "padded"],
+        help="batched: paged decode-attention route",
     )
     dc.set_defaults(func=_cmd_serve)
 

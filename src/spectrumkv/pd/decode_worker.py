@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -65,6 +66,10 @@ class DecodeConfig:
     tls_ca: str | None = None
     breaker_threshold: int = 3
     breaker_cooldown_s: float = 10.0
+    engine: str = "sequential"  # or "batched": serve.BatchEngine, continuous batching
+    kv_pool_mb: float = 0.0  # batched: KV page pool, MiB (0 = serve.engine.default_pool_mb)
+    attention_route: str = "adaptive"  # batched: paged decode-attention route
+    kv_queue_timeout_s: float = 30.0  # batched: longest wait for KV pages, then HTTP 503
 
 
 @dataclass
@@ -96,6 +101,20 @@ class DecodeWorker:
         self.in_flight: dict[str, float] = {}
         self.tls = client_context(cfg.tls_ca) if cfg.tls_ca else None
         self.breaker = CircuitBreaker(cfg.breaker_threshold, cfg.breaker_cooldown_s)
+        self.batch = None
+        if cfg.engine == "batched":
+            from ..serve import metrics as engine_metrics
+            from ..serve.engine import BatchEngine, EngineConfig, default_pool_mb
+
+            pool = cfg.kv_pool_mb or default_pool_mb()
+            ecfg = EngineConfig(pool_mb=pool, queue_timeout_s=cfg.kv_queue_timeout_s,
+                                route=cfg.attention_route)  # fmt: skip
+            self.batch = BatchEngine(engine, ecfg)
+            engine_metrics.attach(self.batch, self.metrics.registry)
+            # one blocked thread per request waiting on the engine (the engine has its own)
+            self.waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="batch-wait")
+        elif cfg.engine != "sequential":
+            raise ValueError(f"engine must be sequential or batched, got {cfg.engine!r}")
 
     async def _open(self) -> Channel:
         """Connect and authenticate to the prefill worker (the caller bounds the time)."""
@@ -204,6 +223,22 @@ class DecodeWorker:
             state = decode_state(self.engine, transfer.layers, transfer.n_tokens)
         return generate_choices(self.engine, state, last, job.sampling, on_piece, cancel)
 
+    def _generate_batched(self, job: Job, transfer: Transfer | None, on_piece, cancel):
+        """`_generate` on the batch engine; a full pool is HTTP 503 with Retry-After."""
+        from ..serve.engine import PoolBusy, RequestTooLarge
+        from ..serve.worker import generate_batched
+
+        layers, n = (transfer.layers, transfer.n_tokens) if transfer is not None else (None, 0)
+        try:
+            return generate_batched(self.batch, job.ids, layers, n, job.sampling, on_piece, cancel)
+        except PoolBusy as e:
+            retry = {"Retry-After": str(math.ceil(e.retry_after_s))}
+            raise ApiError(
+                503, str(e), "server_error", code="kv_pool_full", headers=retry
+            ) from None
+        except RequestTooLarge as e:
+            raise ApiError(400, str(e), param="max_tokens", code="kv_pool_too_small") from None
+
     async def run(self, job: Job, rid: str, on_piece) -> dict:
         """Serve one validated request; `on_piece(index, text)` is awaited for each non-empty
         piece of text. Cancelling the task stops generation and the transfer at once."""
@@ -219,7 +254,14 @@ class DecodeWorker:
             def piece(index: int, text: str) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, (index, text))
 
-            fut = loop.run_in_executor(self.executor, self._generate, job, transfer, piece, cancel)
+            if self.batch is None:
+                fut = loop.run_in_executor(
+                    self.executor, self._generate, job, transfer, piece, cancel
+                )
+            else:
+                fut = loop.run_in_executor(
+                    self.waiters, self._generate_batched, job, transfer, piece, cancel
+                )
 
             def finished(f: asyncio.Future) -> None:
                 if not f.cancelled():

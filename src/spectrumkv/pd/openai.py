@@ -49,6 +49,7 @@ class ApiError(SpectrumKVError):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -58,6 +59,7 @@ class ApiError(SpectrumKVError):
             param,
             code,
         )
+        self.headers = headers  # extra HTTP headers, e.g. Retry-After on a 503
 
     def body(self) -> dict:
         e = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
@@ -351,7 +353,7 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:
-        return web.json_response(e.body(), status=e.status)
+        return web.json_response(e.body(), status=e.status, headers=e.headers)
     except web.HTTPException as e:
         if e.status < 400:
             raise

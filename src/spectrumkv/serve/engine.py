@@ -105,6 +105,10 @@ class Generation:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds for the end; whether it ended."""
+        return self._done.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> Generation:
         if not self._done.wait(timeout):
             raise TimeoutError("generation still running")
