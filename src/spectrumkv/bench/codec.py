@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from .. import fused
-from ..config import PolicyConfig, ScoreConfig
+from ..config import PolicyConfig, QuantConfig, ScoreConfig
 from ..importance import WindowQueries, score_tokens
 from ..kv import LayerKV
 from ..policy import layer_firsts, plan
@@ -119,7 +119,8 @@ def synthetic_header(shape: CacheShape, dtype: str, name: str, budget: float | N
         arch="bench", n_layers=shape.layers, n_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
         kv_dtype=dtype, rope="none", sliding_window=0, sliding_layers=(), weights_digest="0" * 16,
     )  # fmt: skip
-    return Header(fp, shape.tokens, "asym-group", 64, True, name, budget)
+    group = QuantConfig(64).group_for(shape.head_dim)  # 64, or what a non-power-of-two dim allows
+    return Header(fp, shape.tokens, "asym-group", group, True, name, budget)
 
 
 def copy_gbps(layers: list[LayerKV], fp16_bytes: int, repeats: int) -> float:
