@@ -25,4 +25,8 @@ $SK bench attention --profile $R/attention-profile.json --dtype float16 --traces
 $SK bench attention --profile $R/attention-profile.json --page-sizes 16 --traces bimodal \
     --batches 8 --routes per-request,split,workqueue,adaptive --ring-mb 256 --reps 2 \
     --json $R/attention-p16.json | tee $R/attention-p16.txt
+# the bandwidth-limit target (every request >= 8K tokens): bucketed trace, batch 4, kernel routes
+$SK bench attention --profile $R/attention-profile.json --traces bucketed --batches 4 \
+    --routes per-request,split,workqueue,adaptive --ring-mb 256 --reps 2 \
+    --json $R/attention-limit.json | tee $R/attention-limit.txt
 uptime | tee -a $R/attention-uptime.txt
