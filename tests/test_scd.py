@@ -160,3 +160,17 @@ def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):
     assert not torch.equal(
         w1["model.norm.weight"], load_file(f"{base}/model.safetensors")["model.norm.weight"]
     )
+
+
+def test_recipe_schedule_validation_and_digest():
+    from spectrumkv.errors import ConfigError
+
+    r = Recipe(base="m", steps=10, lr=1e-3, warmup=2)
+    lrs = [r.lr_at(s) for s in range(10)]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
+    assert all(x >= y for x, y in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 1e-4
+    assert Recipe(base="m", decay="constant", warmup=0).lr_at(23) == Recipe(base="m").lr
+    assert Recipe(base="m", clip=0.0).digest() != Recipe(base="m").digest()
+    for bad in (dict(decay="linear"), dict(clip=-1.0), dict(lr=0.0)):
+        with pytest.raises(ConfigError):
+            Recipe(base="m", **bad)

@@ -22,6 +22,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         batch=args.batch,
         seq_len=args.seq_len,
         warmup=args.warmup,
+        clip=args.clip,
+        decay=args.decay,
     )
     print(finetune(recipe, args.out, save_every=args.save_every))
 
@@ -85,6 +87,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             print(p)
 
 
+def _cmd_pair(args: argparse.Namespace) -> None:
+    import json
+
+    from ..engines.hf import load
+    from .evaluate import EvalConfig, pair_check
+
+    _threads(args.threads)
+    cfg = EvalConfig(corpus=args.corpus, chunks=args.chunks)
+    out = pair_check(load(args.producer), load(args.consumer), cfg)
+    print(json.dumps(out, indent=1))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `spectrumkv scd` (finetune, calibrate, eval) to the main parser."""
     from .calibrate import CalibConfig
@@ -103,6 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--batch", type=int, default=d.batch)
     ft.add_argument("--seq-len", type=int, default=d.seq_len)
     ft.add_argument("--warmup", type=int, default=d.warmup)
+    ft.add_argument("--clip", type=float, default=d.clip, help="gradient norm cap (0: none)")
+    ft.add_argument("--decay", default=d.decay, choices=("cosine", "constant"))
     ft.add_argument("--save-every", type=int, default=6, help="checkpoint period (steps)")
     ft.add_argument("--out", default=None, help="output directory (default: the cache)")
     ft.add_argument("--threads", type=int, default=0)
@@ -141,3 +157,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--plots", default=None, help="path stem of the PNG plots")
     ev.add_argument("--threads", type=int, default=0)
     ev.set_defaults(func=_cmd_eval)
+
+    pr = cmds.add_parser("pair", help="A's and B's own PPL and raw-reuse dPPL/KL of a pair")
+    pr.add_argument("--producer", required=True)
+    pr.add_argument("--consumer", required=True)
+    pr.add_argument("--corpus", default=e.corpus)
+    pr.add_argument("--chunks", type=int, default=e.chunks)
+    pr.add_argument("--threads", type=int, default=0)
+    pr.set_defaults(func=_cmd_pair)

@@ -269,6 +269,30 @@ def run_eval(
     }
 
 
+def pair_check(a: Engine, b: Engine, cfg: EvalConfig) -> dict:
+    """How healthy and how different a pair is, on the same eval chunks as `run_eval`: A's and
+    B's own PPL on the continuations, and B's PPL and token KL (vs its own prefill) when it
+    decodes from A's raw cache (raw reuse)."""
+    split = cfg.context - cfg.continuation
+    acc: dict[str, list] = {"a": [], "b": [], "raw": [], "n": [], "kl": []}
+    for ids in tqdm(corpus_chunks(a, split_text(cfg.corpus, "eval"), cfg.context, cfg.chunks),
+                    desc="pair"):  # fmt: skip
+        feed = ids[split - 1 :]
+        pa, pb = prefill(a, ids[: split - 1]), prefill(b, ids[: split - 1])
+        own_a = score(a, decode_state(a, pa.layers, pa.n_tokens), feed)
+        own_b = score(b, decode_state(b, pb.layers, pb.n_tokens), feed)
+        got = score(b, decode_state(b, rerotated(a, b, pa.layers), pb.n_tokens), feed)
+        for k, v in (("a", own_a.nll), ("b", own_b.nll), ("raw", got.nll), ("n", own_b.n)):
+            acc[k].append(v)
+        acc["kl"].append(kl(got, own_b))
+    ppl = {k: math.exp(sum(acc[k]) / sum(acc["n"])) for k in ("a", "b", "raw")}
+    return {
+        "ppl_producer": ppl["a"], "ppl_consumer": ppl["b"], "ppl_raw_reuse": ppl["raw"],
+        "raw_delta_pct": 100 * (ppl["raw"] / ppl["b"] - 1), "raw_kl": statistics.fmean(acc["kl"]),
+        "chunks": len(acc["n"]), "context": cfg.context, "continuation": cfg.continuation,
+    }  # fmt: skip
+
+
 def _ppl(acc: dict) -> float:
     return math.exp(sum(acc["nll"]) / sum(acc["n"]))
 

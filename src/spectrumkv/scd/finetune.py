@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,24 +28,38 @@ from .splits import split_text
 
 @dataclass(frozen=True)
 class Recipe:
-    """A fine-tune: base model, corpus, optimizer steps and learning rate (AdamW, linear warmup
-    over `warmup` steps then constant), seed, and batches of `batch` x `seq_len` tokens."""
+    """A fine-tune: base model, corpus, optimizer steps, peak learning rate `lr` (AdamW; linear
+    warmup over `warmup` steps, then `decay` "cosine" to 0 at `steps` or "constant"), gradient
+    norm clipped to `clip` (0: no clipping), seed, and batches of `batch` x `seq_len` tokens."""
 
     base: str
     corpus: str = "wiki"
     steps: int = 24
-    lr: float = 2e-3
+    lr: float = 5e-4
     seed: int = 0
     batch: int = 2
     seq_len: int = 128
     warmup: int = 3
     weight_decay: float = 0.0
+    clip: float = 1.0
+    decay: str = "cosine"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.warmup < 0:
             raise ConfigError("steps and batch must be >= 1, seq_len >= 2, warmup >= 0")
-        if not 0 < self.lr < 1 or self.weight_decay < 0:
-            raise ConfigError(f"lr must be in (0, 1) and weight_decay >= 0, got {self.lr}")
+        if not 0 < self.lr < 1 or self.weight_decay < 0 or self.clip < 0:
+            raise ConfigError(f"lr must be in (0, 1), weight_decay and clip >= 0, got {self.lr}")
+        if self.decay not in ("cosine", "constant"):
+            raise ConfigError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of 0-based step `step`."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.decay == "constant":
+            return self.lr
+        done = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * done))
 
     def digest(self) -> str:
         """12 hex digits of the recipe (the cache key)."""
@@ -101,11 +116,13 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
                total=recipe.steps)  # fmt: skip
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup))
+            group["lr"] = recipe.lr_at(step)
         batch = _batch(ids, recipe, step)
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.clip:
+            torch.nn.utils.clip_grad_norm_(params, recipe.clip)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % save_every == 0 and step + 1 < recipe.steps:
