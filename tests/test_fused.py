@@ -91,7 +91,7 @@ def test_fused_matches_reference(n, head_dim, group, rotate, wire, src_dtype, ke
 
 
 @pytest.mark.parametrize("n", [0, 33])
-@pytest.mark.parametrize("head_dim", [80, 96, 112])
+@pytest.mark.parametrize("head_dim", [36, 80, 96, 100, 112])
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
 def test_head_dims_that_are_not_powers_of_two(n, head_dim, rotate, src_dtype, kernels):
@@ -112,6 +112,22 @@ def test_head_dims_that_are_not_powers_of_two(n, head_dim, rotate, src_dtype, ke
     if int8.numel():  # INT8 decodes close to the original: not garbage
         want = x[:, keep][:, int8].float()
         assert (got.values[:, int8].float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("d,g", [(96, 24), (96, 2), (98, 2), (96, 64), (8192, 64)])
+def test_compiled_codec_refuses_geometries_the_config_cannot_make(d, g):
+    """The C checks the geometry itself (group a power of two >= 4 dividing head_dim, head_dim a
+    multiple of 4 up to MAX_HEAD_DIM), with rotation on, so no block boundary splits a group."""
+    x = torch.zeros(d)
+    tiers = np.full(1, int(Tier.INT8), dtype=np.uint8)
+    with pytest.raises(ValueError, match="geometry"):
+        fused._codec.encode_frame(
+            x.data_ptr(), x.data_ptr(), 0, 1, 1, d, g, 1, 1, tiers, bytearray(4 * d), 1
+        )
+    with pytest.raises(ValueError, match="geometry"):
+        fused._codec.decode_frame(
+            bytes(4 * d), tiers, 1, 1, d, g, 1, 1, x.data_ptr(), x.data_ptr(), 0, 1, 1, 1
+        )
 
 
 @pytest.mark.model

@@ -1,7 +1,8 @@
 /* Fused frame codec for the asym-group scheme: one pass over the cache per layer.
  *
  * encode_frame: gather each kept token's K/V rows, (optionally) rotate them with a fast
- * Walsh-Hadamard transform, quantize group-wise, pack the codes and write the frame body
+ * Walsh-Hadamard transform (block-diagonal: one block per power of two in head_dim, as
+ * quant.rotate), quantize group-wise, pack the codes and write the frame body
  * (tier map + sections) straight into the caller's buffer.
  * decode_frame: the reverse, writing the kept slots into [H, kept, D] output tensors.
  *
@@ -102,19 +103,34 @@ static void store_row(const float *x, int dt, int d, void *dst) {
     }
 }
 
-/* Orthonormal Sylvester-Hadamard transform in place; the same butterflies, in the same order,
- * as quant.fwht. */
-static void fwht(float *x, int d, float norm) {
-    for (int h = 1; h < d; h *= 2) {
-        for (int i = 0; i < d; i += 2 * h) {
+/* 1/sqrt(b) for each power-of-two Hadamard block size b = 2^k, rounded to float from double
+ * exactly as quant.fwht scales (filled by PyInit__codec). */
+static float block_norm[13];
+
+/* Orthonormal Sylvester-Hadamard transform of one block of b (a power of two) floats in place;
+ * the same butterflies, in the same order, as quant.fwht. */
+static void fwht_block(float *x, int b) {
+    for (int h = 1; h < b; h *= 2) {
+        for (int i = 0; i < b; i += 2 * h) {
             for (int j = i; j < i + h; j++) {
-                float a = x[j], b = x[j + h];
-                x[j] = a + b;
-                x[j + h] = a - b;
+                float a = x[j], c = x[j + h];
+                x[j] = a + c;
+                x[j + h] = a - c;
             }
         }
     }
-    for (int i = 0; i < d; i++) x[i] = x[i] * norm;
+    const float norm = block_norm[__builtin_ctz((unsigned)b)];
+    for (int i = 0; i < b; i++) x[i] = x[i] * norm;
+}
+
+/* The codec's rotation of a d-float row (quant.rotate, Geometry.blocks): fwht_block on each
+ * power-of-two block of d, largest first (96 = 64 + 32); one block when d is a power of two. */
+static void fwht(float *x, int d) {
+    for (int at = 0; at < d;) {
+        const int b = 1 << (31 - __builtin_clz((unsigned)(d - at)));
+        fwht_block(x + at, b);
+        at += b;
+    }
 }
 
 static void quantize_row(float *x, int d, int g, int bits, uint8_t *codes, uint16_t *scale,
@@ -179,11 +195,11 @@ static void dequantize_row(const uint8_t *codes, const uint16_t *scale,
 
 /* One row (one token, one head) end to end: quantized bytes <-> 16-bit values. */
 #define ENCODE_ARGS                                                                            \
-    const void *src, int dt, int d, int g, int bits, int rotate, float norm, uint8_t *codes, \
+    const void *src, int dt, int d, int g, int bits, int rotate, uint8_t *codes, \
         uint16_t *scale, uint16_t *minimum
 #define DECODE_ARGS                                                                         \
     const uint8_t *codes, const uint16_t *scale, const uint16_t *minimum, int d, int g,     \
-        int bits, int rotate, float norm, void *dst, int dt
+        int bits, int rotate, void *dst, int dt
 
 typedef void (*EncodeRow)(ENCODE_ARGS);
 typedef void (*DecodeRow)(DECODE_ARGS);
@@ -191,14 +207,14 @@ typedef void (*DecodeRow)(DECODE_ARGS);
 static void encode_row_scalar(ENCODE_ARGS) {
     float x[MAX_HEAD_DIM];
     load_row(src, dt, d, x);
-    if (rotate) fwht(x, d, norm);
+    if (rotate) fwht(x, d);
     quantize_row(x, d, g, bits, codes, scale, minimum);
 }
 
 static void decode_row_scalar(DECODE_ARGS) {
     float x[MAX_HEAD_DIM];
     dequantize_row(codes, scale, minimum, d, g, bits, x);
-    if (rotate) fwht(x, d, norm);
+    if (rotate) fwht(x, d);
     store_row(x, dt, d, dst);
 }
 
@@ -252,10 +268,10 @@ AVX2 static void store_row_avx2(const float *x, int dt, int d, void *dst) {
 #define INLINE inline __attribute__((always_inline))
 #define MAXV (MAX_HEAD_DIM / 8)
 
-/* The row, nv vectors of 8 floats, is held in v[] (registers, once the specialised callers
- * below fix nv). Butterflies h = 1, 2, 4 run inside each vector (lane j gets a + b, lane j + h
+/* One Hadamard block of nv (a power of two) vectors of 8 floats, held in v[] (registers, once
+ * the specialised callers below fix nv). Butterflies h = 1, 2, 4 run inside each vector (lane j gets a + b, lane j + h
  * gets a - b, exactly as the scalar loop), then h >= 8 across vectors. */
-AVX2 static INLINE void fwht_regs(__m256 *v, const int nv, float norm) {
+AVX2 static INLINE void fwht_block_regs(__m256 *v, const int nv) {
     const __m256 sign1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
     const __m256 sign2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
     const __m256 sign4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
@@ -281,9 +297,23 @@ AVX2 static INLINE void fwht_regs(__m256 *v, const int nv, float norm) {
             }
         }
     }
-    const __m256 n8 = _mm256_set1_ps(norm);
+    const __m256 n8 = _mm256_set1_ps(block_norm[3 + __builtin_ctz((unsigned)nv)]);
 #pragma GCC unroll 64
     for (int i = 0; i < nv; i++) v[i] = _mm256_mul_ps(v[i], n8);
+}
+
+/* fwht on a row of nv vectors: fwht_block_regs on each power-of-two block of nv, largest
+ * first (nv is a multiple of 2 here: head_dim % 16 == 0, so every block holds >= 16 floats). */
+AVX2 static INLINE void fwht_regs(__m256 *v, const int nv) {
+    if ((nv & (nv - 1)) == 0) { /* one block; folds away in the specialised kernels */
+        fwht_block_regs(v, nv);
+        return;
+    }
+    for (int at = 0; at < nv;) {
+        const int b = 1 << (31 - __builtin_clz((unsigned)(nv - at)));
+        fwht_block_regs(v + at, b);
+        at += b;
+    }
 }
 
 AVX2 static INLINE float hmin8(__m256 v) {
@@ -346,7 +376,7 @@ AVX2 static INLINE void pack_codes(const __m256 *v, const int d, int bits, uint8
 }
 
 AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const void *src, int dt,
-                                    int bits, int rotate, float norm, uint8_t *codes,
+                                    int bits, int rotate, uint8_t *codes,
                                     uint16_t *scale, uint16_t *minimum) {
     const int nv = d / 8, gv = g / 8;
     const uint16_t *s16 = (const uint16_t *)src;
@@ -361,7 +391,7 @@ AVX2 static INLINE void encode_impl(__m256 *v, const int d, const int g, const v
                        : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
         }
     }
-    if (rotate) fwht_regs(v, nv, norm);
+    if (rotate) fwht_regs(v, nv);
     const __m256 top = _mm256_set1_ps(FP16_MAX), bottom = _mm256_set1_ps(-FP16_MAX);
     const float levels = (float)((1 << bits) - 1);
     for (int k = 0; k < nv / gv; k++) {
@@ -480,14 +510,14 @@ static inline int fp16_finite(const uint16_t *x, int n) {
  * without a specialised block kernel below. */
 AVX2 static void encode_row_any(ENCODE_ARGS) {
     __m256 v[MAXV];
-    encode_impl(v, d, g, src, dt, bits, rotate, norm, codes, scale, minimum);
+    encode_impl(v, d, g, src, dt, bits, rotate, codes, scale, minimum);
 }
 AVX2 static void decode_row_any(DECODE_ARGS) {
     __m256 v[MAXV];
     float sc[MAX_HEAD_DIM], mn[MAX_HEAD_DIM];
     for (int k = 0; k < d / g; k++) sc[k] = h2f(scale[k]), mn[k] = h2f(minimum[k]);
     dequantize_regs(v, d, g, codes, sc, mn, bits);
-    if (rotate) fwht_regs(v, d / 8, norm);
+    if (rotate) fwht_regs(v, d / 8);
     store_regs(v, d / 8, dst, dt, fp16_finite(scale, d / g) && fp16_finite(minimum, d / g));
 }
 
@@ -521,7 +551,7 @@ AVX2 static INLINE __m256 reduce8(const __m256 *a, const int take_max) {
 
 AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
                                           const void *const *src, int dt, int bits, int rotate,
-                                          float norm, uint8_t *codes, uint16_t *scale,
+                                          uint8_t *codes, uint16_t *scale,
                                           uint16_t *minimum) {
     const int nv = d / 8, gv = g / 8, ng = d / g, rows = BLOCK_GROUPS / ng;
     float scratch[BLOCK_GROUPS * 128] __attribute__((aligned(32)));
@@ -541,7 +571,7 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
                            : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
             }
         }
-        if (rotate) fwht_regs(v, nv, norm);
+        if (rotate) fwht_regs(v, nv);
 #pragma GCC unroll 8
         for (int k = 0; k < ng; k++) {
             __m256 l = v[k * gv], u = l;
@@ -627,7 +657,7 @@ AVX2 static INLINE void encode_block_impl(__m256 *v, const int d, const int g,
 AVX2 static INLINE void decode_block_impl(__m256 *v, const int d, const int g,
                                           const uint8_t *codes, const uint16_t *scale,
                                           const uint16_t *minimum, int bits, int rotate,
-                                          float norm, void *const *dst, int dt) {
+                                          void *const *dst, int dt) {
     const int nv = d / 8, ng = d / g, rows = BLOCK_GROUPS / ng;
     float sc[BLOCK_GROUPS] __attribute__((aligned(32)));
     float mn[BLOCK_GROUPS] __attribute__((aligned(32)));
@@ -642,30 +672,30 @@ AVX2 static INLINE void decode_block_impl(__m256 *v, const int d, const int g,
     const size_t code_row = (size_t)d * bits / 8;
     for (int r = 0; r < rows; r++) {
         dequantize_regs(v, d, g, codes + r * code_row, sc + r * ng, mn + r * ng, bits);
-        if (rotate) fwht_regs(v, nv, norm);
+        if (rotate) fwht_regs(v, nv);
         store_regs(v, nv, dst[r], dt, finite);
     }
 }
 
-typedef void (*EncodeBlock)(const void *const *src, int dt, int bits, int rotate, float norm,
+typedef void (*EncodeBlock)(const void *const *src, int dt, int bits, int rotate,
                             uint8_t *codes, uint16_t *scale, uint16_t *minimum);
 typedef void (*DecodeBlock)(const uint8_t *codes, const uint16_t *scale, const uint16_t *minimum,
-                            int bits, int rotate, float norm, void *const *dst, int dt);
+                            int bits, int rotate, void *const *dst, int dt);
 
 /* Specialisations for the common (head_dim, group) pairs keep a row in registers; any other
  * shape runs the same code with runtime sizes. */
 #define SPECIALISE(D, G)                                                                        \
     AVX2 static void encode_block_##D##_##G(const void *const *src, int dt, int bits,           \
-                                            int rotate, float norm, uint8_t *codes,             \
+                                            int rotate, uint8_t *codes,             \
                                             uint16_t *scale, uint16_t *minimum) {               \
         __m256 v[(D) / 8];                                                                      \
-        encode_block_impl(v, D, G, src, dt, bits, rotate, norm, codes, scale, minimum);         \
+        encode_block_impl(v, D, G, src, dt, bits, rotate, codes, scale, minimum);         \
     }                                                                                           \
     AVX2 static void decode_block_##D##_##G(const uint8_t *codes, const uint16_t *scale,       \
                                             const uint16_t *minimum, int bits, int rotate,      \
-                                            float norm, void *const *dst, int dt) {             \
+                                            void *const *dst, int dt) {             \
         __m256 v[(D) / 8];                                                                      \
-        decode_block_impl(v, D, G, codes, scale, minimum, bits, rotate, norm, dst, dt);         \
+        decode_block_impl(v, D, G, codes, scale, minimum, bits, rotate, dst, dt);         \
     }
 SPECIALISE(64, 64)
 SPECIALISE(128, 64)
@@ -705,7 +735,6 @@ typedef struct {
 typedef struct {
     /* geometry */
     int h, d, g, rotate, wire_dt;
-    float norm;
     /* encode: source [H, stride, D]; decode: destination [H, stride >= kept, D] */
     void *kv[2];
     int kv_dt;
@@ -833,9 +862,9 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
             }
             if (job->decode)
                 block.decode(codes + r * code_row, scale + r * ng, minimum + r * ng, bits,
-                             job->rotate, job->norm, mem, job->kv_dt);
+                             job->rotate, mem, job->kv_dt);
             else
-                block.encode((const void *const *)mem, job->kv_dt, bits, job->rotate, job->norm,
+                block.encode((const void *const *)mem, job->kv_dt, bits, job->rotate,
                              codes + r * code_row, scale + r * ng, minimum + r * ng);
         }
     }
@@ -846,9 +875,9 @@ static void run_rows(const Job *job, const Section *sc, int kv, int64_t lo, int6
         uint8_t *mem = (uint8_t *)job->kv[kv] + (j * job->stride + slot) * rowb;
         if (job->decode)
             decode_row(codes + r * code_row, scale + r * ng, minimum + r * ng, d, g, bits,
-                       job->rotate, job->norm, mem, job->kv_dt);
+                       job->rotate, mem, job->kv_dt);
         else
-            encode_row(mem, job->kv_dt, d, g, bits, job->rotate, job->norm, codes + r * code_row,
+            encode_row(mem, job->kv_dt, d, g, bits, job->rotate, codes + r * code_row,
                        scale + r * ng, minimum + r * ng);
     }
 }
@@ -914,10 +943,12 @@ static void run_parallel(const Job *job, int nthreads) {
 
 static int use_simd(int d, int g) { return have_avx2 && d % 16 == 0 && g % 8 == 0; }
 
-/* Sections hold the FP16 tier as 16-bit values: the wire dtype is float16 or bfloat16; the
- * cache side may also be float32. */
+/* The geometries config.Geometry allows: head_dim a multiple of 4 in [4, MAX_HEAD_DIM], the
+ * group a power of two >= 4 dividing it (so each rotation block, a power of two >= the lowest
+ * set bit of d, is whole groups). Sections hold the FP16 tier as 16-bit values: the wire dtype
+ * is float16 or bfloat16; the cache side may also be float32. */
 static int check_geometry(int h, int d, int g, int nthreads, int wire_dt, int kv_dt) {
-    if (h < 1 || d < 1 || d > MAX_HEAD_DIM || g < 1 || d % g || (d * 2) % 8 ||
+    if (h < 1 || d < 4 || d > MAX_HEAD_DIM || d % 4 || g < 4 || (g & (g - 1)) || d % g ||
         nthreads < 1 || nthreads > MAX_THREADS || (wire_dt != DT_F16 && wire_dt != DT_BF16) ||
         kv_dt < DT_F32 || kv_dt > DT_BF16) {
         PyErr_SetString(PyExc_ValueError, "invalid codec geometry or dtype");
@@ -956,7 +987,7 @@ static PyObject *encode_frame(PyObject *self, PyObject *args) {
     if (check_geometry(h, d, g, nthreads, wire_dt, kv_dt) || check_tiers(&tiers, n, counts))
         goto done;
     Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
-               .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
+               .kv = {(void *)kp, (void *)vp},
                .kv_dt = kv_dt, .stride = n, .body = (uint8_t *)out.buf,
                .simd = use_simd(d, g)};
     idx = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
@@ -1015,7 +1046,7 @@ static PyObject *decode_frame(PyObject *self, PyObject *args) {
         goto done;
     }
     Job job = {.h = h, .d = d, .g = g, .rotate = rotate, .wire_dt = wire_dt,
-               .norm = (float)(1.0 / sqrt((double)d)), .kv = {(void *)kp, (void *)vp},
+               .kv = {(void *)kp, (void *)vp},
                .kv_dt = kv_dt, .stride = capacity, .body = (uint8_t *)body.buf, .rank = rank,
                .decode = 1, .simd = use_simd(d, g)};
     /* the body here starts after the tier map */
@@ -1170,6 +1201,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_codec", NULL, -1, m
 
 PyMODINIT_FUNC PyInit__codec(void) {
     pool_init();
+    for (int k = 0; k < 13; k++) block_norm[k] = (float)(1.0 / sqrt((double)(1 << k)));
 #if HAVE_AVX2_KERNELS
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&

@@ -91,12 +91,6 @@ class Geometry:
     def rotate(self) -> bool:
         return bool(self.blocks)
 
-    @property
-    def one_block(self) -> bool:
-        """Rotation over the whole vector: what the compiled kernels apply in place. Other
-        rotations are applied around them, in torch (`quant.rotate`)."""
-        return len(self.blocks) == 1
-
 
 #: Largest head_dim a frame may describe (the compiled codec's limit).
 MAX_HEAD_DIM = 4096

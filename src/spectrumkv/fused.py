@@ -2,12 +2,11 @@
 
 It covers the default `asym-group` scheme (with or without rotation) and the FP16 tier, for K/V
 held in float32, float16 or bfloat16, in one pass per layer frame, with the GIL released and the
-work split over `threads` threads. The kernels rotate a whole head vector (a power-of-two
-head_dim); a rotation in several blocks (`Geometry.blocks`, e.g. head_dim 96 -> 64 + 32) is
-applied here around them with the reference's own `quant.rotate`, on a float32 copy. Its bytes
-are identical to the torch reference (`reference_codec.py`, `quant.py`; tests check it);
-`sym-token` and `kivi` always run on the reference. When the extension could not be compiled,
-`AVAILABLE` is False and the wire module uses the reference.
+work split over `threads` threads. The kernels apply every geometry's rotation in place, the
+block-diagonal ones of non-power-of-two head dims included (`Geometry.blocks`, e.g. head_dim
+96 -> 64 + 32). Its bytes are identical to the torch reference (`reference_codec.py`, `quant.py`;
+tests check it); `sym-token` and `kivi` always run on the reference. When the extension could not
+be compiled, `AVAILABLE` is False and the wire module uses the reference.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import torch
 
 from .config import Geometry, QuantConfig
 from .kv import check_destination, check_source
-from .quant import rotate
-from .tiers import Tier, as_tier_codes
+from .tiers import as_tier_codes
 
 try:
     from . import _codec
@@ -72,12 +70,6 @@ def _threads(threads: int | None) -> int:
     return max(1, min(64, threads or torch.get_num_threads()))
 
 
-def _integer_rows(codes: np.ndarray) -> torch.Tensor:
-    """Indices of the integer-tier entries of a tier-code array (INT2/INT4/INT8: the rotated
-    ones; the FP16 tier never is)."""
-    return torch.from_numpy(np.flatnonzero((codes != Tier.DROP) & (codes != Tier.FP16)))
-
-
 def encode_body(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -95,14 +87,9 @@ def encode_body(
     h, n, d = keys.shape
     t = as_tier_codes(tiers).numpy()
     k, v = keys.contiguous(), values.contiguous()
-    if geo.rotate and not geo.one_block:
-        rows = _integer_rows(t)
-        k, v = (x.to(torch.float32, copy=True) for x in (k, v))
-        for x in (k, v) if rows.numel() else ():
-            x[:, rows] = rotate(x[:, rows], geo.blocks)
     _codec.encode_frame(
         k.data_ptr(), v.data_ptr(), _DTYPE_CODES[k.dtype], h, n, d, geo.group,
-        int(geo.one_block), _DTYPE_CODES[wire_dtype], t, out, _threads(threads),
+        int(geo.rotate), _DTYPE_CODES[wire_dtype], t, out, _threads(threads),
     )  # fmt: skip
 
 
@@ -151,23 +138,10 @@ def decode_body(
         keys, values = out
     t = as_tier_codes(tiers).numpy()
     code = _DTYPE_CODES[wire_dtype]
-    if geo.rotate and not geo.one_block:  # decode unrotated in float32, rotate, then round
-        k32, v32 = torch.empty(heads, kept, d), torch.empty(heads, kept, d)
-        _codec.decode_frame(
-            body, t, heads, t.shape[0], d, geo.group, 0, code,
-            k32.data_ptr(), v32.data_ptr(), _DTYPE_CODES[torch.float32], kept, kept,
-            _threads(threads),
-        )  # fmt: skip
-        rows = _integer_rows(t[t != Tier.DROP])
-        for x, dst in ((k32, keys), (v32, values)):
-            if rows.numel():
-                x[:, rows] = rotate(x[:, rows], geo.blocks)
-            dst[:, :kept] = x
-    else:
-        _codec.decode_frame(
-            body, t, heads, t.shape[0], d, geo.group, int(geo.rotate), code,
-            keys.data_ptr(), values.data_ptr(), code, kept, keys.shape[1], _threads(threads),
-        )  # fmt: skip
+    _codec.decode_frame(
+        body, t, heads, t.shape[0], d, geo.group, int(geo.rotate), code,
+        keys.data_ptr(), values.data_ptr(), code, kept, keys.shape[1], _threads(threads),
+    )  # fmt: skip
     if keys.shape[1] == kept:
         return keys, values
     return keys[:, :kept], values[:, :kept]
