@@ -194,6 +194,37 @@ AVX2 static INLINE __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+/* The online-softmax step of one tile: scores s[g][0..n) (padded to TILE) become weights
+ * e^(s - m_new); the running max m, sum l and accumulator acc[g] are rescaled to m_new. */
+AVX2 static INLINE void softmax_tile(float (*s)[TILE], float *m, float *l, float *acc, int n,
+                                     int G, int d) {
+    for (int i = n; i < TILE; i++)
+        for (int g = 0; g < G; g++) s[g][i] = -INFINITY;
+    for (int g = 0; g < G; g++) {
+        __m256 mx = _mm256_set1_ps(m[g]);
+        for (int i = 0; i < TILE; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(&s[g][i]));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float mt = _mm_cvtss_f32(h);
+        const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mt);
+        if (alpha != 1.0f) {
+            const __m256 va = _mm256_set1_ps(alpha);
+            l[g] *= alpha;
+            for (int j = 0; j < d; j += 8)
+                _mm256_storeu_ps(acc + g * d + j, _mm256_mul_ps(_mm256_loadu_ps(acc + g * d + j), va));
+        }
+        const __m256 vm = _mm256_set1_ps(mt);
+        for (int i = 0; i < TILE; i += 8)
+            _mm256_store_ps(&s[g][i], exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][i]), vm)));
+        for (int i = n; i < TILE; i++) s[g][i] = 0.0f; /* exp8 left ~e^-87 there */
+        __m256 sum = _mm256_load_ps(&s[g][0]);
+        for (int i = 8; i < TILE; i += 8) sum = _mm256_add_ps(sum, _mm256_load_ps(&s[g][i]));
+        l[g] += hsum8(sum);
+        m[g] = mt;
+    }
+}
+
 AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, float *acc) {
     const int G = c->group, d = c->d, nv = d / 8, dt = c->dt;
     float qs[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(32)));
@@ -240,31 +271,7 @@ AVX2 static void task_avx2(const Ctx *c, const Task *t, float *m, float *l, floa
                                                         _mm256_permute2f128_ps(u0, u1, 0x31)));
             }
         }
-        for (int i = n; i < TILE; i++)
-            for (int g = 0; g < G; g++) s[g][i] = -INFINITY;
-        for (int g = 0; g < G; g++) {
-            __m256 mx = _mm256_set1_ps(m[g]);
-            for (int i = 0; i < TILE; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(&s[g][i]));
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            const float mt = _mm_cvtss_f32(h);
-            const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mt);
-            if (alpha != 1.0f) {
-                const __m256 va = _mm256_set1_ps(alpha);
-                l[g] *= alpha;
-                for (int j = 0; j < d; j += 8)
-                    _mm256_storeu_ps(acc + g * d + j, _mm256_mul_ps(_mm256_loadu_ps(acc + g * d + j), va));
-            }
-            const __m256 vm = _mm256_set1_ps(mt);
-            for (int i = 0; i < TILE; i += 8)
-                _mm256_store_ps(&s[g][i], exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][i]), vm)));
-            for (int i = n; i < TILE; i++) s[g][i] = 0.0f; /* exp8 left ~e^-87 there */
-            __m256 sum = _mm256_load_ps(&s[g][0]);
-            for (int i = 8; i < TILE; i += 8) sum = _mm256_add_ps(sum, _mm256_load_ps(&s[g][i]));
-            l[g] += hsum8(sum);
-            m[g] = mt;
-        }
+        softmax_tile(s, m, l, acc, n, G, d);
         /* V: the tile's rows converted once into vt, then acc[g] += sum_i p[g][i] v[i], 32
          * dims at a time with the accumulators in registers */
         for (int i = 0; i < n; i++) {
@@ -365,31 +372,7 @@ AVX512 static void task_avx512(const Ctx *c, const Task *t, float *m, float *l, 
                                                         _mm256_permute2f128_ps(u0, u1, 0x31)));
             }
         }
-        for (int i = n; i < TILE; i++)
-            for (int g = 0; g < G; g++) s[g][i] = -INFINITY;
-        for (int g = 0; g < G; g++) {
-            __m256 mx = _mm256_set1_ps(m[g]);
-            for (int i = 0; i < TILE; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(&s[g][i]));
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            const float mt = _mm_cvtss_f32(h);
-            const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mt);
-            if (alpha != 1.0f) {
-                const __m256 va = _mm256_set1_ps(alpha);
-                l[g] *= alpha;
-                for (int j = 0; j < d; j += 8)
-                    _mm256_storeu_ps(acc + g * d + j, _mm256_mul_ps(_mm256_loadu_ps(acc + g * d + j), va));
-            }
-            const __m256 vm = _mm256_set1_ps(mt);
-            for (int i = 0; i < TILE; i += 8)
-                _mm256_store_ps(&s[g][i], exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][i]), vm)));
-            for (int i = n; i < TILE; i++) s[g][i] = 0.0f; /* exp8 left ~e^-87 there */
-            __m256 sum = _mm256_load_ps(&s[g][0]);
-            for (int i = 8; i < TILE; i += 8) sum = _mm256_add_ps(sum, _mm256_load_ps(&s[g][i]));
-            l[g] += hsum8(sum);
-            m[g] = mt;
-        }
+        softmax_tile(s, m, l, acc, n, G, d);
         /* V: the tile's rows converted once into vt, then acc[g] += sum_i p[g][i] v[i], 32
          * dims at a time with the accumulators in registers */
         for (int i = 0; i < n; i++) {
