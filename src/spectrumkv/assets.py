@@ -164,7 +164,7 @@ def _convert_alias(alias: ModelAlias, out: Path) -> None:
                     with open(part, "rb") as src:
                         shutil.copyfileobj(src, dst)
         if alias.sha256:
-            digest = _sha256(gguf)
+            digest = sha256_file(gguf)
             if digest != alias.sha256:
                 raise AssetError(f"{alias.gguf_name}: sha256 {digest} != expected {alias.sha256}")
         _log(f"converting {alias.gguf_name} to a safetensors model directory (once) ...")
@@ -187,7 +187,8 @@ def _convert_alias(alias: ModelAlias, out: Path) -> None:
     _log(f"model ready in {out}")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

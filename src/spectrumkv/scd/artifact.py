@@ -10,7 +10,6 @@ at patch layers `i.h.{mu,basis}` (A's attention-input PCA) and `i.al.{lin,up,dow
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..assets import sha256_file
 from ..errors import IncompatiblePayloadError, SpectrumKVError
 from ..wire import Fingerprint
 from .fit import Aligner
@@ -94,7 +94,7 @@ def save(art: Artifact, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous() for k, v in art.tensors.items()}
     save_file(tensors, str(out / "tensors.safetensors"))
-    digest = _sha256(out / "tensors.safetensors")
+    digest = sha256_file(out / "tensors.safetensors")
     manifest = msgspec.structs.replace(art.manifest, tensors_sha256=digest)
     (out / "manifest.json").write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
     art.manifest = manifest
@@ -114,7 +114,7 @@ def load(path: str | Path) -> Artifact:
     if manifest.version != VERSION:
         raise ArtifactError(f"artifact version {manifest.version}, this code reads {VERSION}")
     tfile = path / "tensors.safetensors"
-    if not tfile.is_file() or _sha256(tfile) != manifest.tensors_sha256:
+    if not tfile.is_file() or sha256_file(tfile) != manifest.tensors_sha256:
         raise ArtifactError(f"{tfile} is missing or does not match the manifest's sha256")
     try:
         tensors = load_file(str(tfile))
@@ -145,11 +145,3 @@ def _check_layout(art: Artifact) -> None:
         raise ArtifactError(f"artifact lacks tensor {e}") from None
     except RuntimeError as e:  # load_state_dict shape mismatch
         raise ArtifactError(f"aligner tensors: {e}") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
