@@ -171,6 +171,6 @@ def test_recipe_schedule_validation_and_digest():
     assert all(x >= y for x, y in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 1e-4
     assert Recipe(base="m", decay="constant", warmup=0).lr_at(23) == Recipe(base="m").lr
     assert Recipe(base="m", clip=0.0).digest() != Recipe(base="m").digest()
-    for bad in (dict(decay="linear"), dict(clip=-1.0), dict(lr=0.0)):
+    for bad in (dict(decay="linear"), dict(clip=-1.0), dict(lr=0.0), dict(train_embeddings=1)):
         with pytest.raises(ConfigError):
             Recipe(base="m", **bad)

@@ -24,6 +24,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         clip=args.clip,
         decay=args.decay,
+        train_embeddings=args.train_embeddings,
     )
     print(finetune(recipe, args.out, save_every=args.save_every))
 
@@ -119,6 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--warmup", type=int, default=d.warmup)
     ft.add_argument("--clip", type=float, default=d.clip, help="gradient norm cap (0: none)")
     ft.add_argument("--decay", default=d.decay, choices=("cosine", "constant"))
+    ft.add_argument("--train-embeddings", action="store_true",
+                    help="also train the token embeddings (default: frozen)")  # fmt: skip
     ft.add_argument("--save-every", type=int, default=6, help="checkpoint period (steps)")
     ft.add_argument("--out", default=None, help="output directory (default: the cache)")
     ft.add_argument("--threads", type=int, default=0)

@@ -30,12 +30,15 @@ from .splits import split_text
 class Recipe:
     """A fine-tune: base model, corpus, optimizer steps, peak learning rate `lr` (AdamW; linear
     warmup over `warmup` steps, then `decay` "cosine" to 0 at `steps` or "constant"), gradient
-    norm clipped to `clip` (0: no clipping), seed, and batches of `batch` x `seq_len` tokens."""
+    norm clipped to `clip` (0: no clipping), seed, and batches of `batch` x `seq_len` tokens.
+    `train_embeddings` False freezes the token embeddings (and an output head tied to them):
+    with batches this small, AdamW keeps moving the rows of tokens seen once for many steps
+    after their gradient is gone, which damages the softmax of every other token."""
 
     base: str
     corpus: str = "wiki"
-    steps: int = 24
-    lr: float = 5e-4
+    steps: int = 72
+    lr: float = 2e-4
     seed: int = 0
     batch: int = 2
     seq_len: int = 128
@@ -43,6 +46,7 @@ class Recipe:
     weight_decay: float = 0.0
     clip: float = 1.0
     decay: str = "cosine"
+    train_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.warmup < 0:
@@ -51,6 +55,8 @@ class Recipe:
             raise ConfigError(f"lr must be in (0, 1), weight_decay and clip >= 0, got {self.lr}")
         if self.decay not in ("cosine", "constant"):
             raise ConfigError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+        if not isinstance(self.train_embeddings, bool):
+            raise ConfigError("train_embeddings must be a bool")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based step `step`."""
@@ -103,6 +109,8 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32)
     model.train()
+    if not recipe.train_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     ids = torch.tensor(tok(split_text(recipe.corpus, "finetune"))["input_ids"], dtype=torch.long)
     if ids.numel() <= recipe.seq_len + 1:
         raise AssetError(f"the corpus' finetune split has only {ids.numel()} tokens")
