@@ -12,13 +12,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def load(paths: list[str]) -> tuple[list[dict], list[dict]]:
-    """(perplexity records, NIAH records) from JSON result files."""
-    ppl, niah = [], []
+def load(paths: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(perplexity records, NIAH records, `scd eval` results) from JSON result files: a list of
+    records, or one `scd eval` result (an object with `records` and `layer_errors`)."""
+    ppl, niah, scd = [], [], []
     for p in paths:
-        for r in json.loads(Path(p).read_text(encoding="utf-8")):
+        data = json.loads(Path(p).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "records" in data and "layer_errors" in data:
+            scd.append(data)
+            continue
+        for r in data:
             (niah if "success" in r else ppl).append(r)
-    return ppl, niah
+    return ppl, niah, scd
 
 
 def _fmt_budget(b: float | None) -> str:
@@ -174,11 +179,42 @@ def _plot_niah(recs, policies, png: Path, title: str) -> None:
     plt.close(fig)
 
 
+def scd_section(results: list[dict], out: Path) -> list[str]:
+    """Per `scd eval` result: its method table, the quality-vs-bytes plot and the per-layer
+    K/V error plot (with and without patch layers), drawn by `scd.plots.plot_all`."""
+    from ..scd.plots import plot_all
+
+    lines = []
+    for n, res in enumerate(results):
+        recs = res["records"]
+        r0 = recs[0]
+        m = res["manifest"]
+        lines += [
+            f"### SCD: {r0['chunks']} chunks of {r0['context']} tokens, "
+            f"{r0['continuation']} scored; patch layers {m['patch_layers']}, "
+            f"KL on dev {m['kl_dev']:.4f} (eps {m['eps']:g})",
+            "",
+            "| method | bytes / raw FP16 | Delta-PPL vs oracle | KL (nats/token) "
+            "| greedy exact prefix | token F1 | B rebuild s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['method']} | {r['bytes_ratio']:.3f} | {r['delta_pct']:+.2f} % "
+            f"(sd {r['delta_pct_chunk_std']:.2f}) | {r['kl']:.4f} (sd {r['kl_chunk_std']:.4f}) "
+            f"| {r['exact_prefix']:.1f} | {r['token_f1']:.2f} | {r['rebuild_s']:.3f} |"
+            for r in recs
+        ]
+        pngs = plot_all(res, out / f"scd{n if len(results) > 1 else ''}")
+        lines += [""] + [f"![SCD {p.stem}]({p.name})" for p in pngs] + [""]
+    return lines
+
+
 def write_report(paths: list[str], out_dir: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ppl, niah = load(paths)
+    ppl, niah, scd = load(paths)
     lines = ["# SpectrumKV results", ""] + ppl_section(ppl, out) + niah_section(niah, out)
+    lines += scd_section(scd, out)
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return md

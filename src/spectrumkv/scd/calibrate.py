@@ -141,7 +141,8 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     for i, (rk, rv) in enumerate(ranks):
         for kv, fit, r in (("k", fits[i][0], rk), ("v", fits[i][1], rv)):
             tensors.update({f"{i}.{kv}.{n}": t for n, t in fit.truncated(r).items()})
-    for i in tqdm(range(fa.n_layers), desc="patch candidates", leave=False):
+    candidates = range(fa.n_layers) if cfg.max_patches else ()  # 0: the reuse path only
+    for i in tqdm(candidates, desc="patch candidates", leave=False):
         mu, basis = fit_pca(a[i][2], cfg.patch_rank)
         al = fit_aligner((a[i][2] - mu) @ basis, b[i][2], width=cfg.aligner_width)
         tensors |= {f"{i}.h.mu": mu, f"{i}.h.basis": basis}

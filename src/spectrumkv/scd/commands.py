@@ -25,6 +25,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         clip=args.clip,
         decay=args.decay,
         train_embeddings=args.train_embeddings,
+        attn_lr_scale=args.attn_lr_scale,
     )
     print(finetune(recipe, args.out, save_every=args.save_every))
 
@@ -122,6 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--decay", default=d.decay, choices=("cosine", "constant"))
     ft.add_argument("--train-embeddings", action="store_true",
                     help="also train the token embeddings (default: frozen)")  # fmt: skip
+    ft.add_argument("--attn-lr-scale", type=float, default=d.attn_lr_scale,
+                    help="lr multiplier of the attention projections (W_q/k/v/o)")  # fmt: skip
     ft.add_argument("--save-every", type=int, default=6, help="checkpoint period (steps)")
     ft.add_argument("--out", default=None, help="output directory (default: the cache)")
     ft.add_argument("--threads", type=int, default=0)

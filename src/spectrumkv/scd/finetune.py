@@ -33,7 +33,10 @@ class Recipe:
     norm clipped to `clip` (0: no clipping), seed, and batches of `batch` x `seq_len` tokens.
     `train_embeddings` False freezes the token embeddings (and an output head tied to them):
     with batches this small, AdamW keeps moving the rows of tokens seen once for many steps
-    after their gradient is gone, which damages the softmax of every other token."""
+    after their gradient is gone, which damages the softmax of every other token.
+    `attn_lr_scale` multiplies the learning rate of the attention projections (parameters under
+    a `self_attn` module: W_q, W_k, W_v, W_o), the weights that make the KV cache: a fine-tune
+    that moves them further than the rest gives a pair whose caches differ more."""
 
     base: str
     corpus: str = "wiki"
@@ -47,6 +50,7 @@ class Recipe:
     clip: float = 1.0
     decay: str = "cosine"
     train_embeddings: bool = False
+    attn_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.warmup < 0:
@@ -57,6 +61,8 @@ class Recipe:
             raise ConfigError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
         if not isinstance(self.train_embeddings, bool):
             raise ConfigError("train_embeddings must be a bool")
+        if not 0 < self.attn_lr_scale * self.lr < 1:
+            raise ConfigError(f"attn_lr_scale x lr must be in (0, 1), got {self.attn_lr_scale}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based step `step`."""
@@ -114,8 +120,12 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     ids = torch.tensor(tok(split_text(recipe.corpus, "finetune"))["input_ids"], dtype=torch.long)
     if ids.numel() <= recipe.seq_len + 1:
         raise AssetError(f"the corpus' finetune split has only {ids.numel()} tokens")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    attn = [p for n, p in named if ".self_attn." in n]
+    rest = [p for n, p in named if ".self_attn." not in n]
+    params = attn + rest  # the order the optimizer checkpoint indexes
+    groups = [{"params": attn, "scale": recipe.attn_lr_scale}, {"params": rest, "scale": 1.0}]
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     start = 0
     if state:
         start = state["step"]
@@ -124,7 +134,7 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
                total=recipe.steps)  # fmt: skip
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = recipe.lr_at(step)
+            group["lr"] = recipe.lr_at(step) * group["scale"]
         batch = _batch(ids, recipe, step)
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)

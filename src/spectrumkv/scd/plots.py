@@ -1,5 +1,5 @@
-"""Plots of an `scd eval` result: Delta-PPL vs bytes (one point per method) and the per-layer
-reconstruction error of B's cache with and without patch layers."""
+"""Plots of an `scd eval` result: Delta-PPL and KL vs bytes (one point per method) and the
+per-layer reconstruction error of B's cache with and without patch layers."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ def plot_all(result: dict, stem: str | Path) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     pareto, layers = Path(f"{stem}-pareto.png"), Path(f"{stem}-layers.png")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["records"]:
-        ax.scatter(r["bytes_ratio"], r["delta_pct"], s=30)
-        ax.annotate(r["method"], (r["bytes_ratio"], r["delta_pct"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("bytes / raw FP16 KV bytes")
-    ax.set_ylabel("Delta-PPL vs oracle (%)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.grid(alpha=0.3)
-    ax.set_title("SCD and baselines: quality vs bytes (PD protocol, held-out text)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "delta_pct", "Delta-PPL vs oracle (%)"),
+                           (axes[1], "kl", "mean token KL vs oracle (nats)")):  # fmt: skip
+        for r in result["records"]:
+            ax.scatter(r["bytes_ratio"], r[key], s=30)
+            ax.annotate(r["method"], (r["bytes_ratio"], r[key]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("bytes / raw FP16 KV bytes")
+        ax.set_ylabel(label)
+        ax.set_yscale("symlog", linthresh=1.0 if key == "delta_pct" else 0.01)
+        ax.grid(alpha=0.3)
+    fig.suptitle("SCD and baselines: quality vs bytes (PD protocol, held-out text)")
     fig.tight_layout()
     fig.savefig(pareto, dpi=120)
     plt.close(fig)
