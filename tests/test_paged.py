@@ -7,7 +7,7 @@ import transformers
 from spectrumkv.paged import kernel
 from spectrumkv.paged.cache import PagedConfig, PagedKVCache
 from spectrumkv.paged.cost import MachineProfile
-from spectrumkv.paged.errors import CacheFullError, PagedInputError, UnsupportedModelError
+from spectrumkv.paged.errors import CacheFullError, PagedInputError
 from spectrumkv.paged.reference import gather, reference, sdpa_per_request
 from spectrumkv.paged.routes import ROUTES, decode_attention, run_route
 
@@ -33,13 +33,18 @@ def make_cache(lengths, dtype=torch.float16, kv_heads=3, head_dim=64, page_size=
     return cache, tables, lens
 
 
-def check_routes(lengths, dtype, q_heads=9, kv_heads=3, head_dim=64, page_size=16, tol=2e-3):
+def check_routes(
+    lengths, dtype, q_heads=9, kv_heads=3, head_dim=64, page_size=16, tol=2e-3, starts=None
+):
     cache, tables, lens = make_cache(lengths, dtype, kv_heads, head_dim, page_size)
     kp, vp = cache.layer(0)
     q = torch.randn(len(lengths), q_heads, head_dim, generator=torch.Generator().manual_seed(1))
-    ref = reference(q, kp, vp, tables, lens, head_dim**-0.5)
+    if starts is not None:
+        starts = torch.tensor(starts, dtype=torch.int32)
+    ref = reference(q, kp, vp, tables, lens, head_dim**-0.5, starts)
     for route in ROUTES:
-        out = decode_attention(q, kp, vp, tables, lens, route=route, profile=SPLITTY)
+        out = decode_attention(q, kp, vp, tables, lens, route=route, profile=SPLITTY,
+                               starts=starts)  # fmt: skip
         assert out.shape == q.shape and out.dtype == torch.float32
         err = (out.double() - ref).abs().max().item()
         # padded runs SDPA in the KV dtype: its output is rounded to it
@@ -56,6 +61,17 @@ def test_routes_match_reference_at_page_boundaries(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_7b_shape_and_32_token_pages(dtype):
     check_routes([1, 33, 300, 700], dtype, q_heads=32, kv_heads=8, head_dim=128, page_size=32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routes_with_window_starts_match_reference(dtype):
+    """Sliding-window layers: request b attends to tokens [start, length) only; starts at,
+    before and after page boundaries, a window of one token, spans that split and merge."""
+    lengths = [1, 17, 33, 200, 513, 700, 40]
+    starts = [0, 16, 1, 137, 512, 100, 15]
+    _, _, _, _, ref = check_routes(lengths, dtype, starts=starts)
+    whole = check_routes(lengths, dtype)[4]  # the same data without starts
+    assert torch.equal(ref[0], whole[0]) and (ref[3] - whole[3]).abs().max() > 1e-3
 
 
 def test_long_request_32k():
@@ -147,9 +163,10 @@ def test_cache_append_write_free_and_full_pool():
     assert set(cache.pages_of("c")).isdisjoint(cache.pages_of("a"))
 
 
-def test_sliding_window_models_are_refused():
-    with pytest.raises(UnsupportedModelError, match="sliding"):
-        PagedConfig.for_model(transformers.Gemma3TextConfig(), pages=8)
+def test_for_model_geometry_sliding_window_models_included():
+    gemma = transformers.Gemma3TextConfig(num_hidden_layers=18, num_key_value_heads=1, head_dim=256)
+    cfg = PagedConfig.for_model(gemma, pages=8)  # whole contexts in every layer's pages
+    assert (cfg.layers, cfg.kv_heads, cfg.head_dim, cfg.pages) == (18, 1, 256, 8)
     cfg = PagedConfig.for_model(
         transformers.LlamaConfig(num_attention_heads=9, num_key_value_heads=3, hidden_size=576),
         pages=8,
@@ -181,6 +198,20 @@ def test_bad_tables_and_lengths(small, route):
     for t, n in cases:
         with pytest.raises(PagedInputError):
             decode_attention(q, kp, vp, t, n, route=route)
+    for s in ([-1, 0], [0, 40], [20, 0], [0, 41]):  # start < 0 or not below its length
+        with pytest.raises(PagedInputError, match="start"):
+            decode_attention(q, kp, vp, tables, lens, route=route,
+                             starts=torch.tensor(s, dtype=torch.int32))  # fmt: skip
+    for s in (torch.tensor([0, 1]), torch.tensor([0], dtype=torch.int32)):
+        with pytest.raises(PagedInputError, match="starts must be"):
+            decode_attention(q, kp, vp, tables, lens, route=route, starts=s)
+    # pages wholly before a request's start are never read, so they need not be valid
+    skipped = tables.clone()
+    skipped[1, 0] = kp.shape[0] + 7
+    starts = torch.tensor([0, 16], dtype=torch.int32)
+    got = decode_attention(q, kp, vp, skipped, lens, route=route, starts=starts)
+    want = reference(q, kp, vp, tables, lens, 0.125, starts)
+    assert (got.double() - want).abs().max() < 1e-2
 
 
 def test_bad_shapes_and_dtypes(small):

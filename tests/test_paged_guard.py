@@ -1,7 +1,8 @@
 """The compiled kernel never reads outside the page pool: the pool ends at an inaccessible
 (PROT_NONE) page, tables point at the pool's last page with lengths ending exactly there, and
 every kernel (scalar, AVX2, AVX-512 where present) runs with the split settings of every kernel
-route, in a child process; a read past the end would kill it with SIGSEGV before it prints "ok".
+route, with and without window starts (a page before the start may point anywhere: it is never
+read), in a child process; a read past the end would kill it with SIGSEGV before it prints "ok".
 Then the child reads one element past the pool on purpose, to show the guard is there. The child
 loads the extension by path (not the spectrumkv package, whose import pulls in transformers)."""
 
@@ -41,6 +42,7 @@ CHILD = textwrap.dedent(
     k, v = pools
     tables = torch.tensor([[5, 4], [4, 5], [5, 0]], dtype=torch.int32)
     lengths = torch.tensor([32, 17, 16], dtype=torch.int32)
+    starts_ = torch.tensor([16, 16, 15], dtype=torch.int32)  # the last token of the pool too
     q = torch.randn(3, 8, d)
     out = torch.empty(3, 8, d)
     for isa in range(4):
@@ -48,10 +50,16 @@ CHILD = textwrap.dedent(
         for splits, min_tokens in ((1, 1 << 30), (4, 32), (8, 1), (2, 2048)):
             for b in (slice(0, 3), slice(0, 1), slice(1, 2), slice(2, 3)):  # batch, per request
                 qb, ob = q[b].contiguous(), out[b]
-                ext.decode(qb.data_ptr(), k.data_ptr(), v.data_ptr(), k.numel(),
-                           tables[b].numpy(), lengths[b].numpy(), ob.data_ptr(), 8, hkv, d, ps,
-                           2, 0.125, splits, min_tokens, 2)
-                assert torch.isfinite(ob).all()
+                for starts in (b"", starts_[b].numpy()):  # whole, or a window's last tokens
+                    ext.decode(qb.data_ptr(), k.data_ptr(), v.data_ptr(), k.numel(),
+                               tables[b].numpy(), lengths[b].numpy(), ob.data_ptr(), 8, hkv, d,
+                               ps, 2, 0.125, splits, min_tokens, 2, starts)
+                    assert torch.isfinite(ob).all()
+            # a page wholly before the start is never read: here it points far past the pool
+            far = torch.tensor([[1 << 24, 5]], dtype=torch.int32)
+            ext.decode(q[:1].contiguous().data_ptr(), k.data_ptr(), v.data_ptr(), k.numel(),
+                       far.numpy(), lengths[:1].numpy(), out[:1].data_ptr(), 8, hkv, d, ps, 2,
+                       0.125, splits, min_tokens, 2, torch.tensor([16], dtype=torch.int32).numpy())
     print("ok", flush=True)
     print(ctypes.c_uint16.from_address(start + nbytes).value)  # one past the end: faults
     """

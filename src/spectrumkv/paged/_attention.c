@@ -465,6 +465,17 @@ static void merge(const Ctx *c, int b, int h, int s0, int ns) {
     }
 }
 
+/* Ranges a span of n tokens is cut into: min(max_splits, ceil(n / min_split)), each a whole
+ * number of TILE-token tiles (*chunk tokens, if chunk is given). */
+static int64_t n_splits(int64_t n, int max_splits, int min_split, int64_t *chunk) {
+    int64_t ns = (n + min_split - 1) / min_split;
+    ns = ns < 1 ? 1 : ns > max_splits ? max_splits : ns;
+    int64_t c = (n + ns - 1) / ns;
+    c = (c + TILE - 1) / TILE * TILE;
+    if (chunk) *chunk = c;
+    return (n + c - 1) / c;
+}
+
 static int by_size_desc(const void *x, const void *y) {
     const Task *a = x, *b = y;
     return (b->hi - b->lo) - (a->hi - a->lo);
@@ -476,16 +487,19 @@ static int by_size_desc(const void *x, const void *y) {
  * q and out: float32 [B, q_heads, head_dim] (B = len(lengths)); k, v: 16-bit
  * [pages, kv_heads, page_size, head_dim] with pool_elems elements each; tables: int32 [B, W];
  * lengths: int32 [B]. A request of n tokens is split into min(max_splits,
- * ceil(n / min_split_tokens)) ranges (rounded to whole TILE-token tiles). */
+ * ceil(n / min_split_tokens)) ranges (rounded to whole TILE-token tiles).
+ * starts (optional, int32 [B]; absent or empty = all 0): request b attends to its tokens
+ * [starts[b], lengths[b]) only (a sliding-window layer's visible slots), 0 <= start < length. */
 static PyObject *decode(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long qp, kp, vp, op;
     long long pool_elems;
-    Py_buffer tb, lb;
+    Py_buffer tb, lb, sb = {0};
     int hq, hkv, d, ps, dt, max_splits, min_split, nthreads;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKLy*y*Kiiiiifiii", &qp, &kp, &vp, &pool_elems, &tb, &lb, &op,
-                          &hq, &hkv, &d, &ps, &dt, &scale, &max_splits, &min_split, &nthreads))
+    if (!PyArg_ParseTuple(args, "KKKLy*y*Kiiiiifiii|y*", &qp, &kp, &vp, &pool_elems, &tb, &lb,
+                          &op, &hq, &hkv, &d, &ps, &dt, &scale, &max_splits, &min_split,
+                          &nthreads, &sb))
         return NULL;
     PyObject *ret = NULL;
     Task *tasks = NULL;
@@ -500,11 +514,14 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         bad = "invalid decode geometry";
     else if (tb.len % (4 * B))
         bad = "block table size is not batch x width";
+    else if (sb.buf && sb.len && sb.len != 4 * B)
+        bad = "starts must hold one int32 per request";
     const int64_t W = bad ? 0 : tb.len / (4 * B);
     const int64_t row_elems = (int64_t)hkv * ps * d;
     const int64_t P = bad ? 0 : pool_elems / row_elems;
     if (!bad && pool_elems % row_elems) bad = "page pool size is not a whole number of pages";
     const int32_t *tables = tb.buf, *lengths = lb.buf;
+    const int32_t *starts = sb.buf && sb.len ? sb.buf : NULL;
     int64_t ntasks = 0, nslots = 0, bytes = 0;
     for (int64_t b = 0; b < B && !bad; b++) {
         const int64_t n = lengths[b];
@@ -512,19 +529,20 @@ static PyObject *decode(PyObject *self, PyObject *args) {
             bad = "a length is < 1 or exceeds the block table's width";
             break;
         }
-        for (int64_t p = 0; p < (n + ps - 1) / ps; p++)
+        const int64_t lo = starts ? starts[b] : 0;
+        if (lo < 0 || lo >= n) {
+            bad = "a start is < 0 or not below its length";
+            break;
+        }
+        for (int64_t p = lo / ps; p < (n + ps - 1) / ps; p++)
             if (tables[b * W + p] < 0 || tables[b * W + p] >= P) {
                 bad = "a block table entry points outside the page pool";
                 break;
             }
-        int64_t ns = (n + min_split - 1) / min_split;
-        ns = ns < 1 ? 1 : ns > max_splits ? max_splits : ns;
-        int64_t chunk = (n + ns - 1) / ns;
-        chunk = (chunk + TILE - 1) / TILE * TILE;
-        ns = (n + chunk - 1) / chunk;
+        const int64_t ns = n_splits(n - lo, max_splits, min_split, NULL);
         ntasks += ns * hkv;
         if (ns > 1) nslots += ns * hkv;
-        bytes += 2 * n * hkv * d * 2;
+        bytes += 2 * (n - lo) * hkv * d * 2;
     }
     if (bad) {
         PyErr_SetString(PyExc_ValueError, bad);
@@ -540,16 +558,13 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
     int64_t i = 0, slot = 0, nmerges = 0;
     for (int64_t b = 0; b < B; b++) {
-        const int64_t n = lengths[b];
-        int64_t ns = (n + min_split - 1) / min_split;
-        ns = ns < 1 ? 1 : ns > max_splits ? max_splits : ns;
-        int64_t chunk = (n + ns - 1) / ns;
-        chunk = (chunk + TILE - 1) / TILE * TILE;
-        ns = (n + chunk - 1) / chunk;
+        const int64_t n = lengths[b], first = starts ? starts[b] : 0;
+        int64_t chunk;
+        const int64_t ns = n_splits(n - first, max_splits, min_split, &chunk);
         for (int h = 0; h < hkv; h++) {
             if (ns > 1) mg[nmerges++] = (Merge){(int32_t)b, h, (int32_t)slot, (int32_t)ns};
             for (int64_t s = 0; s < ns; s++) {
-                const int64_t lo = s * chunk, hi = lo + chunk < n ? lo + chunk : n;
+                const int64_t lo = first + s * chunk, hi = lo + chunk < n ? lo + chunk : n;
                 tasks[i++] = (Task){(int32_t)b, h, (int32_t)lo, (int32_t)hi,
                                     ns > 1 ? (int32_t)slot++ : -1};
             }
@@ -575,6 +590,7 @@ done:
     PyMem_Free(part);
     PyBuffer_Release(&tb);
     PyBuffer_Release(&lb);
+    if (sb.obj) PyBuffer_Release(&sb);
     return ret;
 }
 

@@ -18,8 +18,11 @@ Typical use by a decode engine, per request and step:
         out = cache.decode_attention(q, layer, tables, lengths)   # [batch, q_heads, d] fp32
     cache.free(rid)
 
-Sliding-window layers (Gemma-3) are refused (`UnsupportedModelError` from `PagedConfig.for_model`):
-every layer here keeps the whole context.
+Sliding-window layers (Gemma-3, Mistral-style): every layer keeps the whole context in its pages
+(one block table and length per request for all layers); a sliding layer's attention passes
+`starts` (the first slot inside its window, per request) so it reads only [start, length).
+Pages that fell out of every sliding layer's window are not freed early (their full-attention
+layers still need them in a hybrid model like Gemma-3).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .errors import CacheFullError, PagedInputError, UnsupportedModelError
+from .errors import CacheFullError, PagedInputError
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -61,14 +64,9 @@ class PagedConfig:
 
     @classmethod
     def for_model(cls, hf_config: Any, pages: int, page_size: int = 16, dtype=torch.float16):
-        """The geometry of a transformers model config; refuses sliding-window layers."""
+        """The geometry of a transformers model config (sliding-window layers included: their
+        pages hold the whole context too; see the module doc)."""
         text = getattr(hf_config, "text_config", None) or hf_config
-        types = getattr(text, "layer_types", None) or []
-        if "sliding_attention" in types or getattr(text, "sliding_window", None) and not types:
-            raise UnsupportedModelError(
-                f"{getattr(text, 'model_type', 'this model')} has sliding-window layers; the "
-                "paged cache keeps whole contexts only (use a full-attention model)"
-            )
         heads = text.num_attention_heads
         return cls(
             layers=text.num_hidden_layers,

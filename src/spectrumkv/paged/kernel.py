@@ -22,10 +22,10 @@ AVAILABLE = _attention is not None
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 
 
-def check_inputs(q, k_pages, v_pages, tables, lengths) -> None:
+def check_inputs(q, k_pages, v_pages, tables, lengths, starts=None) -> None:
     """Shapes and dtypes of a decode call (PagedInputError naming what is wrong). The table
-    contents (entries inside the pool, 1 <= length <= width x page_size) are checked by the
-    kernel itself, and by `check_tables` for the torch routes."""
+    contents (entries inside the pool, 1 <= length <= width x page_size, 0 <= start < length)
+    are checked by the kernel itself, and by `check_tables` for the torch routes."""
     if k_pages.dim() != 4 or k_pages.shape != v_pages.shape:
         raise PagedInputError(
             f"k/v pages must be equal [pages, kv_heads, page_size, head_dim], got "
@@ -46,13 +46,21 @@ def check_inputs(q, k_pages, v_pages, tables, lengths) -> None:
     if lengths.dtype != torch.int32 or lengths.shape != (q.shape[0],):
         raise PagedInputError(f"lengths must be int32 [batch={q.shape[0]}], got "
                               f"{lengths.dtype} {list(lengths.shape)}")  # fmt: skip
+    if starts is not None and (starts.dtype != torch.int32 or starts.shape != lengths.shape):
+        raise PagedInputError(f"starts must be int32 [batch={q.shape[0]}], got "
+                              f"{starts.dtype} {list(starts.shape)}")  # fmt: skip
 
 
-def check_tables(tables, lengths, pages: int, page_size: int) -> None:
-    """Every length in [1, width x page_size] and every table entry it reaches in [0, pages)."""
+def check_tables(tables, lengths, pages: int, page_size: int, starts=None) -> None:
+    """Every length in [1, width x page_size], every start in [0, length), and every table
+    entry that [start, length) reaches in [0, pages)."""
     if bool((lengths < 1).any()) or bool((lengths > tables.shape[1] * page_size).any()):
         raise PagedInputError("a length is < 1 or exceeds the block table's width")
-    used = torch.arange(tables.shape[1])[None, :] * page_size < lengths[:, None]
+    first = torch.zeros_like(lengths) if starts is None else starts
+    if bool((first < 0).any()) or bool((first >= lengths).any()):
+        raise PagedInputError("a start is < 0 or not below its length")
+    ends = torch.arange(1, tables.shape[1] + 1)[None, :] * page_size
+    used = (ends > first[:, None]) & (ends - page_size < lengths[:, None])
     entries = tables[used]
     if bool((entries < 0).any()) or bool((entries >= pages).any()):
         raise PagedInputError("a block table entry points outside the page pool")
@@ -85,8 +93,10 @@ def decode(
     min_split_tokens: int = 1 << 30,
     threads: int | None = None,
     out: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """One dispatch over the whole batch. A request of n tokens is cut into
+    """One dispatch over the whole batch. Request b attends to its tokens [starts[b],
+    lengths[b]) (starts None: from 0); a span of n tokens is cut into
     min(max_splits, ceil(n / min_split_tokens)) ranges (whole 32-token tiles); each (request,
     KV head, range) is one task. Returns (out float32 [batch, q_heads, head_dim], tasks).
     Inputs as in `check_inputs`, which the caller has run."""
@@ -100,6 +110,7 @@ def decode(
             tables.contiguous().numpy(), lengths.contiguous().numpy(), out.data_ptr(),
             q.shape[1], k_pages.shape[1], k_pages.shape[3], k_pages.shape[2],
             _DTYPE_CODES[k_pages.dtype], scale, max_splits, min_split_tokens, threads,
+            b"" if starts is None else starts.contiguous().numpy(),
         )  # fmt: skip
     except ValueError as e:
         raise PagedInputError(str(e)) from None

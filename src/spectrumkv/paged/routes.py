@@ -7,7 +7,9 @@ kv_heads: grouped-query attention). k_pages, v_pages: one layer's pool, [pages, 
 page_size, head_dim], float16 or bfloat16, contiguous (`PagedKVCache.layer`). tables: int32
 [batch, width], page ids; lengths: int32 [batch], tokens per request (1 <= n <= width x
 page_size). Returns float32 [batch, q_heads, head_dim] (cast to the model dtype as needed).
-scale defaults to head_dim ** -0.5. Bad input raises PagedInputError before anything runs.
+scale defaults to head_dim ** -0.5. starts: optional int32 [batch], the first token each request
+attends to (a sliding-window layer's first visible slot; None = 0): request b sees its tokens
+[starts[b], lengths[b]). Bad input raises PagedInputError before anything runs.
 
 Routes (all on the same pages; see cost.py for how `adaptive` picks):
 - per-request: one kernel dispatch (and merge) per request, split by the profile's settings;
@@ -49,48 +51,55 @@ def geometry(q: torch.Tensor, k_pages: torch.Tensor) -> cost.Geometry:
 def run_route(
     q, k_pages, v_pages, tables, lengths, route: str = "adaptive", scale: float | None = None,
     profile: cost.MachineProfile | None = None, threads: int | None = None,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, StepInfo]:  # fmt: skip
     """`decode_attention` that also reports what ran (for benchmarks and engines' metrics)."""
     if route not in ROUTES:
         raise PagedInputError(f"unknown route {route!r}; choose from {', '.join(ROUTES)}")
-    kernel.check_inputs(q, k_pages, v_pages, tables, lengths)
+    kernel.check_inputs(q, k_pages, v_pages, tables, lengths, starts)
     profile = profile or cost.MachineProfile()
     scale = float(scale) if scale is not None else k_pages.shape[3] ** -0.5
+    spans = lengths if starts is None else lengths - starts  # tokens each request reads
     if route == "adaptive":
-        lens = lengths.tolist()
+        lens = spans.tolist()
         if min(lens) < 1:
-            raise PagedInputError("a length is < 1 or exceeds the block table's width")
+            raise PagedInputError("a length or span is < 1 (start not below its length)")
         route = cost.choose(lens, geometry(q, k_pages), profile)
     if route == "padded" or not kernel.AVAILABLE:
         if route != "padded":
             raise PagedInputError(f"route {route!r} needs the compiled kernel (not built)")
-        kernel.check_tables(tables, lengths, k_pages.shape[0], k_pages.shape[2])
-        return reference.padded(q, k_pages, v_pages, tables, lengths, scale), StepInfo(
+        kernel.check_tables(tables, lengths, k_pages.shape[0], k_pages.shape[2], starts)
+        return reference.padded(q, k_pages, v_pages, tables, lengths, scale, starts), StepInfo(
             "padded", 1, 0, 0
         )
     settings = cost.route_settings(route, profile)
     group, d = q.shape[1] // k_pages.shape[1], k_pages.shape[3]
     merge = 0
-    for n in lengths.tolist():
+    for n in spans.tolist():
         ns = cost.splits_of(max(n, 1), *settings)[0]
         merge += ns * k_pages.shape[1] * group * (d + 2) * 4 if ns > 1 else 0
     if route == "per-request":
         out = torch.empty(q.shape, dtype=torch.float32)
         tasks = 0
         for b in range(q.shape[0]):
+            one = None if starts is None else starts[b : b + 1]
             _, t = kernel.decode(
                 q[b : b + 1], k_pages, v_pages, tables[b : b + 1], lengths[b : b + 1], scale,
-                *settings, threads, out[b : b + 1],
+                *settings, threads, out[b : b + 1], one,
             )  # fmt: skip
             tasks += t
         return out, StepInfo(route, q.shape[0], tasks, merge)
-    out, tasks = kernel.decode(q, k_pages, v_pages, tables, lengths, scale, *settings, threads)
+    out, tasks = kernel.decode(
+        q, k_pages, v_pages, tables, lengths, scale, *settings, threads, starts=starts
+    )
     return out, StepInfo(route, 1, tasks, merge)
 
 
 def decode_attention(
     q, k_pages, v_pages, tables, lengths, route: str = "adaptive", scale: float | None = None,
     profile: cost.MachineProfile | None = None, threads: int | None = None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of one new query token per request over its paged K/V (see module doc)."""
-    return run_route(q, k_pages, v_pages, tables, lengths, route, scale, profile, threads)[0]
+    out, _ = run_route(q, k_pages, v_pages, tables, lengths, route, scale, profile, threads, starts)
+    return out

@@ -202,7 +202,10 @@ class BatchEngine:
             raise ValueError("the batch engine runs one choice per request (n = 1)")
         if (layers is None) == (context is None):
             raise ValueError("give exactly one of layers (received KV) or context (recompute)")
-        n_kept = int(layers[0].positions.numel()) if layers is not None else int(context.numel())
+        if layers is not None:  # a sliding layer may hold fewer: the slots are the longest's
+            n_kept = max(int(kv.positions.numel()) for kv in layers)
+        else:
+            n_kept = int(context.numel())
         pages = self.pages_needed(n_kept, params.max_tokens)
         if pages > self.total_pages:
             raise RequestTooLarge(
@@ -314,7 +317,7 @@ class BatchEngine:
             layers = job.layers
             if layers is None:
                 layers = prefill(self.engine, job.context).layers
-            self.runner.write_prompt(job.rid, layers)
+            self.runner.write_prompt(job.rid, layers, job.position)
         except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
             with self._cond:
                 self._committed -= job.pages
@@ -381,7 +384,7 @@ class BatchEngine:
     def _finish(self, job: _Job, error: BaseException | None) -> None:
         """Free the job's pages and release its reservation; end its Generation."""
         if job.stop is not None:  # it was started: it holds pages
-            self.cache.free(job.rid)
+            self.runner.free(job.rid)
             with self._cond:
                 self._committed -= job.pages
         g = job.gen

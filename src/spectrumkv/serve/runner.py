@@ -13,10 +13,19 @@ contract is therefore that all model calls on this engine happen on one thread, 
 Why the HF model and not a hand-written runner: it is the same code that prefill and the
 one-at-a-time path run, so batch invariance is a property of the attention alone, and any model
 the paged cache accepts works without per-architecture code.
+
+Sliding-window layers (Gemma-3): every layer's pages hold the request's whole context, in slot
+order = position order (a received payload's dropped tokens take no slot; a sliding layer's
+payload frame holds only the window's suffix of the slots, which is where it is written). Each
+step computes, per request, the first slot whose original position lies inside the window of the
+query (position > query position - window) and passes it to the route as `starts` for the
+sliding layers only; full-attention layers read every slot. The runner keeps each request's
+prompt positions for this (`free` forgets them).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +53,8 @@ class _Step:
     lengths: torch.Tensor
     route: str  # a fixed route, chosen once per step
     profile: cost.MachineProfile
+    starts: torch.Tensor | None  # int32 [B]: sliding layers' first visible slot per request
+    sliding: frozenset[int]  # the sliding-window layers
 
 
 _active = threading.local()
@@ -58,8 +69,9 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, **
     layer = module.layer_idx
     st.cache.write_slots(layer, st.slots, key[:, :, 0], value[:, :, 0])
     k_pages, v_pages = st.cache.layer(layer)
+    starts = st.starts if layer in st.sliding else None
     out, _ = run_route(query[:, :, 0], k_pages, v_pages, st.tables, st.lengths, st.route,
-                       scaling, st.profile)  # fmt: skip
+                       scaling, st.profile, starts=starts)  # fmt: skip
     return out.to(query.dtype)[:, None], None
 
 
@@ -67,8 +79,8 @@ AttentionInterface.register(ATTENTION, _paged_attention)
 
 
 def pool_config(engine: Engine, pool_mb: float, page_size: int = 16) -> PagedConfig:
-    """The page pool for `engine`'s model holding `pool_mb` MiB of K+V pages (all layers).
-    Models with sliding-window layers are refused (paged.errors.UnsupportedModelError)."""
+    """The page pool for `engine`'s model holding `pool_mb` MiB of K+V pages (all layers; a
+    sliding-window layer's pages hold the whole context too)."""
     probe = PagedConfig.for_model(engine.model.config, 1, page_size, engine.kv_dtype)
     pages = int(pool_mb * (1 << 20)) // (probe.page_bytes * probe.layers)
     if pages < 1:
@@ -96,22 +108,65 @@ class ModelRunner:
         c = cache.config
         group = engine.model.config.num_attention_heads // c.kv_heads
         self.geometry = cost.Geometry(c.kv_heads, group, c.head_dim, c.dtype.itemsize)
+        fp = engine.fingerprint
+        self.sliding = frozenset(fp.sliding_layers)
+        self.window = fp.sliding_window
+        self._prompt: dict[Any, list[int]] = {}  # rid -> prompt slots' positions (sliding only)
 
-    def write_prompt(self, rid: Any, layers: list[LayerKV]) -> None:
+    def write_prompt(self, rid: Any, layers: list[LayerKV], n_tokens: int) -> None:
         """Allocate `rid` with the prompt's kept tokens and write every layer into its pages,
-        slot order = position order (dropped tokens take no slot). All layers must hold the
-        same positions (the paged cache has one length per request)."""
-        ref = layers[0].positions
+        slot order = position order (dropped tokens take no slot). `n_tokens`: the context
+        length (the first token fed goes at position n_tokens). Full-attention layers must hold
+        the same positions; a sliding layer may hold a suffix of them (written to the last
+        slots) that covers its window of the first query."""
+        if len(layers) != self.cache.config.layers:
+            raise PagedInputError(f"got {len(layers)} layers, the model has "
+                                  f"{self.cache.config.layers}")  # fmt: skip
+        ref = max((kv.positions for kv in layers), key=lambda p: p.numel())
+        n = int(ref.numel())
+        if n and int(ref[-1]) >= n_tokens:
+            raise PagedInputError(f"a position {int(ref[-1])} is not below n_tokens {n_tokens}")
+        prompt = ref.tolist()
+        first = self._first_slot(prompt, n_tokens, n + 1)  # the first query's window start
+        offsets = []
         for i, kv in enumerate(layers):
-            if not torch.equal(kv.positions, ref):
-                raise PagedInputError(f"layer {i} keeps other positions than layer 0")
-        self.cache.allocate(rid, int(ref.numel()))
+            kept = int(kv.positions.numel())
+            tail = torch.equal(kv.positions, ref[n - kept :])
+            if not tail or (kept < n and (i not in self.sliding or n - kept > first)):
+                raise PagedInputError(f"layer {i} keeps positions that do not match the rest")
+            offsets.append(n - kept)
+        self.cache.allocate(rid, n)
         try:
             for i, kv in enumerate(layers):
-                self.cache.write(i, rid, 0, kv.keys, kv.values)
+                self.cache.write(i, rid, offsets[i], kv.keys, kv.values)
         except Exception:
             self.cache.free(rid)
             raise
+        if self.sliding:
+            self._prompt[rid] = prompt
+
+    def free(self, rid: Any) -> None:
+        """Return `rid`'s pages to the pool and forget it."""
+        self._prompt.pop(rid, None)
+        self.cache.free(rid)
+
+    def _first_slot(self, prompt: list[int], position: int, length: int) -> int:
+        """The first slot a sliding layer's query at `position` sees, for a request of `length`
+        slots (the query's own included, last) whose first len(prompt) slots hold the prompt
+        positions `prompt` and the rest consecutive positions up to `position`."""
+        lo = position - self.window + 1  # the first visible position
+        decoded = len(prompt)  # the first slot of a fed token; it holds position:
+        first_fed = position - (length - 1 - decoded)
+        if lo >= first_fed:
+            return length - 1 - (position - lo)
+        return bisect.bisect_left(prompt, lo)
+
+    def _starts(self, rids: list[Any], positions: list[int], lengths: list[int]) -> torch.Tensor:
+        return torch.tensor(
+            [self._first_slot(self._prompt[r], p, n) for r, p, n in zip(rids, positions, lengths,
+                                                                       strict=True)],
+            dtype=torch.int32,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def step(self, rids: list[Any], tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -120,11 +175,13 @@ class ModelRunner:
         cache, model = self.cache, self.engine.model
         slots = cache.append(rids)
         tables, lengths = cache.block_tables(rids)
+        starts = self._starts(rids, positions, lengths.tolist()) if self.sliding else None
         route = self.route
         if route == "adaptive":
             route = cost.choose(lengths.tolist(), self.geometry, self.profile)
         self.last_route = route
-        _active.step = _Step(cache, slots, tables, lengths, route, self.profile)
+        _active.step = _Step(cache, slots, tables, lengths, route, self.profile, starts,
+                             self.sliding)  # fmt: skip
         cfg = model.config
         previous = cfg._attn_implementation
         cfg._attn_implementation = ATTENTION
