@@ -110,7 +110,7 @@ def decode(
             tables.contiguous().numpy(), lengths.contiguous().numpy(), out.data_ptr(),
             q.shape[1], k_pages.shape[1], k_pages.shape[3], k_pages.shape[2],
             _DTYPE_CODES[k_pages.dtype], scale, max_splits, min_split_tokens, threads,
-            b"" if starts is None else starts.contiguous().numpy(),
+            *(() if starts is None else (starts.contiguous().numpy(),)),
         )  # fmt: skip
     except ValueError as e:
         raise PagedInputError(str(e)) from None
