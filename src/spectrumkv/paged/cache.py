@@ -27,6 +27,7 @@ layers still need them in a hybrid model like Gemma-3).
 
 from __future__ import annotations
 
+import mmap
 import random
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -85,14 +86,24 @@ class Slots(NamedTuple):
     offsets: torch.Tensor
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled tensor in anonymous memory (mmap): the OS backs a page with memory only
+    once it is written, so a large pool costs what its busiest moment used, not its size."""
+    nbytes = dtype.itemsize
+    for s in shape:
+        nbytes *= s
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 class PagedKVCache:
-    """A page pool for all layers, with per-request block tables and lengths (see module doc)."""
+    """A page pool for all layers, with per-request block tables and lengths (see module doc).
+    The pool starts zero-filled and takes resident memory only as pages are first written."""
 
     def __init__(self, config: PagedConfig, shuffle_seed: int | None = None) -> None:
         c = self.config = config
         shape = (c.layers, c.pages, c.kv_heads, c.page_size, c.head_dim)
-        self.k = torch.zeros(shape, dtype=c.dtype)
-        self.v = torch.zeros(shape, dtype=c.dtype)
+        self.k = _lazy_zeros(shape, c.dtype)
+        self.v = _lazy_zeros(shape, c.dtype)
         self._free = list(range(c.pages - 1, -1, -1))  # pop() hands out page 0 first
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(self._free)
