@@ -2,15 +2,19 @@
 length mixes (traces.py), against the memory-bandwidth limit measured in the same run.
 
 For each shape x page size x trace x batch x seed: a page pool (pages shuffled) holding the
-batch in a ring of layers sized so one pass reads well over the L3 cache where memory allows;
-every route runs one pass over the ring per repetition (the slow torch routes, padded and sdpa:
-over its first two layers) (each layer one decode-attention call,
-planning included, timed the same way for every route: wall time around the call), after one
-untimed call that wakes its threads (ours, or torch's OpenMP ones), route order rotated between
-repetitions. step_ms = median over repetitions of pass time / layers;
-tokens_per_s = batch / step_ms (one layer's attention; a model step is layers x this).
-limit_ms = the step's KV bytes / plain-copy rate (torch copy of the same layer, same run).
-max_abs_err: against the float64 reference on layer 0.
+batch in a ring of layers sized so one pass reads well over the L3 cache where memory allows.
+The routes are timed in `reps` interleaved rounds on the same data: each round runs every route
+once, in an order rotated from round to round, each time one untimed call (wakes its threads,
+ours or torch's OpenMP ones) and then one timed pass over the ring (each layer one
+decode-attention call, planning included: the cost model's memoized plans are cleared before
+every pass, so `adaptive` plans once per pass as an engine does once per model step; wall time
+around the calls, the same for every route). The slow torch routes (padded, sdpa) time only their
+first two layers, in the first `slow_reps` rounds. Per route: step_ms = the least pass time /
+layers over the rounds (noise on a shared machine only adds time), step_median_ms the median,
+step_rounds_ms every round (for paired ratios and spreads, report.py); tokens_per_s = batch /
+step_ms (one layer's attention; a model step is layers x this). limit_ms = the step's KV bytes /
+plain-copy rate (best of 5 torch copies of a same-size buffer, same run). max_abs_err: against
+the float64 reference on layer 0.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ SHAPES = {"smollm2-135m": (3, 9, 64), "7b-gqa": (8, 32, 128)}  # kv heads, q hea
 ANCHORS = ("sdpa", "vllm")
 PADDED_CAP = 1 << 30  # skip `padded` when its dense batch would exceed this many bytes
 SDPA_CAP = 1 << 28  # skip the per-request SDPA anchor above this many KV bytes per step
+SLOW_ROUTES = ("padded", "sdpa")  # 10-100x slower: two layers, the first slow_reps rounds
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ class BenchConfig:
     scale: float = 1.0
     ring_bytes: int = 1 << 30
     max_layers: int = 16
-    reps: int = 3
+    reps: int = 5  # interleaved rounds
+    slow_reps: int = 2  # rounds that also time the slow torch routes (padded, sdpa)
     trace_records: tuple = ()  # from --trace FILE: replaces `traces` with ("file",)
 
 
@@ -63,22 +69,18 @@ def _fill(config: PagedConfig, lens: list[int], seed: int):
     return cache, tables, lengths
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def copy_bandwidth(nbytes: int, reps: int = 5) -> float:
-    """Bytes/s of a plain torch copy of an nbytes buffer (median of reps; bytes copied, i.e.
+    """Bytes/s of a plain torch copy of an nbytes buffer (best of reps; bytes copied, i.e.
     each byte read once and written once)."""
     src = torch.ones(nbytes // 2, dtype=torch.float16)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    return nbytes / _median_time(lambda: dst.copy_(src), reps)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
 
 
 def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profile) -> list[dict]:
@@ -131,23 +133,28 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
     times = {r: [] for r in order}
     for rep in range(cfg.reps):
         for route in order[rep % len(order) :] + order[: rep % len(order)]:
+            slow = route in SLOW_ROUTES
+            if slow and rep >= cfg.slow_reps:
+                continue
             fn = runners[route]
             fn(layers - 1)  # untimed: wakes this route's threads (ours or torch's OpenMP ones)
-            # the torch routes take 10-100x longer per step: two layers of the ring suffice
-            passes = min(layers, 2) if route in ("padded", "sdpa") else layers
+            passes = min(layers, 2) if slow else layers
             t0 = time.perf_counter()
+            cost.clear_plans()  # adaptive plans once per pass (an engine: once per model step)
             for i in range(passes):
                 fn(i)
             times[route].append((time.perf_counter() - t0) / passes)
     records = []
     for route in order:
-        step = statistics.median(times[route])
+        step = min(times[route])
         info = infos.get(route)
         records.append(
             {
                 "shape": shape, "dtype": cfg.dtype, "page_size": page_size, "trace": trace,
                 "batch": batch, "seed": seed, "route": route, "lengths": lens,
                 "tokens_per_s": batch / step, "step_ms": step * 1e3,
+                "step_median_ms": statistics.median(times[route]) * 1e3,
+                "step_rounds_ms": [t * 1e3 for t in times[route]],
                 "limit_ms": kv_bytes / copy_rate * 1e3, "copy_gbps": copy_rate / 1e9,
                 "kv_bytes": kv_bytes, "layers_in_ring": layers,
                 "ring_bytes": layers * layer_bytes,

@@ -1,35 +1,49 @@
-"""`spectrumkv bench calibrate`: measure this machine's cost-model constants (cost.py) and fit
-the split settings, on calibration seeds only (the benchmark reports held-out seeds).
+"""`spectrumkv bench calibrate`: measure this machine's cost-model constants (cost.py), fit the
+rest on calibration seeds only (the benchmark reports held-out seeds).
 
-- beta, beta_1: KV bytes/s of the kernel on a large uniform batch (a ring of layers, as in the
-  benchmark), with all threads and with one;
-- lam: one back-to-back call of a 32-token, one-request step (Python entry, checks, pool
-  dispatch), less its bytes at beta_1; tau: the extra time per task of a 64-request step;
-- lam_pad: the padded route's time on the 32-token step; beta_pad: its padded bytes/s on the
-  large batch, less lam_pad;
-- min_split_tokens / max_splits (workqueue, per-request) and split_splits (split): the grid
-  point with the least total time over the calibration cases (traces x batches 1, 4, 8).
+Every time below is the least over `rounds` rounds in which the variants being compared run one
+after another in a rotated order (one pass over a ring of layers each): on a shared machine
+noise only adds time, and interleaving gives every variant the same conditions.
+
+1. beta, beta_1: KV bytes/s of the kernel on a large uniform batch, all threads and one thread;
+   lam_pad, beta_pad: the padded route's time on a 32-token step, and its rate over the padded
+   bytes of the large batch;
+2. split settings: min_split_tokens / max_splits (workqueue, per-request) and split_splits
+   (split): the grid point with the least geometric-mean time over the calibration cases
+   (traces x batches 1, 4, 8), each case's times relative to its best;
+3. lam, tau and the per-route scales: relative least squares of
+   T = scale[route] * stream + dispatches * lam + tasks * tau (cost.py) over every kernel run
+   of steps 2 and of the three kernel routes on the traces x batches 1-32 (non-negative;
+   a coefficient that fits below its floor is pinned there and the rest refitted).
+The fit's error and how often the model picks the measured best route on these cases are
+printed (they are calibration-set figures; `bench attention` reports held-out seeds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import statistics
 import time
 
 import torch
 
-from . import cost, kernel, reference, traces
+from . import cost, traces
 from .bench import SHAPES, _fill
 from .cache import PagedConfig
+from .routes import run_route
 
 CAL_SEEDS = (0, 1)
+GRID_BATCHES = (1, 4, 8)
+FIT_BATCHES = (1, 2, 4, 8, 16, 32)
 WQ_GRID = tuple(itertools.product((1024, 2048, 4096, 8192), (4, 16)))
 SPLIT_GRID = (2, 4, 8)
+FLOORS = {"lam": 1e-6, "tau": 1e-8, "scale": 0.5}
 
 
 class _Case:
-    """A batch in a ring of layers (~ring_bytes), with a query."""
+    """A batch in a ring of layers (~ring_bytes), with a query; times routes over the ring."""
 
     def __init__(self, shape, lens, seed, page_size, dtype, ring_bytes, max_layers=16):
         hkv, hq, d = SHAPES[shape]
@@ -38,69 +52,140 @@ class _Case:
         self.layers = max(1, min(max_layers, -(-ring_bytes // layer_bytes)))
         cfg = PagedConfig(self.layers, hkv, d, pages, page_size, dtype)
         self.cache, self.tables, self.lengths = _fill(cfg, lens, seed)
+        self.lens = lens
         self.q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(seed))
         self.kv_bytes = sum(lens) * 2 * hkv * d * dtype.itemsize
-        self.scale = d**-0.5
+        self.geometry = cost.Geometry(hkv, hq // hkv, d, dtype.itemsize)
 
-    def step(self, fn, reps: int = 2) -> float:
-        """Best-of-reps seconds per layer of one pass over the ring calling fn(k, v)."""
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for i in range(self.layers):
-                fn(*self.cache.layer(i))
-            best = min(best, (time.perf_counter() - t0) / self.layers)
+    def runner(self, route: str, profile: cost.MachineProfile, threads: int | None = None):
+        return lambda k, v: run_route(
+            self.q, k, v, self.tables, self.lengths, route, None, profile, threads
+        )
+
+    def times(self, fns: list, rounds: int) -> list[float]:
+        """Least seconds per layer of one ring pass, per fn(k, v); fns interleaved per round."""
+        best = [math.inf] * len(fns)
+        for r in range(rounds):
+            for i in [(r + j) % len(fns) for j in range(len(fns))]:
+                fns[i](*self.cache.layer(self.layers - 1))  # untimed: wakes the threads
+                t0 = time.perf_counter()
+                for layer in range(self.layers):
+                    fns[i](*self.cache.layer(layer))
+                best[i] = min(best[i], (time.perf_counter() - t0) / self.layers)
         return best
 
-    def kernel(self, max_splits, min_split, threads=None):
-        return lambda k, v: kernel.decode(
-            self.q, k, v, self.tables, self.lengths, self.scale, max_splits, min_split, threads
+
+def _rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress):
+    big = _Case(shape, traces.lengths("uniform", 8, CAL_SEEDS[0]), 0, page_size, dtype,
+                ring_bytes)  # fmt: skip
+    spread = dataclasses.replace(profile, max_splits=16, min_split_tokens=1024)
+    t_all, t_one = big.times(
+        [big.runner("workqueue", spread), big.runner("workqueue", spread, threads=1)], rounds
+    )
+    tiny = _Case(shape, [32], 0, page_size, dtype, 1)
+    (lam_pad,) = tiny.times([tiny.runner("padded", profile)], 3 * rounds)
+    big.layers = min(big.layers, 2)  # padded is 10-100x slower: two layers of the ring suffice
+    (t_pad,) = big.times([big.runner("padded", profile)], rounds)
+    padded = len(big.lens) * max(big.lens) * big.kv_bytes // sum(big.lens)
+    rates = dict(beta=big.kv_bytes / t_all, beta_1=big.kv_bytes / t_one, lam_pad=lam_pad,
+                 beta_pad=padded / max(t_pad - lam_pad, 1e-9))  # fmt: skip
+    progress(f"beta {rates['beta'] / 1e9:.2f} GB/s, beta_1 {rates['beta_1'] / 1e9:.2f} GB/s, "
+             f"padded {rates['beta_pad'] / 1e9:.2f} GB/s + {lam_pad * 1e6:.0f} us")  # fmt: skip
+    return rates
+
+
+def _cases(shape, batches, page_size, dtype, ring_bytes):
+    for trace, batch, seed in itertools.product(traces.TRACES, batches, CAL_SEEDS):
+        lens = traces.lengths(trace, batch, seed)
+        yield f"{trace} B{batch} seed {seed}", _Case(shape, lens, seed, page_size, dtype,
+                                                     ring_bytes)  # fmt: skip
+
+
+def _geomean_best(table: dict) -> object:
+    """The key of `table` (key -> list of times, one per case) with the least geometric mean of
+    its times relative to each case's best."""
+    cases = list(zip(*table.values(), strict=True))
+    rel = {k: [math.log(t / min(c)) for t, c in zip(v, cases, strict=True)]
+           for k, v in table.items()}  # fmt: skip
+    return min(rel, key=lambda k: sum(rel[k]))
+
+
+def _fit(rows: list[tuple[str, float, int, int, float]]) -> dict:
+    """lam, tau, scale_<route> by relative least squares over rows (route, stream s,
+    dispatches, tasks, measured s); coefficients below their floors pinned there."""
+    names = ["lam", "tau", *(f"scale_{r.replace('-', '_')}" for r in cost.KERNEL_ROUTES)]
+    x = torch.zeros(len(rows), len(names), dtype=torch.float64)
+    y = torch.tensor([r[4] for r in rows], dtype=torch.float64)
+    for i, (route, stream, dispatches, tasks, _) in enumerate(rows):
+        x[i, 0], x[i, 1] = dispatches, tasks
+        x[i, 2 + cost.KERNEL_ROUTES.index(route)] = stream
+    x, target = x / y[:, None], torch.ones_like(y)  # relative errors
+    pinned: dict[str, float] = {}
+    while True:
+        free = [i for i, n in enumerate(names) if n not in pinned]
+        rest = target - sum(
+            (x[:, names.index(n)] * v for n, v in pinned.items()), torch.zeros_like(y)
         )
+        coef = torch.linalg.lstsq(x[:, free], rest[:, None]).solution[:, 0].tolist()
+        low = [(names[i], c) for i, c in zip(free, coef, strict=True)
+               if c < FLOORS[names[i].split("_")[0]]]  # fmt: skip
+        if not low:
+            return {**pinned, **{names[i]: c for i, c in zip(free, coef, strict=True)}}
+        name = min(low, key=lambda nc: nc[1])[0]
+        pinned[name] = FLOORS[name.split("_")[0]]
 
 
 def calibrate(
     shape: str = "smollm2-135m", page_size: int = 32, dtype=torch.bfloat16,
-    ring_bytes: int = 1 << 30, progress=print,
+    ring_bytes: int = 1 << 28, rounds: int = 3, progress=print,
 ) -> cost.MachineProfile:  # fmt: skip
     """Measure and fit a MachineProfile (see module doc)."""
     threads = torch.get_num_threads()
-    big = _Case(shape, traces.lengths("uniform", 8, CAL_SEEDS[0]), 0, page_size, dtype,
-                ring_bytes)  # fmt: skip
-    beta = big.kv_bytes / big.step(big.kernel(16, 1024), 3)
-    beta_1 = big.kv_bytes / big.step(big.kernel(16, 1024, threads=1), 2)
-    tiny = _Case(shape, [32], 0, page_size, dtype, 1)
-    fn = tiny.kernel(1, 1 << 30)
-    lam = max(1e-7, tiny.step(lambda k, v: [fn(k, v) for _ in range(100)], 3) / 100
-              - tiny.kv_bytes / beta_1)  # fmt: skip
-    many = _Case(shape, [32] * 64, 0, page_size, dtype, 1)
-    tasks = 64 * SHAPES[shape][0]
-    tau = max(1e-8, (many.step(many.kernel(1, 1 << 30), 20) - lam - many.kv_bytes / beta) / tasks)
-    # padded: its fixed cost on the tiny step, its rate on the large batch
-    lam_pad = tiny.step(lambda k, v: reference.padded(tiny.q, k, v, tiny.tables, tiny.lengths,
-                                                      tiny.scale), 5)  # fmt: skip
-    padded = big.lengths.numel() * int(big.lengths.max()) * big.kv_bytes // int(big.lengths.sum())
-    t_pad = big.step(
-        lambda k, v, c=big: reference.padded(c.q, k, v, c.tables, c.lengths, c.scale), 1
+    profile = cost.MachineProfile(threads=threads)
+    profile = dataclasses.replace(
+        profile, **_rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress)
     )
-    beta_pad = padded / max(t_pad - lam_pad, 1e-9)
-    del big
-    progress(f"beta {beta / 1e9:.2f} GB/s, beta_1 {beta_1 / 1e9:.2f} GB/s, lambda "
-             f"{lam * 1e6:.1f} us, tau {tau * 1e6:.2f} us, padded {beta_pad / 1e9:.2f} GB/s + "
-             f"{lam_pad * 1e6:.0f} us")  # fmt: skip
-    wq = dict.fromkeys(WQ_GRID, 0.0)
-    sp = dict.fromkeys(SPLIT_GRID, 0.0)
-    for trace, batch, seed in itertools.product(traces.TRACES, (1, 4, 8), CAL_SEEDS):
-        c = _Case(shape, traces.lengths(trace, batch, seed), seed, page_size, dtype, ring_bytes)
-        for min_split, max_splits in WQ_GRID:
-            wq[(min_split, max_splits)] += c.step(c.kernel(max_splits, min_split))
-        for s in SPLIT_GRID:
-            sp[s] += c.step(c.kernel(s, cost.TILE))
-        progress(f"calibration case {trace} B{batch} seed {seed} done")
-        del c
-    min_split, max_splits = min(wq, key=wq.get)
-    split_splits = min(sp, key=sp.get)
-    return dataclasses.replace(
-        cost.MachineProfile(), beta=beta, beta_1=beta_1, lam=lam, tau=tau, beta_pad=beta_pad,
-        lam_pad=lam_pad, threads=threads, min_split_tokens=min_split, max_splits=max_splits,
-        split_splits=split_splits, calibrated=True,
-    )  # fmt: skip
+    rows = []  # (route, stream seconds, dispatches, tasks, measured seconds)
+
+    def measure(case, variants):
+        """Time (route, profile) variants on a case; record fit rows; return the times."""
+        got = case.times([case.runner(r, p) for r, p in variants], rounds)
+        for (route, p), t in zip(variants, got, strict=True):
+            rows.append((route, *cost.route_terms(route, case.lens, case.geometry, p), t))
+        return got
+
+    wq_variants = [dataclasses.replace(profile, min_split_tokens=a, max_splits=b)
+                   for a, b in WQ_GRID]  # fmt: skip
+    sp_variants = [dataclasses.replace(profile, split_splits=s) for s in SPLIT_GRID]
+    wq, sp = {k: [] for k in WQ_GRID}, {k: [] for k in SPLIT_GRID}
+    for name, case in _cases(shape, GRID_BATCHES, page_size, dtype, ring_bytes):
+        got = measure(case, [("workqueue", p) for p in wq_variants]
+                      + [("split", p) for p in sp_variants])  # fmt: skip
+        for k, t in zip([*WQ_GRID, *SPLIT_GRID], got, strict=True):
+            (wq if isinstance(k, tuple) else sp)[k].append(t)
+        progress(f"split grid: {name} done")
+        del case
+    min_split, max_splits = _geomean_best(wq)
+    profile = dataclasses.replace(profile, min_split_tokens=min_split, max_splits=max_splits,
+                                  split_splits=_geomean_best(sp))  # fmt: skip
+    progress(f"split settings: workqueue/per-request every {min_split} tokens (<= {max_splits}"
+             f" splits), split {profile.split_splits}")  # fmt: skip
+    checks = []  # (lens, geometry, {route: measured s})
+    for name, case in _cases(shape, FIT_BATCHES, page_size, dtype, ring_bytes):
+        got = measure(case, [(r, profile) for r in cost.KERNEL_ROUTES])
+        times = dict(zip(cost.KERNEL_ROUTES, got, strict=True))
+        checks.append((case.lens, case.geometry, times))
+        progress(f"fit case {name}: " + " ".join(f"{r}={t * 1e3:.2f}ms" for r, t in times.items()))
+        del case
+    profile = dataclasses.replace(profile, **_fit(rows), calibrated=True)
+    errs = [abs(cost.predict(r, lens, g, profile) / t - 1)
+            for lens, g, times in checks for r, t in times.items()]  # fmt: skip
+    regret = [times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)] / min(times.values())
+              for lens, g, times in checks]  # fmt: skip
+    progress(f"fit: lam {profile.lam * 1e6:.1f} us, tau {profile.tau * 1e6:.2f} us, scales "
+             f"per-request {profile.scale_per_request:.3f} split {profile.scale_split:.3f} "
+             f"workqueue {profile.scale_workqueue:.3f}")  # fmt: skip
+    progress(f"on the calibration cases: median |predicted/measured - 1| "
+             f"{statistics.median(errs):.3f}; the chosen kernel route's time / the best's: "
+             f"median {statistics.median(regret):.3f}, worst {max(regret):.3f}")  # fmt: skip
+    return profile

@@ -44,7 +44,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
     cfg = BenchConfig(
         shapes=args.shapes, traces=args.traces, batches=args.batches, seeds=args.seeds,
         page_sizes=args.page_sizes, routes=args.routes, dtype=args.dtype, scale=args.scale,
-        ring_bytes=int(args.ring_mb * 2**20), reps=args.reps,
+        ring_bytes=int(args.ring_mb * 2**20), reps=args.reps, slow_reps=args.slow_reps,
         trace_records=tuple(traces.load_trace(args.trace)) if args.trace else (),
     )  # fmt: skip
     if args.quick:
@@ -79,7 +79,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
     profile = calibrate(
         args.shape, args.page_size, getattr(torch, args.dtype), int(args.ring_mb * 2**20),
-        progress=lambda s: print(s, flush=True),
+        args.rounds, progress=lambda s: print(s, flush=True),
     )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,18 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="bfloat16")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every trace length")
     p.add_argument("--ring-mb", type=float, default=1024, help="KV read per ring pass (>> L3)")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="interleaved rounds per case (step = the least; spreads from all)",
+    )
+    p.add_argument(
+        "--slow-reps",
+        type=int,
+        default=2,
+        help="rounds that also time the slow torch routes (padded, sdpa)",
+    )
     p.add_argument("--profile", help=f"machine profile JSON (default {DEFAULT_PROFILE})")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--json", help="write config, machine, records and targets here")
@@ -117,6 +128,7 @@ def register(bench: argparse._SubParsersAction) -> None:
     c.add_argument("--shape", choices=tuple(SHAPES), default="smollm2-135m")
     c.add_argument("--page-size", type=int, default=32)
     c.add_argument("--dtype", choices=("float16", "bfloat16"), default="bfloat16")
-    c.add_argument("--ring-mb", type=float, default=1024)
+    c.add_argument("--ring-mb", type=float, default=256)
+    c.add_argument("--rounds", type=int, default=3, help="interleaved rounds (least time kept)")
     c.add_argument("--out", default=str(DEFAULT_PROFILE))
     c.set_defaults(func=_cmd_calibrate)

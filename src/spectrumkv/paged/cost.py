@@ -1,25 +1,31 @@
 """The cost model that picks a decode-attention route per step, and its machine profile.
 
 The issue's form is T(route) = KV bytes / beta * max(1, C_min / C(route)) + dispatches * lambda
-+ merge bytes / beta. Here the parallelism term is made explicit per dispatch, because on a few
-cores what limits a dispatch is either the total bytes over all threads or how its tasks pack
-onto the m threads (longest first, as the kernel takes them; with 3 equal tasks on 2 threads
-one thread reads two of them):
++ merge bytes / beta. Here the parallelism term is computed from how a dispatch's tasks really
+land on the m threads, because on a few cores that decides the time: the kernel takes its tasks
+longest first from one counter, so the per-thread loads are those of LPT list scheduling
+(simulated exactly, per group of equal tasks), and while k threads are still busy they stream
+at min(beta, k * beta_1) together (3 equal heads on 2 threads: both stream, then one alone):
 
-    makespan    = bytes / m + longest task bytes * (1 - 1/m)     (list-scheduling bound)
-    T(dispatch) = max(bytes / beta, makespan / beta_1) + lambda + tasks * tau
-    T(route)    = sum of its dispatches + merge bytes / beta           (kernel routes)
-    T(padded)   = padded bytes / beta_pad + lambda_pad                 (gather + SDPA)
+    dispatch    = sum over phases (k threads busy) of bytes read in the phase / min(beta, k beta_1)
+    stream      = sum of the route's dispatches + merge bytes / beta_1 (the caller merges)
+    T(route)    = scale[route] * stream + dispatches * lambda + tasks * tau   (kernel routes)
+    T(padded)   = padded bytes / beta_pad + lambda_pad                        (gather + SDPA)
 
-beta: KV bytes/s the kernel streams with all threads; beta_1: with one thread; lambda: cost of one
-dispatch (pool wake-up, Python call, planning); tau: cost per task; beta_pad, lambda_pad: the
-padded route's rate over its padded bytes and its fixed cost. `spectrumkv bench calibrate`
-measures them (and fits the split settings) on calibration seeds and writes a `MachineProfile`
-JSON; `load_profile` reads it back (plain JSON, validated; nothing is unpickled).
+beta: KV bytes/s the kernel streams with all threads; beta_1: with one thread; lambda: cost of
+one hot dispatch (Python entry, checks, waking spinning helpers); tau: cost per task;
+scale[route]: a per-route factor fitted on the calibration cases (what the terms above miss:
+e.g. how well a route's access pattern streams); beta_pad, lambda_pad: the padded route's rate over
+its padded bytes and its fixed cost. `spectrumkv bench calibrate` measures beta, beta_1 and the
+padded constants, fits lambda, tau and the per-route scales by relative least squares over every
+kernel run on the calibration seeds, picks the split settings there, and writes a
+`MachineProfile` JSON; `load_profile` reads it back (plain JSON, validated; nothing unpickled).
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -34,7 +40,8 @@ FIXED_ROUTES = (*KERNEL_ROUTES, "padded")
 
 @dataclass(frozen=True)
 class MachineProfile:
-    """Measured constants of one machine (units: bytes/s, seconds) and the fitted split settings."""
+    """Measured constants of one machine (units: bytes/s, seconds), the fitted per-route scales
+    (dimensionless) and the fitted split settings."""
 
     beta: float = 12e9
     beta_1: float = 7e9
@@ -46,6 +53,9 @@ class MachineProfile:
     min_split_tokens: int = 2048  # workqueue / per-request: a split holds at least this many
     max_splits: int = 16  # ... and a request has at most this many splits
     split_splits: int = 8  # split route: every request in this many splits
+    scale_per_request: float = 1.0
+    scale_split: float = 1.0
+    scale_workqueue: float = 1.0
     calibrated: bool = False
 
     def __post_init__(self) -> None:
@@ -60,12 +70,16 @@ class MachineProfile:
             if not ok:
                 raise PagedInputError(f"MachineProfile.{f.name}: bad value {value!r}")
 
+    def scale(self, route: str) -> float:
+        return getattr(self, "scale_" + route.replace("-", "_"))
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
 def load_profile(path: str | Path) -> MachineProfile:
-    """Read a profile written by `bench calibrate`; PagedInputError if malformed."""
+    """Read a profile written by `bench calibrate`; PagedInputError if malformed. Fields a
+    profile lacks take their defaults (older profiles have no per-route scales: 1.0)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -111,34 +125,89 @@ class Geometry:
         return 2 * self.kv_heads * self.head_dim * self.itemsize
 
 
-def _dispatch(lengths: list[int], g: Geometry, p: MachineProfile, settings) -> tuple[float, int]:
-    """Predicted seconds of one kernel dispatch, and its merge bytes."""
-    total = longest = tasks = merge = 0
+def lpt_loads(tasks: dict[int, int], m: int) -> list[int]:
+    """Per-thread loads (ascending) when `tasks` (size -> count) are taken longest first by m
+    threads, each next task going to the least-loaded thread (what the kernel's shared counter
+    does when task time is proportional to size). Exact; a group of equal tasks costs O(m) once
+    the loads are within one task of each other."""
+    loads = [0] * m
+    for size, count in sorted(tasks.items(), reverse=True):
+        while count and max(loads) - loads[0] >= size:
+            heapq.heapreplace(loads, loads[0] + size)
+            count -= 1
+        if count:  # loads within one task: every round of m tasks gives each thread one
+            rounds, rest = divmod(count, m)
+            loads = sorted(x + rounds * size for x in loads)
+            loads[:rest] = [x + size for x in loads[:rest]]
+            heapq.heapify(loads)
+    return sorted(loads)
+
+
+def stream_seconds(loads: list[int], p: MachineProfile) -> float:
+    """Time to read per-thread `loads` (bytes, ascending) while busy threads share bandwidth:
+    with k threads busy they read min(beta, k * beta_1) bytes/s together."""
+    t, prev, m = 0.0, 0, len(loads)
+    for i, x in enumerate(loads):
+        busy = m - i
+        t += busy * (x - prev) / min(p.beta, busy * p.beta_1)
+        prev = x
+    return t
+
+
+def dispatch_terms(lengths, g: Geometry, p: MachineProfile, settings) -> tuple[float, int, int]:
+    """One kernel dispatch over requests of these lengths: (stream seconds, tasks, merge bytes)."""
     head_bytes = g.token_bytes // g.kv_heads
-    for n in lengths:
-        ns, chunk = splits_of(n, *settings)
-        total += n * g.token_bytes
-        longest = max(longest, min(chunk, n) * head_bytes)
-        tasks += ns * g.kv_heads
+    max_splits, min_split = settings
+    tasks: dict[int, int] = {}
+    n_split = 0  # requests cut into more than one task per head
+    n_tasks = 0
+    for n in lengths:  # splits_of, inlined (this runs for every request of every plan)
+        ns = min(max_splits, max(1, -(-n // min_split)))
+        chunk = _ceil_div(_ceil_div(n, ns), TILE) * TILE
+        ns = -(-n // chunk)
+        last = (n - (ns - 1) * chunk) * head_bytes
+        tasks[last] = tasks.get(last, 0) + g.kv_heads
         if ns > 1:
-            merge += ns * g.kv_heads * g.group * (g.head_dim + 2) * 4
-    m = min(p.threads, tasks)
-    # longest-first list scheduling on m threads ends by total/m + longest (1 - 1/m)
-    makespan = total / m + longest * (1 - 1 / m)
-    t = max(total / p.beta, makespan / p.beta_1) + p.lam + tasks * p.tau + merge / p.beta
-    return t, merge
+            tasks[chunk * head_bytes] = tasks.get(chunk * head_bytes, 0) + (ns - 1) * g.kv_heads
+            n_split += ns
+        n_tasks += ns * g.kv_heads
+    merge = n_split * g.kv_heads * g.group * (g.head_dim + 2) * 4
+    return stream_seconds(lpt_loads(tasks, min(p.threads, n_tasks)), p), n_tasks, merge
 
 
-def predict(route: str, lengths: list[int], g: Geometry, p: MachineProfile) -> float:
+def route_terms(route: str, lengths, g: Geometry, p: MachineProfile) -> tuple[float, int, int]:
+    """(stream + merge seconds, dispatches, tasks) of a kernel route: the terms the fitted
+    constants (lambda, tau, scale) multiply."""
+    settings = route_settings(route, p)
+    groups = [[n] for n in lengths] if route == "per-request" else [lengths]
+    stream = tasks = 0
+    for group in groups:
+        s, t, merge = dispatch_terms(group, g, p, settings)
+        stream += s + merge / p.beta_1
+        tasks += t
+    return stream, len(groups), tasks
+
+
+def predict(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
     """Predicted seconds of one decode step of `route` over requests of these lengths."""
     if route == "padded":
         return len(lengths) * max(lengths) * g.token_bytes / p.beta_pad + p.lam_pad
-    if route == "per-request":
-        settings = route_settings(route, p)
-        return sum(_dispatch([n], g, p, settings)[0] for n in lengths)
-    return _dispatch(lengths, g, p, route_settings(route, p))[0]
+    stream, dispatches, tasks = route_terms(route, lengths, g, p)
+    return p.scale(route) * stream + dispatches * p.lam + tasks * p.tau
 
 
-def choose(lengths: list[int], g: Geometry, p: MachineProfile, routes=FIXED_ROUTES) -> str:
-    """The route with the least predicted time (first of `routes` on ties)."""
+@functools.lru_cache(maxsize=64)
+def _choose(lengths: tuple, g: Geometry, p: MachineProfile, routes: tuple) -> str:
     return min(routes, key=lambda r: predict(r, lengths, g, p))
+
+
+def choose(lengths, g: Geometry, p: MachineProfile, routes=FIXED_ROUTES) -> str:
+    """The route with the least predicted time (first of `routes` on ties). Plans are memoized
+    (last 64 distinct steps): every layer of a decode step has the same lengths, so a model
+    step plans once. `clear_plans()` forgets them."""
+    return _choose(tuple(lengths), g, p, tuple(routes))
+
+
+def clear_plans() -> None:
+    """Forget memoized plans (benchmarks: charge planning to every timed step)."""
+    _choose.cache_clear()
