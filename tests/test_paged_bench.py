@@ -191,7 +191,7 @@ def test_bench_attention_quick(tmp_path, capsys):
             assert r["chosen"] in ("per-request", "split", "workqueue", "padded")
         if r["route"] == "per-request":
             assert r["dispatches_per_step"] == r["batch"]
-    assert doc["profile"]["beta"] == BASE.beta and doc["targets"]
+    assert doc["profile"]["beta"] == BASE.beta and doc["targets"] and doc["complete"]
     assert png.stat().st_size > 1000
     assert "adaptive" in capsys.readouterr().out
     assert main([*argv[:3], "--trace", str(trace), "--json", str(out), "--routes",

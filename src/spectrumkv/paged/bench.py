@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -170,8 +170,9 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
     return records
 
 
-def run(cfg: BenchConfig, profile: cost.MachineProfile, progress=print) -> list[dict]:
-    """Every case of `cfg`; records as in `run_case`."""
+def run(cfg: BenchConfig, profile: cost.MachineProfile, progress=print, on_case=None) -> list[dict]:
+    """Every case of `cfg`; records as in `run_case`. on_case(records so far) after each case
+    (the command saves partial results with it)."""
     records = []
     names = ("file",) if cfg.trace_records else cfg.traces
     for shape in cfg.shapes:
@@ -187,12 +188,10 @@ def run(cfg: BenchConfig, profile: cost.MachineProfile, progress=print) -> list[
                         recs = run_case(shape, page_size, trace, batch, seed, lens, cfg, profile)
                         gc.collect()  # the case's pools before the next one is built
                         records += recs
+                        if on_case:
+                            on_case(records)
                         progress(
                             f"{shape} p{page_size} {trace} B{batch} seed {seed}: "
                             + " ".join(f"{r['route']}={r['step_ms']:.2f}ms" for r in recs)
                         )
     return records
-
-
-def profile_dict(profile: cost.MachineProfile) -> dict:
-    return asdict(profile)

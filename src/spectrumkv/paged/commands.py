@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -55,19 +56,23 @@ def _cmd_attention(args: argparse.Namespace) -> None:
         )  # fmt: skip
     machine = _machine()
     print(f"load average before: {machine['load_average']}", flush=True)
-    records = run(cfg, profile, progress=lambda s: print(s, flush=True))
+
+    def save(records: list[dict], rows: list[dict] | None) -> None:
+        """The JSON document; "complete": false while the run is still going."""
+        if args.json:
+            doc = {"config": {k: v for k, v in vars(args).items() if k != "func"},
+                   "machine": machine, "load_average_after": os.getloadavg(),
+                   "profile": dataclasses.asdict(profile), "complete": rows is not None,
+                   "records": records, "targets": rows or []}  # fmt: skip
+            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+
+    records = run(cfg, profile, lambda s: print(s, flush=True), lambda r: save(r, None))
     rows = report.targets(records)
     print(report.table(records))
     print(report.pivot(records))
     print(report.targets_text(rows))
     print(f"load average after: {os.getloadavg()}")
-    if args.json:
-        doc = {"config": {k: v for k, v in vars(args).items() if k != "func"},
-               "machine": machine, "load_average_after": os.getloadavg(),
-               "profile": vars(profile) if not hasattr(profile, "__dataclass_fields__")
-               else {f: getattr(profile, f) for f in profile.__dataclass_fields__},
-               "records": records, "targets": rows}  # fmt: skip
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    save(records, rows)
     if args.plot:
         report.plot(records, args.plot)
 
