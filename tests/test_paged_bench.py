@@ -199,3 +199,8 @@ def test_bench_attention_quick(tmp_path, capsys):
     recs = json.loads(out.read_text())["records"]
     assert {r["trace"] for r in recs} == {"file"}
     assert all(set(r["lengths"]) <= {150, 2} for r in recs)  # 3000 and 40 at scale 0.05
+    capsys.readouterr()
+    assert main(["bench", "attention", "--from-json", str(out)]) == 0  # re-render, no run
+    assert "adaptive >= 0.97x best fixed: met in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot read"):
+        main(["bench", "attention", "--from-json", str(trace)])

@@ -37,10 +37,31 @@ def _machine() -> dict:
             "threads": torch.get_num_threads(), "machine": platform.machine()}  # fmt: skip
 
 
+def _print_report(records: list[dict]) -> list[dict]:
+    from . import report
+
+    rows = report.targets(records)
+    print(report.table(records))
+    print(report.pivot(records))
+    print(report.targets_text(rows))
+    return rows
+
+
 def _cmd_attention(args: argparse.Namespace) -> None:
     from . import report, traces
     from .bench import BenchConfig, run
 
+    if args.from_json:
+        records = []
+        for path in args.from_json:
+            try:
+                records += json.loads(Path(path).read_text())["records"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"cannot read bench attention records from {path}: {e}") from None
+        _print_report(records)
+        if args.plot:
+            report.plot(records, args.plot)
+        return
     profile = _profile(args.profile)
     cfg = BenchConfig(
         shapes=args.shapes, traces=args.traces, batches=args.batches, seeds=args.seeds,
@@ -67,10 +88,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
             Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
 
     records = run(cfg, profile, lambda s: print(s, flush=True), lambda r: save(r, None))
-    rows = report.targets(records)
-    print(report.table(records))
-    print(report.pivot(records))
-    print(report.targets_text(rows))
+    rows = _print_report(records)
     print(f"load average after: {os.getloadavg()}")
     save(records, rows)
     if args.plot:
@@ -126,6 +144,9 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help=f"machine profile JSON (default {DEFAULT_PROFILE})")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--json", help="write config, machine, records and targets here")
+    p.add_argument("--from-json", type=_csv(str),
+                   help="comma list of --json files: print their tables and targets (and --plot)"
+                   " without running")  # fmt: skip
     p.add_argument("--plot", help="write a PNG of tokens/s per route against batch")
     p.set_defaults(func=_cmd_attention)
 
