@@ -12,6 +12,10 @@ from .errors import SpectrumKVError
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    if args.scd:
+        from .scd.demo import main as scd_demo
+
+        return scd_demo(args)
     from .demo import DEFAULT_PROMPTS, print_table, run_demo, write_json
 
     prompts = tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS
@@ -167,7 +171,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         from .transport.tls import server_context
 
         tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-        coro = serve_prefill(engine, args.host, args.port, secret, tls)
+        coro = serve_prefill(engine, args.host, args.port, secret, tls, args.scd_artifacts)
     else:
         from .pd.decode_worker import DecodeConfig, serve_decode
 
@@ -183,6 +187,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             engine=args.engine,
             kv_pool_mb=args.kv_pool_mb,
             attention_route=args.attention_route,
+            scd_artifact=args.scd,
         )
         coro = serve_decode(engine, cfg, args.host, args.port)
     with contextlib.suppress(KeyboardInterrupt):
@@ -210,10 +215,13 @@ def _add_serve(sub) -> None:
         )
     pf.add_argument("--tls-cert", help="PEM certificate: serve the KV channel over TLS")
     pf.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    pf.add_argument("--scd-artifacts", help="directory of SCD artifacts to serve SCD codes with")
     pf.set_defaults(func=_cmd_serve)
 
     dc.add_argument("--prefill", default="127.0.0.1:7100", help="the prefill worker, host:port")
     dc.add_argument("--tls-ca", help="PEM CA/certificate the prefill worker's TLS must chain to")
+    dc.add_argument("--scd", help="SCD artifact: rebuild this model's cache from the prefill "
+                    "model's codes (default method scd)")  # fmt: skip
     dc.add_argument("--deadline", type=float, default=60.0, help="KV transfer deadline, seconds")
     dc.add_argument(
         "--on-failure",
@@ -313,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", action="append", help="a prompt (repeatable); default: built-in set")
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--json", help="write the table's rows as JSON records to this path")
+    d.add_argument("--scd", action="store_true", help="SCD: --producer's prefill worker serves "
+                   "--model's decode worker (oracle, raw reuse, SCD, quantized SCD)")  # fmt: skip
+    d.add_argument("--producer", default="smollm2-135m", help="--scd: model A (prefill)")
+    d.add_argument("--artifact", help="--scd: the SCD artifact for --producer -> --model")
+    d.add_argument("--code-budget", type=float, default=0.3, help="--scd: quantized codes' "
+                   "budget, wire bytes / B's raw FP16 KV bytes")  # fmt: skip
     d.set_defaults(func=_cmd_demo)
 
     ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(

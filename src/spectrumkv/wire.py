@@ -1,8 +1,8 @@
-"""The SpectrumKV wire format, version 3: encode and decode, one layer frame at a time.
+"""The SpectrumKV wire format, version 4: encode and decode, one layer frame at a time.
 
 Layout (all integers little endian)::
 
-    preamble   4s magic b"SPKV" | u16 version | u16 flags (0) | u32 header_len
+    preamble   4s magic b"SPKV" | u16 version | u16 payload kind | u32 header_len
     header     msgpack (msgspec) `Header`, header_len bytes
     checksum   u64 xxh3_64(preamble + header)
     frame * n_layers, in layer order:
@@ -24,7 +24,14 @@ frame from another payload (another request, another model) fails its checksum e
 shapes agree. Hashing the body in blocks lets the compiled codec checksum a frame on all its
 threads. Every length is checked against the fingerprint and the tier map before anything is
 allocated. No pickle anywhere. (Version 1 had unseeded frame checksums and no payload_id;
-version 2 hashed each frame in one serial pass.)
+version 2 hashed each frame in one serial pass; version 3 had a u16 `flags` (always 0) where
+version 4 has the payload kind.)
+
+Payload kinds: KIND_KV (0, this module: a KV cache) and KIND_SCD (1, `scd/wire.py`: Semantic
+Cache Distillation codes for another model). Both share the preamble, the sealed header
+(`seal_header` / `read_preamble`), the 16-byte frame head layout (`FRAME_HEAD`: magic, u16
+layer, two u32 fields, u32 body_len) and the seeded block-wise frame checksum
+(`frame_checksum`). A receiver of one kind refuses the other with IncompatiblePayloadError.
 """
 
 from __future__ import annotations
@@ -47,7 +54,10 @@ from .quant import section_bytes
 from .tiers import STORED_TIERS, Tier, as_tier_codes
 
 MAGIC = b"SPKV"
-VERSION = 3
+VERSION = 4
+KIND_KV = 0
+KIND_SCD = 1
+_KIND_NAMES = {KIND_KV: "KV", KIND_SCD: "SCD"}
 FRAME_MAGIC = b"LF"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TOKENS = 1 << 22
@@ -56,6 +66,9 @@ CHECK_BLOCK = 64 * 1024  # bytes of frame body per block digest (the C codec's C
 _PREAMBLE = struct.Struct("<4sHHI")
 _FRAME = struct.Struct("<2sHIII")
 _CHECK = struct.Struct("<Q")
+#: The frame head every payload kind shares (its 4th field, at byte 12, is body_len), the u64
+#: checksum after headers and frames, and the preamble.
+FRAME_HEAD, CHECKSUM, PREAMBLE = _FRAME, _CHECK, _PREAMBLE
 _KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -132,12 +145,12 @@ def header_bytes(header: Header) -> bytes:
     return seal_header(_header_encoder.encode(header))
 
 
-def seal_header(body: bytes) -> bytes:
+def seal_header(body: bytes, kind: int = KIND_KV) -> bytes:
     """Preamble + `body` (a msgpack header, not checked against the schema) + checksum, as
     `header_bytes` writes them; its last 8 bytes are the seed of the payload's frame checksums
-    (`frame_checksum`). For fuzzing and tests: a mutation that re-seals reaches every check
-    behind the checksums."""
-    pre = _PREAMBLE.pack(MAGIC, VERSION, 0, len(body))
+    (`frame_checksum`). `kind`: KIND_KV or KIND_SCD. Also for fuzzing and tests: a mutation
+    that re-seals reaches every check behind the checksums."""
+    pre = _PREAMBLE.pack(MAGIC, VERSION, kind, len(body))
     return pre + body + _CHECK.pack(_checksum(pre, body))
 
 
@@ -290,12 +303,15 @@ def _stored_counts(per_code) -> dict[Tier, int]:
     return {t: int(per_code[int(t)]) for t in STORED_TIERS}
 
 
-def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> tuple[Header, int]:
-    """Parse and verify the header at the start of `buf`. Returns (header, bytes consumed)."""
+def read_preamble(buf: bytes | memoryview, kind: int = KIND_KV) -> tuple[memoryview, int]:
+    """Check the preamble and header checksum at the start of `buf` for a payload of `kind`.
+    Returns (the msgpack header bytes, bytes consumed including the checksum). WireFormatError
+    for a bad magic, length or truncation, ChecksumError for a bad checksum,
+    IncompatiblePayloadError for another version or payload kind."""
     mv = memoryview(buf)
     if len(mv) < _PREAMBLE.size:
         raise WireFormatError(f"payload too short for a preamble ({len(mv)} bytes)")
-    magic, version, flags, hlen = _PREAMBLE.unpack_from(mv, 0)
+    magic, version, got_kind, hlen = _PREAMBLE.unpack_from(mv, 0)
     if magic != MAGIC:
         raise WireFormatError(f"bad magic {bytes(magic)!r}; not a SpectrumKV payload")
     if version != VERSION:
@@ -309,16 +325,25 @@ def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> t
     (check,) = _CHECK.unpack_from(mv, end)
     if check != _checksum(mv[: _PREAMBLE.size], body):
         raise ChecksumError("header checksum mismatch")
-    if flags != 0:
-        raise IncompatiblePayloadError(f"unknown header flags {flags:#x}")
+    if got_kind != kind:
+        got = _KIND_NAMES.get(got_kind, f"unknown kind {got_kind:#x}")
+        raise IncompatiblePayloadError(
+            f"a {got} payload where a {_KIND_NAMES[kind]} payload was expected"
+        )
+    return body, end + _CHECK.size
+
+
+def read_header(buf: bytes | memoryview, expect: Fingerprint | None = None) -> tuple[Header, int]:
+    """Parse and verify the KV header at the start of `buf`. Returns (header, bytes consumed)."""
+    body, consumed = read_preamble(buf, KIND_KV)
     try:
         header = _header_decoder.decode(body)
     except msgspec.MsgspecError as e:
         raise WireFormatError(f"malformed header: {e}") from None
     _validate_header(header)
     if expect is not None and header.fingerprint != expect:
-        raise IncompatiblePayloadError(_fingerprint_diff(header.fingerprint, expect))
-    return header, end + _CHECK.size
+        raise IncompatiblePayloadError(fingerprint_diff(header.fingerprint, expect))
+    return header, consumed
 
 
 def _validate_header(h: Header) -> None:
@@ -336,7 +361,7 @@ def _validate_header(h: Header) -> None:
     geometry(h)
 
 
-def _fingerprint_diff(got: Fingerprint, want: Fingerprint) -> str:
+def fingerprint_diff(got: Fingerprint, want: Fingerprint) -> str:
     diffs = [
         f"{f}: payload {getattr(got, f)!r} != receiver {getattr(want, f)!r}"
         for f in Fingerprint.__struct_fields__

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
 
 
 def _cmd_ttft(args: argparse.Namespace) -> None:
+    if args.scd:
+        return _cmd_ttft_scd(args)
     from . import ttft
 
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -30,6 +32,33 @@ def _cmd_ttft(args: argparse.Namespace) -> None:
         ttft.write_json(records, args.json)
     if args.plot:
         ttft.plot(records, args.plot)
+
+
+def _cmd_ttft_scd(args: argparse.Namespace) -> None:
+    from ..scd.artifact import load
+    from . import ttft_scd
+
+    if not args.artifact:
+        raise SystemExit("spectrumkv: bench ttft --scd needs --artifact ART (scd calibrate)")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    links = [float(x) for x in args.links.split(",")]
+    ttft_scd.print_header()
+    records = ttft_scd.run_ttft_scd(args.producer, args.model, args.artifact, lengths, links,
+                                    args.code_budget)  # fmt: skip
+    for line in ttft_scd.verdict(records):
+        print(line)
+    m = load(args.artifact).manifest.consumer
+    params = sum(p.numel() for p in _model_params(args.model))
+    lines = ttft_scd.projection(records, m.n_layers, params)
+    print("\n".join(lines))
+    if args.json:
+        ttft_scd.write_json(records, args.json, ttft_scd.summary(records) | {"projection": lines})
+
+
+def _model_params(model: str):
+    from ..engines.hf import load
+
+    return load(model).model.parameters()
 
 
 def _cache_shape(args: argparse.Namespace, q_heads: int) -> tuple[CacheShape, int]:
@@ -149,6 +178,11 @@ def register(bench: argparse._SubParsersAction) -> None:
     bt.add_argument("--plot", help="write a PNG of TTFT and transfer phase vs link rate")
     bt.add_argument("--from-json", help="re-print and re-plot earlier records, run nothing")
     bt.add_argument("--codec-json", help="project 7B models from `bench codec --json` figures")
+    bt.add_argument("--scd", action="store_true", help="SCD: --producer's prefill worker, "
+                    "--model's decode worker; methods oracle, raw, scd, scd-q")  # fmt: skip
+    bt.add_argument("--producer", default="smollm2-135m", help="--scd: model A (prefill)")
+    bt.add_argument("--artifact", help="--scd: the SCD artifact for --producer -> --model")
+    bt.add_argument("--code-budget", type=float, default=0.3, help="--scd: quantized codes")
     bt.set_defaults(func=_cmd_ttft)
 
     bc = bench.add_parser("codec", help="encode/decode throughput vs a plain copy of the cache")

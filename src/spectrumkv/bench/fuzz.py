@@ -1,13 +1,15 @@
-"""`spectrumkv bench fuzz`: mutated payloads against the strict decoder.
+"""`spectrumkv bench fuzz`: mutated payloads against the strict decoders.
 
-Valid payloads (random shapes, head dims that are and are not powers of two, sliding windows,
-policies, budgets, quantization schemes and KV dtypes) are encoded, then mutated by one of the
+Valid payloads, KV ones (random shapes, head dims that are and are not powers of two, sliding
+windows, policies, budgets, quantization schemes and KV dtypes) and, for a share of the cases
+(`scd_share`, a third by default), SCD ones (`fuzz_scd.py`: random artifact layouts with reuse
+and patch layers, FP16 or INT8/INT4 codes), are encoded, then mutated by one of the
 families in `mutations.py`: raw ones (bit flips, overwrites, truncation, extension, length
 fields, frame order, swapped headers), which keep the old checksums, and `resealed_*` ones
 (header fields and schema, tier maps, frame heads, section values), which recompute every
 checksum after mutating and so reach the checks behind them. Each mutated payload is decoded
-the way a decode worker does (`expect` = the receiver's fingerprint) and lands in exactly one
-outcome:
+the way a decode worker does (`expect` = the receiver's fingerprint, or for SCD its artifact
+layout) and lands in exactly one outcome (SCD families are reported as `scd/<family>`):
 
 - identical: decoded, and equal bit for bit to the original decode (the mutation hit nothing
   that matters);
@@ -45,7 +47,9 @@ from ..errors import BudgetError, SpectrumKVError
 from ..kv import LayerKV, first_slot
 from ..payload import Payload, decode_payload
 from ..policy import layer_firsts, plan
-from ..wire import Fingerprint, Header, frame_bytes, header_bytes
+from ..scd import wire as scd_wire
+from ..wire import KIND_SCD, Fingerprint, Header, frame_bytes, header_bytes
+from .fuzz_scd import random_scd_sample
 from .mutations import MUTATIONS, RESEALED, Sample
 
 OUTCOMES = (
@@ -112,6 +116,22 @@ def _try_sample(rng: random.Random) -> Sample:
     return Sample(payload, header, starts, decode_payload(payload, expect=fp))
 
 
+def _same_scd(a: tuple, b: tuple) -> bool:
+    """Two SCD decodes (header, codes) equal bit for bit."""
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    for x, y in zip(a[1], b[1], strict=True):
+        for name in ("k", "v", "h"):
+            t, u = getattr(x, name), getattr(y, name)
+            if (t is None) != (u is None):
+                return False
+            if t is not None and (
+                t.shape != u.shape or not torch.equal(t.view(torch.int32), u.view(torch.int32))
+            ):
+                return False
+    return True
+
+
 def _same(a: Payload, b: Payload) -> bool:
     if a.header != b.header or len(a.layers) != len(b.layers):
         return False
@@ -152,7 +172,10 @@ def classify(
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, hang_s)
     try:
-        got = decode_payload(mutated, expect=expect or sample.header.fingerprint)
+        if sample.kind == KIND_SCD:
+            got = scd_wire.decode(mutated, expect or sample.layout)
+        else:
+            got = decode_payload(mutated, expect=expect or sample.header.fingerprint)
     except Hang:
         return "hang"
     except SpectrumKVError as e:
@@ -169,7 +192,7 @@ def classify(
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         resource.setrlimit(resource.RLIMIT_AS, limits)
-    if _same(got, sample.decoded):
+    if (_same_scd if sample.kind == KIND_SCD else _same)(got, sample.decoded):
         return "identical"
     return "accepted_resealed" if resealed else "silent_corruption"
 
@@ -208,28 +231,36 @@ def run_fuzz(
     hang_s: float = 5.0,
     alloc_cap_bytes: int = 256 << 20,
     progress: Callable[[int, Counter], None] | None = None,
+    scd_share: float = 1 / 3,
 ) -> FuzzReport:
-    """Run `cases` mutated decodes over `samples` random valid payloads, the mutation families
-    taken in turn at random."""
+    """Run `cases` mutated decodes over `samples` random valid KV payloads and as many SCD
+    ones (a case is an SCD one with probability `scd_share`), the mutation families taken in
+    turn at random."""
     rng = random.Random(seed)
-    pool = [random_sample(rng) for _ in range(samples)]
+    pools = {
+        "": [random_sample(rng) for _ in range(samples)],
+        "scd/": [random_scd_sample(rng) for _ in range(samples)] if scd_share > 0 else [],
+    }
+    names = [p + m for p in pools if pools[p] for m in MUTATIONS]
     counts: Counter = Counter({k: 0 for k in OUTCOMES})
-    by_mutation: dict[str, Counter] = {m: Counter() for m in MUTATIONS}
-    errors: dict[str, Counter] = {m: Counter() for m in MUTATIONS}
+    by_mutation: dict[str, Counter] = {m: Counter() for m in names}
+    errors: dict[str, Counter] = {m: Counter() for m in names}
     examples: list[dict] = []
     t0 = time.perf_counter()
     for case in range(cases):
-        sample, other = rng.choice(pool), rng.choice(pool)
+        prefix = "scd/" if rng.random() < scd_share else ""
+        sample, other = rng.choice(pools[prefix]), rng.choice(pools[prefix])
         name = rng.choice(tuple(MUTATIONS))
+        key = prefix + name
         mutated = MUTATIONS[name](sample.payload, sample, other, rng)
         mutated, expect = mutated if isinstance(mutated, tuple) else (mutated, None)
         outcome = classify(
-            mutated, sample, hang_s, alloc_cap_bytes, expect, name in RESEALED, errors[name]
+            mutated, sample, hang_s, alloc_cap_bytes, expect, name in RESEALED, errors[key]
         )
         counts[outcome] += 1
-        by_mutation[name][outcome] += 1
+        by_mutation[key][outcome] += 1
         if outcome not in GOOD and len(examples) < 10:
-            examples.append({"case": case, "mutation": name, "outcome": outcome,
+            examples.append({"case": case, "mutation": key, "outcome": outcome,
                              "payload_hex": mutated.hex()})  # fmt: skip
         if progress and (case + 1) % 1000 == 0:
             progress(case + 1, counts)

@@ -1,7 +1,10 @@
-"""The fuzzer's mutations of a valid payload (`bench fuzz`), by family.
+"""The fuzzer's mutations of a valid payload (`bench fuzz`), by family: KV payloads and SCD
+payloads alike (both share the preamble, the sealed header, the 16-byte frame head with body_len
+at byte 12, a body that starts with a 4-bit tier map, and the seeded frame checksums).
 
-Each takes (payload, its sample, another sample, rng) and returns the mutated bytes, or
-(bytes, fingerprint) when the receiver should expect another model than the sample's.
+Each takes (payload, its sample, another sample of the same kind, rng) and returns the mutated
+bytes, or (bytes, receiver) when the receiver should expect another model (KV: a Fingerprint;
+SCD: a `scd.wire.Layout`) than the sample's.
 
 Raw families (bit flips, overwrites, truncation, extension, length fields, frame order, swapped
 headers) leave the checksums as they were, so almost all of them end at a checksum. The
@@ -13,6 +16,7 @@ padding, body length against the tier map, one kept token set, and the sections'
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 from collections.abc import Callable
@@ -21,8 +25,8 @@ from typing import Any
 
 import msgspec
 
-from ..payload import Payload
-from ..wire import Fingerprint, Header, frame_checksum, frame_end, header_bytes, read_header
+from ..scd import wire as scd_wire
+from ..wire import KIND_KV, KIND_SCD, Fingerprint, frame_checksum, frame_end, header_bytes
 from ..wire import seal_header as _seal_header
 
 _CHECK = 8  # bytes of a checksum
@@ -32,29 +36,32 @@ _PREAMBLE = 12  # bytes before the msgpack header
 
 @dataclass
 class Sample:
-    """A valid payload, where its frames start, and its reference decode."""
+    """A valid payload, where its frames start, and its reference decode. `kind`: KIND_KV
+    (header a `wire.Header`, decoded a `payload.Payload`) or KIND_SCD (header a
+    `scd.wire.ScdHeader`, decoded (header, codes), `layout` the receiver's `Layout`)."""
 
     payload: bytes
-    header: Header
+    header: Any
     frame_starts: list[int]
-    decoded: Payload
+    decoded: Any
+    kind: int = KIND_KV
+    layout: Any = None
 
 
-Mutated = bytes | tuple[bytes, Fingerprint]
+Mutated = bytes | tuple[bytes, Any]
 
 
 def _frames(b: bytes, s: Sample) -> tuple[bytes, list[bytes]]:
     """The sealed header and the frames (each with its checksum) of an unmutated payload."""
-    _, start = read_header(b)
     ends = [frame_end(b, st, i) for i, st in enumerate(s.frame_starts)]
-    return b[:start], [b[st:e] for st, e in zip(s.frame_starts, ends, strict=True)]
+    return b[: s.frame_starts[0]], [b[st:e] for st, e in zip(s.frame_starts, ends, strict=True)]
 
 
-def seal(header_msgpack: bytes, frames: list[bytes]) -> bytes:
-    """A payload with every checksum recomputed: the preamble and checksum around
+def seal(header_msgpack: bytes, frames: list[bytes], kind: int = KIND_KV) -> bytes:
+    """A payload of `kind` with every checksum recomputed: the preamble and checksum around
     `header_msgpack`, then each frame (head + body, no checksum) followed by its checksum
     seeded with the new header's."""
-    head = _seal_header(header_msgpack)
+    head = _seal_header(header_msgpack, kind)
     (seed,) = struct.unpack_from("<Q", head, len(head) - _CHECK)
     return head + b"".join(f + struct.pack("<Q", frame_checksum(f, seed)) for f in frames)
 
@@ -139,7 +146,8 @@ def _header_swap(b: bytes, s: Sample, o: Sample, rng: random.Random) -> Mutated:
     if rng.random() < 0.5:  # same model and shape, another request
         other = msgspec.structs.replace(s.header, payload_id=rng.getrandbits(63))
     _, frames = _frames(b, s)
-    return header_bytes(other) + b"".join(frames)
+    seal_header = scd_wire.header_bytes if s.kind == KIND_SCD else header_bytes
+    return seal_header(other) + b"".join(frames)
 
 
 # ---- resealed families: every checksum recomputed after the mutation ----
@@ -175,7 +183,8 @@ def _resealed_header(b: bytes, s: Sample, o: Sample, rng: random.Random) -> Muta
     frames are checked against that shape rather than refused as another model's."""
     raw, frames = _unsealed(b, s)
     doc = msgspec.msgpack.decode(raw)
-    target = doc["fingerprint"] if rng.random() < 0.4 else doc
+    nested = [v for _, v in sorted(doc.items()) if isinstance(v, dict)]  # fingerprints
+    target = rng.choice(nested) if nested and rng.random() < 0.4 else doc
     key = rng.choice(sorted(target))
     action = rng.random()
     if action < 0.1:
@@ -188,13 +197,24 @@ def _resealed_header(b: bytes, s: Sample, o: Sample, rng: random.Random) -> Muta
         body = msgspec.msgpack.encode(doc)
     except (OverflowError, msgspec.EncodeError):
         body = raw + b"\xc0"  # a value msgpack cannot hold: trailing bytes instead
-    mutated = seal(body, frames)
+    mutated = seal(body, frames, s.kind)
     if rng.random() < 0.5:
         try:
-            return mutated, msgspec.convert(doc["fingerprint"], Fingerprint)
+            return mutated, _receiver_of(doc, s)
         except (msgspec.ValidationError, KeyError, TypeError):
             pass
     return mutated
+
+
+def _receiver_of(doc: dict, s: Sample) -> Any:
+    """A receiver that expects the model(s) a (mutated) header document claims: KV its
+    fingerprint; SCD the sample's layout with the claimed artifact and fingerprints."""
+    if s.kind == KIND_KV:
+        return msgspec.convert(doc["fingerprint"], Fingerprint)
+    fps = {k: msgspec.convert(doc[k], Fingerprint) for k in ("producer", "consumer")}
+    if not isinstance(doc["artifact"], str):
+        raise TypeError("artifact is not a string")
+    return dataclasses.replace(s.layout, artifact=doc["artifact"], **fps)
 
 
 def _tier_map(frame: bytearray) -> tuple[int, int]:
@@ -239,7 +259,7 @@ def _resealed_tier_map(b: bytes, s: Sample, o: Sample, rng: random.Random) -> Mu
         a, c = _nibble(frame, i), _nibble(frame, j)
         _set_nibble(frame, i, c)
         _set_nibble(frame, j, a)
-    return seal(raw, frames)
+    return seal(raw, frames, s.kind)
 
 
 def _resealed_frame_head(b: bytes, s: Sample, o: Sample, rng: random.Random) -> Mutated:
@@ -259,7 +279,7 @@ def _resealed_frame_head(b: bytes, s: Sample, o: Sample, rng: random.Random) -> 
             frame += bytes(rng.getrandbits(8) for _ in range(grow))
         elif grow < 0:
             del frame[len(frame) + grow :]
-    return seal(raw, frames)
+    return seal(raw, frames, s.kind)
 
 
 _FP16_SPECIALS = (0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7BFF, 0xFBFF, 0x0001, 0x8000, 0x0000)
@@ -280,7 +300,7 @@ def _resealed_sections(b: bytes, s: Sample, o: Sample, rng: random.Random) -> Mu
                 frame[i : i + 2] = struct.pack("<H", rng.choice(_FP16_SPECIALS))
             else:
                 frame[i] = rng.getrandbits(8)
-    return seal(raw, frames)
+    return seal(raw, frames, s.kind)
 
 
 MUTATIONS: dict[str, Callable[[bytes, Sample, Sample, random.Random], Mutated]] = {

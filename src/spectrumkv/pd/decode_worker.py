@@ -22,28 +22,27 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..engines.hf import Engine, decode_state, prefill
-from ..errors import IncompatiblePayloadError, SpectrumKVError
-from ..payload import PayloadDecoder
+from ..errors import SpectrumKVError
 from ..pipeline import reference_state, split_prompt
+from ..scd.serve_decode import ScdClient, resolve_method
 from ..transport.auth import AuthError, client_handshake
-from ..transport.framing import Channel, Kind, PeerTimeout, TransportError, connect
+from ..transport.framing import Channel, Kind, TransportError, connect
 from ..transport.tls import client_context
-from ..transport.unpack import Unpacker
 from ..wire import tokens_digest
 from . import openai
 from .breaker import CircuitBreaker
+from .fetch import KvReceiver, Transfer, fetch
 from .metrics import Metrics
 from .openai import ApiError, Job, ServerDefaults
 from .prefill_worker import ROLE
-from .protocol import ErrorReply, PrefillDone, PrefillRequest
+from .protocol import PrefillRequest
 from .sampling import Cancelled, generate_choices
 
 log = logging.getLogger("spectrumkv.decode")
@@ -70,23 +69,7 @@ class DecodeConfig:
     kv_pool_mb: float = 0.0  # batched: KV page pool, MiB (0 = serve.engine.default_pool_mb)
     attention_route: str = "adaptive"  # batched: paged decode-attention route
     kv_queue_timeout_s: float = 30.0  # batched: longest wait for KV pages, then HTTP 503
-
-
-@dataclass
-class Transfer:
-    """What arrived for one request, with stage times in seconds. `unpack_s`: all verify +
-    decode work; `unpack_tail_s`: the part left after the last byte arrived (the rest overlapped
-    with the transfer)."""
-
-    layers: list = field(default_factory=list)
-    n_tokens: int = 0
-    done: PrefillDone | None = None
-    unpack_s: float = 0.0
-    unpack_tail_s: float = 0.0
-
-
-class TransferFailed(SpectrumKVError):
-    """The prefill worker reported an error for this request; the message says which."""
+    scd_artifact: str | None = None  # SCD artifact dir: B rebuilds its cache from A's codes
 
 
 class DecodeWorker:
@@ -101,6 +84,9 @@ class DecodeWorker:
         self.in_flight: dict[str, float] = {}
         self.tls = client_context(cfg.tls_ca) if cfg.tls_ca else None
         self.breaker = CircuitBreaker(cfg.breaker_threshold, cfg.breaker_cooldown_s)
+        self.scd = None  # --scd: B rebuilds its cache from model A's SCD codes
+        if cfg.scd_artifact:
+            self.scd = ScdClient(cfg.scd_artifact, engine, self.metrics.registry)
         self.batch = None
         if cfg.engine == "batched":
             from ..serve import metrics as engine_metrics
@@ -116,7 +102,7 @@ class DecodeWorker:
         elif cfg.engine != "sequential":
             raise ValueError(f"engine must be sequential or batched, got {cfg.engine!r}")
 
-    async def _open(self) -> Channel:
+    async def open_channel(self) -> Channel:
         """Connect and authenticate to the prefill worker (the caller bounds the time)."""
         ch = await connect(self.cfg.prefill_host, self.cfg.prefill_port, self.tls)
         try:
@@ -128,66 +114,29 @@ class DecodeWorker:
 
     async def fetch_kv(self, req: PrefillRequest) -> Transfer:
         """Receive and verify the KV of `req` from the prefill worker within the deadline."""
-        out = Transfer()
-        dec = PayloadDecoder(expect=self.engine.fingerprint)
-        deadline = time.monotonic() + self.cfg.deadline_s
-        ch: Channel | None = None
-        unpacker = Unpacker(self.unpacker)
-        try:
-            async with asyncio.timeout(self.cfg.deadline_s):
-                ch = await self._open()
-                await ch.send(Kind.REQUEST, msgspec.json.encode(req))
+        rx = KvReceiver(self.engine.fingerprint, tokens_digest(req.token_ids))
+        body = msgspec.json.encode(req)
+        return await fetch(self.open_channel, Kind.REQUEST, body, rx, self.cfg.deadline_s,
+                           self.unpacker)  # fmt: skip
 
-            def unpack(feed, body: bytes) -> None:
-                t0 = time.perf_counter()
-                feed(body)
-                out.unpack_s += time.perf_counter() - t0
-
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeout("KV transfer deadline passed")
-                kind, body = await ch.recv(left)
-                if kind in (Kind.HEADER, Kind.FRAME):
-                    feed = dec.feed_header if kind == Kind.HEADER else dec.feed_frame
-                    left = max(0.0, deadline - time.monotonic())
-                    await asyncio.wait_for(unpacker.feed(partial(unpack, feed), body), left)
-                elif kind == Kind.DONE:
-                    out.done = msgspec.json.decode(body, type=PrefillDone)
-                    t_last = time.perf_counter()
-                    left = max(0.0, deadline - time.monotonic())
-                    await asyncio.wait_for(unpacker.drain(), left)
-                    out.unpack_tail_s = time.perf_counter() - t_last
-                    break
-                elif kind == Kind.ERROR:
-                    err = msgspec.json.decode(body, type=ErrorReply)
-                    raise TransferFailed(f"prefill worker: {err.error}: {err.message}")
-                else:
-                    raise TransportError(f"unexpected {kind.name} message")
-            payload = dec.finish()
-            if payload.header.tokens_digest != tokens_digest(req.token_ids):
-                raise IncompatiblePayloadError("the KV payload is not for this request's prompt")
-            out.layers, out.n_tokens = payload.layers, payload.header.n_tokens
-            return out
-        except TimeoutError:
-            raise PeerTimeout("KV transfer deadline passed") from None
-        except msgspec.MsgspecError as e:  # a DONE or ERROR message that does not parse
-            raise TransportError(f"malformed message from prefill worker: {e}") from None
-        finally:
-            if ch is not None:
-                ch.close()  # also how the prefill worker learns a request was abandoned
-            unpacker.abandon()  # after a failure: drop queued frames, collect their errors
-
-    async def _transfer(self, rid: str, job: Job) -> tuple[Transfer | None, str | None]:
-        """The request's KV, or (None, why) when it will be recomputed. Raises ApiError 502
-        with on_failure="fail"."""
+    async def _transfer(
+        self, rid: str, job: Job, method: str
+    ) -> tuple[Transfer | None, str | None]:
+        """The request's KV (method kv), SCD-rebuilt cache (scd) or A's raw KV (raw), or
+        (None, why) when it will be recomputed ((None, None) for method recompute). Raises
+        ApiError 502 with on_failure="fail"."""
+        if method == "recompute":
+            return None, None
         if not self.breaker.allow():
             left = self.breaker.cooldown_s - (time.monotonic() - (self.breaker.opened_at or 0))
             why = f"circuit open for {max(0.0, left):.1f} s more after: {self.breaker.last_error}"
             return None, self._fallback(rid, job, why)
         req = PrefillRequest(rid, job.ids[:-1].tolist(), job.transfer)
         try:
-            transfer = await self.fetch_kv(req)
+            if method == "kv":
+                transfer = await self.fetch_kv(req)
+            else:
+                transfer = await self.scd.fetch(self, method, rid, job)
         except TransportError as e:  # the peer: unreachable, refused, closed, stalled
             self.breaker.failure(f"{type(e).__name__}: {e}")
             return None, self._fallback(rid, job, f"{type(e).__name__}: {e}")
@@ -247,7 +196,8 @@ class DecodeWorker:
         self.metrics.in_flight.inc()
         cancel = threading.Event()
         try:
-            transfer, why = await self._transfer(rid, job)
+            method = resolve_method(job, self.scd)
+            transfer, why = await self._transfer(rid, job, method)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -277,7 +227,7 @@ class DecodeWorker:
                     await on_piece(*item)
             choices = await fut
             outcome = "ok" if why is None else "recomputed"
-            stats = self._stats(transfer, ttft, outcome)
+            stats = self._stats(transfer, ttft, outcome) | {"method": method}
             if why is not None:
                 stats["reason"] = why
             self.metrics.requests.labels(outcome).inc()
@@ -310,6 +260,8 @@ class DecodeWorker:
                 fp16_bytes=d.fp16_bytes,
                 wire_ratio=d.wire_bytes / d.fp16_bytes if d.fp16_bytes else None,
             )
+            if transfer.method == "scd":
+                stats["reconstruct_s"] = transfer.reconstruct_s
             m.record_transfer(d.wire_bytes, d.fp16_bytes)
             for stage in ("prefill", "encode", "transfer_exposed"):
                 m.stage.labels(stage).observe(getattr(d, f"{stage}_s"))

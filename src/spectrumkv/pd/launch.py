@@ -38,6 +38,8 @@ class Cluster:
     model: str
     decode_args: list[str] = field(default_factory=list)
     route: Callable[[int], int] | None = None
+    prefill_model: str | None = None  # another model for the prefill worker (SCD: model A)
+    prefill_args: list[str] = field(default_factory=list)
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
     procs: list[subprocess.Popen] = field(default_factory=list)
     prefill_port: int = 0
@@ -49,8 +51,10 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         check_model(self.model)  # a clear AssetError here beats two workers dying at start-up
+        if self.prefill_model:
+            check_model(self.prefill_model)
         try:
-            self.prefill_port = self._start(["serve", "prefill", "--port", "0"])
+            self.prefill_port = self._start(self._prefill_cmd("0"))
             dial = self.route(self.prefill_port) if self.route else self.prefill_port
             self.decode_port = self._start(
                 [
@@ -74,7 +78,9 @@ class Cluster:
     def _start(self, args: list[str], slot: int | None = None) -> int:
         """Start a worker (appended to procs, or replacing procs[slot]); returns its port."""
         env = {**os.environ, "SPECTRUMKV_SECRET": self.secret}
-        cmd = [sys.executable, "-m", "spectrumkv.cli", *args, "--model", self.model]
+        if "--model" not in args:
+            args = [*args, "--model", self.model]
+        cmd = [sys.executable, "-m", "spectrumkv.cli", *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
         if slot is None:
             self.procs.append(proc)
@@ -102,7 +108,11 @@ class Cluster:
         """Start a new prefill worker on the old port (after `kill_prefill`)."""
         if self.procs[0].poll() is None:
             self.kill_prefill()
-        self._start(["serve", "prefill", "--port", str(self.prefill_port)], slot=0)
+        self._start(self._prefill_cmd(str(self.prefill_port)), slot=0)
+
+    def _prefill_cmd(self, port: str) -> list[str]:
+        model = ["--model", self.prefill_model] if self.prefill_model else []
+        return ["serve", "prefill", "--port", port, *model, *self.prefill_args]
 
     def close(self) -> None:
         for p in self.procs:

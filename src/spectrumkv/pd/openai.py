@@ -77,6 +77,8 @@ class SpectrumKVField(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     overlap: bool | Unset = UNSET
     on_failure: Literal["recompute", "fail"] | Unset = UNSET
     chat: bool = False
+    method: Literal["kv", "scd", "raw", "recompute"] | Unset = UNSET  # scd/serve_decode.py
+    code_budget: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None  # SCD codes
 
 
 class _Common(msgspec.Struct, forbid_unknown_fields=True):
@@ -133,12 +135,15 @@ class Job:
     transfer: TransferOptions
     on_failure: str
     stream: bool
+    method: str = ""  # "" = the worker's default (scd/serve_decode.resolve_method)
+    code_budget: float | None = None
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 _HINTS = {
     "spectrumkv.on_failure": "allowed: recompute, fail",
+    "spectrumkv.method": "allowed: kv, scd, raw, recompute",
     "stop": f"a non-empty string or a list of at most {MAX_STOP}",
 }
 
@@ -269,6 +274,8 @@ def parse(engine: Engine, defaults: ServerDefaults, raw: bytes, chat: bool) -> J
         opt,
         defaults.on_failure if on_failure is UNSET else on_failure,
         body.stream,
+        "" if body.spectrumkv.method is UNSET else body.spectrumkv.method,
+        body.spectrumkv.code_budget,
     )
 
 

@@ -18,13 +18,16 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import msgspec
 import torch
 
 from ..engines.hf import Engine, prefill
 from ..errors import SpectrumKVError
+from ..scd.serve_prefill import ArtifactStore, serve_scd
 from ..transport.auth import server_handshake
 from ..transport.framing import Channel, Kind, TransportError, serve
 from ..transport.shaper import LinkShaper
@@ -73,9 +76,12 @@ class ByteGate:
 
 
 class PrefillServer:
-    def __init__(self, engine: Engine, secret: bytes) -> None:
+    """`scd`: the SCD artifacts this worker serves (None: SCD requests are refused)."""
+
+    def __init__(self, engine: Engine, secret: bytes, scd: ArtifactStore | None = None) -> None:
         self.engine = engine
         self.secret = secret
+        self.scd = scd
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
 
     async def handle(self, ch: Channel) -> None:
@@ -84,32 +90,50 @@ class PrefillServer:
             await server_handshake(ch, self.secret, ROLE)
             while True:
                 kind, body = await ch.recv(IDLE_TIMEOUT_S, max_bytes=16 << 20)
+                if kind == Kind.SCD_REQUEST:
+                    await serve_scd(self, body, ch)
+                    continue
                 if kind != Kind.REQUEST:
                     raise TransportError(f"expected a request, got {kind.name}")
                 try:
                     req = decode_request(body)
                 except msgspec.MsgspecError as e:
-                    log.info("refused a malformed request from %s: %s", ch.peer, e)
-                    await ch.send(Kind.ERROR, encode(ErrorReply("", "BadRequest", str(e))))
+                    await self.refuse(ch, e)
                     continue
                 await self.serve(req, ch)
         except TransportError as e:
             log.debug("connection ended: %s", e)
 
+    async def refuse(self, ch: Channel, e: Exception) -> None:
+        """Answer a request that does not parse with an ERROR message."""
+        log.info("refused a malformed request from %s: %s", ch.peer, e)
+        await ch.send(Kind.ERROR, encode(ErrorReply("", "BadRequest", str(e))))
+
     async def serve(self, req: PrefillRequest, ch: Channel) -> None:
-        """One request; logs one line with its outcome."""
+        """One KV request; logs one line with its outcome."""
+        what = f"{req.request_id}: {len(req.token_ids)} tokens, {req.options.policy} "
+        await self.serve_one(what + f"b={req.options.budget}", req.request_id, ch,
+                             lambda cancel: self._run(req, ch, cancel))  # fmt: skip
+
+    async def serve_one(
+        self,
+        what: str,
+        rid: str,
+        ch: Channel,
+        run: Callable[[threading.Event], Awaitable[PrefillDone]],
+    ) -> None:
+        """Run one request (`run(cancel)`, cancel set when the decode worker goes away): an
+        ERROR message for a failure, one log line with the outcome."""
         t0 = time.perf_counter()
-        opt = req.options
-        what = f"{req.request_id}: {len(req.token_ids)} tokens, {opt.policy} b={opt.budget}"
         cancel = threading.Event()
         watcher = asyncio.create_task(ch.wait_closed())
         watcher.add_done_callback(lambda _: cancel.set())
         try:
-            done = await self._run(req, ch, cancel)
+            done = await run(cancel)
         except (SpectrumKVError, ValueError) as e:
             outcome = f"{type(e).__name__}: {e}"
             if not isinstance(e, (Cancelled, TransportError)):
-                err = ErrorReply(req.request_id, type(e).__name__, str(e))
+                err = ErrorReply(rid, type(e).__name__, str(e))
                 with contextlib.suppress(TransportError):
                     await ch.send(Kind.ERROR, encode(err))
             log.info("%s -> %s after %.2f s", what, outcome, time.perf_counter() - t0)
@@ -127,20 +151,58 @@ class PrefillServer:
         )
 
     async def _run(self, req: PrefillRequest, ch: Channel, cancel: threading.Event) -> PrefillDone:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        gate = ByteGate(SEND_QUEUE_BYTES, cancel)
         opt = req.options
         policy, scoring = policy_configs(opt)
         ids = torch.tensor(req.token_ids, dtype=torch.long)
+        encoders: list[StreamingEncoder] = []
+
+        def start(emit: Callable[[str, bytes], None]) -> Callable:
+            encoders.append(StreamingEncoder(self.engine, ids, policy, scoring, emit))
+            return encoders[0].on_layer
+
+        def run(on_layer: Callable) -> None:
+            prefill(self.engine, ids, on_layer=on_layer)
+
+        shaper = LinkShaper(opt.link_gbps, opt.link_latency_s)
+        s = await self.stream(ch, cancel, shaper, opt.overlap, start, run)
+        enc = encoders[0]
+        done = PrefillDone(
+            request_id=req.request_id,
+            prefill_s=s.prefill_s,
+            encode_s=enc.encode_s,
+            wire_s=shaper.wire_s,
+            transfer_exposed_s=s.exposed_s,
+            wire_bytes=s.sent,
+            fp16_bytes=enc.plan.fp16_bytes if enc.plan else 0,
+            nominal_budget=enc.plan.nominal_budget if enc.plan else 0.0,
+        )
+        await ch.send(Kind.DONE, encode(done))
+        return done
+
+    async def stream(
+        self,
+        ch: Channel,
+        cancel: threading.Event,
+        shaper: LinkShaper,
+        overlap: bool,
+        start: Callable[[Callable[[str, bytes], None]], Callable],
+        run: Callable[[Callable], None],
+    ) -> Streamed:
+        """Send what a prefill emits while it runs. `start(emit)` (on the event loop) makes the
+        encoder and returns its per-layer hook; `run(hook)` (on the prefill thread) prefills,
+        calling the hook per layer. `emit(kind, chunk)` ("header" | "frame") queues a chunk
+        (bounded by SEND_QUEUE_BYTES); a sender sends it through `shaper`. overlap=False:
+        frames are made only after the whole prefill, as a pull-after-prefill connector does."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        gate = ByteGate(SEND_QUEUE_BYTES, cancel)
+        sent = 0
 
         def emit(kind: str, chunk: bytes) -> None:
             gate.acquire(len(chunk))
             loop.call_soon_threadsafe(queue.put_nowait, (kind, chunk))
 
-        enc = StreamingEncoder(self.engine, ids, policy, scoring, emit)
-        shaper = LinkShaper(opt.link_gbps, opt.link_latency_s)
-        sent = 0
+        hook = start(emit)
 
         async def sender() -> None:
             nonlocal sent
@@ -151,19 +213,19 @@ class PrefillServer:
                 gate.release(len(chunk))
                 sent += len(chunk)
 
-        def on_layer(i, kv, wq) -> None:
+        def on_layer(*args) -> None:
             if cancel.is_set():
                 raise Cancelled("the decode worker went away")
-            enc.on_layer(i, kv, wq)
+            hook(*args)
 
         def run_prefill() -> float:
             if cancel.is_set():  # it left while this request queued
                 raise Cancelled("the decode worker went away before prefill started")
-            if opt.overlap:
-                prefill(self.engine, ids, on_layer=on_layer)
+            if overlap:
+                run(on_layer)
                 return time.perf_counter()
             layers: list = []
-            prefill(self.engine, ids, on_layer=lambda *a: layers.append(a))
+            run(lambda *a: layers.append(a))
             done = time.perf_counter()
             for layer in layers:
                 on_layer(*layer)
@@ -183,26 +245,31 @@ class PrefillServer:
         finally:
             cancel.set()  # wakes a prefill thread waiting on the gate
             send_task.cancel()
-        sent_end = time.perf_counter()
-        done = PrefillDone(
-            request_id=req.request_id,
-            prefill_s=prefill_end - t0,
-            encode_s=enc.encode_s,
-            wire_s=shaper.wire_s,
-            transfer_exposed_s=max(0.0, sent_end - prefill_end),
-            wire_bytes=sent,
-            fp16_bytes=enc.plan.fp16_bytes if enc.plan else 0,
-            nominal_budget=enc.plan.nominal_budget if enc.plan else 0.0,
-        )
-        await ch.send(Kind.DONE, encode(done))
-        return done
+        return Streamed(prefill_end - t0, max(0.0, time.perf_counter() - prefill_end), sent)
+
+
+@dataclass
+class Streamed:
+    """What `PrefillServer.stream` did: prefill seconds, seconds of sending left after the
+    prefill ended, bytes sent."""
+
+    prefill_s: float
+    exposed_s: float
+    sent: int
 
 
 async def serve_prefill(
-    engine: Engine, host: str, port: int, secret: bytes, tls: ssl.SSLContext | None = None
+    engine: Engine,
+    host: str,
+    port: int,
+    secret: bytes,
+    tls: ssl.SSLContext | None = None,
+    scd_artifacts: str | None = None,
 ) -> None:
-    """Serve until cancelled. `tls`: a server context (transport.tls.server_context) or None."""
-    server = PrefillServer(engine, secret)
+    """Serve until cancelled. `tls`: a server context (transport.tls.server_context) or None.
+    `scd_artifacts`: a directory of SCD artifacts this worker answers SCD requests with."""
+    scd = ArtifactStore(scd_artifacts, engine) if scd_artifacts else None
+    server = PrefillServer(engine, secret, scd)
     srv = await serve(server.handle, host, port, tls)
     bound = srv.sockets[0].getsockname()[1]
     print(f"READY prefill {host}:{bound}", flush=True)

@@ -10,6 +10,7 @@ at patch layers `i.h.{mu,basis}` (A's attention-input PCA) and `i.al.{lin,up,dow
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,12 @@ class Artifact:
         return self._aligners[layer]
 
 
+def digest(art: Artifact) -> str:
+    """The artifact's identity on the wire: sha256 (hex) of its manifest, which records the
+    tensors' sha256, so two artifacts share a digest only when both agree."""
+    return hashlib.sha256(msgspec.json.encode(art.manifest)).hexdigest()
+
+
 def check_models(art: Artifact, producer: Fingerprint, consumer: Fingerprint) -> None:
     """ArtifactMismatchError unless the artifact was calibrated for this producer and consumer."""
     for role, want, got in (
@@ -94,8 +101,8 @@ def save(art: Artifact, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous() for k, v in art.tensors.items()}
     save_file(tensors, str(out / "tensors.safetensors"))
-    digest = sha256_file(out / "tensors.safetensors")
-    manifest = msgspec.structs.replace(art.manifest, tensors_sha256=digest)
+    sha = sha256_file(out / "tensors.safetensors")
+    manifest = msgspec.structs.replace(art.manifest, tensors_sha256=sha)
     (out / "manifest.json").write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
     art.manifest = manifest
     return out

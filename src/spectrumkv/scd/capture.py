@@ -14,6 +14,7 @@ import torch
 
 from ..engines.hf import Engine, Prefilled, prefill
 from ..errors import IncompatiblePayloadError
+from ..importance import WindowQueries
 from ..kv import LayerKV
 from . import rope
 
@@ -57,10 +58,10 @@ def capture(
     engine: Engine,
     ids: torch.Tensor,
     input_layers: Iterable[int] = (),
-    on_layer: Callable[[int, LayerKV, torch.Tensor | None], None] | None = None,
+    on_layer: Callable[[int, LayerKV, torch.Tensor | None, WindowQueries], None] | None = None,
 ) -> Captured:
     """Prefill 1-D `ids`, capturing the attention inputs of `input_layers`.
-    `on_layer(i, kv, attention_input or None)` runs as each layer completes."""
+    `on_layer(i, kv, attention_input or None, window_queries)` runs as each layer completes."""
     check_supported(engine)
     wanted = set(input_layers)
     inputs: dict[int, torch.Tensor] = {}
@@ -78,9 +79,9 @@ def capture(
         for i in sorted(wanted)
     ]
 
-    def layer_done(i, kv, _window):
+    def layer_done(i, kv, window):
         if on_layer is not None:
-            on_layer(i, kv, inputs.get(i))
+            on_layer(i, kv, inputs.get(i), window)
 
     try:
         pre = prefill(engine, ids, on_layer=layer_done)

@@ -66,7 +66,7 @@ def encode(art: Artifact, engine_a: Engine, ids: torch.Tensor) -> list[LayerCode
         engine_a,
         ids,
         input_layers=art.manifest.patch_layers,
-        on_layer=lambda i, kv, x: codes.append(encode_layer(art, engine_a, i, kv, x)),
+        on_layer=lambda i, kv, x, _w: codes.append(encode_layer(art, engine_a, i, kv, x)),
     )
     return codes
 

@@ -35,6 +35,7 @@ class Kind(IntEnum):
     FRAME = 6
     DONE = 7
     ERROR = 8
+    SCD_REQUEST = 9  # spectrumkv.scd.protocol.ScdRequest
 
 
 class TransportError(SpectrumKVError):

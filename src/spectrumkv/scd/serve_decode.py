@@ -1,0 +1,154 @@
+"""The decode worker's SCD side (`serve decode --model B --scd ARTIFACT`): per request, B asks
+model A's prefill worker for SCD codes (naming the artifact by digest), verifies each frame as it
+arrives and rebuilds that layer of B's cache at once (`codes.reconstruct_layer`, on the unpack
+thread, overlapping the transfer), then generates from it.
+
+Methods (the request's `spectrumkv.method`; default `scd` on such a worker): `scd` (codes, FP16
+or quantized under `spectrumkv.code_budget`), `recompute` (B's own prefill), `raw` (A's FP16 KV
+used as-is by B: a baseline, only when a request asks for it by name), `kv` (a KV payload,
+which from a prefill worker of another model is refused by its fingerprint and recomputed).
+Failures end as KV failures do (recompute or HTTP 502), with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ..engines.hf import Engine
+from ..errors import IncompatiblePayloadError
+from ..kv import LayerKV
+from ..pd.fetch import KvReceiver, Transfer, fetch
+from ..pd.openai import ApiError, Job
+from ..pd.protocol import PrefillRequest, TransferOptions
+from ..transport.framing import Kind
+from ..wire import tokens_digest
+from .artifact import Artifact, ArtifactMismatchError, load
+from .codes import reconstruct_layer
+from .protocol import ScdRequest
+from .wire import Layout, ScdDecoder
+
+METHODS = ("kv", "scd", "raw", "recompute")
+_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class ScdReceiver:
+    """SCD codes for B (`engine`) rebuilt into B's cache one layer at a time, as each frame
+    is verified. `n_tokens` / `digest`: the prompt's length and `wire.tokens_digest`; every
+    message is capped at the largest valid frame for n_tokens before it is read."""
+
+    def __init__(
+        self, art: Artifact, layout: Layout, engine: Engine, n_tokens: int, digest: int
+    ) -> None:
+        self.art, self.engine, self.digest = art, engine, digest
+        self.dec = ScdDecoder(layout)
+        self.cap = layout.max_message_bytes(n_tokens)
+        self.layers: list[LayerKV] = []
+        self.reconstruct_s = 0.0
+
+    def max_bytes(self) -> int:
+        return self.cap
+
+    def feed_header(self, body: bytes) -> None:
+        if self.dec.feed_header(body).tokens_digest != self.digest:
+            raise IncompatiblePayloadError("the SCD payload is not for this request's prompt")
+
+    def feed_frame(self, body: bytes) -> None:
+        code = self.dec.feed_frame(body)
+        t0 = time.perf_counter()
+        self.layers.append(reconstruct_layer(self.art, self.engine, code))
+        self.reconstruct_s += time.perf_counter() - t0
+
+    def finish(self) -> tuple[list[LayerKV], int]:
+        header, _ = self.dec.finish()
+        return self.layers, header.n_tokens
+
+
+class ScdClient:
+    """The artifact a decode worker of B serves with (checked against B at start-up), its
+    metrics (in the worker's `registry`), and the per-request fetches."""
+
+    def __init__(self, path: str, engine: Engine, registry: CollectorRegistry) -> None:
+        self.art = load(path)
+        if self.art.manifest.consumer != engine.fingerprint:
+            raise ArtifactMismatchError(
+                f"--scd {path} was calibrated for another consumer model than {engine.name}"
+            )
+        self.engine, self.layout = engine, Layout.of(self.art)
+        self.bytes = Counter(
+            "spectrumkv_scd_bytes",
+            "SCD-path payload bytes received, by method (scd codes, raw KV of A)",
+            ["method"],
+            registry=registry,
+        )
+        self.reconstruct = Histogram(
+            "spectrumkv_scd_reconstruct_seconds",
+            "B's rebuild of its cache from SCD codes, per request",
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+
+    async def fetch(self, worker, method: str, rid: str, job: Job) -> Transfer:
+        """Codes (method scd) or A's raw FP16 KV (method raw) for the prompt of `job`, through
+        `worker` (a pd.decode_worker.DecodeWorker: its channel, deadline, unpack thread)."""
+        ids = job.ids[:-1].tolist()
+        digest, t = tokens_digest(ids), job.transfer
+        if method == "raw":
+            self._check_raw()
+            opt = TransferOptions("fp16", None, 0, t.link_gbps, t.link_latency_s, t.overlap)
+            rx = KvReceiver(self.art.manifest.producer, digest)
+            kind, body = Kind.REQUEST, msgspec.json.encode(PrefillRequest(rid, ids, opt))
+        else:
+            req = ScdRequest(
+                rid,
+                ids,
+                self.layout.artifact,
+                self.engine.fingerprint,
+                job.code_budget,
+                t.score_layers,
+                t.link_gbps,
+                t.link_latency_s,
+                t.overlap,
+            )
+            rx = ScdReceiver(self.art, self.layout, self.engine, len(ids), digest)
+            kind, body = Kind.SCD_REQUEST, msgspec.json.encode(req)
+        out = await fetch(
+            worker.open_channel, kind, body, rx, worker.cfg.deadline_s, worker.unpacker
+        )
+        out.method = method
+        if isinstance(rx, ScdReceiver):
+            out.reconstruct_s = rx.reconstruct_s
+            self.reconstruct.observe(rx.reconstruct_s)
+        if out.done is not None:
+            self.bytes.labels(method).inc(out.done.wire_bytes)
+        return out
+
+    def _check_raw(self) -> None:
+        a, b = self.art.manifest.producer, self.art.manifest.consumer
+        if (a.rope, a.kv_dtype) != (b.rope, b.kv_dtype):
+            raise IncompatiblePayloadError(
+                "raw reuse needs the same RoPE settings and KV dtype in both models"
+            )
+
+
+def resolve_method(job: Job, scd: ScdClient | None) -> str:
+    """The method a request runs: its `spectrumkv.method`, else scd on a worker started with
+    --scd, kv otherwise. ApiError 400 for scd/raw without --scd, or a code_budget without scd."""
+    method = job.method or ("scd" if scd is not None else "kv")
+    if method in ("scd", "raw") and scd is None:
+        raise ApiError(
+            400,
+            f"method {method!r} needs a decode worker started with --scd ARTIFACT",
+            param="spectrumkv.method",
+            code="invalid_value",
+        )
+    if job.code_budget is not None and method != "scd":
+        raise ApiError(
+            400,
+            "code_budget applies to method 'scd' only",
+            param="spectrumkv.code_budget",
+            code="invalid_value",
+        )
+    return method
