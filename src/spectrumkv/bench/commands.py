@@ -155,7 +155,8 @@ def _cmd_load(args: argparse.Namespace) -> None:
 
     from . import load
 
-    report = load.run_load(args.model, args.clients, args.duration, max_tokens=args.max_tokens)
+    report = load.run_load(args.model, args.clients, args.duration, max_tokens=args.max_tokens,
+                           kv_pool_mb=args.kv_pool_mb)  # fmt: skip
     summary = {k: v for k, v in asdict(report).items() if k != "memory"}
     print(json.dumps(summary, indent=1))
     if args.json:
@@ -246,6 +247,8 @@ def register(bench: argparse._SubParsersAction) -> None:
     bl.add_argument("--clients", type=int, default=32)
     bl.add_argument("--duration", type=float, default=150.0, help="seconds of load")
     bl.add_argument("--max-tokens", type=int, default=4)
+    bl.add_argument("--kv-pool-mb", type=float, default=0.0,
+                    help="the decode engine's page pool, MiB (0 = its default)")  # fmt: skip
     bl.add_argument("--json", help="write the report (memory samples included) here")
     bl.add_argument("--plot", help="write a PNG of both workers' memory over time")
     bl.set_defaults(func=_cmd_load)

@@ -13,8 +13,8 @@ TCP proxy that applies one fault per connection to the byte stream:
 
 Every request must either complete with the reference answer (the transfer survived, or the
 decode worker recomputed) or fail with a clear HTTP 502 error, within its deadline; afterwards
-the decode worker must hold no in-flight request, and its memory must not grow with the number
-of faults.
+the decode worker must hold no in-flight request and (its batch engine) no KV pages, and its
+memory must not grow with the number of faults.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 from ..pd.client import complete, get_json, token_ids
 from ..pd.launch import Cluster, rss_mb
+from ..serve.metrics import read as read_metrics
 
 FAULTS = ("none", "close", "stall", "corrupt", "kill")
 
@@ -192,11 +193,13 @@ def run_faults(
                 flush=True,
             )
         _, health = get_json(c.url, "/health")
+        pages = read_metrics(c.url).get("spectrumkv_engine_pages{state=used}")
         summary = {
             "rounds": rounds,
             "outcomes": dict(Counter(r.outcome for r in records)),
             "faults": dict(Counter(r.fault for r in records)),
             "in_flight_after": health["in_flight"],
+            "pages_used_after": None if pages is None else int(pages),  # None: no batch engine
             "decode_rss_mb_start": rss_start,
             "decode_rss_mb_end": rss_mb(decode_pid),
             "max_seconds": max(r.seconds for r in records),
@@ -207,9 +210,13 @@ def run_faults(
 
 
 def is_clean(summary: dict) -> bool:
-    """No wrong answers, no 500s, no hangs, no stuck requests."""
+    """No wrong answers, no 500s, no hangs, no stuck requests, no KV pages left held."""
     good = {"ok", "recomputed", "failed_clearly"}
-    return set(summary["outcomes"]) <= good and summary["in_flight_after"] == 0
+    return (
+        set(summary["outcomes"]) <= good
+        and summary["in_flight_after"] == 0
+        and summary.get("pages_used_after") in (0, None)
+    )
 
 
 def write_json(records: list[FaultRecord], summary: dict, path: str) -> None:
