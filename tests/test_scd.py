@@ -78,7 +78,13 @@ def test_rope_round_trip_both_settings(tmp_path):
     assert torch.allclose(back, raw, atol=2e-2)
 
 
-def test_full_rank_same_model_reproduces_cache(tmp_path, corpus):
+def test_full_rank_same_model_reproduces_cache(tmp_path, corpus, monkeypatch):
+    from spectrumkv.scd import calibrate as cal
+
+    def no_patch_fits(*args, **kwargs):
+        raise AssertionError("max_patches 0 must not fit patch candidates")
+
+    monkeypatch.setattr(cal, "fit_aligner", no_patch_fits)
     a = load(_tiny(tmp_path / "a", 1))
     art = calibrate(
         a, a, CalibConfig(corpus=corpus, code_budget=1.0, **(SMALL | {"max_patches": 0}))
@@ -139,7 +145,8 @@ def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):
     from spectrumkv.scd import finetune as ft
 
     base = _tiny(tmp_path / "base", 2)
-    recipe = Recipe(base=base, corpus=corpus, steps=3, lr=1e-3, batch=1, seq_len=16, warmup=1)
+    recipe = Recipe(base=base, corpus=corpus, steps=3, lr=1e-3, batch=1, seq_len=16, warmup=1,
+                    attn_lr_scale=3.0)  # fmt: skip
     straight = finetune(recipe, tmp_path / "straight")
     real_batch = ft._batch
 
@@ -171,6 +178,42 @@ def test_recipe_schedule_validation_and_digest():
     assert all(x >= y for x, y in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 1e-4
     assert Recipe(base="m", decay="constant", warmup=0).lr_at(23) == Recipe(base="m").lr
     assert Recipe(base="m", clip=0.0).digest() != Recipe(base="m").digest()
-    for bad in (dict(decay="linear"), dict(clip=-1.0), dict(lr=0.0), dict(train_embeddings=1)):
+    assert Recipe(base="m", attn_lr_scale=2.0).digest() != Recipe(base="m").digest()
+    bads = (dict(decay="linear"), dict(clip=-1.0), dict(lr=0.0), dict(train_embeddings=1),
+            dict(attn_lr_scale=0.0), dict(lr=0.1, attn_lr_scale=20.0))  # fmt: skip
+    for bad in bads:
         with pytest.raises(ConfigError):
             Recipe(base="m", **bad)
+
+
+def test_topic_corpus_splits_stay_apart_from_wiki_eval():
+    from spectrumkv.errors import ConfigError
+    from spectrumkv.scd.splits import corpus_text, split_text
+
+    topic = "wiki:Biology and health sciences"
+    text = corpus_text(topic)
+    assert 0 < len(text) < len(load_text("wiki")) / 3
+    tuned = set(split_text(topic, "finetune").split("\n\n")) - {""}
+    for other, split in ((topic, "eval"), (topic, "dev"), (topic, "calib"), ("wiki", "eval")):
+        assert not tuned & set(split_text(other, split).split("\n\n")), (other, split)
+    with pytest.raises(ConfigError, match="topics"):
+        corpus_text("wiki:No such topic")
+
+
+def test_report_renders_scd_eval(tmp_path):
+    from spectrumkv.eval.report import write_report
+
+    recs = [
+        {"method": m, "bytes_ratio": br, "delta_pct": d, "delta_pct_chunk_std": 1.0, "kl": k,
+         "kl_chunk_std": 0.01, "exact_prefix": 3.0, "token_f1": 0.5, "rebuild_s": 0.1,
+         "chunks": 2, "context": 1024, "continuation": 128}
+        for m, br, d, k in (("oracle", 1.0, 0.0, 0.0), ("raw", 1.0, 8.0, 0.2),
+                            ("scd", 0.5, 1.5, 0.04))
+    ]  # fmt: skip
+    result = {"records": recs, "layer_errors": {"raw": [[0.1, 0.2]] * 3, "scd": [[0.01, 0.05]] * 3},
+              "manifest": {"patch_layers": [1], "kl_dev": 0.03, "eps": 0.02}}  # fmt: skip
+    (tmp_path / "scd.json").write_text(json.dumps(result))
+    md = write_report([str(tmp_path / "scd.json")], str(tmp_path / "out")).read_text()
+    assert "| scd | 0.500 | +1.50 %" in md and "patch layers [1]" in md
+    for png in ("scd-pareto.png", "scd-layers.png"):
+        assert f"({png})" in md and (tmp_path / "out" / png).stat().st_size > 1000

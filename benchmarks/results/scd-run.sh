@@ -1,18 +1,28 @@
 #!/bin/bash
-# SCD measurement on the default pair: fine-tune (cached), pair health check, calibrations
-# (main + same-model control), then eval. Artifacts and logs outside the repo.
+# SCD measurement on the built-in pair (issue 19): smollm2-135m (A) -> smollm2-135m-wiki (B, a
+# full fine-tune on the Spanish Wikipedia summaries, cached by recipe digest). Pair health on B's
+# domain (wiki-es) and on general English text (wiki), calibrations (main + same-model control)
+# on wiki-es, eval on held-out wiki-es chunks, report. Artifacts and logs outside the repo.
+# CHUNKS: held-out eval chunks (default 10).
 cd /work/main
-set -x
-A=smollm2-135m; B=smollm2-135m-wiki; ART=/work/scd-artifacts2; LOG=/work/scd-logs
+set -ex
+A=smollm2-135m; B=smollm2-135m-wiki; T=wiki-es; BUDGET=0.6
+ART=/work/scd-artifacts3; LOG=/work/scd-logs; R=benchmarks/results; CHUNKS=${CHUNKS:-10}
+S=".venv/bin/spectrumkv scd"
 mkdir -p $ART $LOG
-.venv/bin/spectrumkv scd finetune --threads 2 > $LOG/ft.log 2>&1
-.venv/bin/spectrumkv scd pair --producer $A --consumer $B --chunks 6 --threads 2 \
-  > benchmarks/results/scd-pair.json 2> $LOG/pair.log
-.venv/bin/spectrumkv scd calibrate --producer $A --consumer $B --out $ART/main --threads 1 > $LOG/cal-main.log 2>&1 &
+$S finetune --threads 2 > $LOG/ft.log 2>&1
+$S calibrate --producer $A --consumer $B --corpus $T --prompts 16 --code-budget $BUDGET \
+  --out $ART/main --threads 1 > $LOG/cal-main.log 2>&1 &
 P1=$!
-.venv/bin/spectrumkv scd calibrate --producer $B --consumer $B --max-patches 0 --out $ART/control --threads 1 > $LOG/cal-control.log 2>&1 &
+$S calibrate --producer $B --consumer $B --corpus $T --prompts 16 --code-budget $BUDGET \
+  --max-patches 0 --out $ART/control --threads 1 > $LOG/cal-control.log 2>&1 &
 P2=$!
+$S pair --producer $A --consumer $B --corpus $T --chunks $CHUNKS --threads 1 \
+  > $R/scd-pair.json 2> $LOG/pair.log
+$S pair --producer $A --consumer $B --corpus wiki --chunks $CHUNKS --threads 1 \
+  > $R/scd-pair-general.json 2> $LOG/pair-general.log
 wait $P1 $P2
-.venv/bin/spectrumkv scd eval --producer $A --consumer $B --artifact $ART/main --control $ART/control \
-  --chunks 6 --json benchmarks/results/scd-eval.json --plots benchmarks/results/scd --threads 2 > $LOG/eval.log 2>&1
+$S eval --producer $A --consumer $B --artifact $ART/main --control $ART/control --corpus $T \
+  --chunks $CHUNKS --json $R/scd-eval.json --plots $R/scd --threads 2 > $LOG/eval.log 2>&1
+.venv/bin/spectrumkv report $R/scd-eval.json --out $LOG/report
 echo done

