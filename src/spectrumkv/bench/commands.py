@@ -43,8 +43,13 @@ def _cmd_ttft_scd(args: argparse.Namespace) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     links = [float(x) for x in args.links.split(",")]
     ttft_scd.print_header()
-    records = ttft_scd.run_ttft_scd(args.producer, args.model, args.artifact, lengths, links,
-                                    args.code_budget)  # fmt: skip
+    if args.from_json:
+        records = ttft_scd.load_json(args.from_json)
+        for r in records:
+            ttft_scd.print_row(r)
+    else:
+        records = ttft_scd.run_ttft_scd(args.producer, args.model, args.artifact, lengths, links,
+                                        args.code_budget)  # fmt: skip
     for line in ttft_scd.verdict(records):
         print(line)
     m = load(args.artifact).manifest.consumer

@@ -11,6 +11,10 @@ recompute (`on_failure="recompute"`: this worker prefills the prompt itself, and
 says why) or in an HTTP 502 (`on_failure="fail"`), never in a hang or a broken cache. A peer
 that keeps failing opens a circuit breaker (breaker.py). A client that goes away stops its
 generation before the next token and closes its KV transfer, which cancels the prefill.
+
+With `--scd ARTIFACT` (model B served from model A's prefill worker) the request's
+`spectrumkv.method` picks SCD codes, A's raw KV, recompute or a KV payload
+(scd/serve_decode.py); the receive loop for every method is pd/fetch.py's.
 """
 
 from __future__ import annotations

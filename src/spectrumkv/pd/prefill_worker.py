@@ -7,7 +7,9 @@ prefill at a time; requests on other connections queue. A bad request gets an ER
 never a crash. A request whose decode worker closes the connection is cancelled: skipped if it
 is still queued, stopped at the next layer if it is prefilling, its frames dropped if sending.
 Frames wait to be sent in a queue bounded in bytes (the prefill thread waits when it is full).
-One log line per request.
+One log line per request. With `--scd-artifacts DIR`, SCD requests (`Kind.SCD_REQUEST`) are
+answered with SCD codes made during the prefill (scd/serve_prefill.py), through the same
+`stream` path.
 """
 
 from __future__ import annotations

@@ -106,23 +106,20 @@ class ScdStreamer:
 
     def on_layer(self, i: int, kv, attn_input, window) -> None:
         t0 = time.perf_counter()
-        code = encode_layer(self.art, self.engine, i, kv, attn_input)
-        if self.tiers is None:
+        self.held.append(encode_layer(self.art, self.engine, i, kv, attn_input))
+        if self.tiers is None:  # quantized codes: plan once the scoring layers are done
             self.kv.append(kv)
             self.window.append(window)
-            self.held.append(code)
-            if i + 1 >= self.k:
-                scores, _ = score_tokens(self.scoring, self.n, self.kv, self.window)
-                self.tiers = code_tiers(self.n, scores, self.int8)
-                ready, self.held, self.kv, self.window = self.held, [], [], []
+            if i + 1 < self.k:
                 self.encode_s += time.perf_counter() - t0
-                for c in ready:
-                    self._frame(c)
                 return
-            self.encode_s += time.perf_counter() - t0
-            return
+            scores, _ = score_tokens(self.scoring, self.n, self.kv, self.window)
+            self.tiers = code_tiers(self.n, scores, self.int8)
+            self.kv, self.window = [], []
         self.encode_s += time.perf_counter() - t0
-        self._frame(code)
+        ready, self.held = self.held, []
+        for code in ready:
+            self._frame(code)
 
     def _frame(self, code: LayerCode) -> None:
         t0 = time.perf_counter()
