@@ -322,14 +322,16 @@ def plot(records: list[Record], path: str) -> None:
                 pts.setdefault(r.concurrency, []).append(r.tokens_per_s)
         cs = sorted(pts)
         ys = [statistics.median(pts[c]) for c in cs]
+        label = name if len(cs) > 1 else f"{name} (at {cs[0]})"
         if name == "sequential":  # one request at a time whatever the concurrency
             cs = sorted({r.concurrency for r in records})
             ys = ys * len(cs)
-        ax.plot(cs, ys, marker="o", label=name)
+        ax.plot(cs, ys, marker="o", label=label, linestyle="--" if "(" in label else "-")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("aggregate decode tokens/s")
-    ax.set_title("decode throughput, smollm2-135m, 2-core CPU (shared, noisy)")
+    via = "via HTTP" if records[0].extra.get("mode") == "http" else "in process"
+    ax.set_title(f"decode tokens/s, {via}, shared 2-core CPU")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
