@@ -62,6 +62,27 @@ def test_batched_greedy_equals_each_alone(smol, prompts, engine):
     assert engine.cache.free_pages == engine.total_pages
 
 
+def test_chunked_local_prefill_decodes_beside_the_batch(smol, prompts):
+    """prefill_chunk: a local prefill runs 16 tokens per iteration with decode steps between;
+    its tokens equal the one-at-a-time path's; a cancelled one (queued or prefilling) gives back
+    its reservation."""
+    eng = BatchEngine(smol, EngineConfig(pool_mb=24, prefill_chunk=16))
+    try:
+        greedy = SamplingParams(max_tokens=N)
+        (_, last0, pre0), (ctx, last, pre) = prompts[0], prompts[3]
+        first = eng.submit(greedy, last0, pre0.n_tokens, layers=pre0.layers)
+        local = eng.submit(greedy, last, ctx.numel(), context=ctx)
+        assert first.wait(120).token_ids == _alone(smol, pre0, last0)
+        assert local.wait(120).token_ids == _alone(smol, pre, last)
+        gone = eng.submit(greedy, last, ctx.numel(), context=ctx)
+        gone.cancel()
+        with pytest.raises(Cancelled):
+            gone.wait(60)
+        assert eng.load()["pages_reserved"] == 0 and eng.cache.free_pages == eng.total_pages
+    finally:
+        eng.close()
+
+
 def test_payload_with_dropped_tokens_decodes_into_pages(smol, prompts, engine):
     _, last, pre = prompts[3]
     header, plan = skv.plan_transfer(smol, pre, skv.PolicyConfig("pdtrim", budget=0.5))

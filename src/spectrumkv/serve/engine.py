@@ -5,7 +5,9 @@ requests, in arrival order, whose whole need fits the pool: the pages of their k
 tokens plus `max_tokens` new ones are *reserved* at admission, so an admitted request never
 fails for lack of pages and nothing is ever preempted or evicted; (2) writes each admitted
 request's prompt KV straight into its pages (a received payload's kept tokens, or a local
-prefill for the recompute path, run between decode steps); (3) runs one batched model step for
+prefill for the recompute path, run between decode steps: whole, or with `prefill_chunk` > 0
+one chunk of that many tokens per iteration, so decode steps go on in between); (3) runs one
+batched model step for
 every active request (one new token each) and samples per request; (4) retires requests that hit
 EOS, a stop string, `max_tokens`, or were cancelled, returning their pages at once.
 
@@ -26,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from ..engines.hf import Engine, prefill
+from ..engines.hf import _layer_kv as layer_kv  # one prefilled layer's KV, in the KV dtype
 from ..errors import ConfigError, SpectrumKVError
 from ..kv import LayerKV
 from ..paged.cache import PagedKVCache
@@ -56,10 +60,13 @@ class EngineConfig:
     max_queue: int = 64
     queue_timeout_s: float = 30.0
     route: str = "adaptive"
+    prefill_chunk: int = 0  # recompute path: tokens prefilled per iteration (0 = whole)
 
     def __post_init__(self) -> None:
         if not self.pool_mb > 0 or self.page_size < 1 or self.max_batch < 1:
             raise ConfigError(f"pool_mb, page_size and max_batch must be positive: {self}")
+        if self.prefill_chunk < 0:
+            raise ConfigError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.route not in ROUTES:
             raise ConfigError(f"unknown route {self.route!r}; choose from {', '.join(ROUTES)}")
         if self.max_queue < 0 or not self.queue_timeout_s >= 0:
@@ -131,6 +138,9 @@ class _Job:
     rng: torch.Generator | None = None
     stop: StopText | None = None  # set once started (its pages written)
     ended: bool = False
+    admitted: bool = False  # its pages are reserved
+    kv: DynamicCache | None = None  # a chunked local prefill in progress
+    prefilled: int = 0  # context tokens in `kv`
 
 
 @dataclass
@@ -170,6 +180,7 @@ class BatchEngine:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
+        self._prefilling: deque[_Job] = deque()  # admitted, local prefill under way (chunked)
         self._active: list[_Job] = []
         self._committed = 0  # pages reserved by admitted requests
         self._closed = False
@@ -274,14 +285,17 @@ class BatchEngine:
             for job in admitted:
                 self._start(job)
             self._retire(lambda j: j.gen._cancel.is_set(), Cancelled("the client went away"))
+            if self._prefilling:
+                self._prefill_chunk()
             if self._active:
                 self._step()
-            elif not admitted:
+            elif not admitted and not self._prefilling:
                 with self._cond:  # only waiting requests that do not fit: wait for a change
                     self._cond.wait(0.05)
         with self._cond:
-            leftovers = list(self._waiting) + self._active
+            leftovers = list(self._waiting) + list(self._prefilling) + self._active
             self._waiting.clear()
+            self._prefilling.clear()
         for job in leftovers:
             self._finish(job, SpectrumKVError("the engine was closed"))
 
@@ -296,9 +310,10 @@ class BatchEngine:
                 job.gen.error = Cancelled("the client went away")
                 job.gen._done.set()
                 continue
-            room = len(self._active) + len(out) < self.cfg.max_batch
+            room = len(self._active) + len(self._prefilling) + len(out) < self.cfg.max_batch
             if room and self._committed + job.pages <= self.total_pages:
                 self._committed += job.pages
+                job.admitted = True
                 out.append(self._waiting.popleft())
             elif now - job.t_queued >= self.cfg.queue_timeout_s:
                 self._waiting.popleft()
@@ -312,18 +327,19 @@ class BatchEngine:
         return out
 
     def _start(self, job: _Job) -> None:
-        """Write the job's prompt into its pages (prefilling it first on the recompute path)."""
+        """Write the job's prompt into its pages (prefilling it first on the recompute path:
+        whole now, or queued for `_prefill_chunk` when prefill_chunk > 0)."""
         try:
             layers = job.layers
+            if layers is None and self.cfg.prefill_chunk:
+                job.kv = DynamicCache(config=self.engine.model.config)
+                self._prefilling.append(job)
+                return
             if layers is None:
                 layers = prefill(self.engine, job.context).layers
             self.runner.write_prompt(job.rid, layers, job.position)
         except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
-            with self._cond:
-                self._committed -= job.pages
-            job.gen.error = e
-            job.gen._done.set()
-            self.stats.failed += 1
+            self._finish(job, e)
             return
         job.layers = job.context = None  # the pages hold it now
         p = job.gen.params
@@ -332,6 +348,30 @@ class BatchEngine:
         )
         job.stop = StopText(self.engine.tokenizer, p.stop)
         self._active.append(job)
+
+    @torch.inference_mode()
+    def _prefill_chunk(self) -> None:
+        """The next `prefill_chunk` tokens of the oldest chunked local prefill; once its whole
+        context is in, its KV goes into pages and it joins the decode batch."""
+        job = self._prefilling[0]
+        try:
+            if job.gen._cancel.is_set():
+                raise Cancelled("the client went away")
+            n, a = int(job.context.numel()), job.prefilled
+            b = min(n, a + self.cfg.prefill_chunk)
+            self.engine.model(input_ids=job.context[a:b].view(1, -1), past_key_values=job.kv,
+                              use_cache=True, logits_to_keep=1)  # fmt: skip
+            job.prefilled = b
+            if b < n:
+                return
+            self._prefilling.popleft()
+            job.layers = [layer_kv(self.engine, job.kv, i, n) for i in range(len(job.kv.layers))]
+            job.kv = None
+        except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
+            self._prefilling.popleft()
+            self._finish(job, e)
+            return
+        self._start(job)
 
     def _step(self) -> None:
         jobs = self._active
@@ -385,8 +425,10 @@ class BatchEngine:
         """Free the job's pages and release its reservation; end its Generation."""
         if job.stop is not None:  # it was started: it holds pages
             self.runner.free(job.rid)
+        if job.admitted:
             with self._cond:
                 self._committed -= job.pages
+        job.kv = None
         g = job.gen
         if error is None and job.stop is not None:
             rest = job.stop.flush()

@@ -1,0 +1,99 @@
+"""Measure how a local prefill (the recompute path) should share the engine with decode steps:
+whole between two steps (`prefill_chunk` 0), or in chunks with decode steps in between.
+
+`python -m spectrumkv.serve.prefill_mix [--chunks 0,128,256,512] ...` runs, for each setting in
+one process on the same prompts: `decoding` requests (received KV of `decode_context` tokens
+each) decoding `max_tokens` tokens; once they decode, one request arrives whose
+`prefill_context`-token prompt must be prefilled locally. Reported per setting, between that
+request's arrival and its first token: the longest and median gap between consecutive decode
+steps (what the decoding requests' time per output token suffers) and their decode tokens/s;
+the recompute request's TTFT; and whether its tokens equal the first setting's (chunked
+attention sums in another order). Prints one JSON record a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ..assets import load_text
+from ..engines.hf import Engine, load, prefill
+from ..pd.sampling import SamplingParams
+from .engine import BatchEngine, EngineConfig
+
+
+def _prompt(engine: Engine, words: list[str], start: int, n: int) -> torch.Tensor:
+    ids = engine.tokenizer(" ".join(words[start : start + n]), return_tensors="pt")["input_ids"]
+    return ids[0][:n]
+
+
+def run(
+    engine: Engine,
+    chunks: list[int],
+    decoding: int = 8,
+    decode_context: int = 256,
+    prefill_context: int = 2048,
+    max_tokens: int = 48,
+) -> list[dict]:
+    words = load_text("wiki").split()
+    prompts = [_prompt(engine, words, 3000 * i, decode_context + 1) for i in range(decoding)]
+    received = [(p[-1].item(), prefill(engine, p[:-1])) for p in prompts]
+    long = _prompt(engine, words, 50_000, prefill_context + 1)
+    records, first = [], None
+    for chunk in chunks:
+        eng = BatchEngine(engine, EngineConfig(pool_mb=256, prefill_chunk=chunk))
+        ends: list[float] = []
+        eng.on_step = lambda n, s, r, ends=ends: ends.append(time.perf_counter())
+        p = SamplingParams(max_tokens=max_tokens)
+        gens = [eng.submit(p, last, pre.n_tokens, layers=pre.layers) for last, pre in received]
+        while len(ends) < 3:  # the batch is decoding
+            time.sleep(0.01)
+        rec = eng.submit(SamplingParams(max_tokens=8), long[-1].item(), prefill_context,
+                         context=long[:-1])  # fmt: skip
+        rec.wait(3600)
+        t0, t1 = rec.t_submit, rec.t_submit + rec.ttft_s  # arrival, first token
+        for g in gens:
+            g.wait(3600)
+        eng.close()
+        gaps = [b - a for a, b in zip(ends, ends[1:], strict=False) if t0 <= b <= t1]
+        first = first or rec.token_ids
+        records.append({
+            "prefill_chunk": chunk,
+            "decoding": decoding,
+            "prefill_context": prefill_context,
+            "max_step_gap_s": max(gaps, default=float("nan")),
+            "median_step_gap_s": statistics.median(gaps) if gaps else float("nan"),
+            "steps_during_prefill": len(gaps),
+            "recompute_ttft_s": rec.ttft_s,
+            "decode_tok_s_during_prefill": len(gaps) * decoding / (t1 - t0),
+            "tokens_equal_first_setting": rec.token_ids == first,
+        })  # fmt: skip
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--chunks", default="0,128,256,512")
+    ap.add_argument("--decoding", type=int, default=8)
+    ap.add_argument("--decode-context", type=int, default=256)
+    ap.add_argument("--prefill-context", type=int, default=2048)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", help="write the records here")
+    a = ap.parse_args()
+    engine = load(a.model, threads=a.threads)
+    records = run(engine, [int(c) for c in a.chunks.split(",")], a.decoding, a.decode_context,
+                  a.prefill_context, a.max_tokens)  # fmt: skip
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
