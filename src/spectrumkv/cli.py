@@ -279,9 +279,10 @@ def _add_serve(sub) -> None:
     )
     dc.add_argument(
         "--engine",
-        default="sequential",
-        choices=["sequential", "batched"],
-        help="batched: continuous batching over a paged KV cache; sequential: one at a time",
+        default="batched",
+        choices=["batched", "sequential"],
+        help="batched: continuous batching over a paged KV cache; sequential: one at a time "
+        "(the previous path, kept for comparison)",
     )
     dc.add_argument(
         "--kv-pool-mb", type=float, default=0.0, help="batched: KV page pool, MiB (0 = RAM/8)"

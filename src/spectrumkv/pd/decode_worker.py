@@ -69,7 +69,7 @@ class DecodeConfig:
     tls_ca: str | None = None
     breaker_threshold: int = 3
     breaker_cooldown_s: float = 10.0
-    engine: str = "sequential"  # or "batched": serve.BatchEngine, continuous batching
+    engine: str = "batched"  # serve.BatchEngine (continuous batching) or "sequential"
     kv_pool_mb: float = 0.0  # batched: KV page pool, MiB (0 = serve.engine.default_pool_mb)
     attention_route: str = "adaptive"  # batched: paged decode-attention route
     kv_queue_timeout_s: float = 30.0  # batched: longest wait for KV pages, then HTTP 503
