@@ -106,7 +106,7 @@ def _record(route, rounds, seed=0, chosen=None):
             "lengths": [100], "tokens_per_s": 8e3 / min(rounds), "chosen": chosen}  # fmt: skip
 
 
-def test_targets_use_least_times_paired_spreads_and_noise():
+def test_targets_use_paired_rounds_spreads_and_noise():
     def rows(ad_rounds, wq_rounds):
         recs = []
         for seed in range(3):
@@ -117,8 +117,8 @@ def test_targets_use_least_times_paired_spreads_and_noise():
 
     quiet = rows([5.0, 5.1, 5.0, 5.2, 5.0], [5.0, 5.0, 5.1, 5.0, 5.1])
     assert quiet["median"] == pytest.approx(1.0) and quiet["met"] and quiet["spread"] < 0.03
-    # adaptive's best round is 4 % slower, but its rounds scatter by more than that: noise
-    noisy = rows([5.2, 6.5, 5.4, 7.0, 5.3], [5.0, 7.0, 6.0, 5.1, 5.6])
+    # adaptive is 5 % slower in the median round, but the rounds scatter by more: noise
+    noisy = rows([5.0] * 5, [4.0, 4.25, 4.75, 5.25, 5.5])
     assert not noisy["met"] and noisy["met_within_noise"]
     # a steady 10 % loss is a loss
     slow = rows([5.5, 5.5, 5.6, 5.5, 5.5], [5.0, 5.0, 5.1, 5.0, 5.0])
