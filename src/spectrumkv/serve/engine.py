@@ -5,8 +5,8 @@ requests, in arrival order, whose whole need fits the pool: the pages of their k
 tokens plus `max_tokens` new ones are *reserved* at admission, so an admitted request never
 fails for lack of pages and nothing is ever preempted or evicted; (2) writes each admitted
 request's prompt KV straight into its pages (a received payload's kept tokens, or a local
-prefill for the recompute path, run between decode steps: whole, or with `prefill_chunk` > 0
-one chunk of that many tokens per iteration, so decode steps go on in between); (3) runs one
+prefill for the recompute path: one local prefill per iteration, between decode steps, whole
+or, with `prefill_chunk` > 0, one chunk of that many tokens per iteration); (3) runs one
 batched model step for
 every active request (one new token each) and samples per request; (4) retires requests that hit
 EOS, a stop string, `max_tokens`, or were cancelled, returning their pages at once.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..engines.hf import Engine, prefill
+from ..engines.hf import Engine
 from ..engines.hf import _layer_kv as layer_kv  # one prefilled layer's KV, in the KV dtype
 from ..errors import ConfigError, SpectrumKVError
 from ..kv import LayerKV
@@ -139,7 +139,7 @@ class _Job:
     stop: StopText | None = None  # set once started (its pages written)
     ended: bool = False
     admitted: bool = False  # its pages are reserved
-    kv: DynamicCache | None = None  # a chunked local prefill in progress
+    kv: DynamicCache | None = None  # its local prefill in progress
     prefilled: int = 0  # context tokens in `kv`
 
 
@@ -180,7 +180,7 @@ class BatchEngine:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
-        self._prefilling: deque[_Job] = deque()  # admitted, local prefill under way (chunked)
+        self._prefilling: deque[_Job] = deque()  # admitted, local prefill pending or under way
         self._active: list[_Job] = []
         self._committed = 0  # pages reserved by admitted requests
         self._closed = False
@@ -327,17 +327,14 @@ class BatchEngine:
         return out
 
     def _start(self, job: _Job) -> None:
-        """Write the job's prompt into its pages (prefilling it first on the recompute path:
-        whole now, or queued for `_prefill_chunk` when prefill_chunk > 0)."""
+        """Write the job's prompt into its pages; on the recompute path, queue its local prefill
+        for `_prefill_chunk` first."""
         try:
-            layers = job.layers
-            if layers is None and self.cfg.prefill_chunk:
+            if job.layers is None:
                 job.kv = DynamicCache(config=self.engine.model.config)
                 self._prefilling.append(job)
                 return
-            if layers is None:
-                layers = prefill(self.engine, job.context).layers
-            self.runner.write_prompt(job.rid, layers, job.position)
+            self.runner.write_prompt(job.rid, job.layers, job.position)
         except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
             self._finish(job, e)
             return
@@ -351,14 +348,16 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _prefill_chunk(self) -> None:
-        """The next `prefill_chunk` tokens of the oldest chunked local prefill; once its whole
-        context is in, its KV goes into pages and it joins the decode batch."""
+        """The oldest local prefill: whole, or its next `prefill_chunk` tokens (one call per
+        engine iteration, so decode steps run between two prefills or chunks, and a batch of
+        recomputes does not hold back the first one's tokens); once its whole context is in,
+        its KV goes into pages and it joins the decode batch."""
         job = self._prefilling[0]
         try:
             if job.gen._cancel.is_set():
                 raise Cancelled("the client went away")
             n, a = int(job.context.numel()), job.prefilled
-            b = min(n, a + self.cfg.prefill_chunk)
+            b = min(n, a + self.cfg.prefill_chunk) if self.cfg.prefill_chunk else n
             self.engine.model(input_ids=job.context[a:b].view(1, -1), past_key_values=job.kv,
                               use_cache=True, logits_to_keep=1)  # fmt: skip
             job.prefilled = b
