@@ -70,10 +70,13 @@ def test_chunked_local_prefill_decodes_beside_the_batch(smol, prompts):
     try:
         greedy = SamplingParams(max_tokens=N)
         (_, last0, pre0), (ctx, last, pre) = prompts[0], prompts[3]
+        want = _alone(smol, pre, last)
+        alone = eng.submit(SamplingParams(max_tokens=2), last, ctx.numel(), context=ctx)
+        assert alone.wait(120).token_ids == want[:2]  # its chunks alone: nothing else to step
         first = eng.submit(greedy, last0, pre0.n_tokens, layers=pre0.layers)
         local = eng.submit(greedy, last, ctx.numel(), context=ctx)
         assert first.wait(120).token_ids == _alone(smol, pre0, last0)
-        assert local.wait(120).token_ids == _alone(smol, pre, last)
+        assert local.wait(120).token_ids == want
         gone = eng.submit(greedy, last, ctx.numel(), context=ctx)
         gone.cancel()
         with pytest.raises(Cancelled):

@@ -277,7 +277,7 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._active):
+                while not (self._closed or self._waiting or self._prefilling or self._active):
                     self._cond.wait()
                 if self._closed:
                     break
