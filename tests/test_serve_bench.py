@@ -55,3 +55,17 @@ def test_union_of_decode_intervals():
     assert union_s([]) == 0
     assert union_s([(0, 2), (1, 3), (5, 6)]) == 4
     assert union_s([(0, 10), (2, 3)]) == 10
+
+
+def test_vllm_server_that_dies_says_why(tmp_path, monkeypatch):
+    """A vLLM server that exits during start-up raises VllmUnavailable with its log's tail."""
+    import sys
+
+    from spectrumkv.serve import vllm_engine
+
+    fake = (sys.executable, "-c", "import sys; print('no AMX permission: SIGILL'); sys.exit(3)")
+    monkeypatch.setattr(vllm_engine, "SERVE", fake)
+    server = vllm_engine.VllmServer(vllm_engine.VllmSetup("smollm2-135m"), "smollm2-135m")
+    with pytest.raises(vllm_engine.VllmUnavailable, match="code 3:\n.*SIGILL"):
+        server.__enter__()
+    assert server.proc is None and not server.log_dir.exists()  # stopped, temp log removed

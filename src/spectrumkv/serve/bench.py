@@ -24,6 +24,7 @@ bandwidth limit: (weight bytes + KV bytes read in a step) / plain-copy bandwidth
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -261,6 +262,7 @@ def run(
         for name in engines:
             for c in (1,) if name == "sequential" else concurrencies or (b.concurrency,):
                 bc = replace(b, concurrency=c)
+                load0 = os.getloadavg()[0]
                 if name == "batched":
                     rec = _fresh_thread(run_batched, engine, bc, reqs, pres)
                 elif name == "sequential":
@@ -268,7 +270,8 @@ def run(
                 else:
                     rec = _fresh_thread(run_hf_cb, engine, bc, reqs)
                 rec.extra.update(round=round_, prefill_s=prefill_s,
-                                 contexts=[int(r.context.numel()) for r in reqs])  # fmt: skip
+                                 contexts=[int(r.context.numel()) for r in reqs],
+                                 loadavg_1m=[load0, os.getloadavg()[0]])  # fmt: skip
                 records.append(rec)
                 print_row(rec)
     return records

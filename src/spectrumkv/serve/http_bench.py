@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..pd.client import get_text
 from ..pd.launch import Cluster, rss_mb
 from .bench import DecodeBench, Record, _pct
+from .vllm_engine import VllmServer, VllmSetup, VllmUnavailable, cpus_for
 
 POLL_S = 0.5
 TRANSFER_DEADLINE_S = 3600.0
@@ -284,8 +285,6 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     """Start `engine`'s server(s); yield it running; stop it."""
     model = setup.model
     if engine == "vllm":
-        from .vllm_engine import VllmServer, VllmSetup, cpus_for
-
         cpus = setup.vllm_cpus or cpus_for(setup.threads)
         vs = VllmSetup(model, setup.vllm_dtype, cpus)
         with VllmServer(vs, model) as v:
@@ -365,11 +364,18 @@ def run_http(setup: HttpSetup, b: DecodeBench, engines: tuple[str, ...],
             records.append(rec)
             print_row(rec)
             continue
-        with serve(name, setup, b, max_context) as s:
-            warm_up(s, setup.model)
-            for c in cs[-1:] if name == "sequential" else cs:
-                rec = drive(s, setup.model, prompts, decodes, replace(b, concurrency=c))
-                rec.extra.update(round=0, contexts=contexts)
-                records.append(rec)
-                print_row(rec)
+        try:
+            with serve(name, setup, b, max_context) as s:
+                warm_up(s, setup.model)
+                for c in cs[-1:] if name == "sequential" else cs:
+                    rec = drive(s, setup.model, prompts, decodes, replace(b, concurrency=c))
+                    rec.extra.update(round=0, contexts=contexts)
+                    records.append(rec)
+                    print_row(rec)
+        except VllmUnavailable as e:  # recorded with its reason; the other engines go on
+            print(f"vllm: could not run here: {e}", flush=True)
+            nan = float("nan")
+            records.append(Record("vllm", cs[-1], len(reqs), 0, 0.0, 0.0, nan, nan, nan, nan, 0,
+                                  0, len(reqs), setup.vllm_dtype,
+                                  {"mode": "http", "round": 0, "unavailable": str(e)}))  # fmt: skip
     return records

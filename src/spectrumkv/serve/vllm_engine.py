@@ -57,7 +57,9 @@ class VllmServer:
     def __init__(self, setup: VllmSetup, name: str, log_dir: Path | None = None) -> None:
         self.setup, self.name = setup, name
         self.port = free_port()
-        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="spectrumkv-vllm-"))
+        # no log_dir: a temporary one, removed on close (its tail is in any VllmUnavailable)
+        self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="spectrumkv-vllm-")
+        self.log_dir = log_dir or Path(self._tmp.name)
         self.log_path = self.log_dir / "vllm-server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -109,9 +111,7 @@ class VllmServer:
                               f"{self._tail()}")  # fmt: skip
 
     def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
@@ -119,6 +119,9 @@ class VllmServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def __exit__(self, *exc) -> None:
         self.close()
