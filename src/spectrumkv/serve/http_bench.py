@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -171,7 +171,7 @@ class Served:
     engine: str
     url: str
     pid: int | None
-    kv_bytes: object
+    kv_bytes: Callable[[dict[str, float]], float] | None
     dtype: str
     extra: dict = field(default_factory=dict)
 
