@@ -115,6 +115,8 @@ def main(args) -> None:
             "spectrumkv: demo --scd needs --artifact ART, made e.g. by: spectrumkv scd "
             f"calibrate --producer {args.producer} --consumer {args.model} --out ART"
         )
+    if not 0 < args.code_budget <= 1:
+        raise SystemExit(f"spectrumkv: --code-budget must be in (0, 1], got {args.code_budget}")
     prompts = tuple(args.prompt) if args.prompt else default_prompts(args.model)
     print(f"starting {args.producer}'s prefill worker and {args.model}'s decode worker ...")
     rows = run_scd_demo(args.producer, args.model, args.artifact, prompts, args.max_new_tokens,
