@@ -21,15 +21,17 @@ from ..pd.launch import Cluster
 from .splits import split_text
 
 
-def default_prompts(model: str, n: int = 3, tokens: int = 160) -> tuple[str, ...]:
-    """`n` passages of the wiki corpus' eval split (text no fine-tune or calibration read),
-    each cut to `tokens` tokens of `model`'s tokenizer."""
+def default_prompts(
+    model: str, corpus: str = "wiki", n: int = 3, tokens: int = 160
+) -> tuple[str, ...]:
+    """`n` passages of `corpus`' eval split (text no fine-tune or calibration read), each cut
+    to `tokens` tokens of `model`'s tokenizer."""
     from transformers import AutoTokenizer
 
     from ..assets import model_dir
 
     tok = AutoTokenizer.from_pretrained(model_dir(model))
-    paragraphs = [p for p in split_text("wiki", "eval").split("\n\n") if len(p) > 4 * tokens]
+    paragraphs = [p for p in split_text(corpus, "eval").split("\n\n") if len(p) > 4 * tokens]
     cut = [tok(p, add_special_tokens=False)["input_ids"][:tokens] for p in paragraphs[:n]]
     return tuple(tok.decode(ids) for ids in cut)
 
@@ -117,7 +119,7 @@ def main(args) -> None:
         )
     if not 0 < args.code_budget <= 1:
         raise SystemExit(f"spectrumkv: --code-budget must be in (0, 1], got {args.code_budget}")
-    prompts = tuple(args.prompt) if args.prompt else default_prompts(args.model)
+    prompts = tuple(args.prompt) if args.prompt else default_prompts(args.model, args.corpus)
     print(f"starting {args.producer}'s prefill worker and {args.model}'s decode worker ...")
     rows = run_scd_demo(args.producer, args.model, args.artifact, prompts, args.max_new_tokens,
                         args.code_budget)  # fmt: skip
