@@ -49,6 +49,7 @@ class ScdDemoRow:
     matched_tokens: int
     generated_tokens: int
     text: str
+    reason: str = ""  # why it was recomputed, if it was
 
 
 def methods(code_budget: float) -> dict[str, dict]:
@@ -87,7 +88,7 @@ def run_scd_demo(
                     wire_ratio=s.get("wire_ratio") or 0.0, ttft_s=s["ttft_s"],
                     reconstruct_s=s.get("reconstruct_s", 0.0),
                     matched_tokens=matched_prefix(ids, ref), generated_tokens=len(ids),
-                    text=r["choices"][0]["text"].replace("\n", " "),
+                    text=r["choices"][0]["text"].replace("\n", " "), reason=s.get("reason", ""),
                 ))  # fmt: skip
     return rows
 
@@ -103,6 +104,9 @@ def print_table(rows: list[ScdDemoRow]) -> None:
             f"{r.wire_ratio:>8.3f} {r.ttft_s:>6.2f}s {r.reconstruct_s:>7.3f}s "
             f"{r.matched_tokens:>2}/{r.generated_tokens:<3}  {r.text[:40]!r}"
         )
+    for r in rows:
+        if r.reason:
+            print(f"prompt {r.prompt} {r.method} recomputed: {r.reason}")
 
 
 def write_json(rows: list[ScdDemoRow], path: str) -> None:
