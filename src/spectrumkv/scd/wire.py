@@ -36,7 +36,7 @@ from ..config import QuantConfig
 from ..errors import BudgetError, ChecksumError, IncompatiblePayloadError, WireFormatError
 from ..quant import Quantized, dequantize, quantize, section_bytes
 from ..reference_codec import pack_tier_map, unpack_tier_map
-from ..tiers import STORED_TIERS, TIER_BITS, Tier
+from ..tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
 from ..wire import (
     CHECKSUM,
     FRAME_HEAD,
@@ -146,10 +146,10 @@ def frame_bytes(code: LayerCode, tiers: torch.Tensor, header: ScdHeader, layout:
     if tuple(int(p.shape[1]) for p in parts) != widths or any(p.shape[0] != n for p in parts):
         shapes = [tuple(p.shape) for p in parts]
         raise ValueError(f"layer {layer} codes are {shapes}; the layout says {n} x {widths}")
-    t = tiers.to(torch.uint8)
+    t = as_tier_codes(tiers)
     if t.numel() != n or bool(((t == int(Tier.DROP)) | (t > int(Tier.FP16))).any()):
         raise ValueError("SCD tier map: one stored tier per token")
-    out = [b"", pack_tier_map(t)]
+    out = [pack_tier_map(t)]
     counts = {}
     for tier in STORED_TIERS:
         idx = (t == int(tier)).nonzero().flatten()
@@ -164,7 +164,7 @@ def frame_bytes(code: LayerCode, tiers: torch.Tensor, header: ScdHeader, layout:
             q = quantize(rows[:, None, :], tier, _QUANT)
             out += [q.codes.numpy().tobytes(), q.scale.numpy().tobytes(),
                     q.minimum.numpy().tobytes()]  # fmt: skip
-    body = b"".join(out[1:])
+    body = b"".join(out)
     head = FRAME_HEAD.pack(FRAME_MAGIC, layer, layout.path(layer), n, len(body))
     if FRAME_HEAD.size + len(body) + CHECKSUM.size != _frame_size(n, counts, widths):
         raise RuntimeError("SCD frame size does not match its layout")  # a bug, not bad input
