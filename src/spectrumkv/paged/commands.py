@@ -133,7 +133,7 @@ def register(bench: argparse._SubParsersAction) -> None:
         "--reps",
         type=int,
         default=5,
-        help="interleaved rounds per case (step = the least; spreads from all)",
+        help="interleaved rounds per case (step = the least; ratios and spreads from all)",
     )
     p.add_argument(
         "--slow-reps",
@@ -155,6 +155,6 @@ def register(bench: argparse._SubParsersAction) -> None:
     c.add_argument("--page-size", type=int, default=32)
     c.add_argument("--dtype", choices=("float16", "bfloat16"), default="bfloat16")
     c.add_argument("--ring-mb", type=float, default=256)
-    c.add_argument("--rounds", type=int, default=3, help="interleaved rounds (least time kept)")
+    c.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median kept)")
     c.add_argument("--out", default=str(DEFAULT_PROFILE))
     c.set_defaults(func=_cmd_calibrate)
