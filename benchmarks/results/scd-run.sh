@@ -3,11 +3,12 @@
 # full fine-tune on the Spanish Wikipedia summaries, cached by recipe digest). Pair health on B's
 # domain (wiki-es) and on general English text (wiki), calibrations (main + same-model control)
 # on wiki-es, eval on held-out wiki-es chunks, report. Artifacts and logs outside the repo.
-# CHUNKS: held-out eval chunks (default 10).
+# CHUNKS: held-out eval chunks (default 8). BUDGET: reuse-code budget (default 1.0: full-rank
+# maps; the quantized codes reach 0.5). The pair checks are skipped when their JSON exists.
 cd /work/main
 set -ex
-A=smollm2-135m; B=smollm2-135m-wiki; T=wiki-es; BUDGET=0.6
-ART=/work/scd-artifacts3; LOG=/work/scd-logs; R=benchmarks/results; CHUNKS=${CHUNKS:-10}
+A=smollm2-135m; B=smollm2-135m-wiki; T=wiki-es; BUDGET=${BUDGET:-1.0}
+ART=/work/scd-artifacts3; LOG=/work/scd-logs; R=benchmarks/results; CHUNKS=${CHUNKS:-8}
 S=".venv/bin/spectrumkv scd"
 mkdir -p $ART $LOG
 $S finetune --threads 2 > $LOG/ft.log 2>&1
@@ -17,10 +18,10 @@ P1=$!
 $S calibrate --producer $B --consumer $B --corpus $T --prompts 16 --code-budget $BUDGET \
   --max-patches 0 --out $ART/control --threads 1 > $LOG/cal-control.log 2>&1 &
 P2=$!
-$S pair --producer $A --consumer $B --corpus $T --chunks $CHUNKS --threads 1 \
-  > $R/scd-pair.json 2> $LOG/pair.log
-$S pair --producer $A --consumer $B --corpus wiki --chunks $CHUNKS --threads 1 \
-  > $R/scd-pair-general.json 2> $LOG/pair-general.log
+[ -s $R/scd-pair.json ] || $S pair --producer $A --consumer $B --corpus $T --chunks 10 \
+  --threads 1 > $R/scd-pair.json 2> $LOG/pair.log
+[ -s $R/scd-pair-general.json ] || $S pair --producer $A --consumer $B --corpus wiki \
+  --chunks 10 --threads 1 > $R/scd-pair-general.json 2> $LOG/pair-general.log
 wait $P1 $P2
 $S eval --producer $A --consumer $B --artifact $ART/main --control $ART/control --corpus $T \
   --chunks $CHUNKS --json $R/scd-eval.json --plots $R/scd --threads 2 > $LOG/eval.log 2>&1
