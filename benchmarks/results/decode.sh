@@ -22,6 +22,11 @@ $SK bench decode --engines batched,sequential,vllm --requests 16 --concurrency 4
     --json $R/decode_http_long.json --plot $R/decode_http_long.png 2>$R/decode_http_long.log \
     | tee $R/decode_http_long.txt
 uptime | tee -a $R/decode-uptime.txt
+# 2b. a second run of the >= 4x pair at 16 (batched vs sequential), to see the ratio's spread
+$SK bench decode --engines batched,sequential --requests 16 --concurrency 16 --decode 128 \
+    --scale 0.015625 --threads 1 --json $R/decode_http_long_rep.json 2>/dev/null \
+    | tee $R/decode_http_long_rep.txt
+uptime | tee -a $R/decode-uptime.txt
 # 3. vLLM in float32 (the dtype our engine computes in), decode-heavy workload, at 16
 $SK bench decode --engines vllm --vllm-dtype float32 --requests 16 --concurrency 16 \
     --decode 128 --scale 0.015625 --threads 1 \
