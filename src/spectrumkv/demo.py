@@ -33,9 +33,13 @@ DEFAULT_RUNS = (
 
 @dataclass
 class DemoRow:
+    """One prompt under one policy. A request whose transfer failed (`outcome` "recomputed":
+    the decode worker prefilled it itself) has no transfer figures: they are 0."""
+
     prompt: int
     policy: str
     budget: float
+    outcome: str  # "ok" (the KV crossed the socket) or "recomputed"
     wire_bytes: int
     fp16_bytes: int
     wire_ratio: float
@@ -110,15 +114,16 @@ def run_demo(
                         prompt=i,
                         policy=policy,
                         budget=budget,
-                        wire_bytes=s["wire_bytes"],
-                        fp16_bytes=s["fp16_bytes"],
-                        wire_ratio=s["wire_ratio"],
+                        outcome=s["outcome"],
+                        wire_bytes=s.get("wire_bytes", 0),
+                        fp16_bytes=s.get("fp16_bytes", 0),
+                        wire_ratio=s.get("wire_ratio", 0.0),
                         matched_tokens=matched_prefix(ids, refs[i]),
                         generated_tokens=r["usage"]["completion_tokens"],
-                        prefill_s=s["prefill_s"],
-                        encode_s=s["encode_s"],
-                        transfer_exposed_s=s["transfer_exposed_s"],
-                        unpack_s=s["unpack_s"],
+                        prefill_s=s.get("prefill_s", 0.0),
+                        encode_s=s.get("encode_s", 0.0),
+                        transfer_exposed_s=s.get("transfer_exposed_s", 0.0),
+                        unpack_s=s.get("unpack_s", 0.0),
                         ttft_s=s["ttft_s"],
                         batch=batch,
                         decode_tok_s=rate,
@@ -140,6 +145,8 @@ def print_table(rows: list[DemoRow], prompts: tuple[str, ...]) -> None:
     for r in rows:
         text = r.text.replace("\n", " ").strip()
         text = text[:40] + "..." if len(text) > 43 else text
+        if r.outcome != "ok":
+            text = f"({r.outcome}: no transfer) {text}"
         print(
             f"{r.prompt:>2} {r.policy:<9} {r.budget:>6.2f} {r.wire_bytes:>10,} "
             f"{r.wire_ratio:>9.3f} {r.matched_tokens:>2}/{r.generated_tokens:<3} "
