@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Records the paged decode-attention results (issue 17) into benchmarks/results/attention*.
-# Run from the repository root: `bash benchmarks/results/attention.sh` (about 70 min on the shared
+# Run from the repository root: `bash benchmarks/results/attention.sh` (about 80 min on the shared
 # 2-core VM at load average ~10; PARTS="calibrate smollm2" etc. runs a subset, in this order).
 # 1. calibrate the cost model on calibration seeds 0-1 (writes the machine profile);
 # 2. bench every route and the anchors on held-out seeds 100-104: per case the routes run in 5
@@ -16,7 +16,7 @@ log() { echo "$1 $(date -u +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a
 for part in $PARTS; do
     log "start $part"
     case $part in
-    calibrate) $SK bench calibrate --ring-mb 256 --rounds 3 --out $R/attention-profile.json \
+    calibrate) $SK bench calibrate --ring-mb 256 --rounds 5 --out $R/attention-profile.json \
         | tee $R/attention-calibrate.txt ;;
     # SmolLM2-135M shape (3 KV / 9 query heads, d=64), bf16, 32-token pages (vLLM's CPU kernel
     # needs multiples of 32), all traces, batch 1-32, every route + per-request SDPA + vLLM CPU
