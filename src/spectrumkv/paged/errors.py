@@ -11,6 +11,3 @@ class PagedInputError(SpectrumKVError, ValueError):
 class CacheFullError(SpectrumKVError):
     """The page pool has too few free pages for an allocation; nothing was changed."""
 
-
-class UnsupportedModelError(SpectrumKVError, ValueError):
-    """A model layout the paged cache does not hold (e.g. sliding-window layers)."""
