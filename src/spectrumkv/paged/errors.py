@@ -10,4 +10,3 @@ class PagedInputError(SpectrumKVError, ValueError):
 
 class CacheFullError(SpectrumKVError):
     """The page pool has too few free pages for an allocation; nothing was changed."""
-
