@@ -33,11 +33,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from ..pd.client import get_text
 from ..pd.launch import Cluster, rss_mb
 from .bench import DecodeBench, Record, _pct
+from .metrics import read as scrape
 from .vllm_engine import VllmServer, VllmSetup, VllmUnavailable, cpus_for
 
 POLL_S = 0.5
@@ -120,16 +118,6 @@ def union_s(intervals: list[tuple[float, float]]) -> float:
             total += b - max(a, end)
             end = b
     return total
-
-
-def scrape(url: str) -> dict[str, float]:
-    """The server's /metrics as {name{labels}: value} (samples of every family)."""
-    out = {}
-    for fam in text_string_to_metric_families(get_text(url, "/metrics")):
-        for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 class Poller:
