@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_probe)
 
     rp = sub.add_parser("report", help="markdown tables and PNG plots from result files")
-    rp.add_argument("results", nargs="+", help="JSON files from eval ppl / eval niah")
+    rp.add_argument("results", nargs="+", help="JSON files from eval ppl / eval niah / scd eval")
     rp.add_argument("--out", required=True, help="output directory")
     rp.set_defaults(func=_cmd_report)
 
