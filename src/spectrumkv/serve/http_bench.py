@@ -15,9 +15,10 @@ over the wall time during which at least one request was decoding (the union of 
 intervals). While one request decodes, others may be prefilling (on the prefill worker, or
 inside vLLM's steps): that is the served system, so it counts. `e2e_tokens_per_s` is every
 completion token over first send -> last token. Peak KV bytes come from the server's /metrics,
-polled every `POLL_S` seconds: the batch engine's used pages x page bytes, vLLM's KV-cache usage
-x its cache size; the sequential worker exports no KV gauge, so its figure is computed (the
-largest request's float32 DynamicCache) and marked so.
+polled every `POLL_S` seconds: the batch engine's used pages x page bytes (and its step-time
+high-water mark `spectrumkv_engine_pages_peak` when a run raised it, which a short run's polls
+could miss), vLLM's KV-cache usage x its cache size; the sequential worker exports no KV
+gauge, so its figure is computed (the largest request's float32 DynamicCache) and marked so.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class Served:
     pid: int | None
     kv_bytes: Callable[[dict[str, float]], float] | None
     dtype: str
+    kv_peak: Callable[[dict[str, float]], float] | None = None  # high-water mark since start
     extra: dict = field(default_factory=dict)
 
 
@@ -194,6 +196,8 @@ def drive(s: Served, model: str, prompts: list[str], decodes: list[int], b: Deco
         **s.extra, **engine_side(before, after),
     }  # fmt: skip
     peak = poll.peak_kv if s.kv_bytes else s.extra.get("computed_kv_bytes", 0)
+    if s.kv_peak is not None and s.kv_peak(after) > s.kv_peak(before):
+        peak = max(peak, int(s.kv_peak(after)))  # this run set the worker's high-water mark
     return Record(
         s.engine, b.concurrency, len(timings), decode_tokens, span,
         decode_tokens / span if span > 0 else 0.0, _pct(ttfts, 0.5), _pct(ttfts, 0.99),
@@ -295,7 +299,9 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             used = "spectrumkv_engine_pages{state=used}"
             dtype = "float32 compute, KV float16 pages"
             kv = lambda m: m.get(used, 0) * per_page  # noqa: E731
-            yield Served(engine, c.url, pid, kv, dtype, {"threads": setup.threads})
+            most = lambda m: m.get("spectrumkv_engine_pages_peak", 0) * per_page  # noqa: E731
+            extra = {"threads": setup.threads}
+            yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
             computed = max_context * _token_bytes(model, 4)
             yield Served(engine, c.url, pid, None, "float32 compute, KV float32 DynamicCache",

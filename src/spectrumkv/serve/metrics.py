@@ -25,6 +25,9 @@ def attach(engine: BatchEngine, registry: CollectorRegistry) -> None:
     rate = Gauge("spectrumkv_engine_tokens_per_second", "batch / step time of the last step",
                  registry=registry)  # fmt: skip
     pages = Gauge("spectrumkv_engine_pages", "KV pool pages", ["state"], registry=registry)
+    peak = Gauge("spectrumkv_engine_pages_peak", "most pool pages in use at a decode step since "
+                 "start (a high-water mark that a scrape between steps cannot miss)",
+                 registry=registry)  # fmt: skip
     queue = Gauge("spectrumkv_engine_queue", "requests waiting for KV pages", registry=registry)
     active = Gauge("spectrumkv_engine_active", "requests decoding", registry=registry)
     # read when scraped, so an idle engine reports its pool as it is (0 used after a drain)
@@ -34,12 +37,17 @@ def attach(engine: BatchEngine, registry: CollectorRegistry) -> None:
     queue.set_function(lambda: engine.load()["queued"])
     active.set_function(lambda: engine.load()["active"])
 
+    most = 0  # pages in use at the busiest step so far
+
     def on_step(n: int, seconds: float, route: str) -> None:
         batch.observe(n)
         step.observe(seconds)
         routes.labels(route).inc()
         tokens.inc(n)
         rate.set(n / seconds if seconds > 0 else 0)
+        nonlocal most
+        most = max(most, engine.total_pages - engine.cache.free_pages)
+        peak.set(most)
 
     engine.on_step = on_step
 
