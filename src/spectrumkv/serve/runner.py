@@ -175,10 +175,11 @@ class ModelRunner:
         cache, model = self.cache, self.engine.model
         slots = cache.append(rids)
         tables, lengths = cache.block_tables(rids)
-        starts = self._starts(rids, positions, lengths.tolist()) if self.sliding else None
+        n_slots = lengths.tolist()
+        starts = self._starts(rids, positions, n_slots) if self.sliding else None
         route = self.route
         if route == "adaptive":
-            route = cost.choose(lengths.tolist(), self.geometry, self.profile)
+            route = cost.choose(n_slots, self.geometry, self.profile)
         self.last_route = route
         _active.step = _Step(cache, slots, tables, lengths, route, self.profile, starts,
                              self.sliding)  # fmt: skip
