@@ -189,14 +189,18 @@ def test_bench_attention_quick(tmp_path, capsys):
         assert r["max_abs_err"] < 2e-3 or r["route"] in ("padded", "sdpa", "vllm")
         if r["route"] == "adaptive":
             assert r["chosen"] in ("per-request", "split", "workqueue", "padded")
+            assert r["adaptive_timing"] == "per-step"
         if r["route"] == "per-request":
             assert r["dispatches_per_step"] == r["batch"]
     assert doc["profile"]["beta"] == BASE.beta and doc["targets"] and doc["complete"]
     assert png.stat().st_size > 1000
     assert "adaptive" in capsys.readouterr().out
     assert main([*argv[:3], "--trace", str(trace), "--json", str(out), "--routes",
-                 "workqueue,adaptive", "--profile", str(prof)]) == 0  # fmt: skip
+                 "workqueue,adaptive", "--profile", str(prof), "--adaptive-timing",
+                 "per-layer"]) == 0  # fmt: skip
+    assert "adaptive timed: per-layer" in capsys.readouterr().out
     recs = json.loads(out.read_text())["records"]
+    assert [r["adaptive_timing"] for r in recs if r["route"] == "adaptive"] == ["per-layer"] * 2
     assert {r["trace"] for r in recs} == {"file"}
     assert all(set(r["lengths"]) <= {150, 2} for r in recs)  # 3000 and 40 at scale 0.05
     capsys.readouterr()
@@ -204,3 +208,34 @@ def test_bench_attention_quick(tmp_path, capsys):
     assert "adaptive >= 0.97x best fixed: met in" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="cannot read"):
         main(["bench", "attention", "--from-json", str(trace)])
+
+
+def test_plan_is_memoized_by_value(monkeypatch):
+    import torch
+
+    from spectrumkv.paged import cost, routes
+
+    calls = []
+    real = cost.choose
+    monkeypatch.setattr(cost, "choose", lambda *a: calls.append(a[0]) or real(*a))
+    q, k = torch.zeros(2, 9, 64), torch.zeros(4, 3, 32, 64, dtype=torch.bfloat16)
+    lens = torch.tensor([4000, 100], dtype=torch.int32)
+    routes.clear_plans()
+    first = routes.plan(q, k, lens, None, BASE)
+    assert first in KERNEL_ROUTES + ("padded",) and len(calls) == 1
+    # the same values (a new tensor, an equal profile): no new plan
+    assert routes.plan(q, k, lens.clone(), None, dataclasses.replace(BASE)) == first
+    assert len(calls) == 1
+    # other lengths, starts (the spans are planned), geometry or profile: planned again
+    routes.plan(q, k, torch.tensor([4000, 101], dtype=torch.int32), None, BASE)
+    routes.plan(q, k, lens, torch.tensor([0, 50], dtype=torch.int32), BASE)
+    assert calls[-1] == [4000, 50]
+    routes.plan(q, k.float(), lens, None, BASE)
+    routes.plan(q, k, lens, None, dataclasses.replace(BASE, lam=1e-3))
+    assert len(calls) == 5
+    routes.clear_plans()  # forgets plan's memo and cost.choose's
+    routes.plan(q, k, lens, None, BASE)
+    assert len(calls) == 6
+    with pytest.raises(PagedInputError, match="span is < 1"):
+        routes.plan(q, k, lens, torch.tensor([0, 100], dtype=torch.int32), BASE)
+    routes.clear_plans()

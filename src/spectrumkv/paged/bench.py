@@ -8,9 +8,13 @@ once, in an order rotated from round to round, each time one untimed call (wakes
 ours or torch's OpenMP ones; a whole untimed pass when the previous route was of another family
 -- vLLM's own page copy, the torch routes' gathers -- so each starts from its data as warm as
 after one of its own family) and then one timed pass over the ring (each layer one
-decode-attention call, planning included: the cost model's memoized plans are cleared before
-every pass, so `adaptive` plans once per pass as an engine does once per model step; wall time
-around the calls, the same for every route). The slow torch routes (padded, sdpa) time only their
+decode-attention call, planning included: every memoized plan is cleared before every pass, so
+`adaptive` plans once per pass, as an engine does once per model step; wall time around the
+calls, the same for every route). `adaptive_timing` says how adaptive is called, and is
+recorded with it: "per-step" (default; what serve/runner.py does) times `routes.plan` once at
+the start of the pass and passes the chosen route to every layer's call; "per-layer" calls
+`run_route(route="adaptive")` on every layer (the first call plans, the others find the plan
+memoized by value: a few microseconds each). The slow torch routes (padded, sdpa) time only their
 first two layers, in the first `slow_reps` rounds. Per route: step_ms = the least pass time /
 layers over the rounds (noise on a shared machine only adds time), step_median_ms the median,
 step_rounds_ms every round (for paired ratios and spreads, report.py); tokens_per_s = batch /
@@ -30,13 +34,14 @@ import torch
 
 from . import cost, reference, traces, vllm_anchor
 from .cache import PagedConfig, PagedKVCache
-from .routes import ROUTES, run_route
+from .routes import ROUTES, clear_plans, plan, run_route
 
 SHAPES = {"smollm2-135m": (3, 9, 64), "7b-gqa": (8, 32, 128)}  # kv heads, q heads, head dim
 ANCHORS = ("sdpa", "vllm")
 PADDED_CAP = 1 << 30  # skip `padded` when its dense batch would exceed this many bytes
 SDPA_CAP = 1 << 28  # skip the per-request SDPA anchor above this many KV bytes per step
 SLOW_ROUTES = ("padded", "sdpa")  # 10-100x slower: two layers, the first slow_reps rounds
+ADAPTIVE_TIMING = ("per-step", "per-layer")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,11 @@ class BenchConfig:
     reps: int = 5  # interleaved rounds
     slow_reps: int = 2  # rounds that also time the slow torch routes (padded, sdpa)
     trace_records: tuple = ()  # from --trace FILE: replaces `traces` with ("file",)
+    adaptive_timing: str = "per-step"  # see the module doc
+
+    def __post_init__(self) -> None:
+        if self.adaptive_timing not in ADAPTIVE_TIMING:
+            raise ValueError(f"adaptive_timing: one of {ADAPTIVE_TIMING}")
 
 
 def _fill(config: PagedConfig, lens: list[int], seed: int):
@@ -100,6 +110,8 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
     copy_rate = copy_bandwidth(max(64 << 20, min(kv_bytes, 512 << 20)))
     ref = reference.reference(q, *cache.layer(0), tables, lengths, scale)
     runners, infos = {}, {}
+    per_step = cfg.adaptive_timing == "per-step"
+    planned = [plan(q, cache.k[0], lengths, None, profile)]  # adaptive per-step: this pass's
     padded_bytes = batch * max(lens) * 2 * hkv * d * dtype.itemsize
     for route in cfg.routes:
         if (
@@ -124,8 +136,9 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
         else:
 
             def run(i, route=route):
+                chosen = planned[0] if route == "adaptive" and per_step else route
                 out, infos[route] = run_route(
-                    q, *cache.layer(i), tables, lengths, route, scale, profile
+                    q, *cache.layer(i), tables, lengths, chosen, scale, profile
                 )
                 return out
 
@@ -151,7 +164,9 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
             last = family
             passes = min(layers, 2) if slow else layers
             t0 = time.perf_counter()
-            cost.clear_plans()  # adaptive plans once per pass (an engine: once per model step)
+            clear_plans()  # adaptive plans once per pass (an engine: once per model step)
+            if route == "adaptive" and per_step:
+                planned[0] = plan(q, cache.k[0], lengths, None, profile)
             for i in range(passes):
                 fn(i)
             times[route].append((time.perf_counter() - t0) / passes)
@@ -175,6 +190,7 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
                 "merge_bytes": info.merge_bytes if info else 0,
                 "padded_bytes": padded_bytes - kv_bytes if route == "padded" else 0,
                 "chosen": info.route if route == "adaptive" else None,
+                "adaptive_timing": cfg.adaptive_timing if route == "adaptive" else None,
                 "max_abs_err": errors[route],
             }
         )  # fmt: skip

@@ -41,6 +41,8 @@ def _print_report(records: list[dict]) -> list[dict]:
     from . import report
 
     rows = report.targets(records)
+    timing = {r.get("adaptive_timing") or "per-layer" for r in records if r["route"] == "adaptive"}
+    print(f"adaptive timed: {', '.join(sorted(timing)) or '-'} (bench.py's module doc)")
     print(report.table(records))
     print(report.pivot(records))
     print(report.targets_text(rows))
@@ -68,15 +70,18 @@ def _cmd_attention(args: argparse.Namespace) -> None:
         page_sizes=args.page_sizes, routes=args.routes, dtype=args.dtype, scale=args.scale,
         ring_bytes=int(args.ring_mb * 2**20), reps=args.reps, slow_reps=args.slow_reps,
         trace_records=tuple(traces.load_trace(args.trace)) if args.trace else (),
+        adaptive_timing=args.adaptive_timing,
     )  # fmt: skip
     if args.quick:
         cfg = BenchConfig(
             shapes=("smollm2-135m",), traces=("bimodal",), batches=(1, 4), seeds=(100,),
             page_sizes=(32,), routes=args.routes, dtype=args.dtype, scale=0.05,
             ring_bytes=8 << 20, max_layers=2, reps=1, trace_records=cfg.trace_records,
+            adaptive_timing=args.adaptive_timing,
         )  # fmt: skip
     machine = _machine()
-    print(f"load average before: {machine['load_average']}", flush=True)
+    print(f"load average before: {machine['load_average']}; adaptive timed {cfg.adaptive_timing}"
+          " (see bench.py)", flush=True)  # fmt: skip
 
     def save(records: list[dict], rows: list[dict] | None) -> None:
         """The JSON document; "complete": false while the run is still going."""
@@ -112,7 +117,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
 def register(bench: argparse._SubParsersAction) -> None:
     """Add the paged-attention benchmarks to `spectrumkv bench`."""
-    from .bench import ANCHORS, SHAPES
+    from .bench import ADAPTIVE_TIMING, ANCHORS, SHAPES
     from .routes import ROUTES
     from .traces import TRACES
 
@@ -140,6 +145,13 @@ def register(bench: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="rounds that also time the slow torch routes (padded, sdpa)",
+    )
+    p.add_argument(
+        "--adaptive-timing",
+        choices=ADAPTIVE_TIMING,
+        default="per-step",
+        help="per-step: plan once per timed pass, the route passed to every layer (as the "
+        "engine does); per-layer: route='adaptive' on every layer call",
     )
     p.add_argument("--profile", help=f"machine profile JSON (default {DEFAULT_PROFILE})")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")

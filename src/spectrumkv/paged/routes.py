@@ -17,7 +17,8 @@ Routes (all on the same pages; see cost.py for how `adaptive` picks):
 - workqueue: one dispatch over only the (request, KV head, split) tasks that exist, a split
   every `min_split_tokens` tokens (at most `max_splits`), longest first, then one merge;
 - padded: gather into a padded dense batch and run torch SDPA (no compiled code);
-- adaptive: the route the cost model predicts fastest for these lengths.
+- adaptive: the route the cost model predicts fastest for these lengths (`plan`; an engine
+  plans once per model step and passes the chosen route to every layer).
 """
 
 from __future__ import annotations
@@ -48,6 +49,44 @@ def geometry(q: torch.Tensor, k_pages: torch.Tensor) -> cost.Geometry:
     )
 
 
+_last_plan: tuple = ((), None, "")  # (key, profile, route) of the last plan() call
+
+
+def plan(
+    q: torch.Tensor, k_pages: torch.Tensor, lengths: torch.Tensor,
+    starts: torch.Tensor | None = None, profile: cost.MachineProfile | None = None,
+) -> str:  # fmt: skip
+    """The fixed route `adaptive` runs for this step: the cost model's pick for the spans
+    (lengths - starts) on this geometry. An engine calls it once per model step and passes the
+    route to every layer. A call with the same lengths and starts (compared by value), shapes
+    and profile as the previous call returns that plan at once (no Geometry or cost-model
+    lookup: 2-5 us), so `run_route(route="adaptive")` per layer plans only on a step's first
+    layer. Inputs as `run_route` checks them."""
+    global _last_plan
+    profile = profile or cost.MachineProfile()
+    lens = lengths.tolist()
+    first = None if starts is None else starts.tolist()
+    key = (lens, first, q.shape, k_pages.shape, k_pages.dtype)
+    last_key, last_profile, route = _last_plan
+    if key == last_key and (profile is last_profile or profile == last_profile):
+        return route
+    if first is not None:
+        lens = [n - s for n, s in zip(lens, first, strict=True)]
+    if min(lens) < 1:
+        raise PagedInputError("a length or span is < 1 (start not below its length)")
+    route = cost.choose(lens, geometry(q, k_pages), profile)
+    _last_plan = (key, profile, route)
+    return route
+
+
+def clear_plans() -> None:
+    """Forget every memoized plan (plan's last one and cost.choose's): the next plan() plans
+    from scratch (benchmarks charge planning to every timed step this way)."""
+    global _last_plan
+    _last_plan = ((), None, "")
+    cost.clear_plans()
+
+
 def run_route(
     q, k_pages, v_pages, tables, lengths, route: str = "adaptive", scale: float | None = None,
     profile: cost.MachineProfile | None = None, threads: int | None = None,
@@ -59,12 +98,9 @@ def run_route(
     kernel.check_inputs(q, k_pages, v_pages, tables, lengths, starts)
     profile = profile or cost.MachineProfile()
     scale = float(scale) if scale is not None else k_pages.shape[3] ** -0.5
-    spans = lengths if starts is None else lengths - starts  # tokens each request reads
     if route == "adaptive":
-        lens = spans.tolist()
-        if min(lens) < 1:
-            raise PagedInputError("a length or span is < 1 (start not below its length)")
-        route = cost.choose(lens, geometry(q, k_pages), profile)
+        route = plan(q, k_pages, lengths, starts, profile)
+    spans = lengths if starts is None else lengths - starts  # tokens each request reads
     if route == "padded" or not kernel.AVAILABLE:
         if route != "padded":
             raise PagedInputError(f"route {route!r} needs the compiled kernel (not built)")
