@@ -109,6 +109,16 @@ def test_artifact_round_trip_and_typed_errors(tmp_path, pair, corpus):
     assert got.tensors.keys() == art.tensors.keys()
     assert all(torch.equal(got.tensors[k], art.tensors[k].float()) for k in art.tensors)
     artifact.check_models(got, a.fingerprint, b.fingerprint)
+    # an artifact from before the decoder shrinkage (no alphas) reads as cross-model decoders;
+    # alphas out of range are refused
+    fields = json.loads((out / "manifest.json").read_text())
+    assert len(fields["alphas"]) == 3
+    old = {k: v for k, v in fields.items() if k not in ("alphas", "kl_dev_identity")}
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert artifact.load(out).manifest.alphas == []
+    (out / "manifest.json").write_text(json.dumps(fields | {"alphas": [[0.5, 2.0]] * 3}))
+    with pytest.raises(artifact.ArtifactError, match="alphas"):
+        artifact.load(out)
     with pytest.raises(artifact.ArtifactMismatchError):
         artifact.check_models(got, b.fingerprint, a.fingerprint)
     # one flipped byte in the tensors
@@ -137,6 +147,30 @@ def test_scd_beats_raw_reuse_in_kl(pair, corpus):
     layers = [reconstruct_layer(art, b, c) for c in encode(art, a, prefix)]
     scd = kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
     assert raw > 1e-3 and scd < raw / 2, (scd, raw)
+
+
+def test_alpha_zero_is_raw_reuse_through_the_codes(pair, corpus):
+    """Every decoder shrunk to A's own K/V (alpha 0, full rank): B gets A's cache back through
+    the codes, and its KL is raw reuse's."""
+    a, b = pair
+    cfg = CalibConfig(
+        corpus=corpus, code_budget=1.0, alpha_grid=(0.0,), **(SMALL | {"max_patches": 0})
+    )
+    art = calibrate(a, b, cfg)
+    assert art.manifest.alphas == [(0.0, 0.0)] * 3 and art.manifest.patch_layers == []
+    assert art.manifest.kl_dev == art.manifest.kl_dev_identity > 0
+    ids = torch.tensor(a.tokenizer(load_text(corpus)[:20_000])["input_ids"][:112])
+    prefix, feed = ids[:95], ids[95:]
+    pa, pb = prefill(a, prefix), prefill(b, prefix)
+    raw_layers = rerotated(a, b, pa.layers)
+    layers = [reconstruct_layer(art, b, c) for c in encode(art, a, prefix)]
+    for got, ref in zip(layers, raw_layers, strict=True):
+        for x, y in ((got.keys, ref.keys), (got.values, ref.values)):
+            assert float(((x.float() - y.float()) ** 2).sum() / (y.float() ** 2).sum()) < 1e-5
+    oracle = score(b, decode_state(b, pb.layers, pb.n_tokens), feed)
+    raw = kl(score(b, decode_state(b, raw_layers, pb.n_tokens), feed), oracle)
+    scd = kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
+    assert raw > 1e-3 and abs(scd - raw) < 0.02 * raw, (scd, raw)
 
 
 def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):

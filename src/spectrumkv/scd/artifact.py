@@ -3,7 +3,9 @@ mean, PCA basis and aligner weight, float32) and `manifest.json` (both models' f
 ranks, patch layers, epsilon, calibration corpus and split, the tensors' sha256). Nothing is
 pickled. A corrupted artifact or one used with other models is a typed error.
 
-Tensor names, per layer i: `i.k.{mu_a,enc,dec,mu_b}` and `i.v.{...}` (reuse path);
+Tensor names, per layer i: `i.k.{mu_a,enc,dec,mu_b}` and `i.v.{...}` (reuse path; `dec` and
+`mu_b` are the blend alpha * cross-model + (1 - alpha) * self decoder, see fit.py, so the wire
+and the workers only ever see one decoder);
 at patch layers `i.h.{mu,basis}` (A's attention-input PCA) and `i.al.{lin,up,down}.{weight,bias}`
 (the aligner).
 """
@@ -35,11 +37,15 @@ class ArtifactMismatchError(ArtifactError, IncompatiblePayloadError):
     """An SCD artifact calibrated for other models than the ones given."""
 
 
-class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """What an artifact was calibrated for and how. `ranks[i]` = (r_K, r_V) of layer i's reuse
     path (unused at patch layers); `patch_rank` = r_H; `kl_dev` = mean token
     KL(B with codes || oracle) measured on the dev split with these settings (nats);
-    `code_budget` = reuse-path code bytes as a fraction of raw FP16 KV bytes."""
+    `code_budget` = reuse-path code bytes as a fraction of raw FP16 KV bytes.
+    `alphas[i]` = (alpha_K, alpha_V) of layer i's decoders (1: the cross-model map, 0: A's own
+    K/V, what raw reuse sends), baked into the tensors; `kl_dev_identity` = dev KL with every
+    alpha 0 and no patches. Both are absent (empty, 0) in artifacts made before the shrinkage,
+    whose decoders are the cross-model maps (alpha 1); omitted defaults keep their digests."""
 
     version: int
     producer: Fingerprint
@@ -56,6 +62,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompts: int
     prompt_tokens: int
     tensors_sha256: str = ""
+    alphas: list[tuple[float, float]] = []
+    kl_dev_identity: float = 0.0
 
 
 @dataclass
@@ -138,6 +146,10 @@ def _check_layout(art: Artifact) -> None:
     width = m.consumer.n_kv_heads * m.consumer.head_dim
     if len(m.ranks) != m.consumer.n_layers or m.producer.n_layers != m.consumer.n_layers:
         raise ArtifactError("manifest ranks do not cover every layer")
+    if m.alphas and (
+        len(m.alphas) != len(m.ranks) or not all(0 <= x <= 1 for p in m.alphas for x in p)
+    ):
+        raise ArtifactError("manifest alphas must be one (alpha_K, alpha_V) in [0, 1] per layer")
     try:
         for i, (rk, rv) in enumerate(m.ranks):
             if i in m.patch_layers:

@@ -1,6 +1,13 @@
 """Calibration: paired prefills of A and B on the corpus' `calib` split, low-rank K/V maps with
 ranks under a byte budget, patch aligners, and patch layers chosen on the `dev` split.
 
+Decoder shrinkage (before patches): every reuse-path decoder is a blend
+alpha * cross-model + (1 - alpha) * A's own K/V (fit.py). Starting from alpha = 0 everywhere (raw
+reuse through the codes: KL_id on dev), alphas are chosen greedily from `alpha_grid` on the dev
+split by measured KL, coarse to fine: at each level of `alpha_levels` the layers are cut into
+that many contiguous groups, and per group and per K/V the grid value with the lowest dev KL is
+kept if it lowers the KL. So the reuse path never does worse than raw reuse on dev.
+
 Layer choice: with no patches, B's mean token KL against its own prefill on the dev chunks is
 KL_0. Each layer alone patched (affine aligner) gives KL_l; layers are ranked by KL gain per
 extra byte (a patch cheaper than the reuse codes it replaces ranks first, by gain), then added
@@ -10,8 +17,10 @@ aligners then get their MLP trained, and KL on dev is measured once more for the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -46,6 +55,8 @@ class CalibConfig:
     dev_context: int = 1024
     dev_continuation: int = 128
     ridge: float = 1e-4
+    alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    alpha_levels: tuple[int, ...] = (1, 6)
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.prompt_tokens < 16 or self.dev_chunks < 1:
@@ -56,6 +67,10 @@ class CalibConfig:
             raise ConfigError(f"patch_rank must be a positive multiple of {RANK_STEP}")
         if not 2 <= self.dev_continuation < self.dev_context:
             raise ConfigError("need 2 <= dev_continuation < dev_context")
+        if not self.alpha_grid or not all(0 <= x <= 1 for x in self.alpha_grid):
+            raise ConfigError("alpha_grid must be a non-empty list of values in [0, 1]")
+        if not all(n >= 1 for n in self.alpha_levels):
+            raise ConfigError("alpha_levels must be group counts >= 1")
 
 
 def _paired(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> tuple[list, list]:
@@ -140,7 +155,16 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     tensors: dict[str, torch.Tensor] = {}
     for i, (rk, rv) in enumerate(ranks):
         for kv, fit, r in (("k", fits[i][0], rk), ("v", fits[i][1], rv)):
-            tensors.update({f"{i}.{kv}.{n}": t for n, t in fit.truncated(r).items()})
+            tensors.update({f"{i}.{kv}.{n}": t for n, t in fit.truncated(r, 0.0).items()})
+
+    def bake(layers: list[int], j: int, alpha: float) -> dict[str, torch.Tensor]:
+        """Decoder tensors of `layers`' K (j = 0) or V (j = 1) at `alpha`."""
+        out = {}
+        for i in layers:
+            t = fits[i][j].truncated(ranks[i][j], alpha)
+            out |= {f"{i}.{'kv'[j]}.{n}": t[n] for n in ("dec", "mu_b")}
+        return out
+
     candidates = range(fa.n_layers) if cfg.max_patches else ()  # 0: the reuse path only
     for i in tqdm(candidates, desc="patch candidates", leave=False):
         mu, basis = fit_pca(a[i][2], cfg.patch_rank)
@@ -155,6 +179,9 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     )  # fmt: skip
     art = Artifact(manifest, tensors)
     dev = _Dev(engine_a, engine_b, cfg)
+    alphas, kl_id = _choose_alphas(art, dev, cfg, bake)
+    tensors = art.tensors
+    art.manifest = msgspec.structs.replace(art.manifest, alphas=alphas, kl_dev_identity=kl_id)
     chosen, kl_now = _select(art, dev, cfg)
     for i in tqdm(chosen, desc="train aligners", leave=False):
         mu, basis = tensors[f"{i}.h.mu"], tensors[f"{i}.h.basis"]
@@ -185,8 +212,6 @@ class _Frozen(torch.nn.Module):
 
 
 def _with(m: Manifest, patch_layers: list[int], kl_dev: float) -> Manifest:
-    import msgspec
-
     return msgspec.structs.replace(m, patch_layers=sorted(patch_layers), kl_dev=kl_dev)
 
 
@@ -215,3 +240,40 @@ def _select(art: Artifact, dev: _Dev, cfg: CalibConfig) -> tuple[list[int], floa
         if got < best:
             chosen, best = [*chosen, i], got
     return chosen, best
+
+
+def _choose_alphas(
+    art: Artifact, dev: _Dev, cfg: CalibConfig, bake: Callable[[list[int], int, float], dict]
+) -> tuple[list[tuple[float, float]], float]:
+    """Decoder shrinkage by dev KL (module docstring). `art` holds every decoder at alpha 0 and
+    no patches; its tensors are updated to the chosen alphas. Returns (alphas, KL_id)."""
+    n = len(art.manifest.ranks)
+    alphas = [[0.0, 0.0] for _ in range(n)]
+    base = [dev.layers(art, c) for c in range(len(dev.items))]
+    kl_id = best = dev.kl(art, base)
+    levels = [[list(range(n * g // k, n * (g + 1) // k)) for g in range(min(k, n))]
+              for k in cfg.alpha_levels]  # fmt: skip
+    bar = tqdm(total=sum(2 * len(gs) * len(cfg.alpha_grid) for gs in levels), desc="alphas",
+               leave=False)  # fmt: skip
+    for groups in levels:
+        for g in groups:
+            for j in (0, 1):
+                tried = {}
+                for x in cfg.alpha_grid:
+                    bar.update()
+                    if any(alphas[i][j] != x for i in g):
+                        tried[x] = dev.kl(Artifact(art.manifest, art.tensors | bake(g, j, x)),
+                                          base, g)  # fmt: skip
+                x = min(tried, key=tried.get, default=None)
+                if x is None or tried[x] >= best:
+                    continue
+                best = tried[x]
+                art.tensors |= bake(g, j, x)
+                for i in g:
+                    alphas[i][j] = x
+                for c in range(len(base)):
+                    for i, kv in zip(g, dev.layers(art, c, g), strict=True):
+                        base[c][i] = kv
+        tqdm.write(f"alphas over {len(groups)} groups: dev KL {best:.4f} (identity {kl_id:.4f})")
+    bar.close()
+    return [(k, v) for k, v in alphas], kl_id

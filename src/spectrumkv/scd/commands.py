@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -47,13 +48,27 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         corpus=args.corpus, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
         code_budget=args.code_budget, patch_rank=args.patch_rank, max_patches=args.max_patches,
         eps=args.eps, aligner_steps=args.aligner_steps, dev_chunks=args.dev_chunks,
+        alpha_grid=args.alpha_grid, alpha_levels=args.alpha_levels,
     )  # fmt: skip
     a = load(args.producer)
     b = a if args.consumer == args.producer else load(args.consumer)
     art = calibrate(a, b, cfg)
     save(art, args.out)
     m = art.manifest
-    print(f"{args.out}: patch layers {m.patch_layers}, KL on dev {m.kl_dev:.4f} (eps {m.eps})")
+    print(f"{args.out}: patch layers {m.patch_layers}, KL on dev {m.kl_dev:.4f} (eps {m.eps}; "
+          f"identity {m.kl_dev_identity:.4f}), alphas (K, V) {m.alphas}")  # fmt: skip
+
+
+def _listof(kind: type) -> Callable[[str], tuple]:
+    """argparse type: a comma-separated list of `kind`."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+
+    return parse
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -144,6 +159,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--eps", type=float, default=c.eps, help="KL target on dev (nats/token)")
     cal.add_argument("--aligner-steps", type=int, default=c.aligner_steps)
     cal.add_argument("--dev-chunks", type=int, default=c.dev_chunks)
+    cal.add_argument(
+        "--alpha-grid",
+        type=_listof(float),
+        default=c.alpha_grid,
+        help="decoder shrinkage values tried (1: cross-model, 0: A's own K/V)",
+    )
+    cal.add_argument(
+        "--alpha-levels",
+        type=_listof(int),
+        default=c.alpha_levels,
+        help="layer groups per shrinkage level, coarse to fine (e.g. 1,6,30)",
+    )
     cal.add_argument("--out", required=True, help="artifact directory")
     cal.add_argument("--threads", type=int, default=0)
     cal.set_defaults(func=_cmd_calibrate)

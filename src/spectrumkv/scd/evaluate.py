@@ -275,6 +275,8 @@ def run_eval(
             "patch_layers": art.manifest.patch_layers,
             "kl_dev": art.manifest.kl_dev,
             "eps": art.manifest.eps,
+            "alphas": art.manifest.alphas,
+            "kl_dev_identity": art.manifest.kl_dev_identity,
         },  # fmt: skip
     }
 

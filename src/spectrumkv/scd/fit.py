@@ -3,9 +3,13 @@ byte budget, and the patch layers' aligners from A's attention input to B's.
 
 Low-rank map (one layer, K or V): reduced-rank ridge regression. With centered paired samples
 a [n, d_a] (A, keys without RoPE) and b [n, d_b] (B), the ridge solution W maps a to b; the top-r
-right singular vectors U_r of the fitted values aW span the joint code space. A's encoder is
-W U_r (ridge-fitted), B's decoder U_r^T: code z = (a - mu_a) W U_r, b_hat = z U_r^T + mu_b. This
-is the MSE-optimal rank-r linear map, and it gives the error of every rank from one SVD.
+right singular vectors U_r of the fitted values aW span the joint code space. This is the
+MSE-optimal rank-r linear map, and it gives the error of every rank from one SVD. Factored as
+W U = Q R (QR): A's encoder is Q_r (orthonormal columns, so FP16 or quantized code error is not
+amplified), code z = (a - mu_a) Q_r. B has two decoders of the same code: the cross-model one,
+b_hat = z R_rr U_r^T + mu_b (the regression), and the self one, a_hat = z S_r + mu_a (A's own
+K/V back, least squares; S = Q^T exactly at full rank): what raw reuse would send. The artifact
+holds their blend D(alpha) = alpha * cross + (1 - alpha) * self (calibrate.py chooses alpha).
 """
 
 from __future__ import annotations
@@ -23,22 +27,45 @@ RANK_STEP = 16
 
 @dataclass
 class LowRank:
-    """One layer's K or V map at full rank; `rel_err[j]` is the relative squared error on the
-    calibration samples at rank (j + 1) * RANK_STEP."""
+    """One layer's K or V map at full rank; `rel_err[j]` is the relative squared error of the
+    cross-model map on the calibration samples at rank (j + 1) * RANK_STEP."""
 
     mu_a: torch.Tensor  # [d_a]
-    enc: torch.Tensor  # [d_a, d_b] = W U (columns in order of importance)
-    dec: torch.Tensor  # [d_b, d_b] = U^T
+    q: torch.Tensor  # [d_a, m]: encoder columns in order of importance (orthonormal)
+    r: torch.Tensor  # [m, m]: upper triangular, W U = q r
+    u: torch.Tensor  # [m, d_b] = U^T
+    gram: torch.Tensor  # [d_a, d_a]: centered a^T a (for the self decoder)
     mu_b: torch.Tensor  # [d_b]
     rel_err: list[float]
+    ridge: float = 1e-4
 
-    def truncated(self, rank: int) -> dict[str, torch.Tensor]:
-        """The rank-`rank` encoder and decoder, float32."""
+    def full_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [d_a, d_b], bias [d_b]): the full-rank cross map b_hat = a W + bias."""
+        w = self.q @ self.r @ self.u
+        return w, self.mu_b - self.mu_a @ w
+
+    def decoders(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross [rank, d_b], self [rank, d_a]) decoders of the rank-`rank` code."""
+        cross = self.r[:rank, :rank] @ self.u[:rank]
+        qr = self.q[:, :rank]
+        if rank == self.q.shape[0]:  # square orthogonal: exact inverse
+            return cross, qr.T.clone()
+        lhs = qr.T @ self.gram @ qr
+        lam = self.ridge * float(lhs.diagonal().mean())
+        eye = torch.eye(rank, dtype=lhs.dtype)
+        return cross, torch.linalg.solve(lhs + lam * eye, qr.T @ self.gram)
+
+    def truncated(self, rank: int, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+        """The rank-`rank` encoder and the blended decoder (module docstring), float32: the
+        tensors `codes.py` uses (`dec` and `mu_b` are the blend's)."""
+        if alpha != 1.0 and self.q.shape[0] != self.u.shape[1]:
+            raise ValueError("a self decoder needs A's and B's widths to agree")
+        cross, own = self.decoders(rank)
         return {
             "mu_a": self.mu_a.float(),
-            "enc": self.enc[:, :rank].float().contiguous(),
-            "dec": self.dec[:rank].float().contiguous(),
-            "mu_b": self.mu_b.float(),
+            "enc": self.q[:, :rank].float().contiguous(),
+            "dec": (alpha * cross + (1 - alpha) * own).float().contiguous(),
+            "mu_b": (alpha * self.mu_b + (1 - alpha) * self.mu_a).float(),
         }
 
 
@@ -59,7 +86,8 @@ def fit_low_rank(a: torch.Tensor, b: torch.Tensor, ridge: float = 1e-4) -> LowRa
     per = (-2 * (proj * coords).sum(0) + (coords * coords).sum(0)).cumsum(0)
     steps = range(RANK_STEP, vh.shape[0] + 1, RANK_STEP)
     rel = [max(0.0, (total + float(per[r - 1])) / max(total, 1e-30)) for r in steps]
-    return LowRank(mu_a, w @ vh.T, vh, mu_b, rel)
+    q, r = torch.linalg.qr(w @ vh.T)
+    return LowRank(mu_a, q, r, vh, gram, mu_b, rel, ridge)
 
 
 def allocate_ranks(
@@ -128,10 +156,10 @@ def fit_aligner(
     vs `project(target)`: B's K/V projections, i.e. the error in what B will cache."""
     torch.manual_seed(seed)
     al = Aligner(code.shape[1], target.shape[1], width)
-    lr_fit = fit_low_rank(code, target)  # full rank: ridge regression code -> target
+    w, bias = fit_low_rank(code, target).full_map()  # ridge regression code -> target
     with torch.no_grad():
-        al.lin.weight.copy_((lr_fit.enc @ lr_fit.dec).T.float())
-        al.lin.bias.copy_((lr_fit.mu_b - lr_fit.mu_a @ lr_fit.enc @ lr_fit.dec).float())
+        al.lin.weight.copy_(w.T.float())
+        al.lin.bias.copy_(bias.float())
     if steps <= 0:
         return al
     proj = project if project is not None else torch.nn.Identity()
