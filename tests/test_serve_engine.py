@@ -214,3 +214,37 @@ def test_bad_requests_get_typed_errors(prompts, engine):
         g.wait(60)
     assert engine.cache.free_pages == engine.total_pages
     assert engine.load()["pages_reserved"] == 0
+
+
+def test_bfloat16_decode_model_accepts_fp32_payloads_and_stays_batch_invariant(smol, prompts):
+    """`load(dtype="bfloat16")`: the same fingerprint as the float32 model (digested from the
+    saved weight), packed linears bit-identical to F.linear, and the fp32 prefill's payloads
+    decode batched exactly as the bf16 model decodes them one at a time."""
+    from spectrumkv.engines.packed import PackedLinear, available
+    from spectrumkv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compute dtype"):
+        skv.load("smollm2-135m", dtype="float16")
+    bf = skv.load("smollm2-135m", dtype="bfloat16")
+    assert bf.fingerprint == smol.fingerprint
+    assert next(bf.model.parameters()).dtype == torch.bfloat16
+    up = bf.model.model.layers[3].mlp.up_proj
+    if available():  # oneDNN bf16 on this CPU: the packed layer computes what F.linear does
+        assert isinstance(up, PackedLinear)
+        w = smol.model.model.layers[3].mlp.up_proj.weight.to(torch.bfloat16)
+        for rows in (1, 16, 300):
+            x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows))
+            x = x.to(torch.bfloat16)
+            assert torch.equal(up(x), torch.nn.functional.linear(x, w))
+    eng = BatchEngine(bf, EngineConfig(pool_mb=24))
+    try:
+        greedy = SamplingParams(max_tokens=N)
+        gens = [
+            eng.submit(greedy, last, pre.n_tokens, layers=pre.layers) for _, last, pre in prompts
+        ]
+        outs = [g.wait(120).token_ids for g in gens]
+        assert eng.stats.batch_sum / eng.stats.steps > 2
+    finally:
+        eng.close()
+    for (_, last, pre), out in zip(prompts, outs, strict=True):
+        assert out == skv.generate(bf, skv.reference_state(bf, pre), last, N)

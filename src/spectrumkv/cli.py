@@ -165,7 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from .engines.hf import load
 
-    engine = load(args.model)
+    engine = load(args.model, dtype=getattr(args, "dtype", "float32"))
     if args.role == "prefill":
         from .pd.prefill_worker import serve_prefill
         from .transport.tls import server_context
@@ -292,6 +292,13 @@ def _add_serve(sub) -> None:
         default="adaptive",
         choices=["adaptive", "per-request", "split", "workqueue", "padded"],
         help="batched: paged decode-attention route",
+    )
+    dc.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of the decode model (weights, activations; KV pages stay "
+        "float16); the prefill worker's payloads are accepted either way",
     )
     dc.set_defaults(func=_cmd_serve)
 

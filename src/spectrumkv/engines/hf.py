@@ -24,12 +24,14 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ..assets import model_dir
-from ..errors import AssetError, IncompatiblePayloadError
+from ..errors import AssetError, ConfigError, IncompatiblePayloadError
 from ..importance import WindowQueries
 from ..kv import LayerKV, first_slot
 from ..wire import Fingerprint
+from .packed import pack_linears
 
 _KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -60,22 +62,39 @@ class Prefilled:
     prefill_s: float
 
 
-def load(name: str, kv_dtype: str = "float16", threads: int | None = None) -> Engine:
-    """Load a model by alias, local directory or hub id (float32 compute, eval mode)."""
+def load(
+    name: str, kv_dtype: str = "float16", threads: int | None = None, dtype: str = "float32"
+) -> Engine:
+    """Load a model by alias, local directory or hub id, in eval mode, computing in `dtype`
+    (COMPUTE_DTYPES: "float32", the default, or "bfloat16": weights and activations in bf16,
+    as vLLM runs on CPU, with the linear layers' weights prepacked: engines.packed; the KV
+    stays in `kv_dtype`). The fingerprint does not depend on
+    `dtype` (see `fingerprint`), so a bf16 decode worker accepts an fp32 prefill's payloads."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     src = model_dir(name)
     try:
         tok = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=COMPUTE_DTYPES[dtype])
     except OSError as e:
         raise AssetError(f"could not load model {name!r}: {e}") from None
     model.eval()
-    return Engine(name, model, tok, fingerprint(model, kv_dtype))
+    k0 = _saved_k0(src) if Path(src).is_dir() else None
+    if k0 is None:
+        if dtype != "float32":
+            raise AssetError(f"{name!r}: no safetensors to fingerprint a {dtype} model from")
+        k0 = _attn(model, 0).k_proj.weight
+    if dtype == "bfloat16":
+        pack_linears(model)  # weights packed once for oneDNN (see engines.packed)
+    return Engine(name, model, tok, config_fingerprint(model.config, k0, kv_dtype))
 
 
 def fingerprint(model: torch.nn.Module, kv_dtype: str = "float16") -> Fingerprint:
-    """Shape, positional encoding and a digest of layer 0's key projection."""
+    """Shape, positional encoding and a digest of layer 0's key projection, of a model that
+    computes in float32 (its weight is then the saved one). `load` digests the weight as saved
+    on disk instead, whatever the compute dtype."""
     return config_fingerprint(model.config, _attn(model, 0).k_proj.weight, kv_dtype)
 
 
@@ -84,13 +103,21 @@ def dir_fingerprint(path: str | Path, kv_dtype: str) -> Fingerprint:
     layer 0's key projection read from the safetensors files (for engines that load weights
     their own way, e.g. vLLM, which fuses the projections)."""
     path = Path(path)
-    cfg = AutoConfig.from_pretrained(path)
-    for f in sorted(path.glob("*.safetensors")):
+    k0 = _saved_k0(path)
+    if k0 is None:
+        raise AssetError(f"no *{_K0_SUFFIX} tensor in the safetensors files of {path}")
+    return config_fingerprint(AutoConfig.from_pretrained(path), k0, kv_dtype)
+
+
+def _saved_k0(path: str | Path) -> torch.Tensor | None:
+    """Layer 0's key projection weight as saved in a model directory's safetensors (None if
+    there is none)."""
+    for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(f, framework="pt") as st:
             name = next((k for k in st.keys() if k.endswith(_K0_SUFFIX)), None)  # noqa: SIM118
             if name is not None:
-                return config_fingerprint(cfg, st.get_tensor(name), kv_dtype)
-    raise AssetError(f"no *{_K0_SUFFIX} tensor in the safetensors files of {path}")
+                return st.get_tensor(name)
+    return None
 
 
 _K0_SUFFIX = "layers.0.self_attn.k_proj.weight"
@@ -241,9 +268,10 @@ def decode_state(engine: Engine, layers: list[LayerKV], n_tokens: int) -> Decode
     if len(layers) != fp.n_layers:
         raise IncompatiblePayloadError(f"got {len(layers)} layers, model has {fp.n_layers}")
     cache = DynamicCache(config=engine.model.config)
+    dtype = next(engine.model.parameters()).dtype  # the compute dtype
     full = sliding = None
     for i, kv in enumerate(layers):
-        cache.layers[i].update(kv.keys[None].float(), kv.values[None].float())
+        cache.layers[i].update(kv.keys[None].to(dtype), kv.values[None].to(dtype))
         ref = sliding if fp.is_sliding(i) else full
         if ref is not None and not torch.equal(ref, kv.positions):
             raise IncompatiblePayloadError(f"layer {i} holds positions unlike its layer type")

@@ -124,7 +124,8 @@ def run_sequential(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
     """One request at a time from an HF DynamicCache (float32 compute, fp16 KV rounded)."""
     t0 = time.perf_counter()
     fp = engine.fingerprint
-    token_bytes = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 4  # a float32 DynamicCache
+    dtype = _compute_dtype(engine)
+    token_bytes = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * dtype.itemsize  # DynamicCache
     ttfts, tpots, tokens, peak, outs = [], [], 0, 0, []
     for r, pre in zip(reqs, pres, strict=True):
         first: list[float] = []
@@ -142,7 +143,8 @@ def run_sequential(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
         outs.append(out)
         peak = max(peak, token_bytes * (int(pre.layers[0].positions.numel()) + len(out)))
     return _record("sequential", b, tokens, time.perf_counter() - t0, ttfts, tpots, peak, 0,
-                   "float32 compute, KV float32 (from fp16)", token_ids=outs)  # fmt: skip
+                   f"{_name(dtype)} compute, KV {_name(dtype)} (from fp16)",
+                   token_ids=outs)  # fmt: skip
 
 
 def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
@@ -185,19 +187,51 @@ def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
     extra.update(_limit(engine, pres, b, eng.cache.config.dtype.itemsize))
     extra["token_ids"] = [g.token_ids for g in gens]
     return _record("batched", b, sum(len(g.token_ids) for g in ok), span, ttfts, tpots, peak[0],
-                   failed, f"float32 compute, KV {eng.cache.config.dtype}", **extra)  # fmt: skip
+                   failed, f"{_name(_compute_dtype(engine))} compute, KV "
+                   f"{_name(eng.cache.config.dtype)} pages", **extra)  # fmt: skip
+
+
+def _compute_dtype(engine: Engine) -> torch.dtype:
+    return next(engine.model.parameters()).dtype
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes/s a torch sum reads from an nbytes float32 buffer (best of reps)."""
+    buf = torch.ones(nbytes // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (packed weights: engines.packed) in their
+    dtype, each tensor once (a tied embedding / LM head once)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.parameters()}
+    seen.update({t.data_ptr(): t.numel() * t.element_size() for t in model.buffers()})
+    return sum(seen.values())
 
 
 def _limit(engine: Engine, pres, b: DecodeBench, kv_itemsize: int) -> dict:
-    """The bandwidth limit of a full-batch step at the first `concurrency` requests' midpoint
-    lengths: weight bytes + K/V bytes read, / plain-copy bytes per second (this run)."""
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    """The bandwidth limits of a full-batch step at the first `concurrency` requests' midpoint
+    lengths: weight bytes (compute dtype) + K/V bytes read, / the plain-copy rate (bytes
+    copied per second; the issue's definition, loose: a copy also writes) and / the read rate
+    (a torch sum: bytes read per second, the honest one), both measured in this run."""
+    weights = weight_bytes(engine.model)
     fp = engine.fingerprint
     token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * kv_itemsize
     ctx = sum(p.n_tokens + b.decode // 2 for p in pres[: b.concurrency])
-    bw = copy_bandwidth(256 << 20)
+    bw, rd = copy_bandwidth(256 << 20), read_bandwidth()
     return {"weight_bytes": weights, "kv_bytes_per_step": ctx * token, "copy_gbps": bw / 1e9,
-            "limit_ms": 1000 * (weights + ctx * token) / bw}  # fmt: skip
+            "limit_ms": 1000 * (weights + ctx * token) / bw, "read_gbps": rd / 1e9,
+            "limit_read_ms": 1000 * (weights + ctx * token) / rd}  # fmt: skip
 
 
 def run_hf_cb(engine: Engine, b: DecodeBench, reqs) -> Record:

@@ -39,12 +39,12 @@ def _cmd_decode(args: argparse.Namespace) -> None:
         from .http_bench import HttpSetup, run_http
 
         setup = HttpSetup(args.model, args.threads or 1, args.vllm_cpus, args.vllm_dtype,
-                          args.hf_cb_decode)  # fmt: skip
+                          args.hf_cb_decode, args.dtype)  # fmt: skip
         records = run_http(setup, b, engines, concurrencies)
     else:
         from ..engines.hf import load
 
-        engine = load(args.model, threads=args.threads)
+        engine = load(args.model, threads=args.threads, dtype=args.dtype)
         records = bench.run(engine, b, engines, args.rounds, concurrencies)
     _summary(records)
     if args.plot:
@@ -67,7 +67,8 @@ def _summary(records) -> None:
             step_txt = f"{step:.1f} ms" if step is not None else "-"
             print(f"  {x['steps']} steps, mean batch {x['mean_batch']:.1f}, routes {x['routes']}; "
                   f"full-batch step {step_txt} vs limit {x['limit_ms']:.1f} ms (copy "
-                  f"{x['copy_gbps']:.1f} GB/s)")  # fmt: skip
+                  f"{x['copy_gbps']:.1f} GB/s), {x['limit_read_ms']:.1f} ms (read "
+                  f"{x['read_gbps']:.1f} GB/s)")  # fmt: skip
         elif "mean_batch" in x:  # through the worker: its engine metrics
             print(f"  worker engine: {x['engine_steps']:.0f} steps, mean batch "
                   f"{x['mean_batch']:.1f}, mean step {x['mean_step_ms']:.1f} ms, "
@@ -114,6 +115,12 @@ def register(bench: argparse._SubParsersAction) -> None:
         help="http: CPUs for vLLM's OpenMP threads (default: as many as --threads)",
     )
     p.add_argument("--vllm-dtype", default="bfloat16", help="http: vLLM's model dtype")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of SpectrumKV's decode model (batched and sequential)",
+    )
     p.add_argument("--hf-cb-decode", type=int, default=0,
                    help="http: new tokens per request for hf-cb (0 = --decode)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=1, help="process: engines alternate this often")

@@ -242,13 +242,15 @@ def _env(**values: str) -> Iterator[None]:
 class HttpSetup:
     """threads: torch threads of each SpectrumKV worker. vllm_cpus: CPUs vLLM's OpenMP threads
     are bound to ("" = as many as `threads`). vllm_dtype: vLLM's model dtype. hf_cb_decode:
-    new tokens per request for `hf-cb` (0 = the requests' own; its steps are slow here)."""
+    new tokens per request for `hf-cb` (0 = the requests' own; its steps are slow here).
+    dtype: the SpectrumKV decode workers' compute dtype (`serve decode --dtype`)."""
 
     model: str
     threads: int = 1
     vllm_cpus: str = ""
     vllm_dtype: str = "bfloat16"
     hf_cb_decode: int = 0
+    dtype: str = "float32"
 
 
 def _token_bytes(model: str, itemsize: int) -> int:
@@ -290,21 +292,21 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     # the KV transfer deadline is raised: requests queue for the one-at-a-time prefill worker,
     # and past the default 60 s they would be recomputed on the decode worker instead
     args = ["--engine", engine, "--kv-pool-mb", str(b.pool_mb), "--attention-route", b.route,
-            "--deadline", str(TRANSFER_DEADLINE_S)]  # fmt: skip
+            "--deadline", str(TRANSFER_DEADLINE_S), "--dtype", setup.dtype]  # fmt: skip
     with _env(OMP_NUM_THREADS=str(setup.threads)), Cluster(model, decode_args=args) as c:
         pid = c.procs[1].pid
         if engine == "batched":
             page = PagedConfig.for_model(_hf_config(model), 1, EngineConfig.page_size)
             per_page = page.page_bytes * page.layers
             used = "spectrumkv_engine_pages{state=used}"
-            dtype = "float32 compute, KV float16 pages"
+            dtype = f"{setup.dtype} compute, KV float16 pages"
             kv = lambda m: m.get(used, 0) * per_page  # noqa: E731
             most = lambda m: m.get("spectrumkv_engine_pages_peak", 0) * per_page  # noqa: E731
             extra = {"threads": setup.threads}
             yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
             computed = max_context * _token_bytes(model, 4)
-            yield Served(engine, c.url, pid, None, "float32 compute, KV float32 DynamicCache",
+            yield Served(engine, c.url, pid, None, f"{setup.dtype} compute and DynamicCache",
                          {"threads": setup.threads, "computed_kv_bytes": computed,
                           "peak_kv_source": "computed: largest request, float32"})  # fmt: skip
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ class _Step:
     """What the attention function needs during one batched forward."""
 
     cache: PagedKVCache
-    slots: Slots
+    rows: torch.Tensor  # int64 [B * kv_heads]: each new K/V row's row in a layer's flat pages
     tables: torch.Tensor
     lengths: torch.Tensor
     route: str  # a fixed route, chosen once per step
@@ -58,6 +59,18 @@ class _Step:
 
 
 _active = threading.local()
+# step_bench's breakdown sets a dict here: the attention function then adds its parts' seconds
+timed_parts: dict[str, float] | None = None
+
+
+def _rows(cache: PagedKVCache, slots: Slots) -> torch.Tensor:
+    """Row indices of the step's new tokens in a layer's pages viewed as [pages * kv_heads *
+    page_size, head_dim] (PagedKVCache's layout), request-major then head: computed once per
+    step, so each layer's write is one index_copy_ (instead of an index_put per layer)."""
+    c = cache.config
+    heads = torch.arange(c.kv_heads)
+    return ((slots.pages[:, None] * c.kv_heads + heads) * c.page_size
+            + slots.offsets[:, None]).reshape(-1)  # fmt: skip
 
 
 def _paged_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -66,13 +79,21 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, **
     st: _Step | None = getattr(_active, "step", None)
     if st is None or query.shape[2] != 1:
         raise RuntimeError("paged attention runs only inside ModelRunner.step, one token a row")
+    t0 = time.perf_counter()
     layer = module.layer_idx
-    st.cache.write_slots(layer, st.slots, key[:, :, 0], value[:, :, 0])
     k_pages, v_pages = st.cache.layer(layer)
+    d = k_pages.shape[-1]
+    k_pages.view(-1, d).index_copy_(0, st.rows, key.reshape(-1, d).to(k_pages.dtype))
+    v_pages.view(-1, d).index_copy_(0, st.rows, value.reshape(-1, d).to(v_pages.dtype))
+    t1 = time.perf_counter()
     starts = st.starts if layer in st.sliding else None
     out, _ = run_route(query[:, :, 0], k_pages, v_pages, st.tables, st.lengths, st.route,
                        scaling, st.profile, starts=starts)  # fmt: skip
-    return out.to(query.dtype)[:, None], None
+    out = out.to(query.dtype)[:, None]
+    if timed_parts is not None:
+        timed_parts["KV write"] += t1 - t0
+        timed_parts["paged attention"] += time.perf_counter() - t1
+    return out, None
 
 
 AttentionInterface.register(ATTENTION, _paged_attention)
@@ -181,8 +202,8 @@ class ModelRunner:
         if route == "adaptive":
             route = cost.choose(n_slots, self.geometry, self.profile)
         self.last_route = route
-        _active.step = _Step(cache, slots, tables, lengths, route, self.profile, starts,
-                             self.sliding)  # fmt: skip
+        _active.step = _Step(cache, _rows(cache, slots), tables, lengths, route, self.profile,
+                             starts, self.sliding)  # fmt: skip
         cfg = model.config
         previous = cfg._attn_implementation
         cfg._attn_implementation = ATTENTION

@@ -1,0 +1,263 @@
+"""The batch engine's decode step, measured apart: its time per compute dtype, where it goes,
+and how far it is from the memory-bandwidth limit; and bf16 vs float32 output quality.
+
+    python -m spectrumkv.serve.step_bench --dtypes float32,bfloat16 --batch 16 --rounds 3 \
+        --breakdown --quality 8 --json benchmarks/results/decode_step.json
+
+Step: `batch` requests at the context lengths of a paged.traces mix (default the issue's:
+uniform x 1/16 = 250-2,000 tokens), their pages filled with seeded random fp16 K/V (the step's
+cost does not depend on the values), one ModelRunner.step per decode token, the dtypes in
+alternation (`rounds` x `steps` each), so they see the same machine load.
+
+Limit: a step reads every weight once (`weight_bytes`, in the compute dtype) and every active
+request's K/V once (`kv_bytes`, at the median step's lengths). Two rates, both measured in this
+run on the same threads: a read rate (torch sum over a 256 MiB buffer: bytes read / s) and the
+plain-copy rate (bytes copied / s; a copy reads and writes each byte, so it is the looser limit
+the issue names). limit = (weight_bytes + kv_bytes) / rate.
+
+Breakdown (`--breakdown`): exclusive seconds per part from forward hooks on the HF modules
+(projections, norms, MLP, LM head, the rest of each module = RoPE/reshapes/residuals) and the
+attention function (KV write into pages, the paged-attention route); "HF overhead" is what the
+model's forward spends outside its submodules. The hooks cost a little time themselves.
+
+Quality (`--quality N`): N corpus prompts (the trace's first N lengths, prefilled in float32 as
+the prefill worker does), decoded greedily `--decode` tokens by a BatchEngine of each dtype
+together; reports how many requests' tokens equal float32's and where the first differs. It
+also checks each dtype's batch invariance: batched == the same request alone (sequential path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from ..engines.hf import COMPUTE_DTYPES, Engine, decode_state, generate, load, prefill
+from ..kv import LayerKV
+from ..paged import traces
+from ..paged.bench import copy_bandwidth
+from ..paged.cache import PagedKVCache
+from ..pd.sampling import SamplingParams
+from .bench import DecodeBench, make_requests, read_bandwidth, weight_bytes
+from .engine import BatchEngine, EngineConfig
+from .runner import ModelRunner, pool_config
+
+
+class _Batch:
+    """`lens` requests in a fresh page pool with random K/V; `step()` feeds one token each."""
+
+    def __init__(self, engine: Engine, lens: list[int], route: str, seed: int = 0) -> None:
+        fp = engine.fingerprint
+        self.cache = PagedKVCache(pool_config(engine, 64 + 2 * sum(lens) * _token_mib(engine)))
+        self.runner = ModelRunner(engine, self.cache, route)
+        g = torch.Generator().manual_seed(seed)
+        for rid, n in enumerate(lens):
+            shape = (fp.n_kv_heads, n, fp.head_dim)
+            layers = [LayerKV(torch.randn(shape, generator=g).half(),
+                              torch.randn(shape, generator=g).half(), torch.arange(n))
+                      for _ in range(fp.n_layers)]  # fmt: skip
+            self.runner.write_prompt(rid, layers, n)
+        self.rids = list(range(len(lens)))
+        self.positions = list(lens)
+
+    def step(self) -> torch.Tensor:
+        tokens = [100 + r for r in self.rids]
+        out = self.runner.step(self.rids, tokens, self.positions)
+        self.positions = [p + 1 for p in self.positions]
+        return out
+
+    def kv_bytes(self) -> int:
+        """K/V bytes the next step reads (every slot of every request, all layers)."""
+        c = self.cache.config
+        per_token = 2 * c.layers * c.kv_heads * c.head_dim * c.dtype.itemsize
+        return per_token * sum(self.cache.length(r) + 1 for r in self.rids)
+
+
+def _token_mib(engine: Engine) -> float:
+    fp = engine.fingerprint
+    return 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 2 / (1 << 20)
+
+
+_PARTS = {  # HF submodule name -> part
+    "q_proj": "q/k/v projections", "k_proj": "q/k/v projections",
+    "v_proj": "q/k/v projections", "o_proj": "o projection",
+    "gate_proj": "MLP projections", "up_proj": "MLP projections", "down_proj": "MLP projections",
+    "input_layernorm": "norms", "post_attention_layernorm": "norms", "norm": "norms",
+    "pre_feedforward_layernorm": "norms", "post_feedforward_layernorm": "norms",
+    "q_norm": "norms", "k_norm": "norms",
+    "self_attn": "attention module rest (RoPE, reshapes)", "mlp": "MLP rest (activation, mul)",
+    "lm_head": "LM head", "embed_tokens": "embeddings", "rotary_emb": "RoPE tables",
+}  # fmt: skip
+
+
+def breakdown(batch: _Batch, steps: int) -> dict[str, float]:
+    """Exclusive ms per step by part (see module doc), over `steps` steps."""
+    from . import runner as runner_mod
+
+    acc: dict[str, float] = collections.defaultdict(float)
+    stack: list[tuple[str, float]] = []
+
+    def enter(part):
+        return lambda *a, **k: stack.append((part, time.perf_counter()))
+
+    def leave(*a, **k):
+        part, t0 = stack.pop()
+        dt = time.perf_counter() - t0
+        acc[part] += dt
+        if stack:
+            acc[stack[-1][0]] -= dt
+
+    model = batch.runner.engine.model
+    hooks = []
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        part = _PARTS.get(leaf)
+        if leaf.isdigit():
+            part = "decoder layer rest (residuals)"
+        elif mod is model:
+            part = "HF overhead"
+        if part:
+            hooks += [mod.register_forward_pre_hook(enter(part)),
+                      mod.register_forward_hook(leave)]  # fmt: skip
+    timed = runner_mod.timed_parts = acc  # the attention function adds its two parts
+    try:
+        batch.step()
+        acc.clear()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            logits = batch.step()
+            t1 = time.perf_counter()
+            logits.argmax(-1).tolist()
+            acc["step (total)"] += t1 - t0
+            acc["greedy sampling"] += time.perf_counter() - t1
+    finally:
+        runner_mod.timed_parts = None
+        for h in hooks:
+            h.remove()
+    acc["attention module rest (RoPE, reshapes)"] -= timed["KV write"] + timed["paged attention"]
+    return {k: 1000 * v / steps for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+
+
+def time_steps(batches: dict[str, _Batch], steps: int, rounds: int) -> dict[str, list[float]]:
+    """Per dtype, every step's seconds; the dtypes alternate `rounds` times."""
+    out: dict[str, list[float]] = {d: [] for d in batches}
+    for _ in range(rounds):
+        for d, b in batches.items():
+            b.step()  # warm
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                b.step()
+                out[d].append(time.perf_counter() - t0)
+    return out
+
+
+def quality(engines: dict[str, Engine], n: int, decode: int, seed: int) -> dict:
+    """Greedy tokens of n corpus prompts per dtype (batched together), against float32, and
+    each dtype's batched == alone; see module doc."""
+    ref = engines["float32"]
+    reqs = make_requests(ref, DecodeBench(n=n, decode=decode, seed=seed))
+    pres = [prefill(ref, r.context) for r in reqs]
+    pairs = list(zip(reqs, pres, strict=True))
+    out: dict = {}
+    for d, eng in engines.items():
+        be = BatchEngine(eng, EngineConfig(pool_mb=256, max_batch=n, max_queue=n))
+        try:
+            greedy = SamplingParams(max_tokens=decode)
+            gens = [be.submit(greedy, r.last, p.n_tokens, layers=p.layers) for r, p in pairs]
+            toks = [g.wait(3600).token_ids for g in gens]
+        finally:
+            be.close()
+        alone = [generate(eng, decode_state(eng, p.layers, p.n_tokens), r.last, decode)
+                 for r, p in pairs]  # fmt: skip
+        same = sum(a == b for a, b in zip(toks, alone, strict=True))
+        out[d] = {"tokens": toks, "batched_equal_alone": same}
+    base = out["float32"]["tokens"]
+    for d in engines:
+        toks = out[d]["tokens"]
+        firsts = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+                  for a, b in zip(toks, base, strict=True)]  # fmt: skip
+        out[d]["equal_to_float32"] = sum(f is None for f in firsts)
+        out[d]["first_difference"] = firsts
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--trace", default="uniform")
+    p.add_argument("--scale", type=float, default=1 / 16)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per dtype per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--route", default="adaptive")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--breakdown", action="store_true", help="per-part ms per step")
+    p.add_argument("--quality", type=int, default=0, help="N prompts: bf16 vs float32 tokens")
+    p.add_argument("--decode", type=int, default=32, help="quality: greedy tokens per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    dtypes = [d for d in a.dtypes.split(",") if d]
+    if not dtypes or any(d not in COMPUTE_DTYPES for d in dtypes):
+        p.error(f"--dtypes: of {list(COMPUTE_DTYPES)}")
+    if a.quality and "float32" not in dtypes:
+        p.error("--quality compares with float32: include it in --dtypes")
+    torch.set_num_threads(a.threads)
+    lens = traces.lengths(a.trace, a.batch, a.seed, a.scale)
+    engines = {d: load(a.model, dtype=d) for d in dtypes}
+    batches = {d: _Batch(e, lens, a.route, a.seed) for d, e in engines.items()}
+    load0 = os.getloadavg()[0]
+    times = time_steps(batches, a.steps, a.rounds)
+    read_bw, copy_bw = read_bandwidth(), copy_bandwidth(256 << 20)
+    rec: dict = {"model": a.model, "batch": a.batch, "lens": lens, "threads": a.threads,
+                 "read_gbps": read_bw / 1e9, "copy_gbps": copy_bw / 1e9, "dtypes": {}}  # fmt: skip
+    for d, b in batches.items():
+        wb, kv = weight_bytes(b.runner.engine.model), b.kv_bytes()
+        kv -= (a.rounds * (a.steps + 1) // 2) * (kv // sum(b.positions))  # at the median step
+        med = statistics.median(times[d])
+        r = rec["dtypes"][d] = {
+            "step_ms_median": 1000 * med, "step_ms_min": 1000 * min(times[d]),
+            "weight_bytes": wb, "kv_bytes": kv, "route": b.runner.last_route,
+            "limit_read_ms": 1000 * (wb + kv) / read_bw,
+            "limit_copy_ms": 1000 * (wb + kv) / copy_bw,
+        }  # fmt: skip
+        r["x_read_limit"] = r["step_ms_median"] / r["limit_read_ms"]
+        r["x_copy_limit"] = r["step_ms_median"] / r["limit_copy_ms"]
+        print(f"{d:>9}: step median {r['step_ms_median']:.1f} ms (min {r['step_ms_min']:.1f}), "
+              f"weights {wb / 1e6:.0f} MB + KV {kv / 1e6:.0f} MB; limit {r['limit_read_ms']:.1f} "
+              f"ms at read {read_bw / 1e9:.2f} GB/s ({r['x_read_limit']:.2f}x), "
+              f"{r['limit_copy_ms']:.1f} ms at copy {copy_bw / 1e9:.2f} GB/s "
+              f"({r['x_copy_limit']:.2f}x); route {r['route']}", flush=True)  # fmt: skip
+    if len(dtypes) > 1:
+        base = rec["dtypes"][dtypes[0]]["step_ms_median"]
+        for d in dtypes[1:]:
+            print(f"{dtypes[0]} / {d} step time: {base / rec['dtypes'][d]['step_ms_median']:.2f}x")
+    if a.breakdown:
+        for d, b in batches.items():
+            parts = rec["dtypes"][d]["breakdown_ms"] = breakdown(b, a.steps)
+            print(f"{d} breakdown (ms per step, exclusive):")
+            for k, v in parts.items():
+                print(f"  {k:<42} {v:8.1f}")
+    rec["loadavg_1m"] = [load0, os.getloadavg()[0]]
+    print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
+    del batches
+    if a.quality:
+        q = rec["quality"] = quality(engines, a.quality, a.decode, a.seed)
+        for d, r in q.items():
+            print(f"{d}: {r['equal_to_float32']}/{a.quality} requests token-identical to float32 "
+                  f"(first difference at token {r['first_difference']}); batched == "
+                  f"alone {r['batched_equal_alone']}/{a.quality}")  # fmt: skip
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rec, f, indent=1)
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
