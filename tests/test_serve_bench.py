@@ -26,15 +26,18 @@ def test_bench_decode_quick(tmp_path, capsys):
     batched, sequential = records
     assert batched["tokens"] == sequential["tokens"]  # same greedy outputs' lengths
     assert batched["extra"]["mean_batch"] > 1 and batched["extra"]["limit_ms"] > 0
+    assert batched["extra"]["limit_read_ms"] > 0
     assert batched["extra"]["token_ids"] == sequential["extra"]["token_ids"]
     out = capsys.readouterr().out
     assert "batched at 4 / sequential" in out and "4 of 4 requests' greedy tokens identical" in out
 
 
 def test_bench_decode_http_quick(tmp_path, capsys):
-    """Real prefill + decode workers (--engine batched), 4 streamed requests at once."""
+    """Real prefill + decode workers (--engine batched, both computing in bfloat16), 4 streamed
+    requests at once."""
     out = tmp_path / "decode.json"
-    assert main(["bench", "decode", "--quick", "--engines", "batched", "--json", str(out)]) == 0
+    assert main(["bench", "decode", "--quick", "--engines", "batched", "--dtype", "bfloat16",
+                 "--json", str(out)]) == 0  # fmt: skip
     (r,) = json.loads(out.read_text())
     for key in KEYS:
         assert key in r
@@ -48,7 +51,7 @@ def test_bench_decode_http_quick(tmp_path, capsys):
     assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] < x["wall_s"]
     # from the worker's /metrics: pages in use while decoding, and its engine's steps
     assert r["peak_kv_bytes"] > 0 and x["engine_steps"] >= 4 and x["mean_batch"] >= 1
-    assert "batched at 4: float32 compute, KV float16 pages" in capsys.readouterr().out
+    assert "batched at 4: bfloat16 compute, KV float16 pages" in capsys.readouterr().out
 
 
 def test_union_of_decode_intervals():

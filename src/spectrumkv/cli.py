@@ -165,7 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from .engines.hf import load
 
-    engine = load(args.model, dtype=getattr(args, "dtype", "float32"))
+    engine = load(args.model, dtype=args.dtype)
     if args.role == "prefill":
         from .pd.prefill_worker import serve_prefill
         from .transport.tls import server_context
@@ -212,6 +212,13 @@ def _add_serve(sub) -> None:
             "--insecure",
             action="store_true",
             help="allow a KV channel off loopback without TLS (no integrity on the wire)",
+        )
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=["float32", "bfloat16"],
+            help="compute dtype of the model (weights, activations; the KV sent and paged "
+            "stays float16); workers of either dtype accept each other's payloads",
         )
     pf.add_argument("--tls-cert", help="PEM certificate: serve the KV channel over TLS")
     pf.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -292,13 +299,6 @@ def _add_serve(sub) -> None:
         default="adaptive",
         choices=["adaptive", "per-request", "split", "workqueue", "padded"],
         help="batched: paged decode-attention route",
-    )
-    dc.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="compute dtype of the decode model (weights, activations; KV pages stay "
-        "float16); the prefill worker's payloads are accepted either way",
     )
     dc.set_defaults(func=_cmd_serve)
 

@@ -212,11 +212,15 @@ def read_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (packed weights: engines.packed) in their
-    dtype, each tensor once (a tied embedding / LM head once)."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.parameters()}
-    seen.update({t.data_ptr(): t.numel() * t.element_size() for t in model.buffers()})
-    return sum(seen.values())
+    """Weight bytes a decode step reads: the model's parameters and buffers (packed weights:
+    engines.packed) in their dtype, each tensor once, less the input embedding when the LM head
+    does not read it (untied, or packed apart): a step gathers only its B rows."""
+    tensors = [*model.parameters(), *model.buffers()]  # each deduplicated by torch
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    emb = model.get_input_embeddings().weight
+    if getattr(model.get_output_embeddings(), "weight", None) is not emb:
+        total -= emb.numel() * emb.element_size()
+    return total
 
 
 def _limit(engine: Engine, pres, b: DecodeBench, kv_itemsize: int) -> dict:

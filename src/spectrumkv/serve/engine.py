@@ -397,9 +397,10 @@ class BatchEngine:
         if self.on_step is not None:
             self.on_step(len(jobs), dt, self.runner.last_route)
         now = time.perf_counter()
-        for job, row in zip(jobs, logits, strict=True):
+        top = logits.argmax(-1).tolist()  # greedy rows: one argmax for the batch
+        for job, row, best in zip(jobs, logits, top, strict=True):
             g = job.gen
-            tok = next_token(row, g.params, job.rng)
+            tok = best if g.params.temperature == 0 else next_token(row, g.params, job.rng)
             g.token_ids.append(tok)
             if g.ttft_s is None:
                 g.ttft_s = now - g.t_submit

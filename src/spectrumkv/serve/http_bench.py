@@ -243,7 +243,7 @@ class HttpSetup:
     """threads: torch threads of each SpectrumKV worker. vllm_cpus: CPUs vLLM's OpenMP threads
     are bound to ("" = as many as `threads`). vllm_dtype: vLLM's model dtype. hf_cb_decode:
     new tokens per request for `hf-cb` (0 = the requests' own; its steps are slow here).
-    dtype: the SpectrumKV decode workers' compute dtype (`serve decode --dtype`)."""
+    dtype: the SpectrumKV workers' compute dtype (`serve prefill|decode --dtype`)."""
 
     model: str
     threads: int = 1
@@ -292,8 +292,12 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     # the KV transfer deadline is raised: requests queue for the one-at-a-time prefill worker,
     # and past the default 60 s they would be recomputed on the decode worker instead
     args = ["--engine", engine, "--kv-pool-mb", str(b.pool_mb), "--attention-route", b.route,
-            "--deadline", str(TRANSFER_DEADLINE_S), "--dtype", setup.dtype]  # fmt: skip
-    with _env(OMP_NUM_THREADS=str(setup.threads)), Cluster(model, decode_args=args) as c:
+            "--deadline", str(TRANSFER_DEADLINE_S)]  # fmt: skip
+    dtype = ["--dtype", setup.dtype]
+    with (
+        _env(OMP_NUM_THREADS=str(setup.threads)),
+        Cluster(model, decode_args=args + dtype, prefill_args=dtype) as c,
+    ):
         pid = c.procs[1].pid
         if engine == "batched":
             page = PagedConfig.for_model(_hf_config(model), 1, EngineConfig.page_size)
