@@ -284,7 +284,7 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
         with VllmServer(vs, model) as v:
             kv = _vllm_kv_bytes(vs.kv_cache_gib << 30)
             yield Served("vllm", v.url, v.proc.pid, kv, f"{setup.vllm_dtype} (weights, compute "
-                         "and KV)", {"vllm_cpus": cpus})  # fmt: skip
+                         "and KV)", extra={"vllm_cpus": cpus})  # fmt: skip
         return
     from ..paged.cache import PagedConfig
     from .engine import EngineConfig
@@ -309,10 +309,12 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             extra = {"threads": setup.threads}
             yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
-            computed = max_context * _token_bytes(model, 4)
+            size = 2 if setup.dtype == "bfloat16" else 4
+            computed = max_context * _token_bytes(model, size)
             yield Served(engine, c.url, pid, None, f"{setup.dtype} compute and DynamicCache",
-                         {"threads": setup.threads, "computed_kv_bytes": computed,
-                          "peak_kv_source": "computed: largest request, float32"})  # fmt: skip
+                         extra={"threads": setup.threads, "computed_kv_bytes": computed,
+                                "peak_kv_source": f"computed: largest request, "
+                                f"{setup.dtype}"})  # fmt: skip
 
 
 def _hf_config(model: str):
