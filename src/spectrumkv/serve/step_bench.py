@@ -22,8 +22,8 @@ model's forward spends outside its submodules. The hooks cost a little time them
 
 Quality (`--quality N`): N corpus prompts (the trace's first N lengths, prefilled in float32 as
 the prefill worker does), decoded greedily `--decode` tokens by a BatchEngine of each dtype
-together; reports how many requests' tokens equal float32's and where the first differs. It
-also checks each dtype's batch invariance: batched == the same request alone (sequential path).
+together; per request, where its tokens first differ from float32's, from the same engine
+decoding it alone (batch invariance), and from the HF one-at-a-time path.
 """
 
 from __future__ import annotations
@@ -156,33 +156,42 @@ def time_steps(batches: dict[str, _Batch], steps: int, rounds: int) -> dict[str,
     return out
 
 
-def quality(engines: dict[str, Engine], n: int, decode: int, seed: int) -> dict:
-    """Greedy tokens of n corpus prompts per dtype (batched together), against float32, and
-    each dtype's batched == alone; see module doc."""
+def _engine_tokens(eng: Engine, pairs, decode: int, max_batch: int, route: str) -> list[list[int]]:
+    """Greedy tokens of every (request, prefilled) pair through a BatchEngine that decodes at
+    most `max_batch` of them together (1: each alone, one after another)."""
+    be = BatchEngine(eng, EngineConfig(pool_mb=256, max_batch=max_batch, max_queue=len(pairs),
+                                       queue_timeout_s=3600, route=route))  # fmt: skip
+    try:
+        greedy = SamplingParams(max_tokens=decode)
+        gens = [be.submit(greedy, r.last, p.n_tokens, layers=p.layers) for r, p in pairs]
+        return [g.wait(3600).token_ids for g in gens]
+    finally:
+        be.close()
+
+
+def _first_differences(toks: list[list[int]], base: list[list[int]]) -> list[int | None]:
+    return [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+            for a, b in zip(toks, base, strict=True)]  # fmt: skip
+
+
+def quality(engines: dict[str, Engine], n: int, decode: int, seed: int, route: str) -> dict:
+    """Per dtype, greedy tokens of n corpus prompts decoded together, against: float32's;
+    the same engine decoding each alone (batch 1: batch invariance); and the one-at-a-time HF
+    path (engines.hf generate: a DynamicCache in the compute dtype, HF's own attention).
+    First differing token index per request (None: identical)."""
     ref = engines["float32"]
     reqs = make_requests(ref, DecodeBench(n=n, decode=decode, seed=seed))
-    pres = [prefill(ref, r.context) for r in reqs]
-    pairs = list(zip(reqs, pres, strict=True))
+    pairs = [(r, prefill(ref, r.context)) for r in reqs]
     out: dict = {}
     for d, eng in engines.items():
-        be = BatchEngine(eng, EngineConfig(pool_mb=256, max_batch=n, max_queue=n))
-        try:
-            greedy = SamplingParams(max_tokens=decode)
-            gens = [be.submit(greedy, r.last, p.n_tokens, layers=p.layers) for r, p in pairs]
-            toks = [g.wait(3600).token_ids for g in gens]
-        finally:
-            be.close()
-        alone = [generate(eng, decode_state(eng, p.layers, p.n_tokens), r.last, decode)
-                 for r, p in pairs]  # fmt: skip
-        same = sum(a == b for a, b in zip(toks, alone, strict=True))
-        out[d] = {"tokens": toks, "batched_equal_alone": same}
-    base = out["float32"]["tokens"]
+        toks = _engine_tokens(eng, pairs, decode, n, route)
+        alone = _engine_tokens(eng, pairs, decode, 1, route)
+        hf = [generate(eng, decode_state(eng, p.layers, p.n_tokens), r.last, decode)
+              for r, p in pairs]  # fmt: skip
+        out[d] = {"tokens": toks, "vs_engine_alone": _first_differences(toks, alone),
+                  "vs_hf_alone": _first_differences(toks, hf)}  # fmt: skip
     for d in engines:
-        toks = out[d]["tokens"]
-        firsts = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-                  for a, b in zip(toks, base, strict=True)]  # fmt: skip
-        out[d]["equal_to_float32"] = sum(f is None for f in firsts)
-        out[d]["first_difference"] = firsts
+        out[d]["vs_float32"] = _first_differences(out[d]["tokens"], out["float32"]["tokens"])
     return out
 
 
@@ -248,11 +257,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
     del batches
     if a.quality:
-        q = rec["quality"] = quality(engines, a.quality, a.decode, a.seed)
+        q = rec["quality"] = quality(engines, a.quality, a.decode, a.seed, a.route)
         for d, r in q.items():
-            print(f"{d}: {r['equal_to_float32']}/{a.quality} requests token-identical to float32 "
-                  f"(first difference at token {r['first_difference']}); batched == "
-                  f"alone {r['batched_equal_alone']}/{a.quality}")  # fmt: skip
+            for key, what in (("vs_float32", "float32's"), ("vs_engine_alone", "alone (batch 1)"),
+                              ("vs_hf_alone", "the HF one-at-a-time path")):  # fmt: skip
+                firsts = r[key]
+                same = sum(f is None for f in firsts)
+                print(f"{d} batched: {same}/{a.quality} token-identical to {what}; first "
+                      f"difference at {firsts}")  # fmt: skip
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rec, f, indent=1)
