@@ -10,6 +10,10 @@ request's next page slot and runs the paged decode kernel over the block tables.
 callers of the same model, e.g. a local prefill, keep their usual attention); the runner's
 contract is therefore that all model calls on this engine happen on one thread, the engine's.
 
+The model computes in its load dtype (engines.hf.load: float32, or bfloat16 with packed
+linears, engines.packed); the pages stay in the KV dtype and the kernel accumulates in float32,
+whatever the compute dtype. Measured parts of a step: `python -m spectrumkv.serve.step_bench`.
+
 Why the HF model and not a hand-written runner: it is the same code that prefill and the
 one-at-a-time path run, so batch invariance is a property of the attention alone, and any model
 the paged cache accepts works without per-architecture code.
