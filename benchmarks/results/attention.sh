@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Records the paged decode-attention results (issue 17) into benchmarks/results/attention*.
 # Run from the repository root: `bash benchmarks/results/attention.sh` (about 80 min on the shared
-# 2-core VM at load average ~10; PARTS="calibrate smollm2" etc. runs a subset, in this order).
+# 2-core VM at load average ~10, 50 min at load 4-6; PARTS="calibrate smollm2" etc. runs a subset,
+# in this order). `adaptive` is timed per step (planned once per timed pass, the route passed to
+# every layer, as serve/runner.py does; see paged/bench.py).
 # 1. calibrate the cost model on calibration seeds 0-1 (writes the machine profile);
 # 2. bench every route and the anchors on held-out seeds 100-104: per case the routes run in 5
 #    interleaved rounds on the same data (step = the least over the rounds, spreads from the
