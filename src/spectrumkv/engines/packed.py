@@ -18,6 +18,9 @@ model is left as it is.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+
 import torch
 from torch import nn
 
@@ -67,4 +70,14 @@ def pack_linears(model: nn.Module) -> int:
     ]
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
-    return len(targets)
+    n = len(targets)
+    del targets, parent, child
+    _trim()
+    return n
+
+
+def _trim() -> None:
+    """Hand the freed unpacked weights back to the OS: glibc keeps freed heap blocks, ~200 MB
+    of anonymous memory for SmolLM2-135M here (no-op where there is no glibc)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
