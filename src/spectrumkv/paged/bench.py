@@ -34,6 +34,7 @@ import torch
 
 from . import cost, reference, traces, vllm_anchor
 from .cache import PagedConfig, PagedKVCache
+from .errors import PagedInputError
 from .routes import ROUTES, clear_plans, plan, run_route
 
 SHAPES = {"smollm2-135m": (3, 9, 64), "7b-gqa": (8, 32, 128)}  # kv heads, q heads, head dim
@@ -65,7 +66,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.adaptive_timing not in ADAPTIVE_TIMING:
-            raise ValueError(f"adaptive_timing: one of {ADAPTIVE_TIMING}")
+            raise PagedInputError(f"adaptive_timing: one of {ADAPTIVE_TIMING}")
 
 
 def _fill(config: PagedConfig, lens: list[int], seed: int):
@@ -111,7 +112,7 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
     ref = reference.reference(q, *cache.layer(0), tables, lengths, scale)
     runners, infos = {}, {}
     per_step = cfg.adaptive_timing == "per-step"
-    planned = [plan(q, cache.k[0], lengths, None, profile)]  # adaptive per-step: this pass's
+    planned = [plan(q, cache.k[0], lengths, None, profile)]  # per-step: this pass's route
     padded_bytes = batch * max(lens) * 2 * hkv * d * dtype.itemsize
     for route in cfg.routes:
         if (
