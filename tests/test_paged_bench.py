@@ -239,3 +239,22 @@ def test_plan_is_memoized_by_value(monkeypatch):
     with pytest.raises(PagedInputError, match="span is < 1"):
         routes.plan(q, k, lens, torch.tensor([0, 100], dtype=torch.int32), BASE)
     routes.clear_plans()
+
+
+def test_choice_with_pruning_equals_predicting_every_route():
+    from spectrumkv.paged.cost import FIXED_ROUTES, lower_bound
+
+    rng = random.Random(1)
+    for _ in range(300):
+        lens = [rng.choice([1, 31, 33, 2048, 9000]) if rng.random() < 0.3 else
+                rng.randint(1, 40_000) for _ in range(rng.randint(1, 33))]  # fmt: skip
+        p = dataclasses.replace(
+            BASE, lam=10 ** rng.uniform(-7, -2), tau=10 ** rng.uniform(-9, -4),
+            beta_1=BASE.beta * rng.uniform(0.3, 1.2), threads=rng.randint(1, 4),
+            scale_per_request=rng.uniform(0.5, 1.5), min_split_tokens=rng.choice([32, 2048]),
+        )  # fmt: skip
+        for r in KERNEL_ROUTES:
+            assert lower_bound(r, lens, SMOL, p) <= predict(r, lens, SMOL, p) * (1 + 1e-12)
+        clear_plans()
+        assert choose(lens, SMOL, p) == min(FIXED_ROUTES, key=lambda r: predict(r, lens, SMOL, p))
+    clear_plans()

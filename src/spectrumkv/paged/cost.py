@@ -196,9 +196,31 @@ def predict(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
     return p.scale(route) * stream + dispatches * p.lam + tasks * p.tau
 
 
+def lower_bound(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
+    """A cheap lower bound of `predict` for a kernel route: every dispatch streams its bytes at
+    most at beta (no schedule simulation), dispatches, tasks and merges as in `route_terms`."""
+    max_splits, min_split = route_settings(route, p)
+    tasks = n_split = 0
+    for n in lengths:
+        ns = splits_of(n, max_splits, min_split)[0]
+        tasks += ns
+        n_split += ns if ns > 1 else 0
+    merge = n_split * g.kv_heads * g.group * (g.head_dim + 2) * 4
+    stream = sum(lengths) * g.token_bytes / p.beta + merge / p.beta_1
+    dispatches = len(lengths) if route == "per-request" else 1
+    return p.scale(route) * stream + dispatches * p.lam + tasks * g.kv_heads * p.tau
+
+
 @functools.lru_cache(maxsize=64)
 def _choose(lengths: tuple, g: Geometry, p: MachineProfile, routes: tuple) -> str:
-    return min(routes, key=lambda r: predict(r, lengths, g, p))
+    # per-request (a simulated dispatch per request: most of a plan's time at large batches)
+    # is predicted only when its lower bound does not already exceed the best other route's
+    # time; the choice is the same as predicting every route (first of `routes` on ties)
+    times = {r: predict(r, lengths, g, p) for r in routes if r != "per-request"}
+    best = min(times.values(), default=math.inf)
+    if "per-request" in routes and lower_bound("per-request", lengths, g, p) <= best * (1 + 1e-9):
+        times["per-request"] = predict("per-request", lengths, g, p)
+    return min((r for r in routes if r in times), key=times.__getitem__)
 
 
 def choose(lengths, g: Geometry, p: MachineProfile, routes=FIXED_ROUTES) -> str:
