@@ -72,6 +72,8 @@ def load(
     `dtype` (see `fingerprint`), so a bf16 decode worker accepts an fp32 prefill's payloads."""
     if dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"compute dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}")
+    if threads is not None and threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 or None: torch's default), got {threads}")
     if threads:
         torch.set_num_threads(threads)
     src = model_dir(name)
