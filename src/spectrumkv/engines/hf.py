@@ -68,8 +68,9 @@ def load(
     """Load a model by alias, local directory or hub id, in eval mode, computing in `dtype`
     (COMPUTE_DTYPES: "float32", the default, or "bfloat16": weights and activations in bf16,
     as vLLM runs on CPU, with the linear layers' weights prepacked: engines.packed; the KV
-    stays in `kv_dtype`). The fingerprint does not depend on
-    `dtype` (see `fingerprint`), so a bf16 decode worker accepts an fp32 prefill's payloads."""
+    stays in `kv_dtype`). The fingerprint digests layer 0's key projection as saved on disk,
+    so it does not depend on `dtype`: a bf16 decode worker accepts an fp32 prefill's payloads.
+    `threads`: torch threads (None or 0: torch's default)."""
     if dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"compute dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}")
     if threads is not None and threads < 0:
