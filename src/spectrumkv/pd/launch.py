@@ -44,6 +44,10 @@ class Cluster:
     procs: list[subprocess.Popen] = field(default_factory=list)
     prefill_port: int = 0
     decode_port: int = 0
+    # torch threads per worker unless its args say `--threads`: the two workers share this
+    # machine's cores, and oversubscribed OpenMP regions wait for descheduled threads (on 2
+    # loaded cores a batch-16 decode step took ~10x longer with 2 threads than with 1)
+    threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
 
     @property
     def url(self) -> str:
@@ -80,6 +84,8 @@ class Cluster:
         env = {**os.environ, "SPECTRUMKV_SECRET": self.secret}
         if "--model" not in args:
             args = [*args, "--model", self.model]
+        if "--threads" not in args:
+            args = [*args, "--threads", str(self.threads)]
         cmd = [sys.executable, "-m", "spectrumkv.cli", *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
         if slot is None:

@@ -296,7 +296,7 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     dtype = ["--dtype", setup.dtype]
     with (
         _env(OMP_NUM_THREADS=str(setup.threads)),
-        Cluster(model, decode_args=args + dtype, prefill_args=dtype) as c,
+        Cluster(model, decode_args=args + dtype, prefill_args=dtype, threads=setup.threads) as c,
     ):
         pid = c.procs[1].pid
         if engine == "batched":
