@@ -251,10 +251,10 @@ def test_bfloat16_decode_model_accepts_fp32_payloads_and_stays_batch_invariant(s
 
 
 def test_engine_sampler_draws_the_nucleus_distribution():
-    """serve.sampling.sample: the temperature / top-p distribution of pd.sampling.next_token
+    """pd.sampling.next_token (both engines' sampler): the temperature / top-p distribution
     (exact probabilities, 2,000 seeded draws each), reproducible per seed, the nucleus found
     also when the top-k search has to grow to the whole vocabulary."""
-    from spectrumkv.serve.sampling import sample
+    from spectrumkv.pd.sampling import next_token as sample
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 threads on a loaded 2-core box: ~8 ms per small op here

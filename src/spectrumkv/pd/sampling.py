@@ -58,17 +58,42 @@ class Choice:
     finish_reason: str = "length"
 
 
+FIRST_K = 64  # top logits tried first for the nucleus; x8 until they hold top_p
+
+
 def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """Pick the next token from 1-D float logits."""
+    """Pick the next token from 1-D float logits: argmax at temperature 0, else a draw with
+    `gen` from softmax(logits / temperature) restricted to the nucleus (the smallest set of most
+    likely tokens whose probability reaches top_p; the top token always kept).
+
+    Drawn without sorting the vocabulary (a sort and `torch.multinomial` over SmolLM2's 49,152
+    logits took 12.3 ms per row at top_p 0.9, ~200 ms per step at a batch of 16, as long as the
+    model step): the top k logits (k = 64, growing 8x until they hold top_p, at most V), then an
+    inverse-CDF draw (one float64 uniform from `gen`, a float64 cumulative sum, a binary search).
+    Both engines sample through here, so a seeded request draws the same tokens batched or
+    alone."""
     if p.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / p.temperature, dim=-1)
-    if p.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(0) - sorted_p >= p.top_p  # keeps at least the top token
-        sorted_p[outside] = 0
-        return int(order[torch.multinomial(sorted_p, 1, generator=gen)])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    z = logits.float() / p.temperature
+    total = torch.logsumexp(z, 0)
+    if p.top_p >= 1:
+        return _draw(torch.exp(z - total), gen)
+    n, k = z.numel(), min(FIRST_K, z.numel())
+    while True:
+        top, ids = torch.topk(z, k)  # descending
+        probs = torch.exp(top - total)
+        if k == n or float(probs.sum()) >= p.top_p:
+            break
+        k = min(n, 8 * k)
+    keep = probs.cumsum(0) - probs < p.top_p  # a prefix; the top token always
+    return int(ids[_draw(probs[keep], gen)])
+
+
+def _draw(weights: torch.Tensor, gen: torch.Generator) -> int:
+    """Index i with probability weights[i] / sum(weights) (non-negative; summed in float64)."""
+    cdf = weights.double().cumsum(0)
+    u = torch.rand((), generator=gen, dtype=torch.float64) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), weights.numel() - 1)
 
 
 class StopText:

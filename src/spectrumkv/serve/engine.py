@@ -37,9 +37,8 @@ from ..kv import LayerKV
 from ..paged.cache import PagedKVCache
 from ..paged.cost import MachineProfile
 from ..paged.routes import ROUTES
-from ..pd.sampling import Cancelled, SamplingParams, StopText
+from ..pd.sampling import Cancelled, SamplingParams, StopText, next_token
 from .runner import ModelRunner, pool_config
-from .sampling import sample
 
 
 def default_pool_mb() -> float:
@@ -401,7 +400,7 @@ class BatchEngine:
         top = logits.argmax(-1).tolist()  # greedy rows: one argmax for the batch
         for job, row, best in zip(jobs, logits, top, strict=True):
             g = job.gen
-            tok = best if g.params.temperature == 0 else sample(row, g.params, job.rng)
+            tok = best if g.params.temperature == 0 else next_token(row, g.params, job.rng)
             g.token_ids.append(tok)
             if g.ttft_s is None:
                 g.ttft_s = now - g.t_submit
