@@ -89,6 +89,11 @@ class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def is_sliding(self, layer: int) -> bool:
         return layer in self.sliding_layers
 
+    def kv_token_bytes(self, itemsize: int) -> int:
+        """Bytes of one token's K and V over every layer and KV head, at `itemsize` bytes per
+        element."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
+
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Payload header. `n_tokens`: cached prompt tokens (positions 0..n_tokens-1).

@@ -47,6 +47,11 @@ class Engine:
     def kv_dtype(self) -> torch.dtype:
         return _KV_DTYPES[self.fingerprint.kv_dtype]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its weights'; `load`'s `dtype`)."""
+        return next(self.model.parameters()).dtype
+
     def layer_window(self, layer: int) -> int:
         fp = self.fingerprint
         return fp.sliding_window if fp.is_sliding(layer) else 0
@@ -271,7 +276,7 @@ def decode_state(engine: Engine, layers: list[LayerKV], n_tokens: int) -> Decode
     if len(layers) != fp.n_layers:
         raise IncompatiblePayloadError(f"got {len(layers)} layers, model has {fp.n_layers}")
     cache = DynamicCache(config=engine.model.config)
-    dtype = next(engine.model.parameters()).dtype  # the compute dtype
+    dtype = engine.compute_dtype
     full = sliding = None
     for i, kv in enumerate(layers):
         cache.layers[i].update(kv.keys[None].to(dtype), kv.values[None].to(dtype))
@@ -331,7 +336,7 @@ def forward_with_kv_transform(
 
         layer.update = update
     pos = torch.arange(ids.numel())
-    dtype = next(engine.model.parameters()).dtype
+    dtype = engine.compute_dtype
     masks = {"full_attention": _mask(pos, pos, 0, dtype, hidden)}
     if fp.sliding_layers:
         masks["sliding_attention"] = _mask(pos, pos, fp.sliding_window, dtype, hidden)
@@ -351,7 +356,7 @@ def step(engine: Engine, state: DecodeState, input_ids: torch.Tensor) -> torch.T
     fp = engine.fingerprint
     t = int(input_ids.numel())
     qpos = torch.arange(state.next_position, state.next_position + t)
-    dtype = next(engine.model.parameters()).dtype
+    dtype = engine.compute_dtype
     kfull = torch.cat([state.full_positions, qpos])
     masks = {"full_attention": _mask(kfull, qpos, 0, dtype)}
     if fp.sliding_layers:

@@ -80,10 +80,14 @@ class PagedConfig:
 
 
 class Slots(NamedTuple):
-    """Where each request of a step writes its newest token: page ids and offsets, int64 [batch]."""
+    """Where each request of a step writes its newest token: page ids and offsets, int64
+    [batch]; rows: the same places as rows of a layer's pages viewed as [pages * kv_heads *
+    page_size, head_dim], request-major then head, int64 [batch * kv_heads] (computed once per
+    step, so each layer's write is one index_copy_)."""
 
     pages: torch.Tensor
     offsets: torch.Tensor
+    rows: torch.Tensor
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -176,7 +180,10 @@ class PagedKVCache:
             pos = self.extend(rid, 1)
             pages.append(self._pages[rid][pos // ps])
             offsets.append(pos % ps)
-        return Slots(torch.tensor(pages), torch.tensor(offsets))
+        pages_t, offsets_t = torch.tensor(pages), torch.tensor(offsets)
+        heads = torch.arange(self.config.kv_heads)
+        rows = (pages_t[:, None] * self.config.kv_heads + heads) * ps + offsets_t[:, None]
+        return Slots(pages_t, offsets_t, rows.reshape(-1))
 
     def free(self, rid: Any) -> None:
         """Return `rid`'s pages to the pool and forget it."""
@@ -222,8 +229,9 @@ class PagedKVCache:
         """Write one token per request of a step; k, v: [batch, kv_heads, head_dim]."""
         kp, vp = self.layer(layer)
         self._check_rows(k, v, slots.pages.shape[0])
-        kp[slots.pages, :, slots.offsets] = k.to(kp.dtype)
-        vp[slots.pages, :, slots.offsets] = v.to(vp.dtype)
+        d = self.config.head_dim
+        kp.view(-1, d).index_copy_(0, slots.rows, k.reshape(-1, d).to(kp.dtype))
+        vp.view(-1, d).index_copy_(0, slots.rows, v.reshape(-1, d).to(vp.dtype))
 
     def block_tables(self, rids: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables int32 [batch, max pages] (unused entries -1) and lengths int32 [batch]

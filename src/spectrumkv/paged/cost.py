@@ -154,6 +154,11 @@ def stream_seconds(loads: list[int], p: MachineProfile) -> float:
     return t
 
 
+def merge_bytes(n_split: int, g: Geometry) -> int:
+    """Bytes the merge reads for `n_split` split pieces: float32 acc, m and l per query head."""
+    return n_split * g.kv_heads * g.group * (g.head_dim + 2) * 4
+
+
 def dispatch_terms(lengths, g: Geometry, p: MachineProfile, settings) -> tuple[float, int, int]:
     """One kernel dispatch over requests of these lengths: (stream seconds, tasks, merge bytes)."""
     head_bytes = g.token_bytes // g.kv_heads
@@ -171,7 +176,7 @@ def dispatch_terms(lengths, g: Geometry, p: MachineProfile, settings) -> tuple[f
             tasks[chunk * head_bytes] = tasks.get(chunk * head_bytes, 0) + (ns - 1) * g.kv_heads
             n_split += ns
         n_tasks += ns * g.kv_heads
-    merge = n_split * g.kv_heads * g.group * (g.head_dim + 2) * 4
+    merge = merge_bytes(n_split, g)
     return stream_seconds(lpt_loads(tasks, min(p.threads, n_tasks)), p), n_tasks, merge
 
 
@@ -205,7 +210,7 @@ def lower_bound(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
         ns = splits_of(n, max_splits, min_split)[0]
         tasks += ns
         n_split += ns if ns > 1 else 0
-    merge = n_split * g.kv_heads * g.group * (g.head_dim + 2) * 4
+    merge = merge_bytes(n_split, g)
     stream = sum(lengths) * g.token_bytes / p.beta + merge / p.beta_1
     dispatches = len(lengths) if route == "per-request" else 1
     return p.scale(route) * stream + dispatches * p.lam + tasks * g.kv_heads * p.tau

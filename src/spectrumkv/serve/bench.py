@@ -123,9 +123,8 @@ def _record(name, b, tokens, span, ttfts, tpots, peak, failed, dtype, **extra) -
 def run_sequential(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
     """One request at a time from an HF DynamicCache (float32 compute, fp16 KV rounded)."""
     t0 = time.perf_counter()
-    fp = engine.fingerprint
-    dtype = _compute_dtype(engine)
-    token_bytes = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * dtype.itemsize  # DynamicCache
+    dtype = engine.compute_dtype
+    token_bytes = engine.fingerprint.kv_token_bytes(dtype.itemsize)  # DynamicCache
     ttfts, tpots, tokens, peak, outs = [], [], 0, 0, []
     for r, pre in zip(reqs, pres, strict=True):
         first: list[float] = []
@@ -187,12 +186,8 @@ def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
     extra.update(_limit(engine, pres, b, eng.cache.config.dtype.itemsize))
     extra["token_ids"] = [g.token_ids for g in gens]
     return _record("batched", b, sum(len(g.token_ids) for g in ok), span, ttfts, tpots, peak[0],
-                   failed, f"{_name(_compute_dtype(engine))} compute, KV "
+                   failed, f"{_name(engine.compute_dtype)} compute, KV "
                    f"{_name(eng.cache.config.dtype)} pages", **extra)  # fmt: skip
-
-
-def _compute_dtype(engine: Engine) -> torch.dtype:
-    return next(engine.model.parameters()).dtype
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -229,8 +224,7 @@ def _limit(engine: Engine, pres, b: DecodeBench, kv_itemsize: int) -> dict:
     copied per second; the issue's definition, loose: a copy also writes) and / the read rate
     (a torch sum: bytes read per second, the honest one), both measured in this run."""
     weights = weight_bytes(engine.model)
-    fp = engine.fingerprint
-    token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * kv_itemsize
+    token = engine.fingerprint.kv_token_bytes(kv_itemsize)
     ctx = sum(p.n_tokens + b.decode // 2 for p in pres[: b.concurrency])
     bw, rd = copy_bandwidth(256 << 20), read_bandwidth()
     return {"weight_bytes": weights, "kv_bytes_per_step": ctx * token, "copy_gbps": bw / 1e9,

@@ -18,7 +18,8 @@ completion token over first send -> last token. Peak KV bytes come from the serv
 polled every `POLL_S` seconds: the batch engine's used pages x page bytes (and its step-time
 high-water mark `spectrumkv_engine_pages_peak` when a run raised it, which a short run's polls
 could miss), vLLM's KV-cache usage x its cache size; the sequential worker exports no KV
-gauge, so its figure is computed (the largest request's float32 DynamicCache) and marked so.
+gauge, so its figure is computed (the largest request's DynamicCache, in the workers' compute
+dtype) and marked so.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from ..engines.hf import COMPUTE_DTYPES
 from ..pd.launch import Cluster, rss_mb
 from .bench import DecodeBench, Record, _pct
 from .metrics import read as scrape
@@ -309,7 +311,7 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             extra = {"threads": setup.threads}
             yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
-            size = 2 if setup.dtype == "bfloat16" else 4
+            size = COMPUTE_DTYPES[setup.dtype].itemsize
             computed = max_context * _token_bytes(model, size)
             yield Served(engine, c.url, pid, None, f"{setup.dtype} compute and DynamicCache",
                          extra={"threads": setup.threads, "computed_kv_bytes": computed,

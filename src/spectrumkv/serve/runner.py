@@ -53,7 +53,7 @@ class _Step:
     """What the attention function needs during one batched forward."""
 
     cache: PagedKVCache
-    rows: torch.Tensor  # int64 [B * kv_heads]: each new K/V row's row in a layer's flat pages
+    slots: Slots
     tables: torch.Tensor
     lengths: torch.Tensor
     route: str  # a fixed route, chosen once per step
@@ -67,16 +67,6 @@ _active = threading.local()
 timed_parts: dict[str, float] | None = None
 
 
-def _rows(cache: PagedKVCache, slots: Slots) -> torch.Tensor:
-    """Row indices of the step's new tokens in a layer's pages viewed as [pages * kv_heads *
-    page_size, head_dim] (PagedKVCache's layout), request-major then head: computed once per
-    step, so each layer's write is one index_copy_ (instead of an index_put per layer)."""
-    c = cache.config
-    heads = torch.arange(c.kv_heads)
-    return ((slots.pages[:, None] * c.kv_heads + heads) * c.page_size
-            + slots.offsets[:, None]).reshape(-1)  # fmt: skip
-
-
 def _paged_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function: query [B, Hq, 1, D], key/value [B, Hkv, 1, D] (this
     step's token, post-RoPE). Returns ([B, 1, Hq, D], None)."""
@@ -85,10 +75,8 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, **
         raise RuntimeError("paged attention runs only inside ModelRunner.step, one token a row")
     t0 = time.perf_counter()
     layer = module.layer_idx
+    st.cache.write_slots(layer, st.slots, key[:, :, 0], value[:, :, 0])
     k_pages, v_pages = st.cache.layer(layer)
-    d = k_pages.shape[-1]
-    k_pages.view(-1, d).index_copy_(0, st.rows, key.reshape(-1, d).to(k_pages.dtype))
-    v_pages.view(-1, d).index_copy_(0, st.rows, value.reshape(-1, d).to(v_pages.dtype))
     t1 = time.perf_counter()
     starts = st.starts if layer in st.sliding else None
     out, _ = run_route(query[:, :, 0], k_pages, v_pages, st.tables, st.lengths, st.route,
@@ -206,7 +194,7 @@ class ModelRunner:
         if route == "adaptive":
             route = cost.choose(n_slots, self.geometry, self.profile)
         self.last_route = route
-        _active.step = _Step(cache, _rows(cache, slots), tables, lengths, route, self.profile,
+        _active.step = _Step(cache, slots, tables, lengths, route, self.profile,
                              starts, self.sliding)  # fmt: skip
         cfg = model.config
         previous = cfg._attn_implementation

@@ -79,8 +79,7 @@ class _Batch:
 
 
 def _token_mib(engine: Engine) -> float:
-    fp = engine.fingerprint
-    return 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 2 / (1 << 20)
+    return engine.fingerprint.kv_token_bytes(2) / (1 << 20)  # fp16 pages
 
 
 _PARTS = {  # HF submodule name -> part
