@@ -232,7 +232,10 @@ def test_peer_with_wrong_secret_is_refused_as_an_authentication_failure(cluster,
     assert status == 200 and health["ok"] and health["prefill"]["authenticated"]
     # a decode worker configured with another secret says so in its health report
     wrong = DecodeWorker(smol, DecodeConfig("127.0.0.1", cluster.prefill_port, b"x" * 32))
-    peer = asyncio.run(wrong.peer_health())
+    try:
+        peer = asyncio.run(wrong.peer_health())
+    finally:
+        wrong.close()
     assert peer["reachable"] and not peer["authenticated"]
     assert "authentication failed" in peer["error"]
 

@@ -61,7 +61,7 @@ def test_concurrent_requests_batch_and_match_sequential(smol):
         assert metrics("spectrumkv_engine_tokens_total") == worker.batch.stats.tokens
         assert worker.batch.cache.free_pages == worker.batch.total_pages
     finally:
-        worker.batch.close()
+        worker.close()
 
 
 def test_full_pool_is_503_with_retry_after_and_too_large_is_400(smol):
@@ -91,4 +91,4 @@ def test_full_pool_is_503_with_retry_after_and_too_large_is_400(smol):
         assert e.value.status == 400 and e.value.code == "kv_pool_too_small"
         assert worker.batch.cache.free_pages == worker.batch.total_pages
     finally:
-        worker.batch.close()
+        worker.close()

@@ -106,6 +106,15 @@ class DecodeWorker:
         elif cfg.engine != "sequential":
             raise ValueError(f"engine must be sequential or batched, got {cfg.engine!r}")
 
+    def close(self) -> None:
+        """Stop the batch engine's thread (requests still in it fail with "the engine was
+        closed") and the worker's thread pools. Idempotent; the worker serves nothing after."""
+        if self.batch is not None:
+            self.batch.close()
+            self.waiters.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.unpacker.shutdown(wait=False, cancel_futures=True)
+
     async def open_channel(self) -> Channel:
         """Connect and authenticate to the prefill worker (the caller bounds the time)."""
         ch = await connect(self.cfg.prefill_host, self.cfg.prefill_port, self.tls)
