@@ -1,0 +1,203 @@
+"""The GPU workqueue decode: Triton kernels for paged decode attention, the same contract as
+the CPU kernel (`kernel.decode`, `_attention.c`).
+
+    out, tasks = gpu.decode(q, k_pages, v_pages, tables, lengths, scale,
+                            max_splits, min_split_tokens, starts=starts)
+
+Work unit: one Triton program per task (request b, KV head h, token range [lo, hi)). The host
+plans the compact task list from the lengths (only tasks that exist, longest first; a span of n
+tokens is cut into `cost.splits_of(n, max_splits, min_split_tokens)` ranges of whole
+`cost.TILE`-token tiles, as the CPU kernel cuts it); the launch grid is (tasks, kv_heads). A
+program reads each K/V tile of its range once, through the block table, for all query heads of
+head h's group, and keeps an exact FP32 online softmax (m, l, acc) per query head (both dot
+products in IEEE float32, no TF32). An unsplit request's program writes its output; a split
+request's programs write partials (m, l, acc) and one merge program per (split request, KV
+head) combines them exactly: M = max m_s, L = sum e^(m_s - M) l_s, out = sum e^(m_s - M)
+acc_s / L. Temporaries: the task list and the partials, O(batch x kv_heads x splits x group x
+head_dim), never O(context length).
+
+Inputs: q [batch, q_heads, head_dim] any float dtype; k_pages, v_pages [pages, kv_heads,
+page_size, head_dim] float16 or bfloat16, contiguous, on the device that runs the kernels
+(CUDA; or CPU under Triton's interpreter, TRITON_INTERPRET=1 set before this module is
+imported: how the tests run it); tables int32 [batch, width], lengths int32 [batch], starts
+optional int32 [batch] (request b reads its tokens [starts[b], lengths[b])), on the host or
+the device. Checked in full before anything runs (`kernel.check_inputs`, `kernel.check_tables`
+on host copies, plus this kernel's limits): bad input raises PagedInputError. Output float32
+[batch, q_heads, head_dim] on the pages' device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import cost, kernel
+from .errors import PagedInputError
+
+MAX_GROUP = 16  # query heads per KV head
+MAX_HEAD_DIM = 256
+ROWS = 16  # the group is padded to >= 16 rows: tl.dot's smallest M on NVIDIA GPUs
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, Tables, Tasks, Out, PM, PL, PAcc, scale, width,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    DP: tl.constexpr, PS: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    """Program (task t, KV head h). Tasks: int32 [tasks, 4] rows (b, lo, hi, slot); slot -1:
+    write Out[b, h*G:(h+1)*G]; else the partials of split slot `slot` (PM, PL [slots, HKV,
+    GP]; PAcc [slots, HKV, GP, DP]). GP, DP: G and D padded to powers of two (>= 16)."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(Tasks + t * 4)
+    lo = tl.load(Tasks + t * 4 + 1)
+    hi = tl.load(Tasks + t * 4 + 2)
+    slot = tl.load(Tasks + t * 4 + 3)
+    rows = tl.arange(0, GP)
+    cols = tl.arange(0, DP)
+    row_ok = rows < G
+    col_ok = cols < D
+    q_rows = (b * HKV + h) * G + rows  # query head rows of this KV head, [GP]
+    q = tl.load(Q + q_rows[:, None] * D + cols[None, :], row_ok[:, None] & col_ok[None, :], 0.0)
+    q = q * scale  # [GP, DP] float32; padded rows and columns are 0
+    m_run = tl.full([GP], float("-inf"), tl.float32)  # running max of the scores
+    l_run = tl.zeros([GP], tl.float32)  # running sum of e^(score - m_run)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for t0 in range(lo, hi, TILE):
+        tok = t0 + tl.arange(0, TILE)
+        tok_ok = tok < hi
+        page = tl.load(Tables + b.to(tl.int64) * width + tok // PS, tok_ok, 0).to(tl.int64)
+        base = ((page * HKV + h) * PS + tok % PS) * D  # element offset of each token's row
+        kv_ok = tok_ok[None, :] & col_ok[:, None]
+        kt = tl.load(K + base[None, :] + cols[:, None], kv_ok, 0.0).to(tl.float32)  # [DP, TILE]
+        s = tl.dot(q, kt, input_precision="ieee")  # [GP, TILE]
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(s, 1))
+        alpha = tl.exp(m_run - m_new)  # 0 on the first tile (m_run = -inf, m_new finite)
+        p = tl.exp(s - m_new[:, None])
+        l_run = l_run * alpha + tl.sum(p, 1)
+        vt = tl.load(V + base[:, None] + cols[None, :], tok_ok[:, None] & col_ok[None, :], 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        m_run = m_new
+    if slot < 0:
+        out = acc / l_run[:, None]
+        tl.store(Out + q_rows[:, None] * D + cols[None, :], out, row_ok[:, None] & col_ok[None, :])
+    else:
+        part = (slot * HKV + h).to(tl.int64)
+        tl.store(PM + part * GP + rows, m_run)
+        tl.store(PL + part * GP + rows, l_run)
+        tl.store(PAcc + (part * GP + rows[:, None]) * DP + cols[None, :], acc)
+
+
+@triton.jit
+def _merge_kernel(
+    Merges, Out, PM, PL, PAcc,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+):  # fmt: skip
+    """Program (split request i, KV head h). Merges: int32 [merges, 3] rows (b, s0, ns): the
+    request's partials are slots [s0, s0 + ns)."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(Merges + i * 3)
+    s0 = tl.load(Merges + i * 3 + 1)
+    ns = tl.load(Merges + i * 3 + 2)
+    rows = tl.arange(0, GP)
+    cols = tl.arange(0, DP)
+    m_max = tl.full([GP], float("-inf"), tl.float32)
+    for s in range(s0, s0 + ns):
+        m_max = tl.maximum(m_max, tl.load(PM + (s * HKV + h) * GP + rows))
+    l_sum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for s in range(s0, s0 + ns):
+        part = (s * HKV + h).to(tl.int64)
+        w = tl.exp(tl.load(PM + part * GP + rows) - m_max)
+        l_sum += w * tl.load(PL + part * GP + rows)
+        acc += w[:, None] * tl.load(PAcc + (part * GP + rows[:, None]) * DP + cols[None, :])
+    out = acc / l_sum[:, None]
+    q_rows = (b * HKV + h) * G + rows
+    mask = (rows < G)[:, None] & (cols < D)[None, :]
+    tl.store(Out + q_rows[:, None] * D + cols[None, :], out, mask)
+
+
+def _check(q, k_pages, v_pages, tables, lengths, starts) -> tuple:
+    """The CPU path's checks (on host copies of the tables) plus this kernel's limits and
+    devices; returns host copies of (tables, lengths, starts)."""
+    kernel.check_inputs(q, k_pages, v_pages, tables, lengths, starts)
+    hkv, ps, d = k_pages.shape[1:]
+    if q.shape[1] // hkv > MAX_GROUP or d > MAX_HEAD_DIM:
+        raise PagedInputError(f"the GPU kernel takes group <= {MAX_GROUP} and head_dim <= "
+                              f"{MAX_HEAD_DIM}, got {q.shape[1] // hkv}, {d}")  # fmt: skip
+    if q.device != k_pages.device or v_pages.device != k_pages.device:
+        raise PagedInputError(f"q, k_pages, v_pages must be on one device, got {q.device}, "
+                              f"{k_pages.device}, {v_pages.device}")  # fmt: skip
+    host = [None if x is None else x.cpu() for x in (tables, lengths, starts)]
+    kernel.check_tables(host[0], host[1], k_pages.shape[0], ps, host[2])
+    return tuple(host)
+
+
+def plan_tasks(lengths: list[int], firsts: list[int], max_splits: int, min_split_tokens: int):
+    """The compact task list, longest first: int32 [tasks, 4] rows (b, lo, hi, slot), and the
+    merge list int32 [merges, 3] rows (b, first slot, splits); `slots` partial slots in all."""
+    tasks, merges, slots = [], [], 0
+    for b, (n, lo) in enumerate(zip(lengths, firsts, strict=True)):
+        ns, chunk = cost.splits_of(n - lo, max_splits, min_split_tokens)
+        for s in range(ns):
+            start = lo + s * chunk
+            tasks.append((b, start, min(start + chunk, n), slots + s if ns > 1 else -1))
+        if ns > 1:
+            merges.append((b, slots, ns))
+            slots += ns
+    tasks.sort(key=lambda row: row[1] - row[2])  # longest first: short tasks fill the tail
+    return _int32_rows(tasks, 4), _int32_rows(merges, 3), slots
+
+
+def _int32_rows(rows: list[tuple], width: int) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, width)
+
+
+def decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    max_splits: int = 1,
+    min_split_tokens: int = 1 << 30,
+    out: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Decode attention of one query token per request (module doc), one launch over all
+    (request, KV head, split) tasks and, if any request is split, one merge launch. Splits as
+    `kernel.decode` cuts them. Returns (out float32 [batch, q_heads, head_dim], tasks: the
+    number of decode programs, (request, split) ranges x kv_heads)."""
+    if max_splits < 1 or min_split_tokens < 1 or not scale > 0:
+        raise PagedInputError(f"max_splits, min_split_tokens and scale must be positive, got "
+                              f"{max_splits}, {min_split_tokens}, {scale}")  # fmt: skip
+    tables_h, lengths_h, starts_h = _check(q, k_pages, v_pages, tables, lengths, starts)
+    dev = k_pages.device
+    n = lengths_h.tolist()
+    firsts = [0] * len(n) if starts_h is None else starts_h.tolist()
+    tasks, merges, slots = plan_tasks(n, firsts, max_splits, min_split_tokens)
+    hkv, ps, d = k_pages.shape[1:]
+    g = q.shape[1] // hkv
+    gp, dp = max(ROWS, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))
+    qf = q.to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty(qf.shape, dtype=torch.float32, device=dev)
+    fits = (out.shape, out.dtype, out.device, out.is_contiguous())
+    if fits != (qf.shape, torch.float32, dev, True):
+        raise PagedInputError(f"out must be contiguous float32 {list(qf.shape)} on {dev}")
+    pm = torch.empty((max(slots, 1), hkv, gp), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((max(slots, 1), hkv, gp, dp), dtype=torch.float32, device=dev)
+    geometry = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp)
+    _decode_kernel[(tasks.shape[0], hkv)](
+        qf, k_pages, v_pages, tables.to(dev).contiguous(), tasks.to(dev), out, pm, pl, pacc,
+        float(scale), tables_h.shape[1], PS=ps, TILE=cost.TILE, **geometry,
+    )  # fmt: skip
+    if slots:
+        _merge_kernel[(merges.shape[0], hkv)](merges.to(dev), out, pm, pl, pacc, **geometry)
+    return out, tasks.shape[0] * hkv
