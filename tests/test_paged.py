@@ -1,12 +1,14 @@
 """The paged KV cache, the compiled decode kernel and every route against a float64 reference."""
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
 
 from spectrumkv.paged import kernel
 from spectrumkv.paged.cache import PagedConfig, PagedKVCache
-from spectrumkv.paged.cost import MachineProfile
+from spectrumkv.paged.cost import KERNEL_ROUTES, Geometry, MachineProfile, route_terms
 from spectrumkv.paged.errors import CacheFullError, PagedInputError
 from spectrumkv.paged.reference import gather, reference, sdpa_per_request
 from spectrumkv.paged.routes import ROUTES, decode_attention, run_route
@@ -82,7 +84,8 @@ def test_long_request_32k():
 @pytest.mark.parametrize("isa", kernel.ISAS)
 def test_every_kernel_matches(dtype, isa):
     """Each compiled kernel the CPU has (AVX-512 kernels need head_dim % 16 == 0; 72 % 16 != 0
-    runs the AVX2 one even when AVX-512 is asked for)."""
+    runs the AVX2 one even when AVX-512 is asked for), with tasks of all KV heads (1 thread) and
+    of one KV head (2 threads, 6 pieces: too few to group), split (slots per head) or not."""
     previous = kernel.set_isa(isa)
     try:
         for d in (64, 72):
@@ -90,10 +93,30 @@ def test_every_kernel_matches(dtype, isa):
             kp, vp = cache.layer(0)
             q = torch.randn(3, 9, d)
             ref = reference(q, kp, vp, tables, lens, d**-0.5)
-            out, _ = kernel.decode(q, kp, vp, tables, lens, d**-0.5, 4, 64)
-            assert (out.double() - ref).abs().max().item() < 2e-3
+            for threads, splits in ((1, 4), (1, 1), (2, 4)):
+                out, tasks = kernel.decode(q, kp, vp, tables, lens, d**-0.5, splits, 64, threads)
+                assert tasks == (6 if splits > 1 else 3) * (1 if threads == 1 else 3)
+                assert (out.double() - ref).abs().max().item() < 2e-3
     finally:
         kernel.set_isa(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_task_count_is_the_cost_models(threads):
+    """The kernel groups KV heads into tasks exactly as cost.task_heads says (the cost model's
+    task term), on SmolLM2's and the 7B shape's heads, for every kernel route."""
+    for kv_heads, group, d in ((3, 3, 64), (8, 4, 128)):
+        lengths = [1, 40, 300, 700, 33, 1000, 64, 65, 17]
+        cache, tables, lens = make_cache(lengths, torch.bfloat16, kv_heads, d)
+        kp, vp = cache.layer(0)
+        q = torch.randn(len(lengths), kv_heads * group, d)
+        ref = reference(q, kp, vp, tables, lens, d**-0.5)
+        profile = dataclasses.replace(SPLITTY, threads=threads)
+        geometry = Geometry(kv_heads, group, d)
+        for route in KERNEL_ROUTES:
+            out, info = run_route(q, kp, vp, tables, lens, route, profile=profile, threads=threads)
+            assert info.tasks == route_terms(route, lengths, geometry, profile)[2], route
+            assert (out.double() - ref).abs().max().item() < 2e-3
 
 
 def test_merge_is_exact():

@@ -34,6 +34,8 @@ from pathlib import Path
 from .errors import PagedInputError
 
 TILE = 32  # tokens per kernel tile; splits are whole tiles (as in _attention.c)
+TASK_FLOATS, MAX_ROWS = 16 * 256, 64  # a task's buffers (as in _attention.c)
+FUSED_TASKS_PER_THREAD = 4  # (as in _attention.c)
 KERNEL_ROUTES = ("per-request", "split", "workqueue")
 FIXED_ROUTES = (*KERNEL_ROUTES, "padded")
 
@@ -159,24 +161,41 @@ def merge_bytes(n_split: int, g: Geometry) -> int:
     return n_split * g.kv_heads * g.group * (g.head_dim + 2) * 4
 
 
+def task_heads(g: Geometry, pieces: int, threads: int) -> list[int]:
+    """KV heads of each task of one (request, split) piece, as the kernel groups them when a
+    dispatch has `pieces` pieces on `threads` threads: all heads whose queries and accumulators
+    fit a task's buffers, unless that leaves fewer than FUSED_TASKS_PER_THREAD tasks per thread
+    on more than one thread (then one head per task)."""
+    hb = min(g.kv_heads, TASK_FLOATS // (g.group * g.head_dim), MAX_ROWS // g.group)
+    if threads > 1 and pieces * _ceil_div(g.kv_heads, hb) < FUSED_TASKS_PER_THREAD * threads:
+        hb = 1
+    full, rest = divmod(g.kv_heads, hb)
+    return [hb] * full + ([rest] if rest else [])
+
+
 def dispatch_terms(lengths, g: Geometry, p: MachineProfile, settings) -> tuple[float, int, int]:
     """One kernel dispatch over requests of these lengths: (stream seconds, tasks, merge bytes)."""
     head_bytes = g.token_bytes // g.kv_heads
     max_splits, min_split = settings
-    tasks: dict[int, int] = {}
-    n_split = 0  # requests cut into more than one task per head
-    n_tasks = 0
+    pieces = []  # (splits, tokens per split, tokens of the last split) per request
     for n in lengths:  # splits_of, inlined (this runs for every request of every plan)
         ns = min(max_splits, max(1, -(-n // min_split)))
         chunk = _ceil_div(_ceil_div(n, ns), TILE) * TILE
         ns = -(-n // chunk)
-        last = (n - (ns - 1) * chunk) * head_bytes
-        tasks[last] = tasks.get(last, 0) + g.kv_heads
-        if ns > 1:
-            tasks[chunk * head_bytes] = tasks.get(chunk * head_bytes, 0) + (ns - 1) * g.kv_heads
-            n_split += ns
-        n_tasks += ns * g.kv_heads
+        pieces.append((ns, chunk, n - (ns - 1) * chunk))
+    n_pieces = sum(ns for ns, _, _ in pieces)
+    heads = task_heads(g, n_pieces, p.threads)
+    tasks: dict[int, int] = {}
+    n_split = 0  # requests cut into more than one piece
+    for ns, chunk, last in pieces:
+        for h in heads:
+            tasks[last * h * head_bytes] = tasks.get(last * h * head_bytes, 0) + 1
+            if ns > 1:
+                size = chunk * h * head_bytes
+                tasks[size] = tasks.get(size, 0) + ns - 1
+        n_split += ns if ns > 1 else 0
     merge = merge_bytes(n_split, g)
+    n_tasks = n_pieces * len(heads)
     return stream_seconds(lpt_loads(tasks, min(p.threads, n_tasks)), p), n_tasks, merge
 
 
@@ -205,15 +224,16 @@ def lower_bound(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
     """A cheap lower bound of `predict` for a kernel route: every dispatch streams its bytes at
     most at beta (no schedule simulation), dispatches, tasks and merges as in `route_terms`."""
     max_splits, min_split = route_settings(route, p)
-    tasks = n_split = 0
-    for n in lengths:
-        ns = splits_of(n, max_splits, min_split)[0]
-        tasks += ns
-        n_split += ns if ns > 1 else 0
+    pieces = [splits_of(n, max_splits, min_split)[0] for n in lengths]
+    n_split = sum(ns for ns in pieces if ns > 1)
+    if route == "per-request":  # one dispatch per request
+        tasks = sum(ns * len(task_heads(g, ns, p.threads)) for ns in pieces)
+    else:
+        tasks = sum(pieces) * len(task_heads(g, sum(pieces), p.threads))
     merge = merge_bytes(n_split, g)
     stream = sum(lengths) * g.token_bytes / p.beta + merge / p.beta_1
     dispatches = len(lengths) if route == "per-request" else 1
-    return p.scale(route) * stream + dispatches * p.lam + tasks * g.kv_heads * p.tau
+    return p.scale(route) * stream + dispatches * p.lam + tasks * p.tau
 
 
 @functools.lru_cache(maxsize=64)

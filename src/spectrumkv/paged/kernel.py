@@ -1,10 +1,13 @@
 """The compiled decode kernel (`spectrumkv.paged._attention`, from `_attention.c`) and the one
 input check every route runs.
 
-`decode()` runs all (request, KV head, split) tasks of a batch as one job on the extension's
-persistent thread pool, then merges split requests exactly. Kernels: AVX-512F, AVX2/F16C/FMA or
-plain C, the best the CPU has (`isa`, `set_isa`). When the extension was not built,
-`AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference) run.
+`decode()` runs all (request, KV heads, split) tasks of a batch as one job on the extension's
+persistent thread pool, then merges split requests exactly. A task covers all KV heads of its
+request whose state fits its buffers (one run of K and of V per page), or one KV head when that
+would leave fewer than 4 tasks per thread (`cost.task_heads` states the rule). Kernels:
+AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`, `set_isa`). When the extension
+was not built, `AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference)
+run.
 """
 
 from __future__ import annotations
@@ -98,8 +101,8 @@ def decode(
     """One dispatch over the whole batch. Request b attends to its tokens [starts[b],
     lengths[b]) (starts None: from 0); a span of n tokens is cut into
     min(max_splits, ceil(n / min_split_tokens)) ranges (whole 32-token tiles); each (request,
-    KV head, range) is one task. Returns (out float32 [batch, q_heads, head_dim], tasks).
-    Inputs as in `check_inputs`, which the caller has run."""
+    range) is one task per group of KV heads (`cost.task_heads`). Returns (out float32 [batch,
+    q_heads, head_dim], tasks). Inputs as in `check_inputs`, which the caller has run."""
     qf = q.to(torch.float32).contiguous()
     if out is None:
         out = torch.empty(qf.shape, dtype=torch.float32)

@@ -14,7 +14,7 @@ attends to (a sliding-window layer's first visible slot; None = 0): request b se
 Routes (all on the same pages; see cost.py for how `adaptive` picks):
 - per-request: one kernel dispatch (and merge) per request, split by the profile's settings;
 - split: one dispatch, every request cut into the profile's `split_splits` ranges;
-- workqueue: one dispatch over only the (request, KV head, split) tasks that exist, a split
+- workqueue: one dispatch over only the (request, KV heads, split) tasks that exist, a split
   every `min_split_tokens` tokens (at most `max_splits`), longest first, then one merge;
 - padded: gather into a padded dense batch and run torch SDPA (no compiled code);
 - adaptive: the route the cost model predicts fastest for these lengths (`plan`; an engine
