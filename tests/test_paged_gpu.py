@@ -3,8 +3,11 @@ in a fresh process (Triton's interpreter is chosen when triton is first imported
 process may already have imported it, e.g. through vLLM).
 
 `test_interpreted` runs them under Triton's interpreter on CPU tensors: it needs no GPU and
-runs everywhere (CI). `test_compiled_on_cuda` runs the same checks compiled on a GPU and is
-skipped where torch sees none (as on the machines this project was built on).
+runs everywhere (CI). `test_compiles_for_sm90` builds both kernels to Hopper cubins with
+Triton's own compiler and bundled ptxas (no GPU needed): what the interpreter cannot check
+(types, tl.dot shapes, lowering), compiled but not run. `test_compiled_on_cuda` runs the checks
+compiled on a GPU and is skipped where torch sees none (as on the machines this project was
+built on).
 """
 
 from __future__ import annotations
@@ -38,6 +41,32 @@ def _run_checks(device: str) -> None:
 
 def test_interpreted():
     _run_checks("cpu")
+
+
+def test_compiles_for_sm90(tmp_path, monkeypatch):
+    """Decode (fp16 SmolLM2 shape: d 64, group 3; bf16 7B-class shape: d 128, group 4) and
+    merge, compiled afresh (empty cache) for sm_90; the dots stay IEEE float32 (no TF32)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from spectrumkv.paged import gpu
+
+    geometry = ("HKV", "G", "GP", "D", "DP")
+    ptrs = dict.fromkeys(("Q", "Out", "PM", "PL", "PAcc"), "*fp32")
+    for kv, shape in (("*fp16", (3, 3, 16, 64, 64)), ("*bf16", (8, 4, 16, 128, 128))):
+        consts = dict(zip(geometry, shape, strict=True), PS=16, TILE=32)
+        sig = dict(ptrs, K=kv, V=kv, Tables="*i32", Tasks="*i32", scale="fp32", width="i32")
+        src = ASTSource(gpu._decode_kernel, sig | dict.fromkeys(consts, "constexpr"), consts)
+        built = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert built.asm["cubin"] and built.metadata.name == "_decode_kernel"
+        assert "tf32" not in built.asm["ptx"]
+    consts = dict(zip(geometry, shape, strict=True))
+    sig = {k: ptrs[k] for k in ("Out", "PM", "PL", "PAcc")} | dict(Merges="*i32")
+    sig |= dict.fromkeys(consts, "constexpr")
+    built = triton.compile(ASTSource(gpu._merge_kernel, sig, consts), GPUTarget("cuda", 90, 32))
+    assert built.asm["cubin"] and built.metadata.name == "_merge_kernel"
 
 
 def test_compiled_on_cuda():
