@@ -125,6 +125,7 @@ def test_bad_input_is_a_typed_error():
         dict(v_pages=v.to(torch.float16)),
         dict(q=q[:1]),
         dict(q=q[:, :3]),
+        dict(q=q.to("meta")),  # not on the pages' device
         dict(q=torch.zeros(2, 2 * 17, 64, device=q.device)),  # group 17 > MAX_GROUP
         dict(max_splits=0),
         dict(out=torch.empty(2, 8, 64, dtype=torch.float16, device=q.device)),
