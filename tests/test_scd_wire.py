@@ -33,6 +33,7 @@ from spectrumkv.scd import wire as scd_wire
 from spectrumkv.scd.calibrate import CalibConfig, calibrate
 from spectrumkv.scd.codes import quantize_codes
 from spectrumkv.scd.finetune import Recipe, finetune
+from spectrumkv.serve.staged import StagedPrompt
 from spectrumkv.wire import _PREAMBLE, MAX_HEADER_BYTES
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -202,20 +203,28 @@ def test_corrupted_scd_frame_is_detected_and_recomputed(cluster, pair):
 def _in_process(cluster, pair, art: str, engine: str, text: str) -> dict:
     """One request (4 tokens) through an in-process decode worker of B with artifact `art` and
     `engine`, dialling the cluster's prefill worker directly."""
-    cfg = DecodeConfig("127.0.0.1", cluster.prefill_port, cluster.secret.encode(),
+    worker = _worker(cluster, pair, art, engine, cluster.prefill_port)
+    try:
+        return _run(worker, text)
+    finally:
+        if worker.batch is not None:
+            worker.batch.close()
+
+
+def _worker(cluster, pair, art: str, engine: str, port: int, dtype="float32") -> DecodeWorker:
+    cfg = DecodeConfig("127.0.0.1", port, cluster.secret.encode(),
                        engine=engine, kv_pool_mb=16, scd_artifact=art)  # fmt: skip
-    worker = DecodeWorker(load(pair["b"]), cfg)
+    return DecodeWorker(load(pair["b"], dtype=dtype), cfg)
+
+
+def _run(worker: DecodeWorker, text: str) -> dict:
     body = json.dumps({"prompt": text, "max_tokens": 4}).encode()
     job = openai.parse(worker.engine, worker.cfg.defaults, body, False)
 
     async def ignore(i, t):
         return None
 
-    try:
-        return asyncio.run(worker.run(job, "cmpl-in-process", ignore))
-    finally:
-        if worker.batch is not None:
-            worker.batch.close()
+    return asyncio.run(worker.run(job, "cmpl-in-process", ignore))
 
 
 def test_wrong_artifact_is_refused_clearly_and_recomputed(cluster, pair):
@@ -237,6 +246,46 @@ def test_both_engines_generate_the_same_tokens_from_scd_codes(cluster, pair):
         assert r["spectrumkv"]["outcome"] == "ok" and r["spectrumkv"]["method"] == "scd"
         got[engine] = token_ids(r)
     assert got["sequential"] == got["batched"]
+
+
+def test_batched_scd_rebuilds_into_pages_and_a_bad_frame_frees_them(cluster, pair, monkeypatch):
+    """On the batch engine each rebuilt layer is written straight into the request's pages
+    (StagedPrompt.write, once per layer); a corrupted frame half-way aborts them: recomputed,
+    and no page stays taken or reserved."""
+    writes: list[int] = []
+    write = StagedPrompt.write
+    monkeypatch.setattr(StagedPrompt, "write", lambda s, i, kv: (writes.append(i), write(s, i, kv)))
+    worker = _worker(cluster, pair, str(pair["art"]), "batched", cluster.proxy.port)
+    try:
+        ok = _run(worker, pair["prompts"][3][:300])["spectrumkv"]
+        assert ok["outcome"] == "ok" and ok["method"] == "scd", ok
+        layers = worker.engine.fingerprint.n_layers
+        assert writes == list(range(layers))
+        load_ = worker.batch.load()
+        assert load_["pages_free"] == load_["pages_total"] and load_["pages_reserved"] == 0
+        writes.clear()
+        cluster.proxy.arm(Fault("corrupt", offset=ok["wire_bytes"] * 2 // 3))
+        bad = _run(worker, pair["prompts"][3][:300])["spectrumkv"]
+        assert bad["outcome"] == "recomputed" and "ChecksumError" in bad["reason"], bad
+        assert 0 < len(writes) < layers  # it failed mid-way, with pages written
+        load_ = worker.batch.load()
+        assert load_["pages_free"] == load_["pages_total"] and load_["pages_reserved"] == 0
+    finally:
+        worker.batch.close()
+
+
+def test_bfloat16_decode_worker_rebuilds_from_scd_codes(cluster, pair):
+    """B computing in bf16 (serve decode --dtype bfloat16) rebuilds patch layers too (the
+    aligner's float32 output meets B's bf16 K/V projections) and generates from the codes."""
+    assert artifact.load(str(pair["art"])).manifest.patch_layers  # the patch path is exercised
+    worker = _worker(cluster, pair, str(pair["art"]), "batched", cluster.prefill_port, "bfloat16")
+    try:
+        r = _run(worker, pair["prompts"][2][:200])
+    finally:
+        worker.batch.close()
+    s = r["spectrumkv"]
+    assert s["outcome"] == "ok" and s["method"] == "scd" and s["reconstruct_s"] > 0, s
+    assert len(token_ids(r)) == 4
 
 
 def test_fuzzer_quick_mode_covers_scd_payloads():

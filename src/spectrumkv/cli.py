@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--corpus", default="wiki", help="--scd: prompts from its eval split")
     d.add_argument("--code-budget", type=float, default=0.3, help="--scd: quantized codes' "
                    "budget, wire bytes / B's raw FP16 KV bytes")  # fmt: skip
+    d.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="--scd: compute dtype of both workers")  # fmt: skip
     d.set_defaults(func=_cmd_demo)
 
     ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(

@@ -77,9 +77,9 @@ def reconstruct_layer(art: Artifact, engine_b: Engine, code: LayerCode) -> Layer
     t, i = art.tensors, code.layer
     heads = engine_b.fingerprint.n_kv_heads
     if code.h is not None:
-        x = art.aligner(i)(code.h.float())
+        x = art.aligner(i)(code.h.float()).to(engine_b.compute_dtype)  # B may compute in bf16
         attn = engine_b.model.model.layers[i].self_attn
-        keys, values = attn.k_proj(x), attn.v_proj(x)
+        keys, values = attn.k_proj(x).float(), attn.v_proj(x).float()
     else:
         keys = code.k.float() @ t[f"{i}.k.dec"] + t[f"{i}.k.mu_b"]
         values = code.v.float() @ t[f"{i}.v.dec"] + t[f"{i}.v.mu_b"]

@@ -69,11 +69,14 @@ def run_scd_demo(
     prompts: tuple[str, ...],
     max_new_tokens: int = 24,
     code_budget: float = 0.3,
+    dtype: str = "float32",
 ) -> list[ScdDemoRow]:
-    """Every prompt through every method (`methods`), the oracle first."""
+    """Every prompt through every method (`methods`), the oracle first; both workers compute
+    in `dtype` (float32 or bfloat16; the KV and codes on the wire are the same either way)."""
     rows: list[ScdDemoRow] = []
-    cluster = Cluster(consumer, prefill_model=producer, prefill_args=["--scd-artifacts", artifact],
-                      decode_args=["--scd", artifact])  # fmt: skip
+    cluster = Cluster(consumer, prefill_model=producer,
+                      prefill_args=["--scd-artifacts", artifact, "--dtype", dtype],
+                      decode_args=["--scd", artifact, "--dtype", dtype])  # fmt: skip
     with cluster:
         complete(cluster.url, prompts[0], 2, method="recompute")  # warm-up, not shown
         for i, prompt in enumerate(prompts):
@@ -126,7 +129,7 @@ def main(args) -> None:
     prompts = tuple(args.prompt) if args.prompt else default_prompts(args.model, args.corpus)
     print(f"starting {args.producer}'s prefill worker and {args.model}'s decode worker ...")
     rows = run_scd_demo(args.producer, args.model, args.artifact, prompts, args.max_new_tokens,
-                        args.code_budget)  # fmt: skip
+                        args.code_budget, args.dtype)  # fmt: skip
     print("each prompt: HTTP -> B's decode worker -> A's prefill worker (SCD codes or A's KV "
           "over TCP) -> B rebuilds its cache -> generate; 'match' = leading tokens equal to the "
           "oracle (B's own prefill)\n")  # fmt: skip

@@ -1,7 +1,9 @@
 """The decode worker's SCD side (`serve decode --model B --scd ARTIFACT`): per request, B asks
 model A's prefill worker for SCD codes (naming the artifact by digest), verifies each frame as it
 arrives and rebuilds that layer of B's cache at once (`codes.reconstruct_layer`, on the unpack
-thread, overlapping the transfer), then generates from it.
+thread, overlapping the transfer), then generates from it. On the batch engine each rebuilt layer
+goes straight into the request's pages (reserved before the request is sent: `BatchEngine.stage`),
+so the whole rebuilt cache never exists outside them; any failure aborts the staged pages.
 
 Methods (the request's `spectrumkv.method`; default `scd` on such a worker): `scd` (codes, FP16
 or quantized under `spectrumkv.code_budget`), `recompute` (B's own prefill), `raw` (A's FP16 KV
@@ -12,7 +14,9 @@ Failures end as KV failures do (recompute or HTTP 502), with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import replace
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -23,6 +27,8 @@ from ..kv import LayerKV
 from ..pd.fetch import KvReceiver, Transfer, fetch
 from ..pd.openai import ApiError, Job
 from ..pd.protocol import PrefillRequest, TransferOptions
+from ..serve.engine import BatchEngine
+from ..serve.staged import StagedPrompt
 from ..transport.framing import Kind
 from ..wire import tokens_digest
 from .artifact import Artifact, ArtifactMismatchError, load
@@ -36,13 +42,20 @@ _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 class ScdReceiver:
     """SCD codes for B (`engine`) rebuilt into B's cache one layer at a time, as each frame
-    is verified. `n_tokens` / `digest`: the prompt's length and `wire.tokens_digest`; every
+    is verified: into `staged` pages when given (finish returns them), else into a list of
+    LayerKV. `n_tokens` / `digest`: the prompt's length and `wire.tokens_digest`; every
     message is capped at the largest valid frame for n_tokens before it is read."""
 
     def __init__(
-        self, art: Artifact, layout: Layout, engine: Engine, n_tokens: int, digest: int
+        self,
+        art: Artifact,
+        layout: Layout,
+        engine: Engine,
+        n_tokens: int,
+        digest: int,
+        staged: StagedPrompt | None = None,
     ) -> None:
-        self.art, self.engine, self.digest = art, engine, digest
+        self.art, self.engine, self.digest, self.staged = art, engine, digest, staged
         self.dec = ScdDecoder(layout)
         self.cap = layout.max_message_bytes(n_tokens)
         self.layers: list[LayerKV] = []
@@ -58,12 +71,16 @@ class ScdReceiver:
     def feed_frame(self, body: bytes) -> None:
         code = self.dec.feed_frame(body)
         t0 = time.perf_counter()
-        self.layers.append(reconstruct_layer(self.art, self.engine, code))
+        kv = reconstruct_layer(self.art, self.engine, code)
+        if self.staged is not None:
+            self.staged.write(code.layer, kv)
+        else:
+            self.layers.append(kv)
         self.reconstruct_s += time.perf_counter() - t0
 
-    def finish(self) -> tuple[list[LayerKV], int]:
+    def finish(self) -> tuple[list[LayerKV] | StagedPrompt, int]:
         header, _ = self.dec.finish()
-        return self.layers, header.n_tokens
+        return (self.staged if self.staged is not None else self.layers), header.n_tokens
 
 
 class ScdClient:
@@ -92,7 +109,9 @@ class ScdClient:
 
     async def fetch(self, worker, method: str, rid: str, job: Job) -> Transfer:
         """Codes (method scd) or A's raw FP16 KV (method raw) for the prompt of `job`, through
-        `worker` (a pd.decode_worker.DecodeWorker: its channel, deadline, unpack thread)."""
+        `worker` (a pd.decode_worker.DecodeWorker: its channel, deadline, unpack thread). On
+        the batch engine, scd rebuilds into the request's pages (Transfer.layers is then a
+        StagedPrompt for serve.worker.generate_batched), aborted if the fetch fails."""
         ids = job.ids[:-1].tolist()
         digest, t = tokens_digest(ids), job.transfer
         if method == "raw":
@@ -112,11 +131,17 @@ class ScdClient:
                 t.link_latency_s,
                 t.overlap,
             )
-            rx = ScdReceiver(self.art, self.layout, self.engine, len(ids), digest)
+            staged = await _stage(worker.batch, job, len(ids))
+            rx = ScdReceiver(self.art, self.layout, self.engine, len(ids), digest, staged)
             kind, body = Kind.SCD_REQUEST, msgspec.json.encode(req)
-        out = await fetch(
-            worker.open_channel, kind, body, rx, worker.cfg.deadline_s, worker.unpacker
-        )
+        try:
+            out = await fetch(
+                worker.open_channel, kind, body, rx, worker.cfg.deadline_s, worker.unpacker
+            )
+        except BaseException:
+            if isinstance(rx, ScdReceiver) and rx.staged is not None:
+                rx.staged.abort()
+            raise
         out.method = method
         if isinstance(rx, ScdReceiver):
             out.reconstruct_s = rx.reconstruct_s
@@ -131,6 +156,22 @@ class ScdClient:
             raise IncompatiblePayloadError(
                 "raw reuse needs the same RoPE settings and KV dtype in both models"
             )
+
+
+async def _stage(batch: BatchEngine | None, job: Job, n_tokens: int) -> StagedPrompt | None:
+    """Pages for the prompt's rebuilt cache on the batch engine (None: the sequential engine,
+    or a model with sliding-window layers, whose rebuilt layers go into a list), waited for
+    without blocking the event loop; the engine's PoolBusy after its queue timeout."""
+    if batch is None or batch.runner.sliding:
+        return None
+    staged = batch.stage(replace(job.sampling, n=1), n_tokens)
+    try:
+        while not staged.wait_admitted(0):
+            await asyncio.sleep(0.002)
+    except BaseException:
+        staged.abort()
+        raise
+    return staged
 
 
 def resolve_method(job: Job, scd: ScdClient | None) -> str:

@@ -14,6 +14,11 @@ EOS, a stop string, `max_tokens`, or were cancelled, returning their pages at on
 A request that cannot be admitted waits in a bounded queue; when the queue is full, or it waited
 `queue_timeout_s`, it fails with `PoolBusy` (HTTP 503 + Retry-After in the decode worker). A
 request larger than the whole pool fails at once with `RequestTooLarge`.
+
+A prompt rebuilt layer by layer elsewhere (SCD codes, as frames arrive) skips the whole-cache
+copy: `stage` queues it like a request; once admitted (pages reserved and allocated by the engine
+thread) its producer writes each layer straight into its pages (`StagedPrompt.write`), then
+`submit(..., staged=...)` hands it to the decode batch, or `abort()` frees its pages.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -39,6 +44,7 @@ from ..paged.cost import MachineProfile
 from ..paged.routes import ROUTES
 from ..pd.sampling import Cancelled, SamplingParams, StopText, next_token
 from .runner import ModelRunner, pool_config
+from .staged import StagedClosed, StagedPrompt
 
 
 def default_pool_mb() -> float:
@@ -144,6 +150,8 @@ class _Job:
     admitted: bool = False  # its pages are reserved
     kv: DynamicCache | None = None  # its local prefill in progress
     prefilled: int = 0  # context tokens in `kv`
+    staged: StagedPrompt | None = None  # its prompt is written from outside the engine thread
+    holds_pages: bool = False  # allocated in the pool
 
 
 @dataclass
@@ -185,6 +193,8 @@ class BatchEngine:
         self._waiting: deque[_Job] = deque()
         self._prefilling: deque[_Job] = deque()  # admitted, local prefill pending or under way
         self._active: list[_Job] = []
+        self._staged: dict[int, _Job] = {}  # admitted, written from outside, not yet submitted
+        self._inbox: deque[_Job] = deque()  # staged jobs submitted or aborted
         self._committed = 0  # pages reserved by admitted requests
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
@@ -207,19 +217,63 @@ class BatchEngine:
         layers: list[LayerKV] | None = None,
         context: torch.Tensor | None = None,
         on_piece: Callable[[str], None] | None = None,
+        staged: StagedPrompt | None = None,
     ) -> Generation:
         """Queue one completion. `layers`: the prompt's KV as received (kept tokens only, with
-        their original positions); or `context` (1-D ids) to prefill locally. `n_tokens`: the
-        context length, so `first_input` (the prompt's last token) goes at position n_tokens.
-        Raises PoolBusy (queue full), RequestTooLarge, ValueError (n > 1, bad arguments)."""
+        their original positions); or `context` (1-D ids) to prefill locally; or `staged`, a
+        prompt already written into its pages (every layer; `stage` reserved them for at least
+        params.max_tokens). `n_tokens`: the context length, so `first_input` (the prompt's last
+        token) goes at position n_tokens. Raises PoolBusy (queue full), RequestTooLarge,
+        ValueError (n > 1, bad arguments)."""
         if params.n != 1:
             raise ValueError("the batch engine runs one choice per request (n = 1)")
-        if (layers is None) == (context is None):
-            raise ValueError("give exactly one of layers (received KV) or context (recompute)")
+        if sum(x is not None for x in (layers, context, staged)) != 1:
+            raise ValueError("give exactly one of layers, context (recompute) or staged")
+        if staged is not None:
+            return self._submit_staged(staged, params, first_input, n_tokens, on_piece)
         if layers is not None:  # a sliding layer may hold fewer: the slots are the longest's
             n_kept = max(int(kv.positions.numel()) for kv in layers)
         else:
             n_kept = int(context.numel())
+        job = self._job(params, first_input, n_tokens, n_kept, on_piece)
+        job.layers, job.context = layers, context
+        self._enqueue(job)
+        return job.gen
+
+    def stage(self, params: SamplingParams, n_tokens: int) -> StagedPrompt:
+        """Queue the pages of a prompt of `n_tokens` tokens (all kept) plus params.max_tokens
+        for admission; its producer writes the layers once `wait_admitted`. Raises PoolBusy
+        (queue full), RequestTooLarge, ValueError (a model with sliding-window layers)."""
+        if self.runner.sliding:
+            raise ValueError("staged prompts need a model without sliding-window layers")
+        job = self._job(replace(params, n=1), -1, n_tokens, n_tokens, None)
+        job.staged = StagedPrompt(self, job)
+        self._enqueue(job)
+        return job.staged
+
+    def _submit_staged(self, staged, params, first_input, n_tokens, on_piece) -> Generation:
+        job = staged.job
+        if staged.batch is not self or n_tokens != staged.n_tokens:
+            raise ValueError("the staged prompt is not this engine's or not this prompt's")
+        if self.pages_needed(n_tokens, params.max_tokens) > job.pages:
+            raise ValueError("max_tokens exceeds what the staged prompt reserved")
+        if len(staged.written) != self.cache.config.layers:
+            raise ValueError(f"the staged prompt has {len(staged.written)} of "
+                             f"{self.cache.config.layers} layers written")  # fmt: skip
+        if not staged._close():
+            raise StagedClosed("the staged prompt was aborted, submitted or closed")
+        staged._submitted = True
+        job.gen.params, job.gen.on_piece, job.token = params, on_piece, first_input
+        self._post(job)
+        return job.gen
+
+    def _post(self, job: _Job) -> None:
+        """Hand a staged job (submitted or aborted) to the engine thread."""
+        with self._cond:
+            self._inbox.append(job)
+            self._cond.notify()
+
+    def _job(self, params, first_input, n_tokens, n_kept, on_piece) -> _Job:
         pages = self.pages_needed(n_kept, params.max_tokens)
         if pages > self.total_pages:
             raise RequestTooLarge(
@@ -227,17 +281,11 @@ class BatchEngine:
                 f"pages; the pool holds {self.total_pages}"
             )
         gen = Generation(params, on_piece)
-        job = _Job(
-            next(self._ids),
-            gen,
-            layers,
-            context,
-            n_kept,
-            n_tokens,
-            first_input,
-            pages,
-            time.monotonic(),
+        return _Job(
+            next(self._ids), gen, None, None, n_kept, n_tokens, first_input, pages, time.monotonic()
         )
+
+    def _enqueue(self, job: _Job) -> None:
         with self._cond:
             if self._closed:
                 raise SpectrumKVError("the engine is closed")
@@ -246,7 +294,6 @@ class BatchEngine:
                 raise PoolBusy("the KV page pool is full and so is the queue", self._retry_after())
             self._waiting.append(job)
             self._cond.notify()
-        return gen
 
     def load(self) -> dict:
         """Queue length, active requests, pool pages used / free / reserved."""
@@ -280,13 +327,23 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._prefilling or self._active):
+                while not (self._closed or self._waiting or self._prefilling or self._active
+                           or self._inbox):  # fmt: skip
                     self._cond.wait()
                 if self._closed:
                     break
                 admitted = self._admit()
+                inbox = list(self._inbox)
+                self._inbox.clear()
             for job in admitted:
                 self._start(job)
+            for job in inbox:  # staged prompts, submitted (written) or aborted
+                self._staged.pop(job.rid, None)
+                if job.gen._cancel.is_set() or not job.admitted:
+                    if not job.gen.done:
+                        self._finish(job, Cancelled("the staged prompt was aborted"))
+                else:
+                    self._activate(job)
             self._retire(lambda j: j.gen._cancel.is_set(), Cancelled("the client went away"))
             if self._prefilling:
                 self._prefill_chunk()
@@ -296,11 +353,15 @@ class BatchEngine:
                 with self._cond:  # only waiting requests that do not fit: wait for a change
                     self._cond.wait(0.05)
         with self._cond:
-            leftovers = list(self._waiting) + list(self._prefilling) + self._active
+            every = [*self._waiting, *self._prefilling, *self._active, *self._staged.values()]
+            leftovers = list({j.rid: j for j in every + list(self._inbox)}.values())
             self._waiting.clear()
             self._prefilling.clear()
+            self._inbox.clear()
+            self._staged.clear()
         for job in leftovers:
-            self._finish(job, SpectrumKVError("the engine was closed"))
+            if not job.gen.done:
+                self._finish(job, SpectrumKVError("the engine was closed"))
 
     def _admit(self) -> list[_Job]:
         """Under the lock: pop the waiting requests that fit, in order (the first that does not
@@ -313,7 +374,8 @@ class BatchEngine:
                 job.gen.error = Cancelled("the client went away")
                 job.gen._done.set()
                 continue
-            room = len(self._active) + len(self._prefilling) + len(out) < self.cfg.max_batch
+            busy = len(self._active) + len(self._prefilling) + len(self._staged) + len(out)
+            room = busy < self.cfg.max_batch
             if room and self._committed + job.pages <= self.total_pages:
                 self._committed += job.pages
                 job.admitted = True
@@ -333,15 +395,25 @@ class BatchEngine:
         """Write the job's prompt into its pages; on the recompute path, queue its local prefill
         for `_prefill_chunk` first."""
         try:
+            if job.staged is not None:  # its producer writes the pages: allocate them only
+                self.cache.allocate(job.rid, job.n_kept)
+                job.holds_pages = True
+                self._staged[job.rid] = job
+                return
             if job.layers is None:
                 job.kv = DynamicCache(config=self.engine.model.config)
                 self._prefilling.append(job)
                 return
             self.runner.write_prompt(job.rid, job.layers, job.position)
+            job.holds_pages = True
         except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
             self._finish(job, e)
             return
         job.layers = job.context = None  # the pages hold it now
+        self._activate(job)
+
+    def _activate(self, job: _Job) -> None:
+        """A job whose prompt is in its pages joins the decode batch."""
         p = job.gen.params
         job.rng = torch.Generator().manual_seed(
             p.seed if p.seed is not None else secrets.randbits(63)
@@ -426,8 +498,11 @@ class BatchEngine:
 
     def _finish(self, job: _Job, error: BaseException | None) -> None:
         """Free the job's pages and release its reservation; end its Generation."""
-        if job.stop is not None:  # it was started: it holds pages
+        if job.staged is not None:
+            job.staged._close()  # waits for a write under way; no write after this
+        if job.holds_pages:
             self.runner.free(job.rid)
+            job.holds_pages = False
         if job.admitted:
             with self._cond:
                 self._committed -= job.pages

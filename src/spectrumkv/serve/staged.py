@@ -1,0 +1,95 @@
+"""A prompt written into the batch engine's pages layer by layer from outside the engine thread
+(B's cache rebuilt from SCD codes as frames arrive), without a whole-cache copy first: see
+`serve.engine` (`BatchEngine.stage` / `submit(..., staged=...)`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import SpectrumKVError
+from ..kv import LayerKV
+from ..paged.errors import PagedInputError
+
+if TYPE_CHECKING:
+    from .engine import BatchEngine, _Job
+
+
+class StagedPrompt:
+    """A request's prompt pages, written layer by layer by one producer thread (see the module
+    doc). `wait_admitted` until its pages are reserved and allocated; `write(i, kv)` once per
+    layer; then `BatchEngine.submit(..., staged=self)` or `abort()`. Writes after an abort, a
+    submit or the engine's close raise `StagedClosed`; an abort waits for a write under way, so
+    freed pages are never written. Full-attention models only (every layer keeps all tokens)."""
+
+    def __init__(self, batch: BatchEngine, job: _Job) -> None:
+        self.batch, self.job = batch, job
+        self.n_tokens = job.n_kept
+        self.written: set[int] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._submitted = False
+
+    def wait_admitted(self, timeout: float | None = None) -> bool:
+        """Whether its pages are allocated, waiting up to `timeout` s (polled every 2 ms);
+        raises what ended it (PoolBusy after the queue timeout, Cancelled after abort, a
+        closed engine)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        g = self.job.gen
+        while not self.job.holds_pages:
+            if g.done:
+                if g.error is not None:
+                    raise g.error
+                return False
+            left = 0.002 if end is None else min(0.002, end - time.monotonic())
+            if left <= 0:
+                return False
+            g.join(left)
+        return True
+
+    def write(self, layer: int, kv: LayerKV) -> None:
+        """Layer `layer` of the prompt (positions 0..n_tokens-1, any float dtype) into its
+        pages. Called by one producer thread; PagedInputError for a bad layer or shape."""
+        n = self.n_tokens
+        if kv.positions.numel() != n or (n and int(kv.positions[-1]) != n - 1):
+            raise PagedInputError(f"a staged layer must hold all {n} prompt positions")
+        with self._lock:
+            if self._closed or not self.job.holds_pages:
+                raise StagedClosed("the staged prompt is closed or not admitted")
+            # only this request's pages and its (engine-owned) table are touched: the engine
+            # thread does not read or free them while the request is staged (see _close)
+            self.batch.cache.write(layer, self.job.rid, 0, kv.keys, kv.values)
+            self.written.add(layer)
+
+    def layers(self) -> list[LayerKV]:
+        """A copy of the written prompt, read back from the pages (for extra choices, n > 1)."""
+        c, pos = self.batch.cache, torch.arange(self.n_tokens)
+        table = torch.tensor(c.pages_of(self.job.rid), dtype=torch.int64)
+        page, off = table[pos // c.config.page_size], pos % c.config.page_size
+        out = []
+        for i in range(c.config.layers):
+            k, v = c.layer(i)
+            out.append(LayerKV(k[page, :, off].transpose(0, 1).clone(),
+                               v[page, :, off].transpose(0, 1).clone(), pos))  # fmt: skip
+        return out
+
+    def abort(self) -> None:
+        """Give its pages back (no-op once submitted or ended)."""
+        if self._submitted:
+            return
+        self._close()
+        self.job.gen.cancel()
+        self.batch._post(self.job)
+
+    def _close(self) -> bool:
+        """No more writes (waits for one under way); whether it was open."""
+        with self._lock:
+            was, self._closed = not self._closed, True
+        return was
+
+
+class StagedClosed(SpectrumKVError):
+    """A write to a staged prompt after its abort, submit or the engine's close."""
