@@ -5,6 +5,8 @@
   identical to torch's.
 - `spectrumkv.paged._attention`, paged decode attention: if it cannot be compiled, the paged
   routes that need it are unavailable and the torch routes (`padded`, the reference) still run.
+- `spectrumkv.serve._rowops`, the fused RMSNorm / RoPE of the Llama decode step: if it cannot be
+  compiled, serve.llama_step runs their torch references.
 
 Both share the persistent thread pool in `src/spectrumkv/_pool.h` (one pool per extension).
 """
@@ -30,6 +32,12 @@ setup(
             include_dirs=["src/spectrumkv"],
             extra_compile_args=_FLAGS,
             extra_link_args=["-pthread"],
+            optional=True,
+        ),
+        Extension(
+            "spectrumkv.serve._rowops",
+            sources=["src/spectrumkv/serve/_rowops.c"],
+            extra_compile_args=[*_FLAGS, "-ffp-contract=off", "-fno-trapping-math"],
             optional=True,
         ),
     ]

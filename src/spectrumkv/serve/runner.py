@@ -30,6 +30,7 @@ prompt positions for this (`free` forgets them).
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from ..paged import cost
 from ..paged.cache import PagedConfig, PagedKVCache, Slots
 from ..paged.errors import PagedInputError
 from ..paged.routes import ROUTES, run_route
+from . import llama_step
 
 ATTENTION = "spectrumkv_paged"
 
@@ -67,25 +69,32 @@ _active = threading.local()
 timed_parts: dict[str, float] | None = None
 
 
+def _attend(st: _Step, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            scaling: float | None) -> torch.Tensor:  # fmt: skip
+    """One layer's paged attention of a step: write each row's new K/V (k, v [B, Hkv, D],
+    post-RoPE) into its next slot, then the route over the pages. q [B, Hq, D]; returns
+    [B, Hq, D] in q's dtype."""
+    t0 = time.perf_counter()
+    st.cache.write_slots(layer, st.slots, k, v)
+    k_pages, v_pages = st.cache.layer(layer)
+    t1 = time.perf_counter()
+    starts = st.starts if layer in st.sliding else None
+    out, _ = run_route(q, k_pages, v_pages, st.tables, st.lengths, st.route, scaling,
+                       st.profile, starts=starts)  # fmt: skip
+    if timed_parts is not None:
+        timed_parts["KV write"] += t1 - t0
+        timed_parts["paged attention"] += time.perf_counter() - t1
+    return out.to(q.dtype)
+
+
 def _paged_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function: query [B, Hq, 1, D], key/value [B, Hkv, 1, D] (this
     step's token, post-RoPE). Returns ([B, 1, Hq, D], None)."""
     st: _Step | None = getattr(_active, "step", None)
     if st is None or query.shape[2] != 1:
         raise RuntimeError("paged attention runs only inside ModelRunner.step, one token a row")
-    t0 = time.perf_counter()
-    layer = module.layer_idx
-    st.cache.write_slots(layer, st.slots, key[:, :, 0], value[:, :, 0])
-    k_pages, v_pages = st.cache.layer(layer)
-    t1 = time.perf_counter()
-    starts = st.starts if layer in st.sliding else None
-    out, _ = run_route(query[:, :, 0], k_pages, v_pages, st.tables, st.lengths, st.route,
-                       scaling, st.profile, starts=starts)  # fmt: skip
-    out = out.to(query.dtype)[:, None]
-    if timed_parts is not None:
-        timed_parts["KV write"] += t1 - t0
-        timed_parts["paged attention"] += time.perf_counter() - t1
-    return out, None
+    out = _attend(st, module.layer_idx, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling)
+    return out[:, None], None
 
 
 AttentionInterface.register(ATTENTION, _paged_attention)
@@ -112,6 +121,7 @@ class ModelRunner:
         cache: PagedKVCache,
         route: str = "adaptive",
         profile: cost.MachineProfile | None = None,
+        fast: bool = True,
     ) -> None:
         if route not in ROUTES:
             raise PagedInputError(f"unknown route {route!r}; choose from {', '.join(ROUTES)}")
@@ -125,6 +135,7 @@ class ModelRunner:
         self.sliding = frozenset(fp.sliding_layers)
         self.window = fp.sliding_window
         self._prompt: dict[Any, list[int]] = {}  # rid -> prompt slots' positions (sliding only)
+        self.fast = llama_step.build(engine.model) if fast else None
 
     def write_prompt(self, rid: Any, layers: list[LayerKV], n_tokens: int) -> None:
         """Allocate `rid` with the prompt's kept tokens and write every layer into its pages,
@@ -194,8 +205,13 @@ class ModelRunner:
         if route == "adaptive":
             route = cost.choose(n_slots, self.geometry, self.profile)
         self.last_route = route
-        _active.step = _Step(cache, slots, tables, lengths, route, self.profile,
-                             starts, self.sliding)  # fmt: skip
+        st = _Step(cache, slots, tables, lengths, route, self.profile, starts, self.sliding)
+        if self.fast is not None:
+            logits = self.fast(
+                torch.tensor(tokens), torch.tensor(positions), functools.partial(_attend, st)
+            )
+            return logits.float()
+        _active.step = st
         cfg = model.config
         previous = cfg._attn_implementation
         cfg._attn_implementation = ATTENTION

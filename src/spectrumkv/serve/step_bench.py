@@ -15,10 +15,17 @@ run on the same threads: a read rate (torch sum over a 256 MiB buffer: bytes rea
 plain-copy rate (bytes copied / s; a copy reads and writes each byte, so it is the looser limit
 the issue names). limit = (weight_bytes + kv_bytes) / rate.
 
+Paths (`--paths`, timed in the same alternation; labels `<dtype>` for the first, else
+`<dtype>/<path>`): `serve`, the runner's step as it serves (serve.llama_step with the compiled
+row ops for Llama-family models, the HF forward for others); `torch-ops`, llama_step with the
+row ops' torch references; `hf`, the generic HF forward.
+
 Breakdown (`--breakdown`): exclusive seconds per part from forward hooks on the HF modules
 (projections, norms, MLP, LM head, the rest of each module = RoPE/reshapes/residuals) and the
 attention function (KV write into pages, the paged-attention route); "HF overhead" is what the
-model's forward spends outside its submodules. The hooks cost a little time themselves.
+model's forward spends outside its submodules. On the llama_step path only the projections, LM
+head and embeddings are module calls: the rest of the step is "small ops". The hooks cost a
+little time themselves.
 
 Quality (`--quality N`): N corpus prompts (the trace's first N lengths, prefilled in float32 as
 the prefill worker does), decoded greedily `--decode` tokens by a BatchEngine of each dtype
@@ -43,6 +50,7 @@ from ..paged import traces
 from ..paged.bench import copy_bandwidth
 from ..paged.cache import PagedKVCache
 from ..pd.sampling import SamplingParams
+from . import llama_step
 from .bench import DecodeBench, make_requests, read_bandwidth, weight_bytes
 from .engine import BatchEngine, EngineConfig
 from .runner import ModelRunner, pool_config
@@ -51,10 +59,14 @@ from .runner import ModelRunner, pool_config
 class _Batch:
     """`lens` requests in a fresh page pool with random K/V; `step()` feeds one token each."""
 
-    def __init__(self, engine: Engine, lens: list[int], route: str, seed: int = 0) -> None:
+    def __init__(
+        self, engine: Engine, lens: list[int], route: str, seed: int = 0, path: str = "serve"
+    ) -> None:
         fp = engine.fingerprint
         self.cache = PagedKVCache(pool_config(engine, 64 + 2 * sum(lens) * _token_mib(engine)))
-        self.runner = ModelRunner(engine, self.cache, route)
+        self.runner = ModelRunner(engine, self.cache, route, fast=path != "hf")
+        if path == "torch-ops":
+            self.runner.fast = llama_step.build(engine.model, compiled=False)
         g = torch.Generator().manual_seed(seed)
         for rid, n in enumerate(lens):
             shape = (fp.n_kv_heads, n, fp.head_dim)
@@ -76,6 +88,10 @@ class _Batch:
         c = self.cache.config
         per_token = 2 * c.layers * c.kv_heads * c.head_dim * c.dtype.itemsize
         return per_token * sum(self.cache.length(r) + 1 for r in self.rids)
+
+
+PATHS = ("serve", "torch-ops", "hf")
+_OPS = {True: "compiled row ops", False: "torch row ops"}
 
 
 def _token_mib(engine: Engine) -> float:
@@ -138,7 +154,13 @@ def breakdown(batch: _Batch, steps: int) -> dict[str, float]:
         runner_mod.timed_parts = None
         for h in hooks:
             h.remove()
-    acc["attention module rest (RoPE, reshapes)"] -= timed["KV write"] + timed["paged attention"]
+    if batch.runner.fast is None:  # the attention function ran inside the self_attn hook
+        acc["attention module rest (RoPE, reshapes)"] -= (
+            timed["KV write"] + timed["paged attention"]
+        )
+    else:  # llama_step: only the linears and embeddings are module calls
+        hooked = sum(v for k, v in acc.items() if k not in ("step (total)", "greedy sampling"))
+        acc["small ops (norms, RoPE, SiLU, residuals)"] = acc["step (total)"] - hooked
     return {k: 1000 * v / steps for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
 
 
@@ -155,11 +177,16 @@ def time_steps(batches: dict[str, _Batch], steps: int, rounds: int) -> dict[str,
     return out
 
 
-def _engine_tokens(eng: Engine, pairs, decode: int, max_batch: int, route: str) -> list[list[int]]:
+def _engine_tokens(
+    eng: Engine, pairs, decode: int, max_batch: int, route: str, fast: bool = True
+) -> list[list[int]]:
     """Greedy tokens of every (request, prefilled) pair through a BatchEngine that decodes at
-    most `max_batch` of them together (1: each alone, one after another)."""
+    most `max_batch` of them together (1: each alone, one after another); `fast=False`: its
+    runner takes the generic HF forward."""
     be = BatchEngine(eng, EngineConfig(pool_mb=256, max_batch=max_batch, max_queue=len(pairs),
                                        queue_timeout_s=3600, route=route))  # fmt: skip
+    if not fast:
+        be.runner.fast = None  # set before any request: the engine thread has not stepped
     try:
         greedy = SamplingParams(max_tokens=decode)
         gens = [be.submit(greedy, r.last, p.n_tokens, layers=p.layers) for r, p in pairs]
@@ -175,8 +202,9 @@ def _first_differences(toks: list[list[int]], base: list[list[int]]) -> list[int
 
 def quality(engines: dict[str, Engine], n: int, decode: int, seed: int, route: str) -> dict:
     """Per dtype, greedy tokens of n corpus prompts decoded together, against: float32's;
-    the same engine decoding each alone (batch 1: batch invariance); and the one-at-a-time HF
-    path (engines.hf generate: a DynamicCache in the compute dtype, HF's own attention).
+    the same engine decoding each alone (batch 1: batch invariance); the same engine's runner
+    on the generic HF forward instead of llama_step (where it has one); and the one-at-a-time
+    HF path (engines.hf generate: a DynamicCache in the compute dtype, HF's own attention).
     First differing token index per request (None: identical)."""
     ref = engines["float32"]
     reqs = make_requests(ref, DecodeBench(n=n, decode=decode, seed=seed))
@@ -189,6 +217,9 @@ def quality(engines: dict[str, Engine], n: int, decode: int, seed: int, route: s
               for r, p in pairs]  # fmt: skip
         out[d] = {"tokens": toks, "vs_engine_alone": _first_differences(toks, alone),
                   "vs_hf_alone": _first_differences(toks, hf)}  # fmt: skip
+        if llama_step.build(eng.model) is not None:
+            generic = _engine_tokens(eng, pairs, decode, n, route, fast=False)
+            out[d]["vs_generic_path"] = _first_differences(toks, generic)
     for d in engines:
         out[d]["vs_float32"] = _first_differences(out[d]["tokens"], out["float32"]["tokens"])
     return out
@@ -206,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--route", default="adaptive")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--breakdown", action="store_true", help="per-part ms per step")
+    p.add_argument("--paths", default="serve", help="of serve,torch-ops,hf (module doc)")
     p.add_argument("--quality", type=int, default=0, help="N prompts: bf16 vs float32 tokens")
     p.add_argument("--decode", type=int, default=32, help="quality: greedy tokens per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -219,7 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     lens = traces.lengths(a.trace, a.batch, a.seed, a.scale)
     engines = {d: load(a.model, dtype=d) for d in dtypes}
-    batches = {d: _Batch(e, lens, a.route, a.seed) for d, e in engines.items()}
+    paths = [x for x in a.paths.split(",") if x]
+    if not paths or any(x not in PATHS for x in paths):
+        p.error(f"--paths: of {list(PATHS)}")
+    if paths != ["serve"] and llama_step.build(engines[dtypes[0]].model) is None:
+        p.error(f"--paths: {a.model} has no llama_step path, it always runs the HF forward")
+    labels = {x: "" if i == 0 else f"/{x}" for i, x in enumerate(paths)}
+    batches = {d + labels[x]: _Batch(e, lens, a.route, a.seed, x)
+               for x in paths for d, e in engines.items()}  # fmt: skip
     load0 = os.getloadavg()[0]
     times = time_steps(batches, a.steps, a.rounds)
     read_bw, copy_bw = read_bandwidth(), copy_bandwidth(256 << 20)
@@ -227,11 +266,13 @@ def main(argv: list[str] | None = None) -> None:
                  "read_gbps": read_bw / 1e9, "copy_gbps": copy_bw / 1e9, "dtypes": {}}  # fmt: skip
     for d, b in batches.items():
         wb, kv = weight_bytes(b.runner.engine.model), b.kv_bytes()
+        fast = b.runner.fast
+        path = "HF forward" if fast is None else f"llama_step ({_OPS[fast.compiled]})"
         kv -= (a.rounds * (a.steps + 1) // 2) * (kv // sum(b.positions))  # at the median step
         med = statistics.median(times[d])
         r = rec["dtypes"][d] = {
             "step_ms_median": 1000 * med, "step_ms_min": 1000 * min(times[d]),
-            "weight_bytes": wb, "kv_bytes": kv, "route": b.runner.last_route,
+            "weight_bytes": wb, "kv_bytes": kv, "route": b.runner.last_route, "path": path,
             "limit_read_ms": 1000 * (wb + kv) / read_bw,
             "limit_copy_ms": 1000 * (wb + kv) / copy_bw,
         }  # fmt: skip
@@ -241,11 +282,13 @@ def main(argv: list[str] | None = None) -> None:
               f"weights {wb / 1e6:.0f} MB + KV {kv / 1e6:.0f} MB; limit {r['limit_read_ms']:.1f} "
               f"ms at read {read_bw / 1e9:.2f} GB/s ({r['x_read_limit']:.2f}x), "
               f"{r['limit_copy_ms']:.1f} ms at copy {copy_bw / 1e9:.2f} GB/s "
-              f"({r['x_copy_limit']:.2f}x); route {r['route']}", flush=True)  # fmt: skip
-    if len(dtypes) > 1:
-        base = rec["dtypes"][dtypes[0]]["step_ms_median"]
-        for d in dtypes[1:]:
-            print(f"{dtypes[0]} / {d} step time: {base / rec['dtypes'][d]['step_ms_median']:.2f}x")
+              f"({r['x_copy_limit']:.2f}x); route {r['route']}; {path}", flush=True)  # fmt: skip
+    med = {d: r["step_ms_median"] for d, r in rec["dtypes"].items()}
+    for d in dtypes[1:]:
+        print(f"{dtypes[0]} / {d} step time: {med[dtypes[0]] / med[d]:.2f}x")
+    for d in dtypes:
+        for x in paths[1:]:
+            print(f"{d}: {x} / {paths[0]} step time: {med[d + labels[x]] / med[d]:.2f}x")
     if a.breakdown:
         for d, b in batches.items():
             parts = rec["dtypes"][d]["breakdown_ms"] = breakdown(b, a.steps)
@@ -259,7 +302,10 @@ def main(argv: list[str] | None = None) -> None:
         q = rec["quality"] = quality(engines, a.quality, a.decode, a.seed, a.route)
         for d, r in q.items():
             for key, what in (("vs_float32", "float32's"), ("vs_engine_alone", "alone (batch 1)"),
+                              ("vs_generic_path", "the runner's generic HF forward"),
                               ("vs_hf_alone", "the HF one-at-a-time path")):  # fmt: skip
+                if key not in r:
+                    continue
                 firsts = r[key]
                 same = sum(f is None for f in firsts)
                 print(f"{d} batched: {same}/{a.quality} token-identical to {what}; first "

@@ -1,0 +1,107 @@
+"""A hand-written decode step for Llama-family models: the HF model's own weights and modules,
+far fewer small torch ops than its generic forward.
+
+One token per row, B rows. The HF forward of a decoder layer spends most of its non-linear time
+in dispatch: ~50 tiny ops and ~10 Python module calls per layer (view/transpose of q, k and v
+apart, RoPE applied to q and k apart with `rotate_half` = two slices, a negation and a cat,
+attention-interface lookup, output reshape/contiguous). `LlamaStep` runs the same arithmetic as
+plain functions on [B, features] rows:
+
+- RMSNorm exactly as `LlamaRMSNorm` (float32 statistics, weight times the input-dtype result);
+- q, k, v through the layer's own projection modules (packed bf16 or float32 `nn.Linear`), q
+  and k concatenated once so RoPE runs once per layer on [B, Hq + Hkv, D], as
+  `x * cos + roll(x, D/2) * sin_signed` where sin_signed holds -sin on the first half: the
+  same products and sum as HF's `x * cos + rotate_half(x) * sin`, as a sign flip is exact;
+- attention through the caller's `attend(layer, q, k, v, scaling)` (the paged route);
+- o-proj, residual, RMSNorm, SiLU(gate) * up, down, residual; final norm and LM head.
+
+Every op is the one HF runs, in the same dtype and order, so the logits are bit-identical to
+the generic HF path (tests/test_runner_fast.py checks float32 and bfloat16). `build(model)`
+returns None for anything it does not cover (other architectures, biases on norms, dynamic or
+long RoPE, pretraining_tp > 1, a non-SiLU MLP): the runner then keeps the HF forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import rowops
+
+# attend(layer index, q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, D], scaling) -> [B, Hq, D], q's dtype
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+_STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed at init
+
+
+class LlamaStep:
+    """The decode step of a `LlamaForCausalLM` (see module doc). Holds references to the
+    model's modules, no weight copies."""
+
+    def __init__(self, model: nn.Module, compiled: bool = rowops.AVAILABLE) -> None:
+        if compiled and not rowops.AVAILABLE:
+            raise rowops.RowOpsError(
+                "the compiled row ops (spectrumkv.serve._rowops) are not built"
+            )
+        self.compiled = compiled
+        ops = (rowops.add_rmsnorm, rowops.rope) if compiled else (rowops.add_rmsnorm_ref,
+                                                                 rowops.rope_ref)  # fmt: skip
+        self.add_rmsnorm, self.rope_qk = ops
+        cfg = model.config
+        body = model.model
+        self.embed, self.lm_head = body.embed_tokens, model.lm_head
+        self.norm_w, self.eps = body.norm.weight, body.norm.variance_epsilon
+        self.inv_freq = body.rotary_emb.inv_freq.float()
+        self.rope_scale = float(body.rotary_emb.attention_scaling)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = body.layers[0].self_attn.head_dim
+        self.layers = [(L.input_layernorm.weight, L.self_attn, L.post_attention_layernorm.weight,
+                        L.mlp) for L in body.layers]  # fmt: skip
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos, sin_signed [B, D] for int64 `positions` [B], computed as LlamaRotaryEmbedding
+        does (float32, then cast to `dtype`); sin_signed is -sin on the first half."""
+        freqs = positions[:, None].float() * self.inv_freq
+        cos = torch.cat((freqs, freqs), -1).cos() * self.rope_scale
+        s = freqs.sin() * self.rope_scale
+        sin = torch.cat((-s, s), -1)
+        return cos.to(dtype), sin.to(dtype)
+
+    @torch.inference_mode()
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """Logits [B, vocab] (model dtype) of int64 `tokens` [B] at `positions` [B]."""
+        h = self.embed(tokens)  # the residual stream, updated in place by add_rmsnorm
+        cos, sin = self.rope(positions, h.dtype)
+        b, hq, d, eps = h.shape[0], self.heads, self.head_dim, self.eps
+        norms = [w for w_in, _, w_post, _ in self.layers for w in (w_in, w_post)]
+        x = self.add_rmsnorm(h, None, norms[0], eps)
+        for i, (_, attn, _, mlp) in enumerate(self.layers):
+            qk = self.rope_qk(attn.q_proj(x), attn.k_proj(x), cos, sin, d)
+            v = attn.v_proj(x).view(b, -1, d)
+            o = attend(i, qk[:, :hq], qk[:, hq:], v, attn.scaling)
+            x = self.add_rmsnorm(h, attn.o_proj(o.reshape(b, hq * d)), norms[2 * i + 1], eps)
+            y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)).mul_(mlp.up_proj(x)))
+            w_next = norms[2 * i + 2] if 2 * i + 2 < len(norms) else self.norm_w
+            x = self.add_rmsnorm(h, y, w_next, eps)
+        return self.lm_head(x)
+
+
+def build(model: nn.Module, compiled: bool = rowops.AVAILABLE) -> LlamaStep | None:
+    """A LlamaStep for `model`, or None when the model is not one it reproduces."""
+    cfg = model.config
+    if type(model).__name__ != "LlamaForCausalLM" or cfg.model_type != "llama":
+        return None
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    mlp = model.model.layers[0].mlp
+    if (
+        rope.get("rope_type", "default") not in _STATIC_ROPE
+        or getattr(cfg, "pretraining_tp", 1) != 1
+        or cfg.hidden_act != "silu"
+        or type(mlp.act_fn).__name__ != "SiLUActivation"
+    ):
+        return None
+    return LlamaStep(model, compiled)
