@@ -131,6 +131,26 @@ def test_merge_is_exact():
         assert torch.allclose(parts, whole, rtol=1e-5, atol=2e-6)
 
 
+def test_adaptive_is_batch_invariant():
+    """With batch_invariant (the default) adaptive picks only routes that split a request by its
+    length alone, so a bf16 request's output is the same bits alone or in any batch; without it,
+    a profile that favours `split` picks split, whose cut depends on nothing but differs from
+    workqueue's, and the bits may move."""
+    lengths = [700, 40, 3000, 129, 1500]
+    cache, tables, lens = make_cache(lengths, torch.bfloat16)
+    kp, vp = cache.layer(0)
+    q = torch.randn(len(lengths), 9, 64)
+    favour_split = dataclasses.replace(SPLITTY, scale_split=0.01, min_split_tokens=1024)
+    free = dataclasses.replace(favour_split, batch_invariant=False)
+    assert run_route(q, kp, vp, tables, lens, "adaptive", profile=free)[1].route == "split"
+    whole, info = run_route(q, kp, vp, tables, lens, "adaptive", profile=favour_split)
+    assert info.route in ("workqueue", "per-request")
+    for batch in ([0], [2], [4, 1], [3, 2, 0]):
+        i = torch.tensor(batch)
+        out, info = run_route(q[i], kp, vp, tables[i], lens[i], "adaptive", profile=favour_split)
+        assert torch.equal(out, whole[i]), (batch, info.route)
+
+
 def test_adaptive_reports_its_choice():
     cache, tables, lens = make_cache([100, 3000], torch.float16)
     kp, vp = cache.layer(0)

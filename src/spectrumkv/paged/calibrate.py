@@ -16,8 +16,10 @@ about half as much as their least (a route timed against itself: log-sd 0.09 vs 
    T = scale[route] * stream + dispatches * lam + tasks * tau (cost.py) over every kernel run
    of steps 2 and of the three kernel routes on the traces x batches 1-32 (non-negative;
    a coefficient that fits below its floor is pinned there and the rest refitted).
-The fit's error and how often the model picks the measured best route on these cases are
-printed (they are calibration-set figures; `bench attention` reports held-out seeds).
+The fit's error, how often the model picks the measured best route on these cases, and what
+the profile's batch_invariant restriction (adaptive picks workqueue or per-request only) costs
+there against the unrestricted choice are printed (calibration-set figures; `bench attention`
+reports held-out seeds).
 """
 
 from __future__ import annotations
@@ -183,10 +185,16 @@ def calibrate(
             for lens, g, times in checks for r, t in times.items()]  # fmt: skip
     regret = [times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)] / min(times.values())
               for lens, g, times in checks]  # fmt: skip
+    free = dataclasses.replace(profile, batch_invariant=False)  # what invariance costs
+    invariance = [times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)]
+                  / times[cost.choose(lens, g, free, cost.KERNEL_ROUTES)]
+                  for lens, g, times in checks]  # fmt: skip
     progress(f"fit: lam {profile.lam * 1e6:.1f} us, tau {profile.tau * 1e6:.2f} us, scales "
              f"per-request {profile.scale_per_request:.3f} split {profile.scale_split:.3f} "
              f"workqueue {profile.scale_workqueue:.3f}")  # fmt: skip
     progress(f"on the calibration cases: median |predicted/measured - 1| "
              f"{statistics.median(errs):.3f}; the chosen kernel route's time / the best's: "
              f"median {statistics.median(regret):.3f}, worst {max(regret):.3f}")  # fmt: skip
+    progress(f"batch-invariant choice (workqueue or per-request) / unrestricted choice: median "
+             f"{statistics.median(invariance):.3f}, worst {max(invariance):.3f}")  # fmt: skip
     return profile

@@ -38,6 +38,9 @@ TASK_FLOATS, MAX_ROWS = 16 * 256, 64  # a task's buffers (as in _attention.c)
 FUSED_TASKS_PER_THREAD = 4  # (as in _attention.c)
 KERNEL_ROUTES = ("per-request", "split", "workqueue")
 FIXED_ROUTES = (*KERNEL_ROUTES, "padded")
+# routes that cut a request's keys by one rule of its length alone (the profile's max_splits and
+# min_split_tokens) and so compute its output bit for bit alike whatever else is in the batch
+INVARIANT_ROUTES = ("workqueue", "per-request")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class MachineProfile:
     scale_split: float = 1.0
     scale_workqueue: float = 1.0
     calibrated: bool = False
+    # adaptive picks only among INVARIANT_ROUTES: a request's attention output does not depend
+    # on the batch it decodes in (bf16 models then decode batch-invariantly with adaptive too)
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -249,9 +255,12 @@ def _choose(lengths: tuple, g: Geometry, p: MachineProfile, routes: tuple) -> st
 
 
 def choose(lengths, g: Geometry, p: MachineProfile, routes=FIXED_ROUTES) -> str:
-    """The route with the least predicted time (first of `routes` on ties). Plans are memoized
+    """The route with the least predicted time (first of `routes` on ties), among those of
+    `routes` in INVARIANT_ROUTES if `p.batch_invariant` (and some are). Plans are memoized
     (last 64 distinct steps): every layer of a decode step has the same lengths, so a model
     step plans once. `clear_plans()` forgets them."""
+    if p.batch_invariant and any(r in INVARIANT_ROUTES for r in routes):
+        routes = [r for r in routes if r in INVARIANT_ROUTES]
     return _choose(tuple(lengths), g, p, tuple(routes))
 
 

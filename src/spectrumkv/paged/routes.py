@@ -18,7 +18,9 @@ Routes (all on the same pages; see cost.py for how `adaptive` picks):
   every `min_split_tokens` tokens (at most `max_splits`), longest first, then one merge;
 - padded: gather into a padded dense batch and run torch SDPA (no compiled code);
 - adaptive: the route the cost model predicts fastest for these lengths (`plan`; an engine
-  plans once per model step and passes the chosen route to every layer).
+  plans once per model step and passes the chosen route to every layer); with the profile's
+  `batch_invariant` (the default) only workqueue or per-request, which split a request by its
+  length alone: its output is then the same bits whatever batch it decodes in.
 """
 
 from __future__ import annotations
