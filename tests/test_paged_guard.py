@@ -1,10 +1,11 @@
 """The compiled kernel never reads outside the page pool: the pool ends at an inaccessible
 (PROT_NONE) page, tables point at the pool's last page with lengths ending exactly there, and
 every kernel (scalar, AVX2, AVX-512 where present) runs with the split settings of every kernel
-route, with and without window starts (a page before the start may point anywhere: it is never
-read), in a child process; a read past the end would kill it with SIGSEGV before it prints "ok".
-Then the child reads one element past the pool on purpose, to show the guard is there. The child
-loads the extension by path (not the spectrumkv package, whose import pulls in transformers)."""
+route, on 1 and 2 threads (tasks of all KV heads, or of one), with and without window starts (a
+page before the start may point anywhere: it is never read), in a child process; a read past
+the end would kill it with SIGSEGV before it prints "ok". Then the child reads one element past
+the pool on purpose, to show the guard is there. The child loads the extension by path (not the
+spectrumkv package, whose import pulls in transformers)."""
 
 import signal
 import subprocess
@@ -51,10 +52,11 @@ CHILD = textwrap.dedent(
             for b in (slice(0, 3), slice(0, 1), slice(1, 2), slice(2, 3)):  # batch, per request
                 qb, ob = q[b].contiguous(), out[b]
                 for starts in (b"", starts_[b].numpy()):  # whole, or a window's last tokens
-                    ext.decode(qb.data_ptr(), k.data_ptr(), v.data_ptr(), k.numel(),
-                               tables[b].numpy(), lengths[b].numpy(), ob.data_ptr(), 8, hkv, d,
-                               ps, 2, 0.125, splits, min_tokens, 2, starts)
-                    assert torch.isfinite(ob).all()
+                    for threads in (1, 2):  # tasks of both KV heads, or of one
+                        ext.decode(qb.data_ptr(), k.data_ptr(), v.data_ptr(), k.numel(),
+                                   tables[b].numpy(), lengths[b].numpy(), ob.data_ptr(), 8, hkv,
+                                   d, ps, 2, 0.125, splits, min_tokens, threads, starts)
+                        assert torch.isfinite(ob).all()
             # a page wholly before the start is never read: here it points far past the pool
             far = torch.tensor([[1 << 24, 5]], dtype=torch.int32)
             ext.decode(q[:1].contiguous().data_ptr(), k.data_ptr(), v.data_ptr(), k.numel(),
