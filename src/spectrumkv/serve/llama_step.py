@@ -5,20 +5,24 @@ One token per row, B rows. The HF forward of a decoder layer spends most of its 
 in dispatch: ~50 tiny ops and ~10 Python module calls per layer (view/transpose of q, k and v
 apart, RoPE applied to q and k apart with `rotate_half` = two slices, a negation and a cat,
 attention-interface lookup, output reshape/contiguous). `LlamaStep` runs the same arithmetic as
-plain functions on [B, features] rows:
+plain functions on [B, features] rows, ~14 calls per layer:
 
-- RMSNorm exactly as `LlamaRMSNorm` (float32 statistics, weight times the input-dtype result);
-- q, k, v through the layer's own projection modules (packed bf16 or float32 `nn.Linear`), q
-  and k concatenated once so RoPE runs once per layer on [B, Hq + Hkv, D], as
-  `x * cos + roll(x, D/2) * sin_signed` where sin_signed holds -sin on the first half: the
-  same products and sum as HF's `x * cos + rotate_half(x) * sin`, as a sign flip is exact;
+- residual add + RMSNorm in one call (`rowops.add_rmsnorm`: LlamaRMSNorm's float32 statistics,
+  weight times the input-dtype result; the residual stream is updated in place);
+- q, k, v through the layer's own projection modules (packed bf16 or float32 `nn.Linear`), then
+  RoPE of q and k in one call into one [B, Hq + Hkv, D] buffer (`rowops.rope`:
+  `x * cos + roll(x, D/2) * sin_signed`, sin_signed = -sin on the first half, the same products
+  and sum as HF's `x * cos + rotate_half(x) * sin` since a sign flip is exact);
 - attention through the caller's `attend(layer, q, k, v, scaling)` (the paged route);
-- o-proj, residual, RMSNorm, SiLU(gate) * up, down, residual; final norm and LM head.
+- o-proj, add + RMSNorm, SiLU(gate) * up (torch, in place), down, add + next layer's RMSNorm
+  (or the final norm), LM head.
 
-Every op is the one HF runs, in the same dtype and order, so the logits are bit-identical to
-the generic HF path (tests/test_runner_fast.py checks float32 and bfloat16). `build(model)`
-returns None for anything it does not cover (other architectures, biases on norms, dynamic or
-long RoPE, pretraining_tp > 1, a non-SiLU MLP): the runner then keeps the HF forward.
+With `compiled=False` (or without the extension) the row ops are their torch references, which
+are HF's ops in HF's dtype and order: logits bit-identical to the generic HF forward. The
+compiled row ops (the default when built) sum the RMSNorm's squares in another order: float32
+logits agree within rounding, tokens identical (tests/test_runner_fast.py, float32 and bf16).
+`build(model)` returns None for anything it does not cover (other architectures, dynamic or long
+RoPE, pretraining_tp > 1, a non-SiLU MLP): the runner then keeps the HF forward.
 """
 
 from __future__ import annotations

@@ -14,9 +14,12 @@ The model computes in its load dtype (engines.hf.load: float32, or bfloat16 with
 linears, engines.packed); the pages stay in the KV dtype and the kernel accumulates in float32,
 whatever the compute dtype. Measured parts of a step: `python -m spectrumkv.serve.step_bench`.
 
-Why the HF model and not a hand-written runner: it is the same code that prefill and the
-one-at-a-time path run, so batch invariance is a property of the attention alone, and any model
-the paged cache accepts works without per-architecture code.
+Llama-family models (LlamaForCausalLM with a static RoPE and SiLU MLP, e.g. SmolLM2) take a
+hand-written step instead (serve.llama_step): the same modules and weights, the same arithmetic
+(bit-identical to this HF path with the torch row ops, rounding-level differences with the
+compiled ones: serve.rowops), ~30 fewer small torch ops per layer; attention goes to the same
+`_attend`. Every other architecture runs the HF model's own forward, so any model the paged
+cache accepts works without per-architecture code (`fast=False` forces it for all).
 
 Sliding-window layers (Gemma-3): every layer's pages hold the request's whole context, in slot
 order = position order (a received payload's dropped tokens take no slot; a sliding layer's
