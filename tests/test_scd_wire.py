@@ -31,8 +31,9 @@ from spectrumkv.pd.launch import Cluster
 from spectrumkv.scd import artifact
 from spectrumkv.scd import wire as scd_wire
 from spectrumkv.scd.calibrate import CalibConfig, calibrate
-from spectrumkv.scd.codes import quantize_codes
+from spectrumkv.scd.codes import encode, quantize_codes, reconstruct_layer
 from spectrumkv.scd.finetune import Recipe, finetune
+from spectrumkv.scd.fit import Aligner
 from spectrumkv.serve.staged import StagedPrompt
 from spectrumkv.wire import _PREAMBLE, MAX_HEADER_BYTES
 
@@ -275,9 +276,27 @@ def test_batched_scd_rebuilds_into_pages_and_a_bad_frame_frees_them(cluster, pai
 
 
 def test_bfloat16_decode_worker_rebuilds_from_scd_codes(cluster, pair):
-    """B computing in bf16 (serve decode --dtype bfloat16) rebuilds patch layers too (the
-    aligner's float32 output meets B's bf16 K/V projections) and generates from the codes."""
-    assert artifact.load(str(pair["art"])).manifest.patch_layers  # the patch path is exercised
+    """B computing in bf16 (serve decode --dtype bfloat16) generates from SCD codes, and
+    rebuilds a patch layer (the aligner's float32 output meets B's bf16 K/V projections) close
+    to its float32 rebuild."""
+    art = artifact.load(str(pair["art"]))
+    m, hidden = art.manifest, TINY["hidden_size"]
+    torch.manual_seed(1)  # layer 1 made a patch layer, with a PCA basis and an aligner
+    al = Aligner(m.patch_rank, hidden, m.aligner_width)
+    patch = {"1.h.mu": torch.zeros(hidden),
+             "1.h.basis": torch.linalg.qr(torch.randn(hidden, m.patch_rank))[0]}  # fmt: skip
+    patch |= {f"1.al.{k}": v for k, v in al.state_dict().items()}
+    patched = artifact.Artifact(msgspec.structs.replace(m, patch_layers=[1]),
+                                art.tensors | patch)  # fmt: skip
+    ids = torch.arange(40, 104)
+    codes = encode(patched, load(pair["a"]), ids)
+    assert codes[1].h is not None
+    f32, b16 = load(pair["b"]), load(pair["b"], dtype="bfloat16")
+    for code in codes:
+        want, got = (reconstruct_layer(patched, e, code) for e in (f32, b16))
+        for x, y in ((want.keys, got.keys), (want.values, got.values)):
+            err = (x.float() - y.float()).norm() / x.float().norm()
+            assert got.keys.dtype == f32.kv_dtype and err < 0.05, (code.layer, float(err))
     worker = _worker(cluster, pair, str(pair["art"]), "batched", cluster.prefill_port, "bfloat16")
     try:
         r = _run(worker, pair["prompts"][2][:200])

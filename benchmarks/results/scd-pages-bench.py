@@ -4,6 +4,7 @@
     python scd-pages-bench.py encode PAYLOAD [TOKENS]   # A prefills + encodes once (FP16 codes)
     python scd-pages-bench.py run PAYLOAD list|staged   # one measurement, one JSON line
     python scd-pages-bench.py compare PAYLOAD ROUNDS OUT.json   # interleaved, fresh processes
+    python scd-pages-bench.py writes PAYLOAD REPS       # rebuild and page writes timed apart
 
 Pair: producer smollm2-135m, consumer smollm2-135m-wiki, artifact /work/scd-artifacts4/main
 (env SCD_ARTIFACT), wiki-es eval text. `run` loads B and the artifact, resets the process's peak
@@ -119,6 +120,54 @@ def run(path: str, variant: str) -> dict:
     return out
 
 
+def writes(path: str, reps: int) -> dict:
+    """Rebuild and page writes timed apart, one thread, interleaved, a fresh engine (pool pages
+    touched for the first time) per rep: the list path (rebuild every layer, then the engine's
+    write_prompt) vs staged (rebuild a layer, write it into the pages). Medians and ranges, s."""
+    import torch
+
+    from spectrumkv.engines.hf import load
+    from spectrumkv.pd.sampling import SamplingParams
+    from spectrumkv.scd.artifact import load as load_artifact
+    from spectrumkv.scd.codes import reconstruct_layer
+    from spectrumkv.scd.wire import Layout, ScdDecoder
+    from spectrumkv.serve.engine import BatchEngine, EngineConfig
+
+    torch.set_num_threads(1)
+    b, art = load(B), load_artifact(ART)
+    layout, msgs = Layout.of(art), _messages(path)
+    dec = ScdDecoder(layout)
+    dec.feed_header(msgs[0][1])
+    codes = [dec.feed_frame(body) for _, body in msgs[1:]]
+    n, p = int(codes[0].positions.numel()), SamplingParams(max_tokens=1)
+    out: dict[str, list[float]] = {k: [] for k in ("list_rebuild", "list_write",
+                                                   "staged_rebuild", "staged_write")}  # fmt: skip
+    for r in range(reps):
+        for how in ("list", "staged") if r % 2 == 0 else ("staged", "list"):
+            batch, rebuild, write = BatchEngine(b, EngineConfig(pool_mb=256)), 0.0, 0.0
+            if how == "list":
+                t0 = time.perf_counter()
+                layers = [reconstruct_layer(art, b, c) for c in codes]
+                t1 = time.perf_counter()
+                batch.runner.write_prompt("x", layers, n)
+                rebuild, write = t1 - t0, time.perf_counter() - t1
+                del layers
+            else:
+                st = batch.stage(p, n)
+                st.wait_admitted(60)
+                for c in codes:
+                    t0 = time.perf_counter()
+                    kv = reconstruct_layer(art, b, c)
+                    t1 = time.perf_counter()
+                    st.write(c.layer, kv)
+                    rebuild, write = rebuild + t1 - t0, write + time.perf_counter() - t1
+                st.abort()
+            batch.close()
+            out[how + "_rebuild"].append(rebuild)
+            out[how + "_write"].append(write)
+    return {k: {"median": statistics.median(v), "range": [min(v), max(v)]} for k, v in out.items()}
+
+
 def compare(path: str, rounds: int, out_path: str) -> None:
     rows = []
     for r in range(rounds):
@@ -144,6 +193,8 @@ if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "encode":
         encode(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2048)
+    elif cmd == "writes":
+        print(json.dumps(writes(sys.argv[2], int(sys.argv[3]))))
     elif cmd == "run":
         print(json.dumps(run(sys.argv[2], sys.argv[3])))
     else:
