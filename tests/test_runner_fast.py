@@ -36,6 +36,7 @@ def _decode(eng, prefilled, step) -> tuple[list[list[int]], list[torch.Tensor]]:
     if step == "ref":
         runner.fast = llama_step.build(eng.model, compiled=False)
     assert (runner.fast is None) == (step == "hf")
+    assert step != "compiled" or runner.fast.compiled  # the extension is built (setup.py)
     rids = list(range(len(prefilled)))
     for rid, (_, pre) in enumerate(prefilled):
         runner.write_prompt(rid, pre.layers, pre.n_tokens)
@@ -98,7 +99,9 @@ def test_compiled_row_ops_match_the_torch_references(dtype):
 def test_build_covers_llama_only():
     tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
-    assert llama_step.build(LlamaForCausalLM(LlamaConfig(**tiny))) is not None
+    assert llama_step.build(LlamaForCausalLM(LlamaConfig(**tiny))).compiled
+    # float16 rows: the compiled ops do not take them, the torch ops do
+    assert not llama_step.build(LlamaForCausalLM(LlamaConfig(**tiny)).half()).compiled
     dynamic = LlamaConfig(**tiny, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     assert llama_step.build(LlamaForCausalLM(dynamic)) is None
     assert llama_step.build(LlamaForCausalLM(LlamaConfig(**tiny, hidden_act="gelu"))) is None

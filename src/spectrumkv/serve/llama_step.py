@@ -94,8 +94,9 @@ class LlamaStep:
         return self.lm_head(x)
 
 
-def build(model: nn.Module, compiled: bool = rowops.AVAILABLE) -> LlamaStep | None:
-    """A LlamaStep for `model`, or None when the model is not one it reproduces."""
+def build(model: nn.Module, compiled: bool | None = None) -> LlamaStep | None:
+    """A LlamaStep for `model`, or None when the model is not one it reproduces. `compiled`:
+    the row ops to use (None: the compiled ones where they take the model's dtype and width)."""
     cfg = model.config
     if type(model).__name__ != "LlamaForCausalLM" or cfg.model_type != "llama":
         return None
@@ -108,4 +109,6 @@ def build(model: nn.Module, compiled: bool = rowops.AVAILABLE) -> LlamaStep | No
         or type(mlp.act_fn).__name__ != "SiLUActivation"
     ):
         return None
+    if compiled is None:
+        compiled = rowops.compiled_for(model.model.embed_tokens.weight.dtype, cfg.hidden_size)
     return LlamaStep(model, compiled)

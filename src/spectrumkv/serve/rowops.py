@@ -27,6 +27,11 @@ _CODES = {torch.float32: 0, torch.bfloat16: 2}
 _MAX_COLS = 16384  # _rowops.c's row buffer
 
 
+def compiled_for(dtype: torch.dtype, hidden: int) -> bool:
+    """Whether the compiled ops are built and take rows of this dtype and width."""
+    return AVAILABLE and dtype in _CODES and hidden <= _MAX_COLS
+
+
 class RowOpsError(SpectrumKVError):
     """Inputs the fused row ops do not take (shape, dtype, layout)."""
 
