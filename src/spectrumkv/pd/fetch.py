@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -27,15 +27,19 @@ from ..transport.unpack import Unpacker
 from ..wire import Fingerprint
 from .protocol import ErrorReply, PrefillDone
 
+if TYPE_CHECKING:
+    from ..serve.staged import StagedPrompt
+
 
 @dataclass
 class Transfer:
     """What arrived for one request, with stage times in seconds. `unpack_s`: all verify +
     decode work (for SCD including B's reconstruction, `reconstruct_s` of it);
     `unpack_tail_s`: the part left after the last byte arrived (the rest overlapped with the
-    transfer). `method`: kv, scd or raw."""
+    transfer). `method`: kv, scd or raw. `layers`: B's cache per layer, or (SCD on the batch
+    engine) the StagedPrompt its layers were written into, already in pages."""
 
-    layers: list = field(default_factory=list)
+    layers: list[LayerKV] | StagedPrompt = field(default_factory=list)
     n_tokens: int = 0
     done: PrefillDone | None = None
     unpack_s: float = 0.0
@@ -52,7 +56,7 @@ class Receiver(Protocol):
     def max_bytes(self) -> int: ...  # the largest valid next message (checked before reading)
     def feed_header(self, body: bytes) -> None: ...
     def feed_frame(self, body: bytes) -> None: ...
-    def finish(self) -> tuple[list[LayerKV], int]: ...  # B's layers and their token count
+    def finish(self) -> tuple[list[LayerKV] | StagedPrompt, int]: ...  # B's cache, its tokens
 
 
 class KvReceiver:
