@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from spectrumkv.paged import cost, gpu, kernel, reference  # noqa: E402
+from spectrumkv.paged import cost, gpu, kernel, reference, routes  # noqa: E402
 from spectrumkv.paged.cache import PagedConfig, PagedKVCache  # noqa: E402
 from spectrumkv.paged.errors import PagedInputError  # noqa: E402
 
@@ -111,6 +111,23 @@ def test_split_merge_equals_unsplit(name):
         args = (tables, lens, 0.1, max_splits, min_split)
         cpu, _ = kernel.decode(q.cpu(), k.cpu(), v.cpu(), *args, threads=1, starts=st)
         torch.testing.assert_close(split.cpu(), cpu, rtol=0, atol=2e-6)
+
+
+def test_route_dispatch_for_cuda_pages():
+    """What run_route does with CUDA pages (routes._run_gpu, called directly: the interpreter's
+    tensors are CPU tensors): the Triton workqueue with the profile's workqueue settings, the
+    CPU workqueue's output and merge bytes."""
+    dtype, d, hkv, group, ps, lengths, starts, _, _ = CASES["fp16-d128-sliding-split"]
+    q, k, v, tables, _, lens, st = make_case(dtype, d, hkv, group, ps, lengths, starts, seed=2)
+    profile = cost.MachineProfile(min_split_tokens=32, max_splits=8)
+    spans = lens - st
+    out, info = routes._run_gpu(q, k, v, tables, lens, 0.1, profile, st, spans)
+    assert info.route == "workqueue" and info.dispatches == 2 and info.merge_bytes > 0
+    if kernel.AVAILABLE:
+        args = (q.cpu(), k.cpu(), v.cpu(), tables, lens, "workqueue", 0.1, profile, 1, st)
+        cpu, cpu_info = routes.run_route(*args)
+        torch.testing.assert_close(out.cpu(), cpu, rtol=0, atol=2e-6)
+        assert info.merge_bytes == cpu_info.merge_bytes
 
 
 def test_bad_input_is_a_typed_error():

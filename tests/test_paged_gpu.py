@@ -22,7 +22,7 @@ import pytest
 import torch
 
 CHECKS = Path(__file__).with_name("paged_gpu_checks.py")
-CHECK_COUNT = 9  # test items in CHECKS (parametrized cases counted): all must run and pass
+CHECK_COUNT = 10  # test items in CHECKS (parametrized cases counted): all must run and pass
 
 
 def _run_checks(device: str) -> None:

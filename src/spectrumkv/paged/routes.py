@@ -103,6 +103,8 @@ def run_route(
     if route == "adaptive":
         route = plan(q, k_pages, lengths, starts, profile)
     spans = lengths if starts is None else lengths - starts  # tokens each request reads
+    if k_pages.device.type == "cuda":  # every route runs as the Triton workqueue (paged.gpu)
+        return _run_gpu(q, k_pages, v_pages, tables, lengths, scale, profile, starts, spans)
     if route == "padded" or not kernel.AVAILABLE:
         if route != "padded":
             raise PagedInputError(f"route {route!r} needs the compiled kernel (not built)")
@@ -111,11 +113,7 @@ def run_route(
             "padded", 1, 0, 0
         )
     settings = cost.route_settings(route, profile)
-    group, d = q.shape[1] // k_pages.shape[1], k_pages.shape[3]
-    merge = 0
-    for n in spans.tolist():
-        ns = cost.splits_of(max(n, 1), *settings)[0]
-        merge += ns * k_pages.shape[1] * group * (d + 2) * 4 if ns > 1 else 0
+    merge = _merge_bytes(q, k_pages, spans, settings)
     if route == "per-request":
         out = torch.empty(q.shape, dtype=torch.float32)
         tasks = 0
@@ -131,6 +129,25 @@ def run_route(
         q, k_pages, v_pages, tables, lengths, scale, *settings, threads, starts=starts
     )
     return out, StepInfo(route, 1, tasks, merge)
+
+
+def _merge_bytes(q, k_pages, spans: torch.Tensor, settings: tuple[int, int]) -> int:
+    """Bytes the merge pass reads for these spans cut by `settings` (cost.route_settings)."""
+    pieces = (cost.splits_of(max(n, 1), *settings)[0] for n in spans.tolist())
+    return cost.merge_bytes(sum(ns for ns in pieces if ns > 1), geometry(q, k_pages))
+
+
+def _run_gpu(q, k_pages, v_pages, tables, lengths, scale, profile, starts, spans):
+    """CUDA pages: the Triton workqueue kernels of paged.gpu, whatever route was asked (the CPU
+    routes' dispatch choices do not apply there). Tested only under Triton's interpreter on CPU
+    and compiled for sm_90 without a device (tests/test_paged_gpu.py); never timed on a GPU, and
+    its split settings are the CPU profile's."""
+    from . import gpu  # imports triton: only where CUDA pages exist
+
+    settings = cost.route_settings("workqueue", profile)
+    out, tasks = gpu.decode(q, k_pages, v_pages, tables, lengths, scale, *settings, starts=starts)
+    merge = _merge_bytes(q, k_pages, spans, settings)
+    return out, StepInfo("workqueue", 1 + (merge > 0), tasks, merge)
 
 
 def decode_attention(
