@@ -1,14 +1,15 @@
-"""The small ops of a Llama-family decode step, fused: residual add + RMSNorm, RoPE of q and k,
-SiLU(gate) * up, on [B, features] rows of float32 or bfloat16.
+"""The small ops of a Llama-family decode step, fused: residual add + RMSNorm, and RoPE of q and
+k into one buffer, on [B, features] rows of float32 or bfloat16.
 
 Each op has a plain torch reference (`*_ref`: exactly the HF modules' arithmetic, op for op, so
 bit-identical to the generic HF forward) and a compiled version (`spectrumkv.serve._rowops`,
-from `_rowops.c`, one call instead of 5-10 torch ops on a few KiB each, which at a decode step's
+from `_rowops.c`, one call instead of 5-8 torch ops on a few KiB each, which at a decode step's
 16 rows cost more in dispatch than in arithmetic). The compiled ops round to the row dtype at
-the same points as the references; they differ only in the order of the RMSNorm's sum of
-squares and in libm's `expf` inside SiLU (tests/test_runner_fast.py bounds both). When the
-extension was not built (it is optional, see setup.py), `AVAILABLE` is False and the
-references run. Inputs are checked here (RowOpsError names what is wrong), not in C.
+the same points as the references; RoPE is bit-identical, RMSNorm differs only in the order of
+its sum of squares (tests/test_runner_fast.py bounds it). A compiled SiLU * up was measured and
+dropped: no faster than torch's two ops. When the extension was not built (it is optional, see
+setup.py), `AVAILABLE` is False and the references run. Inputs are checked here (RowOpsError
+names what is wrong), not in C.
 """
 
 from __future__ import annotations
