@@ -12,7 +12,8 @@ import spectrumkv as skv
 from spectrumkv.kv import LayerKV
 from spectrumkv.payload import decode_payload
 from spectrumkv.pd.sampling import Cancelled, SamplingParams
-from spectrumkv.serve.engine import BatchEngine, EngineConfig, PoolBusy, RequestTooLarge
+from spectrumkv.serve.engine import BatchEngine, EngineConfig
+from spectrumkv.serve.requests import PoolBusy, RequestTooLarge
 from spectrumkv.serve.runner import pool_config
 
 pytestmark = pytest.mark.model

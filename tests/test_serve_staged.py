@@ -10,7 +10,8 @@ import torch
 
 import spectrumkv as skv
 from spectrumkv.pd.sampling import Cancelled, SamplingParams
-from spectrumkv.serve.engine import BatchEngine, EngineConfig, PoolBusy
+from spectrumkv.serve.engine import BatchEngine, EngineConfig
+from spectrumkv.serve.requests import PoolBusy
 from spectrumkv.serve.runner import pool_config
 from spectrumkv.serve.staged import StagedClosed
 from spectrumkv.serve.worker import generate_batched

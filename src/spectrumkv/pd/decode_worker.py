@@ -187,7 +187,7 @@ class DecodeWorker:
 
     def _generate_batched(self, job: Job, transfer: Transfer | None, on_piece, cancel):
         """`_generate` on the batch engine; a full pool is HTTP 503 with Retry-After."""
-        from ..serve.engine import PoolBusy, RequestTooLarge
+        from ..serve.requests import PoolBusy, RequestTooLarge
         from ..serve.worker import generate_batched
 
         layers, n = (transfer.layers, transfer.n_tokens) if transfer is not None else (None, 0)

@@ -43,6 +43,7 @@ from ..paged.cache import PagedKVCache
 from ..paged.cost import MachineProfile
 from ..paged.routes import ROUTES
 from ..pd.sampling import Cancelled, SamplingParams, StopText, next_token
+from .requests import EngineStats, Generation, Job, PoolBusy, RequestTooLarge
 from .runner import ModelRunner, pool_config
 from .staged import StagedClosed, StagedPrompt
 
@@ -82,94 +83,6 @@ class EngineConfig:
             raise ConfigError(f"max_queue and queue_timeout_s must be >= 0: {self}")
 
 
-class PoolBusy(SpectrumKVError):
-    """The page pool cannot take the request now (queue full or waited too long);
-    `retry_after_s` estimates when it may."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class RequestTooLarge(SpectrumKVError, ValueError):
-    """A request's prompt plus max_tokens needs more pages than the whole pool holds."""
-
-
-@dataclass
-class Generation:
-    """One request's result, filled in by the engine thread. `wait()` returns once it ended
-    (raising its error, if any); `cancel()` stops it before its next step and frees its pages.
-    Times are seconds since `submit`. `on_piece(text)`, called on the engine thread, streams
-    the text as it becomes safe to show."""
-
-    params: SamplingParams
-    on_piece: Callable[[str], None] | None = None
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = "length"
-    error: BaseException | None = None
-    ttft_s: float | None = None
-    total_s: float | None = None
-    t_submit: float = field(default_factory=time.perf_counter)
-    _done: threading.Event = field(default_factory=threading.Event)
-    _cancel: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait up to `timeout` seconds for the end; whether it ended."""
-        return self._done.wait(timeout)
-
-    def wait(self, timeout: float | None = None) -> Generation:
-        if not self._done.wait(timeout):
-            raise TimeoutError("generation still running")
-        if self.error is not None:
-            raise self.error
-        return self
-
-
-@dataclass
-class _Job:
-    rid: int
-    gen: Generation
-    layers: list[LayerKV] | None  # None: prefill `context` locally (recompute)
-    context: torch.Tensor | None
-    n_kept: int  # prompt slots the pages hold
-    position: int  # original position of the next token fed
-    token: int  # next token fed
-    pages: int  # reserved pages
-    t_queued: float
-    rng: torch.Generator | None = None
-    stop: StopText | None = None  # set once started (its pages written)
-    ended: bool = False
-    admitted: bool = False  # its pages are reserved
-    kv: DynamicCache | None = None  # its local prefill in progress
-    prefilled: int = 0  # context tokens in `kv`
-    staged: StagedPrompt | None = None  # its prompt is written from outside the engine thread
-    holds_pages: bool = False  # allocated in the pool
-
-
-@dataclass
-class EngineStats:
-    """Counters since start: steps, tokens generated, seconds spent in steps, sum of batch
-    sizes, requests finished / failed / rejected, and the last step's batch size and time."""
-
-    steps: int = 0
-    tokens: int = 0
-    step_s: float = 0.0
-    batch_sum: int = 0
-    finished: int = 0
-    failed: int = 0
-    rejected: int = 0
-    last_batch: int = 0
-    last_step_s: float = 0.0
-
-
 class BatchEngine:
     """The engine thread and its queue (see module doc). Thread-safe `submit`; `close` stops
     the thread, failing whatever is still queued or running."""
@@ -190,11 +103,11 @@ class BatchEngine:
         self._eos = set(eos if isinstance(eos, list) else [eos])
         self._ids = itertools.count()
         self._cond = threading.Condition()
-        self._waiting: deque[_Job] = deque()
-        self._prefilling: deque[_Job] = deque()  # admitted, local prefill pending or under way
-        self._active: list[_Job] = []
-        self._staged: dict[int, _Job] = {}  # admitted, written from outside, not yet submitted
-        self._inbox: deque[_Job] = deque()  # staged jobs submitted or aborted
+        self._waiting: deque[Job] = deque()
+        self._prefilling: deque[Job] = deque()  # admitted, local prefill pending or under way
+        self._active: list[Job] = []
+        self._staged: dict[int, Job] = {}  # admitted, written from outside, not yet submitted
+        self._inbox: deque[Job] = deque()  # staged jobs submitted or aborted
         self._committed = 0  # pages reserved by admitted requests
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
@@ -267,13 +180,13 @@ class BatchEngine:
         self._post(job)
         return job.gen
 
-    def _post(self, job: _Job) -> None:
+    def _post(self, job: Job) -> None:
         """Hand a staged job (submitted or aborted) to the engine thread."""
         with self._cond:
             self._inbox.append(job)
             self._cond.notify()
 
-    def _job(self, params, first_input, n_tokens, n_kept, on_piece) -> _Job:
+    def _job(self, params, first_input, n_tokens, n_kept, on_piece) -> Job:
         pages = self.pages_needed(n_kept, params.max_tokens)
         if pages > self.total_pages:
             raise RequestTooLarge(
@@ -281,11 +194,11 @@ class BatchEngine:
                 f"pages; the pool holds {self.total_pages}"
             )
         gen = Generation(params, on_piece)
-        return _Job(
+        return Job(
             next(self._ids), gen, None, None, n_kept, n_tokens, first_input, pages, time.monotonic()
         )
 
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: Job) -> None:
         with self._cond:
             if self._closed:
                 raise SpectrumKVError("the engine is closed")
@@ -363,7 +276,7 @@ class BatchEngine:
             if not job.gen.done:
                 self._finish(job, SpectrumKVError("the engine was closed"))
 
-    def _admit(self) -> list[_Job]:
+    def _admit(self) -> list[Job]:
         """Under the lock: pop the waiting requests that fit, in order (the first that does not
         fit blocks those behind it, so large requests are not starved); fail the expired."""
         now, out = time.monotonic(), []
@@ -391,7 +304,7 @@ class BatchEngine:
                 break
         return out
 
-    def _start(self, job: _Job) -> None:
+    def _start(self, job: Job) -> None:
         """Write the job's prompt into its pages; on the recompute path, queue its local prefill
         for `_prefill_chunk` first."""
         try:
@@ -412,7 +325,7 @@ class BatchEngine:
         job.layers = job.context = None  # the pages hold it now
         self._activate(job)
 
-    def _activate(self, job: _Job) -> None:
+    def _activate(self, job: Job) -> None:
         """A job whose prompt is in its pages joins the decode batch."""
         p = job.gen.params
         job.rng = torch.Generator().manual_seed(
@@ -487,7 +400,7 @@ class BatchEngine:
                 job.ended = True
         self._retire(lambda j: j.ended, None)
 
-    def _retire(self, pred: Callable[[_Job], bool], error: BaseException | None) -> None:
+    def _retire(self, pred: Callable[[Job], bool], error: BaseException | None) -> None:
         keep = []
         for job in self._active:
             if pred(job):
@@ -496,7 +409,7 @@ class BatchEngine:
                 keep.append(job)
         self._active = keep
 
-    def _finish(self, job: _Job, error: BaseException | None) -> None:
+    def _finish(self, job: Job, error: BaseException | None) -> None:
         """Free the job's pages and release its reservation; end its Generation."""
         if job.staged is not None:
             job.staged._close()  # waits for a write under way; no write after this

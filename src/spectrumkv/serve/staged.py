@@ -15,7 +15,8 @@ from ..kv import LayerKV
 from ..paged.errors import PagedInputError
 
 if TYPE_CHECKING:
-    from .engine import BatchEngine, _Job
+    from .engine import BatchEngine
+    from .requests import Job
 
 
 class StagedPrompt:
@@ -25,7 +26,7 @@ class StagedPrompt:
     submit or the engine's close raise `StagedClosed`; an abort waits for a write under way, so
     freed pages are never written. Full-attention models only (every layer keeps all tokens)."""
 
-    def __init__(self, batch: BatchEngine, job: _Job) -> None:
+    def __init__(self, batch: BatchEngine, job: Job) -> None:
         self.batch, self.job = batch, job
         self.n_tokens = job.n_kept
         self.written: set[int] = set()

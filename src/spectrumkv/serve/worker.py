@@ -10,7 +10,8 @@ from dataclasses import replace
 from ..kv import LayerKV
 from ..pd.sampling import Choice, SamplingParams
 from ..pipeline import split_prompt
-from .engine import BatchEngine, Generation
+from .engine import BatchEngine
+from .requests import Generation
 from .staged import StagedPrompt
 
 
