@@ -263,6 +263,7 @@ class DecodeWorker:
         if transfer is not None and transfer.done is not None:
             d = transfer.done
             stats.update(
+                prefill_queued_s=d.queued_s,
                 prefill_s=d.prefill_s,
                 encode_s=d.encode_s,
                 wire_s=d.wire_s,

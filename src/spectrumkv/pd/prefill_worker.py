@@ -143,10 +143,12 @@ class PrefillServer:
         finally:
             watcher.cancel()
         log.info(
-            "%s -> ok: %d bytes (%.3f of fp16), prefill %.2f s, exposed %.3f s, total %.2f s",
+            "%s -> ok: %d bytes (%.3f of fp16), queued %.2f s, prefill %.2f s, exposed %.3f s, "
+            "total %.2f s",
             what,
             done.wire_bytes,
             done.wire_bytes / done.fp16_bytes if done.fp16_bytes else 0.0,
+            done.queued_s,
             done.prefill_s,
             done.transfer_exposed_s,
             time.perf_counter() - t0,
@@ -171,6 +173,7 @@ class PrefillServer:
         done = PrefillDone(
             request_id=req.request_id,
             prefill_s=s.prefill_s,
+            queued_s=s.queued_s,
             encode_s=enc.encode_s,
             wire_s=shaper.wire_s,
             transfer_exposed_s=s.exposed_s,
@@ -221,6 +224,8 @@ class PrefillServer:
             hook(*args)
 
         def run_prefill() -> float:
+            nonlocal started
+            started = time.perf_counter()
             if cancel.is_set():  # it left while this request queued
                 raise Cancelled("the decode worker went away before prefill started")
             if overlap:
@@ -234,7 +239,7 @@ class PrefillServer:
             return done
 
         send_task = asyncio.create_task(sender())
-        t0 = time.perf_counter()
+        t0 = started = time.perf_counter()
         try:
             prefill_end = await loop.run_in_executor(self.executor, run_prefill)
             queue.put_nowait(None)
@@ -247,17 +252,20 @@ class PrefillServer:
         finally:
             cancel.set()  # wakes a prefill thread waiting on the gate
             send_task.cancel()
-        return Streamed(prefill_end - t0, max(0.0, time.perf_counter() - prefill_end), sent)
+        end = time.perf_counter()
+        return Streamed(prefill_end - started, max(0.0, end - prefill_end), sent, started - t0)
 
 
 @dataclass
 class Streamed:
-    """What `PrefillServer.stream` did: prefill seconds, seconds of sending left after the
-    prefill ended, bytes sent."""
+    """What `PrefillServer.stream` did: prefill seconds (from when the prefill thread took the
+    request), seconds of sending left after the prefill ended, bytes sent, and seconds the
+    request waited for the prefill thread (behind other requests) before that."""
 
     prefill_s: float
     exposed_s: float
     sent: int
+    queued_s: float = 0.0
 
 
 async def serve_prefill(

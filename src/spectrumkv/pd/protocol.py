@@ -52,7 +52,8 @@ class PrefillRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PrefillDone(msgspec.Struct):
-    """Sent after the last frame. Times in seconds, sizes in bytes."""
+    """Sent after the last frame. Times in seconds, sizes in bytes. prefill_s: from when the
+    prefill thread took the request; queued_s: the wait for that thread before it."""
 
     request_id: str
     prefill_s: float
@@ -62,6 +63,7 @@ class PrefillDone(msgspec.Struct):
     wire_bytes: int
     fp16_bytes: int
     nominal_budget: float
+    queued_s: float = 0.0
 
 
 class ErrorReply(msgspec.Struct):

@@ -160,6 +160,7 @@ async def serve_scd(server, body: bytes, ch) -> None:
         done = PrefillDone(
             request_id=req.request_id,
             prefill_s=s.prefill_s,
+            queued_s=s.queued_s,
             encode_s=streamers[0].encode_s,
             wire_s=shaper.wire_s,
             transfer_exposed_s=s.exposed_s,
