@@ -87,6 +87,53 @@ def test_chunked_local_prefill_decodes_beside_the_batch(smol, prompts):
         eng.close()
 
 
+def test_mixed_prefill_chunks_ride_in_the_decode_step(smol, prompts):
+    """prefill_mode "mixed": a local prefill's 16-token chunks are rows of the decode step
+    (chunk K/V straight into its pages); its greedy tokens equal the "between" path's and the
+    one-at-a-time path's, so do the decoding request's; a cancel mid-prefill frees its pages."""
+    from spectrumkv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prefill_mode"):
+        EngineConfig(prefill_mode="interleaved")
+    eng = BatchEngine(smol, EngineConfig(pool_mb=24, prefill_chunk=16, prefill_mode="mixed"))
+    assert eng._mixed  # SmolLM2 runs the hand-written Llama step
+    try:
+        greedy = SamplingParams(max_tokens=N)
+        (_, last0, pre0), (ctx, last, pre) = prompts[2], prompts[3]
+        want = _alone(smol, pre, last)
+        first = eng.submit(SamplingParams(max_tokens=3 * N), last0, pre0.n_tokens,
+                           layers=pre0.layers)  # fmt: skip
+        while not first.token_ids:
+            time.sleep(0.005)
+        calls = []  # the HF forward (the "between" prefill's) must not run
+        hook = smol.model.register_forward_pre_hook(lambda *_: calls.append(1))
+        shared = []  # steps with a decode row and a middle chunk
+        eng.on_step = lambda n, *_: shared.append(n) if n and eng._prefilling else None
+        try:
+            local = eng.submit(greedy, last, ctx.numel(), context=ctx)
+            assert local.wait(120).token_ids == want
+        finally:
+            hook.remove()
+        assert not calls and len(shared) >= ctx.numel() // 16 - 1
+        assert first.wait(120).token_ids == _alone(smol, pre0, last0, 3 * N)
+        held = []
+
+        def cancel_mid_prefill(*_):  # on the engine thread, after a step
+            if eng._prefilling and eng._prefilling[0].prefilled == 32 and not held:
+                job = eng._prefilling[0]
+                held.append(eng.cache.length(job.rid))  # its first two chunks' slots
+                job.gen.cancel()
+
+        eng.on_step = cancel_mid_prefill
+        cut = eng.submit(greedy, last, ctx.numel(), context=ctx)
+        with pytest.raises(Cancelled):
+            cut.wait(60)
+        assert held == [32]
+        assert eng.load()["pages_reserved"] == 0 and eng.cache.free_pages == eng.total_pages
+    finally:
+        eng.close()
+
+
 def test_payload_with_dropped_tokens_decodes_into_pages(smol, prompts, engine):
     _, last, pre = prompts[3]
     header, plan = skv.plan_transfer(smol, pre, skv.PolicyConfig("pdtrim", budget=0.5))

@@ -5,10 +5,11 @@ requests, in arrival order, whose whole need fits the pool: the pages of their k
 tokens plus `max_tokens` new ones are *reserved* at admission, so an admitted request never
 fails for lack of pages and nothing is ever preempted or evicted; (2) writes each admitted
 request's prompt KV straight into its pages (a received payload's kept tokens, or a local
-prefill for the recompute path: one local prefill per iteration, between decode steps, whole
-or, with `prefill_chunk` > 0, one chunk of that many tokens per iteration); (3) runs one
-batched model step for
-every active request (one new token each) and samples per request; (4) retires requests that hit
+prefill for the recompute path: one local prefill per iteration, whole or, with `prefill_chunk`
+> 0, one chunk of that many tokens per iteration, either between decode steps or, with
+`prefill_mode` "mixed" on a Llama-family model, as more rows of the decode step, its K/V written
+straight into its reserved pages); (3) runs one batched model step for every active request
+(one new token each) and samples per request; (4) retires requests that hit
 EOS, a stop string, `max_tokens`, or were cancelled, returning their pages at once.
 
 A request that cannot be admitted waits in a bounded queue; when the queue is full, or it waited
@@ -24,63 +25,28 @@ thread) its producer writes each layer straight into its pages (`StagedPrompt.wr
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from transformers import DynamicCache
 
 from ..engines.hf import Engine
 from ..engines.hf import _layer_kv as layer_kv  # one prefilled layer's KV, in the KV dtype
-from ..errors import ConfigError, SpectrumKVError
+from ..errors import SpectrumKVError
 from ..kv import LayerKV
 from ..paged.cache import PagedKVCache
 from ..paged.cost import MachineProfile
-from ..paged.routes import ROUTES
 from ..pd.sampling import Cancelled, SamplingParams, StopText, next_token
+from .chunk_attention import Chunk
+from .config import EngineConfig, default_pool_mb  # noqa: F401 - their home was here
 from .requests import EngineStats, Generation, Job, PoolBusy, RequestTooLarge
 from .runner import ModelRunner, pool_config
 from .staged import StagedClosed, StagedPrompt
-
-
-def default_pool_mb() -> float:
-    """Default page pool: 1/8 of the machine's physical memory, at most 4 GiB (MiB)."""
-    phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return float(min(4096, phys / 8 / (1 << 20)))
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """pool_mb: K+V page pool, MiB, all layers. page_size: tokens per page. max_batch: most
-    requests decoding in one step. max_queue: most requests waiting for pages.
-    queue_timeout_s: longest wait for pages before PoolBusy (seconds). route: the decode-attention
-    route (paged.routes.ROUTES), "adaptive" = the cost model's pick every step."""
-
-    pool_mb: float = field(default_factory=default_pool_mb)
-    page_size: int = 16
-    max_batch: int = 32
-    max_queue: int = 64
-    queue_timeout_s: float = 30.0
-    route: str = "adaptive"
-    # recompute path: tokens prefilled per iteration (0 = whole). 256 measured here: the
-    # decoding requests' longest stall during a 1,024-token local prefill 9.1 s vs 19-24 s
-    # whole, the recompute's TTFT 20.1 s vs 19.9-24.4 s (serve/prefill_mix.py, one run)
-    prefill_chunk: int = 256
-
-    def __post_init__(self) -> None:
-        if not self.pool_mb > 0 or self.page_size < 1 or self.max_batch < 1:
-            raise ConfigError(f"pool_mb, page_size and max_batch must be positive: {self}")
-        if self.prefill_chunk < 0:
-            raise ConfigError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
-        if self.route not in ROUTES:
-            raise ConfigError(f"unknown route {self.route!r}; choose from {', '.join(ROUTES)}")
-        if self.max_queue < 0 or not self.queue_timeout_s >= 0:
-            raise ConfigError(f"max_queue and queue_timeout_s must be >= 0: {self}")
 
 
 class BatchEngine:
@@ -96,6 +62,8 @@ class BatchEngine:
         self.engine, self.cfg = engine, cfg or EngineConfig()
         self.cache = PagedKVCache(pool_config(engine, self.cfg.pool_mb, self.cfg.page_size))
         self.runner = ModelRunner(engine, self.cache, self.cfg.route, profile)
+        # local prefill chunks inside the decode step: the hand-written Llama step only
+        self._mixed = self.cfg.prefill_mode == "mixed" and self.runner.fast is not None
         self.stats = EngineStats()
         # called after every step with (batch size, seconds, route), on the engine thread
         self.on_step: Callable[[int, float, str], None] | None = None
@@ -258,6 +226,9 @@ class BatchEngine:
                 else:
                     self._activate(job)
             self._retire(lambda j: j.gen._cancel.is_set(), Cancelled("the client went away"))
+            if self._mixed and self._prefilling:
+                self._step(self._next_chunk())
+                continue
             if self._prefilling:
                 self._prefill_chunk()
             if self._active:
@@ -314,7 +285,11 @@ class BatchEngine:
                 self._staged[job.rid] = job
                 return
             if job.layers is None:
-                job.kv = DynamicCache(config=self.engine.model.config)
+                if self._mixed:  # its chunks' K/V go straight into its pages
+                    self.cache.allocate(job.rid, 0)
+                    job.holds_pages = True
+                else:
+                    job.kv = DynamicCache(config=self.engine.model.config)
                 self._prefilling.append(job)
                 return
             self.runner.write_prompt(job.rid, job.layers, job.position)
@@ -360,16 +335,44 @@ class BatchEngine:
             return
         self._start(job)
 
-    def _step(self) -> None:
+    def _next_chunk(self) -> Chunk | None:
+        """Mixed mode: the oldest local prefill's next chunk (`prefill_chunk` context tokens, or
+        all; the last one ends with the prompt's last token, whose logits give the first output
+        token), or None when that request was cancelled (it ends here, freeing its pages)."""
+        job = self._prefilling[0]
+        if job.gen._cancel.is_set():
+            self._prefilling.popleft()
+            self._finish(job, Cancelled("the client went away"))
+            return None
+        n, a = int(job.context.numel()), job.prefilled
+        b = min(n, a + self.cfg.prefill_chunk) if self.cfg.prefill_chunk else n
+        job.prefilled = b
+        return Chunk(job.rid, job.context[a:b].tolist() + ([job.token] if b == n else []), a)
+
+    def _step(self, chunk: Chunk | None = None) -> None:
+        """One batched step of the active requests (and, mixed mode, `chunk`); sample each."""
         jobs = self._active
+        if not jobs and chunk is None:
+            return
         t0 = time.perf_counter()
         try:
             logits = self.runner.step(
-                [j.rid for j in jobs], [j.token for j in jobs], [j.position for j in jobs]
+                [j.rid for j in jobs], [j.token for j in jobs], [j.position for j in jobs], chunk
             )
         except Exception as e:  # noqa: BLE001 - fail this batch, keep serving
             self._retire(lambda j: True, e)
+            if chunk is not None:
+                self._finish(self._prefilling.popleft(), e)
             return
+        if chunk is not None:
+            job = self._prefilling[0]
+            if job.prefilled < job.context.numel():
+                logits = logits[:-1]  # a middle chunk: no token yet
+            else:  # its whole prompt is in its pages: its first token comes from this step
+                self._prefilling.popleft()
+                job.context = None
+                self._activate(job)
+                jobs = self._active
         dt = time.perf_counter() - t0
         s = self.stats
         s.steps, s.step_s, s.batch_sum, s.tokens = (

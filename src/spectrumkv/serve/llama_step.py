@@ -75,9 +75,15 @@ class LlamaStep:
 
     @torch.inference_mode()
     def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Attend,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, vocab] (model dtype) of int64 `tokens` [B] at `positions` [B]."""
+        """Logits [B, vocab] (model dtype) of int64 `tokens` [B] at `positions` [B]; with `rows`
+        (int64 indices), only those rows' logits [len(rows), vocab] (a prefill chunk's rows
+        need none but its last: the LM head is skipped for the others)."""
         h = self.embed(tokens)  # the residual stream, updated in place by add_rmsnorm
         cos, sin = self.rope(positions, h.dtype)
         b, hq, d, eps = h.shape[0], self.heads, self.head_dim, self.eps
@@ -91,7 +97,7 @@ class LlamaStep:
             y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)).mul_(mlp.up_proj(x)))
             w_next = norms[2 * i + 2] if 2 * i + 2 < len(norms) else self.norm_w
             x = self.add_rmsnorm(h, y, w_next, eps)
-        return self.lm_head(x)
+        return self.lm_head(x if rows is None else x[rows])
 
 
 def build(model: nn.Module, compiled: bool | None = None) -> LlamaStep | None:

@@ -49,6 +49,7 @@ from ..paged.cache import PagedConfig, PagedKVCache, Slots
 from ..paged.errors import PagedInputError
 from ..paged.routes import ROUTES, run_route
 from . import llama_step
+from .chunk_attention import Chunk, ChunkStep, chunk_attention
 
 ATTENTION = "spectrumkv_paged"
 
@@ -196,19 +197,18 @@ class ModelRunner:
         )  # fmt: skip
 
     @torch.inference_mode()
-    def step(self, rids: list[Any], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def step(
+        self, rids: list[Any], tokens: list[int], positions: list[int], chunk: Chunk | None = None
+    ) -> torch.Tensor:
         """Feed one token per request (`tokens[i]` at original position `positions[i]`),
-        appending its K/V to the request's pages; returns float32 logits [B, vocab]."""
-        cache, model = self.cache, self.engine.model
-        slots = cache.append(rids)
-        tables, lengths = cache.block_tables(rids)
-        n_slots = lengths.tolist()
-        starts = self._starts(rids, positions, n_slots) if self.sliding else None
-        route = self.route
-        if route == "adaptive":
-            route = cost.choose(n_slots, self.geometry, self.profile)
-        self.last_route = route
-        st = _Step(cache, slots, tables, lengths, route, self.profile, starts, self.sliding)
+        appending its K/V to the request's pages; returns float32 logits [B, vocab]. With
+        `chunk` (hand-written Llama step only): a local prefill's chunk rides in the same model
+        call (serve.chunk_attention), its K/V appended to its pages; one more logits row, its
+        last token's: [B + 1, vocab]."""
+        if chunk is not None:
+            return self._mixed_step(rids, tokens, positions, chunk)
+        model = self.engine.model
+        st = self._decode_rows(rids, positions)
         if self.fast is not None:
             logits = self.fast(
                 torch.tensor(tokens), torch.tensor(positions), functools.partial(_attend, st)
@@ -228,3 +228,38 @@ class ModelRunner:
             cfg._attn_implementation = previous
             _active.step = None
         return out.logits[:, -1].float()
+
+    def _decode_rows(self, rids: list[Any], positions: list[int]) -> _Step:
+        """Append a slot per request and pick the step's route (decode rows only)."""
+        cache = self.cache
+        slots = cache.append(rids)
+        tables, lengths = cache.block_tables(rids)
+        n_slots = lengths.tolist()
+        starts = self._starts(rids, positions, n_slots) if self.sliding else None
+        route = self.route
+        if route == "adaptive":
+            route = cost.choose(n_slots, self.geometry, self.profile)
+        self.last_route = route
+        return _Step(cache, slots, tables, lengths, route, self.profile, starts, self.sliding)
+
+    def _mixed_step(self, rids, tokens, positions, chunk: Chunk) -> torch.Tensor:
+        """`step` with a prefill chunk: decode rows first, then the chunk's rows."""
+        if self.fast is None:
+            raise PagedInputError("a prefill chunk rides only in the hand-written Llama step")
+        b, c = len(rids), len(chunk.tokens)
+        st = self._decode_rows(rids, positions) if b else None
+        if not b:
+            self.last_route = ""
+        cs = ChunkStep.prepare(self.cache, chunk, self.fast.embed.weight.dtype)
+
+        def attend(layer, q, k, v, scaling):
+            out = chunk_attention(cs, layer, q[b:], k[b:], v[b:], scaling)
+            if st is None:
+                return out
+            return torch.cat((_attend(st, layer, q[:b], k[:b], v[:b], scaling), out))
+
+        ids = torch.tensor([*tokens, *chunk.tokens])
+        pos = torch.cat((torch.tensor(positions, dtype=torch.int64),
+                         torch.arange(chunk.start, chunk.start + c)))  # fmt: skip
+        keep = torch.cat((torch.arange(b), torch.tensor([b + c - 1])))
+        return self.fast(ids, pos, attend, rows=keep).float()
