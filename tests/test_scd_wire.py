@@ -28,6 +28,8 @@ from spectrumkv.pd import openai
 from spectrumkv.pd.client import complete, get_text, token_ids
 from spectrumkv.pd.decode_worker import DecodeConfig, DecodeWorker
 from spectrumkv.pd.launch import Cluster
+from spectrumkv.pd.openai import ApiError, ServerDefaults
+from spectrumkv.pd.sampling import SamplingParams
 from spectrumkv.scd import artifact
 from spectrumkv.scd import wire as scd_wire
 from spectrumkv.scd.calibrate import CalibConfig, calibrate
@@ -218,8 +220,8 @@ def _worker(cluster, pair, art: str, engine: str, port: int, dtype="float32") ->
     return DecodeWorker(load(pair["b"], dtype=dtype), cfg)
 
 
-def _run(worker: DecodeWorker, text: str) -> dict:
-    body = json.dumps({"prompt": text, "max_tokens": 4}).encode()
+def _run(worker: DecodeWorker, text: str, **spectrumkv) -> dict:
+    body = json.dumps({"prompt": text, "max_tokens": 4, "spectrumkv": spectrumkv}).encode()
     job = openai.parse(worker.engine, worker.cfg.defaults, body, False)
 
     async def ignore(i, t):
@@ -273,6 +275,47 @@ def test_batched_scd_rebuilds_into_pages_and_a_bad_frame_frees_them(cluster, pai
         assert load_["pages_free"] == load_["pages_total"] and load_["pages_reserved"] == 0
     finally:
         worker.batch.close()
+
+
+def test_batched_scd_without_pages_is_503_or_400_not_a_recompute(cluster, pair):
+    """No pages for B's rebuilt cache: a pool held by another prompt is HTTP 503 with
+    Retry-After once the queue timeout passes, a prompt larger than the whole pool is 400 — not
+    a transfer failure (which would be a 502 with on_failure "fail", or a recompute that waits
+    for pages again); no page stays taken or reserved."""
+    b = load(pair["b"])
+    text = pair["prompts"][3][:300]
+    body = json.dumps({"prompt": text}).encode()
+    n_prompt = len(openai.parse(b, ServerDefaults(), body, False).ids)
+    page_mb = 16 * b.fingerprint.kv_token_bytes(2) / 2**20
+    need = -(-(n_prompt + 4) // 16)  # the request's pages (4 new tokens)
+
+    def worker(pages: int) -> DecodeWorker:
+        cfg = DecodeConfig("127.0.0.1", cluster.prefill_port, cluster.secret.encode(),
+                           engine="batched", kv_pool_mb=pages * page_mb * 1.001,
+                           kv_queue_timeout_s=0.3, scd_artifact=str(pair["art"]))  # fmt: skip
+        return DecodeWorker(b, cfg)
+
+    small = worker(need - 1)
+    try:
+        with pytest.raises(ApiError) as e:
+            _run(small, text, on_failure="fail")
+        assert e.value.status == 400 and e.value.code == "kv_pool_too_small"
+    finally:
+        small.close()
+    busy = worker(need)
+    try:
+        held = busy.batch.stage(SamplingParams(max_tokens=1), 16 * need - 1)  # the whole pool
+        assert held.wait_admitted(10)
+        with pytest.raises(ApiError) as e:
+            _run(busy, text, on_failure="fail")
+        assert e.value.status == 503 and e.value.code == "kv_pool_full"
+        assert int(e.value.headers["Retry-After"]) >= 1
+        held.abort()
+        assert _run(busy, text)["spectrumkv"]["outcome"] == "ok"  # pages free again: served
+        load_ = busy.batch.load()
+        assert load_["pages_free"] == load_["pages_total"] and load_["pages_reserved"] == 0
+    finally:
+        busy.close()
 
 
 def test_bfloat16_decode_worker_rebuilds_from_scd_codes(cluster, pair):

@@ -36,6 +36,7 @@ from ..engines.hf import Engine, decode_state, prefill
 from ..errors import SpectrumKVError
 from ..pipeline import reference_state, split_prompt
 from ..scd.serve_decode import ScdClient, resolve_method
+from ..serve.requests import PoolBusy, RequestTooLarge
 from ..transport.auth import AuthError, client_handshake
 from ..transport.framing import Channel, Kind, TransportError, connect
 from ..transport.tls import client_context
@@ -150,6 +151,8 @@ class DecodeWorker:
                 transfer = await self.fetch_kv(req)
             else:
                 transfer = await self.scd.fetch(self, method, rid, job)
+        except (PoolBusy, RequestTooLarge) as e:  # no pages for the rebuilt cache (SCD)
+            raise pool_error(e) from None
         except TransportError as e:  # the peer: unreachable, refused, closed, stalled
             self.breaker.failure(f"{type(e).__name__}: {e}")
             return None, self._fallback(rid, job, f"{type(e).__name__}: {e}")
@@ -187,19 +190,13 @@ class DecodeWorker:
 
     def _generate_batched(self, job: Job, transfer: Transfer | None, on_piece, cancel):
         """`_generate` on the batch engine; a full pool is HTTP 503 with Retry-After."""
-        from ..serve.requests import PoolBusy, RequestTooLarge
         from ..serve.worker import generate_batched
 
         layers, n = (transfer.layers, transfer.n_tokens) if transfer is not None else (None, 0)
         try:
             return generate_batched(self.batch, job.ids, layers, n, job.sampling, on_piece, cancel)
-        except PoolBusy as e:
-            retry = {"Retry-After": str(math.ceil(e.retry_after_s))}
-            raise ApiError(
-                503, str(e), "server_error", code="kv_pool_full", headers=retry
-            ) from None
-        except RequestTooLarge as e:
-            raise ApiError(400, str(e), param="max_tokens", code="kv_pool_too_small") from None
+        except (PoolBusy, RequestTooLarge) as e:
+            raise pool_error(e) from None
 
     async def run(self, job: Job, rid: str, on_piece) -> dict:
         """Serve one validated request; `on_piece(index, text)` is awaited for each non-empty
@@ -380,6 +377,15 @@ class DecodeWorker:
         app.router.add_get("/metrics", self.http_metrics)
         app.router.add_get("/health", self.http_health)
         return app
+
+
+def pool_error(e: PoolBusy | RequestTooLarge) -> ApiError:
+    """The batch engine's refusal as the client sees it: a full pool is 503 with Retry-After, a
+    request larger than the whole pool 400."""
+    if isinstance(e, RequestTooLarge):
+        return ApiError(400, str(e), param="max_tokens", code="kv_pool_too_small")
+    retry = {"Retry-After": str(math.ceil(e.retry_after_s))}
+    return ApiError(503, str(e), "server_error", code="kv_pool_full", headers=retry)
 
 
 async def serve_decode(engine: Engine, cfg: DecodeConfig, host: str, port: int) -> None:
