@@ -138,6 +138,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         require_tls_off_loopback(
             args.host, bool(args.tls_cert), args.insecure, f"--host {args.host}"
         )
+        from .pd.batcher import check_batch
+
+        check_batch(args.prefill_batch)  # before the model loads
     else:
         from .pd.openai import ServerDefaults, validate_defaults
         from .pd.protocol import TransferOptions
@@ -171,7 +174,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         from .transport.tls import server_context
 
         tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-        coro = serve_prefill(engine, args.host, args.port, secret, tls, args.scd_artifacts)
+        coro = serve_prefill(
+            engine, args.host, args.port, secret, tls, args.scd_artifacts, args.prefill_batch
+        )
     else:
         from .pd.decode_worker import DecodeConfig, serve_decode
 
@@ -230,6 +235,13 @@ def _add_serve(sub) -> None:
     pf.add_argument("--tls-cert", help="PEM certificate: serve the KV channel over TLS")
     pf.add_argument("--tls-key", help="PEM private key of --tls-cert")
     pf.add_argument("--scd-artifacts", help="directory of SCD artifacts to serve SCD codes with")
+    pf.add_argument(
+        "--prefill-batch",
+        type=int,
+        default=1,
+        help="KV requests queued together are prefilled in one forward, at most this many "
+        "(1 = one at a time; models with sliding-window layers: always 1)",
+    )
     pf.set_defaults(func=_cmd_serve)
 
     dc.add_argument("--prefill", default="127.0.0.1:7100", help="the prefill worker, host:port")

@@ -195,13 +195,8 @@ def prefill(
     if n == 0:
         raise ValueError("context must hold at least one token")
     w = min(window, n)
-    captured: list[WindowQueries | None] = [None] * fp.n_layers
-    hooks = [
-        _attn(model, i).register_forward_pre_hook(
-            _window_hook(engine, i, w, captured), with_kwargs=True
-        )
-        for i in range(fp.n_layers)
-    ]
+    captured: list[list[WindowQueries] | None] = [None] * fp.n_layers
+    hooks = _window_hooks(engine, [(n - w, n)], captured)
     cache = DynamicCache(config=model.config)
     layers: list[LayerKV] = []
 
@@ -209,7 +204,7 @@ def prefill(
         i = len(layers)
         layers.append(_layer_kv(engine, cache, i, n))
         if on_layer is not None:
-            on_layer(i, layers[i], captured[i])
+            on_layer(i, layers[i], captured[i][0])
 
     hooks += [layer.register_forward_hook(layer_done) for layer in model.model.layers]
     t0 = time.perf_counter()
@@ -225,7 +220,91 @@ def prefill(
         for h in hooks:
             h.remove()
     prefill_s = time.perf_counter() - t0
-    return Prefilled(n, layers, [c for c in captured if c is not None], prefill_s)
+    return Prefilled(n, layers, [c[0] for c in captured if c is not None], prefill_s)
+
+
+LayerHook = Callable[[int, LayerKV, WindowQueries], None]
+
+
+@torch.inference_mode()
+def prefill_batch(
+    engine: Engine,
+    contexts: list[torch.Tensor],
+    on_layer: list[LayerHook],
+    window: int = 32,
+) -> list[Exception | None]:
+    """Prefill several contexts (1-D token ids each) in ONE forward: packed into one sequence,
+    each attending only to itself (block-diagonal causal mask) at its own positions 0..n-1, so
+    each gets the KV and window queries `prefill` would give it alone, up to the float rounding
+    of larger GEMMs. `on_layer[j](i, kv, window_queries)` is called once per layer for context
+    j, as `prefill`'s hook. A hook that raises stops only its own context: its later layers are
+    not reported and the exception is returned in its slot (None: every layer was reported);
+    the forward stops early once every hook has raised. An error of the forward itself raises.
+
+    Full-attention models only (ConfigError otherwise): a sliding-window layer would need a
+    per-context window mask and keeps only the window's slots, which the packed cache's layout
+    does not (Gemma-3 prefills one context per forward)."""
+    model, fp = engine.model, engine.fingerprint
+    if fp.sliding_layers:
+        raise ConfigError(f"{engine.name}: batched prefill needs full attention in every layer")
+    if len(on_layer) != len(contexts) or not contexts:
+        raise ValueError(f"{len(contexts)} contexts and {len(on_layer)} hooks (need >= 1, equal)")
+    sizes = [int(c.numel()) for c in contexts]
+    if min(sizes) == 0:
+        raise ValueError("every context must hold at least one token")
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    spans = [(e - n, e) for n, e in zip(sizes, ends, strict=True)]
+    pos = torch.cat([torch.arange(n) for n in sizes])
+    seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    slots = torch.arange(ends[-1])
+    mask = _mask(slots, slots, 0, engine.compute_dtype, groups=seg)
+    captured: list[list[WindowQueries] | None] = [None] * fp.n_layers
+    hooks = _window_hooks(
+        engine, [(e - min(window, n), e) for n, e in zip(sizes, ends, strict=True)], captured
+    )
+    cache = DynamicCache(config=model.config)
+    errors: list[Exception | None] = [None] * len(contexts)
+    done = [0]
+
+    def layer_done(module, args, output) -> None:
+        i = done[0]
+        done[0] += 1
+        keys, values = cache.layers[i].keys[0], cache.layers[i].values[0]
+        for j, (a, b) in enumerate(spans):
+            if errors[j] is not None:
+                continue
+            kv = LayerKV(
+                keys[:, a:b].to(engine.kv_dtype).contiguous(),
+                values[:, a:b].to(engine.kv_dtype).contiguous(),
+                torch.arange(b - a),
+            )
+            try:
+                on_layer[j](i, kv, captured[i][j])
+            except Exception as e:  # isolated: the other contexts go on
+                errors[j] = e
+        if all(e is not None for e in errors):
+            raise _AllStopped
+
+    hooks += [layer.register_forward_hook(layer_done) for layer in model.model.layers]
+    try:
+        model(
+            input_ids=torch.cat(contexts).view(1, -1),
+            position_ids=pos.view(1, -1),
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    except _AllStopped:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return errors
+
+
+class _AllStopped(Exception):
+    """Raised inside `prefill_batch`'s forward once every context's hook has failed."""
 
 
 def _layer_kv(engine: Engine, cache: DynamicCache, i: int, n: int) -> LayerKV:
@@ -240,22 +319,33 @@ def _layer_kv(engine: Engine, cache: DynamicCache, i: int, n: int) -> LayerKV:
     return LayerKV(keys.to(engine.kv_dtype), values.to(engine.kv_dtype), torch.arange(first, n))
 
 
-def _window_hook(engine: Engine, layer: int, w: int, out: list):
-    attn = _attn(engine.model, layer)
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+def _window_hooks(engine: Engine, spans: list[tuple[int, int]], out: list) -> list:
+    """Pre-hooks on every attention module that store in `out[layer]` one WindowQueries per
+    span `(start, end)` of the (packed) sequence: the post-RoPE queries of its tokens, computed
+    in one projection for all spans. Returns the hook handles (remove them after the forward)."""
+    idx = torch.cat([torch.arange(a, b) for a, b in spans])
+    sizes = [b - a for a, b in spans]
     head_dim = engine.fingerprint.head_dim
 
-    def hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
-        h = hidden[:, -w:]
-        q = module.q_proj(h).view(1, w, -1, head_dim).transpose(1, 2)
-        if hasattr(module, "q_norm"):
-            q = module.q_norm(q)
-        q, _ = rotary(q, q, cos[:, -w:], sin[:, -w:])
-        out[layer] = WindowQueries(q[0].float(), float(module.scaling), engine.layer_window(layer))
+    def make(layer: int):
+        attn = _attn(engine.model, layer)
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
-    return hook
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            q = module.q_proj(hidden[:, idx]).view(1, idx.numel(), -1, head_dim).transpose(1, 2)
+            if hasattr(module, "q_norm"):
+                q = module.q_norm(q)
+            q, _ = rotary(q, q, cos[:, idx], sin[:, idx])
+            scale, win = float(module.scaling), engine.layer_window(layer)
+            out[layer] = [
+                WindowQueries(p.float().contiguous(), scale, win) for p in q[0].split(sizes, 1)
+            ]
+
+        return attn.register_forward_pre_hook(hook, with_kwargs=True)
+
+    return [make(i) for i in range(engine.fingerprint.n_layers)]
 
 
 @dataclass
@@ -302,10 +392,14 @@ def _mask(
     window: int,
     dtype: torch.dtype,
     hidden: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive 4-D mask: key slot k is visible to query q if it is causal, inside the sliding
-    window (if any) and not `hidden` (a bool per key slot)."""
+    window (if any), not `hidden` (a bool per key slot) and, with `groups` (a group id per
+    slot, keys and queries alike), in q's group."""
     visible = kpos[None, :] <= qpos[:, None]
+    if groups is not None:
+        visible &= groups[None, :] == groups[:, None]
     if window > 0:
         visible &= (qpos[:, None] - kpos[None, :]) < window
     if hidden is not None:

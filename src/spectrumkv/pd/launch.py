@@ -40,6 +40,7 @@ class Cluster:
     route: Callable[[int], int] | None = None
     prefill_model: str | None = None  # another model for the prefill worker (SCD: model A)
     prefill_args: list[str] = field(default_factory=list)
+    prefill_batch: int | None = None  # `serve prefill --prefill-batch` (None: its default)
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
     procs: list[subprocess.Popen] = field(default_factory=list)
     prefill_port: int = 0
@@ -55,6 +56,10 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         check_model(self.model)  # a clear AssetError here beats two workers dying at start-up
+        if self.prefill_batch is not None:
+            from .batcher import check_batch  # (imports torch: only when asked)
+
+            check_batch(self.prefill_batch)
         if self.prefill_model:
             check_model(self.prefill_model)
         try:
@@ -118,7 +123,8 @@ class Cluster:
 
     def _prefill_cmd(self, port: str) -> list[str]:
         model = ["--model", self.prefill_model] if self.prefill_model else []
-        return ["serve", "prefill", "--port", port, *model, *self.prefill_args]
+        batch = [] if self.prefill_batch is None else ["--prefill-batch", str(self.prefill_batch)]
+        return ["serve", "prefill", "--port", port, *model, *batch, *self.prefill_args]
 
     def close(self) -> None:
         for p in self.procs:

@@ -9,7 +9,8 @@ is still queued, stopped at the next layer if it is prefilling, its frames dropp
 Frames wait to be sent in a queue bounded in bytes (the prefill thread waits when it is full).
 One log line per request. With `--scd-artifacts DIR`, SCD requests (`Kind.SCD_REQUEST`) are
 answered with SCD codes made during the prefill (scd/serve_prefill.py), through the same
-`stream` path.
+`stream` path. With `--prefill-batch N` (N > 1), KV requests queued together are prefilled
+together, up to N per forward (pd/batcher.py), each streamed as if alone.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
-from ..engines.hf import Engine, prefill
+from ..engines.hf import Engine
 from ..errors import SpectrumKVError
 from ..scd.serve_prefill import ArtifactStore, serve_scd
 from ..transport.auth import server_handshake
 from ..transport.framing import Channel, Kind, TransportError, serve
 from ..transport.shaper import LinkShaper
+from .batcher import PrefillBatcher
 from .protocol import (
     ErrorReply,
     PrefillDone,
@@ -78,13 +80,24 @@ class ByteGate:
 
 
 class PrefillServer:
-    """`scd`: the SCD artifacts this worker serves (None: SCD requests are refused)."""
+    """`scd`: the SCD artifacts this worker serves (None: SCD requests are refused).
+    `batch`: KV requests prefilled together per forward, at most (1: one at a time)."""
 
-    def __init__(self, engine: Engine, secret: bytes, scd: ArtifactStore | None = None) -> None:
+    def __init__(
+        self, engine: Engine, secret: bytes, scd: ArtifactStore | None = None, batch: int = 1
+    ) -> None:
         self.engine = engine
         self.secret = secret
         self.scd = scd
+        self.model_lock = threading.Lock()  # one forward at a time
+        self.batcher = PrefillBatcher(engine, batch, self.model_lock)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
+        # batched KV requests wait in the batcher, one thread each (see pd/batcher.py)
+        self.batch_executor = (
+            ThreadPoolExecutor(max_workers=64, thread_name_prefix="prefill-batch")
+            if self.batcher.size > 1
+            else None
+        )
 
     async def handle(self, ch: Channel) -> None:
         """One decode worker's connection (the channel is closed after it)."""
@@ -164,11 +177,11 @@ class PrefillServer:
             encoders.append(StreamingEncoder(self.engine, ids, policy, scoring, emit))
             return encoders[0].on_layer
 
-        def run(on_layer: Callable) -> None:
-            prefill(self.engine, ids, on_layer=on_layer)
+        def run(on_layer: Callable) -> float:
+            return self.batcher.prefill(ids, on_layer, cancel)
 
         shaper = LinkShaper(opt.link_gbps, opt.link_latency_s)
-        s = await self.stream(ch, cancel, shaper, opt.overlap, start, run)
+        s = await self.stream(ch, cancel, shaper, opt.overlap, start, run, batched=True)
         enc = encoders[0]
         done = PrefillDone(
             request_id=req.request_id,
@@ -191,13 +204,16 @@ class PrefillServer:
         shaper: LinkShaper,
         overlap: bool,
         start: Callable[[Callable[[str, bytes], None]], Callable],
-        run: Callable[[Callable], None],
+        run: Callable[[Callable], float | None],
+        batched: bool = False,
     ) -> Streamed:
         """Send what a prefill emits while it runs. `start(emit)` (on the event loop) makes the
         encoder and returns its per-layer hook; `run(hook)` (on the prefill thread) prefills,
         calling the hook per layer. `emit(kind, chunk)` ("header" | "frame") queues a chunk
         (bounded by SEND_QUEUE_BYTES); a sender sends it through `shaper`. overlap=False:
-        frames are made only after the whole prefill, as a pull-after-prefill connector does."""
+        frames are made only after the whole prefill, as a pull-after-prefill connector does.
+        batched=False: `run` runs on the one prefill thread under the model lock; True: `run`
+        takes the lock itself (the batcher) and returns when its forward started."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         gate = ByteGate(SEND_QUEUE_BYTES, cancel)
@@ -223,16 +239,24 @@ class PrefillServer:
                 raise Cancelled("the decode worker went away")
             hook(*args)
 
+        def forward(hook: Callable) -> None:
+            nonlocal started
+            if batched:
+                started = run(hook) or started
+                return
+            with self.model_lock:
+                run(hook)
+
         def run_prefill() -> float:
             nonlocal started
             started = time.perf_counter()
             if cancel.is_set():  # it left while this request queued
                 raise Cancelled("the decode worker went away before prefill started")
             if overlap:
-                run(on_layer)
+                forward(on_layer)
                 return time.perf_counter()
             layers: list = []
-            run(lambda *a: layers.append(a))
+            forward(lambda *a: layers.append(a))
             done = time.perf_counter()
             for layer in layers:
                 on_layer(*layer)
@@ -241,7 +265,8 @@ class PrefillServer:
         send_task = asyncio.create_task(sender())
         t0 = started = time.perf_counter()
         try:
-            prefill_end = await loop.run_in_executor(self.executor, run_prefill)
+            pool = self.batch_executor if batched and self.batch_executor else self.executor
+            prefill_end = await loop.run_in_executor(pool, run_prefill)
             queue.put_nowait(None)
             closed = asyncio.create_task(ch.wait_closed())
             await asyncio.wait([send_task, closed], return_when=asyncio.FIRST_COMPLETED)
@@ -275,11 +300,13 @@ async def serve_prefill(
     secret: bytes,
     tls: ssl.SSLContext | None = None,
     scd_artifacts: str | None = None,
+    batch: int = 1,
 ) -> None:
     """Serve until cancelled. `tls`: a server context (transport.tls.server_context) or None.
-    `scd_artifacts`: a directory of SCD artifacts this worker answers SCD requests with."""
+    `scd_artifacts`: a directory of SCD artifacts this worker answers SCD requests with.
+    `batch`: KV requests prefilled together per forward, at most (pd/batcher.py)."""
     scd = ArtifactStore(scd_artifacts, engine) if scd_artifacts else None
-    server = PrefillServer(engine, secret, scd)
+    server = PrefillServer(engine, secret, scd, batch)
     srv = await serve(server.handle, host, port, tls)
     bound = srv.sockets[0].getsockname()[1]
     print(f"READY prefill {host}:{bound}", flush=True)

@@ -1,0 +1,136 @@
+"""Prefill batching for the prefill worker: KV requests queued at the same time are prefilled
+together, up to `size` per model forward (engines.hf.prefill_batch), each still streamed through
+its own hook.
+
+Leader/follower: every request blocks in `PrefillBatcher.prefill` on its own thread; whichever
+thread holds the model lock takes the oldest queued requests (FIFO, at most `size`), prefills
+them in one forward and wakes their threads. A request whose hook fails (cancelled, a bad
+policy, a full send queue that was cancelled) fails alone; an error of the forward fails its
+batch. One request in a batch goes through `engines.hf.prefill`, today's one-at-a-time path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..engines.hf import Engine, LayerHook, prefill, prefill_batch
+from ..errors import ConfigError
+from .sampling import Cancelled
+
+#: the largest `--prefill-batch` accepted (a packed forward's attention mask is quadratic in the
+#: batch's total tokens)
+MAX_BATCH = 64
+#: a batch packs at most this many prompt tokens (a longer first request goes alone): the packed
+#: forward's attention is quadratic in the batch's total, and past a few hundred tokens a
+#: prefill is compute-bound, so packing more only adds masked-out attention (see
+#: benchmarks/prefill_batch.py and /work/notes/pbatch-results.md)
+MAX_BATCH_TOKENS = 512
+
+
+def check_batch(size: int) -> int:
+    """`size` if it is a valid prefill batch size (1 = one prompt per forward), else
+    ConfigError."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH:
+        raise ConfigError(f"prefill batch must be an integer in 1..{MAX_BATCH}, got {size!r}")
+    return size
+
+
+def batch_take(lengths: list[int], size: int) -> int:
+    """How many of the oldest queued prompts (`lengths`, tokens, oldest first) one forward
+    takes: at most `size`, at most MAX_BATCH_TOKENS tokens together, at least one (0 if none
+    is queued)."""
+    take, tokens = min(1, len(lengths)), lengths[0] if lengths else 0
+    while take < min(size, len(lengths)) and tokens + lengths[take] <= MAX_BATCH_TOKENS:
+        tokens += lengths[take]
+        take += 1
+    return take
+
+
+@dataclass
+class _Job:
+    ids: torch.Tensor
+    on_layer: LayerHook
+    cancel: threading.Event
+    done: bool = False
+    started: float = 0.0
+    error: BaseException | None = None
+
+
+class PrefillBatcher:
+    """Runs prefills under `lock` (the model's: other users of the model take it too), batching
+    queued requests up to `size` (forced to 1 for a model with sliding-window layers: see
+    `prefill_batch`)."""
+
+    def __init__(self, engine: Engine, size: int, lock: threading.Lock) -> None:
+        check_batch(size)
+        self.engine, self.lock = engine, lock
+        self.size = 1 if engine.fingerprint.sliding_layers else size
+        self._pending: list[_Job] = []
+        self._cond = threading.Condition()  # guards _pending, _leading and jobs' `done`
+        self._leading = False  # a thread is taking and running a batch
+
+    def prefill(self, ids: torch.Tensor, on_layer: LayerHook, cancel: threading.Event) -> float:
+        """Prefill `ids`, calling `on_layer` per layer (from whichever thread runs the batch);
+        block until done. Returns when its forward started (time.perf_counter()); raises what
+        its hook or its forward raised."""
+        job = _Job(ids, on_layer, cancel)
+        with self._cond:
+            self._pending.append(job)
+        while True:
+            with self._cond:
+                while not job.done and self._leading:
+                    self._cond.wait()
+                if job.done:
+                    break
+                self._leading = True
+            try:
+                with self.lock:
+                    self._run_next()
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+        return job.started
+
+    def _run_next(self) -> None:
+        """Prefill the oldest queued requests (the caller leads and holds the model lock)."""
+        with self._cond:
+            take = batch_take([j.ids.numel() for j in self._pending], self.size)
+            batch, self._pending = self._pending[:take], self._pending[take:]
+            live = []
+            for job in batch:
+                if job.cancel.is_set():
+                    job.error = Cancelled("the decode worker went away before prefill started")
+                    job.done = True
+                else:
+                    live.append(job)
+        if not live:
+            return
+        started = time.perf_counter()
+        try:
+            if len(live) == 1:
+                errors: list = [_alone(self.engine, live[0])]
+            else:
+                errors = prefill_batch(
+                    self.engine, [j.ids for j in live], [j.on_layer for j in live]
+                )
+        except Exception as e:  # the forward itself: the whole batch fails
+            errors = [e] * len(live)
+        with self._cond:
+            for job, err in zip(live, errors, strict=True):
+                job.started, job.error, job.done = started, err, True
+
+
+def _alone(engine: Engine, job: _Job) -> Exception | None:
+    """One request through `engines.hf.prefill`; its exception returned, not raised."""
+    try:
+        prefill(engine, job.ids, on_layer=job.on_layer)
+    except Exception as e:
+        return e
+    return None
