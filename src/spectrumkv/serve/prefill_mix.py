@@ -10,8 +10,9 @@ falls on both): `decoding` requests (received KV of `decode_context` tokens each
 must be prefilled locally. Reported per run, between that request's arrival and its first token:
 the longest and median gap between consecutive decode steps (what the decoding requests' time
 per output token suffers) and their decode tokens/s; the recompute request's TTFT; whether its
-tokens and the decoding requests' equal those of the dtype's first run (another mode or chunk
-sums in another order); the 1-minute load average. Prints one JSON record a line.
+tokens equal those of the dtype's first run and how many decoding requests' tokens differ from
+it (another mode or chunk sums in another order); the 1-minute load average. Prints one JSON
+record a line.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def run(
                 rec.update(round=r, dtype=dtype, decoding=decoding,
                            prefill_context=prefill_context,
                            recompute_tokens_equal_first=rec["recompute_tokens"] == first[0],
-                           decode_tokens_equal_first=outs == first[1],
+                           decode_requests_differing_from_first=sum(
+                               a != b for a, b in zip(outs, first[1], strict=True)),
                            load_1min=os.getloadavg()[0])  # fmt: skip
                 records.append(rec)
                 print(json.dumps(rec), flush=True)

@@ -250,7 +250,7 @@ class ModelRunner:
         st = self._decode_rows(rids, positions) if b else None
         if not b:
             self.last_route = ""
-        cs = ChunkStep.prepare(self.cache, chunk, self.fast.embed.weight.dtype)
+        cs = ChunkStep.prepare(self.cache, chunk)
 
         def attend(layer, q, k, v, scaling):
             out = chunk_attention(cs, layer, q[b:], k[b:], v[b:], scaling)
