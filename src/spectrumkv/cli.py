@@ -238,9 +238,9 @@ def _add_serve(sub) -> None:
     pf.add_argument(
         "--prefill-batch",
         type=int,
-        default=1,
+        default=16,
         help="KV requests queued together are prefilled in one forward, at most this many "
-        "(1 = one at a time; models with sliding-window layers: always 1)",
+        "and 512 tokens (1 = one at a time; models with sliding-window layers: always 1)",
     )
     pf.set_defaults(func=_cmd_serve)
 
