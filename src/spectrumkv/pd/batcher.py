@@ -11,6 +11,7 @@ batch. One request in a batch goes through `engines.hf.prefill`, today's one-at-
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..engines.hf import Engine, LayerHook, prefill, prefill_batch
 from ..errors import ConfigError
 from .sampling import Cancelled
 
+log = logging.getLogger("spectrumkv.prefill")
 #: the largest `--prefill-batch` accepted (a packed forward's attention mask is quadratic in the
 #: batch's total tokens)
 MAX_BATCH = 64
@@ -113,6 +115,9 @@ class PrefillBatcher:
         if not live:
             return
         started = time.perf_counter()
+        if len(live) > 1:
+            log.info("prefilling %d requests in one forward (%d tokens)", len(live),
+                     sum(j.ids.numel() for j in live))  # fmt: skip
         try:
             if len(live) == 1:
                 errors: list = [_alone(self.engine, live[0])]
