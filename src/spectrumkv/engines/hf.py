@@ -269,14 +269,14 @@ def prefill_batch(
     def layer_done(module, args, output) -> None:
         i = done[0]
         done[0] += 1
-        keys, values = cache.layers[i].keys[0], cache.layers[i].values[0]
+        # the whole packed layer rounded to the KV dtype once, then cut per context
+        keys = cache.layers[i].keys[0].to(engine.kv_dtype)
+        values = cache.layers[i].values[0].to(engine.kv_dtype)
         for j, (a, b) in enumerate(spans):
             if errors[j] is not None:
                 continue
             kv = LayerKV(
-                keys[:, a:b].to(engine.kv_dtype).contiguous(),
-                values[:, a:b].to(engine.kv_dtype).contiguous(),
-                torch.arange(b - a),
+                keys[:, a:b].contiguous(), values[:, a:b].contiguous(), torch.arange(b - a)
             )
             try:
                 on_layer[j](i, kv, captured[i][j])

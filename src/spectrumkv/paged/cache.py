@@ -225,6 +225,19 @@ class PagedKVCache:
         kp[page, :, off] = k.transpose(0, 1).to(kp.dtype)
         vp[page, :, off] = v.transpose(0, 1).to(vp.dtype)
 
+    def read(self, layer: int, rid: Any, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `rid`'s tokens [0, end) in `layer`, [kv_heads, end, head_dim] in the KV
+        dtype: one gather of its pages (a copy; the token axis may be a strided view of it)."""
+        kp, vp = self.layer(layer)
+        n = self._length[self._known(rid)]
+        if not isinstance(end, int) or not 0 <= end <= n:
+            raise PagedInputError(f"tokens [0, {end}) outside {rid!r}'s {n}")
+        c = self.config
+        table = torch.tensor(self._pages[rid][: -(-end // c.page_size)], dtype=torch.int64)
+        return tuple(
+            x[table].transpose(0, 1).reshape(c.kv_heads, -1, c.head_dim)[:, :end] for x in (kp, vp)
+        )
+
     def write_slots(self, layer: int, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token per request of a step; k, v: [batch, kv_heads, head_dim]."""
         kp, vp = self.layer(layer)

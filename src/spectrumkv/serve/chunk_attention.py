@@ -4,9 +4,9 @@ A chunk is C consecutive tokens of one request at slots (= positions: a recomput
 token) start .. start + C - 1. Per layer: its K/V (post-RoPE) are written into the request's
 pages first (rounded to the KV dtype, as a received prompt is), then its queries attend over the
 request's pages [0, start + C) causally, query i seeing slots <= start + i: the request's pages
-are gathered once per layer into dense float32 K/V [1, Hkv, start + C, D] and go through
-torch's SDPA in float32 (as the paged kernel accumulates; bf16 SDPA took 16 ms a layer here vs
-8 ms float32) with an additive mask (one read of the context for all C queries; the
+are gathered once per layer (`PagedKVCache.read`) into dense float32 K/V [1, Hkv, start + C, D]
+and go through torch's SDPA in float32 (as the paged kernel accumulates; bf16 SDPA took 16 ms a
+layer here vs 8 ms float32) with an additive mask (one read of the context for all C queries; the
 paged decode kernel, one query a row, would read it C times). Measured (torch 2.13 CPU, 2
 threads, 9 query / 3 KV heads, C 256 over 1,024 slots, float32): 4-D inputs with a float mask
 and `enable_gqa` take the flash kernel, 8 ms a layer; 3-D inputs or a boolean mask fall back to
@@ -36,22 +36,21 @@ class Chunk:
 
 @dataclass
 class ChunkStep:
-    """What the chunk's attention needs in one step: the pages' block table (int64, computed
-    once per step) and the additive causal mask [1, 1, C, start + C] (0 or -inf)."""
+    """What the chunk's attention needs in one step: the additive causal mask [1, 1, C,
+    start + C] (0 or -inf)."""
 
     cache: PagedKVCache
     chunk: Chunk
-    table: torch.Tensor
     mask: torch.Tensor
 
     @classmethod
     def prepare(cls, cache: PagedKVCache, chunk: Chunk) -> ChunkStep:
-        """Grow the request by the chunk's slots; build the step's table and its mask."""
+        """Grow the request by the chunk's slots; build the step's mask."""
         cache.extend(chunk.rid, len(chunk.tokens))
         end = chunk.start + len(chunk.tokens)
         hidden = torch.arange(end)[None, :] > torch.arange(chunk.start, end)[:, None]
         mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
-        return cls(cache, chunk, torch.tensor(cache.pages_of(chunk.rid)), mask[None, None])
+        return cls(cache, chunk, mask[None, None])
 
 
 def chunk_attention(cs: ChunkStep, layer: int, q: torch.Tensor, k: torch.Tensor,
@@ -60,10 +59,7 @@ def chunk_attention(cs: ChunkStep, layer: int, q: torch.Tensor, k: torch.Tensor,
     attend over the request's slots [0, start + C) causally. Returns [C, Hq, D], q's dtype."""
     cache, ch = cs.cache, cs.chunk
     cache.write(layer, ch.rid, ch.start, k.transpose(0, 1), v.transpose(0, 1))
-    kp, vp = cache.layer(layer)
-    end, (hkv, d) = cs.mask.shape[-1], kp.shape[1::2]
-    dense_k = kp[cs.table].transpose(0, 1).reshape(1, hkv, -1, d)[:, :, :end].float()
-    dense_v = vp[cs.table].transpose(0, 1).reshape(1, hkv, -1, d)[:, :, :end].float()
+    dense_k, dense_v = (x[None].float() for x in cache.read(layer, ch.rid, cs.mask.shape[-1]))
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), dense_k, dense_v,
                                          attn_mask=cs.mask, scale=scaling,
                                          enable_gqa=True)  # fmt: skip

@@ -319,8 +319,7 @@ class BatchEngine:
         try:
             if job.gen._cancel.is_set():
                 raise Cancelled("the client went away")
-            n, a = int(job.context.numel()), job.prefilled
-            b = min(n, a + self.cfg.prefill_chunk) if self.cfg.prefill_chunk else n
+            n, a, b = int(job.context.numel()), job.prefilled, self._chunk_end(job)
             self.engine.model(input_ids=job.context[a:b].view(1, -1), past_key_values=job.kv,
                               use_cache=True, logits_to_keep=1)  # fmt: skip
             job.prefilled = b
@@ -335,6 +334,12 @@ class BatchEngine:
             return
         self._start(job)
 
+    def _chunk_end(self, job: Job) -> int:
+        """Where the local prefill's next chunk ends: `prefill_chunk` context tokens on, or the
+        whole context (prefill_chunk 0)."""
+        n, chunk = int(job.context.numel()), self.cfg.prefill_chunk
+        return min(n, job.prefilled + chunk) if chunk else n
+
     def _next_chunk(self) -> Chunk | None:
         """Mixed mode: the oldest local prefill's next chunk (`prefill_chunk` context tokens, or
         all; the last one ends with the prompt's last token, whose logits give the first output
@@ -344,8 +349,7 @@ class BatchEngine:
             self._prefilling.popleft()
             self._finish(job, Cancelled("the client went away"))
             return None
-        n, a = int(job.context.numel()), job.prefilled
-        b = min(n, a + self.cfg.prefill_chunk) if self.cfg.prefill_chunk else n
+        n, a, b = int(job.context.numel()), job.prefilled, self._chunk_end(job)
         job.prefilled = b
         return Chunk(job.rid, job.context[a:b].tolist() + ([job.token] if b == n else []), a)
 

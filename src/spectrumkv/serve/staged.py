@@ -67,14 +67,11 @@ class StagedPrompt:
 
     def layers(self) -> list[LayerKV]:
         """A copy of the written prompt, read back from the pages (for extra choices, n > 1)."""
-        c, pos = self.batch.cache, torch.arange(self.n_tokens)
-        table = torch.tensor(c.pages_of(self.job.rid), dtype=torch.int64)
-        page, off = table[pos // c.config.page_size], pos % c.config.page_size
+        c, n, pos = self.batch.cache, self.n_tokens, torch.arange(self.n_tokens)
         out = []
         for i in range(c.config.layers):
-            k, v = c.layer(i)
-            out.append(LayerKV(k[page, :, off].transpose(0, 1).clone(),
-                               v[page, :, off].transpose(0, 1).clone(), pos))  # fmt: skip
+            k, v = c.read(i, self.job.rid, n)
+            out.append(LayerKV(k.contiguous(), v.contiguous(), pos))
         return out
 
     def abort(self) -> None:
