@@ -298,6 +298,43 @@ def test_bfloat16_decode_model_accepts_fp32_payloads_and_stays_batch_invariant(s
         assert out == skv.generate(bf, skv.reference_state(bf, pre), last, N)
 
 
+def test_bfloat16_kv_pages_carry_the_models_own_bits_and_refuse_float16_payloads(smol, prompts):
+    """`load(kv_dtype="bfloat16", dtype="bfloat16")` (`serve --kv-dtype bfloat16`): the payload
+    and the pages are bf16; a budget-1.0 payload decodes batched exactly as the same model
+    decodes it alone; a float16-KV payload is refused, naming the field."""
+    from spectrumkv.errors import IncompatiblePayloadError
+
+    bf = skv.load("smollm2-135m", "bfloat16", dtype="bfloat16")
+    assert bf.fingerprint.kv_dtype == "bfloat16" and bf.kv_dtype == torch.bfloat16
+    full = skv.PolicyConfig("spectrum", budget=1.0)
+    fp16_payload = skv.encode(*_planned(smol, prompts[0][2], full))
+    with pytest.raises(IncompatiblePayloadError, match="kv_dtype"):
+        decode_payload(fp16_payload, expect=bf.fingerprint)
+    eng = BatchEngine(bf, EngineConfig(pool_mb=24))
+    try:
+        assert eng.cache.config.dtype == torch.bfloat16
+        runs = []
+        for context, last, _ in prompts[:3]:
+            pre = skv.prefill(bf, context)
+            layers = decode_payload(skv.encode(*_planned(bf, pre, full)), expect=bf.fingerprint)
+            assert layers.layers[0].keys.dtype == torch.bfloat16
+            assert torch.equal(layers.layers[5].keys, pre.layers[5].keys)  # bit for bit
+            runs.append((last, pre, layers.layers))
+        gens = [eng.submit(SamplingParams(max_tokens=N), last, pre.n_tokens, layers=layers)
+                for last, pre, layers in runs]  # fmt: skip
+        outs = [g.wait(120).token_ids for g in gens]
+        assert eng.stats.batch_sum / eng.stats.steps > 1.5
+    finally:
+        eng.close()
+    for (last, pre, _), out in zip(runs, outs, strict=True):
+        assert out == skv.generate(bf, skv.reference_state(bf, pre), last, N)
+
+
+def _planned(engine, pre, policy):
+    header, plan = skv.plan_transfer(engine, pre, policy)
+    return header, pre, plan
+
+
 def test_engine_sampler_draws_the_nucleus_distribution():
     """pd.sampling.next_token (both engines' sampler): the temperature / top-p distribution
     (exact probabilities, 2,000 seeded draws each), reproducible per seed, the nucleus found

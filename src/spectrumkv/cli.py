@@ -168,7 +168,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from .engines.hf import load
 
-    engine = load(args.model, threads=args.threads or None, dtype=args.dtype)
+    engine = load(args.model, args.kv_dtype, threads=args.threads or None, dtype=args.dtype)
     if args.role == "prefill":
         from .pd.prefill_worker import serve_prefill
         from .transport.tls import server_context
@@ -222,8 +222,16 @@ def _add_serve(sub) -> None:
             "--dtype",
             default="float32",
             choices=["float32", "bfloat16"],
-            help="compute dtype of the model (weights, activations; the KV sent and paged "
-            "stays float16); workers of either dtype accept each other's payloads",
+            help="compute dtype of the model (weights, activations; the KV sent and paged is "
+            "--kv-dtype); workers of either dtype accept each other's payloads",
+        )
+        p.add_argument(
+            "--kv-dtype",
+            default="float16",
+            choices=["float16", "bfloat16"],
+            help="dtype of the KV cache sent and paged (bfloat16 with --dtype bfloat16 keeps "
+            "the model's own K/V bits and lets the paged kernel use AMX); the prefill and "
+            "decode workers must agree: a payload of the other dtype is refused",
         )
         p.add_argument(
             "--threads",

@@ -69,7 +69,7 @@ _CHECK = struct.Struct("<Q")
 #: The frame head every payload kind shares (its 4th field, at byte 12, is body_len), the u64
 #: checksum after headers and frames, and the preamble.
 FRAME_HEAD, CHECKSUM, PREAMBLE = _FRAME, _CHECK, _PREAMBLE
-_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -272,7 +272,7 @@ def frame_bytes(
     body_end = size - _CHECK.size
     _FRAME.pack_into(mv, 0, FRAME_MAGIC, layer, first_position, n, body_end - _FRAME.size)
     body = mv[_FRAME.size : body_end]
-    wire_dtype = _KV_DTYPES[fp.kv_dtype]
+    wire_dtype = KV_DTYPES[fp.kv_dtype]
     if fused is None:
         fused = fused_codec.enabled(q)
     if fused:
@@ -359,7 +359,7 @@ def _validate_header(h: Header) -> None:
         raise WireFormatError(f"n_tokens {h.n_tokens} out of range")
     if not (1 <= fp.n_layers <= 4096 and 1 <= fp.n_kv_heads <= 1024 and 1 <= fp.head_dim <= 4096):
         raise WireFormatError("fingerprint dimensions out of range")
-    if fp.kv_dtype not in _KV_DTYPES:
+    if fp.kv_dtype not in KV_DTYPES:
         raise WireFormatError(f"unknown kv dtype {fp.kv_dtype!r}")
     if any(not (0 <= i < fp.n_layers) for i in fp.sliding_layers):
         raise WireFormatError("sliding layer index out of range")
@@ -428,10 +428,10 @@ def read_frame(
         fused = fused_codec.enabled(q)
     if fused:
         keys, values = fused_codec.decode_body(
-            sections, tiers, fp.n_kv_heads, geometry(header), _KV_DTYPES[fp.kv_dtype], kept, out,
+            sections, tiers, fp.n_kv_heads, geometry(header), KV_DTYPES[fp.kv_dtype], kept, out,
         )  # fmt: skip
     else:
-        wire_dtype = _KV_DTYPES[fp.kv_dtype]
+        wire_dtype = KV_DTYPES[fp.kv_dtype]
         if out is not None:
             check_destination(out, fp.n_kv_heads, fp.head_dim, wire_dtype, kept)
         keys, values = reference_codec.decode_body(

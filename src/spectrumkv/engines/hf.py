@@ -27,10 +27,9 @@ from ..assets import model_dir
 from ..errors import AssetError, ConfigError, IncompatiblePayloadError
 from ..importance import WindowQueries
 from ..kv import LayerKV, first_slot
-from ..wire import Fingerprint
+from ..wire import KV_DTYPES, Fingerprint
 from .packed import pack_linears
 
-_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -45,7 +44,7 @@ class Engine:
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        return _KV_DTYPES[self.fingerprint.kv_dtype]
+        return KV_DTYPES[self.fingerprint.kv_dtype]
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -133,8 +132,8 @@ _K0_SUFFIX = "layers.0.self_attn.k_proj.weight"
 
 def config_fingerprint(cfg, k0: torch.Tensor, kv_dtype: str) -> Fingerprint:
     """Fingerprint from a transformers config and layer 0's key projection weight."""
-    if kv_dtype not in _KV_DTYPES:
-        raise ValueError(f"kv_dtype must be one of {list(_KV_DTYPES)}, got {kv_dtype!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
     cfg = cfg.get_text_config()
     sliding = sliding_layers(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

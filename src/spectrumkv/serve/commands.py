@@ -39,12 +39,12 @@ def _cmd_decode(args: argparse.Namespace) -> None:
         from .http_bench import HttpSetup, run_http
 
         setup = HttpSetup(args.model, args.threads or 1, args.vllm_cpus, args.vllm_dtype,
-                          args.hf_cb_decode, args.dtype)  # fmt: skip
+                          args.hf_cb_decode, args.dtype, args.kv_dtype)  # fmt: skip
         records = run_http(setup, b, engines, concurrencies)
     else:
         from ..engines.hf import load
 
-        engine = load(args.model, threads=args.threads, dtype=args.dtype)
+        engine = load(args.model, args.kv_dtype, threads=args.threads, dtype=args.dtype)
         records = bench.run(engine, b, engines, args.rounds, concurrencies)
     _summary(records)
     if args.plot:
@@ -120,6 +120,12 @@ def register(bench: argparse._SubParsersAction) -> None:
         default="float32",
         choices=["float32", "bfloat16"],
         help="compute dtype of SpectrumKV's decode model (batched and sequential)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        default="float16",
+        choices=["float16", "bfloat16"],
+        help="SpectrumKV's KV dtype, sent and paged (vLLM's KV is --vllm-dtype)",
     )
     p.add_argument("--hf-cb-decode", type=int, default=0,
                    help="http: new tokens per request for hf-cb (0 = --decode)")  # fmt: skip

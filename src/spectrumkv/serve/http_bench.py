@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 
 from ..engines.hf import COMPUTE_DTYPES
 from ..pd.launch import Cluster, rss_mb
+from ..wire import KV_DTYPES
 from .bench import DecodeBench, Record, _pct
 from .metrics import read as scrape
 from .vllm_engine import VllmServer, VllmSetup, VllmUnavailable, cpus_for
@@ -245,7 +246,8 @@ class HttpSetup:
     """threads: torch threads of each SpectrumKV worker. vllm_cpus: CPUs vLLM's OpenMP threads
     are bound to ("" = as many as `threads`). vllm_dtype: vLLM's model dtype. hf_cb_decode:
     new tokens per request for `hf-cb` (0 = the requests' own; its steps are slow here).
-    dtype: the SpectrumKV workers' compute dtype (`serve prefill|decode --dtype`)."""
+    dtype: the SpectrumKV workers' compute dtype (`serve prefill|decode --dtype`); kv_dtype:
+    their KV dtype, sent and paged (`--kv-dtype`)."""
 
     model: str
     threads: int = 1
@@ -253,6 +255,7 @@ class HttpSetup:
     vllm_dtype: str = "bfloat16"
     hf_cb_decode: int = 0
     dtype: str = "float32"
+    kv_dtype: str = "float16"
 
 
 def _token_bytes(model: str, itemsize: int) -> int:
@@ -295,17 +298,18 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     # and past the default 60 s they would be recomputed on the decode worker instead
     args = ["--engine", engine, "--kv-pool-mb", str(b.pool_mb), "--attention-route", b.route,
             "--deadline", str(TRANSFER_DEADLINE_S)]  # fmt: skip
-    dtype = ["--dtype", setup.dtype]
+    dtype = ["--dtype", setup.dtype, "--kv-dtype", setup.kv_dtype]
     with (
         _env(OMP_NUM_THREADS=str(setup.threads)),
         Cluster(model, decode_args=args + dtype, prefill_args=dtype, threads=setup.threads) as c,
     ):
         pid = c.procs[1].pid
         if engine == "batched":
-            page = PagedConfig.for_model(_hf_config(model), 1, EngineConfig.page_size)
+            kv_dtype = KV_DTYPES[setup.kv_dtype]
+            page = PagedConfig.for_model(_hf_config(model), 1, EngineConfig.page_size, kv_dtype)
             per_page = page.page_bytes * page.layers
             used = "spectrumkv_engine_pages{state=used}"
-            dtype = f"{setup.dtype} compute, KV float16 pages"
+            dtype = f"{setup.dtype} compute, KV {setup.kv_dtype} pages"
             kv = lambda m: m.get(used, 0) * per_page  # noqa: E731
             most = lambda m: m.get("spectrumkv_engine_pages_peak", 0) * per_page  # noqa: E731
             extra = {"threads": setup.threads}
