@@ -39,7 +39,8 @@ def _cmd_decode(args: argparse.Namespace) -> None:
         from .http_bench import HttpSetup, run_http
 
         setup = HttpSetup(args.model, args.threads or 1, args.vllm_cpus, args.vllm_dtype,
-                          args.hf_cb_decode, args.dtype, args.kv_dtype)  # fmt: skip
+                          args.hf_cb_decode, args.dtype, args.kv_dtype,
+                          args.prefill_threads)  # fmt: skip
         records = run_http(setup, b, engines, concurrencies)
     else:
         from ..engines.hf import load
@@ -109,6 +110,8 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default="wiki")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (http: per worker process, default 1)")  # fmt: skip
+    p.add_argument("--prefill-threads", type=int, default=0,
+                   help="http: torch threads of the prefill worker (0 = --threads)")  # fmt: skip
     p.add_argument(
         "--vllm-cpus",
         default="",

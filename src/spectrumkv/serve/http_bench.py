@@ -247,7 +247,8 @@ class HttpSetup:
     are bound to ("" = as many as `threads`). vllm_dtype: vLLM's model dtype. hf_cb_decode:
     new tokens per request for `hf-cb` (0 = the requests' own; its steps are slow here).
     dtype: the SpectrumKV workers' compute dtype (`serve prefill|decode --dtype`); kv_dtype:
-    their KV dtype, sent and paged (`--kv-dtype`)."""
+    their KV dtype, sent and paged (`--kv-dtype`). prefill_threads: torch threads of the
+    prefill worker (0 = `threads`)."""
 
     model: str
     threads: int = 1
@@ -256,6 +257,7 @@ class HttpSetup:
     hf_cb_decode: int = 0
     dtype: str = "float32"
     kv_dtype: str = "float16"
+    prefill_threads: int = 0
 
 
 def _token_bytes(model: str, itemsize: int) -> int:
@@ -299,9 +301,15 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     args = ["--engine", engine, "--kv-pool-mb", str(b.pool_mb), "--attention-route", b.route,
             "--deadline", str(TRANSFER_DEADLINE_S)]  # fmt: skip
     dtype = ["--dtype", setup.dtype, "--kv-dtype", setup.kv_dtype]
+    prefill_threads = ["--threads", str(setup.prefill_threads)] if setup.prefill_threads else []
     with (
         _env(OMP_NUM_THREADS=str(setup.threads)),
-        Cluster(model, decode_args=args + dtype, prefill_args=dtype, threads=setup.threads) as c,
+        Cluster(
+            model,
+            decode_args=args + dtype,
+            prefill_args=dtype + prefill_threads,
+            threads=setup.threads,
+        ) as c,
     ):
         pid = c.procs[1].pid
         if engine == "batched":
@@ -312,7 +320,10 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             dtype = f"{setup.dtype} compute, KV {setup.kv_dtype} pages"
             kv = lambda m: m.get(used, 0) * per_page  # noqa: E731
             most = lambda m: m.get("spectrumkv_engine_pages_peak", 0) * per_page  # noqa: E731
-            extra = {"threads": setup.threads}
+            extra = {
+                "threads": setup.threads,
+                "prefill_threads": setup.prefill_threads or setup.threads,
+            }
             yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
             size = COMPUTE_DTYPES[setup.dtype].itemsize
