@@ -1,6 +1,8 @@
 """SCD: RoPE round trip, full-rank same-model reconstruction, artifact round trip and typed
-errors, and on a tiny pair fine-tuned inside the test, SCD beats raw reuse in KL."""
+errors, and on a tiny pair fine-tuned inside the test, SCD beats raw reuse in KL and
+distillation lowers the training KL without raising the dev KL."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,12 +11,15 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from spectrumkv.assets import load_text, model_dir
 from spectrumkv.engines.hf import decode_state, load, prefill
+from spectrumkv.errors import ConfigError
 from spectrumkv.scd import artifact, rope
-from spectrumkv.scd.calibrate import CalibConfig, calibrate
+from spectrumkv.scd.calibrate import CalibConfig, _Dev, calibrate
 from spectrumkv.scd.codes import encode, reconstruct_layer
+from spectrumkv.scd.distill import TRAINED, distill, kl_loss
 from spectrumkv.scd.evaluate import rerotated
 from spectrumkv.scd.finetune import Recipe, finetune
-from spectrumkv.scd.metrics import kl, score
+from spectrumkv.scd.metrics import Scored, kl, score
+from spectrumkv.scd.wire import Layout
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=512)  # fmt: skip
@@ -171,6 +176,39 @@ def test_alpha_zero_is_raw_reuse_through_the_codes(pair, corpus):
     raw = kl(score(b, decode_state(b, raw_layers, pb.n_tokens), feed), oracle)
     scd = kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
     assert raw > 1e-3 and abs(scd - raw) < 0.02 * raw, (scd, raw)
+
+
+def test_distillation_lowers_train_kl_and_keeps_the_best_dev_candidate(tmp_path, pair, corpus):
+    """A few distillation steps on one calib chunk, from raw reuse through the codes (alpha 0,
+    full rank): training KL strictly lower, the kept dev KL
+    no higher than the start's (a candidate), only the decoders move, and the distilled
+    artifact round-trips with a digest of its own."""
+    a, b = pair
+    over = dict(max_patches=0, alpha_grid=(0.0,), distill_steps=6, distill_chunks=1)
+    cfg = CalibConfig(corpus=corpus, code_budget=1.0, distill_lr=1e-3, **(SMALL | over))
+    art0 = calibrate(a, b, dataclasses.replace(cfg, distill_steps=0))
+    got = distill(a, b, art0, cfg, _Dev(a, b, cfg).kl)
+    assert got.dev_kl[0] == (0, pytest.approx(art0.manifest.kl_dev, rel=1e-5))
+    assert len(got.train_kl) == 6 and got.train_kl[-1] < got.train_kl[0], got.train_kl
+    assert [s for s, _ in got.dev_kl] == list(range(7))  # one chunk: a candidate every step
+    best = min(got.dev_kl, key=lambda x: x[1])
+    assert got.kept_step == best[0] > 0 and best[1] < got.dev_kl[0][1]
+    moved = {k for k in art0.tensors if not torch.equal(art0.tensors[k], got.artifact.tensors[k])}
+    assert moved <= {f"{i}.{n}" for i in range(3) for n in TRAINED}
+    assert bool(moved) == (got.kept_step > 0)
+    # through calibrate (the option), the kept dev KL is no higher than without it
+    art1 = calibrate(a, b, cfg)
+    assert art1.manifest.kl_dev <= art0.manifest.kl_dev * (1 + 1e-5)
+    out = artifact.load(artifact.save(art1, tmp_path / "art"))
+    assert all(torch.equal(out.tensors[k], art1.tensors[k].float()) for k in art1.tensors)
+    assert Layout.of(out) == Layout.of(art1)
+    artifact.save(art0, tmp_path / "art0")
+    assert Layout.of(art0).artifact != Layout.of(out).artifact
+    # the loss is metrics.kl's formula
+    lp, lq = torch.randn(5, 7).log_softmax(-1), torch.randn(5, 7).log_softmax(-1)
+    assert float(kl_loss(lp, lq)) == pytest.approx(kl(Scored(0, 5, lp), Scored(0, 5, lq)))
+    with pytest.raises(ConfigError, match="distill"):
+        CalibConfig(distill_steps=-1)
 
 
 def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):

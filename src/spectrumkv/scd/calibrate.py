@@ -8,6 +8,9 @@ split by measured KL, coarse to fine: at each level of `alpha_levels` the layers
 that many contiguous groups, and per group and per K/V the grid value with the lowest dev KL is
 kept if it lowers the KL. So the reuse path never does worse than raw reuse on dev.
 
+Distillation (optional, `distill_steps` > 0): the reuse-path decoders are then trained through
+frozen B on B's output KL on `calib` chunks, keeping the candidate best on dev (distill.py).
+
 Layer choice: with no patches, B's mean token KL against its own prefill on the dev chunks is
 KL_0. Each layer alone patched (affine aligner) gives KL_l; layers are ranked by KL gain per
 extra byte (a patch cheaper than the reuse codes it replaces ranks first, by gain), then added
@@ -31,6 +34,7 @@ from ..eval.ppl import corpus_chunks
 from .artifact import VERSION, Artifact, Manifest
 from .capture import Captured, capture, check_supported, derotate, flat
 from .codes import encode_layer, reconstruct_layer
+from .distill import distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
 from .metrics import Scored, kl, score
 from .splits import split_text
@@ -40,7 +44,9 @@ from .splits import split_text
 class CalibConfig:
     """Calibration settings. `code_budget`: reuse-path code bytes as a fraction of raw FP16 KV
     bytes; `patch_rank`: r_H (elements of A's attention-input code per token at a patch layer);
-    `dev_context`/`dev_continuation`: the PD protocol's chunk on the dev split."""
+    `dev_context`/`dev_continuation`: the PD protocol's chunk on the dev split (and on the
+    `calib` split for distillation); `distill_steps` (0: off) AdamW steps of `distill_lr`, one
+    chunk each, over `distill_chunks` training chunks (distill.py)."""
 
     corpus: str = "wiki"
     prompts: int = 8
@@ -57,6 +63,9 @@ class CalibConfig:
     ridge: float = 1e-4
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     alpha_levels: tuple[int, ...] = (1, 6)
+    distill_steps: int = 0
+    distill_chunks: int = 24
+    distill_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.prompt_tokens < 16 or self.dev_chunks < 1:
@@ -71,6 +80,8 @@ class CalibConfig:
             raise ConfigError("alpha_grid must be a non-empty list of values in [0, 1]")
         if not all(n >= 1 for n in self.alpha_levels):
             raise ConfigError("alpha_levels must be group counts >= 1")
+        if self.distill_steps < 0 or self.distill_chunks < 1 or not self.distill_lr > 0:
+            raise ConfigError("need distill_steps >= 0, distill_chunks >= 1, distill_lr > 0")
 
 
 def _paired(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> tuple[list, list]:
@@ -180,8 +191,10 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     art = Artifact(manifest, tensors)
     dev = _Dev(engine_a, engine_b, cfg)
     alphas, kl_id = _choose_alphas(art, dev, cfg, bake)
-    tensors = art.tensors
     art.manifest = msgspec.structs.replace(art.manifest, alphas=alphas, kl_dev_identity=kl_id)
+    if cfg.distill_steps:
+        art = distill(engine_a, engine_b, art, cfg, dev.kl).artifact
+    tensors = art.tensors
     chosen, kl_now = _select(art, dev, cfg)
     for i in tqdm(chosen, desc="train aligners", leave=False):
         mu, basis = tensors[f"{i}.h.mu"], tensors[f"{i}.h.basis"]

@@ -10,6 +10,7 @@ projections.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,22 +72,39 @@ def encode(art: Artifact, engine_a: Engine, ids: torch.Tensor) -> list[LayerCode
     return codes
 
 
+def reuse_flat(t: Mapping[str, torch.Tensor], code: LayerCode) -> tuple[torch.Tensor, torch.Tensor]:
+    """B's keys (without RoPE) and values [n, H*D] float32 from a reuse-path code and the
+    decoders `t[f"{i}.k.dec"]`, `t[f"{i}.k.mu_b"]` (and `.v.`): code @ dec + mu_b. Plain torch
+    ops, so gradients reach the decoders when they require them (`distill.py`)."""
+    i = code.layer
+    keys = code.k.float() @ t[f"{i}.k.dec"] + t[f"{i}.k.mu_b"]
+    values = code.v.float() @ t[f"{i}.v.dec"] + t[f"{i}.v.mu_b"]
+    return keys, values
+
+
+def to_layer(
+    engine_b: Engine, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+) -> LayerKV:
+    """B's cached layer from keys without RoPE and values [n, H*D]: [H, n, D], keys rotated
+    with B's RoPE at `positions`, both in B's KV dtype (differentiable)."""
+    heads = engine_b.fingerprint.n_kv_heads
+    cos, sin = rope.rotary(engine_b.model, positions)
+    k = rope.apply(unflat(keys, heads), cos, sin)
+    dt = engine_b.kv_dtype
+    return LayerKV(k.to(dt), unflat(values, heads).to(dt), positions)
+
+
 @torch.inference_mode()
 def reconstruct_layer(art: Artifact, engine_b: Engine, code: LayerCode) -> LayerKV:
     """B's K/V of one layer from its codes, in B's KV dtype, keys rotated with B's RoPE."""
-    t, i = art.tensors, code.layer
-    heads = engine_b.fingerprint.n_kv_heads
+    i = code.layer
     if code.h is not None:
         x = art.aligner(i)(code.h.float()).to(engine_b.compute_dtype)  # B may compute in bf16
         attn = engine_b.model.model.layers[i].self_attn
         keys, values = attn.k_proj(x).float(), attn.v_proj(x).float()
     else:
-        keys = code.k.float() @ t[f"{i}.k.dec"] + t[f"{i}.k.mu_b"]
-        values = code.v.float() @ t[f"{i}.v.dec"] + t[f"{i}.v.mu_b"]
-    cos, sin = rope.rotary(engine_b.model, code.positions)
-    k = rope.apply(unflat(keys, heads), cos, sin)
-    dt = engine_b.kv_dtype
-    return LayerKV(k.to(dt), unflat(values, heads).to(dt), code.positions)
+        keys, values = reuse_flat(art.tensors, code)
+    return to_layer(engine_b, code.positions, keys, values)
 
 
 def reconstruct(

@@ -49,6 +49,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         code_budget=args.code_budget, patch_rank=args.patch_rank, max_patches=args.max_patches,
         eps=args.eps, aligner_steps=args.aligner_steps, dev_chunks=args.dev_chunks,
         alpha_grid=args.alpha_grid, alpha_levels=args.alpha_levels,
+        distill_steps=args.distill_steps, distill_chunks=args.distill_chunks,
+        distill_lr=args.distill_lr,
     )  # fmt: skip
     a = load(args.producer)
     b = a if args.consumer == args.producer else load(args.consumer)
@@ -171,6 +173,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=c.alpha_levels,
         help="layer groups per shrinkage level, coarse to fine (e.g. 1,6,30)",
     )
+    cal.add_argument("--distill-steps", type=int, default=c.distill_steps,
+                     help="steps training the decoders on B's output KL (0: off)")  # fmt: skip
+    cal.add_argument("--distill-chunks", type=int, default=c.distill_chunks,
+                     help="calib-split chunks distillation trains on")  # fmt: skip
+    cal.add_argument("--distill-lr", type=float, default=c.distill_lr,
+                     help="AdamW learning rate of distillation")  # fmt: skip
     cal.add_argument("--out", required=True, help="artifact directory")
     cal.add_argument("--threads", type=int, default=0)
     cal.set_defaults(func=_cmd_calibrate)

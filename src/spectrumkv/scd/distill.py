@@ -1,0 +1,159 @@
+"""Distillation: the reuse-path decoders trained through frozen B on B's output KL.
+
+The decoders from calibration are fitted for K/V error and then shrunk toward A's own K/V by a
+coarse alpha grid (calibrate.py); what matters is B's output. Here, per reuse-path layer i, the
+tensors `i.k.dec`, `i.k.mu_b`, `i.v.dec`, `i.v.mu_b` start from the artifact's values and are
+trained by AdamW on the PD protocol's chunks of the `calib` split:
+
+- once per chunk (prefix `dev_context - dev_continuation` tokens, then the continuation): A's
+  codes of the prefix (`encode_layer`, FP16 codes as on the wire) and B's oracle log-probs of the
+  continuation from B's own prefill; patch layers (if any) are rebuilt once, not trained;
+- a step rebuilds B's prefix cache from the codes with the same math as `reconstruct_layer`
+  (`codes.reuse_flat` + `codes.to_layer`, keeping the autograd graph), runs B (weights frozen,
+  eval mode, float32) on the continuation from that cache, and takes the loss
+  mean token KL(B || oracle), the quantity `metrics.kl` measures;
+- the start and the decoders after every pass over the chunks (and after the last step) are
+  scored on the dev split with the non-differentiable path (`dev_kl`, i.e. what the workers
+  compute); the best one is kept, so the dev KL never rises.
+
+The artifact format, the wire and the workers are unchanged: only tensor values move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..engines.hf import Engine, decode_state, step
+from ..eval.ppl import corpus_chunks
+from .artifact import Artifact
+from .capture import capture
+from .codes import LayerCode, encode_layer, reconstruct_layer, reuse_flat, to_layer
+from .metrics import score
+from .splits import split_text
+
+if TYPE_CHECKING:
+    from .calibrate import CalibConfig
+
+#: `engines.hf.step` without its inference mode, so the graph to the cache is kept.
+_step = step.__wrapped__
+
+#: Names of the trained tensors of a reuse-path layer.
+TRAINED = ("k.dec", "k.mu_b", "v.dec", "v.mu_b")
+
+
+@dataclass
+class _Chunk:
+    """One training chunk: A's codes of the prefix (per layer), patch layers already rebuilt,
+    the continuation fed to B, and B's oracle log-probs of it [t, vocab]."""
+
+    codes: list[LayerCode]
+    fixed: dict[int, object]
+    n_tokens: int
+    feed: torch.Tensor
+    oracle: torch.Tensor
+
+
+@dataclass
+class Distilled:
+    """The result: the artifact with the kept decoders, the training KL of every step (before
+    its update, nats/token), dev KL per candidate as (step, KL) with step 0 the start, and the
+    step whose decoders were kept (0: the start)."""
+
+    artifact: Artifact
+    train_kl: list[float] = field(default_factory=list)
+    dev_kl: list[tuple[int, float]] = field(default_factory=list)
+    kept_step: int = 0
+
+
+def kl_loss(logp: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(logp || oracle) in nats, both [t, vocab] log-probs: the
+    formula of `metrics.kl`, as a differentiable tensor."""
+    return (logp.exp() * (logp - oracle)).sum(-1).mean()
+
+
+def _chunks(engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig) -> list[_Chunk]:
+    split = cfg.dev_context - cfg.dev_continuation
+    text = split_text(cfg.corpus, "calib")
+    patches = art.manifest.patch_layers
+    out = []
+    for chunk in tqdm(corpus_chunks(engine_a, text, cfg.dev_context, cfg.distill_chunks),
+                      desc="distill prefills", leave=False):  # fmt: skip
+        prefix, feed = chunk[: split - 1], chunk[split - 1 :]
+        cap = capture(engine_a, prefix, input_layers=patches)
+        codes = [
+            encode_layer(art, engine_a, i, kv, cap.inputs.get(i))
+            for i, kv in enumerate(cap.pre.layers)
+        ]
+        fixed = {i: reconstruct_layer(art, engine_b, codes[i]) for i in patches}
+        ora = capture(engine_b, prefix).pre
+        oracle = score(engine_b, decode_state(engine_b, ora.layers, ora.n_tokens), feed).logp
+        out.append(_Chunk(codes, fixed, cap.pre.n_tokens, feed, oracle))
+    return out
+
+
+def _loss(engine_b: Engine, params: dict[str, torch.Tensor], c: _Chunk) -> torch.Tensor:
+    """Training KL of one chunk with the decoders in `params` (graph kept)."""
+    layers = [
+        c.fixed[code.layer]
+        if code.layer in c.fixed
+        else to_layer(engine_b, code.positions, *reuse_flat(params, code))
+        for code in c.codes
+    ]
+    logits = _step(engine_b, decode_state(engine_b, layers, c.n_tokens), c.feed[:-1])
+    return kl_loss(F.log_softmax(logits, dim=-1), c.oracle)
+
+
+def distill(
+    engine_a: Engine,
+    engine_b: Engine,
+    art: Artifact,
+    cfg: CalibConfig,
+    dev_kl: Callable[[Artifact], float],
+) -> Distilled:
+    """Train `art`'s reuse-path decoders for `cfg.distill_steps` steps (module docstring);
+    `dev_kl(artifact)` scores a candidate on the dev split. `art` is not modified."""
+    m = art.manifest
+    names = [f"{i}.{n}" for i in range(len(m.ranks)) if i not in m.patch_layers for n in TRAINED]
+    params = {n: art.tensors[n].detach().float().clone().requires_grad_() for n in names}
+    result = Distilled(art, dev_kl=[(0, dev_kl(art))])
+    if cfg.distill_steps == 0 or not names:
+        return result
+    data = _chunks(engine_a, engine_b, art, cfg)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.distill_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    order: list[int] = []
+    frozen = [p for p in engine_b.model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    best = result.dev_kl[0][1]
+    try:
+        bar = tqdm(range(1, cfg.distill_steps + 1), desc="distill", leave=False)
+        for s in bar:
+            if not order:
+                order = torch.randperm(len(data), generator=gen).tolist()
+            loss = _loss(engine_b, params, data[order.pop()])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            result.train_kl.append(loss.item())
+            bar.set_postfix(kl=f"{result.train_kl[-1]:.4f}")
+            if s % len(data) and s != cfg.distill_steps:
+                continue
+            trial = Artifact(m, art.tensors | {n: p.detach().clone() for n, p in params.items()})
+            got = dev_kl(trial)
+            result.dev_kl.append((s, got))
+            tqdm.write(f"distill step {s}: train KL (last pass) "
+                       f"{sum(result.train_kl[-len(data):]) / min(s, len(data)):.4f}, "
+                       f"dev KL {got:.4f} (start {result.dev_kl[0][1]:.4f})")  # fmt: skip
+            if got < best:
+                best, result.artifact, result.kept_step = got, trial, s
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return result
