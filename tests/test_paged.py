@@ -18,12 +18,18 @@ SPLITTY = MachineProfile(min_split_tokens=64, max_splits=5, split_splits=3)
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-def make_cache(lengths, dtype=torch.float16, kv_heads=3, head_dim=64, page_size=16, seed=0):
-    """A shuffled pool with holes: requests interleaved with freed ones, random contents."""
+def make_cache(
+    lengths, dtype=torch.float16, kv_heads=3, head_dim=64, page_size=16, seed=0, poison=False
+):
+    """A shuffled pool with holes: requests interleaved with freed ones, random contents.
+    poison: every slot no request wrote (holes, the rest of a last page) holds NaN."""
     g = torch.Generator().manual_seed(seed)
     need = sum(-(-n // page_size) for n in lengths)
     cfg = PagedConfig(1, kv_heads, head_dim, 2 * need + 4, page_size, dtype)
     cache = PagedKVCache(cfg, shuffle_seed=seed)
+    if poison:
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
     for i, n in enumerate(lengths):
         cache.allocate(("hole", i), n)  # freed below: holes between live requests' pages
         cache.allocate(i, n)

@@ -33,7 +33,10 @@
 #include <time.h>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 static inline void relax(void) { _mm_pause(); }
 #define HAVE_AVX2_KERNELS 1
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
@@ -46,6 +49,7 @@ static inline void relax(void) {}
 
 enum { DT_F16 = 1, DT_BF16 = 2 };
 #define MAX_GROUP 16
+#define AMX_MAX_GROUP 8 /* the AMX tile's limit (2 x group score columns) */
 #define MAX_HEAD_DIM 256
 #define MAX_HEADS 1024
 #define TILE 32
@@ -56,15 +60,33 @@ enum { DT_F16 = 1, DT_BF16 = 2 };
 /* Below this many KV bytes a call runs on the caller alone unless helpers are awake. */
 #define SMALL_JOB_BYTES (512 * 1024)
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AMX = 3 };
 static int isa_level = ISA_SCALAR; /* the best kernel in use (set_isa may lower it) */
+static int amx_granted;            /* AMX-BF16 present and the kernel let us use its tiles */
+
+/* Once per process: whether the CPU has AMX-TILE, AMX-BF16 and AVX512-BF16/BW, and Linux grants
+ * this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; an old
+ * kernel refuses, and the AVX-512 kernel runs instead). */
+static int request_amx(void) {
+#if HAVE_AVX2_KERNELS && defined(__linux__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24)))
+        return 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return 0;
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
 
 static int cpu_isa(void) {
 #if HAVE_AVX2_KERNELS
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
           __builtin_cpu_supports("fma")))
         return ISA_SCALAR;
-    return __builtin_cpu_supports("avx512f") ? ISA_AVX512 : ISA_AVX2;
+    if (!__builtin_cpu_supports("avx512f")) return ISA_AVX2;
+    return amx_granted ? ISA_AMX : ISA_AVX512;
 #else
     return ISA_SCALAR;
 #endif
@@ -379,6 +401,55 @@ AVX512 static INLINE void v_block(const uint16_t *v, const size_t *off, int dt, 
         for (int z = 0; z < NZ; z++) _mm512_storeu_ps(acc + (g0 + g) * d + j + 16 * z, a[g][z]);
 }
 
+/* acc[g] += sum_r p[g][r] v[r] over the tile's n rows of V, for every query head g < G: up to
+ * 4 query heads x 64 dims of accumulators in registers (v_block). */
+AVX512 static INLINE void v_tile(const uint16_t *v, const size_t *off, int dt, float (*s)[TILE],
+                                 float *acc, int n, int d, int G) {
+    for (int j = 0; j < d;) {
+        const int nz = d - j >= 64 ? 4 : 1;
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const int gb = G - g0 < 4 ? G - g0 : 4;
+#define VB(GB)                                                                     \
+    case GB:                                                                       \
+        if (nz == 4) v_block(v, off, dt, s, acc, n, d, g0, j, GB, 4);              \
+        else v_block(v, off, dt, s, acc, n, d, g0, j, GB, 1);                      \
+        break;
+            switch (gb) { VB(1) VB(2) VB(3) VB(4) }
+#undef VB
+        }
+        j += 16 * nz;
+    }
+}
+
+/* The online-softmax step of one tile, 16 lanes: scores s[g][0..n) (lanes >= n are masked out,
+ * whatever they hold) become weights e^(s - m_new), zero past n; the running sums l, acc are
+ * rescaled only when the tile raises the maximum (alpha = 1 otherwise). */
+AVX512 static INLINE void softmax16(float (*s)[TILE], float *m, float *l, float *acc, int n,
+                                    int G, int d) {
+    const __mmask16 k0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+    const __mmask16 k1 = n >= 32 ? 0xFFFF : n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int g = 0; g < G; g++) {
+        const __m512 s0 = _mm512_mask_load_ps(ninf, k0, &s[g][0]);
+        const __m512 s1 = _mm512_mask_load_ps(ninf, k1, &s[g][16]);
+        const float mt = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+        if (mt > m[g]) {
+            const float alpha = expf(m[g] - mt); /* 0 on the first tile (m = -inf) */
+            const __m512 va = _mm512_set1_ps(alpha);
+            l[g] *= alpha;
+            for (float *a = acc + g * d; a < acc + (g + 1) * d; a += 16)
+                _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), va));
+            m[g] = mt;
+        }
+        const __m512 vm = _mm512_set1_ps(m[g]);
+        const __m512 p0 = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(s0, vm)));
+        const __m512 p1 = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(s1, vm)));
+        _mm512_store_ps(&s[g][0], p0);
+        _mm512_store_ps(&s[g][16], p1);
+        l[g] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+    }
+}
+
 AVX512 static void tile_avx512(const Ctx *c, const uint16_t *k, const uint16_t *v,
                                const size_t *off, int n, const size_t *next, int nn,
                                const float *qs, float *m, float *l, float *acc, float *vt) {
@@ -406,45 +477,171 @@ AVX512 static void tile_avx512(const Ctx *c, const uint16_t *k, const uint16_t *
             _mm512_store_ps(&s[g][r0], sum16(a));
         }
     }
-    /* online softmax, 16 lanes: rows >= n masked out; the running sums are rescaled only when
-     * the maximum grows (alpha = 1 otherwise) */
-    const __mmask16 k0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
-    const __mmask16 k1 = n >= 32 ? 0xFFFF : n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    for (int g = 0; g < G; g++) {
-        const __m512 s0 = _mm512_mask_load_ps(ninf, k0, &s[g][0]);
-        const __m512 s1 = _mm512_mask_load_ps(ninf, k1, &s[g][16]);
-        const float mt = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-        if (mt > m[g]) {
-            const float alpha = expf(m[g] - mt); /* 0 on the first tile (m = -inf) */
-            const __m512 va = _mm512_set1_ps(alpha);
-            l[g] *= alpha;
-            for (float *a = acc + g * d; a < acc + (g + 1) * d; a += 16)
-                _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), va));
-            m[g] = mt;
-        }
-        const __m512 vm = _mm512_set1_ps(m[g]);
-        const __m512 p0 = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(s0, vm)));
-        const __m512 p1 = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(s1, vm)));
-        _mm512_store_ps(&s[g][0], p0);
-        _mm512_store_ps(&s[g][16], p1);
-        l[g] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-    }
-    /* V: acc += p v with up to 4 query heads x 64 dims of accumulators in registers */
+    softmax16(s, m, l, acc, n, G, d);
     for (int i = 0; i < nn; i++) prefetch_row(v + next[i], d);
-    for (int j = 0; j < d;) {
-        const int nz = d - j >= 64 ? 4 : 1;
-        for (int g0 = 0; g0 < G; g0 += 4) {
-            const int gb = G - g0 < 4 ? G - g0 : 4;
-#define VB(GB)                                                                     \
-    case GB:                                                                       \
-        if (nz == 4) v_block(v, off, dt, s, acc, n, d, g0, j, GB, 4);              \
-        else v_block(v, off, dt, s, acc, n, d, g0, j, GB, 1);                      \
-        break;
-            switch (gb) { VB(1) VB(2) VB(3) VB(4) }
-#undef VB
+    v_tile(v, off, dt, s, acc, n, d, G);
+}
+
+/* ---- AMX-BF16 kernel: bf16 pages, head_dim a multiple of 32, group <= AMX_MAX_GROUP, page_size
+ * a multiple of 16, tiles starting at a multiple of 16 tokens (run_task runs AVX-512 up to there).
+ * Scores: A = 16 tokens x 32 dims of K, loaded straight from the page (a page holds each head's
+ * rows contiguously, and a 16-token block starting at a multiple of 16 lies inside one page;
+ * rows past n are read but their scores are masked out); B = the task's scaled queries in VNNI
+ * pairs, columns [hi of each query head, bf16 rounding error (lo) of each]: products of bf16 K
+ * and bf16 hi/lo are exact in FP32, so s = C[hi] + C[lo] is an FP32-accurate q.k (|q - hi - lo| <=
+ * 2^-16 |q|). The FP32 online softmax is softmax16's, as in the AVX-512 kernel. V: A = P split
+ * the same way, G bf16 hi rows over G lo rows; B = 16 dims of V rows interleaved into token pairs
+ * in an L1 scratch (rows past n zeroed, never read: stale page memory may hold NaN and 0 x NaN =
+ * NaN); C = 2G x 16 fp32, zeroed per chunk, added (hi row + lo row) to acc with AVX-512. Measured
+ * (amx, one thread, hot pages, same process): that beat loading acc itself as C (two dependent
+ * tdpbf16ps per chunk on one tile register: 1.08x slower on the 7B shape, 1.2x on SmolLM2's) and
+ * the AVX-512 v_block for V (1.08x slower on the 7B shape, even on SmolLM2's). ---- */
+#define AMX __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,f16c,fma,amx-tile,amx-bf16")))
+
+/* The 64-byte tile configuration (palette 1). Tiles: 0, 1 scores of tokens [0, 16) and [16, 32)
+ * (16 x 2G fp32); 2 K (16 tokens x 32 bf16); 3 queries of one 32-dim chunk (16 dim pairs x 2G);
+ * 4 P (2G rows: hi, then lo, x 32 tokens, bf16); 5 V of one 16-dim chunk (16 token pairs x 16 x
+ * 2 bf16); 6, 7 P.V of two 16-dim chunks (2G x 16 fp32). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileCfg;
+
+/* The configurations for each group size, built once at module init: gcc's _tile_loadconfig
+ * tells the compiler it reads only 8 bytes, so a configuration written just before it may be
+ * dropped as a dead store. */
+static TileCfg amx_cfg[AMX_MAX_GROUP + 1];
+
+static void amx_build_configs(void) {
+    for (int G = 1; G <= AMX_MAX_GROUP; G++) {
+        TileCfg *cfg = &amx_cfg[G];
+        const uint8_t G2 = (uint8_t)(2 * G);
+        const uint8_t rows[8] = {16, 16, 16, 16, G2, 16, G2, G2};
+        const uint16_t colsb[8] = {8 * G, 8 * G, 64, 8 * G, 64, 64, 64, 64};
+        memset(cfg, 0, sizeof *cfg);
+        cfg->palette = 1;
+        for (int i = 0; i < 8; i++) cfg->rows[i] = rows[i], cfg->colsb[i] = colsb[i];
+    }
+}
+
+/* Loads the tile configuration for query groups of G on the calling thread (once per task:
+ * other code on the thread, e.g. torch's own AMX kernels, may have replaced it). */
+AMX static void amx_config(int G) { _tile_loadconfig(&amx_cfg[G]); }
+
+/* fp32 lanes of the 16 bf16 values in x */
+AMX static INLINE __m512 bf16_ps(__m256i x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+/* The 32 values of x0 (lanes 0-15) and x1 (lanes 16-31) as bf16 hi + lo: hi rounded to the
+ * nearest bf16, lo = the bf16 nearest to x - hi (|x - hi - lo| <= 2^-16 |x|). */
+AMX static INLINE void bf16_split(__m512 x0, __m512 x1, __m512i *hi, __m512i *lo) {
+    *hi = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
+    const __m512 r0 = _mm512_sub_ps(x0, bf16_ps(_mm512_castsi512_si256(*hi)));
+    const __m512 r1 = _mm512_sub_ps(x1, bf16_ps(_mm512_extracti64x4_epi64(*hi, 1)));
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
+}
+
+/* The score B tiles of a task's nh KV heads from its scaled queries qs [nh * G, d]: one tile per
+ * KV head i and 32-dim chunk c, 16 rows (dim pairs) x 2G columns: the 32-bit word
+ * qb[((i * d / 32 + c) * 16 + r) * 2G + col] holds dims (32c + 2r, 32c + 2r + 1) of query head
+ * g = col, bf16 hi (col < G), or of query head g = col - G, bf16 lo. nh * G * d words. */
+AMX static void amx_queries(const float *qs, int nh, int G, int d, uint32_t *qb) {
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(2 * G));
+    for (int i = 0; i < nh; i++)
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < d; j += 32) {
+                const float *q = qs + ((size_t)i * G + g) * d + j;
+                __m512i hi, lo;
+                bf16_split(_mm512_loadu_ps(q), _mm512_loadu_ps(q + 16), &hi, &lo);
+                uint32_t *t = qb + (size_t)(i * (d / 32) + j / 32) * 16 * 2 * G;
+                _mm512_i32scatter_epi32(t + g, rows, hi, 4);
+                _mm512_i32scatter_epi32(t + G + g, rows, lo, 4);
+            }
+}
+
+/* One tile (TileFn's contract) of n <= TILE tokens whose rows off[0..n) start at a multiple of 16
+ * tokens of a page; qb: the KV head's score B tiles (amx_queries); vb: scratch of d / 16 KiB,
+ * 64-byte aligned. The tile configuration of amx_config(c->group) must be loaded. */
+AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, const size_t *off,
+                         int n, const size_t *next, int nn, const uint32_t *qb, float *m,
+                         float *l, float *acc, uint16_t *vb) {
+    const int G = c->group, d = c->d, G2 = 2 * G, blocks = n > 16 ? 2 : 1;
+    float s[MAX_GROUP][TILE] __attribute__((aligned(64)));
+    float ct[2][16 * 2 * AMX_MAX_GROUP] __attribute__((aligned(64)));
+    uint16_t p[2 * AMX_MAX_GROUP][TILE] __attribute__((aligned(64))); /* hi rows, lo rows */
+    float cv[2][2 * AMX_MAX_GROUP * 16] __attribute__((aligned(64)));
+    for (int i = 0; i < nn; i++) prefetch_row(k + next[i], d);
+    /* scores, [token][hi | lo columns], then s[g] = column g + column G + g */
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int j = 0; j < d; j += 32) {
+        _tile_loadd(3, qb + (size_t)(j / 32) * 16 * G2, G2 * 4);
+        _tile_loadd(2, k + off[0] + j, d * 2);
+        _tile_dpbf16ps(0, 2, 3);
+        if (blocks == 2) {
+            _tile_loadd(2, k + off[16] + j, d * 2);
+            _tile_dpbf16ps(1, 2, 3);
         }
-        j += 16 * nz;
+    }
+    _tile_stored(0, ct[0], G2 * 4);
+    if (blocks == 2) _tile_stored(1, ct[1], G2 * 4);
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(G2));
+    for (int g = 0; g < G; g++)
+        for (int b = 0; b < blocks; b++) {
+            const __m512 hi = _mm512_i32gather_ps(rows, ct[b] + g, 4);
+            const __m512 lo = _mm512_i32gather_ps(rows, ct[b] + G + g, 4);
+            _mm512_store_ps(&s[g][16 * b], _mm512_add_ps(hi, lo));
+        }
+    softmax16(s, m, l, acc, n, G, d);
+    /* P in bf16 hi and lo rows */
+    for (int g = 0; g < G; g++) {
+        __m512i hi, lo;
+        bf16_split(_mm512_load_ps(&s[g][0]), _mm512_load_ps(&s[g][16]), &hi, &lo);
+        _mm512_store_si512(p[g], hi);
+        _mm512_store_si512(p[G + g], lo);
+    }
+    /* V rows (2r, 2r + 1) interleaved: row r of chunk z (dims [16z, 16z + 16)) at
+     * vb + (z * 16 + r) * 32 */
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                            40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                            32, 0);
+    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+    const __m512i zero = _mm512_setzero_si512();
+    for (int r = 0; r < TILE / 2; r++) {
+        const uint16_t *va = 2 * r < n ? v + off[2 * r] : NULL;
+        const uint16_t *vb1 = 2 * r + 1 < n ? v + off[2 * r + 1] : NULL;
+        for (int j = 0; j < d; j += 32) {
+            const __m512i a = va ? _mm512_loadu_si512(va + j) : zero;
+            const __m512i b = vb1 ? _mm512_loadu_si512(vb1 + j) : zero;
+            uint16_t *row = vb + ((j / 16) * 16 + r) * 32; /* chunk j / 16, then the next */
+            _mm512_store_si512(row, _mm512_permutex2var_epi16(a, lo_idx, b));
+            _mm512_store_si512(row + 16 * 32, _mm512_permutex2var_epi16(a, hi_idx, b));
+        }
+    }
+    for (int i = 0; i < nn; i++) prefetch_row(v + next[i], d);
+    _tile_loadd(4, p, TILE * 2);
+    for (int j = 0; j < d; j += 32) {
+        _tile_loadd(5, vb + (j / 16) * 16 * 32, 64);
+        _tile_zero(6);
+        _tile_dpbf16ps(6, 4, 5);
+        _tile_loadd(5, vb + (j / 16 + 1) * 16 * 32, 64);
+        _tile_zero(7);
+        _tile_dpbf16ps(7, 4, 5);
+        _tile_stored(6, cv[0], 64);
+        _tile_stored(7, cv[1], 64);
+        for (int g = 0; g < G; g++)
+            for (int h = 0; h < 2; h++) {
+                float *a = acc + g * d + j + 16 * h;
+                const __m512 pv = _mm512_add_ps(_mm512_load_ps(cv[h] + g * 16),
+                                                _mm512_load_ps(cv[h] + (G + g) * 16));
+                _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), pv));
+            }
     }
 }
 
@@ -462,22 +659,40 @@ static void run_task(Ctx *c, const Task *t) {
     float m[MAX_ROWS], l[MAX_ROWS];
     TileFn tile = tile_scalar;
 #if HAVE_AVX2_KERNELS
-    if (c->simd == ISA_AVX512) tile = tile_avx512;
+    if (c->simd >= ISA_AVX512) tile = tile_avx512;
     else if (c->simd == ISA_AVX2) tile = tile_avx2;
+    uint32_t qb[TASK_FLOATS] __attribute__((aligned(64)));
 #endif
+    const int amx = c->simd == ISA_AMX;
     const size_t qrow = ((size_t)t->b * c->hkv + t->h0) * G * d;
     for (int i = 0; i < rows * d; i++) qs[i] = c->q[qrow + i] * c->scale;
     for (int r = 0; r < rows; r++) m[r] = -INFINITY, l[r] = 0.0f;
     memset(acc, 0, sizeof(float) * rows * d);
+#if HAVE_AVX2_KERNELS
+    if (amx) {
+        amx_config(G);
+        amx_queries(qs, t->nh, G, d, qb);
+    }
+#endif
     const size_t hstride = (size_t)c->ps * d;
-    for (int t0 = t->lo; t0 < t->hi; t0 += TILE) {
-        const int n = t->hi - t0 < TILE ? t->hi - t0 : TILE;
+    for (int t0 = t->lo, n; t0 < t->hi; t0 += n) {
+        /* AMX tiles start at a multiple of 16 tokens: a task that starts elsewhere (a window's
+         * start) runs one AVX-512 tile up to there (the m, l, acc state is the same) */
+        const int lead = amx && t0 % 16 ? 16 - t0 % 16 : TILE;
+        n = t->hi - t0 < lead ? t->hi - t0 : lead;
         const int nn = t->hi - t0 - n < TILE ? t->hi - t0 - n : TILE; /* rows of the next tile */
         size_t off[TILE], next[TILE];
         tile_rows(c, t, t0, n, off);
         tile_rows(c, t, t0 + n, nn, next);
         for (int i = 0; i < t->nh; i++) {
             const size_t h = (size_t)(t->h0 + i) * hstride;
+#if HAVE_AVX2_KERNELS
+            if (amx && t0 % 16 == 0) {
+                tile_amx(c, c->k + h, c->v + h, off, n, next, nn, qb + (size_t)i * G * d,
+                         m + i * G, l + i * G, acc + i * G * d, (uint16_t *)vt);
+                continue;
+            }
+#endif
             tile(c, c->k + h, c->v + h, off, n, next, nn, qs + i * G * d, m + i * G, l + i * G,
                  acc + i * G * d, vt);
         }
@@ -549,6 +764,14 @@ static int heads_per_task(int hkv, int G, int d, int64_t pieces, int nthreads) {
     hb = hb < hkv ? hb : hkv;
     const int64_t fused = pieces * ((hkv + hb - 1) / hb);
     return nthreads == 1 || fused >= (int64_t)FUSED_TASKS_PER_THREAD * nthreads ? hb : 1;
+}
+
+/* Whether a call's geometry runs the AMX tile (where the CPU has it): bf16 pages, head_dim a
+ * multiple of 32 (K chunks), at most AMX_MAX_GROUP query heads per KV head (2G score columns), and
+ * pages of a multiple of 16 tokens (a 16-token K block inside one page). fp16 pages (no AMX-FP16
+ * here) and other shapes run the AVX-512 kernel. */
+static int amx_fits(int dt, int G, int d, int ps) {
+    return dt == DT_BF16 && d % 32 == 0 && G <= AMX_MAX_GROUP && ps % 16 == 0;
 }
 
 static int by_size_desc(const void *x, const void *y) {
@@ -651,7 +874,8 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
     Ctx c = {.q = (const float *)qp, .k = (const uint16_t *)kp, .v = (const uint16_t *)vp,
              .tables = tables, .W = (int)W, .ps = ps, .hkv = hkv, .group = G, .d = d, .dt = dt,
-             .simd = isa_level == ISA_AVX512 && d % 16 == 0 ? ISA_AVX512
+             .simd = isa_level == ISA_AMX && amx_fits(dt, G, d, ps) ? ISA_AMX
+                     : isa_level >= ISA_AVX512 && d % 16 == 0 ? ISA_AVX512
                      : isa_level >= ISA_AVX2 && d % 8 == 0 ? ISA_AVX2 : ISA_SCALAR, .scale = scale, .tasks = tasks,
              .ntasks = (int)ntasks, .out = (float *)op, .pm = part,
              .pl = part + (size_t)nslots * G, .pacc = part + (size_t)nslots * G * 2};
@@ -673,8 +897,8 @@ done:
     return ret;
 }
 
-/* set_isa(level) -> previous: use at most this kernel (0 scalar, 1 AVX2, 2 AVX-512), as far
- * as the CPU has it; e.g. to test or time the other kernels. */
+/* set_isa(level) -> previous: use at most this kernel (0 scalar, 1 AVX2, 2 AVX-512, 3 AMX for
+ * bf16 pages), as far as the CPU has it; e.g. to test or time the other kernels. */
 static PyObject *set_isa(PyObject *self, PyObject *args) {
     (void)self;
     int level, previous = isa_level;
@@ -691,8 +915,8 @@ static PyObject *isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, "Paged GQA decode attention over block tables."},
-    {"isa", isa, METH_NOARGS, "The kernel in use: 0 scalar, 1 AVX2, 2 AVX-512."},
-    {"set_isa", set_isa, METH_VARARGS, "Use at most this kernel (0, 1, 2)."},
+    {"isa", isa, METH_NOARGS, "The kernel in use: 0 scalar, 1 AVX2, 2 AVX-512, 3 AMX."},
+    {"set_isa", set_isa, METH_VARARGS, "Use at most this kernel (0, 1, 2, 3)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -702,6 +926,8 @@ PyMODINIT_FUNC PyInit__attention(void) {
     pool_init();
 #if HAVE_AVX2_KERNELS
     __builtin_cpu_init();
+    amx_granted = request_amx();
+    if (amx_granted) amx_build_configs();
 #endif
     isa_level = cpu_isa();
     return PyModule_Create(&module);

@@ -5,7 +5,8 @@ input check every route runs.
 persistent thread pool, then merges split requests exactly. A task covers all KV heads of its
 request whose state fits its buffers (one run of K and of V per page), or one KV head when that
 would leave fewer than 4 tasks per thread (`cost.task_heads` states the rule). Kernels:
-AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`, `set_isa`). When the extension
+AMX-BF16 (bf16 pages only), AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`,
+`set_isa`). When the extension
 was not built, `AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference)
 run.
 """
@@ -69,11 +70,14 @@ def check_tables(tables, lengths, pages: int, page_size: int, starts=None) -> No
         raise PagedInputError("a block table entry points outside the page pool")
 
 
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "amx")
 
 
 def isa() -> str:
-    """The kernel in use: "avx512" (AVX-512F), "avx2" (AVX2/F16C/FMA) or "scalar" (plain C)."""
+    """The kernel in use: "amx" (AMX-BF16 tiles for bf16 pages whose page_size is a multiple of
+    16, head_dim of 32 and group <= 8, AVX-512F for the rest), "avx512" (AVX-512F), "avx2"
+    (AVX2/F16C/FMA) or "scalar" (plain C). "amx" needs the CPU's AMX-BF16 and the Linux kernel's
+    permission for the tile state (asked once at import); without either the best is "avx512"."""
     return ISAS[_attention.isa()]
 
 

@@ -1,0 +1,104 @@
+"""The AMX-BF16 tile of the paged decode kernel (bf16 pages) against the float64 reference and
+against the AVX-512 kernel, on pools whose unused slots hold NaN. On a CPU with AMX-BF16 (the
+development VM and CI) `isa()` is "amx" and these tests run the AMX tile; elsewhere they run the
+AVX-512/AVX2 fallback and check that "amx" is not claimed."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from spectrumkv.paged import kernel
+from spectrumkv.paged.reference import reference
+from tests.test_paged import make_cache
+
+
+def cpu_has_amx() -> bool:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+
+
+def run(isa, q, kp, vp, tables, lens, splits=1, threads=1, starts=None):
+    previous = kernel.set_isa(isa)
+    try:
+        out, _ = kernel.decode(q, kp, vp, tables, lens, q.shape[2] ** -0.5, splits, 64, threads,
+                               starts=starts)  # fmt: skip
+    finally:
+        kernel.set_isa(previous)
+    return out
+
+
+def test_amx_is_the_default_where_the_cpu_has_it():
+    """The kernel asks Linux for the tile state once at import: on an AMX CPU it must get it
+    (Linux >= 5.16 lists amx_tile only when it supports the request) and use it by default."""
+    assert kernel.AVAILABLE
+    if cpu_has_amx():
+        assert kernel.isa() == "amx"
+    else:
+        assert kernel.isa() != "amx"
+        assert kernel.set_isa("amx") != "amx" and kernel.isa() != "amx"  # clamped to the CPU's
+
+
+GEOMETRIES = [  # kv_heads, group, head_dim, page_size
+    (3, 3, 64, 16),  # SmolLM2-135M
+    (3, 3, 64, 32),
+    (8, 4, 128, 32),  # 7B-class
+    (1, 4, 256, 16),  # Gemma-3-270M
+    (2, 8, 64, 48),  # the largest group the AMX tile takes; pages of 3 x 16 tokens
+]
+LENGTHS = [1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2500]
+STARTS = [0, 3, 0, 16, 30, 5, 17, 40, 0, 99, 100, 511, 1]  # mid-page and mid-16-block windows
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_amx_matches_reference_on_poisoned_pools(geometry):
+    """bf16 pages with holes whose unused slots (holes, the rest of each last page) hold NaN:
+    every output finite and within 2e-3 of float64 (seen: < 1e-5), whole or as windows
+    starting mid-page (an AVX-512 tile up to the next 16-token boundary, then AMX), split or
+    not (the merge is exact), on 1 and 2 threads; and close to the AVX-512 kernel."""
+    kv_heads, group, d, ps = geometry
+    cache, tables, lens = make_cache(LENGTHS, torch.bfloat16, kv_heads, d, ps, poison=True)
+    kp, vp = cache.layer(0)
+    q = torch.randn(len(LENGTHS), kv_heads * group, d, generator=torch.Generator().manual_seed(3))
+    for starts in (None, torch.tensor(STARTS, dtype=torch.int32)):
+        ref = reference(q, kp, vp, tables, lens, d**-0.5, starts)
+        old = run("avx512", q, kp, vp, tables, lens, starts=starts)
+        for splits, threads in ((1, 1), (4, 1), (4, 2)):
+            out = run("amx", q, kp, vp, tables, lens, splits, threads, starts)
+            assert torch.isfinite(out).all()
+            assert (out.double() - ref).abs().max().item() < 2e-3
+            assert (out - old).abs().max().item() < 1e-4
+
+
+def test_amx_runs_only_where_it_fits():
+    """The AMX tile computes differently from the AVX-512 one (bf16 hi/lo products), so its
+    outputs differ in the last bits: they do on bf16 pages of 16 tokens; fp16 pages, pages of 8
+    tokens and a head_dim that is not a multiple of 32 run the AVX-512 kernel bit for bit."""
+    cases = [(torch.bfloat16, 16, 64), (torch.float16, 16, 64), (torch.bfloat16, 8, 64),
+             (torch.bfloat16, 16, 48)]  # fmt: skip
+    for dtype, ps, d in cases:
+        cache, tables, lens = make_cache([40, 300], dtype, 3, d, ps)
+        kp, vp = cache.layer(0)
+        q = torch.randn(2, 9, d)
+        amx, old = run("amx", q, kp, vp, tables, lens), run("avx512", q, kp, vp, tables, lens)
+        fits = cpu_has_amx() and dtype == torch.bfloat16 and ps == 16 and d % 32 == 0
+        assert torch.equal(amx, old) != fits, (dtype, ps, d)
+        ref = reference(q, kp, vp, tables, lens, d**-0.5)
+        assert (amx.double() - ref).abs().max().item() < 2e-3
+
+
+def test_amx_request_alone_or_batched_is_the_same_bits():
+    """A bf16 request's output does not depend on its batch (tasks group KV heads differently,
+    the per-head arithmetic and tile boundaries are the same)."""
+    lengths = [700, 40, 3000, 129, 1500]
+    cache, tables, lens = make_cache(lengths, torch.bfloat16, 8, 128, 32)
+    kp, vp = cache.layer(0)
+    q = torch.randn(len(lengths), 32, 128)
+    whole = run("amx", q, kp, vp, tables, lens, threads=2)
+    for batch in ([0], [2], [4, 1], [3, 2, 0]):
+        i = torch.tensor(batch)
+        alone = run("amx", q[i].contiguous(), kp, vp, tables[i], lens[i], threads=2)
+        assert torch.equal(alone, whole[i]), batch
