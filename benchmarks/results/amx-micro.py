@@ -7,8 +7,17 @@ the AMX kernel and `set_isa("avx512")` back to back (order alternating), median 
 and a torch sum's read rate between rounds. GB/s = K+V bytes read per call / time.
 
     .venv/bin/python benchmarks/results/amx-micro.py THREADS ROUNDS
+        one request, hot and streaming, SmolLM2 and 7B shapes, 16- and 32-token pages
+    .venv/bin/python benchmarks/results/amx-micro.py mix THREADS ROUNDS
+        one decode-attention layer of the issue-18 mix (uniform x 1/16, seed 0: 16 requests,
+        19,624 tokens) over a ring of layers (> 100 MB), workqueue splits (<= 4 of >= 8192
+        tokens), as kernel4-oldnew.py's micro mode
+    .venv/bin/python benchmarks/results/amx-micro.py step ROUNDS
+        the engine's bf16 batch-16 SmolLM2 decode step (serve.step_bench's batch, route adaptive,
+        1 thread), AMX and AVX-512 alternating: step and paged-attention ms
 """
 
+import collections
 import os
 import statistics
 import sys
@@ -16,7 +25,8 @@ import time
 
 import torch
 
-from spectrumkv.paged import kernel
+from spectrumkv.paged import kernel, traces
+from spectrumkv.paged.cache import PagedConfig, PagedKVCache
 
 SHAPES = {"smollm2": (3, 9, 64), "7b": (8, 32, 128)}
 
@@ -74,5 +84,91 @@ def main():
           f"({min(sums):.2f}-{max(sums):.2f}); load {os.getloadavg()}")  # fmt: skip
 
 
+LENS = traces.lengths("uniform", 16, 0, 1 / 16)
+
+
+def mix(threads, rounds):
+    torch.set_num_threads(threads)
+    buf = torch.ones((256 << 20) // 4)
+    print(f"mix: tokens {sum(LENS)}, threads {threads}, load {os.getloadavg()}")
+    for shape, (hkv, d, hq, layers) in {"smol": (3, 64, 9, 12), "7b": (8, 128, 32, 4)}.items():
+        for ps in (16, 32):
+            pages = sum(-(-n // ps) for n in LENS) + 16
+            c = PagedKVCache(PagedConfig(layers, hkv, d, pages, ps, torch.bfloat16), shuffle_seed=1)
+            c.k.normal_()
+            c.v.normal_()
+            for r, n in enumerate(LENS):
+                c.allocate(r, n)
+            tables, lengths = c.block_tables(list(range(16)))
+            q = torch.randn(16, hq, d)
+            kvb = sum(LENS) * 2 * hkv * d * 2
+            outs = {m: torch.empty(16, hq, d) for m in ("amx", "avx512")}
+            times, rates = {"amx": [], "avx512": []}, []
+            for rd in range(rounds + 1):
+                for isa in ("amx", "avx512") if rd % 2 else ("avx512", "amx"):
+                    kernel.set_isa(isa)
+                    t0 = time.perf_counter()
+                    for layer in range(layers):
+                        kp, vp = c.layer(layer)
+                        kernel.decode(q, kp, vp, tables, lengths, d**-0.5, 4, 8192, threads,
+                                      out=outs[isa])  # fmt: skip
+                    if rd:
+                        times[isa].append((time.perf_counter() - t0) / layers)
+                if rd:
+                    t0 = time.perf_counter()
+                    buf.sum()
+                    rates.append(buf.numel() * 4 / (time.perf_counter() - t0))
+            kernel.set_isa("amx")
+            assert (outs["amx"] - outs["avx512"]).abs().max() < 1e-4
+            sr = statistics.median(rates)
+            line = [f"{shape} p{ps} sum {sr / 1e9:.2f} GB/s"]
+            for name, x in times.items():
+                t = statistics.median(x)
+                line.append(f"{name} {1e3 * t:.2f} ms [{1e3 * min(x):.2f}-{1e3 * max(x):.2f}] "
+                            f"{kvb / t / 1e9:.2f} GB/s = {kvb / t / sr:.2f}x sum")  # fmt: skip
+            r = [a / b for a, b in zip(times["amx"], times["avx512"], strict=True)]
+            line.append(f"amx/avx512 median {statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}]")
+            print(" | ".join(line), flush=True)
+    print(f"load {os.getloadavg()}")
+
+
+def step(rounds):
+    from spectrumkv.serve import runner as runner_mod
+    from spectrumkv.serve.step_bench import _Batch, load
+
+    torch.set_num_threads(1)
+    b = _Batch(load("smollm2-135m", dtype="bfloat16"), LENS, "adaptive", 0, "serve")
+    res = {k: {"step": [], "att": []} for k in ("amx", "avx512")}
+    b.step()
+    for rd in range(rounds):
+        for isa in ("amx", "avx512") if rd % 2 == 0 else ("avx512", "amx"):
+            kernel.set_isa(isa)
+            b.step()
+            for _ in range(4):
+                acc = runner_mod.timed_parts = collections.defaultdict(float)
+                t0 = time.perf_counter()
+                b.step()
+                res[isa]["step"].append(time.perf_counter() - t0)
+                runner_mod.timed_parts = None
+                res[isa]["att"].append(acc["paged attention"])
+    kernel.set_isa("amx")
+    print(f"step: load {os.getloadavg()}, 1 thread, tokens {sum(LENS)}")
+    for name, r in res.items():
+        print(
+            f"{name}: step median {1e3 * statistics.median(r['step']):.1f} ms, paged attention "
+            f"median {1e3 * statistics.median(r['att']):.1f} ms (min {1e3 * min(r['att']):.1f})"
+        )
+    ra = [a / b for a, b in zip(res["amx"]["att"], res["avx512"]["att"], strict=True)]
+    rs = [a / b for a, b in zip(res["amx"]["step"], res["avx512"]["step"], strict=True)]
+    print(f"amx/avx512 paged attention, paired steps: median {statistics.median(ra):.3f} "
+          f"[{min(ra):.3f}-{max(ra):.3f}]; whole step {statistics.median(rs):.3f} "
+          f"[{min(rs):.3f}-{max(rs):.3f}]")  # fmt: skip
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "mix":
+        mix(int(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1] == "step":
+        step(int(sys.argv[2]))
+    else:
+        main()
