@@ -11,13 +11,15 @@ and a torch sum's read rate between rounds. GB/s = K+V bytes read per call / tim
     .venv/bin/python benchmarks/results/amx-micro.py mix THREADS ROUNDS
         one decode-attention layer of the issue-18 mix (uniform x 1/16, seed 0: 16 requests,
         19,624 tokens) over a ring of layers (> 100 MB), workqueue splits (<= 4 of >= 8192
-        tokens), as kernel4-oldnew.py's micro mode
+        tokens), as kernel4-oldnew.py's micro mode; OLD=COMMIT also times that commit's kernel
+        (built from git by kernel4-oldnew.py's build_old, its best ISA: AVX-512 here)
     .venv/bin/python benchmarks/results/amx-micro.py step ROUNDS
         the engine's bf16 batch-16 SmolLM2 decode step (serve.step_bench's batch, route adaptive,
         1 thread), AMX and AVX-512 alternating: step and paged-attention ms
 """
 
 import collections
+import importlib.util
 import os
 import statistics
 import sys
@@ -87,7 +89,18 @@ def main():
 LENS = traces.lengths("uniform", 16, 0, 1 / 16)
 
 
+def build_old(commit):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel4-oldnew.py")
+    spec = importlib.util.spec_from_file_location("kernel4_oldnew", path)
+    k4 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(k4)
+    k4.OLD_COMMIT = commit
+    return k4.build_old()
+
+
 def mix(threads, rounds):
+    old = build_old(os.environ["OLD"]) if os.environ.get("OLD") else None
+    names = ("amx", "avx512", "old") if old else ("amx", "avx512")
     torch.set_num_threads(threads)
     buf = torch.ones((256 << 20) // 4)
     print(f"mix: tokens {sum(LENS)}, threads {threads}, load {os.getloadavg()}")
@@ -102,16 +115,21 @@ def mix(threads, rounds):
             tables, lengths = c.block_tables(list(range(16)))
             q = torch.randn(16, hq, d)
             kvb = sum(LENS) * 2 * hkv * d * 2
-            outs = {m: torch.empty(16, hq, d) for m in ("amx", "avx512")}
-            times, rates = {"amx": [], "avx512": []}, []
+            outs = {m: torch.empty(16, hq, d) for m in names}
+            times, rates = {m: [] for m in names}, []
             for rd in range(rounds + 1):
-                for isa in ("amx", "avx512") if rd % 2 else ("avx512", "amx"):
-                    kernel.set_isa(isa)
+                for isa in names if rd % 2 else names[::-1]:
+                    kernel.set_isa("avx512" if isa == "old" else isa)
                     t0 = time.perf_counter()
                     for layer in range(layers):
                         kp, vp = c.layer(layer)
-                        kernel.decode(q, kp, vp, tables, lengths, d**-0.5, 4, 8192, threads,
-                                      out=outs[isa])  # fmt: skip
+                        if isa == "old":
+                            old.decode(q.data_ptr(), kp.data_ptr(), vp.data_ptr(), kp.numel(),
+                                       tables.numpy(), lengths.numpy(), outs[isa].data_ptr(), hq,
+                                       hkv, d, ps, 2, d**-0.5, 4, 8192, threads)  # fmt: skip
+                        else:
+                            kernel.decode(q, kp, vp, tables, lengths, d**-0.5, 4, 8192, threads,
+                                          out=outs[isa])  # fmt: skip
                     if rd:
                         times[isa].append((time.perf_counter() - t0) / layers)
                 if rd:
@@ -126,8 +144,10 @@ def mix(threads, rounds):
                 t = statistics.median(x)
                 line.append(f"{name} {1e3 * t:.2f} ms [{1e3 * min(x):.2f}-{1e3 * max(x):.2f}] "
                             f"{kvb / t / 1e9:.2f} GB/s = {kvb / t / sr:.2f}x sum")  # fmt: skip
-            r = [a / b for a, b in zip(times["amx"], times["avx512"], strict=True)]
-            line.append(f"amx/avx512 median {statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}]")
+            for num, den in (("amx", "avx512"), ("amx", "old"), ("avx512", "old"))[: len(names)]:
+                r = [a / b for a, b in zip(times[num], times[den], strict=True)]
+                m = statistics.median(r)
+                line.append(f"{num}/{den} median {m:.3f} [{min(r):.3f}-{max(r):.3f}]")
             print(" | ".join(line), flush=True)
     print(f"load {os.getloadavg()}")
 

@@ -143,7 +143,7 @@ static inline void tile_rows(const Ctx *c, const Task *t, int t0, int n, size_t 
 
 /* One tile of one KV head: rows k + off[i], v + off[i] for i < n (k, v already offset to
  * the head); qs: [group, d], the scaled queries; m, l: [group]; acc: [group * d]
- * (unnormalized); next, nn: the next tile's rows (SIMD kernels prefetch them); vt: scratch of
+ * (unnormalized); next, nn: the next tile's rows (the AVX2 kernel prefetches them); vt: scratch of
  * TILE x MAX_HEAD_DIM floats, 64-byte aligned. */
 typedef void (*TileFn)(const Ctx *c, const uint16_t *k, const uint16_t *v, const size_t *off,
                        int n, const size_t *next, int nn, const float *qs, float *m, float *l,
@@ -184,10 +184,14 @@ static void tile_scalar(const Ctx *c, const uint16_t *k, const uint16_t *v, cons
     }
 }
 
-/* Pages are small and scattered, so the hardware prefetcher stops at each one: the SIMD kernels
- * ask for the next tile's rows while they convert the current tile's. (With tasks of all KV
- * heads, i.e. one run per page, kernel4 measured no difference between this, prefetching into
- * L2 only, two or three tiles ahead, or none, on SmolLM2 and the 7B shape.) */
+/* Pages are small and scattered, so the hardware prefetcher stops at each one: the AVX2 kernel
+ * asks for the next tile's rows while it converts the current tile's; for the AVX-512 and AMX
+ * kernels run_task asks for the next tile's K and V rows of all the task's heads at once before
+ * a tile starts (prefetch_tile). (kernel4, AVX-512 with its own per-head prefetch: no difference
+ * between that, prefetching into L2 only, two or three tiles ahead, or none. amx, over a ring of
+ * layers of the issue-18 mix, 1 thread: all heads at once into L1 one tile ahead made the AMX
+ * tile 4-22 % faster and the AVX-512 one 4-7 %, than each head's tile prefetching its own; into
+ * L2, or two or more tiles ahead, was slower; the AVX2 kernel was 2-10 % slower with it.) */
 static inline void prefetch_row(const uint16_t *p, int d) {
     for (int b = 0; b < d * 2; b += 64) __builtin_prefetch((const char *)p + b, 0, 3);
 }
@@ -453,13 +457,13 @@ AVX512 static INLINE void softmax16(float (*s)[TILE], float *m, float *l, float 
 AVX512 static void tile_avx512(const Ctx *c, const uint16_t *k, const uint16_t *v,
                                const size_t *off, int n, const size_t *next, int nn,
                                const float *qs, float *m, float *l, float *acc, float *vt) {
+    (void)next, (void)nn; /* run_task prefetched them (prefetch_tile) */
     const int G = c->group, d = c->d, dt = c->dt;
     float s[MAX_GROUP][TILE] __attribute__((aligned(64)));
     /* K: the tile's rows converted once into vt (rows past n zeroed up to 16), then 16 scores
      * at a time per query head, reduced together */
     for (int i = 0; i < n; i++) {
         const uint16_t *kp = k + off[i];
-        if (i < nn) prefetch_row(k + next[i], d);
         for (int j = 0; j < d; j += 16) _mm512_store_ps(vt + i * d + j, load16(kp + j, dt));
     }
     if (n % 16) memset(vt + n * d, 0, sizeof(float) * (16 - n % 16) * d);
@@ -478,7 +482,6 @@ AVX512 static void tile_avx512(const Ctx *c, const uint16_t *k, const uint16_t *
         }
     }
     softmax16(s, m, l, acc, n, G, d);
-    for (int i = 0; i < nn; i++) prefetch_row(v + next[i], d);
     v_tile(v, off, dt, s, acc, n, d, G);
 }
 
@@ -567,14 +570,13 @@ AMX static void amx_queries(const float *qs, int nh, int G, int d, uint32_t *qb)
  * tokens of a page; qb: the KV head's score B tiles (amx_queries); vb: scratch of d / 16 KiB,
  * 64-byte aligned. The tile configuration of amx_config(c->group) must be loaded. */
 AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, const size_t *off,
-                         int n, const size_t *next, int nn, const uint32_t *qb, float *m,
-                         float *l, float *acc, uint16_t *vb) {
+                         int n, const uint32_t *qb, float *m, float *l, float *acc,
+                         uint16_t *vb) {
     const int G = c->group, d = c->d, G2 = 2 * G, blocks = n > 16 ? 2 : 1;
     float s[MAX_GROUP][TILE] __attribute__((aligned(64)));
     float ct[2][16 * 2 * AMX_MAX_GROUP] __attribute__((aligned(64)));
     uint16_t p[2 * AMX_MAX_GROUP][TILE] __attribute__((aligned(64))); /* hi rows, lo rows */
     float cv[2][2 * AMX_MAX_GROUP * 16] __attribute__((aligned(64)));
-    for (int i = 0; i < nn; i++) prefetch_row(k + next[i], d);
     /* scores, [token][hi | lo columns], then s[g] = column g + column G + g */
     _tile_zero(0);
     _tile_zero(1);
@@ -624,7 +626,6 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
             _mm512_store_si512(row + 16 * 32, _mm512_permutex2var_epi16(a, hi_idx, b));
         }
     }
-    for (int i = 0; i < nn; i++) prefetch_row(v + next[i], d);
     _tile_loadd(4, p, TILE * 2);
     for (int j = 0; j < d; j += 32) {
         _tile_loadd(5, vb + (j / 16) * 16 * 32, 64);
@@ -648,6 +649,18 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
 #endif
 
 /* ---- the job: tasks from a shared counter, then the merge ---- */
+
+/* Prefetches the K and V rows next[0..nn) of every KV head of task t (see prefetch_row). */
+static void prefetch_tile(const Ctx *c, const Task *t, const size_t *next, int nn) {
+    const size_t hstride = (size_t)c->ps * c->d;
+    for (int i = 0; i < t->nh; i++) {
+        const size_t h = (size_t)(t->h0 + i) * hstride;
+        for (int r = 0; r < nn; r++) {
+            prefetch_row(c->k + h + next[r], c->d);
+            prefetch_row(c->v + h + next[r], c->d);
+        }
+    }
+}
 
 /* Runs one task: tile after tile, each of its KV heads in turn (one pass over each page's run
  * of K and V), then writes its output rows, or its partials when its request is split. */
@@ -684,12 +697,13 @@ static void run_task(Ctx *c, const Task *t) {
         size_t off[TILE], next[TILE];
         tile_rows(c, t, t0, n, off);
         tile_rows(c, t, t0 + n, nn, next);
+        if (c->simd >= ISA_AVX512) prefetch_tile(c, t, next, nn);
         for (int i = 0; i < t->nh; i++) {
             const size_t h = (size_t)(t->h0 + i) * hstride;
 #if HAVE_AVX2_KERNELS
             if (amx && t0 % 16 == 0) {
-                tile_amx(c, c->k + h, c->v + h, off, n, next, nn, qb + (size_t)i * G * d,
-                         m + i * G, l + i * G, acc + i * G * d, (uint16_t *)vt);
+                tile_amx(c, c->k + h, c->v + h, off, n, qb + (size_t)i * G * d, m + i * G,
+                         l + i * G, acc + i * G * d, (uint16_t *)vt);
                 continue;
             }
 #endif
