@@ -5,9 +5,10 @@ and how far it is from the memory-bandwidth limit; and bf16 vs float32 output qu
         --breakdown --quality 8 --json benchmarks/results/decode_step.json
 
 Step: `batch` requests at the context lengths of a paged.traces mix (default the issue's:
-uniform x 1/16 = 250-2,000 tokens), their pages filled with seeded random fp16 K/V (the step's
-cost does not depend on the values), one ModelRunner.step per decode token, the dtypes in
-alternation (`rounds` x `steps` each), so they see the same machine load.
+uniform x 1/16 = 250-2,000 tokens), their pages (`--kv-dtype`, fp16 by default) filled with
+seeded random K/V (the step's cost does not depend on the values), one ModelRunner.step per
+decode token, the dtypes in alternation (`rounds` x `steps` each), so they see the same machine
+load.
 
 Limit: a step reads every weight once (`weight_bytes`, in the compute dtype) and every active
 request's K/V once (`kv_bytes`, at the median step's lengths). Two rates, both measured in this
@@ -46,7 +47,7 @@ import torch
 
 from ..engines.hf import COMPUTE_DTYPES, Engine, decode_state, generate, load, prefill
 from ..kv import LayerKV
-from ..paged import traces
+from ..paged import kernel, traces
 from ..paged.bench import copy_bandwidth
 from ..paged.cache import PagedKVCache
 from ..pd.sampling import SamplingParams
@@ -70,8 +71,9 @@ class _Batch:
         g = torch.Generator().manual_seed(seed)
         for rid, n in enumerate(lens):
             shape = (fp.n_kv_heads, n, fp.head_dim)
-            layers = [LayerKV(torch.randn(shape, generator=g).half(),
-                              torch.randn(shape, generator=g).half(), torch.arange(n))
+            kv = engine.kv_dtype
+            layers = [LayerKV(torch.randn(shape, generator=g).to(kv),
+                              torch.randn(shape, generator=g).to(kv), torch.arange(n))
                       for _ in range(fp.n_layers)]  # fmt: skip
             self.runner.write_prompt(rid, layers, n)
         self.rids = list(range(len(lens)))
@@ -95,7 +97,7 @@ _OPS = {True: "compiled row ops", False: "torch row ops"}
 
 
 def _token_mib(engine: Engine) -> float:
-    return engine.fingerprint.kv_token_bytes(2) / (1 << 20)  # fp16 pages
+    return engine.fingerprint.kv_token_bytes(engine.kv_dtype.itemsize) / (1 << 20)
 
 
 _PARTS = {  # HF submodule name -> part
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per dtype per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--route", default="adaptive")
+    p.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="pages' dtype (bfloat16: the AMX kernel, on CPUs with AMX)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--breakdown", action="store_true", help="per-part ms per step")
     p.add_argument("--paths", default="serve", help="of serve,torch-ops,hf (module doc)")
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--quality compares with float32: include it in --dtypes")
     torch.set_num_threads(a.threads)
     lens = traces.lengths(a.trace, a.batch, a.seed, a.scale)
-    engines = {d: load(a.model, dtype=d) for d in dtypes}
+    engines = {d: load(a.model, a.kv_dtype, dtype=d) for d in dtypes}
     paths = [x for x in a.paths.split(",") if x]
     if not paths or any(x not in PATHS for x in paths):
         p.error(f"--paths: of {list(PATHS)}")
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     times = time_steps(batches, a.steps, a.rounds)
     read_bw, copy_bw = read_bandwidth(), copy_bandwidth(256 << 20)
     rec: dict = {"model": a.model, "batch": a.batch, "lens": lens, "threads": a.threads,
+                 "kv_dtype": a.kv_dtype, "kernel_isa": kernel.isa() if kernel.AVAILABLE else None,
                  "read_gbps": read_bw / 1e9, "copy_gbps": copy_bw / 1e9, "dtypes": {}}  # fmt: skip
     for d, b in batches.items():
         wb, kv = weight_bytes(b.runner.engine.model), b.kv_bytes()
