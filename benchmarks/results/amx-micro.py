@@ -15,7 +15,8 @@ and a torch sum's read rate between rounds. GB/s = K+V bytes read per call / tim
         (built from git by kernel4-oldnew.py's build_old, its best ISA: AVX-512 here)
     .venv/bin/python benchmarks/results/amx-micro.py step ROUNDS
         the engine's bf16 batch-16 SmolLM2 decode step (serve.step_bench's batch, route adaptive,
-        1 thread), AMX and AVX-512 alternating: step and paged-attention ms
+        1 thread, bf16 compute and bf16 pages), AMX and AVX-512 alternating: step and
+        paged-attention ms
 """
 
 import collections
@@ -157,7 +158,7 @@ def step(rounds):
     from spectrumkv.serve.step_bench import _Batch, load
 
     torch.set_num_threads(1)
-    b = _Batch(load("smollm2-135m", dtype="bfloat16"), LENS, "adaptive", 0, "serve")
+    b = _Batch(load("smollm2-135m", "bfloat16", 1, "bfloat16"), LENS, "adaptive", 0, "serve")
     res = {k: {"step": [], "att": []} for k in ("amx", "avx512")}
     b.step()
     for rd in range(rounds):
