@@ -13,6 +13,10 @@
  * after all tasks ran, a merge pass combines them exactly: M = max m_s, L = sum e^(m_s-M) l_s,
  * out = sum e^(m_s-M) acc_s / L. Unsplit tasks write their output directly.
  *
+ * Tile kernels, the best the CPU has (set_isa may cap it): AMX-BF16 tiles for bf16 pages that fit
+ * them (amx_fits; tile_amx), AVX-512 (every other page and every tile the AMX one cannot take),
+ * AVX2/F16C/FMA, plain C. All keep the same FP32 m, l, acc state, so a task may mix them.
+ *
  * All tasks of one call run as ONE job on the persistent pool (_pool.h): every thread takes the
  * next task from a shared counter (longest tasks first), so a call is one dispatch whatever the
  * batch. The routes in attention.py differ only in which requests they pass per call and how
