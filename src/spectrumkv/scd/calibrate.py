@@ -64,8 +64,8 @@ class CalibConfig:
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     alpha_levels: tuple[int, ...] = (1, 6)
     distill_steps: int = 0
-    distill_chunks: int = 24
-    distill_lr: float = 1e-4
+    distill_chunks: int = 40
+    distill_lr: float = 3e-5
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.prompt_tokens < 16 or self.dev_chunks < 1:
