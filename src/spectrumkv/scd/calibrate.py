@@ -36,7 +36,7 @@ from .capture import Captured, capture, check_supported, derotate, flat
 from .codes import encode_layer, reconstruct_layer
 from .distill import distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
-from .metrics import Scored, kl, score
+from .metrics import Scored, kl, oracle_score, score
 from .splits import split_text
 
 
@@ -117,9 +117,8 @@ class _Dev:
         self.items: list[tuple[Captured, torch.Tensor, Scored]] = []
         for chunk in tqdm(chunks, desc="dev prefills", leave=False):
             cap = capture(engine_a, chunk[: split - 1], input_layers=range(n_layers))
-            ora = capture(engine_b, chunk[: split - 1]).pre
             feed = chunk[split - 1 :]
-            oracle = score(engine_b, decode_state(engine_b, ora.layers, ora.n_tokens), feed)
+            oracle = oracle_score(engine_b, chunk[: split - 1], feed)
             self.items.append((cap, feed, oracle))
 
     def layers(self, art: Artifact, item: int, only: list[int] | None = None) -> list:

@@ -34,7 +34,7 @@ from ..eval.ppl import corpus_chunks
 from .artifact import Artifact
 from .capture import capture
 from .codes import LayerCode, encode_layer, reconstruct_layer, reuse_flat, to_layer
-from .metrics import score
+from .metrics import oracle_score
 from .splits import split_text
 
 if TYPE_CHECKING:
@@ -91,8 +91,7 @@ def _chunks(engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig)
             for i, kv in enumerate(cap.pre.layers)
         ]
         fixed = {i: reconstruct_layer(art, engine_b, codes[i]) for i in patches}
-        ora = capture(engine_b, prefix).pre
-        oracle = score(engine_b, decode_state(engine_b, ora.layers, ora.n_tokens), feed).logp
+        oracle = oracle_score(engine_b, prefix, feed).logp
         out.append(_Chunk(codes, fixed, cap.pre.n_tokens, feed, oracle))
     return out
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engines.hf import DecodeState, Engine, step
+from ..engines.hf import DecodeState, Engine, decode_state, step
+from .capture import capture
 
 
 @dataclass
@@ -26,6 +27,12 @@ def score(engine: Engine, state: DecodeState, feed: torch.Tensor) -> Scored:
     logp = F.log_softmax(step(engine, state, feed[:-1]), dim=-1)
     nll = float(-logp.gather(1, feed[1:, None]).sum())
     return Scored(nll, int(feed.numel() - 1), logp)
+
+
+def oracle_score(engine_b: Engine, prefix: torch.Tensor, feed: torch.Tensor) -> Scored:
+    """The oracle of the PD protocol: B's scores of `feed` from its own prefill of `prefix`."""
+    pre = capture(engine_b, prefix).pre
+    return score(engine_b, decode_state(engine_b, pre.layers, pre.n_tokens), feed)
 
 
 def kl(got: Scored, oracle: Scored) -> float:
