@@ -114,20 +114,55 @@ def test_split_merge_equals_unsplit(name):
 
 
 def test_route_dispatch_for_cuda_pages():
-    """What run_route does with CUDA pages (routes._run_gpu, called directly: the interpreter's
-    tensors are CPU tensors): the Triton workqueue with the profile's workqueue settings, the
-    CPU workqueue's output and merge bytes."""
-    dtype, d, hkv, group, ps, lengths, starts, _, _ = CASES["fp16-d128-sliding-split"]
-    q, k, v, tables, _, lens, st = make_case(dtype, d, hkv, group, ps, lengths, starts, seed=2)
-    profile = cost.MachineProfile(min_split_tokens=32, max_splits=8)
+    """What run_route does with CUDA pages (routes._run_gpu, called directly with a program
+    count: the interpreter's tensors are CPU tensors): the Triton workqueue split by
+    gpu.split_settings, the CPU workqueue's output with the same settings, its merge bytes."""
+    q, k, v, tables, ref_tables, lens, st = make_case(
+        torch.float16, 128, 2, 4, 16, [300, 700, 1500], [0, 19, 600], seed=2
+    )
     spans = lens - st
-    out, info = routes._run_gpu(q, k, v, tables, lens, 0.1, profile, st, spans)
+    settings = gpu.split_settings(spans.tolist(), 2, 8)  # chunk 1881 x 2 / 8 -> 471 tokens
+    out, info = routes._run_gpu(q, k, v, tables, lens, 0.1, st, spans, programs=8)
+    splits = [cost.splits_of(n, *settings)[0] for n in spans.tolist()]
+    assert splits == [1, 2, 2] and info.tasks == sum(splits) * 2
     assert info.route == "workqueue" and info.dispatches == 2 and info.merge_bytes > 0
+    want = reference.reference(q.cpu(), k.cpu(), v.cpu(), ref_tables, lens, 0.1, st)
+    assert (out.cpu().double() - want).abs().max().item() < 2e-3
     if kernel.AVAILABLE:
+        profile = cost.MachineProfile(max_splits=settings[0], min_split_tokens=settings[1])
         args = (q.cpu(), k.cpu(), v.cpu(), tables, lens, "workqueue", 0.1, profile, 1, st)
         cpu, cpu_info = routes.run_route(*args)
         torch.testing.assert_close(out.cpu(), cpu, rtol=0, atol=2e-6)
         assert info.merge_bytes == cpu_info.merge_bytes
+
+
+def test_one_plan_serves_every_layer():
+    """gpu.plan once per step, gpu.launch per layer: each layer's output is what a fresh
+    decode of that layer gives, bit for bit; pages of another shape are refused."""
+    dtype, d, hkv, group, ps, lengths, starts, max_splits, min_split = CASES[
+        "bf16-d128-group8-split"
+    ]
+    q, k, v, tables, _, lens, st = make_case(dtype, d, hkv, group, ps, lengths, starts, seed=3)
+    p = gpu.plan(q, k, v, tables, lens, max_splits, min_split, st)
+    layers = [(k, v), (v * 0.5, k * 2)]  # another layer: same pool, same unread NaN slots
+    for kl, vl in layers:
+        out = gpu.launch(p, q, kl, vl, 0.1)
+        want, _ = gpu.decode(q, kl, vl, tables, lens, 0.1, max_splits, min_split, starts=st)
+        assert torch.equal(out, want)
+    with pytest.raises(PagedInputError):
+        gpu.launch(p, q, k[:-1].contiguous(), v[:-1].contiguous(), 0.1)
+
+
+def test_padded_route_runs_on_the_pages_device():
+    """reference.padded (the padded route, a GPU baseline too) with pages on DEVICE and host
+    tables and lengths matches the float64 reference."""
+    dtype, d, hkv, group, ps, lengths, starts, _, _ = CASES["fp16-d128-sliding-split"]
+    q, k, v, _, ref_tables, lens, st = make_case(dtype, d, hkv, group, ps, lengths, starts)
+    k, v = k.nan_to_num(7.0), v.nan_to_num(-7.0)  # padded reads unread slots (masked): finite
+    out = reference.padded(q, k, v, ref_tables, lens, 0.1, st)
+    assert out.device == q.device
+    want = reference.reference(q.cpu(), k.cpu(), v.cpu(), ref_tables, lens, 0.1, st)
+    assert (out.cpu().double() - want).abs().max().item() < 2e-3
 
 
 def test_bad_input_is_a_typed_error():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 CHECKS = Path(__file__).with_name("paged_gpu_checks.py")
-CHECK_COUNT = 10  # test items in CHECKS (parametrized cases counted): all must run and pass
+CHECK_COUNT = 12  # test items in CHECKS (parametrized cases counted): all must run and pass
 
 
 def _run_checks(device: str) -> None:
@@ -67,6 +67,23 @@ def test_compiles_for_sm90(tmp_path, monkeypatch):
     sig |= dict.fromkeys(consts, "constexpr")
     built = triton.compile(ASTSource(gpu._merge_kernel, sig, consts), GPUTarget("cuda", 90, 32))
     assert built.asm["cubin"] and built.metadata.name == "_merge_kernel"
+
+
+def test_split_settings_fill_the_device():
+    """Chunks of total tokens x kv_heads / programs, never under MIN_SPLIT_TOKENS; bad
+    arguments are a typed error."""
+    from spectrumkv.paged import cost, gpu
+    from spectrumkv.paged.errors import PagedInputError
+
+    spans = [40_000, 3_000, 9_000, 500]
+    max_splits, chunk = gpu.split_settings(spans, 8, 264)
+    assert chunk == -(-sum(spans) * 8 // 264) and max_splits == gpu.MAX_SPLITS
+    programs = 8 * sum(cost.splits_of(n, max_splits, chunk)[0] for n in spans)
+    assert 264 <= programs <= 264 + 8 * len(spans)  # about the target, rounding up per request
+    assert gpu.split_settings([100, 20], 2, 264)[1] == gpu.MIN_SPLIT_TOKENS
+    for bad in (([], 2, 8), ([0, 5], 2, 8), ([5], 0, 8), ([5], 2, 0)):
+        with pytest.raises(PagedInputError):
+            gpu.split_settings(*bad)
 
 
 def test_compiled_on_cuda():

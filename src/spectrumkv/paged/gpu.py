@@ -3,6 +3,12 @@ the CPU kernel (`kernel.decode`, `_attention.c`).
 
     out, tasks = gpu.decode(q, k_pages, v_pages, tables, lengths, scale,
                             max_splits, min_split_tokens, starts=starts)
+    p = gpu.plan(q, k_pages, v_pages, tables, lengths, max_splits, min_split_tokens, starts)
+    out = gpu.launch(p, q, k_pages_of_layer, v_pages_of_layer, scale)  # each layer of a step
+
+`split_settings(spans, kv_heads, device_programs(device))` gives the split settings that fill a
+GPU (what `routes` uses for CUDA pages); the CPU profile's settings cut far too few programs
+for a GPU's multiprocessors.
 
 Work unit: one Triton program per task (request b, KV head h, token range [lo, hi)). The host
 plans the compact task list from the lengths (only tasks that exist, longest first; a span of n
@@ -28,6 +34,8 @@ on host copies, plus this kernel's limits): bad input raises PagedInputError. Ou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +46,9 @@ from .errors import PagedInputError
 MAX_GROUP = 16  # query heads per KV head
 MAX_HEAD_DIM = 256
 ROWS = 16  # the group is padded to >= 16 rows: tl.dot's smallest M on NVIDIA GPUs
+MAX_SPLITS = 256  # most splits of one request (split_settings)
+MIN_SPLIT_TOKENS = 256  # shortest split split_settings makes (tokens)
+PROGRAMS_PER_SM = 2  # programs per multiprocessor split_settings aims at
 
 
 @triton.jit
@@ -137,6 +148,24 @@ def _check(q, k_pages, v_pages, tables, lengths, starts) -> tuple:
     return tuple(host)
 
 
+def split_settings(spans: list[int], kv_heads: int, programs: int) -> tuple[int, int]:
+    """(max_splits, min_split_tokens) that fill a GPU: requests are cut into chunks of about
+    total tokens x kv_heads / programs tokens (never under MIN_SPLIT_TOKENS), so one launch has
+    about `programs` (request, KV head, split) programs, the flash-decoding rule. Unlike the CPU
+    profile's settings, these depend on the whole batch: a request's split points, and so its
+    output's float32 rounding, change with what else is in the step."""
+    if kv_heads < 1 or programs < 1 or not spans or min(spans) < 1:
+        raise PagedInputError(f"split_settings needs spans >= 1, kv_heads >= 1, programs >= 1, "
+                              f"got {spans[:4]}, {kv_heads}, {programs}")  # fmt: skip
+    chunk = -(-sum(spans) * kv_heads // programs)
+    return MAX_SPLITS, max(MIN_SPLIT_TOKENS, chunk)
+
+
+def device_programs(device: torch.device) -> int:
+    """The program count `split_settings` aims at on a CUDA device: PROGRAMS_PER_SM per SM."""
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def plan_tasks(lengths: list[int], firsts: list[int], max_splits: int, min_split_tokens: int):
     """The compact task list, longest first: int32 [tasks, 4] rows (b, lo, hi, slot), and the
     merge list int32 [merges, 3] rows (b, first slot, splits); `slots` partial slots in all."""
@@ -157,6 +186,103 @@ def _int32_rows(rows: list[tuple], width: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, width)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One step's launch plan (`plan`), reused by every layer of the step (`launch`): the task
+    and merge lists on the device, the partials' buffers, and the checked geometry."""
+
+    tasks: torch.Tensor  # int32 [tasks, 4] on the device
+    merges: torch.Tensor  # int32 [merges, 3] on the device
+    tables: torch.Tensor  # int32 [batch, width] on the device
+    pm: torch.Tensor  # float32 [slots, kv_heads, GP]
+    pl: torch.Tensor
+    pacc: torch.Tensor  # float32 [slots, kv_heads, GP, DP]
+    shape: tuple[int, int, int, int, int]  # pages, kv_heads, page_size, head_dim, q_heads
+    dtype: torch.dtype
+    programs: int  # decode programs per launch: tasks x kv_heads
+
+
+def plan(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    max_splits: int = 1,
+    min_split_tokens: int = 1 << 30,
+    starts: torch.Tensor | None = None,
+) -> Plan:
+    """Check the inputs (module doc) and plan one step: the compact task list of the requests'
+    (split) token ranges, copied to the pages' device with the tables once. Every layer whose
+    pages have the same shape, dtype and device then runs with `launch`."""
+    if max_splits < 1 or min_split_tokens < 1:
+        raise PagedInputError(f"max_splits and min_split_tokens must be positive, got "
+                              f"{max_splits}, {min_split_tokens}")  # fmt: skip
+    tables_h, lengths_h, starts_h = _check(q, k_pages, v_pages, tables, lengths, starts)
+    dev = k_pages.device
+    n = lengths_h.tolist()
+    firsts = [0] * len(n) if starts_h is None else starts_h.tolist()
+    tasks, merges, slots = plan_tasks(n, firsts, max_splits, min_split_tokens)
+    pages, hkv, ps, d = k_pages.shape
+    gp, dp = _padded(q.shape[1] // hkv, d)
+    pm = torch.empty((max(slots, 1), hkv, gp), dtype=torch.float32, device=dev)
+    return Plan(
+        tasks.to(dev), merges.to(dev), tables.to(dev, torch.int32).contiguous(), pm,
+        torch.empty_like(pm), torch.empty((max(slots, 1), hkv, gp, dp), dtype=torch.float32,
+        device=dev), (pages, hkv, ps, d, q.shape[1]), k_pages.dtype, tasks.shape[0] * hkv,
+    )  # fmt: skip
+
+
+def _padded(group: int, head_dim: int) -> tuple[int, int]:
+    """(GP, DP): the group and head_dim padded to powers of two, at least ROWS and 16."""
+    return max(ROWS, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
+
+
+def launch(
+    p: Plan,
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run planned step `p` on one layer: q [batch, q_heads, head_dim] and that layer's pages
+    (shape, dtype and device as planned, else PagedInputError). Returns out float32 [batch,
+    q_heads, head_dim] on the pages' device."""
+    pages, hkv, ps, d, hq = p.shape
+    dev = p.tasks.device
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if (tuple(x.shape), x.dtype, x.device, x.is_contiguous()) != (
+            (pages, hkv, ps, d), p.dtype, dev, True,
+        ):  # fmt: skip
+            raise PagedInputError(f"{name} is not the planned contiguous {p.dtype} "
+                                  f"[{pages}, {hkv}, {ps}, {d}] on {dev}")  # fmt: skip
+    if tuple(q.shape) != (p.tables.shape[0], hq, d) or q.device != dev:
+        raise PagedInputError(f"q must be [{p.tables.shape[0]}, {hq}, {d}] on {dev}")
+    if not scale > 0:
+        raise PagedInputError(f"scale must be positive, got {scale}")
+    qf = q.to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty(qf.shape, dtype=torch.float32, device=dev)
+    if (out.shape, out.dtype, out.device, out.is_contiguous()) != (
+        qf.shape,
+        torch.float32,
+        dev,
+        True,
+    ):
+        raise PagedInputError(f"out must be contiguous float32 {list(qf.shape)} on {dev}")
+    g = hq // hkv
+    gp, dp = _padded(g, d)
+    geometry = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp)
+    _decode_kernel[(p.tasks.shape[0], hkv)](
+        qf, k_pages, v_pages, p.tables, p.tasks, out, p.pm, p.pl, p.pacc, float(scale),
+        p.tables.shape[1], PS=ps, TILE=cost.TILE, **geometry,
+    )  # fmt: skip
+    if p.merges.shape[0]:
+        _merge_kernel[(p.merges.shape[0], hkv)](p.merges, out, p.pm, p.pl, p.pacc, **geometry)
+    return out
+
+
 def decode(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -169,35 +295,11 @@ def decode(
     out: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Decode attention of one query token per request (module doc), one launch over all
-    (request, KV head, split) tasks and, if any request is split, one merge launch. Splits as
-    `kernel.decode` cuts them. Returns (out float32 [batch, q_heads, head_dim], tasks: the
-    number of decode programs, (request, split) ranges x kv_heads)."""
-    if max_splits < 1 or min_split_tokens < 1 or not scale > 0:
-        raise PagedInputError(f"max_splits, min_split_tokens and scale must be positive, got "
-                              f"{max_splits}, {min_split_tokens}, {scale}")  # fmt: skip
-    tables_h, lengths_h, starts_h = _check(q, k_pages, v_pages, tables, lengths, starts)
-    dev = k_pages.device
-    n = lengths_h.tolist()
-    firsts = [0] * len(n) if starts_h is None else starts_h.tolist()
-    tasks, merges, slots = plan_tasks(n, firsts, max_splits, min_split_tokens)
-    hkv, ps, d = k_pages.shape[1:]
-    g = q.shape[1] // hkv
-    gp, dp = max(ROWS, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))
-    qf = q.to(torch.float32).contiguous()
-    if out is None:
-        out = torch.empty(qf.shape, dtype=torch.float32, device=dev)
-    fits = (out.shape, out.dtype, out.device, out.is_contiguous())
-    if fits != (qf.shape, torch.float32, dev, True):
-        raise PagedInputError(f"out must be contiguous float32 {list(qf.shape)} on {dev}")
-    pm = torch.empty((max(slots, 1), hkv, gp), dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty((max(slots, 1), hkv, gp, dp), dtype=torch.float32, device=dev)
-    geometry = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp)
-    _decode_kernel[(tasks.shape[0], hkv)](
-        qf, k_pages, v_pages, tables.to(dev).contiguous(), tasks.to(dev), out, pm, pl, pacc,
-        float(scale), tables_h.shape[1], PS=ps, TILE=cost.TILE, **geometry,
-    )  # fmt: skip
-    if slots:
-        _merge_kernel[(merges.shape[0], hkv)](merges.to(dev), out, pm, pl, pacc, **geometry)
-    return out, tasks.shape[0] * hkv
+    """Decode attention of one query token per request (module doc): `plan` then `launch`, one
+    launch over all (request, KV head, split) tasks and, if any request is split, one merge
+    launch. Splits as `kernel.decode` cuts them. Returns (out float32 [batch, q_heads,
+    head_dim], tasks: the number of decode programs, (request, split) ranges x kv_heads)."""
+    if not scale > 0:
+        raise PagedInputError(f"scale must be positive, got {scale}")
+    p = plan(q, k_pages, v_pages, tables, lengths, max_splits, min_split_tokens, starts)
+    return launch(p, q, k_pages, v_pages, scale, out), p.programs

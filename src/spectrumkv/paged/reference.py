@@ -17,7 +17,7 @@ import torch.nn.functional as F
 def gather(pages: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
     """One request's first n tokens as a dense [kv_heads, n, head_dim] copy."""
     ps = pages.shape[2]
-    used = table[: -(-n // ps)].long()
+    used = table[: -(-n // ps)].long().to(pages.device)
     dense = pages.index_select(0, used)  # [n_pages, kv_heads, ps, d]
     return dense.transpose(0, 1).reshape(pages.shape[1], -1, pages.shape[3])[:, :n]
 
@@ -62,6 +62,7 @@ def padded(q, k_pages, v_pages, tables, lengths, scale: float, starts=None) -> t
     ps, n_max = k_pages.shape[2], int(lengths.max())
     used = -(-n_max // ps)
     idx = tables[:, :used].long().clamp(0, k_pages.shape[0] - 1).reshape(-1)  # unread: masked
+    idx = idx.to(k_pages.device)
 
     def dense(pages):
         x = pages.index_select(0, idx).view(batch, used, pages.shape[1], ps, pages.shape[3])
@@ -72,6 +73,7 @@ def padded(q, k_pages, v_pages, tables, lengths, scale: float, starts=None) -> t
     if starts is not None:
         mask &= torch.arange(used * ps)[None, :] >= starts[:, None]
     qb = q[:, :, None].to(k.dtype)
+    mask = mask.to(k.device)
     o = F.scaled_dot_product_attention(
         qb, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
     )

@@ -104,7 +104,7 @@ def run_route(
         route = plan(q, k_pages, lengths, starts, profile)
     spans = lengths if starts is None else lengths - starts  # tokens each request reads
     if k_pages.device.type == "cuda":  # every route runs as the Triton workqueue (paged.gpu)
-        return _run_gpu(q, k_pages, v_pages, tables, lengths, scale, profile, starts, spans)
+        return _run_gpu(q, k_pages, v_pages, tables, lengths, scale, starts, spans)
     if route == "padded" or not kernel.AVAILABLE:
         if route != "padded":
             raise PagedInputError(f"route {route!r} needs the compiled kernel (not built)")
@@ -137,14 +137,14 @@ def _merge_bytes(q, k_pages, spans: torch.Tensor, settings: tuple[int, int]) -> 
     return cost.merge_bytes(sum(ns for ns in pieces if ns > 1), geometry(q, k_pages))
 
 
-def _run_gpu(q, k_pages, v_pages, tables, lengths, scale, profile, starts, spans):
+def _run_gpu(q, k_pages, v_pages, tables, lengths, scale, starts, spans, programs=None):
     """CUDA pages: the Triton workqueue kernels of paged.gpu, whatever route was asked (the CPU
-    routes' dispatch choices do not apply there). Tested only under Triton's interpreter on CPU
-    and compiled for sm_90 without a device (tests/test_paged_gpu.py); never timed on a GPU, and
-    its split settings are the CPU profile's."""
+    routes' dispatch choices do not apply there), split to fill the device (`gpu.split_settings`
+    for `programs` programs; default: the device's `gpu.device_programs`)."""
     from . import gpu  # imports triton: only where CUDA pages exist
 
-    settings = cost.route_settings("workqueue", profile)
+    programs = programs or gpu.device_programs(k_pages.device)
+    settings = gpu.split_settings(spans.tolist(), k_pages.shape[1], programs)
     out, tasks = gpu.decode(q, k_pages, v_pages, tables, lengths, scale, *settings, starts=starts)
     merge = _merge_bytes(q, k_pages, spans, settings)
     return out, StepInfo("workqueue", 1 + (merge > 0), tasks, merge)
