@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {copy_rate / 1e12:.2f} TB/s (read + written); FlashInfer: "
           f"{fi.__version__ if fi else 'not used: ' + why}", flush=True)  # fmt: skip
+    meta = {"device": device, "copy_bytes_per_s": copy_rate, "torch": torch.__version__,
+            "flashinfer": fi.__version__ if fi else None, "flashinfer_error": why or None,
+            "config": vars(args)}  # fmt: skip
     records = []
     for shape in args.shapes:
         for trace in args.traces:
@@ -255,11 +258,8 @@ def main(argv: list[str] | None = None) -> None:
                     records += run_case(shape, trace, batch, seed, args, fi, workspace, copy_rate)
             print(summary([r for r in records if r["trace"] == trace and r["shape"] == shape]),
                   flush=True)  # fmt: skip
-    meta = {"device": device, "copy_bytes_per_s": copy_rate, "torch": torch.__version__,
-            "flashinfer": fi.__version__ if fi else None, "flashinfer_error": why or None,
-            "config": vars(args)}  # fmt: skip
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
+            with open(args.json, "w") as f:  # after every trace: a cut-short run keeps its part
+                json.dump({"meta": meta, "records": records}, f, indent=1)
     print(summary(records))
 
 
