@@ -97,6 +97,19 @@ def test_matches_reference(name):
     assert err < 2e-3, f"{name}: max abs error {err:.2e}"
 
 
+def test_ieee_precision_is_float32_exact():
+    """KernelConfig(precision="ieee"): exact float32 products (what the CPU kernel computes),
+    far inside the TF32 default's error."""
+    dtype, d, hkv, group, ps, lengths, starts, max_splits, min_split = CASES[
+        "bf16-d128-group8-split"
+    ]
+    q, k, v, tables, ref_tables, lens, st = make_case(dtype, d, hkv, group, ps, lengths, starts)
+    config = gpu.KernelConfig(block_tokens=32, precision="ieee")
+    out, _ = gpu.decode(q, k, v, tables, lens, 0.1, max_splits, min_split, starts=st, config=config)
+    want = reference.reference(q.cpu(), k.cpu(), v.cpu(), ref_tables, lens, 0.1, st)
+    assert (out.cpu().double() - want).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("name", ["fp16-d64-smollm-split", "fp16-d128-sliding-split"])
 def test_split_merge_equals_unsplit(name):
     """Merging a request's splits gives its unsplit result up to float32 rounding, and the

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 CHECKS = Path(__file__).with_name("paged_gpu_checks.py")
-CHECK_COUNT = 12  # test items in CHECKS (parametrized cases counted): all must run and pass
+CHECK_COUNT = 13  # test items in CHECKS (parametrized cases counted): all must run and pass
 
 
 def _run_checks(device: str) -> None:
@@ -44,8 +44,8 @@ def test_interpreted():
 
 
 def test_compiles_for_sm90(tmp_path, monkeypatch):
-    """Decode (fp16 SmolLM2 shape: d 64, group 3; bf16 7B-class shape: d 128, group 4) and
-    merge, compiled afresh (empty cache) for sm_90; the dots stay IEEE float32 (no TF32)."""
+    """Decode (fp16 SmolLM2 shape: d 64, group 3, TF32 dots; bf16 7B-class shape: d 128,
+    group 4, IEEE float32 dots) and merge, compiled afresh (empty cache) for sm_90."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     import triton
     from triton.backends.compiler import GPUTarget
@@ -55,13 +55,14 @@ def test_compiles_for_sm90(tmp_path, monkeypatch):
 
     geometry = ("HKV", "G", "GP", "D", "DP")
     ptrs = dict.fromkeys(("Q", "Out", "PM", "PL", "PAcc"), "*fp32")
-    for kv, shape in (("*fp16", (3, 3, 16, 64, 64)), ("*bf16", (8, 4, 16, 128, 128))):
-        consts = dict(zip(geometry, shape, strict=True), PS=16, TILE=32)
+    kinds = (("*fp16", (3, 3, 16, 64, 64), "tf32"), ("*bf16", (8, 4, 16, 128, 128), "ieee"))
+    for kv, shape, precision in kinds:
+        consts = dict(zip(geometry, shape, strict=True), PS=16, BLOCK=64, PREC=precision)
         sig = dict(ptrs, K=kv, V=kv, Tables="*i32", Tasks="*i32", scale="fp32", width="i32")
         src = ASTSource(gpu._decode_kernel, sig | dict.fromkeys(consts, "constexpr"), consts)
         built = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert built.asm["cubin"] and built.metadata.name == "_decode_kernel"
-        assert "tf32" not in built.asm["ptx"]
+        assert ("tf32" in built.asm["ptx"]) == (precision == "tf32")  # tensor cores or FMA
     consts = dict(zip(geometry, shape, strict=True))
     sig = {k: ptrs[k] for k in ("Out", "PM", "PL", "PAcc")} | dict(Merges="*i32")
     sig |= dict.fromkeys(consts, "constexpr")
@@ -71,7 +72,7 @@ def test_compiles_for_sm90(tmp_path, monkeypatch):
 
 def test_split_settings_fill_the_device():
     """Chunks of total tokens x kv_heads / programs, never under MIN_SPLIT_TOKENS; bad
-    arguments are a typed error."""
+    arguments (and a bad KernelConfig) are a typed error."""
     from spectrumkv.paged import cost, gpu
     from spectrumkv.paged.errors import PagedInputError
 
@@ -84,6 +85,9 @@ def test_split_settings_fill_the_device():
     for bad in (([], 2, 8), ([0, 5], 2, 8), ([5], 0, 8), ([5], 2, 0)):
         with pytest.raises(PagedInputError):
             gpu.split_settings(*bad)
+    for bad in (dict(block_tokens=48), dict(num_warps=3), dict(num_stages=0), dict(precision="tf")):
+        with pytest.raises(PagedInputError):
+            gpu.KernelConfig(**bad)
 
 
 def test_compiled_on_cuda():

@@ -3,7 +3,7 @@
 # on CUDA), a FlashInfer JIT warm-up in the background, then the GPU decode-attention benchmark
 # (python -m spectrumkv.paged.gpu_bench). Runs under the machine's own python3 (torch, triton);
 # FlashInfer and msgspec come as wheels in .whl (see benchmarks/RESULTS.md for the pip download).
-# Usage there: OUT=DIR bash benchmarks/gpu/run.sh [gpu_bench args...]
+# Usage there: OUT=DIR [SWEEP="gpu_bench args"] bash benchmarks/gpu/run.sh [gpu_bench args...]
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -30,5 +30,9 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_paged_gpu.py
     | tee "$OUT/checks.txt" | tail -5
 wait
 tail -4 "$OUT/warm.txt"
+if [ -n "${SWEEP:-}" ]; then  # kernel-config sweep first: SWEEP="gpu_bench args"
+    timeout 200 python3 -m spectrumkv.paged.gpu_bench --json "$OUT/gpu-sweep.json" $SWEEP 2>&1 \
+        | tee "$OUT/sweep.txt" | tail -16
+fi
 timeout 420 python3 -m spectrumkv.paged.gpu_bench --json "$OUT/gpu-attention.json" "$@" 2>&1 \
-    | tee "$OUT/bench.txt" | tail -60
+    | tee "$OUT/bench.txt" | tail -52

@@ -120,22 +120,34 @@ def _programs(device: torch.device) -> int:
     return gpu.device_programs(device) if device.type == "cuda" else CPU_PROGRAMS
 
 
-def _runners(methods, fi, q, tables, lengths, ring, page_size, scale, workspace) -> dict:
-    """method -> step(layers) -> the last layer's output; methods that cannot run are left out."""
+def variant(spec: str) -> tuple[str, gpu.KernelConfig]:
+    """A `--variants` item PRECISION:BLOCK:WARPS:STAGES -> (method name, its KernelConfig)."""
+    try:
+        prec, block, warps, stages = spec.split(":")
+        config = gpu.KernelConfig(int(block), int(warps), int(stages), prec)
+    except ValueError:
+        raise PagedInputError(f"--variants: PRECISION:BLOCK:WARPS:STAGES, got {spec!r}") from None
+    return f"wq-{prec}-b{block}-w{warps}-s{stages}", config
+
+
+def _runners(methods, variants, fi, q, tables, lengths, ring, page_size, scale, workspace):
+    """method -> step(layers) -> the last layer's output; methods that cannot run are left out.
+    Kernel methods: "workqueue" (the default KernelConfig), "workqueue-unsplit", and the names
+    in `variants` (from `variant`: the default's splits, another KernelConfig)."""
     spans = lengths.tolist()
     hkv = ring[0][0].shape[1]
-    settings = {
-        "workqueue": gpu.split_settings(spans, hkv, _programs(q.device)),
-        "workqueue-unsplit": (1, 1 << 30),
-    }
+    fill = gpu.split_settings(spans, hkv, _programs(q.device))
+    configs = {"workqueue": gpu.KernelConfig(), "workqueue-unsplit": gpu.KernelConfig()}
+    configs |= variants
     runners: dict[str, Callable] = {}
-    for method in methods:
-        if method in settings:
+    for method in [*methods, *variants]:
+        if method in configs:
+            splits = (1, 1 << 30) if method == "workqueue-unsplit" else fill
 
-            def step(layers, s=settings[method]):
-                p = gpu.plan(q, *ring[0], tables, lengths, *s)
+            def step(layers, splits=splits, config=configs[method]):
+                p = gpu.plan(q, *ring[0], tables, lengths, *splits)
                 for i in layers:
-                    out = gpu.launch(p, q, *ring[i], scale)
+                    out = gpu.launch(p, q, *ring[i], scale, config=config)
                 return out
 
             runners[method] = step
@@ -163,7 +175,10 @@ def run_case(shape, trace, batch, seed, args, fi, workspace, copy_rate) -> list[
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     q = torch.randn(batch, hq, d, generator=gen, device=device).to(dtype).float()
     scale = d**-0.5
-    runners = _runners(args.methods, fi, q, tables, lengths, ring, args.page_size, scale, workspace)
+    variants = dict(map(variant, args.variants))
+    runners = _runners(
+        args.methods, variants, fi, q, tables, lengths, ring, args.page_size, scale, workspace
+    )
     want = reference.reference(q.double(), *ring[0], tables, lengths, scale)
     errors = {}
     for m, step in list(runners.items()):
@@ -184,11 +199,9 @@ def run_case(shape, trace, batch, seed, args, fi, workspace, copy_rate) -> list[
             if r:
                 times[m].append((time.perf_counter() - t0) / len(ring))
     kv_bytes = sum(lens) * 2 * hkv * d * dtype.itemsize
-    programs = {
-        "workqueue": gpu.plan(q, *ring[0], tables, lengths, *gpu.split_settings(
-            lens, hkv, _programs(device))).programs,
-        "workqueue-unsplit": len(lens) * hkv,
-    }  # fmt: skip
+    fill = gpu.plan(q, *ring[0], tables, lengths, *gpu.split_settings(
+        lens, hkv, _programs(device))).programs  # fmt: skip
+    programs = {m: fill for m in ("workqueue", *variants)} | {"workqueue-unsplit": batch * hkv}
     return [
         {
             "shape": shape, "dtype": args.dtype, "page_size": args.page_size, "trace": trace,
@@ -215,7 +228,8 @@ def summary(records: list[dict]) -> str:
         key = (r["shape"], r["trace"], r["batch"])
         cases.setdefault(key, {}).setdefault(r["route"], []).append(r["step_ms"])
         limits.setdefault(key, []).append(r["limit_ms"])
-    methods = [m for m in METHODS if any(m in c for c in cases.values())]
+    seen = {m for c in cases.values() for m in c}
+    methods = [m for m in METHODS if m in seen] + sorted(seen - set(METHODS))
     head = f"{'shape':13} {'trace':9} {'B':>3} " + " ".join(f"{m:>17}" for m in methods)
     lines = [head + f" {'fi/wq':>6} {'limit/wq':>8}"]
     for key, c in cases.items():
@@ -237,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--seeds", nargs="+", type=int, default=[100, 101, 102])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="more kernel configs: PRECISION:BLOCK:WARPS:STAGES ...")  # fmt: skip
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--scale", type=float, default=1.0, help="trace length scale")
