@@ -113,11 +113,15 @@ def test_ieee_precision_is_float32_exact():
 @pytest.mark.parametrize("name", ["fp16-d64-smollm-split", "fp16-d128-sliding-split"])
 def test_split_merge_equals_unsplit(name):
     """Merging a request's splits gives its unsplit result up to float32 rounding, and the
-    same as the CPU kernel's workqueue with the same splits."""
+    same as the CPU kernel's workqueue with the same splits (IEEE-float32 dots: with TF32 the
+    softmax weights are rounded relative to each split's own running max)."""
     dtype, d, hkv, group, ps, lengths, starts, max_splits, min_split = CASES[name]
     q, k, v, tables, _, lens, st = make_case(dtype, d, hkv, group, ps, lengths, starts, seed=1)
-    whole, n_whole = gpu.decode(q, k, v, tables, lens, 0.1, starts=st)
-    split, n_split = gpu.decode(q, k, v, tables, lens, 0.1, max_splits, min_split, starts=st)
+    exact = gpu.KernelConfig(precision="ieee")
+    whole, n_whole = gpu.decode(q, k, v, tables, lens, 0.1, starts=st, config=exact)
+    split, n_split = gpu.decode(
+        q, k, v, tables, lens, 0.1, max_splits, min_split, starts=st, config=exact
+    )
     assert n_split > n_whole == len(lengths) * hkv
     torch.testing.assert_close(split, whole, rtol=0, atol=2e-6)
     if kernel.AVAILABLE:
@@ -145,7 +149,8 @@ def test_route_dispatch_for_cuda_pages():
         profile = cost.MachineProfile(max_splits=settings[0], min_split_tokens=settings[1])
         args = (q.cpu(), k.cpu(), v.cpu(), tables, lens, "workqueue", 0.1, profile, 1, st)
         cpu, cpu_info = routes.run_route(*args)
-        torch.testing.assert_close(out.cpu(), cpu, rtol=0, atol=2e-6)
+        tf32 = 1e-3 if DEVICE == "cuda" else 2e-6  # the interpreter's dots are float32
+        torch.testing.assert_close(out.cpu(), cpu, rtol=0, atol=tf32)
         assert info.merge_bytes == cpu_info.merge_bytes
 
 

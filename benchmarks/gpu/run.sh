@@ -26,8 +26,8 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 (timeout 300 python3 -m spectrumkv.paged.gpu_bench --json /tmp/warm.json --methods flashinfer \
     flashinfer-tc --batches 1 --seeds 0 --traces uniform --rounds 1 --scale 0.01 \
     > "$OUT/warm.txt" 2>&1; echo "warm-up rc=$?" >> "$OUT/warm.txt") &
-timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_paged_gpu.py 2>&1 \
-    | tee "$OUT/checks.txt" | tail -5
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_paged_gpu.py \
+    -k "${CHECKS:-cuda or sm90 or split}" 2>&1 | tee "$OUT/checks.txt" | tail -5
 wait
 tail -4 "$OUT/warm.txt"
 if [ -n "${SWEEP:-}" ]; then  # kernel-config sweep first: SWEEP="gpu_bench args"

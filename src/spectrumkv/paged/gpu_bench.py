@@ -115,19 +115,27 @@ def _flashinfer_runner(fi, tc: bool, q, tables, lengths, ring, page_size, scale,
     return step
 
 
-def _programs(device: torch.device) -> int:
-    """What `gpu.split_settings` aims at: the device's, or CPU_PROGRAMS under the interpreter."""
-    return gpu.device_programs(device) if device.type == "cuda" else CPU_PROGRAMS
+def _programs(device: torch.device, per_sm: int = gpu.PROGRAMS_PER_SM) -> int:
+    """What `gpu.split_settings` aims at: per_sm programs per SM of the device, or CPU_PROGRAMS
+    under the interpreter."""
+    if device.type != "cuda":
+        return CPU_PROGRAMS
+    return gpu.device_programs(device) // gpu.PROGRAMS_PER_SM * per_sm
 
 
-def variant(spec: str) -> tuple[str, gpu.KernelConfig]:
-    """A `--variants` item PRECISION:BLOCK:WARPS:STAGES -> (method name, its KernelConfig)."""
+def variant(spec: str) -> tuple[str, tuple[gpu.KernelConfig, int]]:
+    """A `--variants` item PRECISION:BLOCK:WARPS:STAGES[:PROGRAMS_PER_SM] -> (method name,
+    (its KernelConfig, the programs per SM its splits aim at; default gpu.PROGRAMS_PER_SM))."""
     try:
-        prec, block, warps, stages = spec.split(":")
+        prec, block, warps, stages, *per_sm = spec.split(":")
         config = gpu.KernelConfig(int(block), int(warps), int(stages), prec)
+        (per_sm,) = [int(x) for x in per_sm] or [gpu.PROGRAMS_PER_SM]
+        if per_sm < 1:
+            raise ValueError
     except ValueError:
-        raise PagedInputError(f"--variants: PRECISION:BLOCK:WARPS:STAGES, got {spec!r}") from None
-    return f"wq-{prec}-b{block}-w{warps}-s{stages}", config
+        raise PagedInputError(f"--variants: PRECISION:BLOCK:WARPS:STAGES[:PROGRAMS_PER_SM], "
+                              f"got {spec!r}") from None  # fmt: skip
+    return f"wq-{prec}-b{block}-w{warps}-s{stages}-p{per_sm}", (config, per_sm)
 
 
 def _runners(methods, variants, fi, q, tables, lengths, ring, page_size, scale, workspace):
@@ -136,15 +144,17 @@ def _runners(methods, variants, fi, q, tables, lengths, ring, page_size, scale, 
     in `variants` (from `variant`: the default's splits, another KernelConfig)."""
     spans = lengths.tolist()
     hkv = ring[0][0].shape[1]
-    fill = gpu.split_settings(spans, hkv, _programs(q.device))
-    configs = {"workqueue": gpu.KernelConfig(), "workqueue-unsplit": gpu.KernelConfig()}
-    configs |= variants
+    default = (gpu.KernelConfig(), gpu.PROGRAMS_PER_SM)
+    configs = {"workqueue": default, "workqueue-unsplit": default} | variants
     runners: dict[str, Callable] = {}
     for method in [*methods, *variants]:
         if method in configs:
-            splits = (1, 1 << 30) if method == "workqueue-unsplit" else fill
+            config, per_sm = configs[method]
+            splits = gpu.split_settings(spans, hkv, _programs(q.device, per_sm))
+            if method == "workqueue-unsplit":
+                splits = (1, 1 << 30)
 
-            def step(layers, splits=splits, config=configs[method]):
+            def step(layers, splits=splits, config=config):
                 p = gpu.plan(q, *ring[0], tables, lengths, *splits)
                 for i in layers:
                     out = gpu.launch(p, q, *ring[i], scale, config=config)
@@ -199,9 +209,11 @@ def run_case(shape, trace, batch, seed, args, fi, workspace, copy_rate) -> list[
             if r:
                 times[m].append((time.perf_counter() - t0) / len(ring))
     kv_bytes = sum(lens) * 2 * hkv * d * dtype.itemsize
-    fill = gpu.plan(q, *ring[0], tables, lengths, *gpu.split_settings(
-        lens, hkv, _programs(device))).programs  # fmt: skip
-    programs = {m: fill for m in ("workqueue", *variants)} | {"workqueue-unsplit": batch * hkv}
+    programs = {"workqueue-unsplit": batch * hkv} | {
+        m: gpu.plan(q, *ring[0], tables, lengths, *gpu.split_settings(
+            lens, hkv, _programs(device, per_sm))).programs
+        for m, (_, per_sm) in {"workqueue": (None, gpu.PROGRAMS_PER_SM), **variants}.items()
+    }  # fmt: skip
     return [
         {
             "shape": shape, "dtype": args.dtype, "page_size": args.page_size, "trace": trace,
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[100, 101, 102])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="more kernel configs: PRECISION:BLOCK:WARPS:STAGES ...")  # fmt: skip
+                    help="PRECISION:BLOCK:WARPS:STAGES[:PROGRAMS_PER_SM] ...")  # fmt: skip
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--scale", type=float, default=1.0, help="trace length scale")
