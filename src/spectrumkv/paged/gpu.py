@@ -51,7 +51,7 @@ MAX_SPLITS = 256  # most splits of one request (split_settings)
 MIN_SPLIT_TOKENS = 256  # shortest split split_settings makes (tokens)
 PROGRAMS_PER_SM = 2  # programs per multiprocessor split_settings aims at
 
-PRECISIONS = ("tf32", "ieee")
+PRECISIONS = ("tf32", "ieee", "kv")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ class KernelConfig:
     stages per program, and the dots' input precision. "tf32": the tensor cores; fp16/bf16 K
     and V are exact in TF32, q and the softmax weights are rounded to 10-bit mantissas (max
     abs error ~5e-4 on unit-variance data, measured). "ieee": exact float32 products on the FMA
-    units (the CPU kernel's arithmetic; several times slower on an H200, measured)."""
+    units (the CPU kernel's arithmetic; several times slower on an H200, measured). "kv": the
+    tensor cores on operands in the KV dtype (q and the weights rounded to bf16/fp16)."""
 
     block_tokens: int = 64
     num_warps: int = 4
@@ -109,15 +110,21 @@ def _decode_kernel(
         page = tl.load(Tables + b.to(tl.int64) * width + tok // PS, tok_ok, 0).to(tl.int64)
         base = ((page * HKV + h) * PS + tok % PS) * D  # element offset of each token's row
         kv_ok = tok_ok[:, None] & col_ok[None, :]
-        k = tl.load(K + base[:, None] + cols[None, :], kv_ok, 0.0).to(tl.float32)  # [BLOCK, DP]
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # [GP, BLOCK]
+        k = tl.load(K + base[:, None] + cols[None, :], kv_ok, 0.0)  # [BLOCK, DP]
+        if PREC == "kv":  # operands in the KV dtype, float32 accumulation
+            s = tl.dot(q.to(k.dtype), tl.trans(k))  # [GP, BLOCK]
+        else:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PREC)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(s, 1))
         alpha = tl.exp(m_run - m_new)  # 0 on the first tile (m_run = -inf, m_new finite)
         p = tl.exp(s - m_new[:, None])
         l_run = l_run * alpha + tl.sum(p, 1)
-        v = tl.load(V + base[:, None] + cols[None, :], kv_ok, 0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        v = tl.load(V + base[:, None] + cols[None, :], kv_ok, 0.0)
+        if PREC == "kv":
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PREC)
         m_run = m_new
     if slot < 0:
         out = acc / l_run[:, None]
