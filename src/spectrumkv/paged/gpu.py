@@ -60,9 +60,11 @@ class KernelConfig:
     a power of two, 16-256; splits stay whole `cost.TILE` tiles), warps and software-pipeline
     stages per program, and the dots' input precision. "tf32": the tensor cores; fp16/bf16 K
     and V are exact in TF32, q and the softmax weights are rounded to 10-bit mantissas (max
-    abs error ~5e-4 on unit-variance data, measured). "ieee": exact float32 products on the FMA
-    units (the CPU kernel's arithmetic; several times slower on an H200, measured). "kv": the
-    tensor cores on operands in the KV dtype (q and the weights rounded to bf16/fp16)."""
+    abs error 2.0e-4 against float64 over the H200 benchmark's cases; FlashInfer's 5.6e-4).
+    "ieee": exact float32 products on the FMA units (the CPU kernel's arithmetic; 3e-7, and
+    2-4x slower on an H200). "kv": the tensor cores on operands in the KV dtype (q and the
+    weights rounded to bf16/fp16; 4.4e-4, no faster than "tf32" there). Figures:
+    benchmarks/results/gpu/."""
 
     block_tokens: int = 64
     num_warps: int = 4
