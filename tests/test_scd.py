@@ -289,3 +289,40 @@ def test_report_renders_scd_eval(tmp_path):
     assert "| scd | 0.500 | +1.50 %" in md and "patch layers [1]" in md
     for png in ("scd-pareto.png", "scd-layers.png"):
         assert f"({png})" in md and (tmp_path / "out" / png).stat().st_size > 1000
+
+
+class _ScriptedDev:
+    """A dev split whose KL is a fixed function of the patched set (what `_select` reads)."""
+
+    items = [None]
+
+    def __init__(self, kls: dict[tuple[int, ...], float]) -> None:
+        self.kls = kls
+
+    def layers(self, art, item, only=None):
+        return []
+
+    def kl(self, art, base=None, swap=()):
+        return self.kls[tuple(sorted(swap))]
+
+
+def test_patch_selection_needs_a_gain_the_dev_split_can_resolve():
+    """A patch joins only if it removes >= patch_min_gain of the current dev KL: layer 2 (-14 %)
+    joins, layer 1 (-0.2 %, what 3 dev chunks cannot resolve) does not; with the floor at 0
+    both do. Out-of-range floors are a ConfigError."""
+    from spectrumkv.scd.artifact import Artifact, Manifest
+    from spectrumkv.scd.calibrate import _select
+    from spectrumkv.wire import Fingerprint
+
+    fp = Fingerprint("llama", 3, 2, 16, "float16", "rope", 0, (), "x")
+    m = Manifest(1, fp, fp, [(32, 32)] * 3, [], 16, 16, 0.02, 0.0, 1.0, "wiki", "calib", 2, 96)
+    kls = {(): 0.0210, (0,): 0.0211, (1,): 0.02096, (2,): 0.0180, (1, 2): 0.01797}
+    dev = _ScriptedDev(kls)
+    floor = CalibConfig(max_patches=3, eps=0.01)
+    assert floor.patch_min_gain == 0.02
+    assert _select(Artifact(m, {}), dev, floor) == ([2], 0.0180)
+    none = CalibConfig(max_patches=3, eps=0.01, patch_min_gain=0.0)
+    assert _select(Artifact(m, {}), dev, none) == ([2, 1], 0.01797)  # in order of gain
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="patch_min_gain"):
+            CalibConfig(patch_min_gain=bad)

@@ -14,8 +14,11 @@ frozen B on B's output KL on `calib` chunks, keeping the candidate best on dev (
 Layer choice: with no patches, B's mean token KL against its own prefill on the dev chunks is
 KL_0. Each layer alone patched (affine aligner) gives KL_l; layers are ranked by KL gain per
 extra byte (a patch cheaper than the reuse codes it replaces ranks first, by gain), then added
-in that order while the set lowers KL, until KL <= eps or `max_patches`. The chosen layers'
-aligners then get their MLP trained, and KL on dev is measured once more for the manifest.
+in that order while each lowers KL by at least `patch_min_gain` of the current KL, until KL <=
+eps or `max_patches`. The chosen layers' aligners then get their MLP trained, and KL on dev is
+measured once more for the manifest. The floor is there because the dev split (3 chunks by
+default) cannot resolve small gains: on the real pair, patches chosen after distillation for dev
+gains under 0.5 % raised held-out KL by 4-6 % (benchmarks/RESULTS.md, SCD part 1).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class CalibConfig:
     bytes; `patch_rank`: r_H (elements of A's attention-input code per token at a patch layer);
     `dev_context`/`dev_continuation`: the PD protocol's chunk on the dev split (and on the
     `calib` split for distillation); `distill_steps` (0: off) AdamW steps of `distill_lr`, one
-    chunk each, over `distill_chunks` training chunks (distill.py)."""
+    chunk each, over `distill_chunks` training chunks (distill.py); `patch_min_gain`: the
+    fraction of the current dev KL a patch must remove to join (module doc)."""
 
     corpus: str = "wiki"
     prompts: int = 8
@@ -55,6 +59,7 @@ class CalibConfig:
     patch_rank: int = 128
     max_patches: int = 6
     eps: float = 0.02
+    patch_min_gain: float = 0.02
     aligner_width: int = 128
     aligner_steps: int = 100
     dev_chunks: int = 3
@@ -72,6 +77,8 @@ class CalibConfig:
             raise ConfigError("need prompts >= 1, prompt_tokens >= 16, dev_chunks >= 1")
         if not 0 < self.code_budget <= 1 or self.eps < 0 or self.max_patches < 0:
             raise ConfigError("code_budget must be in (0, 1], eps and max_patches >= 0")
+        if not 0 <= self.patch_min_gain < 1:
+            raise ConfigError("patch_min_gain must be in [0, 1)")
         if self.patch_rank < RANK_STEP or self.patch_rank % RANK_STEP:
             raise ConfigError(f"patch_rank must be a positive multiple of {RANK_STEP}")
         if not 2 <= self.dev_continuation < self.dev_context:
@@ -245,11 +252,11 @@ def _select(art: Artifact, dev: _Dev, cfg: CalibConfig) -> tuple[list[int], floa
     chosen: list[int] = []
     best = kl0
     for _, i, gain in sorted(candidates):
-        if len(chosen) >= cfg.max_patches or best <= cfg.eps or gain <= 0:
+        if len(chosen) >= cfg.max_patches or best <= cfg.eps or gain <= cfg.patch_min_gain * kl0:
             break
         trial = Artifact(_with(m, [*chosen, i], 0.0), art.tensors)
         got = dev.kl(trial, base, [*chosen, i])
-        if got < best:
+        if got < best * (1 - cfg.patch_min_gain):
             chosen, best = [*chosen, i], got
     return chosen, best
 

@@ -47,7 +47,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     cfg = CalibConfig(
         corpus=args.corpus, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
         code_budget=args.code_budget, patch_rank=args.patch_rank, max_patches=args.max_patches,
-        eps=args.eps, aligner_steps=args.aligner_steps, dev_chunks=args.dev_chunks,
+        eps=args.eps, patch_min_gain=args.patch_min_gain, aligner_steps=args.aligner_steps,
+        dev_chunks=args.dev_chunks,
         alpha_grid=args.alpha_grid, alpha_levels=args.alpha_levels,
         distill_steps=args.distill_steps, distill_chunks=args.distill_chunks,
         distill_lr=args.distill_lr,
@@ -159,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--patch-rank", type=int, default=c.patch_rank)
     cal.add_argument("--max-patches", type=int, default=c.max_patches)
     cal.add_argument("--eps", type=float, default=c.eps, help="KL target on dev (nats/token)")
+    cal.add_argument("--patch-min-gain", type=float, default=c.patch_min_gain,
+                     help="fraction of dev KL a patch must remove to join")  # fmt: skip
     cal.add_argument("--aligner-steps", type=int, default=c.aligner_steps)
     cal.add_argument("--dev-chunks", type=int, default=c.dev_chunks)
     cal.add_argument(
