@@ -197,9 +197,9 @@ def split_settings(spans: list[int], kv_heads: int, programs: int) -> tuple[int,
     return MAX_SPLITS, max(MIN_SPLIT_TOKENS, chunk)
 
 
-def device_programs(device: torch.device) -> int:
-    """The program count `split_settings` aims at on a CUDA device: PROGRAMS_PER_SM per SM."""
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+def device_programs(device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
+    """The program count `split_settings` aims at on a CUDA device: per_sm per SM."""
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def plan_tasks(lengths: list[int], firsts: list[int], max_splits: int, min_split_tokens: int):
@@ -261,12 +261,18 @@ def plan(
     tasks, merges, slots = plan_tasks(n, firsts, max_splits, min_split_tokens)
     pages, hkv, ps, d = k_pages.shape
     gp, dp = _padded(q.shape[1] // hkv, d)
-    pm = torch.empty((max(slots, 1), hkv, gp), dtype=torch.float32, device=dev)
+    partial = dict(dtype=torch.float32, device=dev)
     return Plan(
-        tasks.to(dev), merges.to(dev), tables.to(dev, torch.int32).contiguous(), pm,
-        torch.empty_like(pm), torch.empty((max(slots, 1), hkv, gp, dp), dtype=torch.float32,
-        device=dev), (pages, hkv, ps, d, q.shape[1]), k_pages.dtype, tasks.shape[0] * hkv,
-    )  # fmt: skip
+        tasks=tasks.to(dev),
+        merges=merges.to(dev),
+        tables=tables.to(dev, torch.int32).contiguous(),
+        pm=torch.empty((max(slots, 1), hkv, gp), **partial),
+        pl=torch.empty((max(slots, 1), hkv, gp), **partial),
+        pacc=torch.empty((max(slots, 1), hkv, gp, dp), **partial),
+        shape=(pages, hkv, ps, d, q.shape[1]),
+        dtype=k_pages.dtype,
+        programs=tasks.shape[0] * hkv,
+    )
 
 
 def _padded(group: int, head_dim: int) -> tuple[int, int]:
@@ -338,7 +344,5 @@ def decode(
     launch over all (request, KV head, split) tasks and, if any request is split, one merge
     launch. Splits as `kernel.decode` cuts them. Returns (out float32 [batch, q_heads,
     head_dim], tasks: the number of decode programs, (request, split) ranges x kv_heads)."""
-    if not scale > 0:
-        raise PagedInputError(f"scale must be positive, got {scale}")
     p = plan(q, k_pages, v_pages, tables, lengths, max_splits, min_split_tokens, starts)
     return launch(p, q, k_pages, v_pages, scale, out, config), p.programs

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import gpu, reference, traces
+from . import cost, gpu, reference, traces
 from .cache import PagedConfig, PagedKVCache
 from .errors import PagedInputError
 
@@ -118,9 +118,7 @@ def _flashinfer_runner(fi, tc: bool, q, tables, lengths, ring, page_size, scale,
 def _programs(device: torch.device, per_sm: int = gpu.PROGRAMS_PER_SM) -> int:
     """What `gpu.split_settings` aims at: per_sm programs per SM of the device, or CPU_PROGRAMS
     under the interpreter."""
-    if device.type != "cuda":
-        return CPU_PROGRAMS
-    return gpu.device_programs(device) // gpu.PROGRAMS_PER_SM * per_sm
+    return gpu.device_programs(device, per_sm) if device.type == "cuda" else CPU_PROGRAMS
 
 
 def variant(spec: str) -> tuple[str, tuple[gpu.KernelConfig, int]]:
@@ -139,20 +137,23 @@ def variant(spec: str) -> tuple[str, tuple[gpu.KernelConfig, int]]:
 
 
 def _runners(methods, variants, fi, q, tables, lengths, ring, page_size, scale, workspace):
-    """method -> step(layers) -> the last layer's output; methods that cannot run are left out.
-    Kernel methods: "workqueue" (the default KernelConfig), "workqueue-unsplit", and the names
-    in `variants` (from `variant`: the default's splits, another KernelConfig)."""
+    """(method -> step(layers) -> the last layer's output, kernel method -> decode programs per
+    launch); methods that cannot run are left out. Kernel methods: "workqueue" (the default
+    KernelConfig), "workqueue-unsplit", and the names in `variants` (from `variant`: the
+    default's splits, another KernelConfig)."""
     spans = lengths.tolist()
     hkv = ring[0][0].shape[1]
     default = (gpu.KernelConfig(), gpu.PROGRAMS_PER_SM)
     configs = {"workqueue": default, "workqueue-unsplit": default} | variants
     runners: dict[str, Callable] = {}
+    programs: dict[str, int] = {}
     for method in [*methods, *variants]:
         if method in configs:
             config, per_sm = configs[method]
             splits = gpu.split_settings(spans, hkv, _programs(q.device, per_sm))
             if method == "workqueue-unsplit":
                 splits = (1, 1 << 30)
+            programs[method] = hkv * sum(cost.splits_of(n, *splits)[0] for n in spans)
 
             def step(layers, splits=splits, config=config):
                 p = gpu.plan(q, *ring[0], tables, lengths, *splits)
@@ -171,7 +172,7 @@ def _runners(methods, variants, fi, q, tables, lengths, ring, page_size, scale, 
                 runners[method] = lambda layers: [
                     reference.padded(q, *ring[i], tables, lengths, scale) for i in layers
                 ][-1]
-    return runners
+    return runners, programs
 
 
 def run_case(shape, trace, batch, seed, args, fi, workspace, copy_rate) -> list[dict]:
@@ -186,7 +187,7 @@ def run_case(shape, trace, batch, seed, args, fi, workspace, copy_rate) -> list[
     q = torch.randn(batch, hq, d, generator=gen, device=device).to(dtype).float()
     scale = d**-0.5
     variants = dict(map(variant, args.variants))
-    runners = _runners(
+    runners, programs = _runners(
         args.methods, variants, fi, q, tables, lengths, ring, args.page_size, scale, workspace
     )
     want = reference.reference(q.double(), *ring[0], tables, lengths, scale)
@@ -209,11 +210,6 @@ def run_case(shape, trace, batch, seed, args, fi, workspace, copy_rate) -> list[
             if r:
                 times[m].append((time.perf_counter() - t0) / len(ring))
     kv_bytes = sum(lens) * 2 * hkv * d * dtype.itemsize
-    programs = {"workqueue-unsplit": batch * hkv} | {
-        m: gpu.plan(q, *ring[0], tables, lengths, *gpu.split_settings(
-            lens, hkv, _programs(device, per_sm))).programs
-        for m, (_, per_sm) in {"workqueue": (None, gpu.PROGRAMS_PER_SM), **variants}.items()
-    }  # fmt: skip
     return [
         {
             "shape": shape, "dtype": args.dtype, "page_size": args.page_size, "trace": trace,
