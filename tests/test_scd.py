@@ -60,8 +60,8 @@ def test_rope_round_trip_both_settings(tmp_path):
     assert a.fingerprint.rope != b.fingerprint.rope
     pos = torch.arange(300)
     k = torch.randn(2, 300, 16)
-    ca, sa = rope.rotary(a.model, pos)
-    cb, sb = rope.rotary(b.model, pos)
+    ca, sa = rope.rotary(a.model, 0, pos)
+    cb, sb = rope.rotary(b.model, 0, pos)
     for c, s in ((ca, sa), (cb, sb)):
         assert torch.allclose(rope.remove(rope.apply(k, c, s), c, s), k, atol=1e-5, rtol=0)
     # removed with A's settings and re-applied with B's == rotated by B directly
@@ -74,12 +74,12 @@ def test_rope_round_trip_both_settings(tmp_path):
     with torch.no_grad():
         h = a.model.model.layers[0].input_layernorm(a.model.model.embed_tokens(ids))
         raw = attn.k_proj(h).view(40, 2, 16).transpose(0, 1)
-    c, s = rope.rotary(a.model, torch.arange(40))
+    c, s = rope.rotary(a.model, 0, torch.arange(40))
     assert torch.allclose(rope.apply(raw, c, s).half().float(), pre.layers[0].keys.float(),
                           atol=2e-3)  # fmt: skip
     # raw reuse across different RoPE settings re-rotates the keys
     moved = rerotated(a, b, pre.layers)
-    back = rope.remove(moved[0].keys.float(), *rope.rotary(b.model, pre.layers[0].positions))
+    back = rope.remove(moved[0].keys.float(), *rope.rotary(b.model, 0, pre.layers[0].positions))
     assert torch.allclose(back, raw, atol=2e-2)
 
 

@@ -201,7 +201,7 @@ def prefill(
 
     def layer_done(module, args, output) -> None:
         i = len(layers)
-        layers.append(_layer_kv(engine, cache, i, n))
+        layers.append(layer_kv(engine, cache, i, n))
         if on_layer is not None:
             on_layer(i, layers[i], captured[i][0])
 
@@ -306,7 +306,7 @@ class _AllStopped(Exception):
     """Raised inside `prefill_batch`'s forward once every context's hook has failed."""
 
 
-def _layer_kv(engine: Engine, cache: DynamicCache, i: int, n: int) -> LayerKV:
+def layer_kv(engine: Engine, cache: DynamicCache, i: int, n: int) -> LayerKV:
     """Layer i's cached slots, rounded to the KV dtype."""
     fp = engine.fingerprint
     keys, values = cache.layers[i].keys[0], cache.layers[i].values[0]
@@ -407,6 +407,19 @@ def _mask(
     return mask[None, None]
 
 
+def causal_masks(
+    engine: Engine, pos: torch.Tensor, hidden: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per layer type ("full_attention", and "sliding_attention" where the model has such
+    layers), the additive 4-D mask of a prefill of the tokens at 1-D `pos`, in the compute
+    dtype; key slots marked `hidden` (bool per slot) are invisible to every query."""
+    fp, dtype = engine.fingerprint, engine.compute_dtype
+    masks = {"full_attention": _mask(pos, pos, 0, dtype, hidden)}
+    if fp.sliding_layers:
+        masks["sliding_attention"] = _mask(pos, pos, fp.sliding_window, dtype, hidden)
+    return masks
+
+
 @torch.inference_mode()
 def forward_with_kv_transform(
     engine: Engine,
@@ -429,10 +442,7 @@ def forward_with_kv_transform(
 
         layer.update = update
     pos = torch.arange(ids.numel())
-    dtype = engine.compute_dtype
-    masks = {"full_attention": _mask(pos, pos, 0, dtype, hidden)}
-    if fp.sliding_layers:
-        masks["sliding_attention"] = _mask(pos, pos, fp.sliding_window, dtype, hidden)
+    masks = causal_masks(engine, pos, hidden)
     out = engine.model(
         input_ids=ids.view(1, -1),
         position_ids=pos.view(1, -1),

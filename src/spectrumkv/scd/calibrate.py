@@ -28,14 +28,13 @@ from dataclasses import dataclass
 
 import msgspec
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engines.hf import Engine, decode_state
 from ..errors import ConfigError
 from ..eval.ppl import corpus_chunks
 from .artifact import VERSION, Artifact, Manifest
-from .capture import Captured, capture, check_supported, derotate, flat
+from .capture import Captured, capture, check_supported, derotate, flat, project_kv
 from .codes import encode_layer, reconstruct_layer
 from .distill import distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
@@ -103,7 +102,7 @@ def _paired(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> tuple[list,
         for eng, tag in ((engine_a, "a"), (engine_b, "b")):
             c = capture(eng, ids, input_layers=range(n_layers))
             for i, kv in enumerate(c.pre.layers):
-                per["k" + tag][i].append(derotate(eng, kv))
+                per["k" + tag][i].append(derotate(eng, i, kv))
                 per["v" + tag][i].append(flat(kv.values))
                 per["x" + tag][i].append(c.inputs[i])
     cat = {k: [torch.cat(v) for v in lists] for k, lists in per.items()}
@@ -219,15 +218,14 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
 
 
 class _Frozen(torch.nn.Module):
-    """B's K/V projections of a layer, concatenated, with frozen weights."""
+    """B's K/V projections of a layer (`capture.project_kv`), concatenated, weights frozen."""
 
     def __init__(self, attn: torch.nn.Module) -> None:
         super().__init__()
         self.attn = attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ws = [(p.weight.detach(), p.bias) for p in (self.attn.k_proj, self.attn.v_proj)]
-        return torch.cat([F.linear(x, w, None if b is None else b.detach()) for w, b in ws], -1)
+        return torch.cat(project_kv(self.attn, x), -1)
 
 
 def _with(m: Manifest, patch_layers: list[int], kl_dev: float) -> Manifest:

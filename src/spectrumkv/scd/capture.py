@@ -2,7 +2,11 @@
 the KV dtype as a serving cache is) and, for the layers asked for, the attention input, i.e. the
 normalized hidden state that W_k / W_v consume, taken by a forward pre-hook on each attention
 module while that prefill runs. `derotate` / `flat` turn a cached layer into the [n, H*D]
-samples the fits use (keys without RoPE).
+samples the fits use (keys without RoPE); `project_kv` is a layer's own K/V projection of an
+attention input (what a patch layer runs on B's side).
+
+Sliding-window layers (Gemma-3) hold only the window's last tokens, as the engine caches them;
+their codes cover those tokens and nothing else.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call
 
 from ..engines.hf import Engine, Prefilled, prefill
 from ..errors import IncompatiblePayloadError
@@ -28,13 +33,11 @@ class Captured:
 
 
 def check_supported(engine: Engine) -> None:
-    """IncompatiblePayloadError for models SCD does not handle here (sliding-window layers,
-    no single rotary embedding)."""
-    fp = engine.fingerprint
-    if fp.sliding_layers or not hasattr(engine.model.model, "rotary_emb"):
+    """IncompatiblePayloadError for models SCD does not handle here (no model-level rotary
+    embedding module)."""
+    if not hasattr(engine.model.model, "rotary_emb"):
         raise IncompatiblePayloadError(
-            f"{engine.name}: SCD supports decoder models with one rotary embedding and no "
-            "sliding-window layers"
+            f"{engine.name}: SCD supports decoder models with a model-level rotary embedding"
         )
 
 
@@ -48,10 +51,26 @@ def unflat(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], heads, -1).transpose(0, 1)
 
 
-def derotate(engine: Engine, layer: LayerKV) -> torch.Tensor:
-    """A cached layer's keys without RoPE, [n, H*D] float32 (the engine's own settings)."""
-    cos, sin = rope.rotary(engine.model, layer.positions)
+def derotate(engine: Engine, i: int, layer: LayerKV) -> torch.Tensor:
+    """Cached layer `i`'s keys without RoPE, [n, H*D] float32 (the engine's own settings)."""
+    cos, sin = rope.rotary(engine.model, i, layer.positions)
     return flat(rope.remove(layer.keys.float(), cos, sin))
+
+
+def project_kv(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention module's keys (before RoPE, after its per-head key norm where it has one,
+    as Gemma-3's) and values, [n, H*D] float32, of attention inputs `x` [n, hidden]. The
+    module's weights are used frozen: gradients reach `x` only."""
+
+    def run(module: torch.nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        weights = {n: p.detach() for n, p in module.named_parameters()}
+        return functional_call(module, weights, (inp,))
+
+    keys, values = run(attn.k_proj, x), run(attn.v_proj, x)
+    norm = getattr(attn, "k_norm", None)
+    if norm is not None:
+        keys = run(norm, keys.view(keys.shape[0], -1, attn.head_dim)).flatten(1)
+    return keys.float(), values.float()
 
 
 def capture(

@@ -22,7 +22,7 @@ from ..quant import dequantize, quantize
 from ..tiers import Tier
 from . import rope
 from .artifact import Artifact
-from .capture import capture, derotate, flat, unflat
+from .capture import capture, derotate, flat, project_kv, unflat
 
 #: Group size of quantized codes (along the code dimension; ranks are multiples of it).
 CODE_GROUP = 16
@@ -51,7 +51,7 @@ def encode_layer(
             raise ValueError(f"layer {layer} is a patch layer: its attention input is needed")
         h = ((attn_input.float() - t[f"{layer}.h.mu"]) @ t[f"{layer}.h.basis"]).half()
         return LayerCode(layer, kv.positions, h=h, nbytes=2 * h.numel())
-    k = _enc(t, f"{layer}.k", derotate(engine_a, kv))
+    k = _enc(t, f"{layer}.k", derotate(engine_a, layer, kv))
     v = _enc(t, f"{layer}.v", flat(kv.values))
     return LayerCode(layer, kv.positions, k=k, v=v, nbytes=2 * (k.numel() + v.numel()))
 
@@ -83,12 +83,12 @@ def reuse_flat(t: Mapping[str, torch.Tensor], code: LayerCode) -> tuple[torch.Te
 
 
 def to_layer(
-    engine_b: Engine, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    engine_b: Engine, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
 ) -> LayerKV:
-    """B's cached layer from keys without RoPE and values [n, H*D]: [H, n, D], keys rotated
-    with B's RoPE at `positions`, both in B's KV dtype (differentiable)."""
+    """B's cached layer `layer` from keys without RoPE and values [n, H*D]: [H, n, D], keys
+    rotated with B's RoPE (that layer's) at `positions`, both in B's KV dtype (differentiable)."""
     heads = engine_b.fingerprint.n_kv_heads
-    cos, sin = rope.rotary(engine_b.model, positions)
+    cos, sin = rope.rotary(engine_b.model, layer, positions)
     k = rope.apply(unflat(keys, heads), cos, sin)
     dt = engine_b.kv_dtype
     return LayerKV(k.to(dt), unflat(values, heads).to(dt), positions)
@@ -100,11 +100,10 @@ def reconstruct_layer(art: Artifact, engine_b: Engine, code: LayerCode) -> Layer
     i = code.layer
     if code.h is not None:
         x = art.aligner(i)(code.h.float()).to(engine_b.compute_dtype)  # B may compute in bf16
-        attn = engine_b.model.model.layers[i].self_attn
-        keys, values = attn.k_proj(x).float(), attn.v_proj(x).float()
+        keys, values = project_kv(engine_b.model.model.layers[i].self_attn, x)
     else:
         keys, values = reuse_flat(art.tensors, code)
-    return to_layer(engine_b, code.positions, keys, values)
+    return to_layer(engine_b, i, code.positions, keys, values)
 
 
 def reconstruct(

@@ -101,7 +101,7 @@ def _loss(engine_b: Engine, params: dict[str, torch.Tensor], c: _Chunk) -> torch
     layers = [
         c.fixed[code.layer]
         if code.layer in c.fixed
-        else to_layer(engine_b, code.positions, *reuse_flat(params, code))
+        else to_layer(engine_b, code.layer, code.positions, *reuse_flat(params, code))
         for code in c.codes
     ]
     logits = _step(engine_b, decode_state(engine_b, layers, c.n_tokens), c.feed[:-1])

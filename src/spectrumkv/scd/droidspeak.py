@@ -12,8 +12,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..engines.hf import Engine
+from ..engines.hf import Engine, causal_masks, layer_kv
 from ..kv import LayerKV
+from . import rope
 
 
 def residual_hook(engine: Engine, layer: int, out: dict) -> torch.utils.hooks.RemovableHandle:
@@ -31,27 +32,25 @@ def recompute_span(
     engine_b: Engine, hidden: torch.Tensor, start: int, stop: int
 ) -> tuple[list[LayerKV], float]:
     """B's K/V of layers [start, stop) computed by B's own layers from `hidden` [n, d] (the
-    residual stream entering `start`), in B's KV dtype; and the seconds it took."""
-    model = engine_b.model
+    residual stream entering `start`), in B's KV dtype, as B's own prefill caches them (a
+    sliding-window layer keeps its window's last tokens); and the seconds it took."""
+    model, fp = engine_b.model, engine_b.fingerprint
     n = hidden.shape[0]
     t0 = time.perf_counter()
-    pos = torch.arange(n)[None]
-    h = hidden[None].to(next(model.parameters()).dtype)
-    cos_sin = model.model.rotary_emb(h, pos)
-    mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+    pos = torch.arange(n)
+    h = hidden[None].to(engine_b.compute_dtype)
+    masks = causal_masks(engine_b, pos)
     cache = DynamicCache(config=model.config)
     for i in range(start, stop):
+        kind = "sliding_attention" if fp.is_sliding(i) else "full_attention"
+        cos, sin = rope.rotary(model, i, pos)
         h = model.model.layers[i](
-            h, attention_mask=mask, position_ids=pos, past_key_values=cache,
-            use_cache=True, position_embeddings=cos_sin,
+            h, attention_mask=masks[kind], position_ids=pos[None], past_key_values=cache,
+            use_cache=True, position_embeddings=(cos[None].to(h.dtype), sin[None].to(h.dtype)),
         )  # fmt: skip
         if isinstance(h, tuple):
             h = h[0]
-    dt = engine_b.kv_dtype
-    out = [
-        LayerKV(cache.layers[i].keys[0].to(dt), cache.layers[i].values[0].to(dt), pos[0])
-        for i in range(start, stop)
-    ]
+    out = [layer_kv(engine_b, cache, i, n) for i in range(start, stop)]
     return out, time.perf_counter() - t0
 
 

@@ -69,9 +69,9 @@ def rerotated(a: Engine, b: Engine, layers: list[LayerKV]) -> list[LayerKV]:
     if a.fingerprint.rope == b.fingerprint.rope:
         return layers
     out = []
-    for kv in layers:
-        ca, sa = rope.rotary(a.model, kv.positions)
-        cb, sb = rope.rotary(b.model, kv.positions)
+    for i, kv in enumerate(layers):
+        ca, sa = rope.rotary(a.model, i, kv.positions)
+        cb, sb = rope.rotary(b.model, i, kv.positions)
         k = rope.apply(rope.remove(kv.keys.float(), ca, sa), cb, sb).to(b.kv_dtype)
         out.append(LayerKV(k, kv.values.to(b.kv_dtype), kv.positions))
     return out

@@ -2,20 +2,30 @@
 
 Keys are cached post-RoPE: k_rot = k * cos + rotate_half(k) * sin, per pair of channels
 (i, i + D/2) a rotation by the position's angle, scaled by the model's `attention_scaling`
-(1 for plain RoPE). `remove` applies the inverse exactly (rotation by the negative angle,
+(1 for plain RoPE). Models with several layer types (Gemma-3: sliding-window layers at one base
+frequency, full-attention layers at another) rotate each layer with its own type's settings.
+`remove` applies the inverse exactly (rotation by the negative angle,
 divided by cos^2 + sin^2), so `remove(apply(k))` is k up to float rounding for any scaling.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
-def rotary(model: torch.nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each [n, head_dim] float32, of a HF decoder model at 1-D `positions`."""
+def rotary(
+    model: torch.nn.Module, layer: int, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [n, head_dim] float32, of decoder layer `layer` of a HF decoder model
+    at 1-D `positions`."""
     rot = model.model.rotary_emb
     x = torch.zeros(1, dtype=torch.float32)
-    cos, sin = rot(x, positions.view(1, -1).long())
+    kwargs = {}
+    if "layer_type" in inspect.signature(rot.forward).parameters:
+        kwargs["layer_type"] = model.config.layer_types[layer]
+    cos, sin = rot(x, positions.view(1, -1).long(), **kwargs)
     return cos[0].float(), sin[0].float()
 
 

@@ -35,8 +35,7 @@ from dataclasses import replace
 import torch
 from transformers import DynamicCache
 
-from ..engines.hf import Engine
-from ..engines.hf import _layer_kv as layer_kv  # one prefilled layer's KV, in the KV dtype
+from ..engines.hf import Engine, layer_kv
 from ..errors import SpectrumKVError
 from ..kv import LayerKV
 from ..paged.cache import PagedKVCache

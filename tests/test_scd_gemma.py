@@ -1,0 +1,86 @@
+"""SCD on a model with two layer types (a tiny Gemma-3: sliding-window layers with one RoPE base,
+full-attention layers with another, a per-head key norm): each layer's RoPE removed and
+re-applied with its own settings, patch-layer projections equal to the model's own, full-rank
+same-model reconstruction and DroidSpeak's recomputed span equal to the model's own cache."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+from spectrumkv.assets import load_text, model_dir
+from spectrumkv.engines.hf import load, prefill
+from spectrumkv.scd import droidspeak, rope
+from spectrumkv.scd.calibrate import CalibConfig, calibrate
+from spectrumkv.scd.capture import capture, derotate, project_kv, unflat
+from spectrumkv.scd.codes import encode, reconstruct_layer
+
+WINDOW = 24
+TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemma")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=TYPES,
+        sliding_window=WINDOW, max_position_embeddings=512, query_pre_attn_scalar=16,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():  # key norms away from their identity init, so that they count
+        for layer in model.model.layers:
+            layer.self_attn.k_norm.weight.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return load(str(path))
+
+
+def test_rope_and_projection_per_layer_type(gemma):
+    assert gemma.fingerprint.sliding_layers == (0, 2)
+    ids = torch.arange(5, 65)
+    cap = capture(gemma, ids, input_layers=range(3))
+    pos = torch.arange(60)
+    (c0, _), (c1, _) = rope.rotary(gemma.model, 0, pos), rope.rotary(gemma.model, 1, pos)
+    assert not torch.allclose(c0, c1)  # two bases
+    for i, kv in enumerate(cap.pre.layers):
+        first = 60 - (WINDOW - 1) if i in (0, 2) else 0
+        assert kv.positions.tolist() == list(range(first, 60))
+        keys, values = project_kv(gemma.model.model.layers[i].self_attn, cap.inputs[i][first:])
+        c, s = rope.rotary(gemma.model, i, kv.positions)
+        got = rope.apply(unflat(keys, 2), c, s)
+        assert torch.allclose(got.half().float(), kv.keys.float(), atol=3e-3), i
+        assert torch.allclose(unflat(values, 2).half().float(), kv.values.float(), atol=3e-3)
+        assert torch.allclose(derotate(gemma, i, kv), keys, atol=3e-2), i
+
+
+def test_full_rank_same_model_and_droidspeak_span(gemma, tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(load_text("wiki")[:60_000], encoding="utf-8")
+    cfg = CalibConfig(corpus=str(corpus), code_budget=1.0, prompts=2, prompt_tokens=96,
+                      max_patches=0, dev_chunks=1, dev_context=112, dev_continuation=16)  # fmt: skip
+    art = calibrate(gemma, gemma, cfg)
+    ids = torch.arange(100, 160)
+    pre = prefill(gemma, ids)
+    for code in encode(art, gemma, ids):
+        got, ref = reconstruct_layer(art, gemma, code), pre.layers[code.layer]
+        assert torch.equal(got.positions, ref.positions)
+        for x, y in ((got.keys, ref.keys), (got.values, ref.values)):
+            err = float(((x.float() - y.float()) ** 2).sum() / (y.float() ** 2).sum())
+            assert err < 1e-4, (code.layer, err)
+    # DroidSpeak: layers 1..2 recomputed from the model's own residual stream entering layer 1
+    store: dict = {}
+    hook = droidspeak.residual_hook(gemma, 1, store)
+    try:
+        prefill(gemma, ids)
+    finally:
+        hook.remove()
+    span, _ = droidspeak.recompute_span(gemma, store["hidden"], 1, 3)
+    for got, ref in zip(span, pre.layers[1:], strict=True):
+        assert torch.equal(got.positions, ref.positions)
+        assert torch.allclose(got.keys.float(), ref.keys.float(), atol=1e-3)
+        assert torch.allclose(got.values.float(), ref.values.float(), atol=1e-3)
