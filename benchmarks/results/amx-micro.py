@@ -19,7 +19,6 @@ and a torch sum's read rate between rounds. GB/s = K+V bytes read per call / tim
         paged-attention ms
 """
 
-import collections
 import importlib.util
 import os
 import statistics
@@ -90,11 +89,17 @@ def main():
 LENS = traces.lengths("uniform", 16, 0, 1 / 16)
 
 
-def build_old(commit):
+def _kernel4():
+    """kernel4-oldnew.py as a module (its old-kernel build and its step A/B loop)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel4-oldnew.py")
     spec = importlib.util.spec_from_file_location("kernel4_oldnew", path)
     k4 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(k4)
+    return k4
+
+
+def build_old(commit):
+    k4 = _kernel4()
     k4.OLD_COMMIT = commit
     return k4.build_old()
 
@@ -154,31 +159,13 @@ def mix(threads, rounds):
 
 
 def step(rounds):
-    from spectrumkv.serve import runner as runner_mod
     from spectrumkv.serve.step_bench import _Batch, load
 
     torch.set_num_threads(1)
     b = _Batch(load("smollm2-135m", "bfloat16", 1, "bfloat16"), LENS, "adaptive", 0, "serve")
-    res = {k: {"step": [], "att": []} for k in ("amx", "avx512")}
-    b.step()
-    for rd in range(rounds):
-        for isa in ("amx", "avx512") if rd % 2 == 0 else ("avx512", "amx"):
-            kernel.set_isa(isa)
-            b.step()
-            for _ in range(4):
-                acc = runner_mod.timed_parts = collections.defaultdict(float)
-                t0 = time.perf_counter()
-                b.step()
-                res[isa]["step"].append(time.perf_counter() - t0)
-                runner_mod.timed_parts = None
-                res[isa]["att"].append(acc["paged attention"])
+    isas = ("amx", "avx512")
+    res = _kernel4().ab_steps(b, {k: (lambda k=k: kernel.set_isa(k)) for k in isas}, rounds)
     kernel.set_isa("amx")
-    print(f"step: load {os.getloadavg()}, 1 thread, tokens {sum(LENS)}")
-    for name, r in res.items():
-        print(
-            f"{name}: step median {1e3 * statistics.median(r['step']):.1f} ms, paged attention "
-            f"median {1e3 * statistics.median(r['att']):.1f} ms (min {1e3 * min(r['att']):.1f})"
-        )
     ra = [a / b for a, b in zip(res["amx"]["att"], res["avx512"]["att"], strict=True)]
     rs = [a / b for a, b in zip(res["amx"]["step"], res["avx512"]["step"], strict=True)]
     print(f"amx/avx512 paged attention, paired steps: median {statistics.median(ra):.3f} "

@@ -98,23 +98,24 @@ def micro(old, threads=1, rounds=15):
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
-def step(old, rounds=6):
+def ab_steps(batch, setters, rounds):
+    """The engine's decode step of `batch` (serve.step_bench's _Batch) under each variant (name ->
+    a function switching to it), alternating the order per round: per round and variant one
+    untimed step, then 4 timed. Prints and returns per variant the step and paged-attention
+    seconds."""
     from spectrumkv.serve import runner as runner_mod
-    from spectrumkv.serve.step_bench import _Batch, load
 
-    mods = {"old": old, "new": new}
-    torch.set_num_threads(1)
-    b = _Batch(load("smollm2-135m", dtype="bfloat16"), LENS, "adaptive", 0, "serve")
-    res = {k: {"step": [], "att": []} for k in mods}
-    b.step()
+    names = list(setters)
+    res = {k: {"step": [], "att": []} for k in names}
+    batch.step()
     for rd in range(rounds):
-        for name in ("old", "new") if rd % 2 == 0 else ("new", "old"):
-            kernel._attention = mods[name]
-            b.step()
+        for name in names if rd % 2 == 0 else names[::-1]:
+            setters[name]()
+            batch.step()
             for _ in range(4):
                 acc = runner_mod.timed_parts = collections.defaultdict(float)
                 t0 = time.perf_counter()
-                b.step()
+                batch.step()
                 res[name]["step"].append(time.perf_counter() - t0)
                 runner_mod.timed_parts = None
                 res[name]["att"].append(acc["paged attention"])
@@ -122,6 +123,17 @@ def step(old, rounds=6):
     for name, r in res.items():
         print(f"{name}: step median {1e3 * st.median(r['step']):.1f} ms, paged attention median "
               f"{1e3 * st.median(r['att']):.1f} ms (min {1e3 * min(r['att']):.1f})")  # fmt: skip
+    return res
+
+
+def step(old, rounds=6):
+    from spectrumkv.serve.step_bench import _Batch, load
+
+    torch.set_num_threads(1)
+    b = _Batch(load("smollm2-135m", dtype="bfloat16"), LENS, "adaptive", 0, "serve")
+    use = {"old": old, "new": new}
+    res = ab_steps(b, {k: (lambda m=m: setattr(kernel, "_attention", m)) for k, m in use.items()},
+                   rounds)  # fmt: skip
     ra = [a / b for a, b in zip(res["new"]["att"], res["old"]["att"], strict=True)]
     print(f"new/old paged attention, paired steps: median {st.median(ra):.3f} "
           f"[{min(ra):.3f}-{max(ra):.3f}]")  # fmt: skip
