@@ -28,7 +28,6 @@ import time
 import torch
 
 from spectrumkv.paged import kernel, traces
-from spectrumkv.paged.cache import PagedConfig, PagedKVCache
 
 SHAPES = {"smollm2": (3, 9, 64), "7b": (8, 32, 128)}
 
@@ -107,20 +106,13 @@ def build_old(commit):
 def mix(threads, rounds):
     old = build_old(os.environ["OLD"]) if os.environ.get("OLD") else None
     names = ("amx", "avx512", "old") if old else ("amx", "avx512")
+    k4 = _kernel4()
     torch.set_num_threads(threads)
     buf = torch.ones((256 << 20) // 4)
     print(f"mix: tokens {sum(LENS)}, threads {threads}, load {os.getloadavg()}")
     for shape, (hkv, d, hq, layers) in {"smol": (3, 64, 9, 12), "7b": (8, 128, 32, 4)}.items():
         for ps in (16, 32):
-            pages = sum(-(-n // ps) for n in LENS) + 16
-            c = PagedKVCache(PagedConfig(layers, hkv, d, pages, ps, torch.bfloat16), shuffle_seed=1)
-            c.k.normal_()
-            c.v.normal_()
-            for r, n in enumerate(LENS):
-                c.allocate(r, n)
-            tables, lengths = c.block_tables(list(range(16)))
-            q = torch.randn(16, hq, d)
-            kvb = sum(LENS) * 2 * hkv * d * 2
+            c, tables, lengths, q, kvb = k4.mix_layers(layers, hkv, hq, d, ps, torch.bfloat16)
             outs = {m: torch.empty(16, hq, d) for m in names}
             times, rates = {m: [] for m in names}, []
             for rd in range(rounds + 1):
@@ -150,7 +142,8 @@ def mix(threads, rounds):
                 t = statistics.median(x)
                 line.append(f"{name} {1e3 * t:.2f} ms [{1e3 * min(x):.2f}-{1e3 * max(x):.2f}] "
                             f"{kvb / t / 1e9:.2f} GB/s = {kvb / t / sr:.2f}x sum")  # fmt: skip
-            for num, den in (("amx", "avx512"), ("amx", "old"), ("avx512", "old"))[: len(names)]:
+            pairs = (("amx", "avx512"), ("amx", "old"), ("avx512", "old"))
+            for num, den in pairs[: 3 if old else 1]:
                 r = [a / b for a, b in zip(times[num], times[den], strict=True)]
                 m = statistics.median(r)
                 line.append(f"{num}/{den} median {m:.3f} [{min(r):.3f}-{max(r):.3f}]")

@@ -53,21 +53,26 @@ def build_old():
 LENS = traces.lengths("uniform", 16, 0, 1 / 16)
 
 
+def mix_layers(layers, hkv, hq, d, page, dtype):
+    """`layers` layers of the mix's 16 requests (LENS) in a shuffled page pool, random K/V;
+    returns (cache, block tables, lengths, queries [16, hq, d], K+V bytes read per layer)."""
+    pages = sum(-(-n // page) for n in LENS) + 16
+    c = PagedKVCache(PagedConfig(layers, hkv, d, pages, page, dtype), shuffle_seed=1)
+    c.k.normal_()
+    c.v.normal_()
+    for r, n in enumerate(LENS):
+        c.allocate(r, n)
+    tables, lengths = c.block_tables(list(range(16)))
+    return c, tables, lengths, torch.randn(16, hq, d), sum(LENS) * 2 * hkv * d * 2
+
+
 def micro(old, threads=1, rounds=15):
     torch.set_num_threads(threads)
     buf = torch.ones((256 << 20) // 4)
     print(f"tokens {sum(LENS)} threads {threads} load {os.getloadavg()[0]:.1f}")
     for shape, (hkv, d, hq, layers) in {"smol": (3, 64, 9, 8), "7b": (8, 128, 32, 3)}.items():
         for dt in (torch.float16, torch.bfloat16):
-            pages = sum(-(-n // 16) for n in LENS) + 16
-            c = PagedKVCache(PagedConfig(layers, hkv, d, pages, 16, dt), shuffle_seed=1)
-            c.k.normal_()
-            c.v.normal_()
-            for r, n in enumerate(LENS):
-                c.allocate(r, n)
-            tables, lengths = c.block_tables(list(range(16)))
-            q = torch.randn(16, hq, d)
-            kvb = sum(LENS) * 2 * hkv * d * 2
+            c, tables, lengths, q, kvb = mix_layers(layers, hkv, hq, d, 16, dt)
             outs = {m: torch.empty(16, hq, d) for m in ("old", "new")}
             times, rates = {"old": [], "new": []}, []
             for rd in range(rounds + 1):
