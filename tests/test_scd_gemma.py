@@ -1,7 +1,8 @@
 """SCD on a model with two layer types (a tiny Gemma-3: sliding-window layers with one RoPE base,
 full-attention layers with another, a per-head key norm): each layer's RoPE removed and
 re-applied with its own settings, patch-layer projections equal to the model's own, full-rank
-same-model reconstruction and DroidSpeak's recomputed span equal to the model's own cache."""
+same-model reconstruction and DroidSpeak's recomputed span equal to the model's own cache, and
+patch layers (sliding ones included) rebuilt over the tokens each layer caches."""
 
 import pytest
 import torch
@@ -62,7 +63,8 @@ def test_full_rank_same_model_and_droidspeak_span(gemma, tmp_path):
     corpus = tmp_path / "text.txt"
     corpus.write_text(load_text("wiki")[:60_000], encoding="utf-8")
     cfg = CalibConfig(corpus=str(corpus), code_budget=1.0, prompts=2, prompt_tokens=96,
-                      max_patches=0, dev_chunks=1, dev_context=112, dev_continuation=16)  # fmt: skip
+                      max_patches=0, dev_chunks=1, dev_context=112,
+                      dev_continuation=16)  # fmt: skip
     art = calibrate(gemma, gemma, cfg)
     ids = torch.arange(100, 160)
     pre = prefill(gemma, ids)
@@ -84,3 +86,23 @@ def test_full_rank_same_model_and_droidspeak_span(gemma, tmp_path):
         assert torch.equal(got.positions, ref.positions)
         assert torch.allclose(got.keys.float(), ref.keys.float(), atol=1e-3)
         assert torch.allclose(got.values.float(), ref.values.float(), atol=1e-3)
+
+
+def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(load_text("wiki")[:60_000], encoding="utf-8")
+    cfg = CalibConfig(corpus=str(corpus), code_budget=0.5, prompts=2, prompt_tokens=96,
+                      patch_rank=16, max_patches=3, patch_min_gain=0.0, eps=0.0,
+                      aligner_width=16, aligner_steps=5, dev_chunks=1, dev_context=112,
+                      dev_continuation=16)  # fmt: skip
+    # every layer, sliding ones included, is rebuilt as a patch layer on the dev chunk here
+    art = calibrate(gemma, gemma, cfg)
+    ids = torch.arange(100, 160)
+    pre = prefill(gemma, ids)
+    for code in encode(art, gemma, ids):
+        n = pre.layers[code.layer].positions.numel()
+        if code.layer in art.manifest.patch_layers:
+            assert code.h is not None and code.h.shape == (n, 16)
+        got = reconstruct_layer(art, gemma, code)
+        assert got.keys.shape == pre.layers[code.layer].keys.shape
+        assert torch.equal(got.positions, pre.layers[code.layer].positions)

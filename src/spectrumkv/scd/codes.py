@@ -44,12 +44,15 @@ class LayerCode:
 def encode_layer(
     art: Artifact, engine_a: Engine, layer: int, kv: LayerKV, attn_input: torch.Tensor | None
 ) -> LayerCode:
-    """A's codes of one layer: from its cached K/V, or at a patch layer its attention input."""
+    """A's codes of one layer: from its cached K/V, or at a patch layer its attention input
+    `attn_input` [n, hidden] of the prefill's n tokens (only the rows of the tokens the layer
+    caches are coded: a sliding-window layer's last ones)."""
     t = art.tensors
     if layer in art.manifest.patch_layers:
         if attn_input is None:
             raise ValueError(f"layer {layer} is a patch layer: its attention input is needed")
-        h = ((attn_input.float() - t[f"{layer}.h.mu"]) @ t[f"{layer}.h.basis"]).half()
+        x = attn_input[attn_input.shape[0] - kv.positions.numel() :].float()
+        h = ((x - t[f"{layer}.h.mu"]) @ t[f"{layer}.h.basis"]).half()
         return LayerCode(layer, kv.positions, h=h, nbytes=2 * h.numel())
     k = _enc(t, f"{layer}.k", derotate(engine_a, layer, kv))
     v = _enc(t, f"{layer}.v", flat(kv.values))
