@@ -2,7 +2,8 @@
 full-attention layers with another, a per-head key norm): each layer's RoPE removed and
 re-applied with its own settings, patch-layer projections equal to the model's own, full-rank
 same-model reconstruction and DroidSpeak's recomputed span equal to the model's own cache, and
-patch layers (sliding ones included) rebuilt over the tokens each layer caches."""
+patch layers (sliding ones included) and quantized codes rebuilt over the tokens each layer
+caches."""
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from spectrumkv.assets import load_text, model_dir
 from spectrumkv.engines.hf import load, prefill
+from spectrumkv.errors import IncompatiblePayloadError
 from spectrumkv.scd import droidspeak, rope
 from spectrumkv.scd.calibrate import CalibConfig, calibrate
 from spectrumkv.scd.capture import capture, derotate, project_kv, unflat
-from spectrumkv.scd.codes import encode, reconstruct_layer
+from spectrumkv.scd.codes import encode, quantize_codes, reconstruct_layer
+from spectrumkv.scd.wire import Layout
 
 WINDOW = 24
 TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -97,9 +100,14 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
                       dev_continuation=16)  # fmt: skip
     # every layer, sliding ones included, is rebuilt as a patch layer on the dev chunk here
     art = calibrate(gemma, gemma, cfg)
+    with pytest.raises(IncompatiblePayloadError, match="sliding-window"):
+        Layout.of(art)  # the wire's frames carry every token of every layer: refused
     ids = torch.arange(100, 160)
     pre = prefill(gemma, ids)
-    for code in encode(art, gemma, ids):
+    codes = encode(art, gemma, ids)
+    # codes quantized by a per-token tier mask of the whole prompt (60 tokens)
+    codes = quantize_codes(codes, torch.arange(60) % 3 == 0)
+    for code in codes:
         n = pre.layers[code.layer].positions.numel()
         if code.layer in art.manifest.patch_layers:
             assert code.h is not None and code.h.shape == (n, 16)

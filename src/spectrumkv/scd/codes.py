@@ -46,12 +46,12 @@ def encode_layer(
 ) -> LayerCode:
     """A's codes of one layer: from its cached K/V, or at a patch layer its attention input
     `attn_input` [n, hidden] of the prefill's n tokens (only the rows of the tokens the layer
-    caches are coded: a sliding-window layer's last ones)."""
+    caches, at `kv.positions`, are coded: a sliding-window layer's last ones)."""
     t = art.tensors
     if layer in art.manifest.patch_layers:
         if attn_input is None:
             raise ValueError(f"layer {layer} is a patch layer: its attention input is needed")
-        x = attn_input[attn_input.shape[0] - kv.positions.numel() :].float()
+        x = attn_input[kv.positions].float()
         h = ((x - t[f"{layer}.h.mu"]) @ t[f"{layer}.h.basis"]).half()
         return LayerCode(layer, kv.positions, h=h, nbytes=2 * h.numel())
     k = _enc(t, f"{layer}.k", derotate(engine_a, layer, kv))
@@ -120,7 +120,8 @@ def reconstruct(
 def quantize_codes(codes: list[LayerCode], int8: torch.Tensor) -> list[LayerCode]:
     """Codes passed through the project's asym-group quantizer (groups of CODE_GROUP along the
     code dimension, FP16 scale + minimum per group): tokens where `int8` [n] is True at INT8,
-    the rest at INT4. Returns dequantized codes whose `nbytes` counts codes and parameters."""
+    the rest at INT4 (a layer holding fewer tokens, a sliding window, takes the rows of its
+    positions). Returns dequantized codes whose `nbytes` counts codes and parameters."""
     qc = QuantConfig(group_size=CODE_GROUP, rotate=False)
     out = []
     for c in codes:
@@ -130,7 +131,8 @@ def quantize_codes(codes: list[LayerCode], int8: torch.Tensor) -> list[LayerCode
             if x is None:
                 continue
             y = torch.empty_like(x, dtype=torch.float32)
-            for tier, rows in ((Tier.INT8, int8), (Tier.INT4, ~int8)):
+            hi = int8[c.positions]
+            for tier, rows in ((Tier.INT8, hi), (Tier.INT4, ~hi)):
                 if rows.any():
                     part = x[rows].float()[:, None, :]
                     q = quantize(part, tier, qc)

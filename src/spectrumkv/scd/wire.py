@@ -84,7 +84,14 @@ class Layout:
 
     @classmethod
     def of(cls, art: Artifact) -> Layout:
+        """The layout of `art`'s codes; IncompatiblePayloadError for models with sliding-window
+        layers (a frame carries every prompt token; such a layer caches only its window's)."""
         m = art.manifest
+        if m.producer.sliding_layers or m.consumer.sliding_layers:
+            raise IncompatiblePayloadError(
+                "SCD over the wire is for full-attention models: these have sliding-window "
+                "layers (scd calibrate / eval and the codes module handle them)"
+            )
         patch = set(m.patch_layers)
         widths = tuple(
             (m.patch_rank,) if i in patch else (int(rk), int(rv))
