@@ -3,11 +3,15 @@ use more chunks than `scd eval`): per `wiki-es` eval chunk (896 + 128 tokens, th
 `scd eval --chunks N` reads first), B's token KL against its own prefill and its NLL per token,
 from A's raw cache and from each artifact's codes (FP16).
 
-    .venv/bin/python benchmarks/results/scd-shrink-heldout.py THREADS CHUNKS OUT.json ART...
+    [SCD_A=MODEL SCD_B=MODEL] .venv/bin/python benchmarks/results/scd-shrink-heldout.py \
+        THREADS CHUNKS OUT.json ART...
+
+The pair defaults to smollm2-135m -> smollm2-135m-wiki.
 """
 
 import json
 import math
+import os
 import statistics
 import sys
 
@@ -27,7 +31,8 @@ def main() -> None:
     torch.set_num_threads(int(sys.argv[1]))
     n, out, paths = int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     arts = {p: load_artifact(p) for p in paths}
-    a, b = load("smollm2-135m"), load("smollm2-135m-wiki")
+    a = load(os.environ.get("SCD_A", "smollm2-135m"))
+    b = load(os.environ.get("SCD_B", "smollm2-135m-wiki"))
     inputs = set().union(*(set(x.manifest.patch_layers) for x in arts.values()))
     res = {k: {"kl": [], "nll": []} for k in ("oracle", "raw", *arts)}
     split = 1024 - 128

@@ -59,7 +59,7 @@ MODEL_ALIASES = {
 }
 
 #: Fine-tuned models (recipes in scd/finetune.py), aliases that `model_dir` builds once.
-FINETUNED_ALIASES = ("smollm2-135m-wiki",)
+FINETUNED_ALIASES = ("smollm2-135m-wiki", "gemma3-270m-wiki")
 
 CORPUS_ALIASES = {
     "wiki": PackagedFile(

@@ -36,7 +36,10 @@ class Recipe:
     after their gradient is gone, which damages the softmax of every other token.
     `attn_lr_scale` multiplies the learning rate of the attention projections (parameters under
     a `self_attn` module: W_q, W_k, W_v, W_o), the weights that make the KV cache: a fine-tune
-    that moves them further than the rest gives a pair whose caches differ more."""
+    that moves them further than the rest gives a pair whose caches differ more.
+    `seq_len` 512 by default: fine-tuned on 128-token windows, B's own cache of a long prompt
+    was barely better for B than A's (raw reuse +0.18 % PPL on 896-token prefixes), while
+    512-token windows gave +4.3 % after 48 steps (benchmarks/results/scd-recipes.json)."""
 
     base: str
     corpus: str = "wiki-es"
@@ -44,7 +47,7 @@ class Recipe:
     lr: float = 2e-4
     seed: int = 0
     batch: int = 2
-    seq_len: int = 128
+    seq_len: int = 512
     warmup: int = 3
     weight_decay: float = 0.0
     clip: float = 1.0
@@ -80,7 +83,11 @@ class Recipe:
 
 
 #: Built-in aliases of fine-tuned models (built on first use, then cached).
-ALIASES = {"smollm2-135m-wiki": Recipe(base="smollm2-135m")}
+ALIASES = {
+    "smollm2-135m-wiki": Recipe(base="smollm2-135m"),
+    # Gemma-3 already knows Spanish: at lr 2e-4 its fine-tune doubled its PPL on the domain
+    "gemma3-270m-wiki": Recipe(base="gemma3-270m", steps=48, lr=2e-5),
+}
 
 
 def alias_dir(name: str) -> Path:
