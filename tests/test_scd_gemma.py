@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from spectrumkv.assets import load_text, model_dir
 from spectrumkv.engines.hf import load, prefill
-from spectrumkv.errors import IncompatiblePayloadError
+from spectrumkv.errors import ConfigError, IncompatiblePayloadError
 from spectrumkv.scd import droidspeak, rope
 from spectrumkv.scd.calibrate import CalibConfig, calibrate
 from spectrumkv.scd.capture import capture, derotate, project_kv, unflat
@@ -22,15 +22,13 @@ WINDOW = 24
 TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 
 
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gemma")
+def _gemma(path, window: int = WINDOW):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))
     cfg = Gemma3TextConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=TYPES,
-        sliding_window=WINDOW, max_position_embeddings=512, query_pre_attn_scalar=16,
+        sliding_window=window, max_position_embeddings=512, query_pre_attn_scalar=16,
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -42,6 +40,11 @@ def gemma(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return load(str(path))
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    return _gemma(tmp_path_factory.mktemp("gemma"))
 
 
 def test_rope_and_projection_per_layer_type(gemma):
@@ -95,11 +98,12 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     corpus = tmp_path / "text.txt"
     corpus.write_text(load_text("wiki")[:60_000], encoding="utf-8")
     cfg = CalibConfig(corpus=str(corpus), code_budget=0.5, prompts=2, prompt_tokens=96,
-                      patch_rank=16, max_patches=3, patch_min_gain=0.0, eps=0.0,
+                      patch_rank=48, max_patches=3, patch_min_gain=0.0, eps=0.0,
                       aligner_width=16, aligner_steps=5, dev_chunks=1, dev_context=112,
                       dev_continuation=16)  # fmt: skip
     # every layer, sliding ones included, is rebuilt as a patch layer on the dev chunk here
     art = calibrate(gemma, gemma, cfg)
+    assert {0, 2} & set(art.manifest.patch_layers)  # sliding patch layers (reuse at half rank)
     with pytest.raises(IncompatiblePayloadError, match="sliding-window"):
         Layout.of(art)  # the wire's frames carry every token of every layer: refused
     ids = torch.arange(100, 160)
@@ -110,7 +114,14 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     for code in codes:
         n = pre.layers[code.layer].positions.numel()
         if code.layer in art.manifest.patch_layers:
-            assert code.h is not None and code.h.shape == (n, 16)
+            assert code.h is not None and code.h.shape == (n, 48)
         got = reconstruct_layer(art, gemma, code)
         assert got.keys.shape == pre.layers[code.layer].keys.shape
         assert torch.equal(got.positions, pre.layers[code.layer].positions)
+
+
+def test_a_pair_with_another_window_is_refused(gemma, tmp_path):
+    other = _gemma(tmp_path / "wide", window=WINDOW + 8)
+    cfg = CalibConfig(corpus="wiki", prompts=1, prompt_tokens=96, dev_chunks=1)
+    with pytest.raises(ConfigError, match="sliding-window layout"):
+        calibrate(gemma, other, cfg)

@@ -34,7 +34,7 @@ from ..engines.hf import Engine, decode_state
 from ..errors import ConfigError
 from ..eval.ppl import corpus_chunks
 from .artifact import VERSION, Artifact, Manifest
-from .capture import Captured, capture, check_supported, derotate, flat, project_kv
+from .capture import Captured, capture, check_pair, derotate, flat, project_kv
 from .codes import encode_layer, reconstruct_layer
 from .distill import distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
@@ -156,11 +156,8 @@ class _Dev:
 
 def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     """Fit everything (module docstring); returns the artifact (save it with artifact.save)."""
-    for e in (engine_a, engine_b):
-        check_supported(e)
+    check_pair(engine_a, engine_b)
     fa, fb = engine_a.fingerprint, engine_b.fingerprint
-    if (fa.n_layers, fa.n_kv_heads, fa.head_dim) != (fb.n_layers, fb.n_kv_heads, fb.head_dim):
-        raise ConfigError("producer and consumer must share layers, KV heads and head_dim")
     a, b = _paired(engine_a, engine_b, cfg)
     fits = [
         (fit_low_rank(a[i][0], b[i][0], cfg.ridge), fit_low_rank(a[i][1], b[i][1], cfg.ridge))

@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call
 
 from ..engines.hf import Engine, Prefilled, prefill
-from ..errors import IncompatiblePayloadError
+from ..errors import ConfigError, IncompatiblePayloadError
 from ..importance import WindowQueries
 from ..kv import LayerKV
 from . import rope
@@ -33,11 +33,26 @@ class Captured:
 
 
 def check_supported(engine: Engine) -> None:
-    """IncompatiblePayloadError for models SCD does not handle here (no model-level rotary
-    embedding module)."""
+    """IncompatiblePayloadError for models SCD does not handle here: it needs a model-level
+    rotary embedding module (`rope.rotary`) and attention modules with k_proj / v_proj and, if
+    any, a per-head k_norm (`project_kv`)."""
     if not hasattr(engine.model.model, "rotary_emb"):
         raise IncompatiblePayloadError(
             f"{engine.name}: SCD supports decoder models with a model-level rotary embedding"
+        )
+
+
+def check_pair(engine_a: Engine, engine_b: Engine) -> None:
+    """Both models supported (`check_supported`) and caching the same rows: ConfigError unless
+    they share layers, KV heads, head_dim, which layers slide and the window."""
+    for e in (engine_a, engine_b):
+        check_supported(e)
+    fa, fb = engine_a.fingerprint, engine_b.fingerprint
+    shape = ("n_layers", "n_kv_heads", "head_dim", "sliding_layers", "sliding_window")
+    if any(getattr(fa, f) != getattr(fb, f) for f in shape):
+        raise ConfigError(
+            "producer and consumer must share layers, KV heads, head_dim and sliding-window "
+            f"layout: {engine_a.name} vs {engine_b.name}"
         )
 
 
@@ -59,8 +74,8 @@ def derotate(engine: Engine, i: int, layer: LayerKV) -> torch.Tensor:
 
 def project_kv(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An attention module's keys (before RoPE, after its per-head key norm where it has one,
-    as Gemma-3's) and values, [n, H*D] float32, of attention inputs `x` [n, hidden]. The
-    module's weights are used frozen: gradients reach `x` only."""
+    as Gemma-3's) and values, [n, H*D] float32, of attention
+    inputs `x` [n, hidden]. The module's weights are used frozen: gradients reach `x` only."""
 
     def run(module: torch.nn.Module, inp: torch.Tensor) -> torch.Tensor:
         weights = {n: p.detach() for n, p in module.named_parameters()}

@@ -1,7 +1,8 @@
 """Encode (model A's side) and reconstruct (model B's side), one layer at a time.
 
 A layer's code is either reuse-path codes of its keys and values ([n, r_K], [n, r_V], from A's
-de-rotated keys and values) or, at a patch layer, a code of A's attention input ([n, r_H]).
+de-rotated keys and values) or, at a patch layer, a code of A's attention input ([n, r_H]), for
+the n tokens the layer caches (all of the prompt's, or a sliding-window layer's last ones).
 Codes travel as FP16 (2 bytes an element), or quantized by the project's asym-group quantizer
 (`quantize_codes`). B decodes keys/values with its decoders and re-applies its own RoPE, or at a
 patch layer maps the code through the aligner to its attention input and runs its own K/V
@@ -144,7 +145,8 @@ def quantize_codes(codes: list[LayerCode], int8: torch.Tensor) -> list[LayerCode
 
 
 def code_bytes_per_token(art: Artifact, int8: bool | None = None) -> float:
-    """Wire bytes a token's codes take over all layers: FP16 (int8=None), all INT8 or all INT4."""
+    """Wire bytes a token's codes take over all layers, as if every layer cached every token
+    (a sliding-window model codes fewer rows): FP16 (int8=None), all INT8 or all INT4."""
     m = art.manifest
     total = 0.0
     for i, (rk, rv) in enumerate(m.ranks):

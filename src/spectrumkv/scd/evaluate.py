@@ -24,7 +24,7 @@ from ..payload import decode_payload
 from ..pipeline import encode, plan_transfer
 from . import droidspeak, rope
 from .artifact import Artifact, check_models
-from .capture import Captured, capture
+from .capture import Captured, capture, check_pair
 from .codes import code_bytes_per_token, encode_layer, quantize_codes, reconstruct_layer
 from .metrics import Scored, agreement, kl, score
 from .splits import split_text
@@ -162,7 +162,9 @@ def _no_patches(art: Artifact):
 
 def _int8_frac(art: Artifact, budget: float) -> float:
     """Fraction of tokens at INT8 (the rest INT4) for codes of about `budget` x raw FP16 KV
-    bytes, capped at 1; negative when even all-INT4 codes exceed the budget."""
+    bytes, capped at 1; negative when even all-INT4 codes exceed the budget. Exact when every
+    layer caches every token; with sliding-window layers only about (records carry the bytes
+    measured)."""
     fp = art.manifest.consumer
     raw = fp.n_layers * 2 * fp.n_kv_heads * fp.head_dim * 2
     c8, c4 = code_bytes_per_token(art, True), code_bytes_per_token(art, False)
@@ -284,7 +286,8 @@ def run_eval(
 def pair_check(a: Engine, b: Engine, cfg: EvalConfig) -> dict:
     """How healthy and how different a pair is, on the same eval chunks as `run_eval`: A's and
     B's own PPL on the continuations, and B's PPL and token KL (vs its own prefill) when it
-    decodes from A's raw cache (raw reuse)."""
+    decodes from A's raw cache (raw reuse). ConfigError for models that cache different rows."""
+    check_pair(a, b)
     split = cfg.context - cfg.continuation
     acc: dict[str, list] = {"a": [], "b": [], "raw": [], "n": [], "kl": []}
     for ids in tqdm(corpus_chunks(a, split_text(cfg.corpus, "eval"), cfg.context, cfg.chunks),

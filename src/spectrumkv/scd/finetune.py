@@ -39,7 +39,7 @@ class Recipe:
     that moves them further than the rest gives a pair whose caches differ more.
     `seq_len` 512 by default: fine-tuned on 128-token windows, B's own cache of a long prompt
     was barely better for B than A's (raw reuse +0.18 % PPL on 896-token prefixes), while
-    512-token windows gave +4.3 % after 48 steps (benchmarks/results/scd-recipes.json)."""
+    512-token windows gave +3.4 % after 96 steps (benchmarks/results/scd-recipes.json)."""
 
     base: str
     corpus: str = "wiki-es"
