@@ -127,12 +127,12 @@ def quantize_codes(codes: list[LayerCode], int8: torch.Tensor) -> list[LayerCode
     out = []
     for c in codes:
         new = LayerCode(c.layer, c.positions)
+        hi = int8[c.positions]
         for name in ("k", "v", "h"):
             x = getattr(c, name)
             if x is None:
                 continue
             y = torch.empty_like(x, dtype=torch.float32)
-            hi = int8[c.positions]
             for tier, rows in ((Tier.INT8, hi), (Tier.INT4, ~hi)):
                 if rows.any():
                     part = x[rows].float()[:, None, :]

@@ -10,8 +10,6 @@ divided by cos^2 + sin^2), so `remove(apply(k))` is k up to float rounding for a
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 
@@ -22,9 +20,8 @@ def rotary(
     at 1-D `positions`."""
     rot = model.model.rotary_emb
     x = torch.zeros(1, dtype=torch.float32)
-    kwargs = {}
-    if "layer_type" in inspect.signature(rot.forward).parameters:
-        kwargs["layer_type"] = model.config.layer_types[layer]
+    # one module for several layer types (Gemma-3) takes the layer's type
+    kwargs = {"layer_type": model.config.layer_types[layer]} if hasattr(rot, "layer_types") else {}
     cos, sin = rot(x, positions.view(1, -1).long(), **kwargs)
     return cos[0].float(), sin[0].float()
 
