@@ -16,7 +16,7 @@ from spectrumkv.scd import artifact, rope
 from spectrumkv.scd.calibrate import CalibConfig, _Dev, calibrate
 from spectrumkv.scd.codes import encode, reconstruct_layer
 from spectrumkv.scd.distill import TRAINED, distill, kl_loss
-from spectrumkv.scd.evaluate import rerotated
+from spectrumkv.scd.evaluate import rebuild_timing, rerotated
 from spectrumkv.scd.finetune import Recipe, finetune
 from spectrumkv.scd.metrics import Scored, kl, score
 from spectrumkv.scd.wire import Layout
@@ -152,6 +152,12 @@ def test_scd_beats_raw_reuse_in_kl(pair, corpus):
     layers = [reconstruct_layer(art, b, c) for c in encode(art, a, prefix)]
     scd = kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
     assert raw > 1e-3 and scd < raw / 2, (scd, raw)
+    timing = rebuild_timing(a, b, art, 64, corpus, reps=3)
+    reps = timing["reps_s"]
+    assert len(reps["scd_rebuild"]) == len(reps["b_prefill"]) == 3
+    assert timing["scd_rebuild_s"] == sorted(reps["scd_rebuild"])[1] > 0
+    with pytest.raises(ConfigError):
+        rebuild_timing(a, b, art, 64, corpus, reps=0)
 
 
 def test_alpha_zero_is_raw_reuse_through_the_codes(pair, corpus):

@@ -90,7 +90,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     control = load_artifact(args.control) if args.control else None
     result = run_eval(a, b, art, control, cfg)
     if args.timing_tokens:
-        result["timing"] = rebuild_timing(a, b, art, args.timing_tokens, args.corpus)
+        result["timing"] = rebuild_timing(
+            a, b, art, args.timing_tokens, args.corpus, args.timing_reps
+        )
     result["command"] = "spectrumkv " + " ".join(sys.argv[1:])
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
@@ -197,6 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--context", type=int, default=e.context)
     ev.add_argument("--continuation", type=int, default=e.continuation)
     ev.add_argument("--timing-tokens", type=int, default=4096, help="0: skip the timing run")
+    ev.add_argument("--timing-reps", type=int, default=3, help="timing runs (medians reported)")
     ev.add_argument("--json", required=True)
     ev.add_argument("--plots", default=None, help="path stem of the PNG plots")
     ev.add_argument("--threads", type=int, default=0)

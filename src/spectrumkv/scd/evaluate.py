@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import Engine, Prefilled, decode_state, generate, prefill
+from ..errors import ConfigError
 from ..eval.ppl import corpus_chunks
 from ..importance import score_tokens
 from ..kv import LayerKV
@@ -312,22 +313,33 @@ def _ppl(acc: dict) -> float:
     return math.exp(sum(acc["nll"]) / sum(acc["n"]))
 
 
-def rebuild_timing(a: Engine, b: Engine, art: Artifact, tokens: int, corpus: str) -> dict:
-    """At `tokens` tokens: B's own prefill vs B rebuilding from SCD codes (and A's encode)."""
+def rebuild_timing(
+    a: Engine, b: Engine, art: Artifact, tokens: int, corpus: str, reps: int = 3
+) -> dict:
+    """At `tokens` tokens: B's own prefill vs B rebuilding from SCD codes (and A's encode), in
+    seconds. A's prefill and encode run once; the rebuild and B's prefill alternate `reps`
+    times, and the figures are the medians (every rep is kept under `reps_s`), so one stall of
+    a shared machine does not decide the ratio."""
+    if reps < 1:
+        raise ConfigError(f"timing reps must be >= 1, got {reps}")
     ids = corpus_chunks(a, split_text(corpus, "eval"), tokens, 1)[0]
     t0 = time.perf_counter()
     cap = capture(a, ids, input_layers=art.manifest.patch_layers)
     cs = [encode_layer(art, a, i, kv, cap.inputs.get(i)) for i, kv in enumerate(cap.pre.layers)]
     encode_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    layers = [reconstruct_layer(art, b, x) for x in cs]
-    decode_state(b, layers, tokens)
-    rebuild_s = time.perf_counter() - t0
-    pre_b = prefill(b, ids)
+    rebuild, own = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        layers = [reconstruct_layer(art, b, x) for x in cs]
+        decode_state(b, layers, tokens)
+        rebuild.append(time.perf_counter() - t0)
+        own.append(prefill(b, ids).prefill_s)
+    rebuild_s, prefill_s = statistics.median(rebuild), statistics.median(own)
     return {
         "tokens": tokens,
-        "b_prefill_s": pre_b.prefill_s,
+        "b_prefill_s": prefill_s,
         "scd_rebuild_s": rebuild_s,
-        "rebuild_over_prefill": rebuild_s / pre_b.prefill_s,
+        "rebuild_over_prefill": rebuild_s / prefill_s,
         "a_prefill_encode_s": encode_s,
+        "reps_s": {"scd_rebuild": rebuild, "b_prefill": own},
     }
