@@ -11,12 +11,16 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from spectrumkv.assets import load_text, model_dir
 from spectrumkv.engines.hf import load, prefill
-from spectrumkv.errors import ConfigError, IncompatiblePayloadError
+from spectrumkv.errors import ConfigError
+from spectrumkv.pd.sampling import SamplingParams
 from spectrumkv.scd import droidspeak, rope
+from spectrumkv.scd import wire as scd_wire
 from spectrumkv.scd.calibrate import CalibConfig, calibrate
 from spectrumkv.scd.capture import capture, derotate, project_kv, unflat
 from spectrumkv.scd.codes import encode, quantize_codes, reconstruct_layer
 from spectrumkv.scd.wire import Layout
+from spectrumkv.serve.engine import BatchEngine, EngineConfig
+from spectrumkv.tiers import Tier
 
 WINDOW = 24
 TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -95,6 +99,9 @@ def test_full_rank_same_model_and_droidspeak_span(gemma, tmp_path):
 
 
 def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
+    """Codes of the rows each layer caches, on the wire (a sliding layer's frame holds its
+    window's rows) and staged into the batch engine's pages: the same tokens as the rebuilt
+    layers submitted whole."""
     corpus = tmp_path / "text.txt"
     corpus.write_text(load_text("wiki")[:60_000], encoding="utf-8")
     cfg = CalibConfig(corpus=str(corpus), code_budget=0.5, prompts=2, prompt_tokens=96,
@@ -104,20 +111,49 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     # every layer, sliding ones included, is rebuilt as a patch layer on the dev chunk here
     art = calibrate(gemma, gemma, cfg)
     assert {0, 2} & set(art.manifest.patch_layers)  # sliding patch layers (reuse at half rank)
-    with pytest.raises(IncompatiblePayloadError, match="sliding-window"):
-        Layout.of(art)  # the wire's frames carry every token of every layer: refused
     ids = torch.arange(100, 160)
     pre = prefill(gemma, ids)
-    codes = encode(art, gemma, ids)
+    raw = encode(art, gemma, ids)
     # codes quantized by a per-token tier mask of the whole prompt (60 tokens)
-    codes = quantize_codes(codes, torch.arange(60) % 3 == 0)
-    for code in codes:
+    int8 = torch.arange(60) % 3 == 0
+    codes = quantize_codes(raw, int8)
+    layout = Layout.of(art)
+    header = scd_wire.ScdHeader(gemma.fingerprint, gemma.fingerprint, layout.artifact, 60)
+    tiers = torch.where(int8, int(Tier.INT8), int(Tier.INT4)).to(torch.uint8)
+    payload = scd_wire.header_bytes(header)
+    payload += b"".join(scd_wire.frame_bytes(c, tiers, header, layout) for c in raw)
+    _, got_codes = scd_wire.decode(payload, layout)
+    layers = []
+    for code, got in zip(codes, got_codes, strict=True):
         n = pre.layers[code.layer].positions.numel()
+        assert n == (WINDOW - 1 if code.layer in (0, 2) else 60)
         if code.layer in art.manifest.patch_layers:
             assert code.h is not None and code.h.shape == (n, 48)
-        got = reconstruct_layer(art, gemma, code)
-        assert got.keys.shape == pre.layers[code.layer].keys.shape
-        assert torch.equal(got.positions, pre.layers[code.layer].positions)
+        assert torch.equal(got.positions, code.positions)
+        for name in ("k", "v", "h"):
+            if getattr(code, name) is not None:
+                assert torch.allclose(getattr(got, name), getattr(code, name), atol=1e-3)
+        kv = reconstruct_layer(art, gemma, got)
+        assert kv.keys.shape == pre.layers[code.layer].keys.shape
+        assert torch.equal(kv.positions, pre.layers[code.layer].positions)
+        layers.append(kv)
+    eng = BatchEngine(gemma, EngineConfig(pool_mb=8))
+    p = SamplingParams(max_tokens=6)
+    try:
+        staged = eng.stage(p, 60)  # first, so that no earlier request's rows are in its pages
+        assert staged.wait_admitted(30)
+        for i, kv in enumerate(layers):
+            staged.write(i, kv)
+        back = staged.layers()
+        for a, b in zip(back, layers, strict=True):  # a sliding layer's rows in its last slots
+            assert torch.equal(a.positions, b.positions)
+            assert torch.equal(a.keys, b.keys.to(a.keys.dtype))
+            assert torch.equal(a.values, b.values.to(a.values.dtype))
+        got = eng.submit(p, 7, 60, staged=staged).wait(120).token_ids
+        assert got == eng.submit(p, 7, 60, layers=layers).wait(120).token_ids
+    finally:
+        eng.close()
+    assert eng.cache.free_pages == eng.total_pages and not eng.runner._prompt
 
 
 def test_a_pair_with_another_window_is_refused(gemma, tmp_path):

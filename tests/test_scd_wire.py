@@ -51,10 +51,16 @@ def _sample(seed: int, quantized: bool):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_scd_round_trip(quantized):
-    s = _sample(1, quantized)
+@pytest.mark.parametrize("seed", [1, 27])  # 27: sliding layers 0 and 2 keep 5 of 22 tokens
+def test_scd_round_trip(quantized, seed):
+    s = _sample(seed, quantized)
     header, got = scd_wire.decode(s.payload, s.layout)
     assert header == s.header and len(got) == len(s.codes)
+    for g, w, i in zip(got, s.codes, range(len(got)), strict=True):
+        assert torch.equal(g.positions, w.positions)
+        assert g.positions.numel() == s.header.n_tokens - s.layout.first(i, s.header.n_tokens)
+    if seed == 27:
+        assert [g.positions.numel() for g in got][::2] == [5, 5]
     want = quantize_codes(s.codes, s.tiers == 3) if quantized else s.codes
     for g, w in zip(got, want, strict=True):
         for name in ("k", "v", "h"):

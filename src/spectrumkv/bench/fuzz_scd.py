@@ -30,21 +30,28 @@ class ScdSample:
     kind: int = KIND_SCD
 
 
-def _fingerprint(rng: random.Random, n_layers: int, heads: int, head_dim: int) -> Fingerprint:
+def _fingerprint(
+    rng: random.Random, n_layers: int, heads: int, head_dim: int, window: int, sliding: tuple
+) -> Fingerprint:
     return Fingerprint(
         arch="llama", n_layers=n_layers, n_kv_heads=heads, head_dim=head_dim,
-        kv_dtype=rng.choice(("float16", "bfloat16")), rope="default", sliding_window=0,
-        sliding_layers=(), weights_digest=f"{rng.getrandbits(64):016x}",
+        kv_dtype=rng.choice(("float16", "bfloat16")), rope="default", sliding_window=window,
+        sliding_layers=sliding, weights_digest=f"{rng.getrandbits(64):016x}",
     )  # fmt: skip
 
 
 def random_scd_sample(rng: random.Random, quantized: bool | None = None) -> ScdSample:
     """Encode a random valid SCD payload: 1-4 layers (at least one reuse and, with two or more
-    layers, one patch layer), widths multiples of 16, 1-40 tokens, FP16 or mixed INT8/INT4
-    codes (`quantized` None: either)."""
+    layers, one patch layer; half the models with sliding-window layers, whose frames code the
+    window's rows), widths multiples of 16, 1-40 tokens, FP16 or mixed INT8/INT4 codes
+    (`quantized` None: either)."""
     n_layers, heads, head_dim = rng.randint(1, 4), rng.choice((1, 2)), rng.choice((16, 32, 64))
-    producer = _fingerprint(rng, n_layers, heads, head_dim)
-    consumer = _fingerprint(rng, n_layers, heads, head_dim)
+    window, sliding = 0, ()
+    if rng.random() < 0.5:
+        window = rng.randint(2, 48)
+        sliding = tuple(i for i in range(n_layers) if rng.random() < 0.5)
+    producer = _fingerprint(rng, n_layers, heads, head_dim, window, sliding)
+    consumer = _fingerprint(rng, n_layers, heads, head_dim, window, sliding)
     patch = {rng.randrange(1, n_layers)} if n_layers > 1 else set()
     widths = tuple(
         (16 * rng.randint(1, 4),)
@@ -59,8 +66,8 @@ def random_scd_sample(rng: random.Random, quantized: bool | None = None) -> ScdS
     g = torch.Generator().manual_seed(rng.getrandbits(32))
     codes = []
     for i, w in enumerate(widths):
-        parts = [torch.randn(n, r, generator=g) * rng.choice((0.1, 1.0, 30.0)) for r in w]
-        pos = torch.arange(n)
+        pos = torch.arange(layout.first(i, n), n)
+        parts = [torch.randn(len(pos), r, generator=g) * rng.choice((0.1, 1.0, 30.0)) for r in w]
         codes.append(LayerCode(i, pos, h=parts[0]) if len(w) == 1 else LayerCode(i, pos, *parts))
     if quantized is None:
         quantized = rng.random() < 0.5

@@ -161,7 +161,7 @@ class ScdClient:
 async def _stage(batch: BatchEngine | None, job: Job, n_tokens: int) -> StagedPrompt | None:
     """Pages for the prompt's rebuilt cache on the batch engine (None: the sequential engine,
     whose rebuilt layers go into a list), waited for without blocking the event loop; the
-    engine's PoolBusy after its queue timeout. (The SCD wire refuses sliding-window models.)"""
+    engine's PoolBusy after its queue timeout."""
     if batch is None:
         return None
     staged = batch.stage(replace(job.sampling, n=1), n_tokens)

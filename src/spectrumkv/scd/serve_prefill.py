@@ -96,7 +96,8 @@ class ScdStreamer:
         quantized = req.code_budget is not None
         plan_now = not quantized or self.int8 in (0, n)
         n_layers = len(layout.widths)
-        self.k = 0 if plan_now else max(scoring_layers([True] * n_layers, req.score_layers)) + 1
+        whole = [layout.first(i, n) == 0 for i in range(n_layers)]
+        self.k = 0 if plan_now else max(scoring_layers(whole, req.score_layers)) + 1
         self.tiers = code_tiers(n, None, self.int8 if quantized else None) if plan_now else None
         self.kv: list = []
         self.window: list = []

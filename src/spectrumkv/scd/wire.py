@@ -8,9 +8,9 @@ Layout (integers little endian; the preamble, sealed header, frame head and chec
                n_tokens, code_group, payload_id (random), tokens_digest
     checksum   u64 xxh3_64(preamble + header)
     frame * n_layers, in layer order:
-      head     "SC" | u16 layer | u32 path (0 = reuse codes K,V; 1 = patch code H) | u32 n_tokens
+      head     "SC" | u16 layer | u32 path (0 = reuse codes K,V; 1 = patch code H) | u32 rows
                | u32 body_len
-      body     tier map: n_tokens 4-bit Tier codes (FP16 / INT8 / INT4 / INT2; DROP refused)
+      body     tier map: rows 4-bit Tier codes (FP16 / INT8 / INT4 / INT2; DROP refused)
                then for tier in FP16, INT8, INT4, INT2 (present ones), for each code of the
                path (reuse: K then V; patch: H), the tier's tokens in position order:
                  FP16: m*r float16
@@ -18,8 +18,10 @@ Layout (integers little endian; the preamble, sealed header, frame head and chec
                        the project's asym-group quantizer, no rotation)
       checksum as for KV frames (seeded with the header's checksum)
 
-The code widths r of each layer are not on the wire: they are the artifact's (its ranks and
-patch rank), which both sides hold and the header names by digest (`Layout`). A receiver
+A frame codes the positions its layer caches: all n_tokens (rows = n_tokens), or on a
+sliding-window layer the last ones, from `kv.first_slot` on (rows = n_tokens - first), as KV
+frames do. The code widths r of each layer are not on the wire: they are the artifact's (its
+ranks and patch rank), which both sides hold and the header names by digest (`Layout`). A receiver
 checks the header against its own artifact and models before any frame, and every frame's
 declared length against the widths and tier map before anything is allocated.
 """
@@ -34,6 +36,7 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import BudgetError, ChecksumError, IncompatiblePayloadError, WireFormatError
+from ..kv import first_slot
 from ..quant import Quantized, dequantize, quantize, section_bytes
 from ..reference_codec import pack_tier_map, unpack_tier_map
 from ..tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
@@ -84,13 +87,14 @@ class Layout:
 
     @classmethod
     def of(cls, art: Artifact) -> Layout:
-        """The layout of `art`'s codes; IncompatiblePayloadError for models with sliding-window
-        layers (a frame carries every prompt token; such a layer caches only its window's)."""
+        """The layout of `art`'s codes; IncompatiblePayloadError when the two models cache
+        different rows (another sliding-window layout)."""
         m = art.manifest
-        if m.producer.sliding_layers or m.consumer.sliding_layers:
+        a, b = m.producer, m.consumer
+        if (a.sliding_layers, a.sliding_window) != (b.sliding_layers, b.sliding_window):
             raise IncompatiblePayloadError(
-                "SCD over the wire is for full-attention models: these have sliding-window "
-                "layers (scd calibrate / eval and the codes module handle them)"
+                f"the models' sliding-window layers differ: {a.sliding_layers} of "
+                f"{a.sliding_window} tokens vs {b.sliding_layers} of {b.sliding_window}"
             )
         patch = set(m.patch_layers)
         widths = tuple(
@@ -102,9 +106,16 @@ class Layout:
     def path(self, layer: int) -> int:
         return PATH_PATCH if len(self.widths[layer]) == 1 else PATH_REUSE
 
+    def first(self, layer: int, n_tokens: int) -> int:
+        """The first position `layer` caches of a prompt of n_tokens (0 but on a sliding-window
+        layer whose window the prompt outgrows): its frame codes positions first..n_tokens-1."""
+        fp = self.consumer
+        return first_slot(fp.is_sliding(layer), fp.sliding_window, n_tokens)
+
     def max_frame_bytes(self, layer: int, n_tokens: int) -> int:
-        """The largest valid frame of `layer` for n_tokens (every token at FP16)."""
-        return _frame_size(n_tokens, {Tier.FP16: n_tokens}, self.widths[layer])
+        """The largest valid frame of `layer` for n_tokens (every row at FP16)."""
+        rows = n_tokens - self.first(layer, n_tokens)
+        return _frame_size(rows, {Tier.FP16: rows}, self.widths[layer])
 
     def max_message_bytes(self, n_tokens: int) -> int:
         """The largest valid header or frame of a payload of n_tokens: a receiver's cap on
@@ -144,17 +155,25 @@ def _parts(code: LayerCode) -> list[torch.Tensor]:
 
 
 def frame_bytes(code: LayerCode, tiers: torch.Tensor, header: ScdHeader, layout: Layout) -> bytes:
-    """One layer's frame: `code` (its tensors [n, r], any float dtype) with token i's codes at
-    `tiers[i]` (uint8 Tier codes, FP16/INT8/INT4/INT2). ValueError for codes that do not match
-    the layout or the header."""
-    layer, n = code.layer, header.n_tokens
+    """One layer's frame: `code` (its tensors [rows, r], any float dtype, for the positions the
+    layer caches: `Layout.first` on) with position i's codes at `tiers[i]` (uint8 Tier codes,
+    FP16/INT8/INT4/INT2, one per prompt position). ValueError for codes that do not match the
+    layout or the header."""
+    layer, first = code.layer, layout.first(code.layer, header.n_tokens)
+    n = header.n_tokens - first
     parts = _parts(code)
     widths = layout.widths[layer]
     if tuple(int(p.shape[1]) for p in parts) != widths or any(p.shape[0] != n for p in parts):
         shapes = [tuple(p.shape) for p in parts]
         raise ValueError(f"layer {layer} codes are {shapes}; the layout says {n} x {widths}")
+    if n and int(code.positions[0]) != first:
+        raise ValueError(f"layer {layer} codes start at position {int(code.positions[0])}, "
+                         f"the layer caches from {first}")  # fmt: skip
     t = as_tier_codes(tiers)
-    if t.numel() != n or bool(((t == int(Tier.DROP)) | (t > int(Tier.FP16))).any()):
+    if t.numel() != header.n_tokens:
+        raise ValueError(f"SCD tier map: {t.numel()} tiers for {header.n_tokens} positions")
+    t = t[first:]
+    if bool(((t == int(Tier.DROP)) | (t > int(Tier.FP16))).any()):
         raise ValueError("SCD tier map: one stored tier per token")
     out = [pack_tier_map(t)]
     counts = {}
@@ -212,7 +231,8 @@ def read_frame(
     """Parse and verify frame `layer` at `offset`: returns (its codes as float32 [n, r]
     tensors, the offset after the frame)."""
     mv = memoryview(buf)
-    n, widths = header.n_tokens, layout.widths[layer]
+    first = layout.first(layer, header.n_tokens)
+    n, widths = header.n_tokens - first, layout.widths[layer]
     if len(mv) < offset + FRAME_HEAD.size:
         raise WireFormatError(f"payload truncated before SCD frame {layer}")
     magic, got_layer, path, got_n, body_len = FRAME_HEAD.unpack_from(mv, offset)
@@ -224,7 +244,7 @@ def read_frame(
         raise WireFormatError(f"SCD frame {layer} has path {path}, the artifact says "
                               f"{layout.path(layer)}")  # fmt: skip
     if got_n != n:
-        raise WireFormatError(f"SCD frame {layer} covers {got_n} tokens, the header {n}")
+        raise WireFormatError(f"SCD frame {layer} covers {got_n} tokens, its layer caches {n}")
     max_body = layout.max_frame_bytes(layer, n) - FRAME_HEAD.size - CHECKSUM.size
     if body_len > max_body:
         raise WireFormatError(f"SCD frame {layer} declares {body_len} bytes, more than {max_body}")
@@ -256,7 +276,7 @@ def read_frame(
         for out, r in zip(outs, widths, strict=True):
             x, pos = _read_section(body, pos, tier, m, r)
             out[idx] = x
-    pos_ids = torch.arange(n)
+    pos_ids = torch.arange(first, header.n_tokens)
     if len(outs) == 1:
         return LayerCode(layer, pos_ids, h=outs[0], nbytes=body_len), end + CHECKSUM.size
     return LayerCode(layer, pos_ids, k=outs[0], v=outs[1], nbytes=body_len), end + CHECKSUM.size
@@ -333,22 +353,32 @@ def decode(buf: bytes | memoryview, layout: Layout) -> tuple[ScdHeader, list[Lay
 
 
 def raw_kv_bytes(fp: Fingerprint, n_tokens: int) -> int:
-    """Bytes of a raw FP16 KV cache of n_tokens for a model of fingerprint `fp`."""
-    return n_tokens * fp.n_layers * 2 * fp.n_kv_heads * fp.head_dim * 2
+    """Bytes of a raw FP16 KV cache of n_tokens for a model of fingerprint `fp`: the rows each
+    layer caches (a sliding-window layer its window's)."""
+    rows = sum(
+        n_tokens - first_slot(fp.is_sliding(i), fp.sliding_window, n_tokens)
+        for i in range(fp.n_layers)
+    )
+    return rows * 2 * fp.n_kv_heads * fp.head_dim * 2
 
 
 def int8_tokens(layout: Layout, n: int, budget: float | None, header_len: int) -> int:
     """How many tokens' codes go at INT8 (the rest at INT4) so that the whole payload, header,
     frame heads, tier maps, codes and quantization parameters, takes at most `budget` x the
-    consumer's raw FP16 KV bytes: the most that fit. None: no quantization (returns n).
-    BudgetError when even all-INT4 codes do not fit."""
+    consumer's raw FP16 KV bytes (`raw_kv_bytes`): the most that fit. With sliding-window
+    layers it counts all k INT8 tokens inside every window (the most they can take), so the
+    bound holds whichever tokens are picked. None: no quantization (returns n). BudgetError
+    when even all-INT4 codes do not fit."""
     if budget is None:
         return n
     limit = budget * raw_kv_bytes(layout.consumer, n)
+    rows = [n - layout.first(i, n) for i in range(len(layout.widths))]
 
     def total(k: int) -> int:
-        counts = {Tier.INT8: k, Tier.INT4: n - k}
-        return header_len + sum(_frame_size(n, counts, w) for w in layout.widths)
+        return header_len + sum(
+            _frame_size(r, {Tier.INT8: min(k, r), Tier.INT4: r - min(k, r)}, w)
+            for r, w in zip(rows, layout.widths, strict=True)
+        )
 
     low = total(0)
     if low > limit:
@@ -356,8 +386,11 @@ def int8_tokens(layout: Layout, n: int, budget: float | None, header_len: int) -
             f"SCD codes at all-INT4 take {low / raw_kv_bytes(layout.consumer, n):.3f} of raw "
             f"FP16 KV bytes with every byte on the wire counted; budget {budget} is below that"
         )
-    per_token = (total(n) - low) / n if n else 0.0
-    return n if per_token <= 0 else min(n, int((limit - low) // per_token))
+    lo, hi = 0, n  # total() does not decrease with k: the largest k within the limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= limit else (lo, mid - 1)
+    return lo
 
 
 def code_tiers(n: int, scores: torch.Tensor | None, int8: int | None) -> torch.Tensor:

@@ -123,9 +123,7 @@ class BatchEngine:
     def stage(self, params: SamplingParams, n_tokens: int) -> StagedPrompt:
         """Queue the pages of a prompt of `n_tokens` tokens (all kept) plus params.max_tokens
         for admission; its producer writes the layers once `wait_admitted`. Raises PoolBusy
-        (queue full), RequestTooLarge, ValueError (a model with sliding-window layers)."""
-        if self.runner.sliding:
-            raise ValueError("staged prompts need a model without sliding-window layers")
+        (queue full), RequestTooLarge."""
         job = self._job(replace(params, n=1), -1, n_tokens, n_tokens, None)
         job.staged = StagedPrompt(self, job)
         self._enqueue(job)
@@ -279,7 +277,7 @@ class BatchEngine:
         for `_prefill_chunk` first."""
         try:
             if job.staged is not None:  # its producer writes the pages: allocate them only
-                self.cache.allocate(job.rid, job.n_kept)
+                self.runner.allocate_prompt(job.rid, job.n_kept)
                 job.holds_pages = True
                 self._staged[job.rid] = job
                 return

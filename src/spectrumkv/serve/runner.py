@@ -173,6 +173,13 @@ class ModelRunner:
         if self.sliding:
             self._prompt[rid] = prompt
 
+    def allocate_prompt(self, rid: Any, n_tokens: int) -> None:
+        """Allocate `rid` with a prompt of n_tokens slots holding positions 0..n_tokens-1, which
+        a producer writes layer by layer (`serve.staged`)."""
+        self.cache.allocate(rid, n_tokens)
+        if self.sliding:
+            self._prompt[rid] = list(range(n_tokens))
+
     def free(self, rid: Any) -> None:
         """Return `rid`'s pages to the pool and forget it."""
         self._prompt.pop(rid, None)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import SpectrumKVError
-from ..kv import LayerKV
+from ..kv import LayerKV, first_slot
 from ..paged.errors import PagedInputError
 
 if TYPE_CHECKING:
@@ -24,12 +24,14 @@ class StagedPrompt:
     doc). `wait_admitted` until its pages are reserved and allocated; `write(i, kv)` once per
     layer; then `BatchEngine.submit(..., staged=self)` or `abort()`. Writes after an abort, a
     submit or the engine's close raise `StagedClosed`; an abort waits for a write under way, so
-    freed pages are never written. Full-attention models only (every layer keeps all tokens)."""
+    freed pages are never written. Every layer holds positions 0..n_tokens-1 in slots of the
+    same index, but a sliding-window layer may hold only its window's suffix (from
+    `kv.first_slot` on, or any earlier position), as a received payload's does."""
 
     def __init__(self, batch: BatchEngine, job: Job) -> None:
         self.batch, self.job = batch, job
         self.n_tokens = job.n_kept
-        self.written: set[int] = set()
+        self.written: dict[int, int] = {}  # layer -> the first position written
         self._lock = threading.Lock()
         self._closed = False
         self._submitted = False
@@ -52,26 +54,33 @@ class StagedPrompt:
         return True
 
     def write(self, layer: int, kv: LayerKV) -> None:
-        """Layer `layer` of the prompt (positions 0..n_tokens-1, any float dtype) into its
-        pages. Called by one producer thread; PagedInputError for a bad layer or shape."""
+        """Layer `layer` of the prompt (positions first..n_tokens-1, any float dtype: first 0,
+        or on a sliding-window layer at most `kv.first_slot`) into its pages. Called by one
+        producer thread; PagedInputError for a bad layer or shape."""
         n = self.n_tokens
-        if kv.positions.numel() != n or (n and int(kv.positions[-1]) != n - 1):
-            raise PagedInputError(f"a staged layer must hold all {n} prompt positions")
+        first = n - int(kv.positions.numel())
+        fp = self.batch.engine.fingerprint
+        lowest = first_slot(fp.is_sliding(layer), fp.sliding_window, n)
+        if not 0 <= first <= lowest or (n > first and int(kv.positions[-1]) != n - 1):
+            raise PagedInputError(f"staged layer {layer} must hold prompt positions {lowest} or "
+                                  f"earlier up to {n - 1}")  # fmt: skip
         with self._lock:
             if self._closed or not self.job.holds_pages:
                 raise StagedClosed("the staged prompt is closed or not admitted")
             # only this request's pages and its (engine-owned) table are touched: the engine
             # thread does not read or free them while the request is staged (see _close)
-            self.batch.cache.write(layer, self.job.rid, 0, kv.keys, kv.values)
-            self.written.add(layer)
+            self.batch.cache.write(layer, self.job.rid, first, kv.keys, kv.values)
+            self.written[layer] = first
 
     def layers(self) -> list[LayerKV]:
         """A copy of the written prompt, read back from the pages (for extra choices, n > 1)."""
-        c, n, pos = self.batch.cache, self.n_tokens, torch.arange(self.n_tokens)
+        c, n = self.batch.cache, self.n_tokens
         out = []
         for i in range(c.config.layers):
             k, v = c.read(i, self.job.rid, n)
-            out.append(LayerKV(k.contiguous(), v.contiguous(), pos))
+            first = self.written.get(i, 0)
+            out.append(LayerKV(k[:, first:].contiguous(), v[:, first:].contiguous(),
+                               torch.arange(first, n)))  # fmt: skip
         return out
 
     def abort(self) -> None:
