@@ -215,6 +215,10 @@ def test_distillation_lowers_train_kl_and_keeps_the_best_dev_candidate(tmp_path,
     assert float(kl_loss(lp, lq)) == pytest.approx(kl(Scored(0, 5, lp), Scored(0, 5, lq)))
     with pytest.raises(ConfigError, match="distill"):
         CalibConfig(distill_steps=-1)
+    # more distillation chunks than the calib split holds: refused before any prefill
+    too_many = dataclasses.replace(cfg, distill_chunks=10_000)
+    with pytest.raises(ConfigError, match="10000 chunks"):
+        calibrate(a, b, too_many)
 
 
 def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):

@@ -13,17 +13,18 @@ R=benchmarks/results; S=".venv/bin/spectrumkv scd"; T=wiki-es; TH=${THREADS:-1}
 case "$1" in
 gemma)
   A=gemma3-270m; B=gemma3-270m-wiki; ART=/work/scd-gemma9-artifacts; NAME=scd9-gemma
-  CAL="--code-budget 1.0 --distill-steps ${DISTILL:-480}"
+  # 96 chunks of 1024 tokens: the calib split holds 98,758 tokens of Gemma's tokenizer
+  CAL="--code-budget 1.0 --distill-steps ${DISTILL:-480} --distill-chunks 96"
   CONTROL=/work/scd-gemma-artifacts/control ;;
 lowrank)
   A=smollm2-135m; B=smollm2-135m-wiki; ART=/work/scd9-artifacts; NAME=scd9-lowrank
-  CAL="--code-budget 0.6 --distill-steps ${DISTILL:-840}"
+  CAL="--code-budget 0.6 --distill-steps ${DISTILL:-840} --distill-chunks 120"
   CONTROL=/work/scd8-artifacts/control ;;
 *) echo "usage: scd9.sh gemma|lowrank"; exit 2 ;;
 esac
 mkdir -p $ART/logs
-$S calibrate --producer $A --consumer $B --corpus $T --prompts 16 $CAL --distill-chunks 120 \
-  --distill-lr 3e-5 --out $ART/main --threads $TH > $ART/logs/cal-main.log 2>&1
+$S calibrate --producer $A --consumer $B --corpus $T --prompts 16 $CAL --distill-lr 3e-5 \
+  --out $ART/main --threads $TH > $ART/logs/cal-main.log 2>&1
 if [ "$1" = gemma ]; then
   SCD_A=$A SCD_B=$B .venv/bin/python $R/scd-shrink-heldout.py $TH 16 $R/$NAME-heldout.json \
     $ART/main /work/scd-gemma-artifacts/main > $ART/logs/heldout.log 2>&1

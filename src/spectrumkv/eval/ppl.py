@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engines.hf import DecodeState, Engine, forward_with_kv_transform, prefill, step
-from ..errors import BudgetError
+from ..errors import BudgetError, ConfigError
 from ..kv import LayerKV
 from ..pipeline import encode, plan_transfer, receive, reference_state
 from ..policy import Plan, layer_firsts
@@ -43,11 +43,15 @@ class PplRecord:
 
 
 def corpus_chunks(engine: Engine, text: str, context: int, n_chunks: int) -> list[torch.Tensor]:
-    """The first `n_chunks` non-overlapping chunks of `context` tokens of the text."""
+    """The first `n_chunks` non-overlapping chunks of `context` tokens of the text; ConfigError
+    when the text is shorter."""
     need_chars = context * n_chunks * 8  # generous: English averages ~4 characters per token
     ids = engine.tokenizer(text[:need_chars], return_tensors="pt")["input_ids"][0]
     if ids.numel() < context * n_chunks:
-        raise ValueError(f"corpus has {ids.numel()} tokens, need {context * n_chunks}")
+        raise ConfigError(
+            f"corpus has {ids.numel()} tokens of {engine.name}'s tokenizer, need "
+            f"{context * n_chunks} ({n_chunks} chunks of {context})"
+        )
     return [ids[i * context : (i + 1) * context] for i in range(n_chunks)]
 
 

@@ -157,6 +157,9 @@ class _Dev:
 def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     """Fit everything (module docstring); returns the artifact (save it with artifact.save)."""
     check_pair(engine_a, engine_b)
+    if cfg.distill_steps:  # the distillation chunks exist: fail now, not after the fits
+        corpus_chunks(engine_a, split_text(cfg.corpus, "calib"), cfg.dev_context,
+                      cfg.distill_chunks)  # fmt: skip
     fa, fb = engine_a.fingerprint, engine_b.fingerprint
     a, b = _paired(engine_a, engine_b, cfg)
     fits = [
