@@ -336,3 +336,16 @@ def test_patch_selection_needs_a_gain_the_dev_split_can_resolve():
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="patch_min_gain"):
             CalibConfig(patch_min_gain=bad)
+
+
+def test_demo_prompts_longer_than_any_paragraph(corpus):
+    """`demo --scd --prompt-tokens N` past the paragraphs' length: consecutive N-token windows
+    of the eval split, each about N tokens of the model's tokenizer."""
+    from spectrumkv.scd.demo import default_prompts
+
+    tok = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))
+    short = default_prompts("smollm2-135m", corpus, n=2, tokens=40)
+    long = default_prompts("smollm2-135m", corpus, n=3, tokens=900)
+    assert len(short) == 2 and len(long) == 3 and len(set(long)) == 3
+    for p, n in [(p, 40) for p in short] + [(p, 900) for p in long]:
+        assert abs(len(tok(p, add_special_tokens=False)["input_ids"]) - n) <= 3

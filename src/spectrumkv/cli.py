@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--producer", default="smollm2-135m", help="--scd: model A (prefill)")
     d.add_argument("--artifact", help="--scd: the SCD artifact for --producer -> --model")
     d.add_argument("--corpus", default="wiki", help="--scd: prompts from its eval split")
+    d.add_argument("--prompt-tokens", type=int, default=160,
+                   help="--scd: tokens per built-in prompt")  # fmt: skip
     d.add_argument("--code-budget", type=float, default=0.3, help="--scd: quantized codes' "
                    "budget, wire bytes / B's raw FP16 KV bytes")  # fmt: skip
     d.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

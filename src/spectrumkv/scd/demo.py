@@ -25,14 +25,20 @@ def default_prompts(
     model: str, corpus: str = "wiki", n: int = 3, tokens: int = 160
 ) -> tuple[str, ...]:
     """`n` passages of `corpus`' eval split (text no fine-tune or calibration read), each cut
-    to `tokens` tokens of `model`'s tokenizer."""
+    to `tokens` tokens of `model`'s tokenizer: paragraphs that long, else (long prompts)
+    consecutive `tokens`-token windows of the split."""
     from transformers import AutoTokenizer
 
     from ..assets import model_dir
 
     tok = AutoTokenizer.from_pretrained(model_dir(model))
-    paragraphs = [p for p in split_text(corpus, "eval").split("\n\n") if len(p) > 4 * tokens]
-    cut = [tok(p, add_special_tokens=False)["input_ids"][:tokens] for p in paragraphs[:n]]
+    text = split_text(corpus, "eval")
+    paragraphs = [p for p in text.split("\n\n") if len(p) > 4 * tokens]
+    if len(paragraphs) >= n:
+        cut = [tok(p, add_special_tokens=False)["input_ids"][:tokens] for p in paragraphs[:n]]
+    else:
+        ids = tok(text[: 8 * tokens * n], add_special_tokens=False)["input_ids"]
+        cut = [ids[i * tokens : (i + 1) * tokens] for i in range(n)]
     return tuple(tok.decode(ids) for ids in cut)
 
 
@@ -126,7 +132,13 @@ def main(args) -> None:
         )
     if not 0 < args.code_budget <= 1:
         raise SystemExit(f"spectrumkv: --code-budget must be in (0, 1], got {args.code_budget}")
-    prompts = tuple(args.prompt) if args.prompt else default_prompts(args.model, args.corpus)
+    if args.prompt_tokens < 1:
+        raise SystemExit(f"spectrumkv: --prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    prompts = (
+        tuple(args.prompt)
+        if args.prompt
+        else default_prompts(args.model, args.corpus, tokens=args.prompt_tokens)
+    )
     print(f"starting {args.producer}'s prefill worker and {args.model}'s decode worker ...")
     rows = run_scd_demo(args.producer, args.model, args.artifact, prompts, args.max_new_tokens,
                         args.code_budget, args.dtype)  # fmt: skip
