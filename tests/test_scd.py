@@ -349,3 +349,21 @@ def test_demo_prompts_longer_than_any_paragraph(corpus):
     assert len(short) == 2 and len(long) == 3 and len(set(long)) == 3
     for p, n in [(p, 40) for p in short] + [(p, 900) for p in long]:
         assert abs(len(tok(p, add_special_tokens=False)["input_ids"]) - n) <= 3
+
+
+def test_scd_eval_runs_every_method_within_its_byte_budget(pair, corpus):
+    """`scd eval` on the tiny pair, one short chunk: every method is scored, the oracle is
+    exact, and the quantized codes stay within their budget of B's raw FP16 KV bytes."""
+    from spectrumkv.scd.evaluate import EvalConfig, run_eval
+
+    a, b = pair
+    art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=1.0, **SMALL))
+    cfg = EvalConfig(corpus=corpus, chunks=1, context=112, continuation=16, greedy_tokens=4,
+                     quant_budgets=(0.5, 0.1), droid_width=1, droid_dev_chunks=1)  # fmt: skip
+    control = calibrate(b, b, CalibConfig(corpus=corpus, code_budget=1.0, **SMALL))
+    recs = {r["method"]: r for r in run_eval(a, b, art, control, cfg)["records"]}
+    assert recs["oracle"]["kl"] == 0 and recs["raw"]["bytes_ratio"] == pytest.approx(1.0)
+    assert 0.45 < recs["scd-q0.5"]["bytes_ratio"] <= 0.5
+    assert "scd-q0.1" not in recs  # all-INT4 codes take more than 0.1 of the raw bytes
+    assert {"reuse-only", "droidspeak", "scd", "control-same-model"} <= set(recs)
+    assert recs["control-same-model-q0.5"]["bytes_ratio"] <= 0.5

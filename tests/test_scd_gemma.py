@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from spectrumkv.assets import load_text, model_dir
 from spectrumkv.engines.hf import load, prefill
-from spectrumkv.errors import ConfigError
+from spectrumkv.errors import BudgetError, ConfigError
 from spectrumkv.pd.sampling import SamplingParams
 from spectrumkv.scd import droidspeak, rope
 from spectrumkv.scd import wire as scd_wire
@@ -123,6 +123,24 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     payload = scd_wire.header_bytes(header)
     payload += b"".join(scd_wire.frame_bytes(c, tiers, header, layout) for c in raw)
     _, got_codes = scd_wire.decode(payload, layout)
+    # a code budget bounds the whole payload, with B's raw bytes counting the rows each layer
+    # caches: all 60 in layer 1, the window's 23 in layers 0 and 2
+    raw_bytes = scd_wire.raw_kv_bytes(layout.consumer, 60)
+    assert raw_bytes == (60 + 2 * 23) * 2 * 2 * 16 * 2
+    head = len(scd_wire.header_bytes(header))
+    with pytest.raises(BudgetError, match="all-INT4"):
+        scd_wire.int8_tokens(layout, 60, 0.3, head)
+    last = torch.arange(60.0)  # INT8 on the last tokens: inside every window, the most bytes
+    ks = []
+    for budget in (0.4, 0.5, 0.7):
+        k = scd_wire.int8_tokens(layout, 60, budget, head)
+        ks.append(k)
+        for more in (0, 1):
+            t = scd_wire.code_tiers(60, last, min(60, k + more))
+            size = len(scd_wire.header_bytes(header))
+            size += sum(len(scd_wire.frame_bytes(c, t, header, layout)) for c in raw)
+            assert (size <= budget * raw_bytes) == (more == 0 or k == 60), (budget, k, size)
+    assert any(0 < k < 60 for k in ks), ks
     layers = []
     for code, got in zip(codes, got_codes, strict=True):
         n = pre.layers[code.layer].positions.numel()

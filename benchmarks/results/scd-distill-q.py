@@ -20,6 +20,7 @@ from spectrumkv.scd.codes import encode_layer, quantize_codes, reconstruct_layer
 from spectrumkv.scd.evaluate import _int8_tokens
 from spectrumkv.scd.metrics import kl, score
 from spectrumkv.scd.splits import split_text
+from spectrumkv.scd.wire import Layout
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
             cs = [
                 encode_layer(art, a, i, kv, ca.inputs.get(i)) for i, kv in enumerate(ca.pre.layers)
             ]
-            cs = quantize_codes(cs, _int8_tokens(art, ca.pre, 0.5))
+            cs = quantize_codes(cs, _int8_tokens(Layout.of(art), ca.pre, 0.5))
             got = score(b, decode_state(b, [reconstruct_layer(art, b, c) for c in cs], n_tok), feed)
             res[p]["kl"].append(kl(got, oracle))
             res[p]["nll"].append(got.nll / got.n)

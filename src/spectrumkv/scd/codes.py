@@ -142,17 +142,3 @@ def quantize_codes(codes: list[LayerCode], int8: torch.Tensor) -> list[LayerCode
             setattr(new, name, y)
         out.append(new)
     return out
-
-
-def code_bytes_per_token(art: Artifact, int8: bool | None = None) -> float:
-    """Wire bytes a token's codes take over all layers, as if every layer cached every token
-    (a sliding-window model codes fewer rows): FP16 (int8=None), all INT8 or all INT4."""
-    m = art.manifest
-    total = 0.0
-    for i, (rk, rv) in enumerate(m.ranks):
-        width = m.patch_rank if i in m.patch_layers else rk + rv
-        if int8 is None:
-            total += 2 * width
-        else:
-            total += width * (1 if int8 else 0.5) + 4 * width / CODE_GROUP
-    return total

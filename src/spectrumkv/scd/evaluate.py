@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import Engine, Prefilled, decode_state, generate, prefill
-from ..errors import ConfigError
+from ..errors import BudgetError, ConfigError
 from ..eval.ppl import corpus_chunks
 from ..importance import score_tokens
 from ..kv import LayerKV
@@ -26,9 +26,10 @@ from ..pipeline import encode, plan_transfer
 from . import droidspeak, rope
 from .artifact import Artifact, check_models
 from .capture import Captured, capture, check_pair
-from .codes import code_bytes_per_token, encode_layer, quantize_codes, reconstruct_layer
+from .codes import encode_layer, quantize_codes, reconstruct_layer
 from .metrics import Scored, agreement, kl, score
 from .splits import split_text
+from .wire import Layout, ScdHeader, header_bytes, int8_tokens
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ def methods(
         return run
 
     def codes(artifact: Artifact, src: str, quant: float | None = None):
+        layout = Layout.of(artifact) if quant is not None else None
+
         def run(c: Chunk) -> Built:
             cap = c.a if src == "a" else c.b
             eng = a if src == "a" else b
@@ -126,7 +129,7 @@ def methods(
                 for i, kv in enumerate(cap.pre.layers)
             ]
             if quant is not None:
-                cs = quantize_codes(cs, _int8_tokens(artifact, cap.pre, quant))
+                cs = quantize_codes(cs, _int8_tokens(layout, cap.pre, quant))
             t0 = time.perf_counter()
             layers = [reconstruct_layer(artifact, b, x) for x in cs]
             return layers, sum(x.nbytes for x in cs), time.perf_counter() - t0
@@ -146,11 +149,12 @@ def methods(
     out |= {f"raw-spectrum-b{b_:g}": spectrum(b_) for b_ in cfg.budgets}
     out |= {"reuse-only": codes(reuse_only, "a"), "droidspeak": droid, "scd": codes(art, "a")}
     # quantized codes at each budget that all-INT4 codes fit in (else that point is left out)
-    feasible = [q for q in cfg.quant_budgets if _int8_frac(art, q) >= 0]
+    n = cfg.context - cfg.continuation - 1  # a chunk's prefix
+    feasible = [q for q in cfg.quant_budgets if _fits(art, n, q)]
     out |= {f"scd-q{q:g}": codes(art, "a", q) for q in feasible}
     if control is not None:
         out["control-same-model"] = codes(control, "b")
-        if feasible and _int8_frac(control, feasible[-1]) >= 0:
+        if feasible and _fits(control, n, feasible[-1]):
             out[f"control-same-model-q{feasible[-1]:g}"] = codes(control, "b", feasible[-1])
     return out
 
@@ -161,34 +165,45 @@ def _no_patches(art: Artifact):
     return msgspec.structs.replace(art.manifest, patch_layers=[])
 
 
-def _int8_frac(art: Artifact, budget: float) -> float:
-    """Fraction of tokens at INT8 (the rest INT4) for codes of about `budget` x raw FP16 KV
-    bytes, capped at 1; negative when even all-INT4 codes exceed the budget. Exact when every
-    layer caches every token; with sliding-window layers only about (records carry the bytes
-    measured)."""
-    fp = art.manifest.consumer
-    raw = fp.n_layers * 2 * fp.n_kv_heads * fp.head_dim * 2
-    c8, c4 = code_bytes_per_token(art, True), code_bytes_per_token(art, False)
-    return min(1.0, (budget * raw - c4) / (c8 - c4))
+def _header_len(layout: Layout, n_tokens: int) -> int:
+    return len(header_bytes(ScdHeader(layout.producer, layout.consumer, layout.artifact, n_tokens)))
 
 
-def _int8_tokens(art: Artifact, pre: Prefilled, budget: float) -> torch.Tensor:
+def _fits(art: Artifact, n_tokens: int, budget: float) -> bool:
+    """Whether all-INT4 codes of a prompt of n_tokens fit `budget` on the SCD wire."""
+    layout = Layout.of(art)
+    try:
+        int8_tokens(layout, n_tokens, budget, _header_len(layout, n_tokens))
+    except BudgetError:
+        return False
+    return True
+
+
+def _int8_tokens(layout: Layout, pre: Prefilled, budget: float) -> torch.Tensor:
     """Tokens whose codes go at INT8 (the most important by the project's scoring), the rest at
-    INT4, so that codes take about `budget` x raw FP16 KV bytes."""
-    frac = max(0.0, _int8_frac(art, budget))
-    scores, _ = score_tokens(ScoreConfig(), pre.n_tokens, pre.layers, pre.window)
-    mask = torch.zeros(pre.n_tokens, dtype=torch.bool)
-    mask[torch.argsort(scores, descending=True)[: int(frac * pre.n_tokens)]] = True
+    INT4: as many as the SCD wire's payload, every byte counted, fits in `budget` x B's raw
+    FP16 KV bytes (`wire.int8_tokens`; BudgetError when even all-INT4 codes do not)."""
+    n = pre.n_tokens
+    k = int8_tokens(layout, n, budget, _header_len(layout, n))
+    scores, _ = score_tokens(ScoreConfig(), n, pre.layers, pre.window)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.argsort(scores, descending=True)[:k]] = True
     return mask
 
 
 def layer_errors(got: list[LayerKV], ref: list[LayerKV]) -> list[tuple[float, float]]:
-    """Per layer relative squared error of keys and values against B's own cache."""
+    """Per layer relative squared error of keys and values against B's own cache, over the
+    positions a method delivered (a payload that drops tokens holds a subset of B's)."""
 
     def rel(x, y):
         return float(((x.float() - y.float()) ** 2).sum() / (y.float() ** 2).sum())
 
-    return [(rel(g.keys, r.keys), rel(g.values, r.values)) for g, r in zip(got, ref, strict=True)]
+    out = []
+    for g, r in zip(got, ref, strict=True):
+        rows = torch.searchsorted(r.positions, g.positions)
+        k, v = r.keys.index_select(1, rows), r.values.index_select(1, rows)
+        out.append((rel(g.keys, k), rel(g.values, v)))
+    return out
 
 
 def droid_span(a: Engine, b: Engine, cfg: EvalConfig) -> tuple[int, list[float]]:
