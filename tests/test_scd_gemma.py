@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 from spectrumkv.assets import load_text, model_dir
 from spectrumkv.engines.hf import load, prefill
 from spectrumkv.errors import BudgetError, ConfigError
+from spectrumkv.paged.errors import PagedInputError
 from spectrumkv.pd.sampling import SamplingParams
 from spectrumkv.scd import droidspeak, rope
 from spectrumkv.scd import wire as scd_wire
@@ -160,6 +161,8 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     try:
         staged = eng.stage(p, 60)  # first, so that no earlier request's rows are in its pages
         assert staged.wait_admitted(30)
+        with pytest.raises(PagedInputError, match="staged layer 1"):
+            staged.write(1, layers[0])  # a window's rows for a full-attention layer
         for i, kv in enumerate(layers):
             staged.write(i, kv)
         back = staged.layers()

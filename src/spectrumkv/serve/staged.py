@@ -61,7 +61,8 @@ class StagedPrompt:
         first = n - int(kv.positions.numel())
         fp = self.batch.engine.fingerprint
         lowest = first_slot(fp.is_sliding(layer), fp.sliding_window, n)
-        if not 0 <= first <= lowest or (n > first and int(kv.positions[-1]) != n - 1):
+        ends = (int(kv.positions[0]), int(kv.positions[-1])) if n > first else (first, n - 1)
+        if not 0 <= first <= lowest or ends != (first, n - 1):
             raise PagedInputError(f"staged layer {layer} must hold prompt positions {lowest} or "
                                   f"earlier up to {n - 1}")  # fmt: skip
         with self._lock:
