@@ -23,7 +23,7 @@ from .errors import BudgetError
 from .kv import first_slot
 from .quant import section_bytes
 from .tiers import NOMINAL_COST, STORED_TIERS, TIER_ERROR, Tier
-from .wire import Header, frame_overhead, frame_size, header_bytes
+from .wire import Fingerprint, Header, frame_overhead, frame_size, header_bytes
 
 #: The precision ladder (floor first) each greedy policy climbs.
 _LADDERS = {
@@ -62,18 +62,28 @@ class Plan:
         return {t.name: int((held == int(t)).sum()) for t in Tier}
 
 
-def layer_firsts(header: Header) -> list[int]:
-    fp = header.fingerprint
+def kv_firsts(fp: Fingerprint, n_tokens: int) -> list[int]:
+    """Per layer, the first prompt position a model of fingerprint `fp` caches after
+    prefilling n_tokens (`kv.first_slot`)."""
     return [
-        first_slot(fp.is_sliding(layer), fp.sliding_window, header.n_tokens)
+        first_slot(fp.is_sliding(layer), fp.sliding_window, n_tokens)
         for layer in range(fp.n_layers)
     ]
 
 
-def fp16_bytes(header: Header) -> int:
-    fp = header.fingerprint
-    slots = sum(header.n_tokens - f for f in layer_firsts(header))
+def layer_firsts(header: Header) -> list[int]:
+    return kv_firsts(header.fingerprint, header.n_tokens)
+
+
+def raw_kv_bytes(fp: Fingerprint, n_tokens: int) -> int:
+    """Bytes of a raw FP16 KV cache of n_tokens for a model of fingerprint `fp`: the rows each
+    layer caches (a sliding-window layer its window's)."""
+    slots = sum(n_tokens - f for f in kv_firsts(fp, n_tokens))
     return slots * 2 * fp.n_kv_heads * fp.head_dim * 2
+
+
+def fp16_bytes(header: Header) -> int:
+    return raw_kv_bytes(header.fingerprint, header.n_tokens)
 
 
 def wire_bytes(header: Header, tiers: torch.Tensor) -> int:

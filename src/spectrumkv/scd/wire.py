@@ -37,6 +37,7 @@ import torch
 from ..config import QuantConfig
 from ..errors import BudgetError, ChecksumError, IncompatiblePayloadError, WireFormatError
 from ..kv import first_slot
+from ..policy import raw_kv_bytes
 from ..quant import Quantized, dequantize, quantize, section_bytes
 from ..reference_codec import pack_tier_map, unpack_tier_map
 from ..tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
@@ -350,16 +351,6 @@ def decode(buf: bytes | memoryview, layout: Layout) -> tuple[ScdHeader, list[Lay
     if offset != len(buf):
         raise WireFormatError(f"{len(buf) - offset} unexpected bytes after the last SCD frame")
     return dec.finish()
-
-
-def raw_kv_bytes(fp: Fingerprint, n_tokens: int) -> int:
-    """Bytes of a raw FP16 KV cache of n_tokens for a model of fingerprint `fp`: the rows each
-    layer caches (a sliding-window layer its window's)."""
-    rows = sum(
-        n_tokens - first_slot(fp.is_sliding(i), fp.sliding_window, n_tokens)
-        for i in range(fp.n_layers)
-    )
-    return rows * 2 * fp.n_kv_heads * fp.head_dim * 2
 
 
 def int8_tokens(layout: Layout, n: int, budget: float | None, header_len: int) -> int:
