@@ -353,17 +353,21 @@ def test_demo_prompts_longer_than_any_paragraph(corpus):
 
 def test_scd_eval_runs_every_method_within_its_byte_budget(pair, corpus):
     """`scd eval` on the tiny pair, one short chunk: every method is scored, the oracle is
-    exact, and the quantized codes stay within their budget of B's raw FP16 KV bytes."""
+    exact, and the quantized codes stay within their budget of B's raw FP16 KV bytes, dropping
+    tokens below all-INT4."""
     from spectrumkv.scd.evaluate import EvalConfig, run_eval
 
     a, b = pair
     art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=1.0, **SMALL))
     cfg = EvalConfig(corpus=corpus, chunks=1, context=112, continuation=16, greedy_tokens=4,
-                     quant_budgets=(0.5, 0.1), droid_width=1, droid_dev_chunks=1)  # fmt: skip
+                     quant_budgets=(0.5, 0.2, 0.01), droid_width=1, droid_dev_chunks=1)  # fmt: skip
     control = calibrate(b, b, CalibConfig(corpus=corpus, code_budget=1.0, **SMALL))
     recs = {r["method"]: r for r in run_eval(a, b, art, control, cfg)["records"]}
     assert recs["oracle"]["kl"] == 0 and recs["raw"]["bytes_ratio"] == pytest.approx(1.0)
     assert 0.45 < recs["scd-q0.5"]["bytes_ratio"] <= 0.5
-    assert "scd-q0.1" not in recs  # all-INT4 codes take more than 0.1 of the raw bytes
+    assert recs["scd-q0.5"]["kept_ratio"] == 1.0 and recs["raw"]["kept_ratio"] == 1.0
+    # below all-INT4 (~0.38) the least important tokens' codes are dropped
+    assert 0.15 < recs["scd-q0.2"]["bytes_ratio"] <= 0.2 and recs["scd-q0.2"]["kept_ratio"] < 0.6
+    assert "scd-q0.01" not in recs  # less than the sinks' and the last token's codes take
     assert {"reuse-only", "droidspeak", "scd", "control-same-model"} <= set(recs)
-    assert recs["control-same-model-q0.5"]["bytes_ratio"] <= 0.5
+    assert recs["control-same-model-q0.2"]["bytes_ratio"] <= 0.2

@@ -117,10 +117,10 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     raw = encode(art, gemma, ids)
     # codes quantized by a per-token tier mask of the whole prompt (60 tokens)
     int8 = torch.arange(60) % 3 == 0
-    codes = quantize_codes(raw, int8)
+    tiers = torch.where(int8, int(Tier.INT8), int(Tier.INT4)).to(torch.uint8)
+    codes = quantize_codes(raw, tiers)
     layout = Layout.of(art)
     header = scd_wire.ScdHeader(gemma.fingerprint, gemma.fingerprint, layout.artifact, 60)
-    tiers = torch.where(int8, int(Tier.INT8), int(Tier.INT4)).to(torch.uint8)
     payload = scd_wire.header_bytes(header)
     payload += b"".join(scd_wire.frame_bytes(c, tiers, header, layout) for c in raw)
     _, got_codes = scd_wire.decode(payload, layout)
@@ -129,19 +129,36 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     raw_bytes = scd_wire.raw_kv_bytes(layout.consumer, 60)
     assert raw_bytes == (60 + 2 * 23) * 2 * 2 * 16 * 2
     head = len(scd_wire.header_bytes(header))
-    with pytest.raises(BudgetError, match="all-INT4"):
-        scd_wire.int8_tokens(layout, 60, 0.3, head)
-    last = torch.arange(60.0)  # INT8 on the last tokens: inside every window, the most bytes
-    ks = []
-    for budget in (0.4, 0.5, 0.7):
-        k = scd_wire.int8_tokens(layout, 60, budget, head)
-        ks.append(k)
-        for more in (0, 1):
-            t = scd_wire.code_tiers(60, last, min(60, k + more))
-            size = len(scd_wire.header_bytes(header))
-            size += sum(len(scd_wire.frame_bytes(c, t, header, layout)) for c in raw)
-            assert (size <= budget * raw_bytes) == (more == 0 or k == 60), (budget, k, size)
-    assert any(0 < k < 60 for k in ks), ks
+    with pytest.raises(BudgetError, match="all-INT4 with 55 of 60 tokens dropped"):
+        scd_wire.code_plan(layout, 60, 0.02, head)
+
+    def size(t):
+        return len(scd_wire.header_bytes(header)) + sum(
+            len(scd_wire.frame_bytes(c, t, header, layout)) for c in raw
+        )
+
+    def worst(p):  # INT8 on the last tokens (inside every window), drops on the first ones
+        t = torch.full((60,), int(Tier.INT4), dtype=torch.uint8)  # after the sinks (outside)
+        t[60 - p.int8 :] = int(Tier.INT8)
+        t[4 : 4 + p.dropped] = int(Tier.DROP)
+        return t
+
+    plans = []
+    for budget in (0.1, 0.3, 0.4, 0.5, 0.7):
+        plan = scd_wire.code_plan(layout, 60, budget, head)
+        plans.append(plan)
+        t = scd_wire.code_tiers(60, torch.rand(60), plan)
+        assert int((t == int(Tier.DROP)).sum()) == plan.dropped
+        assert int((t == int(Tier.INT8)).sum()) == plan.int8
+        assert (t[:4] != int(Tier.DROP)).all() and t[-1] != int(Tier.DROP)
+        assert size(t) <= size(worst(plan)) <= budget * raw_bytes, (budget, plan)
+        # the bound is tight: one more INT8 token, or one fewer dropped, can exceed the budget
+        closer = plan._replace(dropped=plan.dropped - 1) if plan.dropped else plan
+        closer = closer._replace(int8=plan.int8 + 1) if not plan.dropped else closer
+        if closer.int8 <= 60:
+            assert size(worst(closer)) > budget * raw_bytes, (budget, plan)
+    assert any(0 < p.int8 < 60 for p in plans) and any(p.dropped for p in plans), plans
+    assert all(p.dropped == 0 for p in plans if p.int8), plans
     layers = []
     for code, got in zip(codes, got_codes, strict=True):
         n = pre.layers[code.layer].positions.numel()

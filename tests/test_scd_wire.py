@@ -37,6 +37,7 @@ from spectrumkv.scd.codes import encode, quantize_codes, reconstruct_layer
 from spectrumkv.scd.finetune import Recipe, finetune
 from spectrumkv.scd.fit import Aligner
 from spectrumkv.serve.staged import StagedPrompt
+from spectrumkv.tiers import Tier
 from spectrumkv.wire import _PREAMBLE, MAX_HEADER_BYTES
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -52,17 +53,20 @@ def _sample(seed: int, quantized: bool):
 
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("seed", [1, 27])  # 27: sliding layers 0 and 2 keep 5 of 22 tokens
-def test_scd_round_trip(quantized, seed):
+def test_scd_round_trip(quantized, seed):  # 1, quantized: 13 of 21 tokens dropped
     s = _sample(seed, quantized)
     header, got = scd_wire.decode(s.payload, s.layout)
     assert header == s.header and len(got) == len(s.codes)
+    dropped = s.tiers == int(Tier.DROP)
+    assert int(dropped.sum()) == (13 if (seed, quantized) == (1, True) else 0)
     for g, w, i in zip(got, s.codes, range(len(got)), strict=True):
-        assert torch.equal(g.positions, w.positions)
-        assert g.positions.numel() == s.header.n_tokens - s.layout.first(i, s.header.n_tokens)
+        assert torch.equal(g.positions, w.positions[~dropped[w.positions]])
+        assert w.positions.numel() == s.header.n_tokens - s.layout.first(i, s.header.n_tokens)
     if seed == 27:
         assert [g.positions.numel() for g in got][::2] == [5, 5]
-    want = quantize_codes(s.codes, s.tiers == 3) if quantized else s.codes
+    want = quantize_codes(s.codes, s.tiers) if quantized else s.codes
     for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.positions, w.positions)
         for name in ("k", "v", "h"):
             x, y = getattr(g, name), getattr(w, name)
             assert (x is None) == (y is None)
@@ -170,13 +174,14 @@ def _leading(got: list[int], ref: list[int]) -> int:
 
 
 def test_scd_is_served_and_closer_to_the_oracle_than_raw_reuse(cluster, pair):
-    lead = {"raw": 0, "scd": 0, "scd-q": 0}
+    lead = {"raw": 0, "scd": 0, "scd-q": 0, "scd-drop": 0}
     for prompt in pair["prompts"][:2]:
         oracle = _ask(cluster, prompt, method="recompute")
         assert oracle["spectrumkv"]["method"] == "recompute"
         ref = token_ids(oracle)
         for name, opts in (("raw", {"method": "raw"}), ("scd", {}),
-                           ("scd-q", {"code_budget": 0.45})):  # fmt: skip
+                           ("scd-q", {"code_budget": 0.45}),
+                           ("scd-drop", {"code_budget": 0.2})):  # fmt: skip
             r = _ask(cluster, prompt, **opts)
             s = r["spectrumkv"]
             assert s["outcome"] == "ok" and s["method"] == name.split("-")[0], s
@@ -186,6 +191,8 @@ def test_scd_is_served_and_closer_to_the_oracle_than_raw_reuse(cluster, pair):
                 assert s["reconstruct_s"] > 0 and 0 < s["wire_ratio"] < 1, s
             if name == "scd-q":
                 assert s["wire_ratio"] <= 0.45, s
+            if name == "scd-drop":  # below all-INT4: codes of the least important tokens dropped
+                assert s["wire_ratio"] <= 0.2 and len(got) == 8, s
     assert lead["scd"] > lead["raw"], lead
     metrics = get_text(cluster.url, "/metrics")
     assert 'spectrumkv_scd_bytes_total{method="scd"}' in metrics
@@ -209,12 +216,12 @@ def test_corrupted_scd_frame_is_detected_and_recomputed(cluster, pair):
     assert len(ref) == len(token_ids(r))
 
 
-def _in_process(cluster, pair, art: str, engine: str, text: str) -> dict:
+def _in_process(cluster, pair, art: str, engine: str, text: str, **spectrumkv) -> dict:
     """One request (4 tokens) through an in-process decode worker of B with artifact `art` and
     `engine`, dialling the cluster's prefill worker directly."""
     worker = _worker(cluster, pair, art, engine, cluster.prefill_port)
     try:
-        return _run(worker, text)
+        return _run(worker, text, **spectrumkv)
     finally:
         if worker.batch is not None:
             worker.batch.close()
@@ -249,12 +256,13 @@ def test_wrong_artifact_is_refused_clearly_and_recomputed(cluster, pair):
 
 def test_both_engines_generate_the_same_tokens_from_scd_codes(cluster, pair):
     text = pair["prompts"][2][:200]
-    got = {}
-    for engine in ("sequential", "batched"):
-        r = _in_process(cluster, pair, str(pair["art"]), engine, text)
-        assert r["spectrumkv"]["outcome"] == "ok" and r["spectrumkv"]["method"] == "scd"
-        got[engine] = token_ids(r)
-    assert got["sequential"] == got["batched"]
+    for opts in ({}, {"code_budget": 0.2}):  # 0.2: some tokens' codes dropped
+        got = {}
+        for engine in ("sequential", "batched"):
+            r = _in_process(cluster, pair, str(pair["art"]), engine, text, **opts)
+            assert r["spectrumkv"]["outcome"] == "ok" and r["spectrumkv"]["method"] == "scd"
+            got[engine] = token_ids(r)
+        assert got["sequential"] == got["batched"], opts
 
 
 def test_batched_scd_rebuilds_into_pages_and_a_bad_frame_frees_them(cluster, pair, monkeypatch):

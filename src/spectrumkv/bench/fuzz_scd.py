@@ -1,7 +1,7 @@
 """SCD payloads for `bench fuzz`: random valid SCD payloads (random models, artifact layouts
-with reuse and patch layers, FP16 or INT8/INT4 codes) and their strict decode, so every mutation
-family of `mutations.py` runs on them too (the SCD frame head has the KV frame head's layout and
-its body starts with a tier map, so the families apply unchanged)."""
+with reuse and patch layers, FP16 or INT8/INT4 codes, some with tokens dropped) and their strict
+decode, so every mutation family of `mutations.py` runs on them too (the SCD frame head has the
+KV frame head's layout and its body starts with a tier map, so the families apply unchanged)."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def _fingerprint(
 def random_scd_sample(rng: random.Random, quantized: bool | None = None) -> ScdSample:
     """Encode a random valid SCD payload: 1-4 layers (at least one reuse and, with two or more
     layers, one patch layer; half the models with sliding-window layers, whose frames code the
-    window's rows), widths multiples of 16, 1-40 tokens, FP16 or mixed INT8/INT4 codes
-    (`quantized` None: either)."""
+    window's rows), widths multiples of 16, 1-40 tokens, FP16 or mixed INT8/INT4 codes, half
+    of those with tokens dropped (`quantized` None: either)."""
     n_layers, heads, head_dim = rng.randint(1, 4), rng.choice((1, 2)), rng.choice((16, 32, 64))
     window, sliding = 0, ()
     if rng.random() < 0.5:
@@ -71,8 +71,11 @@ def random_scd_sample(rng: random.Random, quantized: bool | None = None) -> ScdS
         codes.append(LayerCode(i, pos, h=parts[0]) if len(w) == 1 else LayerCode(i, pos, *parts))
     if quantized is None:
         quantized = rng.random() < 0.5
-    int8 = rng.randint(0, n) if quantized else None
-    tiers = scd_wire.code_tiers(n, torch.rand(n, generator=g), int8)
+    plan = scd_wire.CodePlan(None)
+    if quantized:  # INT8/INT4, or INT4 with dropped tokens (a budget below all-INT4)
+        drops = rng.randint(0, scd_wire.max_dropped(n)) if rng.random() < 0.5 else 0
+        plan = scd_wire.CodePlan(0 if drops else rng.randint(0, n), drops)
+    tiers = scd_wire.code_tiers(n, torch.rand(n, generator=g), plan)
     chunks = [scd_wire.header_bytes(header)]
     starts = []
     for c in codes:

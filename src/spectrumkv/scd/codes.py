@@ -20,7 +20,7 @@ from ..config import QuantConfig
 from ..engines.hf import DecodeState, Engine, decode_state
 from ..kv import LayerKV
 from ..quant import dequantize, quantize
-from ..tiers import Tier
+from ..tiers import STORED_TIERS, Tier
 from . import rope
 from .artifact import Artifact
 from .capture import capture, derotate, flat, project_kv, unflat
@@ -118,27 +118,37 @@ def reconstruct(
     return decode_state(engine_b, layers, n_tokens)
 
 
-def quantize_codes(codes: list[LayerCode], int8: torch.Tensor) -> list[LayerCode]:
-    """Codes passed through the project's asym-group quantizer (groups of CODE_GROUP along the
-    code dimension, FP16 scale + minimum per group): tokens where `int8` [n] is True at INT8,
-    the rest at INT4 (a layer holding fewer tokens, a sliding window, takes the rows of its
-    positions). Returns dequantized codes whose `nbytes` counts codes and parameters."""
+def quantize_codes(codes: list[LayerCode], tiers: torch.Tensor) -> list[LayerCode]:
+    """The plain reference of codes on the SCD wire: `tiers` [n] (uint8 Tier codes, one per
+    prompt position, as `wire.code_tiers` makes) passed through the project's asym-group
+    quantizer (groups of CODE_GROUP along the code dimension, FP16 scale + minimum per group),
+    DROP rows left out (a layer holding fewer tokens, a sliding window, takes the tiers of its
+    positions). Returns dequantized float32 codes whose `nbytes` counts codes and parameters."""
     qc = QuantConfig(group_size=CODE_GROUP, rotate=False)
     out = []
     for c in codes:
-        new = LayerCode(c.layer, c.positions)
-        hi = int8[c.positions]
+        t = tiers[c.positions]
+        kept = t != int(Tier.DROP)
+        t = t[kept]
+        new = LayerCode(c.layer, c.positions[kept])
         for name in ("k", "v", "h"):
             x = getattr(c, name)
             if x is None:
                 continue
-            y = torch.empty_like(x, dtype=torch.float32)
-            for tier, rows in ((Tier.INT8, hi), (Tier.INT4, ~hi)):
-                if rows.any():
-                    part = x[rows].float()[:, None, :]
-                    q = quantize(part, tier, qc)
-                    y[rows] = dequantize(q, tier, qc, part.shape[-1])[:, 0]
-                    new.nbytes += q.codes.numel() + 2 * (q.scale.numel() + q.minimum.numel())
+            x = x[kept].float()
+            y = torch.empty_like(x)
+            for tier in STORED_TIERS:
+                rows = t == int(tier)
+                if not rows.any():
+                    continue
+                if tier == Tier.FP16:
+                    y[rows] = x[rows].half().float()
+                    new.nbytes += 2 * x[rows].numel()
+                    continue
+                part = x[rows][:, None, :]
+                q = quantize(part, tier, qc)
+                y[rows] = dequantize(q, tier, qc, part.shape[-1])[:, 0]
+                new.nbytes += q.codes.numel() + 2 * (q.scale.numel() + q.minimum.numel())
             setattr(new, name, y)
         out.append(new)
     return out

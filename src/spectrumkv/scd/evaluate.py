@@ -26,10 +26,10 @@ from ..pipeline import encode, plan_transfer
 from . import droidspeak, rope
 from .artifact import Artifact, check_models
 from .capture import Captured, capture, check_pair
-from .codes import encode_layer, quantize_codes, reconstruct_layer
+from .codes import encode_layer, reconstruct_layer
 from .metrics import Scored, agreement, kl, score
 from .splits import split_text
-from .wire import Layout, ScdHeader, header_bytes, int8_tokens
+from .wire import Layout, ScdHeader, code_plan, code_tiers, decode, frame_bytes, header_bytes
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class EvalConfig:
     quant_budgets: tuple[float, ...] = (0.5, 0.25)
     droid_width: int = 4
     droid_dev_chunks: int = 2
+
+    def __post_init__(self) -> None:
+        if not all(0 < b <= 1 for b in self.budgets + self.quant_budgets):
+            raise ConfigError(f"budgets must be in (0, 1], got {self.budgets + self.quant_budgets}")
 
 
 @dataclass
@@ -119,20 +123,20 @@ def methods(
         return run
 
     def codes(artifact: Artifact, src: str, quant: float | None = None):
-        layout = Layout.of(artifact) if quant is not None else None
+        layout = Layout.of(artifact)
 
-        def run(c: Chunk) -> Built:
+        def run(c: Chunk) -> Built:  # through the SCD wire: the bytes B would receive
             cap = c.a if src == "a" else c.b
             eng = a if src == "a" else b
             cs = [
                 encode_layer(artifact, eng, i, kv, cap.inputs.get(i))
                 for i, kv in enumerate(cap.pre.layers)
             ]
-            if quant is not None:
-                cs = quantize_codes(cs, _int8_tokens(layout, cap.pre, quant))
+            payload = _payload(layout, cs, cap.pre, quant)
             t0 = time.perf_counter()
-            layers = [reconstruct_layer(artifact, b, x) for x in cs]
-            return layers, sum(x.nbytes for x in cs), time.perf_counter() - t0
+            _, got = decode(payload, layout)
+            layers = [reconstruct_layer(artifact, b, x) for x in got]
+            return layers, len(payload), time.perf_counter() - t0
 
         return run
 
@@ -148,7 +152,7 @@ def methods(
     out = {"oracle": oracle, "raw": raw}
     out |= {f"raw-spectrum-b{b_:g}": spectrum(b_) for b_ in cfg.budgets}
     out |= {"reuse-only": codes(reuse_only, "a"), "droidspeak": droid, "scd": codes(art, "a")}
-    # quantized codes at each budget that all-INT4 codes fit in (else that point is left out)
+    # quantized codes at each budget they can meet (else that point is left out)
     n = cfg.context - cfg.continuation - 1  # a chunk's prefix
     feasible = [q for q in cfg.quant_budgets if _fits(art, n, q)]
     out |= {f"scd-q{q:g}": codes(art, "a", q) for q in feasible}
@@ -165,30 +169,33 @@ def _no_patches(art: Artifact):
     return msgspec.structs.replace(art.manifest, patch_layers=[])
 
 
-def _header_len(layout: Layout, n_tokens: int) -> int:
-    return len(header_bytes(ScdHeader(layout.producer, layout.consumer, layout.artifact, n_tokens)))
+def _header(layout: Layout, n_tokens: int) -> ScdHeader:
+    return ScdHeader(layout.producer, layout.consumer, layout.artifact, n_tokens)
 
 
 def _fits(art: Artifact, n_tokens: int, budget: float) -> bool:
-    """Whether all-INT4 codes of a prompt of n_tokens fit `budget` on the SCD wire."""
+    """Whether codes of a prompt of n_tokens can meet `budget` on the SCD wire."""
     layout = Layout.of(art)
     try:
-        int8_tokens(layout, n_tokens, budget, _header_len(layout, n_tokens))
+        code_plan(layout, n_tokens, budget, len(header_bytes(_header(layout, n_tokens))))
     except BudgetError:
         return False
     return True
 
 
-def _int8_tokens(layout: Layout, pre: Prefilled, budget: float) -> torch.Tensor:
-    """Tokens whose codes go at INT8 (the most important by the project's scoring), the rest at
-    INT4: as many as the SCD wire's payload, every byte counted, fits in `budget` x B's raw
-    FP16 KV bytes (`wire.int8_tokens`; BudgetError when even all-INT4 codes do not)."""
+def _payload(layout: Layout, codes: list, pre: Prefilled, budget: float | None) -> bytes:
+    """The SCD payload of `codes`: FP16 (`budget` None), else quantized as the prefill worker
+    does (`wire.code_plan`: the most INT8 tokens by the project's importance scores, or the
+    fewest dropped, that fit `budget` x B's raw FP16 KV bytes, every byte counted)."""
     n = pre.n_tokens
-    k = int8_tokens(layout, n, budget, _header_len(layout, n))
-    scores, _ = score_tokens(ScoreConfig(), n, pre.layers, pre.window)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.argsort(scores, descending=True)[:k]] = True
-    return mask
+    header = _header(layout, n)
+    head = header_bytes(header)
+    plan = code_plan(layout, n, budget, len(head))
+    scores = None
+    if plan.int8 is not None:
+        scores, _ = score_tokens(ScoreConfig(), n, pre.layers, pre.window)
+    tiers = code_tiers(n, scores, plan)
+    return head + b"".join(frame_bytes(c, tiers, header, layout) for c in codes)
 
 
 def layer_errors(got: list[LayerKV], ref: list[LayerKV]) -> list[tuple[float, float]]:
@@ -239,7 +246,7 @@ def run_eval(
     errors: dict[str, list] = {}
     for name, build in tqdm(methods(a, b, art, control, span, cfg).items(), desc="methods"):
         keys = ("nll", "n", "kl", "rebuild", "prefill", "prefix", "f1")
-        acc = per.setdefault(name, {k: [] for k in keys} | {"bytes": 0, "raw": 0})
+        acc = per.setdefault(name, {k: [] for k in keys} | {"bytes": 0, "raw": 0, "kept": 0})
         errs = []
         for c in chunks:
             layers, nbytes, secs = build(c)
@@ -252,6 +259,9 @@ def run_eval(
             acc["kl"].append(kl(got, c.oracle))
             acc["bytes"] += nbytes
             acc["raw"] += kv_bytes(c.b.pre.layers)
+            acc["kept"] += sum(kv.positions.numel() for kv in layers) / sum(
+                kv.positions.numel() for kv in c.b.pre.layers
+            )
             acc["rebuild"].append(secs)
             acc["prefill"].append(c.b.pre.prefill_s)
             acc["prefix"].append(prefix)
@@ -271,7 +281,8 @@ def run_eval(
         ppl = _ppl(acc)
         records.append({
             "method": name, "bytes": acc["bytes"] / len(chunks),
-            "bytes_ratio": acc["bytes"] / acc["raw"], "ppl": ppl, "ppl_oracle": oracle_ppl,
+            "bytes_ratio": acc["bytes"] / acc["raw"], "kept_ratio": acc["kept"] / len(chunks),
+            "ppl": ppl, "ppl_oracle": oracle_ppl,
             "delta_pct": 100 * (ppl / oracle_ppl - 1),
             "delta_pct_chunk_std": statistics.stdev(chunk_delta) if len(chunks) > 1 else 0.0,
             "kl": statistics.fmean(acc["kl"]),

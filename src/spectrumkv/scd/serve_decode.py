@@ -3,7 +3,9 @@ model A's prefill worker for SCD codes (naming the artifact by digest), verifies
 arrives and rebuilds that layer of B's cache at once (`codes.reconstruct_layer`, on the unpack
 thread, overlapping the transfer), then generates from it. On the batch engine each rebuilt layer
 goes straight into the request's pages (reserved before the request is sent: `BatchEngine.stage`),
-so the whole rebuilt cache never exists outside them; any failure aborts the staged pages.
+so the whole rebuilt cache never exists outside them; any failure aborts the staged pages. Codes
+under a budget that drops tokens (`wire.may_drop`) are rebuilt into a list of layers holding the
+kept positions, which the engine takes as it takes a received KV payload.
 
 Methods (the request's `spectrumkv.method`; default `scd` on such a worker): `scd` (codes, FP16
 or quantized under `spectrumkv.code_budget`), `recompute` (B's own prefill), `raw` (A's FP16 KV
@@ -34,7 +36,7 @@ from ..wire import tokens_digest
 from .artifact import Artifact, ArtifactMismatchError, load
 from .codes import reconstruct_layer
 from .protocol import ScdRequest
-from .wire import Layout, ScdDecoder
+from .wire import Layout, ScdDecoder, may_drop
 
 METHODS = ("kv", "scd", "raw", "recompute")
 _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -131,7 +133,10 @@ class ScdClient:
                 t.link_latency_s,
                 t.overlap,
             )
-            staged = await _stage(worker.batch, job, len(ids))
+            # codes that may drop tokens leave holes: their rebuilt layers go to the engine
+            # whole (kept rows at their positions), not into pages staged for every position
+            holes = may_drop(self.layout, len(ids), job.code_budget)
+            staged = None if holes else await _stage(worker.batch, job, len(ids))
             rx = ScdReceiver(self.art, self.layout, self.engine, len(ids), digest, staged)
             kind, body = Kind.SCD_REQUEST, msgspec.json.encode(req)
         try:

@@ -30,10 +30,10 @@ from .protocol import ScdRequest, decode_request
 from .wire import (
     Layout,
     ScdHeader,
+    code_plan,
     code_tiers,
     frame_bytes,
     header_bytes,
-    int8_tokens,
     raw_kv_bytes,
 )
 
@@ -78,8 +78,8 @@ class ArtifactStore:
 
 class ScdStreamer:
     """Feed it `on_layer` from `capture`; it calls `emit(kind, bytes)` with the header (at
-    once) and each layer's frame. With a code budget, the INT8 tokens are chosen from the
-    project's importance scores over the first `score_layers` layers that hold the whole
+    once) and each layer's frame. With a code budget, the INT8 (or dropped) tokens are chosen
+    from the project's importance scores over the first `score_layers` layers that hold the whole
     prompt, so frames wait until those layers are done (as KV streaming does)."""
 
     def __init__(self, engine: Engine, art: Artifact, layout: Layout, ids, req: ScdRequest, emit):
@@ -92,13 +92,12 @@ class ScdStreamer:
         )  # fmt: skip
         head = header_bytes(self.header)
         self.raw_bytes = raw_kv_bytes(art.manifest.consumer, n)
-        self.int8 = int8_tokens(layout, n, req.code_budget, len(head))
-        quantized = req.code_budget is not None
-        plan_now = not quantized or self.int8 in (0, n)
+        self.plan = code_plan(layout, n, req.code_budget, len(head))
+        plan_now = self.plan.int8 in (None, 0, n) and not self.plan.dropped
         n_layers = len(layout.widths)
         whole = [layout.first(i, n) == 0 for i in range(n_layers)]
         self.k = 0 if plan_now else max(scoring_layers(whole, req.score_layers)) + 1
-        self.tiers = code_tiers(n, None, self.int8 if quantized else None) if plan_now else None
+        self.tiers = code_tiers(n, None, self.plan) if plan_now else None
         self.kv: list = []
         self.window: list = []
         self.held: list[LayerCode] = []
@@ -115,7 +114,7 @@ class ScdStreamer:
                 self.encode_s += time.perf_counter() - t0
                 return
             scores, _ = score_tokens(self.scoring, self.n, self.kv, self.window)
-            self.tiers = code_tiers(self.n, scores, self.int8)
+            self.tiers = code_tiers(self.n, scores, self.plan)
             self.kv, self.window = [], []
         self.encode_s += time.perf_counter() - t0
         ready, self.held = self.held, []

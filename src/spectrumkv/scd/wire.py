@@ -10,9 +10,10 @@ Layout (integers little endian; the preamble, sealed header, frame head and chec
     frame * n_layers, in layer order:
       head     "SC" | u16 layer | u32 path (0 = reuse codes K,V; 1 = patch code H) | u32 rows
                | u32 body_len
-      body     tier map: rows 4-bit Tier codes (FP16 / INT8 / INT4 / INT2; DROP refused)
+      body     tier map: rows 4-bit Tier codes (FP16 / INT8 / INT4 / INT2 / DROP)
                then for tier in FP16, INT8, INT4, INT2 (present ones), for each code of the
-               path (reuse: K then V; patch: H), the tier's tokens in position order:
+               path (reuse: K then V; patch: H), the tier's tokens in position order
+               (a DROP token has no codes: B's cache holds no row for it):
                  FP16: m*r float16
                  INTk: codes m*r*k/8 | scale m*(r/g) f16 | minimum m*(r/g) f16 (g = code_group,
                        the project's asym-group quantizer, no rotation)
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import msgspec
 import torch
@@ -37,7 +39,7 @@ import torch
 from ..config import QuantConfig
 from ..errors import BudgetError, ChecksumError, IncompatiblePayloadError, WireFormatError
 from ..kv import first_slot
-from ..policy import raw_kv_bytes
+from ..policy import rank_order, raw_kv_bytes
 from ..quant import Quantized, dequantize, quantize, section_bytes
 from ..reference_codec import pack_tier_map, unpack_tier_map
 from ..tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
@@ -58,6 +60,8 @@ from .artifact import Artifact, digest
 from .codes import CODE_GROUP, LayerCode
 
 FRAME_MAGIC = b"SC"
+#: Tokens never dropped from quantized codes: the first SINKS (attention sinks) and the last.
+SINKS = 4
 PATH_REUSE, PATH_PATCH = 0, 1
 _QUANT = QuantConfig(group_size=CODE_GROUP, rotate=False)
 
@@ -157,9 +161,9 @@ def _parts(code: LayerCode) -> list[torch.Tensor]:
 
 def frame_bytes(code: LayerCode, tiers: torch.Tensor, header: ScdHeader, layout: Layout) -> bytes:
     """One layer's frame: `code` (its tensors [rows, r], any float dtype, for the positions the
-    layer caches: `Layout.first` on) with position i's codes at `tiers[i]` (uint8 Tier codes,
-    FP16/INT8/INT4/INT2, one per prompt position). ValueError for codes that do not match the
-    layout or the header."""
+    layer caches: `Layout.first` on) with position i's codes at `tiers[i]` (uint8 Tier codes
+    FP16/INT8/INT4/INT2, one per prompt position, or DROP: that row of `code` is not sent).
+    ValueError for codes that do not match the layout or the header."""
     layer, first = code.layer, layout.first(code.layer, header.n_tokens)
     n = header.n_tokens - first
     parts = _parts(code)
@@ -174,8 +178,8 @@ def frame_bytes(code: LayerCode, tiers: torch.Tensor, header: ScdHeader, layout:
     if t.numel() != header.n_tokens:
         raise ValueError(f"SCD tier map: {t.numel()} tiers for {header.n_tokens} positions")
     t = t[first:]
-    if bool(((t == int(Tier.DROP)) | (t > int(Tier.FP16))).any()):
-        raise ValueError("SCD tier map: one stored tier per token")
+    if bool((t > int(Tier.FP16)).any()):
+        raise ValueError("SCD tier map: a Tier code per token")
     out = [pack_tier_map(t)]
     counts = {}
     for tier in STORED_TIERS:
@@ -229,8 +233,9 @@ def read_header(buf: bytes | memoryview, layout: Layout) -> tuple[ScdHeader, int
 def read_frame(
     buf: bytes | memoryview, offset: int, header: ScdHeader, layout: Layout, layer: int
 ) -> tuple[LayerCode, int]:
-    """Parse and verify frame `layer` at `offset`: returns (its codes as float32 [n, r]
-    tensors, the offset after the frame)."""
+    """Parse and verify frame `layer` at `offset`: returns (its codes as float32 [m, r]
+    tensors for the m rows it keeps, at their positions; the offset after the frame).
+    WireFormatError for a frame that keeps no row (a layer always holds the last token)."""
     mv = memoryview(buf)
     first = layout.first(layer, header.n_tokens)
     n, widths = header.n_tokens - first, layout.widths[layer]
@@ -260,14 +265,16 @@ def read_frame(
     if body_len < map_len:
         raise WireFormatError(f"SCD frame {layer} body is shorter than its tier map")
     tiers = torch.from_numpy(unpack_tier_map(mv[start : start + map_len], n))
+    kept = tiers != int(Tier.DROP)
+    if not bool(kept.any()):
+        raise WireFormatError(f"SCD frame {layer} drops every token")
+    tiers = tiers[kept]  # the kept rows, in position order
     counts = {t: int((tiers == int(t)).sum()) for t in STORED_TIERS}
-    if sum(counts.values()) != n:
-        raise WireFormatError(f"SCD frame {layer} drops tokens; every token needs codes")
     if _frame_size(n, counts, widths) != FRAME_HEAD.size + body_len + CHECKSUM.size:
         raise WireFormatError(f"SCD frame {layer} body length {body_len} does not match its "
                               "tier map")  # fmt: skip
     body = bytearray(mv[start + map_len : end])  # torch.frombuffer needs a writable buffer
-    outs = [torch.empty(n, r) for r in widths]
+    outs = [torch.empty(tiers.numel(), r) for r in widths]
     pos = 0
     for tier in STORED_TIERS:
         m = counts[tier]
@@ -277,7 +284,7 @@ def read_frame(
         for out, r in zip(outs, widths, strict=True):
             x, pos = _read_section(body, pos, tier, m, r)
             out[idx] = x
-    pos_ids = torch.arange(first, header.n_tokens)
+    pos_ids = torch.arange(first, header.n_tokens)[kept]
     if len(outs) == 1:
         return LayerCode(layer, pos_ids, h=outs[0], nbytes=body_len), end + CHECKSUM.size
     return LayerCode(layer, pos_ids, k=outs[0], v=outs[1], nbytes=body_len), end + CHECKSUM.size
@@ -353,45 +360,90 @@ def decode(buf: bytes | memoryview, layout: Layout) -> tuple[ScdHeader, list[Lay
     return dec.finish()
 
 
-def int8_tokens(layout: Layout, n: int, budget: float | None, header_len: int) -> int:
-    """How many tokens' codes go at INT8 (the rest at INT4) so that the whole payload, header,
-    frame heads, tier maps, codes and quantization parameters, takes at most `budget` x the
-    consumer's raw FP16 KV bytes (`raw_kv_bytes`): the most that fit. With sliding-window
-    layers it counts all k INT8 tokens inside every window (the most they can take), so the
-    bound holds whichever tokens are picked. None: no quantization (returns n). BudgetError
-    when even all-INT4 codes do not fit."""
+class CodePlan(NamedTuple):
+    """How a payload's codes are quantized: the `int8` most important tokens at INT8, the
+    `dropped` least important not sent, the rest at INT4 (drops only when all-INT4 codes do
+    not fit the budget). `int8` None: every token at FP16."""
+
+    int8: int | None
+    dropped: int = 0
+
+
+def code_plan(layout: Layout, n: int, budget: float | None, header_len: int) -> CodePlan:
+    """The plan under which the whole payload (header, frame heads, tier maps, codes and
+    quantization parameters) takes at most `budget` x the consumer's raw FP16 KV bytes
+    (`raw_kv_bytes`): the most INT8 tokens that fit, or if even all-INT4 codes do not fit, the
+    fewest dropped tokens. A bound whichever tokens are picked: with sliding-window layers it
+    counts every INT8 token inside each window and as many dropped ones outside it as fit (the
+    most bytes they can take). None: FP16 codes. BudgetError when dropping every token but the
+    protected ones (`SINKS` and the last) does not fit either."""
     if budget is None:
-        return n
+        return CodePlan(None)
     limit = budget * raw_kv_bytes(layout.consumer, n)
     rows = [n - layout.first(i, n) for i in range(len(layout.widths))]
 
-    def total(k: int) -> int:
-        return header_len + sum(
-            _frame_size(r, {Tier.INT8: min(k, r), Tier.INT4: r - min(k, r)}, w)
-            for r, w in zip(rows, layout.widths, strict=True)
-        )
+    def size(int8: int, dropped: int) -> int:
+        total = header_len
+        for r, w in zip(rows, layout.widths, strict=True):
+            # drops land outside the window first (not on the sinks there; never the last)
+            hi, gone = min(int8, r), max(0, dropped - max(0, n - r - SINKS))
+            total += _frame_size(r, {Tier.INT8: hi, Tier.INT4: r - hi - gone}, w)
+        return total
 
-    low = total(0)
-    if low > limit:
+    def most(fits, hi: int) -> int:  # the largest k in [0, hi] with fits(k); fits(0) holds
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+    if size(0, 0) <= limit:  # size grows with int8: the most INT8 tokens within the limit
+        return CodePlan(most(lambda k: size(k, 0) <= limit, n))
+    top = max_dropped(n)
+    if size(0, top) > limit:
         raise BudgetError(
-            f"SCD codes at all-INT4 take {low / raw_kv_bytes(layout.consumer, n):.3f} of raw "
-            f"FP16 KV bytes with every byte on the wire counted; budget {budget} is below that"
+            f"SCD codes at all-INT4 with {top} of {n} tokens dropped take "
+            f"{size(0, top) / raw_kv_bytes(layout.consumer, n):.3f} of raw FP16 KV bytes with "
+            f"every byte on the wire counted; budget {budget} is below that"
         )
-    lo, hi = 0, n  # total() does not decrease with k: the largest k within the limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if total(mid) <= limit else (lo, mid - 1)
-    return lo
+    return CodePlan(0, top - most(lambda k: size(0, top - k) <= limit, top))
 
 
-def code_tiers(n: int, scores: torch.Tensor | None, int8: int | None) -> torch.Tensor:
-    """Per-token tiers of a payload: all FP16 (`int8` None), else the `int8` highest-scoring
-    tokens (the first ones without scores) at INT8 and the rest at INT4."""
-    if int8 is None:
+def may_drop(layout: Layout, n: int, budget: float | None) -> bool:
+    """Whether a payload of n tokens at `budget` may drop tokens, whatever its header's ids
+    (counted at their longest): a receiver that needs every position (pages staged for all n)
+    asks before it sends the request."""
+    longest = ScdHeader(layout.producer, layout.consumer, layout.artifact, n,
+                        payload_id=(1 << 63) - 1, tokens_digest=(1 << 64) - 1)  # fmt: skip
+    try:
+        return code_plan(layout, n, budget, len(header_bytes(longest))).dropped > 0
+    except BudgetError:
+        return True
+
+
+def max_dropped(n: int) -> int:
+    """How many of n tokens may be dropped: all but the first SINKS and the last."""
+    return max(0, n - min(n, SINKS + 1))
+
+
+def code_tiers(n: int, scores: torch.Tensor | None, plan: CodePlan) -> torch.Tensor:
+    """Per-token tiers of a payload under `plan`: all FP16 (`plan.int8` None), else the
+    `plan.int8` most important tokens at INT8 (by `scores` [n], higher = more important, the
+    first SINKS and the last token first; without scores the first ones), the `plan.dropped`
+    least important dropped (needs scores), the rest at INT4."""
+    if plan.int8 is None:
         return torch.full((n,), int(Tier.FP16), dtype=torch.uint8)
+    if plan.int8 + plan.dropped > n or plan.dropped > max_dropped(n):
+        raise ValueError(f"plan {plan} for {n} tokens")
     t = torch.full((n,), int(Tier.INT4), dtype=torch.uint8)
-    if int8 and scores is not None:
-        t[torch.argsort(scores, descending=True)[:int8]] = int(Tier.INT8)
-    elif int8:
-        t[:int8] = int(Tier.INT8)
+    if scores is None:
+        if plan.dropped:
+            raise ValueError("dropping tokens needs their importance scores")
+        t[: plan.int8] = int(Tier.INT8)
+        return t
+    s = scores.clone().float()
+    s[-1] = float("inf")
+    order = rank_order(s, SINKS)
+    t[order[: plan.int8]] = int(Tier.INT8)
+    t[order[n - plan.dropped :]] = int(Tier.DROP)
     return t
