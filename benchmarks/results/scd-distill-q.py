@@ -16,11 +16,11 @@ from spectrumkv.engines.hf import decode_state, load
 from spectrumkv.eval.ppl import corpus_chunks
 from spectrumkv.scd.artifact import load as load_artifact
 from spectrumkv.scd.capture import capture
-from spectrumkv.scd.codes import encode_layer, quantize_codes, reconstruct_layer
-from spectrumkv.scd.evaluate import _int8_tokens
+from spectrumkv.scd.codes import encode_layer, reconstruct_layer
+from spectrumkv.scd.evaluate import _payload
 from spectrumkv.scd.metrics import kl, score
 from spectrumkv.scd.splits import split_text
-from spectrumkv.scd.wire import Layout
+from spectrumkv.scd.wire import Layout, decode
 
 
 def main() -> None:
@@ -41,11 +41,12 @@ def main() -> None:
             cs = [
                 encode_layer(art, a, i, kv, ca.inputs.get(i)) for i, kv in enumerate(ca.pre.layers)
             ]
-            cs = quantize_codes(cs, _int8_tokens(Layout.of(art), ca.pre, 0.5))
+            payload = _payload(Layout.of(art), cs, ca.pre, 0.5)
+            cs = decode(payload, Layout.of(art))[1]
             got = score(b, decode_state(b, [reconstruct_layer(art, b, c) for c in cs], n_tok), feed)
             res[p]["kl"].append(kl(got, oracle))
             res[p]["nll"].append(got.nll / got.n)
-            res[p]["bytes"].append(sum(c.nbytes for c in cs))
+            res[p]["bytes"].append(len(payload))
         print({k: round(v["kl"][-1], 4) for k, v in res.items()}, flush=True)
     fp = a.fingerprint
     raw = fp.n_layers * 2 * fp.n_kv_heads * fp.head_dim * 2 * n_tok
