@@ -3,7 +3,7 @@
 # so SCD reaches <= 0.25 of raw FP16 KV bytes at full rank. On a fresh machine: B is fine-tuned
 # (the alias's default recipe), A -> B calibrated at full rank (DISTILL distillation steps over
 # CHUNKS chunks; default 0 = none), then `scd eval` on 8 held-out wiki-es chunks with every
-# baseline and scd-q at 0.5, 0.3 and 0.25 of the bytes. Artifacts and logs outside the repo.
+# baseline, raw-spectrum and scd-q at 0.5, 0.3 and 0.25 of the bytes. Artifacts and logs outside the repo.
 #   bash benchmarks/results/scd10.sh
 cd /work/main
 set -ex
@@ -14,6 +14,6 @@ mkdir -p $ART/logs
   --prompts 16 --code-budget 1.0 --distill-steps ${DISTILL:-0} --distill-chunks ${CHUNKS:-40} \
   --distill-lr 3e-5 --out $ART/main --threads $TH > $ART/logs/cal-main.log 2>&1
 $S eval --producer $A --consumer $B --artifact $ART/main --corpus $T --chunks 8 \
-  --quant-budgets 0.5,0.3,0.25 --timing-tokens 0 --json $R/$NAME-eval.json --plots $R/$NAME \
-  --threads $TH > $ART/logs/eval.log 2>&1
+  --budgets 0.5,0.3,0.25 --quant-budgets 0.5,0.3,0.25 --timing-tokens 0 \
+  --json $R/$NAME-eval.json --plots $R/$NAME --threads $TH > $ART/logs/eval.log 2>&1
 echo done

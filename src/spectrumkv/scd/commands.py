@@ -85,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     _threads(args.threads)
     cfg = EvalConfig(corpus=args.corpus, chunks=args.chunks, context=args.context,
                      continuation=args.continuation,
-                     quant_budgets=args.quant_budgets)  # fmt: skip
+                     budgets=args.budgets, quant_budgets=args.quant_budgets)  # fmt: skip
     a, b = load(args.producer), load(args.consumer)
     art = load_artifact(args.artifact)
     control = load_artifact(args.control) if args.control else None
@@ -199,6 +199,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--chunks", type=int, default=e.chunks)
     ev.add_argument("--context", type=int, default=e.context)
     ev.add_argument("--continuation", type=int, default=e.continuation)
+    ev.add_argument("--budgets", type=_listof(float), default=e.budgets,
+                    help="budgets of the raw-spectrum methods (A's KV, SpectrumKV)")  # fmt: skip
     ev.add_argument("--quant-budgets", type=_listof(float), default=e.quant_budgets,
                     help="code budgets of the scd-q methods, fractions of raw FP16 KV bytes "
                     "(below all-INT4, ~0.38, tokens are dropped)")  # fmt: skip
