@@ -181,7 +181,7 @@ def test_scd_is_served_and_closer_to_the_oracle_than_raw_reuse(cluster, pair):
         ref = token_ids(oracle)
         for name, opts in (("raw", {"method": "raw"}), ("scd", {}),
                            ("scd-q", {"code_budget": 0.45}),
-                           ("scd-drop", {"code_budget": 0.1})):  # fmt: skip
+                           ("scd-drop", {"code_budget": 0.15})):  # fmt: skip
             r = _ask(cluster, prompt, **opts)
             s = r["spectrumkv"]
             assert s["outcome"] == "ok" and s["method"] == name.split("-")[0], s
@@ -192,7 +192,7 @@ def test_scd_is_served_and_closer_to_the_oracle_than_raw_reuse(cluster, pair):
             if name == "scd-q":
                 assert s["wire_ratio"] <= 0.45, s
             if name == "scd-drop":  # below all-INT4: codes of the least important tokens dropped
-                assert s["wire_ratio"] <= 0.1 and len(got) == 8, s
+                assert s["wire_ratio"] <= 0.15 and len(got) == 8, s
     assert lead["scd"] > lead["raw"], lead
     metrics = get_text(cluster.url, "/metrics")
     assert 'spectrumkv_scd_bytes_total{method="scd"}' in metrics
@@ -256,7 +256,7 @@ def test_wrong_artifact_is_refused_clearly_and_recomputed(cluster, pair):
 
 def test_both_engines_generate_the_same_tokens_from_scd_codes(cluster, pair):
     text = pair["prompts"][2][:200]
-    for opts in ({}, {"code_budget": 0.1}):  # 0.1: below all-INT4, some codes dropped
+    for opts in ({}, {"code_budget": 0.15}):  # 0.15: below all-INT4, some codes dropped
         got = {}
         for engine in ("sequential", "batched"):
             r = _in_process(cluster, pair, str(pair["art"]), engine, text, **opts)

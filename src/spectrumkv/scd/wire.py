@@ -15,8 +15,9 @@ Layout (integers little endian; the preamble, sealed header, frame head and chec
                path (reuse: K then V; patch: H), the tier's tokens in position order
                (a DROP token has no codes: B's cache holds no row for it):
                  FP16: m*r float16
-                 INTk: codes m*r*k/8 | scale m*(r/g) f16 | minimum m*(r/g) f16 (g = code_group,
-                       the project's asym-group quantizer, no rotation)
+                 INTk: codes m*r*k/8 | scale m*(r/g) f16 | minimum m*(r/g) f16 (g: the largest
+                       power of two up to code_group, 64, that divides r; the project's
+                       asym-group quantizer, no rotation)
       checksum as for KV frames (seeded with the header's checksum)
 
 A frame codes the positions its layer caches: all n_tokens (rows = n_tokens), or on a
@@ -60,7 +61,8 @@ from .artifact import Artifact, digest
 from .codes import CODE_GROUP, LayerCode
 
 FRAME_MAGIC = b"SC"
-#: Tokens never dropped from quantized codes: the first SINKS (attention sinks) and the last.
+#: Quantized codes keep the first SINKS tokens (attention sinks) at FP16 and never drop them
+#: or the last token.
 SINKS = 4
 PATH_REUSE, PATH_PATCH = 0, 1
 _QUANT = QuantConfig(group_size=CODE_GROUP, rotate=False)
@@ -361,9 +363,10 @@ def decode(buf: bytes | memoryview, layout: Layout) -> tuple[ScdHeader, list[Lay
 
 
 class CodePlan(NamedTuple):
-    """How a payload's codes are quantized: the `int8` most important tokens at INT8, the
-    `dropped` least important not sent, the rest at INT4 (drops only when all-INT4 codes do
-    not fit the budget). `int8` None: every token at FP16."""
+    """How a payload's codes are quantized: the first SINKS tokens at FP16 (attention sinks:
+    the most attended, and the worst hurt by INT4), of the others the `int8` most important at
+    INT8, the `dropped` least important not sent, the rest at INT4 (drops only when all-INT4
+    codes do not fit the budget). `int8` None: every token at FP16."""
 
     int8: int | None
     dropped: int = 0
@@ -372,11 +375,12 @@ class CodePlan(NamedTuple):
 def code_plan(layout: Layout, n: int, budget: float | None, header_len: int) -> CodePlan:
     """The plan under which the whole payload (header, frame heads, tier maps, codes and
     quantization parameters) takes at most `budget` x the consumer's raw FP16 KV bytes
-    (`raw_kv_bytes`): the most INT8 tokens that fit, or if even all-INT4 codes do not fit, the
-    fewest dropped tokens. A bound whichever tokens are picked: with sliding-window layers it
-    counts every INT8 token inside each window and as many dropped ones outside it as fit (the
-    most bytes they can take). None: FP16 codes. BudgetError when dropping every token but the
-    protected ones (`SINKS` and the last) does not fit either."""
+    (`raw_kv_bytes`), the first SINKS tokens at FP16: the most INT8 tokens that fit, or if even
+    all-INT4 codes do not fit, the fewest dropped tokens. A bound whichever tokens are picked:
+    with sliding-window layers it counts every INT8 token inside each window and as many
+    dropped ones outside it as fit (the most bytes they can take). None: FP16 codes.
+    BudgetError when dropping every token but the protected ones (`SINKS` and the last) does
+    not fit either."""
     if budget is None:
         return CodePlan(None)
     limit = budget * raw_kv_bytes(layout.consumer, n)
@@ -385,9 +389,12 @@ def code_plan(layout: Layout, n: int, budget: float | None, header_len: int) -> 
     def size(int8: int, dropped: int) -> int:
         total = header_len
         for r, w in zip(rows, layout.widths, strict=True):
-            # drops land outside the window first (not on the sinks there; never the last)
-            hi, gone = min(int8, r), max(0, dropped - max(0, n - r - SINKS))
-            total += _frame_size(r, {Tier.INT8: hi, Tier.INT4: r - hi - gone}, w)
+            # sinks at FP16 where the layer holds them; INT8 inside the window; drops land
+            # outside it first (not on the sinks there; never the last token)
+            sinks = max(0, min(SINKS, n) - (n - r))
+            hi, gone = min(int8, r - sinks), max(0, dropped - max(0, n - r - SINKS))
+            counts = {Tier.FP16: sinks, Tier.INT8: hi, Tier.INT4: r - sinks - hi - gone}
+            total += _frame_size(r, counts, w)
         return total
 
     def most(fits, hi: int) -> int:  # the largest k in [0, hi] with fits(k); fits(0) holds
@@ -398,7 +405,7 @@ def code_plan(layout: Layout, n: int, budget: float | None, header_len: int) -> 
         return lo
 
     if size(0, 0) <= limit:  # size grows with int8: the most INT8 tokens within the limit
-        return CodePlan(most(lambda k: size(k, 0) <= limit, n))
+        return CodePlan(most(lambda k: size(k, 0) <= limit, n - min(SINKS, n)))
     top = max_dropped(n)
     if size(0, top) > limit:
         raise BudgetError(
@@ -427,23 +434,25 @@ def max_dropped(n: int) -> int:
 
 
 def code_tiers(n: int, scores: torch.Tensor | None, plan: CodePlan) -> torch.Tensor:
-    """Per-token tiers of a payload under `plan`: all FP16 (`plan.int8` None), else the
-    `plan.int8` most important tokens at INT8 (by `scores` [n], higher = more important, the
-    first SINKS and the last token first; without scores the first ones), the `plan.dropped`
-    least important dropped (needs scores), the rest at INT4."""
+    """Per-token tiers of a payload under `plan` (see `CodePlan`): all FP16 (`plan.int8` None),
+    else the first SINKS at FP16, the `plan.int8` most important others at INT8 (by `scores`
+    [n], higher = more important, the last token first; without scores the first ones), the
+    `plan.dropped` least important dropped (needs scores), the rest at INT4."""
     if plan.int8 is None:
         return torch.full((n,), int(Tier.FP16), dtype=torch.uint8)
-    if plan.int8 + plan.dropped > n or plan.dropped > max_dropped(n):
+    sinks = min(SINKS, n)
+    if plan.int8 + plan.dropped > n - sinks or plan.dropped > max_dropped(n):
         raise ValueError(f"plan {plan} for {n} tokens")
     t = torch.full((n,), int(Tier.INT4), dtype=torch.uint8)
+    t[:sinks] = int(Tier.FP16)
     if scores is None:
         if plan.dropped:
             raise ValueError("dropping tokens needs their importance scores")
-        t[: plan.int8] = int(Tier.INT8)
+        t[sinks : sinks + plan.int8] = int(Tier.INT8)
         return t
     s = scores.clone().float()
     s[-1] = float("inf")
-    order = rank_order(s, SINKS)
+    order = rank_order(s, sinks)[sinks:]  # the others, most important first
     t[order[: plan.int8]] = int(Tier.INT8)
-    t[order[n - plan.dropped :]] = int(Tier.DROP)
+    t[order[order.numel() - plan.dropped :]] = int(Tier.DROP)
     return t
