@@ -159,7 +159,7 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
         if closer.int8 <= 56:
             assert size(worst(closer)) > budget * raw_bytes, (budget, plan)
     assert any(0 < p.int8 < 60 for p in plans) and any(p.dropped for p in plans), plans
-    assert all(p.dropped == 0 for p in plans if p.int8), plans
+    assert all(p.int8 in (0, 6) for p in plans if p.dropped), plans  # the INT8 floor: 60 / 10
     layers = []
     for code, got in zip(codes, got_codes, strict=True):
         n = pre.layers[code.layer].positions.numel()

@@ -74,7 +74,7 @@ def random_scd_sample(rng: random.Random, quantized: bool | None = None) -> ScdS
     plan = scd_wire.CodePlan(None)
     if quantized:  # INT8/INT4, or INT4 with dropped tokens (a budget below all-INT4)
         drops = rng.randint(0, scd_wire.max_dropped(n)) if rng.random() < 0.5 else 0
-        plan = scd_wire.CodePlan(0 if drops else rng.randint(0, n - min(scd_wire.SINKS, n)), drops)
+        plan = scd_wire.CodePlan(rng.randint(0, n - min(scd_wire.SINKS, n) - drops), drops)
     tiers = scd_wire.code_tiers(n, torch.rand(n, generator=g), plan)
     chunks = [scd_wire.header_bytes(header)]
     starts = []
