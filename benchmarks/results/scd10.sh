@@ -5,6 +5,9 @@
 # CHUNKS chunks; default 0 = none), then `scd eval` on 8 held-out wiki-es chunks with every
 # baseline, raw-spectrum and scd-q at 0.5, 0.3 and 0.25 of the bytes. Artifacts and logs outside the repo.
 #   bash benchmarks/results/scd10.sh
+# -> scd10-eval.json and plots. scd10-g16-eval.json, scd10-g64-int4sinks-eval.json and
+# scd10-sinks-eval.json are the same command at earlier commits (code group 16; group 64; FP16
+# sinks), kept for RESULTS.md's table of what each change did.
 cd /work/main
 set -ex
 A=smollm2-135m; B=smollm2-135m-wiki; T=wiki-es; R=benchmarks/results; NAME=scd10
