@@ -14,6 +14,8 @@ from spectrumkv.engines.hf import load, prefill
 from spectrumkv.errors import BudgetError, ConfigError
 from spectrumkv.paged.errors import PagedInputError
 from spectrumkv.pd.sampling import SamplingParams
+from spectrumkv.policy import raw_kv_bytes
+from spectrumkv.scd import budget as scd_budget
 from spectrumkv.scd import droidspeak, rope
 from spectrumkv.scd import wire as scd_wire
 from spectrumkv.scd.calibrate import CalibConfig, calibrate
@@ -126,11 +128,11 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     _, got_codes = scd_wire.decode(payload, layout)
     # a code budget bounds the whole payload, with B's raw bytes counting the rows each layer
     # caches: all 60 in layer 1, the window's 23 in layers 0 and 2
-    raw_bytes = scd_wire.raw_kv_bytes(layout.consumer, 60)
+    raw_bytes = raw_kv_bytes(layout.consumer, 60)
     assert raw_bytes == (60 + 2 * 23) * 2 * 2 * 16 * 2
     head = len(scd_wire.header_bytes(header))
     with pytest.raises(BudgetError, match="all-INT4 with 55 of 60 tokens dropped"):
-        scd_wire.code_plan(layout, 60, 0.02, head)
+        scd_budget.code_plan(layout, 60, 0.02, head)
 
     def size(t):
         return len(scd_wire.header_bytes(header)) + sum(
@@ -146,9 +148,9 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
 
     plans = []
     for budget in (0.1, 0.3, 0.4, 0.5, 0.7):
-        plan = scd_wire.code_plan(layout, 60, budget, head)
+        plan = scd_budget.code_plan(layout, 60, budget, head)
         plans.append(plan)
-        t = scd_wire.code_tiers(60, torch.rand(60), plan)
+        t = scd_budget.code_tiers(60, torch.rand(60), plan)
         assert int((t == int(Tier.DROP)).sum()) == plan.dropped
         assert int((t == int(Tier.INT8)).sum()) == plan.int8
         assert (t[:4] == int(Tier.FP16)).all() and t[-1] != int(Tier.DROP)

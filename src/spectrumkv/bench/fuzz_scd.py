@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..scd import budget as scd_budget
 from ..scd import wire as scd_wire
 from ..scd.codes import LayerCode
 from ..wire import KIND_SCD, Fingerprint
@@ -71,11 +72,11 @@ def random_scd_sample(rng: random.Random, quantized: bool | None = None) -> ScdS
         codes.append(LayerCode(i, pos, h=parts[0]) if len(w) == 1 else LayerCode(i, pos, *parts))
     if quantized is None:
         quantized = rng.random() < 0.5
-    plan = scd_wire.CodePlan(None)
+    plan = scd_budget.CodePlan(None)
     if quantized:  # INT8/INT4, or INT4 with dropped tokens (a budget below all-INT4)
-        drops = rng.randint(0, scd_wire.max_dropped(n)) if rng.random() < 0.5 else 0
-        plan = scd_wire.CodePlan(rng.randint(0, n - min(scd_wire.SINKS, n) - drops), drops)
-    tiers = scd_wire.code_tiers(n, torch.rand(n, generator=g), plan)
+        drops = rng.randint(0, scd_budget.max_dropped(n)) if rng.random() < 0.5 else 0
+        plan = scd_budget.CodePlan(rng.randint(0, n - min(scd_budget.SINKS, n) - drops), drops)
+    tiers = scd_budget.code_tiers(n, torch.rand(n, generator=g), plan)
     chunks = [scd_wire.header_bytes(header)]
     starts = []
     for c in codes:

@@ -122,7 +122,7 @@ def reconstruct(
 
 def quantize_codes(codes: list[LayerCode], tiers: torch.Tensor) -> list[LayerCode]:
     """The plain reference of codes on the SCD wire: `tiers` [n] (uint8 Tier codes, one per
-    prompt position, as `wire.code_tiers` makes) passed through the project's asym-group
+    prompt position, as `budget.code_tiers` makes) passed through the project's asym-group
     quantizer (groups of CODE_GROUP along the code dimension, FP16 scale + minimum per group),
     DROP rows left out (a layer holding fewer tokens, a sliding window, takes the tiers of its
     positions). Returns dequantized float32 codes whose `nbytes` counts codes and parameters."""

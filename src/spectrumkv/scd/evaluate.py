@@ -25,11 +25,12 @@ from ..payload import decode_payload
 from ..pipeline import encode, plan_transfer
 from . import droidspeak, rope
 from .artifact import Artifact, check_models
+from .budget import code_plan, code_tiers
 from .capture import Captured, capture, check_pair
 from .codes import encode_layer, reconstruct_layer
 from .metrics import Scored, agreement, kl, score
 from .splits import split_text
-from .wire import Layout, ScdHeader, code_plan, code_tiers, decode, frame_bytes, header_bytes
+from .wire import Layout, ScdHeader, decode, frame_bytes, header_bytes
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,7 @@ def methods(
 
         return run
 
-    def codes(artifact: Artifact, src: str, quant: float | None = None):
-        layout = Layout.of(artifact)
-
+    def codes(artifact: Artifact, layout: Layout, src: str, quant: float | None = None):
         def run(c: Chunk) -> Built:  # through the SCD wire: the bytes B would receive
             cap = c.a if src == "a" else c.b
             eng = a if src == "a" else b
@@ -149,17 +148,20 @@ def methods(
         return layers, sent + 2 * c.hidden.numel(), secs
 
     reuse_only = Artifact(_no_patches(art), art.tensors)
+    lay = Layout.of(art)  # Layout.of digests every tensor: once per artifact
     out = {"oracle": oracle, "raw": raw}
     out |= {f"raw-spectrum-b{b_:g}": spectrum(b_) for b_ in cfg.budgets}
-    out |= {"reuse-only": codes(reuse_only, "a"), "droidspeak": droid, "scd": codes(art, "a")}
+    out |= {"reuse-only": codes(reuse_only, Layout.of(reuse_only), "a"), "droidspeak": droid,
+            "scd": codes(art, lay, "a")}  # fmt: skip
     # quantized codes at each budget they can meet (else that point is left out)
     n = cfg.context - cfg.continuation - 1  # a chunk's prefix
-    feasible = [q for q in cfg.quant_budgets if _fits(art, n, q)]
-    out |= {f"scd-q{q:g}": codes(art, "a", q) for q in feasible}
+    feasible = [q for q in cfg.quant_budgets if _fits(lay, n, q)]
+    out |= {f"scd-q{q:g}": codes(art, lay, "a", q) for q in feasible}
     if control is not None:
-        out["control-same-model"] = codes(control, "b")
-        if feasible and _fits(control, n, feasible[-1]):
-            out[f"control-same-model-q{feasible[-1]:g}"] = codes(control, "b", feasible[-1])
+        ctl = Layout.of(control)
+        out["control-same-model"] = codes(control, ctl, "b")
+        if feasible and _fits(ctl, n, feasible[-1]):
+            out[f"control-same-model-q{feasible[-1]:g}"] = codes(control, ctl, "b", feasible[-1])
     return out
 
 
@@ -173,9 +175,8 @@ def _header(layout: Layout, n_tokens: int) -> ScdHeader:
     return ScdHeader(layout.producer, layout.consumer, layout.artifact, n_tokens)
 
 
-def _fits(art: Artifact, n_tokens: int, budget: float) -> bool:
+def _fits(layout: Layout, n_tokens: int, budget: float) -> bool:
     """Whether codes of a prompt of n_tokens can meet `budget` on the SCD wire."""
-    layout = Layout.of(art)
     try:
         code_plan(layout, n_tokens, budget, len(header_bytes(_header(layout, n_tokens))))
     except BudgetError:
@@ -185,14 +186,14 @@ def _fits(art: Artifact, n_tokens: int, budget: float) -> bool:
 
 def _payload(layout: Layout, codes: list, pre: Prefilled, budget: float | None) -> bytes:
     """The SCD payload of `codes`: FP16 (`budget` None), else quantized as the prefill worker
-    does (`wire.code_plan`: the most INT8 tokens by the project's importance scores, or the
+    does (`budget.code_plan`: the most INT8 tokens by the project's importance scores, or the
     fewest dropped, that fit `budget` x B's raw FP16 KV bytes, every byte counted)."""
     n = pre.n_tokens
     header = _header(layout, n)
     head = header_bytes(header)
     plan = code_plan(layout, n, budget, len(head))
     scores = None
-    if plan.int8 is not None:
+    if plan.needs_scores(n):
         scores, _ = score_tokens(ScoreConfig(), n, pre.layers, pre.window)
     tiers = code_tiers(n, scores, plan)
     return head + b"".join(frame_bytes(c, tiers, header, layout) for c in codes)

@@ -19,7 +19,7 @@ class ScdRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Prefill `token_ids` on A and stream SCD codes for `consumer` made with the artifact of
     digest `artifact`. `code_budget`: None = FP16 codes; else codes quantized (INT8 for the
     most important tokens, INT4 for the rest, scored on the first `score_layers` layers; below
-    all-INT4 the least important dropped, `wire.code_plan`) so that the payload, every byte
+    all-INT4 the least important dropped, `budget.code_plan`) so that the payload, every byte
     counted, is at most this fraction of B's raw FP16 KV bytes.
     Link emulation and `overlap` as in `pd.protocol.TransferOptions`."""
 

@@ -4,7 +4,7 @@ arrives and rebuilds that layer of B's cache at once (`codes.reconstruct_layer`,
 thread, overlapping the transfer), then generates from it. On the batch engine each rebuilt layer
 goes straight into the request's pages (reserved before the request is sent: `BatchEngine.stage`),
 so the whole rebuilt cache never exists outside them; any failure aborts the staged pages. Codes
-under a budget that drops tokens (`wire.may_drop`) are rebuilt into a list of layers holding the
+under a budget that drops tokens (`budget.may_drop`) are rebuilt into a list of layers holding the
 kept positions, which the engine takes as it takes a received KV payload.
 
 Methods (the request's `spectrumkv.method`; default `scd` on such a worker): `scd` (codes, FP16
@@ -34,9 +34,10 @@ from ..serve.staged import StagedPrompt
 from ..transport.framing import Kind
 from ..wire import tokens_digest
 from .artifact import Artifact, ArtifactMismatchError, load
+from .budget import may_drop
 from .codes import reconstruct_layer
 from .protocol import ScdRequest
-from .wire import Layout, ScdDecoder, may_drop
+from .wire import Layout, ScdDecoder
 
 METHODS = ("kv", "scd", "raw", "recompute")
 _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -20,22 +20,16 @@ from ..config import ScoreConfig
 from ..engines.hf import Engine
 from ..importance import score_tokens, scoring_layers
 from ..pd.protocol import PrefillDone, encode
+from ..policy import raw_kv_bytes
 from ..transport.framing import Kind
 from ..transport.shaper import LinkShaper
 from ..wire import new_payload_id, tokens_digest
 from .artifact import Artifact, ArtifactError, ArtifactMismatchError, digest, load
+from .budget import code_plan, code_tiers
 from .capture import capture
 from .codes import LayerCode, encode_layer
 from .protocol import ScdRequest, decode_request
-from .wire import (
-    Layout,
-    ScdHeader,
-    code_plan,
-    code_tiers,
-    frame_bytes,
-    header_bytes,
-    raw_kv_bytes,
-)
+from .wire import Layout, ScdHeader, frame_bytes, header_bytes
 
 log = logging.getLogger("spectrumkv.prefill")
 
@@ -93,7 +87,7 @@ class ScdStreamer:
         head = header_bytes(self.header)
         self.raw_bytes = raw_kv_bytes(art.manifest.consumer, n)
         self.plan = code_plan(layout, n, req.code_budget, len(head))
-        plan_now = self.plan.int8 in (None, 0, n) and not self.plan.dropped
+        plan_now = not self.plan.needs_scores(n)
         n_layers = len(layout.widths)
         whole = [layout.first(i, n) == 0 for i in range(n_layers)]
         self.k = 0 if plan_now else max(scoring_layers(whole, req.score_layers)) + 1

@@ -32,15 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
 
 import msgspec
 import torch
 
 from ..config import QuantConfig
-from ..errors import BudgetError, ChecksumError, IncompatiblePayloadError, WireFormatError
+from ..errors import ChecksumError, IncompatiblePayloadError, WireFormatError
 from ..kv import first_slot
-from ..policy import rank_order, raw_kv_bytes
 from ..quant import Quantized, dequantize, quantize, section_bytes
 from ..reference_codec import pack_tier_map, unpack_tier_map
 from ..tiers import STORED_TIERS, TIER_BITS, Tier, as_tier_codes
@@ -61,13 +59,6 @@ from .artifact import Artifact, digest
 from .codes import CODE_GROUP, LayerCode
 
 FRAME_MAGIC = b"SC"
-#: Quantized codes keep the first SINKS tokens (attention sinks) at FP16 and never drop them
-#: or the last token.
-SINKS = 4
-#: Below the budget of all codes kept, 1 / INT8_SHARE of the tokens (the most important) stay at
-#: INT8 and more are dropped: measured at 0.25 of the bytes (`scd10` in RESULTS.md), 10 % at INT8
-#: with 21 % dropped gave KL 0.038 against 0.044 for all-INT4 with 12 % dropped.
-INT8_SHARE = 10
 PATH_REUSE, PATH_PATCH = 0, 1
 _QUANT = QuantConfig(group_size=CODE_GROUP, rotate=False)
 
@@ -126,7 +117,7 @@ class Layout:
     def max_frame_bytes(self, layer: int, n_tokens: int) -> int:
         """The largest valid frame of `layer` for n_tokens (every row at FP16)."""
         rows = n_tokens - self.first(layer, n_tokens)
-        return _frame_size(rows, {Tier.FP16: rows}, self.widths[layer])
+        return frame_size(rows, {Tier.FP16: rows}, self.widths[layer])
 
     def max_message_bytes(self, n_tokens: int) -> int:
         """The largest valid header or frame of a payload of n_tokens: a receiver's cap on
@@ -156,7 +147,9 @@ def _section_bytes(tier: Tier, m: int, width: int) -> int:
     return section_bytes(tier, m, 1, width, _QUANT) // 2
 
 
-def _frame_size(n: int, counts: dict[Tier, int], widths: tuple[int, ...]) -> int:
+def frame_size(n: int, counts: dict[Tier, int], widths: tuple[int, ...]) -> int:
+    """Wire bytes of a frame of n rows (its tier map covers all n) whose stored rows are
+    `counts` per tier (DROP rows take no code bytes), for a layer of code `widths`."""
     body = (n + 1) // 2 + sum(_section_bytes(t, m, r) for t, m in counts.items() for r in widths)
     return FRAME_HEAD.size + body + CHECKSUM.size
 
@@ -203,7 +196,7 @@ def frame_bytes(code: LayerCode, tiers: torch.Tensor, header: ScdHeader, layout:
                     q.minimum.numpy().tobytes()]  # fmt: skip
     body = b"".join(out)
     head = FRAME_HEAD.pack(FRAME_MAGIC, layer, layout.path(layer), n, len(body))
-    if FRAME_HEAD.size + len(body) + CHECKSUM.size != _frame_size(n, counts, widths):
+    if FRAME_HEAD.size + len(body) + CHECKSUM.size != frame_size(n, counts, widths):
         raise RuntimeError("SCD frame size does not match its layout")  # a bug, not bad input
     frame = head + body
     return frame + CHECKSUM.pack(frame_checksum(frame, frame_seed(header)))
@@ -276,7 +269,7 @@ def read_frame(
         raise WireFormatError(f"SCD frame {layer} drops every token")
     tiers = tiers[kept]  # the kept rows, in position order
     counts = {t: int((tiers == int(t)).sum()) for t in STORED_TIERS}
-    if _frame_size(n, counts, widths) != FRAME_HEAD.size + body_len + CHECKSUM.size:
+    if frame_size(n, counts, widths) != FRAME_HEAD.size + body_len + CHECKSUM.size:
         raise WireFormatError(f"SCD frame {layer} body length {body_len} does not match its "
                               "tier map")  # fmt: skip
     body = bytearray(mv[start + map_len : end])  # torch.frombuffer needs a writable buffer
@@ -364,103 +357,3 @@ def decode(buf: bytes | memoryview, layout: Layout) -> tuple[ScdHeader, list[Lay
     if offset != len(buf):
         raise WireFormatError(f"{len(buf) - offset} unexpected bytes after the last SCD frame")
     return dec.finish()
-
-
-class CodePlan(NamedTuple):
-    """How a payload's codes are quantized: the first SINKS tokens at FP16 (attention sinks:
-    the most attended, and the worst hurt by INT4), of the others the `int8` most important at
-    INT8, the `dropped` least important not sent, the rest at INT4 (drops only when all-INT4
-    codes do not fit the budget). `int8` None: every token at FP16."""
-
-    int8: int | None
-    dropped: int = 0
-
-
-def code_plan(layout: Layout, n: int, budget: float | None, header_len: int) -> CodePlan:
-    """The plan under which the whole payload (header, frame heads, tier maps, codes and
-    quantization parameters) takes at most `budget` x the consumer's raw FP16 KV bytes
-    (`raw_kv_bytes`), the first SINKS tokens at FP16: the most INT8 tokens that fit with every
-    token kept, or if not even 1 / INT8_SHARE of them at INT8 fits, that many at INT8 (else
-    none) and the fewest dropped tokens. A bound whichever tokens are picked:
-    with sliding-window layers it counts every INT8 token inside each window and as many
-    dropped ones outside it as fit (the most bytes they can take). None: FP16 codes.
-    BudgetError when dropping every token but the protected ones (`SINKS` and the last) does
-    not fit either."""
-    if budget is None:
-        return CodePlan(None)
-    limit = budget * raw_kv_bytes(layout.consumer, n)
-    rows = [n - layout.first(i, n) for i in range(len(layout.widths))]
-
-    def size(int8: int, dropped: int) -> int:
-        total = header_len
-        for r, w in zip(rows, layout.widths, strict=True):
-            # sinks at FP16 where the layer holds them; INT8 inside the window; drops land
-            # outside it first (not on the sinks there; never the last token)
-            sinks = max(0, min(SINKS, n) - (n - r))
-            hi, gone = min(int8, r - sinks), max(0, dropped - max(0, n - r - SINKS))
-            counts = {Tier.FP16: sinks, Tier.INT8: hi, Tier.INT4: max(0, r - sinks - hi - gone)}
-            total += _frame_size(r, counts, w)
-        return total
-
-    def most(fits, hi: int) -> int:  # the largest k in [0, hi] with fits(k); fits(0) holds
-        lo = 0
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        return lo
-
-    others = n - min(SINKS, n)
-    floor = min(others, -(-n // INT8_SHARE))
-    if size(floor, 0) <= limit:  # size grows with int8: the most INT8 tokens within the limit
-        return CodePlan(most(lambda k: size(k, 0) <= limit, others))
-    for int8 in (floor, 0):  # the INT8 floor and the fewest drops, else all-INT4 and drops
-        top = min(max_dropped(n), others - int8)
-        if size(int8, top) <= limit:
-            return CodePlan(int8, top - most(lambda k, i=int8, t=top: size(i, t - k) <= limit, top))
-    raise BudgetError(
-        f"SCD codes at all-INT4 with {top} of {n} tokens dropped take "
-        f"{size(0, top) / raw_kv_bytes(layout.consumer, n):.3f} of raw FP16 KV bytes with "
-        f"every byte on the wire counted; budget {budget} is below that"
-    )
-
-
-def may_drop(layout: Layout, n: int, budget: float | None) -> bool:
-    """Whether a payload of n tokens at `budget` may drop tokens, whatever its header's ids
-    (counted at their longest): a receiver that needs every position (pages staged for all n)
-    asks before it sends the request."""
-    longest = ScdHeader(layout.producer, layout.consumer, layout.artifact, n,
-                        payload_id=(1 << 63) - 1, tokens_digest=(1 << 64) - 1)  # fmt: skip
-    try:
-        return code_plan(layout, n, budget, len(header_bytes(longest))).dropped > 0
-    except BudgetError:
-        return True
-
-
-def max_dropped(n: int) -> int:
-    """How many of n tokens may be dropped: all but the first SINKS and the last."""
-    return max(0, n - min(n, SINKS + 1))
-
-
-def code_tiers(n: int, scores: torch.Tensor | None, plan: CodePlan) -> torch.Tensor:
-    """Per-token tiers of a payload under `plan` (see `CodePlan`): all FP16 (`plan.int8` None),
-    else the first SINKS at FP16, the `plan.int8` most important others at INT8 (by `scores`
-    [n], higher = more important, the last token first; without scores the first ones), the
-    `plan.dropped` least important dropped (needs scores), the rest at INT4."""
-    if plan.int8 is None:
-        return torch.full((n,), int(Tier.FP16), dtype=torch.uint8)
-    sinks = min(SINKS, n)
-    if plan.int8 + plan.dropped > n - sinks or plan.dropped > max_dropped(n):
-        raise ValueError(f"plan {plan} for {n} tokens")
-    t = torch.full((n,), int(Tier.INT4), dtype=torch.uint8)
-    t[:sinks] = int(Tier.FP16)
-    if scores is None:
-        if plan.dropped:
-            raise ValueError("dropping tokens needs their importance scores")
-        t[sinks : sinks + plan.int8] = int(Tier.INT8)
-        return t
-    s = scores.clone().float()
-    s[-1] = float("inf")
-    order = rank_order(s, sinks)[sinks:]  # the others, most important first
-    t[order[: plan.int8]] = int(Tier.INT8)
-    t[order[order.numel() - plan.dropped :]] = int(Tier.DROP)
-    return t
