@@ -39,12 +39,14 @@ def paired(a, b, split: str) -> list[dict[str, torch.Tensor]]:
     for ids in corpus_chunks(a, text, PROMPT_TOKENS, PROMPTS[split]):
         ca = capture(a, ids, input_layers=range(n_layers))
         cb = capture(b, ids)
+        # the last `rows` tokens: every layer caches them, sliding-window layers included
+        rows = min(kv.keys.shape[-2] for kv in ca.pre.layers)
         for i in range(n_layers):
-            per[i]["ka"].append(derotate(a, i, ca.pre.layers[i]))
-            per[i]["va"].append(flat(ca.pre.layers[i].values))
-            per[i]["xa"].append(ca.inputs[i])
-            per[i]["kb"].append(derotate(b, i, cb.pre.layers[i]))
-            per[i]["vb"].append(flat(cb.pre.layers[i].values))
+            per[i]["ka"].append(derotate(a, i, ca.pre.layers[i])[-rows:])
+            per[i]["va"].append(flat(ca.pre.layers[i].values)[-rows:])
+            per[i]["xa"].append(ca.inputs[i][-rows:])
+            per[i]["kb"].append(derotate(b, i, cb.pre.layers[i])[-rows:])
+            per[i]["vb"].append(flat(cb.pre.layers[i].values)[-rows:])
     return [{k: torch.cat(v).double() for k, v in layer.items()} for layer in per]
 
 
