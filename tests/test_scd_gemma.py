@@ -162,6 +162,19 @@ def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
             assert size(worst(closer)) > budget * raw_bytes, (budget, plan)
     assert any(0 < p.int8 < 60 for p in plans) and any(p.dropped for p in plans), plans
     assert all(p.int8 in (0, 6) for p in plans if p.dropped), plans  # the INT8 floor: 60 / 10
+    # placed once the scores are known: as few drops as fit this placement, counted exactly
+    fewer = 0
+    for budget, plan in zip((0.1, 0.3, 0.4, 0.5, 0.7), plans, strict=True):
+        scores = torch.rand(60, generator=torch.Generator().manual_seed(7))
+        t = scd_budget.placed_tiers(layout, 60, budget, head, scores, plan)
+        assert scd_budget.payload_size(layout, t, head) == size(t) <= budget * raw_bytes
+        dropped = int((t == int(Tier.DROP)).sum())
+        assert dropped <= plan.dropped and int((t == int(Tier.INT8)).sum()) == plan.int8
+        if dropped:  # minimal: one drop fewer (the most important of them sent) exceeds it
+            back = scd_budget.code_tiers(60, scores, plan._replace(dropped=dropped - 1))
+            assert size(back) > budget * raw_bytes, (budget, plan, dropped)
+        fewer += dropped < plan.dropped
+    assert fewer, "no placement dropped fewer tokens than the worst-case plan"
     layers = []
     for code, got in zip(codes, got_codes, strict=True):
         n = pre.layers[code.layer].positions.numel()

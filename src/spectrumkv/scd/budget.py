@@ -87,6 +87,42 @@ def code_plan(layout: Layout, n: int, budget: float | None, header_len: int) -> 
     )
 
 
+def payload_size(layout: Layout, tiers: torch.Tensor, header_len: int) -> int:
+    """Exact wire bytes of a payload whose codes go at `tiers` ([n] uint8 Tier codes, one per
+    prompt position): each layer's frame counts the tiers of the rows it caches."""
+    n = tiers.numel()
+    total = header_len
+    for i, widths in enumerate(layout.widths):
+        per = torch.bincount(tiers[layout.first(i, n) :].long(), minlength=len(Tier)).tolist()
+        counts = {t: per[t] for t in Tier if t != Tier.DROP and per[t]}
+        total += frame_size(n - layout.first(i, n), counts, widths)
+    return total
+
+
+def placed_tiers(
+    layout: Layout, n: int, budget: float, header_len: int, scores: torch.Tensor, plan: CodePlan
+) -> torch.Tensor:
+    """`code_tiers` of a dropping `plan` with as few tokens dropped as fit `budget` for the
+    placement `scores` give, counted exactly (`payload_size`). With sliding-window layers,
+    `code_plan` bounds the worst placement (drops outside every window save nothing there);
+    once the scores are known the real payload is often smaller, so the least important of
+    the planned drops are sent at INT4 again while the payload still fits. Never more bytes
+    than the plan's bound, never more drops than `plan.dropped`."""
+    limit = budget * raw_kv_bytes(layout.consumer, n)
+
+    def tiers(dropped: int) -> torch.Tensor:
+        return code_tiers(n, scores, plan._replace(dropped=dropped))
+
+    def fits(dropped: int) -> bool:
+        return payload_size(layout, tiers(dropped), header_len) <= limit
+
+    lo, hi = 0, plan.dropped  # the fewest drops that fit: the size falls as drops rise
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return tiers(lo)
+
+
 def may_drop(layout: Layout, n: int, budget: float | None) -> bool:
     """Whether a payload of n tokens at `budget` may drop tokens, whatever its header's ids
     (counted at their longest): a receiver that needs every position (pages staged for all n)

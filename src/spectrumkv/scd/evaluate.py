@@ -25,7 +25,7 @@ from ..payload import decode_payload
 from ..pipeline import encode, plan_transfer
 from . import droidspeak, rope
 from .artifact import Artifact, check_models
-from .budget import code_plan, code_tiers
+from .budget import code_plan, code_tiers, placed_tiers
 from .capture import Captured, capture, check_pair
 from .codes import encode_layer, reconstruct_layer
 from .metrics import Scored, agreement, kl, score
@@ -187,15 +187,17 @@ def _fits(layout: Layout, n_tokens: int, budget: float) -> bool:
 def _payload(layout: Layout, codes: list, pre: Prefilled, budget: float | None) -> bytes:
     """The SCD payload of `codes`: FP16 (`budget` None), else quantized as the prefill worker
     does (`budget.code_plan`: the most INT8 tokens by the project's importance scores, or the
-    fewest dropped, that fit `budget` x B's raw FP16 KV bytes, every byte counted)."""
+    fewest dropped, that fit `budget` x B's raw FP16 KV bytes, every byte counted; the drops
+    then fitted to the tokens' placement, `budget.placed_tiers`)."""
     n = pre.n_tokens
     header = _header(layout, n)
     head = header_bytes(header)
     plan = code_plan(layout, n, budget, len(head))
-    scores = None
     if plan.needs_scores(n):
         scores, _ = score_tokens(ScoreConfig(), n, pre.layers, pre.window)
-    tiers = code_tiers(n, scores, plan)
+        tiers = placed_tiers(layout, n, budget, len(head), scores, plan)
+    else:
+        tiers = code_tiers(n, None, plan)
     return head + b"".join(frame_bytes(c, tiers, header, layout) for c in codes)
 
 

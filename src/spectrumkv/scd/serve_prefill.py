@@ -25,7 +25,7 @@ from ..transport.framing import Kind
 from ..transport.shaper import LinkShaper
 from ..wire import new_payload_id, tokens_digest
 from .artifact import Artifact, ArtifactError, ArtifactMismatchError, digest, load
-from .budget import code_plan, code_tiers
+from .budget import code_plan, code_tiers, placed_tiers
 from .capture import capture
 from .codes import LayerCode, encode_layer
 from .protocol import ScdRequest, decode_request
@@ -86,6 +86,7 @@ class ScdStreamer:
         )  # fmt: skip
         head = header_bytes(self.header)
         self.raw_bytes = raw_kv_bytes(art.manifest.consumer, n)
+        self.budget, self.head_len = req.code_budget, len(head)
         self.plan = code_plan(layout, n, req.code_budget, len(head))
         plan_now = not self.plan.needs_scores(n)
         n_layers = len(layout.widths)
@@ -108,7 +109,9 @@ class ScdStreamer:
                 self.encode_s += time.perf_counter() - t0
                 return
             scores, _ = score_tokens(self.scoring, self.n, self.kv, self.window)
-            self.tiers = code_tiers(self.n, scores, self.plan)
+            self.tiers = placed_tiers(
+                self.layout, self.n, self.budget, self.head_len, scores, self.plan
+            )
             self.kv, self.window = [], []
         self.encode_s += time.perf_counter() - t0
         ready, self.held = self.held, []
