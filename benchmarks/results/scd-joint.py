@@ -24,6 +24,7 @@ import torch
 from spectrumkv.engines.hf import load
 from spectrumkv.eval.ppl import corpus_chunks
 from spectrumkv.scd.capture import capture, derotate, flat
+from spectrumkv.scd.fit import fit_low_rank
 from spectrumkv.scd.splits import split_text
 
 PROMPT_TOKENS = 512
@@ -50,14 +51,10 @@ def paired(a, b, split: str) -> list[dict[str, torch.Tensor]]:
     return [{k: torch.cat(v).double() for k, v in layer.items()} for layer in per]
 
 
-def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-4):
-    """The ridge map x -> y (lam relative to the mean eigenvalue of x's covariance)."""
-    mx, my = x.mean(0), y.mean(0)
-    xc = x - mx
-    g = xc.T @ xc
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
-    w = torch.linalg.solve(g + lam * float(g.diagonal().mean()) * eye, xc.T @ (y - my))
-    return lambda z: (z - mx) @ w + my
+def ridge(x: torch.Tensor, y: torch.Tensor):
+    """The full-rank ridge map x -> y as `scd calibrate` fits it (`fit.fit_low_rank`)."""
+    w, bias = fit_low_rank(x, y).full_map()
+    return lambda z: z @ w + bias
 
 
 def residual_mlp(x: torch.Tensor, y: torch.Tensor, base, width: int = 256, steps: int = 1500):

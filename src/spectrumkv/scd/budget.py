@@ -93,9 +93,10 @@ def payload_size(layout: Layout, tiers: torch.Tensor, header_len: int) -> int:
     n = tiers.numel()
     total = header_len
     for i, widths in enumerate(layout.widths):
-        per = torch.bincount(tiers[layout.first(i, n) :].long(), minlength=len(Tier)).tolist()
+        first = layout.first(i, n)
+        per = torch.bincount(tiers[first:].long(), minlength=len(Tier)).tolist()
         counts = {t: per[t] for t in Tier if t != Tier.DROP and per[t]}
-        total += frame_size(n - layout.first(i, n), counts, widths)
+        total += frame_size(n - first, counts, widths)
     return total
 
 
@@ -107,7 +108,10 @@ def placed_tiers(
     `code_plan` bounds the worst placement (drops outside every window save nothing there);
     once the scores are known the real payload is often smaller, so the least important of
     the planned drops are sent at INT4 again while the payload still fits. Never more bytes
-    than the plan's bound, never more drops than `plan.dropped`."""
+    than the plan's bound, never more drops than `plan.dropped`. Without sliding-window layers
+    the bound is exact, so the plan's tiers are returned without a search."""
+    if not plan.dropped or all(layout.first(i, n) == 0 for i in range(len(layout.widths))):
+        return code_tiers(n, scores, plan)
     limit = budget * raw_kv_bytes(layout.consumer, n)
 
     def tiers(dropped: int) -> torch.Tensor:
