@@ -292,11 +292,15 @@ def test_report_renders_scd_eval(tmp_path):
         for m, br, d, k in (("oracle", 1.0, 0.0, 0.0), ("raw", 1.0, 8.0, 0.2),
                             ("scd", 0.5, 1.5, 0.04))
     ]  # fmt: skip
+    recs[2] |= {"delta_ratio": 0.1875, "delta_ratio_ci95": [0.05, 0.4], "kl_ratio": 0.2,
+                "kl_ratio_ci95": [0.1, float("inf")]}  # fmt: skip
     result = {"records": recs, "layer_errors": {"raw": [[0.1, 0.2]] * 3, "scd": [[0.01, 0.05]] * 3},
               "manifest": {"patch_layers": [1], "kl_dev": 0.03, "eps": 0.02}}  # fmt: skip
     (tmp_path / "scd.json").write_text(json.dumps(result))
     md = write_report([str(tmp_path / "scd.json")], str(tmp_path / "out")).read_text()
-    assert "| scd | 0.500 | +1.50 %" in md and "patch layers [1]" in md
+    assert "| scd | 0.500 | +1.50 % (sd 1.00) | 0.19 [0.05, 0.40] |" in md
+    assert "| 0.0400 (sd 0.0100) | 0.20 [0.10, inf] |" in md and "patch layers [1]" in md
+    assert "| raw | 1.000 | +8.00 % (sd 1.00) | - |" in md  # written before the ratios
     for png in ("scd-pareto.png", "scd-layers.png"):
         assert f"({png})" in md and (tmp_path / "out" / png).stat().st_size > 1000
 
@@ -371,3 +375,34 @@ def test_scd_eval_runs_every_method_within_its_byte_budget(pair, corpus):
     assert "scd-q0.01" not in recs  # less than the sinks' and the last token's codes take
     assert {"reuse-only", "droidspeak", "scd", "control-same-model"} <= set(recs)
     assert recs["control-same-model-q0.2"]["bytes_ratio"] <= 0.2
+    # fractions of raw reuse's figures, paired over the same chunks
+    assert recs["raw"]["kl_ratio"] == 1.0 and recs["raw"]["kl_ratio_ci95"] == [1.0, 1.0]
+    assert recs["oracle"]["kl_ratio"] == 0.0 and len(recs["scd"]["kl_chunks"]) == 1
+    assert recs["scd"]["kl_ratio"] == pytest.approx(recs["scd"]["kl"] / recs["raw"]["kl"])
+
+
+def test_ratio_to_raw_pairs_chunks_and_pools_like_scd_eval():
+    """ΔPPL / raw's ΔPPL pooled as `scd eval` pools perplexity, with a paired bootstrap interval:
+    exact at the ends (raw itself 1, the oracle 0), the point inside its interval, a pairing that
+    cancels chunk difficulty gives a narrower interval than the same means unpaired, and noise
+    where raw is no worse than the oracle makes the interval unbounded above."""
+    from spectrumkv.scd.metrics import ratio_to_raw
+
+    gen = torch.Generator().manual_seed(3)
+    hard = (torch.randn(12, generator=gen) * 30 + 400).tolist()  # per-chunk oracle NLL (nats)
+    raw = [h + 4 for h in hard]
+    got = [h + 1 + 0.5 * (i % 2) for i, h in enumerate(hard)]
+    tokens = [127] * 12
+    same = ratio_to_raw(raw, raw, hard, tokens)
+    assert (same.value, same.lo, same.hi) == (1.0, 1.0, 1.0)
+    assert ratio_to_raw(hard, raw, hard, tokens).value == 0.0
+    r = ratio_to_raw(got, raw, hard, tokens)
+    assert r.lo <= r.value <= r.hi and 0.25 < r.value < 0.4 and r.hi - r.lo < 0.15
+    shuffled = ratio_to_raw(got, raw[6:] + raw[:6], hard, tokens)  # pairing broken
+    assert shuffled.hi - shuffled.lo > 3 * (r.hi - r.lo)
+    kl = ratio_to_raw([0.02, 0.03, 0.025], [0.05, 0.06, 0.04])
+    assert kl.value == pytest.approx(0.5) and kl.lo <= 0.5 <= kl.hi
+    flat = ratio_to_raw(got, [h + (2 if i % 3 else -3) for i, h in enumerate(hard)], hard, tokens)
+    assert flat.value < float("inf") == flat.hi
+    with pytest.raises(ValueError, match="per chunk"):
+        ratio_to_raw([1.0, 2.0], [1.0], [1.0, 1.0], [5, 5])

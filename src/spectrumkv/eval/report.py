@@ -194,19 +194,30 @@ def scd_section(results: list[dict], out: Path) -> list[str]:
             f"{r0['continuation']} scored; patch layers {m['patch_layers']}, "
             f"KL on dev {m['kl_dev']:.4f} (eps {m['eps']:g})",
             "",
-            "| method | bytes / raw FP16 | Delta-PPL vs oracle | KL (nats/token) "
-            "| greedy exact prefix | token F1 | B rebuild s |",
-            "|---|---|---|---|---|---|---|",
+            "| method | bytes / raw FP16 | Delta-PPL vs oracle | x raw's (95 % CI) "
+            "| KL (nats/token) | x raw's (95 % CI) | greedy exact prefix | token F1 "
+            "| B rebuild s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['method']} | {r['bytes_ratio']:.3f} | {r['delta_pct']:+.2f} % "
-            f"(sd {r['delta_pct_chunk_std']:.2f}) | {r['kl']:.4f} (sd {r['kl_chunk_std']:.4f}) "
+            f"(sd {r['delta_pct_chunk_std']:.2f}) | {vs_raw(r, 'delta')} "
+            f"| {r['kl']:.4f} (sd {r['kl_chunk_std']:.4f}) | {vs_raw(r, 'kl')} "
             f"| {r['exact_prefix']:.1f} | {r['token_f1']:.2f} | {r['rebuild_s']:.3f} |"
             for r in recs
         ]
         pngs = plot_all(res, out / f"scd{n if len(results) > 1 else ''}")
         lines += [""] + [f"![SCD {p.stem}]({p.name})" for p in pngs] + [""]
     return lines
+
+
+def vs_raw(record: dict, figure: str) -> str:
+    """'0.37 [0.12, 0.71]': an `scd eval` record's `delta` or `kl` as a fraction of raw reuse's
+    with its paired bootstrap interval; '-' for records written before `scd eval` kept them."""
+    if f"{figure}_ratio" not in record:
+        return "-"
+    lo, hi = record[f"{figure}_ratio_ci95"]
+    return f"{record[f'{figure}_ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def write_report(paths: list[str], out_dir: str) -> Path:

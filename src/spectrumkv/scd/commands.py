@@ -78,6 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from ..engines.hf import load
+    from ..eval.report import vs_raw
     from .artifact import load as load_artifact
     from .evaluate import EvalConfig, rebuild_timing, run_eval
     from .plots import plot_all
@@ -100,7 +101,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     for r in result["records"]:
         print(
             f"{r['method']:>20} bytes {r['bytes_ratio']:.3f}  dPPL {r['delta_pct']:+7.2f}% "
-            f"(chunk sd {r['delta_pct_chunk_std']:.2f})  KL {r['kl']:.4f}  prefix "
+            f"(chunk sd {r['delta_pct_chunk_std']:.2f}; x raw {vs_raw(r, 'delta')})  "
+            f"KL {r['kl']:.4f} (x raw {vs_raw(r, 'kl')})  prefix "
             f"{r['exact_prefix']:.1f}  F1 {r['token_f1']:.2f}  rebuild {r['rebuild_s']:.3f}s"
         )
     if "timing" in result:

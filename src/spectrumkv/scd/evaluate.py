@@ -28,7 +28,7 @@ from .artifact import Artifact, check_models
 from .budget import code_plan, code_tiers, placed_tiers
 from .capture import Captured, capture, check_pair
 from .codes import encode_layer, reconstruct_layer
-from .metrics import Scored, agreement, kl, score
+from .metrics import Scored, agreement, kl, ratio_to_raw, score
 from .splits import split_text
 from .wire import Layout, ScdHeader, decode, frame_bytes, header_bytes
 
@@ -295,7 +295,8 @@ def run_eval(
             "rebuild_s": statistics.fmean(acc["rebuild"]),
             "oracle_prefill_s": statistics.fmean(acc["prefill"]),
             "chunks": len(chunks), "context": cfg.context, "continuation": cfg.continuation,
-        })  # fmt: skip
+            "nll_chunks": acc["nll"], "tokens_chunks": acc["n"], "kl_chunks": acc["kl"],
+        } | _vs_raw(acc, per["raw"], ora))  # fmt: skip
     return {
         "records": records,
         "layer_errors": errors,
@@ -311,6 +312,15 @@ def run_eval(
             "kl_dev_identity": art.manifest.kl_dev_identity,
         },  # fmt: skip
     }
+
+
+def _vs_raw(acc: dict, raw: dict, oracle: dict) -> dict:
+    """A method's ΔPPL and KL as fractions of raw reuse's on the same chunks, each with a 95 %
+    paired bootstrap interval over chunks (`metrics.ratio_to_raw`)."""
+    d = ratio_to_raw(acc["nll"], raw["nll"], oracle["nll"], oracle["n"])
+    k = ratio_to_raw(acc["kl"], raw["kl"])
+    return {"delta_ratio": d.value, "delta_ratio_ci95": [d.lo, d.hi],
+            "kl_ratio": k.value, "kl_ratio_ci95": [k.lo, k.hi]}  # fmt: skip
 
 
 def pair_check(a: Engine, b: Engine, cfg: EvalConfig) -> dict:

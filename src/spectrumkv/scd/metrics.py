@@ -1,9 +1,11 @@
 """What the PD protocol measures for SCD: B, from some cache of a prefix, fed the last prefix token
 and the continuation; its NLL on the continuation, its token KL against the oracle (B's own
-prefill), and greedy agreement with the oracle's greedy continuation."""
+prefill), greedy agreement with the oracle's greedy continuation, and a method's ΔPPL and KL as
+a fraction of raw reuse's with a paired bootstrap interval over chunks."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,3 +53,49 @@ def agreement(got: list[int], ref: list[int]) -> tuple[int, float]:
         return prefix, 0.0
     p, r = common / len(got), common / len(ref)
     return prefix, 2 * p * r / (p + r)
+
+
+@dataclass
+class Ratio:
+    """A method's figure as a fraction of raw reuse's over the same chunks: the point estimate
+    and a 95 % paired bootstrap interval (the same resampled chunks for both methods)."""
+
+    value: float
+    lo: float
+    hi: float
+
+
+def ratio_to_raw(
+    got: list[float], raw: list[float], oracle: list[float] | None = None,
+    tokens: list[int] | None = None, resamples: int = 4000, seed: int = 0,
+) -> Ratio:  # fmt: skip
+    """Per-chunk figures -> (method - oracle) / (raw - oracle) over the pooled chunks.
+
+    With `oracle` and `tokens` (per-chunk NLL sums in nats, tokens scored per chunk): the ratio
+    of ΔPPL, each perplexity exp(sum NLL / sum tokens) as `scd eval` pools it. Without them,
+    `got` and `raw` are per-chunk mean token KLs (nats) and the ratio is of their chunk means,
+    as `scd eval` reports KL. A resample in which raw's figure is not above the oracle's has no
+    ratio and counts as +inf (against the method): such noise widens the interval, never hides.
+    """
+    c = len(got)
+    if c < 1 or len(raw) != c or (oracle is None) != (tokens is None):
+        raise ValueError("ratio_to_raw needs one figure per chunk and method (NLL with tokens)")
+    if oracle is not None and not len(oracle) == len(tokens) == c:
+        raise ValueError("ratio_to_raw needs one oracle NLL and token count per chunk")
+    g, r = torch.tensor(got, dtype=torch.float64), torch.tensor(raw, dtype=torch.float64)
+
+    def pooled(pick: torch.Tensor) -> torch.Tensor:
+        if oracle is None:
+            num, den = g[pick].mean(-1), r[pick].mean(-1)
+        else:
+            o, n = torch.tensor(oracle, dtype=torch.float64), torch.tensor(tokens).double()
+            tok = n[pick].sum(-1)
+            base = (o[pick].sum(-1) / tok).exp()
+            num = (g[pick].sum(-1) / tok).exp() - base
+            den = (r[pick].sum(-1) / tok).exp() - base
+        return torch.where(den > 0, num / den.clamp_min(1e-300), math.inf)
+
+    gen = torch.Generator().manual_seed(seed)
+    boot = pooled(torch.randint(c, (resamples, c), generator=gen)).sort().values
+    lo, hi = int(0.025 * resamples), math.ceil(0.975 * resamples) - 1
+    return Ratio(float(pooled(torch.arange(c))), float(boot[lo]), float(boot[hi]))
