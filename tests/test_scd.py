@@ -293,7 +293,7 @@ def test_report_renders_scd_eval(tmp_path):
                             ("scd", 0.5, 1.5, 0.04))
     ]  # fmt: skip
     recs[2] |= {"delta_ratio": 0.1875, "delta_ratio_ci95": [0.05, 0.4], "kl_ratio": 0.2,
-                "kl_ratio_ci95": [0.1, float("inf")]}  # fmt: skip
+                "kl_ratio_ci95": [0.1, None]}  # fmt: skip
     result = {"records": recs, "layer_errors": {"raw": [[0.1, 0.2]] * 3, "scd": [[0.01, 0.05]] * 3},
               "manifest": {"patch_layers": [1], "kl_dev": 0.03, "eps": 0.02}}  # fmt: skip
     (tmp_path / "scd.json").write_text(json.dumps(result))
@@ -379,6 +379,7 @@ def test_scd_eval_runs_every_method_within_its_byte_budget(pair, corpus):
     assert recs["raw"]["kl_ratio"] == 1.0 and recs["raw"]["kl_ratio_ci95"] == [1.0, 1.0]
     assert recs["oracle"]["kl_ratio"] == 0.0 and len(recs["scd"]["kl_chunks"]) == 1
     assert recs["scd"]["kl_ratio"] == pytest.approx(recs["scd"]["kl"] / recs["raw"]["kl"])
+    json.dumps(recs, allow_nan=False)  # strict JSON: an unbounded interval is None
 
 
 def test_ratio_to_raw_pairs_chunks_and_pools_like_scd_eval():

@@ -213,11 +213,16 @@ def scd_section(results: list[dict], out: Path) -> list[str]:
 
 def vs_raw(record: dict, figure: str) -> str:
     """'0.37 [0.12, 0.71]': an `scd eval` record's `delta` or `kl` as a fraction of raw reuse's
-    with its paired bootstrap interval; '-' for records written before `scd eval` kept them."""
+    with its paired bootstrap interval ('inf' where the record holds None: unbounded); '-' for
+    records written before `scd eval` kept them."""
     if f"{figure}_ratio" not in record:
         return "-"
+
+    def num(x: float | None) -> str:
+        return "inf" if x is None else f"{x:.2f}"
+
     lo, hi = record[f"{figure}_ratio_ci95"]
-    return f"{record[f'{figure}_ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{num(record[f'{figure}_ratio'])} [{num(lo)}, {num(hi)}]"
 
 
 def write_report(paths: list[str], out_dir: str) -> Path:

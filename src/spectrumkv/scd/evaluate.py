@@ -318,11 +318,19 @@ def run_eval(
 
 def _vs_raw(acc: dict, raw: dict, oracle: dict) -> dict:
     """A method's ΔPPL and KL as fractions of raw reuse's on the same chunks, each with a 95 %
-    paired bootstrap interval over chunks (`metrics.ratio_to_raw`)."""
+    paired bootstrap interval over chunks (`metrics.ratio_to_raw`). An unbounded figure (raw
+    reuse not resolved above the oracle) is None, so the JSON stays strict (no Infinity)."""
     d = ratio_to_raw(acc["nll"], raw["nll"], oracle["nll"], oracle["n"])
     k = ratio_to_raw(acc["kl"], raw["kl"])
-    return {"delta_ratio": d.value, "delta_ratio_ci95": [d.lo, d.hi],
-            "kl_ratio": k.value, "kl_ratio_ci95": [k.lo, k.hi]}  # fmt: skip
+
+    def bounded(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    out = {}
+    for name, r in (("delta", d), ("kl", k)):
+        out[f"{name}_ratio"] = bounded(r.value)
+        out[f"{name}_ratio_ci95"] = [bounded(r.lo), bounded(r.hi)]
+    return out
 
 
 def pair_check(a: Engine, b: Engine, cfg: EvalConfig) -> dict:
