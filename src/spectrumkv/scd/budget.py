@@ -101,15 +101,17 @@ def payload_size(layout: Layout, tiers: torch.Tensor, header_len: int) -> int:
 
 
 def placed_tiers(
-    layout: Layout, n: int, budget: float, header_len: int, scores: torch.Tensor, plan: CodePlan
-) -> torch.Tensor:
+    layout: Layout, n: int, budget: float | None, header_len: int,
+    scores: torch.Tensor | None, plan: CodePlan,
+) -> torch.Tensor:  # fmt: skip
     """`code_tiers` of a dropping `plan` with as few tokens dropped as fit `budget` for the
     placement `scores` give, counted exactly (`payload_size`). With sliding-window layers,
     `code_plan` bounds the worst placement (drops outside every window save nothing there);
     once the scores are known the real payload is often smaller, so the least important of
     the planned drops are sent at INT4 again while the payload still fits. Never more bytes
     than the plan's bound, never more drops than `plan.dropped`. Without sliding-window layers
-    the bound is exact, so the plan's tiers are returned without a search."""
+    the bound is exact, and a plan that drops nothing has nothing to fit: its tiers are
+    returned without a search (`scores` may then be None where `plan.needs_scores(n)` is not)."""
     if not plan.dropped or all(layout.first(i, n) == 0 for i in range(len(layout.widths))):
         return code_tiers(n, scores, plan)
     limit = budget * raw_kv_bytes(layout.consumer, n)

@@ -25,7 +25,7 @@ from ..payload import decode_payload
 from ..pipeline import encode, plan_transfer
 from . import droidspeak, rope
 from .artifact import Artifact, check_models
-from .budget import code_plan, code_tiers, placed_tiers
+from .budget import code_plan, placed_tiers
 from .capture import Captured, capture, check_pair
 from .codes import encode_layer, reconstruct_layer
 from .metrics import Scored, agreement, kl, ratio_to_raw, score
@@ -195,11 +195,10 @@ def _payload(layout: Layout, codes: list, pre: Prefilled, budget: float | None) 
     header = _header(layout, n)
     head = header_bytes(header)
     plan = code_plan(layout, n, budget, len(head))
+    scores = None
     if plan.needs_scores(n):
         scores, _ = score_tokens(ScoreConfig(), n, pre.layers, pre.window)
-        tiers = placed_tiers(layout, n, budget, len(head), scores, plan)
-    else:
-        tiers = code_tiers(n, None, plan)
+    tiers = placed_tiers(layout, n, budget, len(head), scores, plan)
     return head + b"".join(frame_bytes(c, tiers, header, layout) for c in codes)
 
 

@@ -83,12 +83,13 @@ def ratio_to_raw(
     if oracle is not None and not len(oracle) == len(tokens) == c:
         raise ValueError("ratio_to_raw needs one oracle NLL and token count per chunk")
     g, r = torch.tensor(got, dtype=torch.float64), torch.tensor(raw, dtype=torch.float64)
+    if oracle is not None:
+        o, n = torch.tensor(oracle, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
 
     def pooled(pick: torch.Tensor) -> torch.Tensor:
         if oracle is None:
             num, den = g[pick].mean(-1), r[pick].mean(-1)
         else:
-            o, n = torch.tensor(oracle, dtype=torch.float64), torch.tensor(tokens).double()
             tok = n[pick].sum(-1)
             base = (o[pick].sum(-1) / tok).exp()
             num = (g[pick].sum(-1) / tok).exp() - base
