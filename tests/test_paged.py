@@ -138,23 +138,59 @@ def test_merge_is_exact():
 
 
 def test_adaptive_is_batch_invariant():
-    """With batch_invariant (the default) adaptive picks only routes that split a request by its
-    length alone, so a bf16 request's output is the same bits alone or in any batch; without it,
-    a profile that favours `split` picks split, whose cut depends on nothing but differs from
-    workqueue's, and the bits may move."""
+    """With batch_invariant (the default) every kernel route keeps one partial per part_tokens
+    tokens, so a bf16 request's output is the same bits whatever the route (adaptive may pick
+    split) and alone or in any batch; without it, split's ranges differ from workqueue's and so
+    do the bits."""
     lengths = [700, 40, 3000, 129, 1500]
     cache, tables, lens = make_cache(lengths, torch.bfloat16)
     kp, vp = cache.layer(0)
     q = torch.randn(len(lengths), 9, 64)
-    favour_split = dataclasses.replace(SPLITTY, scale_split=0.01, min_split_tokens=1024)
-    free = dataclasses.replace(favour_split, batch_invariant=False)
-    assert run_route(q, kp, vp, tables, lens, "adaptive", profile=free)[1].route == "split"
+    favour_split = dataclasses.replace(SPLITTY, scale_split=0.01, min_split_tokens=1024,
+                                       part_tokens=64)  # fmt: skip
     whole, info = run_route(q, kp, vp, tables, lens, "adaptive", profile=favour_split)
-    assert info.route in ("workqueue", "per-request")
-    for batch in ([0], [2], [4, 1], [3, 2, 0]):
-        i = torch.tensor(batch)
-        out, info = run_route(q[i], kp, vp, tables[i], lens[i], "adaptive", profile=favour_split)
-        assert torch.equal(out, whole[i]), (batch, info.route)
+    assert info.route == "split"
+    for route in KERNEL_ROUTES:
+        for batch in ([0], [2], [4, 1], [3, 2, 0]):
+            i = torch.tensor(batch)
+            out, _ = run_route(q[i], kp, vp, tables[i], lens[i], route, profile=favour_split)
+            assert torch.equal(out, whole[i]), (batch, route)
+    free = dataclasses.replace(favour_split, batch_invariant=False)
+    split, info = run_route(q, kp, vp, tables, lens, "adaptive", profile=free)
+    assert info.route == "split"
+    queue, _ = run_route(q, kp, vp, tables, lens, "workqueue", profile=free)
+    assert not torch.equal(split, queue)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", kernel.ISAS)
+def test_part_grid_bits_do_not_depend_on_ranges(dtype, isa):
+    """part_tokens: however a span is cut into ranges (splits, thread counts, one request or a
+    batch), the kernel returns the same bits, close to the reference; also for spans that
+    start inside a page and off the AMX tile's 16-token grid (a sliding window's start)."""
+    previous = kernel.set_isa(isa)
+    try:
+        lengths = [1, 63, 64, 65, 1000, 2500]
+        cache, tables, lens = make_cache(lengths, dtype)
+        kp, vp = cache.layer(0)
+        q = torch.randn(len(lengths), 9, 64)
+        for starts in (None, torch.tensor([0, 5, 0, 17, 333, 1001], dtype=torch.int32)):
+            ref = reference(q, kp, vp, tables, lens, 0.125, starts)
+            first = None
+            for splits, min_tokens, threads in ((1, 1 << 30, 1), (64, 32, 2), (3, 500, 2),
+                                                 (5, 64, 1)):  # fmt: skip
+                out, _ = kernel.decode(q, kp, vp, tables, lens, 0.125, splits, min_tokens,
+                                       threads, starts=starts, part_tokens=96)  # fmt: skip
+                assert (out.double() - ref).abs().max().item() < 2e-3
+                first = out if first is None else first
+                assert torch.equal(out, first), (splits, min_tokens, threads)
+            b = 4  # one request alone
+            one = None if starts is None else starts[b : b + 1]
+            out, _ = kernel.decode(q[b : b + 1], kp, vp, tables[b : b + 1], lens[b : b + 1],
+                                   0.125, 7, 32, 2, starts=one, part_tokens=96)  # fmt: skip
+            assert torch.equal(out, first[b : b + 1])
+    finally:
+        kernel.set_isa(previous)
 
 
 def test_adaptive_reports_its_choice():
@@ -279,6 +315,9 @@ def test_bad_shapes_and_dtypes(small):
         decode_attention(q, kp, vp, tables, lens[:1])
     with pytest.raises(PagedInputError, match="unknown route"):
         decode_attention(q, kp, vp, tables, lens, route="fastest")
+    for part in (-32, 100):  # the kernel's own check (a profile refuses these before)
+        with pytest.raises(PagedInputError, match="geometry"):
+            kernel.decode(q, kp, vp, tables, lens, 0.125, 4, 32, part_tokens=part)
     with pytest.raises(PagedInputError):
         PagedConfig(1, 3, 64, pages=0)
     with pytest.raises(PagedInputError):

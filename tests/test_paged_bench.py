@@ -15,6 +15,7 @@ from spectrumkv.paged.cost import (
     MachineProfile,
     choose,
     clear_plans,
+    cut,
     load_profile,
     lpt_loads,
     predict,
@@ -25,7 +26,7 @@ from spectrumkv.paged.cost import (
 from spectrumkv.paged.errors import PagedInputError
 
 SMOL = Geometry(kv_heads=3, group=3, head_dim=64)
-# the cost model's choice among every route (batch_invariant restricts it: tested apart)
+# the cost model's choice among every route (batch_invariant excludes padded: tested apart)
 BASE = MachineProfile(beta=10e9, beta_1=6e9, lam=20e-6, tau=1e-6, beta_pad=2e9, lam_pad=1e-4,
                       batch_invariant=False)  # fmt: skip
 
@@ -35,6 +36,11 @@ def test_splits_match_the_kernel_rule():
     assert splits_of(5000, 16, 1024) == (5, 1024)  # 1000 -> whole 32-token tiles
     assert splits_of(100_000, 4, 1024) == (4, 25_024)
     assert splits_of(65, 3, 32) == (3, 32)
+    # on a grid of parts: whole parts per range, one partial per part
+    assert cut(5000, 16, 1024, 512) == (5, 1024, 10)
+    assert cut(5000, 3, 32, 512) == (3, 2048, 10)  # 4 + 4 + 2 parts
+    assert cut(300, 8, 32, 512) == (1, 512, 1)
+    assert cut(100_000, 4, 1024, 0) == (4, 25_024, 4)
 
 
 def test_route_choice_on_synthetic_profiles():
@@ -144,6 +150,8 @@ def test_profile_round_trip_and_bad_files(tmp_path):
         load_profile(path)
     with pytest.raises(PagedInputError, match="max_splits"):
         MachineProfile(max_splits=0)
+    with pytest.raises(PagedInputError, match="part_tokens"):
+        MachineProfile(part_tokens=100)
 
 
 def test_traces_are_seeded_and_shaped():

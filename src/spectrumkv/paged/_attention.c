@@ -12,6 +12,10 @@
  * A request whose length is split into several ranges writes one partial (m, l, acc) per range;
  * after all tasks ran, a merge pass combines them exactly: M = max m_s, L = sum e^(m_s-M) l_s,
  * out = sum e^(m_s-M) acc_s / L. Unsplit tasks write their output directly.
+ * With part_tokens > 0 the partials lie on a fixed grid instead: one per part_tokens tokens of
+ * the request's span (ranges are whole parts), each computed from a fresh state, merged in order.
+ * A request's output bits then depend on its span and part_tokens alone, not on how its parts
+ * are grouped into ranges and tasks: every route and every batch gives the same bits.
  *
  * Tile kernels, the best the CPU has (set_isa may cap it): AMX-BF16 tiles for bf16 pages that fit
  * them (amx_fits; tile_amx), AVX-512 (every other page and every tile the AMX one cannot take),
@@ -100,6 +104,7 @@ typedef struct {
     int32_t b, h0, nh, lo, hi; /* request, KV heads [h0, h0 + nh), tokens [lo, hi) */
     int32_t slot, sstride; /* partial slot of head h0 (of head h0 + i: slot + i * sstride), or
                               -1: the task covers its request, write out */
+    int32_t part; /* tokens per partial: after every `part` tokens from lo, the next slot */
 } Task;
 
 typedef struct {
@@ -666,6 +671,19 @@ static void prefetch_tile(const Ctx *c, const Task *t, const size_t *next, int n
     }
 }
 
+/* Stores the state (m, l, acc) of every KV head of task t as partial `slot` (of head h0 + i:
+ * slot + i * sstride). */
+static void flush(const Ctx *c, const Task *t, int32_t slot, const float *m, const float *l,
+                  const float *acc) {
+    const int G = c->group, d = c->d;
+    for (int i = 0; i < t->nh; i++) {
+        const size_t s = (size_t)slot + (size_t)i * t->sstride;
+        memcpy(c->pm + s * G, m + i * G, sizeof(float) * G);
+        memcpy(c->pl + s * G, l + i * G, sizeof(float) * G);
+        memcpy(c->pacc + s * G * d, acc + i * G * d, sizeof(float) * G * d);
+    }
+}
+
 /* Runs one task: tile after tile, each of its KV heads in turn (one pass over each page's run
  * of K and V), then writes its output rows, or its partials when its request is split. */
 static void run_task(Ctx *c, const Task *t) {
@@ -692,11 +710,18 @@ static void run_task(Ctx *c, const Task *t) {
     }
 #endif
     const size_t hstride = (size_t)c->ps * d;
+    int32_t slot = t->slot, end = t->lo + t->part < t->hi ? t->lo + t->part : t->hi;
     for (int t0 = t->lo, n; t0 < t->hi; t0 += n) {
+        if (t0 == end) { /* a partial done (part_tokens grid): store it, start the next */
+            flush(c, t, slot++, m, l, acc);
+            for (int r = 0; r < rows; r++) m[r] = -INFINITY, l[r] = 0.0f;
+            memset(acc, 0, sizeof(float) * rows * d);
+            end = end + t->part < t->hi ? end + t->part : t->hi;
+        }
         /* AMX tiles start at a multiple of 16 tokens: a task that starts elsewhere (a window's
          * start) runs one AVX-512 tile up to there (the m, l, acc state is the same) */
         const int lead = amx && t0 % 16 ? 16 - t0 % 16 : TILE;
-        n = t->hi - t0 < lead ? t->hi - t0 : lead;
+        n = end - t0 < lead ? end - t0 : lead;
         const int nn = t->hi - t0 - n < TILE ? t->hi - t0 - n : TILE; /* rows of the next tile */
         size_t off[TILE], next[TILE];
         tile_rows(c, t, t0, n, off);
@@ -715,13 +740,8 @@ static void run_task(Ctx *c, const Task *t) {
                  acc + i * G * d, vt);
         }
     }
-    if (t->slot >= 0) {
-        for (int i = 0; i < t->nh; i++) {
-            const size_t slot = (size_t)t->slot + (size_t)i * t->sstride;
-            memcpy(c->pm + slot * G, m + i * G, sizeof(float) * G);
-            memcpy(c->pl + slot * G, l + i * G, sizeof(float) * G);
-            memcpy(c->pacc + slot * G * d, acc + i * G * d, sizeof(float) * G * d);
-        }
+    if (slot >= 0) {
+        flush(c, t, slot, m, l, acc);
         return;
     }
     float *o = c->out + qrow;
@@ -761,14 +781,24 @@ static void merge(const Ctx *c, int b, int h, int s0, int ns) {
 }
 
 /* Ranges a span of n tokens is cut into: min(max_splits, ceil(n / min_split)), each a whole
- * number of TILE-token tiles (*chunk tokens, if chunk is given). */
-static int64_t n_splits(int64_t n, int max_splits, int min_split, int64_t *chunk) {
+ * number of TILE-token tiles (*chunk tokens), with one partial per range (*part = *chunk,
+ * *parts = ranges). With part_tokens > 0: ranges of whole parts of part_tokens tokens (at most
+ * that many ranges, as even as whole parts allow), one partial per part (*parts of them). */
+static int64_t n_splits(int64_t n, int max_splits, int min_split, int part_tokens,
+                        int64_t *chunk, int64_t *part, int64_t *parts) {
     int64_t ns = (n + min_split - 1) / min_split;
     ns = ns < 1 ? 1 : ns > max_splits ? max_splits : ns;
+    if (part_tokens > 0) {
+        const int64_t np = (n + part_tokens - 1) / part_tokens;
+        const int64_t per = (np + (ns < np ? ns : np) - 1) / (ns < np ? ns : np);
+        *chunk = per * part_tokens, *part = part_tokens, *parts = np;
+        return (np + per - 1) / per;
+    }
     int64_t c = (n + ns - 1) / ns;
     c = (c + TILE - 1) / TILE * TILE;
-    if (chunk) *chunk = c;
-    return (n + c - 1) / c;
+    ns = (n + c - 1) / c;
+    *chunk = c, *part = c, *parts = ns;
+    return ns;
 }
 
 /* KV heads per task, for `pieces` (request, split) ranges on `nthreads` threads: as many of a
@@ -798,24 +828,26 @@ static int by_size_desc(const void *x, const void *y) {
 }
 
 /* decode(q_ptr, k_ptr, v_ptr, pool_elems, tables, lengths, out_ptr, q_heads, kv_heads,
- *        head_dim, page_size, dtype, scale, max_splits, min_split_tokens, nthreads)
+ *        head_dim, page_size, dtype, scale, max_splits, min_split_tokens, nthreads[, starts,
+ *        part_tokens])
  *   -> (tasks, split requests x heads, threads used)
  * q and out: float32 [B, q_heads, head_dim] (B = len(lengths)); k, v: 16-bit
  * [pages, kv_heads, page_size, head_dim] with pool_elems elements each; tables: int32 [B, W];
  * lengths: int32 [B]. A request of n tokens is split into min(max_splits,
  * ceil(n / min_split_tokens)) ranges (rounded to whole TILE-token tiles).
  * starts (optional, int32 [B]; absent or empty = all 0): request b attends to its tokens
- * [starts[b], lengths[b]) only (a sliding-window layer's visible slots), 0 <= start < length. */
+ * [starts[b], lengths[b]) only (a sliding-window layer's visible slots), 0 <= start < length.
+ * part_tokens (optional, 0 = off; else a multiple of TILE): partials on that grid (n_splits). */
 static PyObject *decode(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long qp, kp, vp, op;
     long long pool_elems;
     Py_buffer tb, lb, sb = {0};
-    int hq, hkv, d, ps, dt, max_splits, min_split, nthreads;
+    int hq, hkv, d, ps, dt, max_splits, min_split, nthreads, part_tokens = 0;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKLy*y*Kiiiiifiii|y*", &qp, &kp, &vp, &pool_elems, &tb, &lb,
+    if (!PyArg_ParseTuple(args, "KKKLy*y*Kiiiiifiii|y*i", &qp, &kp, &vp, &pool_elems, &tb, &lb,
                           &op, &hq, &hkv, &d, &ps, &dt, &scale, &max_splits, &min_split,
-                          &nthreads, &sb))
+                          &nthreads, &sb, &part_tokens))
         return NULL;
     PyObject *ret = NULL;
     Task *tasks = NULL;
@@ -826,7 +858,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     if (hkv < 1 || hkv > MAX_HEADS || hq < hkv || hq % hkv || hq / hkv > MAX_GROUP || d < 1 ||
         d > MAX_HEAD_DIM || ps < 1 || (dt != DT_F16 && dt != DT_BF16) || max_splits < 1 ||
         min_split < 1 || nthreads < 1 || nthreads > POOL_MAX_THREADS || pool_elems < 0 ||
-        !(scale > 0.0f) || lb.len % 4 || B < 1)
+        !(scale > 0.0f) || lb.len % 4 || B < 1 || part_tokens < 0 || part_tokens % TILE)
         bad = "invalid decode geometry";
     else if (tb.len % (4 * B))
         bad = "block table size is not batch x width";
@@ -855,9 +887,9 @@ static PyObject *decode(PyObject *self, PyObject *args) {
                 bad = "a block table entry points outside the page pool";
                 break;
             }
-        const int64_t ns = n_splits(n - lo, max_splits, min_split, NULL);
-        pieces += ns;
-        if (ns > 1) nslots += ns * hkv;
+        int64_t chunk, part, parts;
+        pieces += n_splits(n - lo, max_splits, min_split, part_tokens, &chunk, &part, &parts);
+        if (parts > 1) nslots += parts * hkv;
         bytes += 2 * (n - lo) * hkv * d * 2;
     }
     if (bad) {
@@ -876,19 +908,22 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     int64_t i = 0, slot = 0, nmerges = 0;
     for (int64_t b = 0; b < B; b++) {
         const int64_t n = lengths[b], first = starts ? starts[b] : 0;
-        int64_t chunk;
-        const int64_t ns = n_splits(n - first, max_splits, min_split, &chunk);
-        /* the partials of (b, h, split s) are slot + h * ns + s */
-        for (int h = 0; h < hkv && ns > 1; h++)
-            mg[nmerges++] = (Merge){(int32_t)b, h, (int32_t)(slot + h * ns), (int32_t)ns};
+        int64_t chunk, part, np;
+        const int64_t ns = n_splits(n - first, max_splits, min_split, part_tokens, &chunk, &part,
+                                    &np);
+        /* the partials of (b, h, part p) are slot + h * np + p; range s starts at part
+         * s * chunk / part */
+        for (int h = 0; h < hkv && np > 1; h++)
+            mg[nmerges++] = (Merge){(int32_t)b, h, (int32_t)(slot + h * np), (int32_t)np};
         for (int h0 = 0; h0 < hkv; h0 += hb)
             for (int64_t s = 0; s < ns; s++) {
                 const int64_t lo = first + s * chunk, hi = lo + chunk < n ? lo + chunk : n;
+                const int64_t first_slot = slot + h0 * np + s * (chunk / part);
                 tasks[i++] = (Task){(int32_t)b, h0, hkv - h0 < hb ? hkv - h0 : hb, (int32_t)lo,
-                                    (int32_t)hi, ns > 1 ? (int32_t)(slot + h0 * ns + s) : -1,
-                                    (int32_t)ns};
+                                    (int32_t)hi, np > 1 ? (int32_t)first_slot : -1, (int32_t)np,
+                                    (int32_t)part};
             }
-        if (ns > 1) slot += ns * hkv;
+        if (np > 1) slot += np * hkv;
     }
     Ctx c = {.q = (const float *)qp, .k = (const uint16_t *)kp, .v = (const uint16_t *)vp,
              .tables = tables, .W = (int)W, .ps = ps, .hkv = hkv, .group = G, .d = d, .dt = dt,

@@ -18,9 +18,9 @@ about half as much as their least (a route timed against itself: log-sd 0.09 vs 
    coefficient that fits below its floor is pinned there and the rest refitted). One scale for
    the three kernel routes (`_fit` says why); the profile keeps a field per route.
 The fit's error, how often the model picks the measured best route on these cases, and what
-the profile's batch_invariant restriction (adaptive picks workqueue or per-request only) costs
-there against the unrestricted choice are printed (calibration-set figures; `bench attention`
-reports held-out seeds).
+the profile's batch_invariant grid (one partial per part_tokens tokens) costs there against
+one partial per range (workqueue timed both ways) are printed (calibration-set figures;
+`bench attention` reports held-out seeds).
 """
 
 from __future__ import annotations
@@ -180,9 +180,12 @@ def calibrate(
     progress(f"split settings: workqueue/per-request every {min_split} tokens (<= {max_splits}"
              f" splits), split {profile.split_splits}")  # fmt: skip
     checks = []  # (lens, geometry, {route: measured s})
+    free = dataclasses.replace(profile, batch_invariant=False)  # one partial per range
+    invariance = []  # workqueue on the part grid / on ranges
     for name, case in _cases(shape, FIT_BATCHES, page_size, dtype, ring_bytes):
-        got = measure(case, [(r, profile) for r in cost.KERNEL_ROUTES])
+        got = measure(case, [(r, profile) for r in cost.KERNEL_ROUTES] + [("workqueue", free)])
         times = dict(zip(cost.KERNEL_ROUTES, got, strict=True))
+        invariance.append(times["workqueue"] / got[-1])
         checks.append((case.lens, case.geometry, times))
         progress(f"fit case {name}: " + " ".join(f"{r}={t * 1e3:.2f}ms" for r, t in times.items()))
         del case
@@ -191,16 +194,13 @@ def calibrate(
             for lens, g, times in checks for r, t in times.items()]  # fmt: skip
     regret = [times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)] / min(times.values())
               for lens, g, times in checks]  # fmt: skip
-    free = dataclasses.replace(profile, batch_invariant=False)  # what invariance costs
-    invariance = [times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)]
-                  / times[cost.choose(lens, g, free, cost.KERNEL_ROUTES)]
-                  for lens, g, times in checks]  # fmt: skip
     progress(f"fit: lam {profile.lam * 1e6:.1f} us, tau {profile.tau * 1e6:.2f} us, scales "
              f"per-request {profile.scale_per_request:.3f} split {profile.scale_split:.3f} "
              f"workqueue {profile.scale_workqueue:.3f}")  # fmt: skip
     progress(f"on the calibration cases: median |predicted/measured - 1| "
              f"{statistics.median(errs):.3f}; the chosen kernel route's time / the best's: "
              f"median {statistics.median(regret):.3f}, worst {max(regret):.3f}")  # fmt: skip
-    progress(f"batch-invariant choice (workqueue or per-request) / unrestricted choice: median "
-             f"{statistics.median(invariance):.3f}, worst {max(invariance):.3f}")  # fmt: skip
+    progress(f"batch-invariant grid ({profile.part_tokens}-token partials) / one partial per "
+             f"range, workqueue: median {statistics.median(invariance):.3f}, worst "
+             f"{max(invariance):.3f}")  # fmt: skip
     return profile

@@ -38,9 +38,6 @@ TASK_FLOATS, MAX_ROWS = 16 * 256, 64  # a task's buffers (as in _attention.c)
 FUSED_TASKS_PER_THREAD = 4  # (as in _attention.c)
 KERNEL_ROUTES = ("per-request", "split", "workqueue")
 FIXED_ROUTES = (*KERNEL_ROUTES, "padded")
-# routes that cut a request's keys by one rule of its length alone (the profile's max_splits and
-# min_split_tokens) and so compute its output bit for bit alike whatever else is in the batch
-INVARIANT_ROUTES = ("workqueue", "per-request")
 
 
 @dataclass(frozen=True)
@@ -62,9 +59,14 @@ class MachineProfile:
     scale_split: float = 1.0
     scale_workqueue: float = 1.0
     calibrated: bool = False
-    # adaptive picks only among INVARIANT_ROUTES: a request's attention output does not depend
-    # on the batch it decodes in (bf16 models then decode batch-invariantly with adaptive too)
+    # every kernel route keeps one partial per `part_tokens` tokens of a request (`cut`): a
+    # request's attention output is then the same bits whatever the route and the batch it
+    # decodes in (bf16 models decode batch-invariantly with adaptive too); False: one partial
+    # per split range (the ranges, and so the bits, depend on the route)
     batch_invariant: bool = True
+    # tokens per partial when batch_invariant (a multiple of TILE): measured on the SmolLM2
+    # shape against one partial per range, 256 cost 5-10 %, 512 3-5 %, 1024 0-2 % (RESULTS)
+    part_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -77,6 +79,8 @@ class MachineProfile:
                 ok = isinstance(value, int | float) and math.isfinite(value) and value > 0
             if not ok:
                 raise PagedInputError(f"MachineProfile.{f.name}: bad value {value!r}")
+        if self.part_tokens % TILE:
+            raise PagedInputError(f"MachineProfile.part_tokens must be a multiple of {TILE}")
 
     def scale(self, route: str) -> float:
         return getattr(self, "scale_" + route.replace("-", "_"))
@@ -102,19 +106,34 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def splits_of(n: int, max_splits: int, min_split_tokens: int) -> tuple[int, int]:
-    """(splits, tokens per split) of an n-token request (n >= 1), as the kernel cuts it."""
-    ns = min(max_splits, max(1, _ceil_div(n, min_split_tokens)))
+def cut(n: int, max_splits: int, min_split_tokens: int, part_tokens: int = 0):
+    """(ranges, tokens per range, partials) of an n-token span (n >= 1), as the kernel cuts it:
+    min(max_splits, ceil(n / min_split_tokens)) ranges of whole 32-token tiles, one partial
+    each; or, with part_tokens > 0, ranges of whole parts of part_tokens tokens (as even as
+    whole parts allow, never more ranges than parts) and one partial per part."""
+    ns = min(max_splits, max(1, -(-n // min_split_tokens)))
+    if part_tokens:
+        parts = -(-n // part_tokens)
+        per = _ceil_div(parts, min(ns, parts))
+        return _ceil_div(parts, per), per * part_tokens, parts
     chunk = _ceil_div(_ceil_div(n, ns), TILE) * TILE
-    return _ceil_div(n, chunk), chunk
+    ns = _ceil_div(n, chunk)
+    return ns, chunk, ns
 
 
-def route_settings(route: str, p: MachineProfile) -> tuple[int, int]:
-    """(max_splits, min_split_tokens) the kernel gets for a kernel route."""
+def splits_of(n: int, max_splits: int, min_split_tokens: int) -> tuple[int, int]:
+    """(splits, tokens per split) of an n-token request (n >= 1), one partial per split."""
+    return cut(n, max_splits, min_split_tokens)[:2]
+
+
+def route_settings(route: str, p: MachineProfile) -> tuple[int, int, int]:
+    """(max_splits, min_split_tokens, part_tokens) the kernel gets for a kernel route
+    (part_tokens 0 unless the profile is batch_invariant)."""
+    part = p.part_tokens if p.batch_invariant else 0
     if route == "split":
-        return p.split_splits, TILE
+        return p.split_splits, TILE, part
     if route in ("workqueue", "per-request"):
-        return p.max_splits, p.min_split_tokens
+        return p.max_splits, p.min_split_tokens, part
     raise PagedInputError(f"not a kernel route: {route!r}")
 
 
@@ -162,9 +181,10 @@ def stream_seconds(loads: list[int], p: MachineProfile) -> float:
     return t
 
 
-def merge_bytes(n_split: int, g: Geometry) -> int:
-    """Bytes the merge reads for `n_split` split pieces: float32 acc, m and l per query head."""
-    return n_split * g.kv_heads * g.group * (g.head_dim + 2) * 4
+def merge_bytes(n_partials: int, g: Geometry) -> int:
+    """Bytes the merge reads for `n_partials` partials (of requests with more than one):
+    float32 acc, m and l per query head."""
+    return n_partials * g.kv_heads * g.group * (g.head_dim + 2) * 4
 
 
 def task_heads(g: Geometry, pieces: int, threads: int) -> list[int]:
@@ -182,25 +202,22 @@ def task_heads(g: Geometry, pieces: int, threads: int) -> list[int]:
 def dispatch_terms(lengths, g: Geometry, p: MachineProfile, settings) -> tuple[float, int, int]:
     """One kernel dispatch over requests of these lengths: (stream seconds, tasks, merge bytes)."""
     head_bytes = g.token_bytes // g.kv_heads
-    max_splits, min_split = settings
-    pieces = []  # (splits, tokens per split, tokens of the last split) per request
-    for n in lengths:  # splits_of, inlined (this runs for every request of every plan)
-        ns = min(max_splits, max(1, -(-n // min_split)))
-        chunk = _ceil_div(_ceil_div(n, ns), TILE) * TILE
-        ns = -(-n // chunk)
+    pieces = []  # (ranges, tokens per range, tokens of the last range) per request
+    n_partials = 0  # of requests with more than one
+    for n in lengths:
+        ns, chunk, parts = cut(n, *settings)
         pieces.append((ns, chunk, n - (ns - 1) * chunk))
+        n_partials += parts if parts > 1 else 0
     n_pieces = sum(ns for ns, _, _ in pieces)
     heads = task_heads(g, n_pieces, p.threads)
     tasks: dict[int, int] = {}
-    n_split = 0  # requests cut into more than one piece
     for ns, chunk, last in pieces:
         for h in heads:
             tasks[last * h * head_bytes] = tasks.get(last * h * head_bytes, 0) + 1
             if ns > 1:
                 size = chunk * h * head_bytes
                 tasks[size] = tasks.get(size, 0) + ns - 1
-        n_split += ns if ns > 1 else 0
-    merge = merge_bytes(n_split, g)
+    merge = merge_bytes(n_partials, g)
     n_tasks = n_pieces * len(heads)
     return stream_seconds(lpt_loads(tasks, min(p.threads, n_tasks)), p), n_tasks, merge
 
@@ -229,14 +246,14 @@ def predict(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
 def lower_bound(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
     """A cheap lower bound of `predict` for a kernel route: every dispatch streams its bytes at
     most at beta (no schedule simulation), dispatches, tasks and merges as in `route_terms`."""
-    max_splits, min_split = route_settings(route, p)
-    pieces = [splits_of(n, max_splits, min_split)[0] for n in lengths]
-    n_split = sum(ns for ns in pieces if ns > 1)
+    cuts = [cut(n, *route_settings(route, p)) for n in lengths]
+    pieces = [ns for ns, _, _ in cuts]
+    n_partials = sum(parts for _, _, parts in cuts if parts > 1)
     if route == "per-request":  # one dispatch per request
         tasks = sum(ns * len(task_heads(g, ns, p.threads)) for ns in pieces)
     else:
         tasks = sum(pieces) * len(task_heads(g, sum(pieces), p.threads))
-    merge = merge_bytes(n_split, g)
+    merge = merge_bytes(n_partials, g)
     stream = sum(lengths) * g.token_bytes / p.beta + merge / p.beta_1
     dispatches = len(lengths) if route == "per-request" else 1
     return p.scale(route) * stream + dispatches * p.lam + tasks * p.tau
@@ -255,12 +272,13 @@ def _choose(lengths: tuple, g: Geometry, p: MachineProfile, routes: tuple) -> st
 
 
 def choose(lengths, g: Geometry, p: MachineProfile, routes=FIXED_ROUTES) -> str:
-    """The route with the least predicted time (first of `routes` on ties), among those of
-    `routes` in INVARIANT_ROUTES if `p.batch_invariant` (and some are). Plans are memoized
+    """The route with the least predicted time (first of `routes` on ties). Plans are memoized
     (last 64 distinct steps): every layer of a decode step has the same lengths, so a model
-    step plans once. `clear_plans()` forgets them."""
-    if p.batch_invariant and any(r in INVARIANT_ROUTES for r in routes):
-        routes = [r for r in routes if r in INVARIANT_ROUTES]
+    step plans once. `clear_plans()` forgets them. With `p.batch_invariant` the choice is among
+    the kernel routes of `routes` (if any): each computes a request's output to the same bits
+    (`cut`), so the choice cannot change them (`padded`, torch SDPA, would)."""
+    if p.batch_invariant and any(r in KERNEL_ROUTES for r in routes):
+        routes = [r for r in routes if r in KERNEL_ROUTES]
     return _choose(tuple(lengths), g, p, tuple(routes))
 
 

@@ -101,12 +101,16 @@ def decode(
     threads: int | None = None,
     out: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
+    part_tokens: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """One dispatch over the whole batch. Request b attends to its tokens [starts[b],
     lengths[b]) (starts None: from 0); a span of n tokens is cut into
     min(max_splits, ceil(n / min_split_tokens)) ranges (whole 32-token tiles); each (request,
-    range) is one task per group of KV heads (`cost.task_heads`). Returns (out float32 [batch,
-    q_heads, head_dim], tasks). Inputs as in `check_inputs`, which the caller has run."""
+    range) is one task per group of KV heads (`cost.task_heads`). part_tokens > 0 (a multiple
+    of 32): the ranges are whole parts of that many tokens and each part is its own partial,
+    merged in order, so a request's output bits depend on its span and part_tokens only, not
+    on the ranges, the route or the batch (`cost.cut`). Returns (out float32 [batch, q_heads,
+    head_dim], tasks). Inputs as in `check_inputs`, which the caller has run."""
     qf = q.to(torch.float32).contiguous()
     if out is None:
         out = torch.empty(qf.shape, dtype=torch.float32)
@@ -117,7 +121,7 @@ def decode(
             tables.contiguous().numpy(), lengths.contiguous().numpy(), out.data_ptr(),
             q.shape[1], k_pages.shape[1], k_pages.shape[3], k_pages.shape[2],
             _DTYPE_CODES[k_pages.dtype], scale, max_splits, min_split_tokens, threads,
-            *(() if starts is None else (starts.contiguous().numpy(),)),
+            b"" if starts is None else starts.contiguous().numpy(), part_tokens,
         )  # fmt: skip
     except ValueError as e:
         raise PagedInputError(str(e)) from None

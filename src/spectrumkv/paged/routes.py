@@ -19,8 +19,9 @@ Routes (all on the same pages; see cost.py for how `adaptive` picks):
 - padded: gather into a padded dense batch and run torch SDPA (no compiled code);
 - adaptive: the route the cost model predicts fastest for these lengths (`plan`; an engine
   plans once per model step and passes the chosen route to every layer); with the profile's
-  `batch_invariant` (the default) only workqueue or per-request, which split a request by its
-  length alone: its output is then the same bits whatever batch it decodes in.
+  `batch_invariant` (the default) one of the kernel routes, which then all keep one partial
+  per `part_tokens` tokens of a request: its output is the same bits whatever the route and
+  the batch it decodes in.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def run_route(
             "padded", 1, 0, 0
         )
     settings = cost.route_settings(route, profile)
+    max_splits, min_split, part = settings
     merge = _merge_bytes(q, k_pages, spans, settings)
     if route == "per-request":
         out = torch.empty(q.shape, dtype=torch.float32)
@@ -121,20 +123,21 @@ def run_route(
             one = None if starts is None else starts[b : b + 1]
             _, t = kernel.decode(
                 q[b : b + 1], k_pages, v_pages, tables[b : b + 1], lengths[b : b + 1], scale,
-                *settings, threads, out[b : b + 1], one,
+                max_splits, min_split, threads, out[b : b + 1], one, part,
             )  # fmt: skip
             tasks += t
         return out, StepInfo(route, q.shape[0], tasks, merge)
     out, tasks = kernel.decode(
-        q, k_pages, v_pages, tables, lengths, scale, *settings, threads, starts=starts
-    )
+        q, k_pages, v_pages, tables, lengths, scale, max_splits, min_split, threads,
+        starts=starts, part_tokens=part,
+    )  # fmt: skip
     return out, StepInfo(route, 1, tasks, merge)
 
 
-def _merge_bytes(q, k_pages, spans: torch.Tensor, settings: tuple[int, int]) -> int:
+def _merge_bytes(q, k_pages, spans: torch.Tensor, settings: tuple[int, ...]) -> int:
     """Bytes the merge pass reads for these spans cut by `settings` (cost.route_settings)."""
-    pieces = (cost.splits_of(max(n, 1), *settings)[0] for n in spans.tolist())
-    return cost.merge_bytes(sum(ns for ns in pieces if ns > 1), geometry(q, k_pages))
+    partials = (cost.cut(max(n, 1), *settings)[2] for n in spans.tolist())
+    return cost.merge_bytes(sum(x for x in partials if x > 1), geometry(q, k_pages))
 
 
 def _run_gpu(q, k_pages, v_pages, tables, lengths, scale, starts, spans, programs=None):
