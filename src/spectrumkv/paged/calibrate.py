@@ -184,8 +184,9 @@ def calibrate(
     invariance = []  # workqueue on the part grid / on ranges
     for name, case in _cases(shape, FIT_BATCHES, page_size, dtype, ring_bytes):
         got = measure(case, [(r, profile) for r in cost.KERNEL_ROUTES] + [("workqueue", free)])
+        *got, ranges = got
         times = dict(zip(cost.KERNEL_ROUTES, got, strict=True))
-        invariance.append(times["workqueue"] / got[-1])
+        invariance.append(times["workqueue"] / ranges)
         checks.append((case.lens, case.geometry, times))
         progress(f"fit case {name}: " + " ".join(f"{r}={t * 1e3:.2f}ms" for r, t in times.items()))
         del case

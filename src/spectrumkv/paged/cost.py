@@ -263,16 +263,18 @@ def lower_bound(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
 def _choose(lengths: tuple, g: Geometry, p: MachineProfile, routes: tuple) -> str:
     # per-request (a simulated dispatch per request: most of a plan's time at large batches)
     # is predicted only when its lower bound does not already exceed the best other route's
-    # time; the choice is the same as predicting every route (first of `routes` on ties)
+    # time; the choice is the same as predicting every route
     times = {r: predict(r, lengths, g, p) for r in routes if r != "per-request"}
     best = min(times.values(), default=math.inf)
-    if "per-request" in routes and lower_bound("per-request", lengths, g, p) <= best * (1 + 1e-9):
+    # on a tie (one request: the same dispatch) per-request loses: it adds a Python loop
+    if "per-request" in routes and lower_bound("per-request", lengths, g, p) < best * (1 - 1e-9):
         times["per-request"] = predict("per-request", lengths, g, p)
-    return min((r for r in routes if r in times), key=times.__getitem__)
+    return min((r for r in routes if r in times), key=lambda r: (times[r], r == "per-request"))
 
 
 def choose(lengths, g: Geometry, p: MachineProfile, routes=FIXED_ROUTES) -> str:
-    """The route with the least predicted time (first of `routes` on ties). Plans are memoized
+    """The route with the least predicted time (on a tie the first of `routes`, per-request
+    last: with one request it is the same dispatch plus a Python loop). Plans are memoized
     (last 64 distinct steps): every layer of a decode step has the same lengths, so a model
     step plans once. `clear_plans()` forgets them. With `p.batch_invariant` the choice is among
     the kernel routes of `routes` (if any): each computes a request's output to the same bits
