@@ -9,10 +9,13 @@ ours or torch's OpenMP ones; a whole untimed pass when the previous route was of
 -- vLLM's own page copy, the torch routes' gathers -- so each starts from its data as warm as
 after one of its own family) and then one timed pass over the ring (each layer one
 decode-attention call, planning included: every memoized plan is cleared before every pass, so
-`adaptive` plans once per pass, as an engine does once per model step; wall time around the
-calls, the same for every route). `adaptive_timing` says how adaptive is called, and is
-recorded with it: "per-step" (default; what serve/runner.py does) times `routes.plan` once at
-the start of the pass and passes the chosen route to every layer's call; "per-layer" calls
+`adaptive` plans once per pass; wall time around the calls, the same for every route).
+`adaptive_timing` says how adaptive is called, and is recorded with it: "per-step" (default;
+what serve/runner.py does) times `routes.plan` once at the start of the pass and passes the
+chosen route to every layer's call; an engine plans once per model step, so the pass is
+charged the plan's measured time x (layers in the pass / the model's layers, MODEL_LAYERS), at
+most once (a ring of one 540 MB layer at batch 32 would otherwise pay a whole step's plan, ~0.5
+ms, on every layer; `plan_ms` records the plan's own time); "per-layer" calls
 `run_route(route="adaptive")` on every layer (the first call plans, the others find the plan
 memoized by value: a few microseconds each). The slow torch routes (padded, sdpa) time only their
 first two layers, in the first `slow_reps` rounds. Per route: step_ms = the least pass time /
@@ -38,6 +41,7 @@ from .errors import PagedInputError
 from .routes import ROUTES, clear_plans, plan, run_route
 
 SHAPES = {"smollm2-135m": (3, 9, 64), "7b-gqa": (8, 32, 128)}  # kv heads, q heads, head dim
+MODEL_LAYERS = {"smollm2-135m": 30, "7b-gqa": 32}  # layers of a model step of that shape
 ANCHORS = ("sdpa", "vllm")
 PADDED_CAP = 1 << 30  # skip `padded` when its dense batch would exceed this many bytes
 SDPA_CAP = 1 << 28  # skip the per-request SDPA anchor above this many KV bytes per step
@@ -147,6 +151,7 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
     errors = {r: (fn(0).double() - ref).abs().max().item() for r, fn in runners.items()}
     order = list(runners)
     times = {r: [] for r in order}
+    plans: list[float] = []  # adaptive per-step: seconds of each pass's plan
     last = None  # whose data the cache holds: the previous timed route's family
     for rep in range(cfg.reps):
         for route in order[rep % len(order) :] + order[: rep % len(order)]:
@@ -168,9 +173,13 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
             clear_plans()  # adaptive plans once per pass (an engine: once per model step)
             if route == "adaptive" and per_step:
                 planned[0] = plan(q, cache.k[0], lengths, None, profile)
+            t1 = time.perf_counter()
             for i in range(passes):
                 fn(i)
-            times[route].append((time.perf_counter() - t0) / passes)
+            share = min(1.0, passes / MODEL_LAYERS[shape])  # of one step's plan (module doc)
+            times[route].append(((t1 - t0) * share + time.perf_counter() - t1) / passes)
+            if route == "adaptive" and per_step:
+                plans.append(t1 - t0)
     records = []
     for route in order:
         step = min(times[route])
@@ -192,6 +201,8 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
                 "padded_bytes": padded_bytes - kv_bytes if route == "padded" else 0,
                 "chosen": info.route if route == "adaptive" else None,
                 "adaptive_timing": cfg.adaptive_timing if route == "adaptive" else None,
+                "plan_ms": statistics.median(plans) * 1e3 if route == "adaptive" and plans
+                    else None,
                 "max_abs_err": errors[route],
             }
         )  # fmt: skip
