@@ -117,12 +117,15 @@ def test_task_count_is_the_cost_models(threads):
         kp, vp = cache.layer(0)
         q = torch.randn(len(lengths), kv_heads * group, d)
         ref = reference(q, kp, vp, tables, lens, d**-0.5)
-        profile = dataclasses.replace(SPLITTY, threads=threads)
         geometry = Geometry(kv_heads, group, d)
-        for route in KERNEL_ROUTES:
-            out, info = run_route(q, kp, vp, tables, lens, route, profile=profile, threads=threads)
-            assert info.tasks == route_terms(route, lengths, geometry, profile)[2], route
-            assert (out.double() - ref).abs().max().item() < 2e-3
+        # the part grid (1,024 tokens; 32: up to 31 parts, past MAX_PARTS) and plain ranges
+        for grid in ({}, {"part_tokens": 32}, {"batch_invariant": False}):
+            profile = dataclasses.replace(SPLITTY, threads=threads, **grid)
+            for route in KERNEL_ROUTES:
+                out, info = run_route(q, kp, vp, tables, lens, route, profile=profile,
+                                      threads=threads)  # fmt: skip
+                assert info.tasks == route_terms(route, lengths, geometry, profile)[2], route
+                assert (out.double() - ref).abs().max().item() < 2e-3
 
 
 def test_merge_is_exact():

@@ -41,6 +41,10 @@ def test_splits_match_the_kernel_rule():
     assert cut(5000, 3, 32, 512) == (3, 2048, 10)  # 4 + 4 + 2 parts
     assert cut(300, 8, 32, 512) == (1, 512, 1)
     assert cut(100_000, 4, 1024, 0) == (4, 25_024, 4)
+    # past MAX_PARTS (16) parts: 16 equal parts of whole tiles, so partials stay O(1) in n
+    assert cut(100_000, 16, 1024, 1024) == (16, 6272, 16)
+    assert cut(100_000, 8, 32, 1024) == (8, 12_544, 16)
+    assert cut(16 * 1024 + 1, 16, 1024, 1024) == (16, 1056, 16)
 
 
 def test_route_choice_on_synthetic_profiles():

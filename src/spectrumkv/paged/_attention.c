@@ -13,7 +13,8 @@
  * after all tasks ran, a merge pass combines them exactly: M = max m_s, L = sum e^(m_s-M) l_s,
  * out = sum e^(m_s-M) acc_s / L. Unsplit tasks write their output directly.
  * With part_tokens > 0 the partials lie on a fixed grid instead: one per part_tokens tokens of
- * the request's span (ranges are whole parts), each computed from a fresh state, merged in order.
+ * the request's span (a span of more than MAX_PARTS such parts: MAX_PARTS equal parts of whole
+ * tiles), ranges being whole parts, each part computed from a fresh state, merged in order.
  * A request's output bits then depend on its span and part_tokens alone, not on how its parts
  * are grouped into ranges and tasks: every route and every batch gives the same bits.
  *
@@ -29,7 +30,8 @@
  * Bounds: every length and every block-table entry that a length reaches is checked against the
  * table width and the pool before any thread starts; nothing outside the given buffers is read
  * or written. The GIL is released while the tasks run. Temporaries: the task list and split
- * partials, O(batch x KV heads x splits x group x head_dim), never O(context length). */
+ * partials, O(batch x KV heads x max(splits, MAX_PARTS) x group x head_dim), never O(context
+ * length). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
@@ -61,6 +63,7 @@ enum { DT_F16 = 1, DT_BF16 = 2 };
 #define MAX_HEAD_DIM 256
 #define MAX_HEADS 1024
 #define TILE 32
+#define MAX_PARTS 16 /* partials per request on the part grid (see the top) */
 /* A task covers as many KV heads of its request (at most MAX_ROWS query heads, TASK_FLOATS
  * floats of queries and of accumulators) as fit. */
 #define MAX_ROWS 64
@@ -782,16 +785,21 @@ static void merge(const Ctx *c, int b, int h, int s0, int ns) {
 
 /* Ranges a span of n tokens is cut into: min(max_splits, ceil(n / min_split)), each a whole
  * number of TILE-token tiles (*chunk tokens), with one partial per range (*part = *chunk,
- * *parts = ranges). With part_tokens > 0: ranges of whole parts of part_tokens tokens (at most
- * that many ranges, as even as whole parts allow), one partial per part (*parts of them). */
+ * *parts = ranges). With part_tokens > 0: ranges of whole parts (at most that many ranges, as
+ * even as whole parts allow), one partial per part (*parts of them, *part tokens each):
+ * part_tokens tokens, or past MAX_PARTS of them, MAX_PARTS equal parts of whole tiles. */
 static int64_t n_splits(int64_t n, int max_splits, int min_split, int part_tokens,
                         int64_t *chunk, int64_t *part, int64_t *parts) {
     int64_t ns = (n + min_split - 1) / min_split;
     ns = ns < 1 ? 1 : ns > max_splits ? max_splits : ns;
     if (part_tokens > 0) {
-        const int64_t np = (n + part_tokens - 1) / part_tokens;
-        const int64_t per = (np + (ns < np ? ns : np) - 1) / (ns < np ? ns : np);
-        *chunk = per * part_tokens, *part = part_tokens, *parts = np;
+        int64_t p = part_tokens, np = (n + p - 1) / p;
+        if (np > MAX_PARTS) {
+            p = ((n + MAX_PARTS - 1) / MAX_PARTS + TILE - 1) / TILE * TILE;
+            np = (n + p - 1) / p;
+        }
+        const int64_t k = ns < np ? ns : np, per = (np + k - 1) / k;
+        *chunk = per * p, *part = p, *parts = np;
         return (np + per - 1) / per;
     }
     int64_t c = (n + ns - 1) / ns;

@@ -36,6 +36,7 @@ from .errors import PagedInputError
 TILE = 32  # tokens per kernel tile; splits are whole tiles (as in _attention.c)
 TASK_FLOATS, MAX_ROWS = 16 * 256, 64  # a task's buffers (as in _attention.c)
 FUSED_TASKS_PER_THREAD = 4  # (as in _attention.c)
+MAX_PARTS = 16  # partials per request on the part grid (as in _attention.c)
 KERNEL_ROUTES = ("per-request", "split", "workqueue")
 FIXED_ROUTES = (*KERNEL_ROUTES, "padded")
 
@@ -109,11 +110,15 @@ def _ceil_div(a: int, b: int) -> int:
 def cut(n: int, max_splits: int, min_split_tokens: int, part_tokens: int = 0):
     """(ranges, tokens per range, partials) of an n-token span (n >= 1), as the kernel cuts it:
     min(max_splits, ceil(n / min_split_tokens)) ranges of whole 32-token tiles, one partial
-    each; or, with part_tokens > 0, ranges of whole parts of part_tokens tokens (as even as
-    whole parts allow, never more ranges than parts) and one partial per part."""
+    each; or, with part_tokens > 0, ranges of whole parts (as even as whole parts allow, never
+    more ranges than parts) and one partial per part: parts of part_tokens tokens, or past
+    MAX_PARTS of them, MAX_PARTS equal parts of whole tiles (the partials stay O(1) in n)."""
     ns = min(max_splits, max(1, -(-n // min_split_tokens)))
     if part_tokens:
         parts = -(-n // part_tokens)
+        if parts > MAX_PARTS:
+            part_tokens = _ceil_div(_ceil_div(n, MAX_PARTS), TILE) * TILE
+            parts = _ceil_div(n, part_tokens)
         per = _ceil_div(parts, min(ns, parts))
         return _ceil_div(parts, per), per * part_tokens, parts
     chunk = _ceil_div(_ceil_div(n, ns), TILE) * TILE
