@@ -100,7 +100,8 @@ def test_every_kernel_matches(dtype, isa):
             q = torch.randn(3, 9, d)
             ref = reference(q, kp, vp, tables, lens, d**-0.5)
             for threads, splits in ((1, 4), (1, 1), (2, 4)):
-                out, tasks = kernel.decode(q, kp, vp, tables, lens, d**-0.5, splits, 64, threads)
+                out, tasks, _ = kernel.decode(q, kp, vp, tables, lens, d**-0.5, splits, 64,
+                                              threads)  # fmt: skip
                 assert tasks == (6 if splits > 1 else 3) * (1 if threads == 1 else 3)
                 assert (out.double() - ref).abs().max().item() < 2e-3
     finally:
@@ -133,9 +134,9 @@ def test_merge_is_exact():
     cache, tables, lens = make_cache([5000, 777], torch.float16)
     kp, vp = cache.layer(0)
     q = torch.randn(2, 9, 64)
-    whole, tasks1 = kernel.decode(q, kp, vp, tables, lens, 0.125)
+    whole, tasks1, _ = kernel.decode(q, kp, vp, tables, lens, 0.125)
     for splits, min_tokens in ((2, 32), (7, 100), (64, 32)):
-        parts, tasks = kernel.decode(q, kp, vp, tables, lens, 0.125, splits, min_tokens)
+        parts, tasks, _ = kernel.decode(q, kp, vp, tables, lens, 0.125, splits, min_tokens)
         assert tasks > tasks1
         assert torch.allclose(parts, whole, rtol=1e-5, atol=2e-6)
 
@@ -182,14 +183,14 @@ def test_part_grid_bits_do_not_depend_on_ranges(dtype, isa):
             first = None
             for splits, min_tokens, threads in ((1, 1 << 30, 1), (64, 32, 2), (3, 500, 2),
                                                  (5, 64, 1)):  # fmt: skip
-                out, _ = kernel.decode(q, kp, vp, tables, lens, 0.125, splits, min_tokens,
+                out, *_ = kernel.decode(q, kp, vp, tables, lens, 0.125, splits, min_tokens,
                                        threads, starts=starts, part_tokens=96)  # fmt: skip
                 assert (out.double() - ref).abs().max().item() < 2e-3
                 first = out if first is None else first
                 assert torch.equal(out, first), (splits, min_tokens, threads)
             b = 4  # one request alone
             one = None if starts is None else starts[b : b + 1]
-            out, _ = kernel.decode(q[b : b + 1], kp, vp, tables[b : b + 1], lens[b : b + 1],
+            out, *_ = kernel.decode(q[b : b + 1], kp, vp, tables[b : b + 1], lens[b : b + 1],
                                    0.125, 7, 32, 2, starts=one, part_tokens=96)  # fmt: skip
             assert torch.equal(out, first[b : b + 1])
     finally:

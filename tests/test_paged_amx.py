@@ -24,7 +24,7 @@ def cpu_has_amx() -> bool:
 def run(isa, q, kp, vp, tables, lens, splits=1, threads=1, starts=None):
     previous = kernel.set_isa(isa)
     try:
-        out, _ = kernel.decode(q, kp, vp, tables, lens, q.shape[2] ** -0.5, splits, 64, threads,
+        out, *_ = kernel.decode(q, kp, vp, tables, lens, q.shape[2] ** -0.5, splits, 64, threads,
                                starts=starts)  # fmt: skip
     finally:
         kernel.set_isa(previous)

@@ -838,7 +838,7 @@ static int by_size_desc(const void *x, const void *y) {
 /* decode(q_ptr, k_ptr, v_ptr, pool_elems, tables, lengths, out_ptr, q_heads, kv_heads,
  *        head_dim, page_size, dtype, scale, max_splits, min_split_tokens, nthreads[, starts,
  *        part_tokens])
- *   -> (tasks, split requests x heads, threads used)
+ *   -> (tasks, partials of split requests (per KV head), threads used)
  * q and out: float32 [B, q_heads, head_dim] (B = len(lengths)); k, v: 16-bit
  * [pages, kv_heads, page_size, head_dim] with pool_elems elements each; tables: int32 [B, W];
  * lengths: int32 [B]. A request of n tokens is split into min(max_splits,
@@ -947,7 +947,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     used = pool_run(share, &c, ntasks > 1 ? nthreads : 1, bytes < SMALL_JOB_BYTES);
     for (int64_t k = 0; k < nmerges; k++) merge(&c, mg[k].b, mg[k].h, mg[k].s0, mg[k].ns);
     Py_END_ALLOW_THREADS
-    ret = Py_BuildValue("LLi", (long long)ntasks, (long long)nmerges, used);
+    ret = Py_BuildValue("LLi", (long long)ntasks, (long long)(nslots / hkv), used);
 done:
     PyMem_Free(tasks);
     PyMem_Free(mg);

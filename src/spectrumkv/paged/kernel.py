@@ -102,7 +102,7 @@ def decode(
     out: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     part_tokens: int = 0,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, int]:
     """One dispatch over the whole batch. Request b attends to its tokens [starts[b],
     lengths[b]) (starts None: from 0); a span of n tokens is cut into
     min(max_splits, ceil(n / min_split_tokens)) ranges (whole 32-token tiles); each (request,
@@ -110,13 +110,14 @@ def decode(
     of 32): the ranges are whole parts of that many tokens and each part is its own partial,
     merged in order, so a request's output bits depend on its span and part_tokens only, not
     on the ranges, the route or the batch (`cost.cut`). Returns (out float32 [batch, q_heads,
-    head_dim], tasks). Inputs as in `check_inputs`, which the caller has run."""
+    head_dim], tasks, partials: those of requests cut into more than one, per KV head, as
+    `cost.merge_bytes` counts them). Inputs as in `check_inputs`, which the caller has run."""
     qf = q.to(torch.float32).contiguous()
     if out is None:
         out = torch.empty(qf.shape, dtype=torch.float32)
     threads = max(1, min(64, threads or torch.get_num_threads()))
     try:
-        tasks, _, _ = _attention.decode(
+        tasks, partials, _ = _attention.decode(
             qf.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), k_pages.numel(),
             tables.contiguous().numpy(), lengths.contiguous().numpy(), out.data_ptr(),
             q.shape[1], k_pages.shape[1], k_pages.shape[3], k_pages.shape[2],
@@ -125,4 +126,4 @@ def decode(
         )  # fmt: skip
     except ValueError as e:
         raise PagedInputError(str(e)) from None
-    return out, tasks
+    return out, tasks, partials

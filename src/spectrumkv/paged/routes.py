@@ -103,8 +103,8 @@ def run_route(
     scale = float(scale) if scale is not None else k_pages.shape[3] ** -0.5
     if route == "adaptive":
         route = plan(q, k_pages, lengths, starts, profile)
-    spans = lengths if starts is None else lengths - starts  # tokens each request reads
     if k_pages.device.type == "cuda":  # every route runs as the Triton workqueue (paged.gpu)
+        spans = lengths if starts is None else lengths - starts  # tokens each request reads
         return _run_gpu(q, k_pages, v_pages, tables, lengths, scale, starts, spans)
     if route == "padded" or not kernel.AVAILABLE:
         if route != "padded":
@@ -113,31 +113,26 @@ def run_route(
         return reference.padded(q, k_pages, v_pages, tables, lengths, scale, starts), StepInfo(
             "padded", 1, 0, 0
         )
-    settings = cost.route_settings(route, profile)
-    max_splits, min_split, part = settings
-    merge = _merge_bytes(q, k_pages, spans, settings)
+    max_splits, min_split, part = cost.route_settings(route, profile)
     if route == "per-request":
         out = torch.empty(q.shape, dtype=torch.float32)
-        tasks = 0
+        tasks = partials = 0
         for b in range(q.shape[0]):
             one = None if starts is None else starts[b : b + 1]
-            _, t = kernel.decode(
+            _, t, p = kernel.decode(
                 q[b : b + 1], k_pages, v_pages, tables[b : b + 1], lengths[b : b + 1], scale,
                 max_splits, min_split, threads, out[b : b + 1], one, part,
             )  # fmt: skip
-            tasks += t
-        return out, StepInfo(route, q.shape[0], tasks, merge)
-    out, tasks = kernel.decode(
-        q, k_pages, v_pages, tables, lengths, scale, max_splits, min_split, threads,
-        starts=starts, part_tokens=part,
-    )  # fmt: skip
-    return out, StepInfo(route, 1, tasks, merge)
-
-
-def _merge_bytes(q, k_pages, spans: torch.Tensor, settings: tuple[int, ...]) -> int:
-    """Bytes the merge pass reads for these spans cut by `settings` (cost.route_settings)."""
-    partials = (cost.cut(max(n, 1), *settings)[2] for n in spans.tolist())
-    return cost.merge_bytes(sum(x for x in partials if x > 1), geometry(q, k_pages))
+            tasks, partials = tasks + t, partials + p
+        dispatches = q.shape[0]
+    else:
+        out, tasks, partials = kernel.decode(
+            q, k_pages, v_pages, tables, lengths, scale, max_splits, min_split, threads,
+            starts=starts, part_tokens=part,
+        )  # fmt: skip
+        dispatches = 1
+    merge = cost.merge_bytes(partials, geometry(q, k_pages))
+    return out, StepInfo(route, dispatches, tasks, merge)
 
 
 def _run_gpu(q, k_pages, v_pages, tables, lengths, scale, starts, spans, programs=None):
@@ -149,7 +144,8 @@ def _run_gpu(q, k_pages, v_pages, tables, lengths, scale, starts, spans, program
     programs = programs or gpu.device_programs(k_pages.device)
     settings = gpu.split_settings(spans.tolist(), k_pages.shape[1], programs)
     out, tasks = gpu.decode(q, k_pages, v_pages, tables, lengths, scale, *settings, starts=starts)
-    merge = _merge_bytes(q, k_pages, spans, settings)
+    partials = (cost.cut(max(n, 1), *settings)[2] for n in spans.tolist())  # one per range
+    merge = cost.merge_bytes(sum(x for x in partials if x > 1), geometry(q, k_pages))
     return out, StepInfo("workqueue", 1 + (merge > 0), tasks, merge)
 
 
