@@ -48,6 +48,7 @@ GEOMETRIES = [  # kv_heads, group, head_dim, page_size
     (8, 4, 128, 32),  # 7B-class
     (1, 4, 256, 16),  # Gemma-3-270M
     (2, 8, 64, 48),  # the largest group the AMX tile takes; pages of 3 x 16 tokens
+    (2, 6, 64, 16),  # P.V in two passes of 4 and 2 query heads (pv_heads)
 ]
 LENGTHS = [1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2500]
 STARTS = [0, 3, 0, 16, 30, 5, 17, 40, 0, 99, 100, 511, 1]  # mid-page and mid-16-block windows

@@ -504,19 +504,22 @@ AVX512 static void tile_avx512(const Ctx *c, const uint16_t *k, const uint16_t *
  * rows past n are read but their scores are masked out); B = the task's scaled queries in VNNI
  * pairs, columns [hi of each query head, bf16 rounding error (lo) of each]: products of bf16 K
  * and bf16 hi/lo are exact in FP32, so s = C[hi] + C[lo] is an FP32-accurate q.k (|q - hi - lo| <=
- * 2^-16 |q|). The FP32 online softmax is softmax16's, as in the AVX-512 kernel. V: A = P split
- * the same way, G bf16 hi rows over G lo rows; B = 16 dims of V rows interleaved into token pairs
- * in an L1 scratch (rows past n zeroed, never read: stale page memory may hold NaN and 0 x NaN =
- * NaN); C = 2G x 16 fp32, zeroed per chunk, added (hi row + lo row) to acc with AVX-512. Measured
- * (amx, one thread, hot pages, same process): that beat loading acc itself as C (two dependent
- * tdpbf16ps per chunk on one tile register: 1.08x slower on the 7B shape, 1.2x on SmolLM2's) and
- * the AVX-512 v_block for V (1.08x slower on the 7B shape, even on SmolLM2's). ---- */
+ * 2^-16 |q|). The FP32 online softmax is softmax16's, as in the AVX-512 kernel. V: B = 16 rows
+ * of V (tokens) x 32 dims, loaded straight from the page like K (a word holds two adjacent dims
+ * of one token); A = P split the same way, one token per word, as (p, 0) in the rows that collect
+ * the even dims and (0, p) in those that collect the odd ones: 4 rows per query head (hi even,
+ * hi odd, lo even, lo odd), up to 4 heads per pass (pv_heads); C = those rows x 16 fp32, zeroed
+ * per 32-dim chunk, summed (hi + lo) and interleaved (even, odd) into acc with AVX-512. Rows past
+ * n of the last block are copied into zeroed scratch first (stale page memory may hold NaN, and
+ * 0 x NaN = NaN). Measured (exp18 A/B, same process, 2 threads, DRAM-resident rings): 1.05-1.20x
+ * faster than B = V re-packed into token pairs in an L1 scratch per tile (permutes and stores of
+ * every V row; removing that work alone took a single thread from 8.7 to 11 GB/s). ---- */
 #define AMX __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,f16c,fma,amx-tile,amx-bf16")))
 
 /* The 64-byte tile configuration (palette 1). Tiles: 0, 1 scores of tokens [0, 16) and [16, 32)
  * (16 x 2G fp32); 2 K (16 tokens x 32 bf16); 3 queries of one 32-dim chunk (16 dim pairs x 2G);
- * 4 P (2G rows: hi, then lo, x 32 tokens, bf16); 5 V of one 16-dim chunk (16 token pairs x 16 x
- * 2 bf16); 6, 7 P.V of two 16-dim chunks (2G x 16 fp32). */
+ * 4, 7 P of tokens [0, 16) and [16, 32) (4 x pv_heads(G) rows x 16 words); 5 V (16 tokens x 32
+ * bf16); 6 P.V of one 32-dim chunk (4 x pv_heads(G) rows x 16 fp32). */
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -528,11 +531,14 @@ typedef struct {
  * dropped as a dead store. */
 static TileCfg amx_cfg[AMX_MAX_GROUP + 1];
 
+/* Query heads per P.V pass: each takes 4 rows of the 16-row A tile (hi / lo x even / odd dims). */
+static inline int pv_heads(int G) { return G < 4 ? G : 4; }
+
 static void amx_build_configs(void) {
     for (int G = 1; G <= AMX_MAX_GROUP; G++) {
         TileCfg *cfg = &amx_cfg[G];
-        const uint8_t G2 = (uint8_t)(2 * G);
-        const uint8_t rows[8] = {16, 16, 16, 16, G2, 16, G2, G2};
+        const uint8_t R = (uint8_t)(4 * pv_heads(G));
+        const uint8_t rows[8] = {16, 16, 16, 16, R, 16, R, R};
         const uint16_t colsb[8] = {8 * G, 8 * G, 64, 8 * G, 64, 64, 64, 64};
         memset(cfg, 0, sizeof *cfg);
         cfg->palette = 1;
@@ -587,8 +593,6 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
     const int G = c->group, d = c->d, G2 = 2 * G, blocks = n > 16 ? 2 : 1;
     float s[MAX_GROUP][TILE] __attribute__((aligned(64)));
     float ct[2][16 * 2 * AMX_MAX_GROUP] __attribute__((aligned(64)));
-    uint16_t p[2 * AMX_MAX_GROUP][TILE] __attribute__((aligned(64))); /* hi rows, lo rows */
-    float cv[2][2 * AMX_MAX_GROUP * 16] __attribute__((aligned(64)));
     /* scores, [token][hi | lo columns], then s[g] = column g + column G + g */
     _tile_zero(0);
     _tile_zero(1);
@@ -613,48 +617,69 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
             _mm512_store_ps(&s[g][16 * b], _mm512_add_ps(hi, lo));
         }
     softmax16(s, m, l, acc, n, G, d);
-    /* P in bf16 hi and lo rows */
-    for (int g = 0; g < G; g++) {
-        __m512i hi, lo;
-        bf16_split(_mm512_load_ps(&s[g][0]), _mm512_load_ps(&s[g][16]), &hi, &lo);
-        _mm512_store_si512(p[g], hi);
-        _mm512_store_si512(p[G + g], lo);
-    }
-    /* V rows (2r, 2r + 1) interleaved: row r of chunk z (dims [16z, 16z + 16)) at
-     * vb + (z * 16 + r) * 32 */
-    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                            40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                            32, 0);
-    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
-    const __m512i zero = _mm512_setzero_si512();
-    for (int r = 0; r < TILE / 2; r++) {
-        const uint16_t *va = 2 * r < n ? v + off[2 * r] : NULL;
-        const uint16_t *vb1 = 2 * r + 1 < n ? v + off[2 * r + 1] : NULL;
-        for (int j = 0; j < d; j += 32) {
-            const __m512i a = va ? _mm512_loadu_si512(va + j) : zero;
-            const __m512i b = vb1 ? _mm512_loadu_si512(vb1 + j) : zero;
-            uint16_t *row = vb + ((j / 16) * 16 + r) * 32; /* chunk j / 16, then the next */
-            _mm512_store_si512(row, _mm512_permutex2var_epi16(a, lo_idx, b));
-            _mm512_store_si512(row + 16 * 32, _mm512_permutex2var_epi16(a, hi_idx, b));
+    /* P.V: A = P as 32-bit words (p, 0) and (0, p), one token per word, so that B can be V's
+     * rows straight from the page: B row k = token k's 32 dims [j, j + 32) as 16 words of two
+     * dims, and C row (g, hi|lo, even) collects dims j + 2w, row (g, hi|lo, odd) dims j + 2w + 1.
+     * Rows: 4 per query head (hi even, hi odd, lo even, lo odd), pv_heads(G) heads per pass.
+     * V rows past n in the last block are copied into zeroed scratch instead (0 x the stale
+     * page memory past n, which may hold NaN, would be NaN). */
+    const int GC = pv_heads(G);
+    uint32_t pa[2][16][16] __attribute__((aligned(64)));
+    float cv[16][16] __attribute__((aligned(64)));
+    const uint16_t *vrow[2];
+    int vstride[2];
+    for (int b = 0; b < blocks; b++) {
+        if (16 * b + 16 <= n) {
+            vrow[b] = v + off[16 * b], vstride[b] = d * 2;
+            continue;
         }
+        uint16_t *z = vb + (size_t)b * 16 * d;
+        const int m0 = n - 16 * b;
+        memcpy(z, v + off[16 * b], (size_t)m0 * d * 2);
+        memset(z + (size_t)m0 * d, 0, (size_t)(16 - m0) * d * 2);
+        vrow[b] = z, vstride[b] = d * 2;
     }
-    _tile_loadd(4, p, TILE * 2);
-    for (int j = 0; j < d; j += 32) {
-        _tile_loadd(5, vb + (j / 16) * 16 * 32, 64);
-        _tile_zero(6);
-        _tile_dpbf16ps(6, 4, 5);
-        _tile_loadd(5, vb + (j / 16 + 1) * 16 * 32, 64);
-        _tile_zero(7);
-        _tile_dpbf16ps(7, 4, 5);
-        _tile_stored(6, cv[0], 64);
-        _tile_stored(7, cv[1], 64);
-        for (int g = 0; g < G; g++)
-            for (int h = 0; h < 2; h++) {
-                float *a = acc + g * d + j + 16 * h;
-                const __m512 pv = _mm512_add_ps(_mm512_load_ps(cv[h] + g * 16),
-                                                _mm512_load_ps(cv[h] + (G + g) * 16));
-                _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), pv));
+    const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
+    for (int g0 = 0; g0 < G; g0 += GC) {
+        memset(pa, 0, sizeof(uint32_t) * blocks * 16 * 16);
+        for (int gl = 0; gl < GC && g0 + gl < G; gl++) {
+            __m512i hi, lo;
+            bf16_split(_mm512_load_ps(&s[g0 + gl][0]), _mm512_load_ps(&s[g0 + gl][16]), &hi, &lo);
+            for (int b = 0; b < blocks; b++) {
+                const __m512i h = _mm512_cvtepu16_epi32(b ? _mm512_extracti64x4_epi64(hi, 1)
+                                                          : _mm512_castsi512_si256(hi));
+                const __m512i w = _mm512_cvtepu16_epi32(b ? _mm512_extracti64x4_epi64(lo, 1)
+                                                          : _mm512_castsi512_si256(lo));
+                _mm512_store_si512(pa[b][4 * gl], h);
+                _mm512_store_si512(pa[b][4 * gl + 1], _mm512_slli_epi32(h, 16));
+                _mm512_store_si512(pa[b][4 * gl + 2], w);
+                _mm512_store_si512(pa[b][4 * gl + 3], _mm512_slli_epi32(w, 16));
             }
+        }
+        _tile_loadd(4, pa[0], 64);
+        if (blocks == 2) _tile_loadd(7, pa[1], 64);
+        for (int j = 0; j < d; j += 32) {
+            _tile_zero(6);
+            _tile_loadd(5, vrow[0] + j, vstride[0]);
+            _tile_dpbf16ps(6, 4, 5);
+            if (blocks == 2) {
+                _tile_loadd(5, vrow[1] + j, vstride[1]);
+                _tile_dpbf16ps(6, 7, 5);
+            }
+            _tile_stored(6, cv, 64);
+            for (int gl = 0; gl < GC && g0 + gl < G; gl++) {
+                const __m512 ev = _mm512_add_ps(_mm512_load_ps(cv[4 * gl]),
+                                                _mm512_load_ps(cv[4 * gl + 2]));
+                const __m512 od = _mm512_add_ps(_mm512_load_ps(cv[4 * gl + 1]),
+                                                _mm512_load_ps(cv[4 * gl + 3]));
+                float *a = acc + (g0 + gl) * d + j;
+                _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a),
+                                                  _mm512_permutex2var_ps(ev, ilo, od)));
+                _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16),
+                                                       _mm512_permutex2var_ps(ev, ihi, od)));
+            }
+        }
     }
 }
 
