@@ -41,9 +41,13 @@ def build_old():
     with open(src, "w") as f:
         f.write(subprocess.check_output(["git", "show", old_src], text=True))
     so = os.path.join(out, "_attention_old.so")
-    subprocess.check_call(["gcc", "-O3", "-std=gnu11", "-fno-math-errno", "-fPIC", "-shared",
-                           "-pthread", "-Isrc/spectrumkv",
-                           "-I" + sysconfig.get_paths()["include"], src, "-o", so])  # fmt: skip
+    # as setup.py compiles: Python's CFLAGS first (they hold -fwrapv), then setup.py's flags.
+    # Until exp18 this was a plain `gcc -O3`, under which gcc 12 deleted the kernels'
+    # prefetch-only loops (see prefetch_line in _attention.c): old kernels ran without them.
+    flags = sysconfig.get_config_var("CFLAGS").split()
+    subprocess.check_call(["gcc", *flags, "-fPIC", "-shared", "-pthread", "-Isrc/spectrumkv",
+                           "-I" + sysconfig.get_paths()["include"], src, "-o", so,
+                           "-O3", "-std=gnu11", "-fno-math-errno"])  # fmt: skip
     spec = importlib.util.spec_from_file_location("_attention", so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
