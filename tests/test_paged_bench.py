@@ -119,6 +119,33 @@ def _record(route, rounds, seed=0, chosen=None):
             "lengths": [100], "tokens_per_s": 8e3 / min(rounds), "chosen": chosen}  # fmt: skip
 
 
+def test_calibrate_end_to_end_on_scaled_down_traces(tmp_path):
+    """The whole calibration (rates, split grids, fit, the printed checks) on the calibration
+    traces scaled to 1/512 (seconds, not the 15 minutes of the real one): every constant
+    measured or fitted and in range, the chosen settings from the grids, the profile marked
+    calibrated, and it survives its JSON round trip and drives adaptive's choice."""
+    lines: list[str] = []
+    prof = calibrate.calibrate(ring_bytes=1 << 18, rounds=1, progress=lines.append,
+                               scale=1 / 512)  # fmt: skip
+    assert prof.calibrated and prof.threads >= 1
+    assert prof.beta > 0 and prof.beta_1 > 0 and prof.beta_pad > 0 and prof.lam_pad > 0
+    assert prof.lam >= calibrate.FLOORS["lam"] and prof.tau >= calibrate.FLOORS["tau"]
+    scales = {prof.scale(r) for r in KERNEL_ROUTES}
+    assert len(scales) == 1 and min(scales) >= calibrate.FLOORS["scale"]
+    assert (prof.min_split_tokens, prof.max_splits) in calibrate.WQ_GRID
+    assert prof.split_splits in calibrate.SPLIT_GRID
+    for head in ("beta ", "split settings:", "fit:", "on the calibration cases:",
+                 "batch-invariant grid"):  # fmt: skip
+        assert sum(line.startswith(head) for line in lines) == 1, head
+    assert sum(line.startswith("fit case ") for line in lines) == (
+        len(traces.TRACES) * len(calibrate.FIT_BATCHES) * len(calibrate.CAL_SEEDS)
+    )
+    path = tmp_path / "profile.json"
+    prof.save(path)
+    assert load_profile(path) == prof
+    assert choose([9000, 300, 40000], SMOL, prof) in KERNEL_ROUTES  # padded: not invariant
+
+
 def test_targets_use_paired_rounds_spreads_and_noise():
     def rows(ad_rounds, wq_rounds):
         recs = []

@@ -79,8 +79,8 @@ class _Case:
         return [statistics.median(t) for t in got]
 
 
-def _rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress):
-    big = _Case(shape, traces.lengths("uniform", 8, CAL_SEEDS[0]), 0, page_size, dtype,
+def _rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress, scale):
+    big = _Case(shape, traces.lengths("uniform", 8, CAL_SEEDS[0], scale), 0, page_size, dtype,
                 ring_bytes)  # fmt: skip
     spread = dataclasses.replace(profile, max_splits=16, min_split_tokens=1024)
     t_all, t_one = big.times(
@@ -98,9 +98,9 @@ def _rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress):
     return rates
 
 
-def _cases(shape, batches, page_size, dtype, ring_bytes):
+def _cases(shape, batches, page_size, dtype, ring_bytes, scale):
     for trace, batch, seed in itertools.product(traces.TRACES, batches, CAL_SEEDS):
-        lens = traces.lengths(trace, batch, seed)
+        lens = traces.lengths(trace, batch, seed, scale)
         yield f"{trace} B{batch} seed {seed}", _Case(shape, lens, seed, page_size, dtype,
                                                      ring_bytes)  # fmt: skip
 
@@ -146,13 +146,14 @@ def _fit(rows: list[tuple[str, float, int, int, float]]) -> dict:
 
 def calibrate(
     shape: str = "smollm2-135m", page_size: int = 32, dtype=torch.bfloat16,
-    ring_bytes: int = 1 << 28, rounds: int = 5, progress=print,
+    ring_bytes: int = 1 << 28, rounds: int = 5, progress=print, scale: float = 1.0,
 ) -> cost.MachineProfile:  # fmt: skip
-    """Measure and fit a MachineProfile (see module doc)."""
+    """Measure and fit a MachineProfile (see module doc). scale multiplies every calibration
+    trace length (1.0: the traces as `bench attention` runs them; tests use a small one)."""
     threads = torch.get_num_threads()
     profile = cost.MachineProfile(threads=threads)
     profile = dataclasses.replace(
-        profile, **_rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress)
+        profile, **_rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress, scale)
     )
     rows = []  # (route, stream seconds, dispatches, tasks, measured seconds)
 
@@ -167,7 +168,7 @@ def calibrate(
                    for a, b in WQ_GRID]  # fmt: skip
     sp_variants = [dataclasses.replace(profile, split_splits=s) for s in SPLIT_GRID]
     wq, sp = {k: [] for k in WQ_GRID}, {k: [] for k in SPLIT_GRID}
-    for name, case in _cases(shape, GRID_BATCHES, page_size, dtype, ring_bytes):
+    for name, case in _cases(shape, GRID_BATCHES, page_size, dtype, ring_bytes, scale):
         got = measure(case, [("workqueue", p) for p in wq_variants]
                       + [("split", p) for p in sp_variants])  # fmt: skip
         for k, t in zip([*WQ_GRID, *SPLIT_GRID], got, strict=True):
@@ -182,7 +183,7 @@ def calibrate(
     checks = []  # (lens, geometry, {route: measured s})
     free = dataclasses.replace(profile, batch_invariant=False)  # one partial per range
     invariance = []  # workqueue on the part grid / on ranges
-    for name, case in _cases(shape, FIT_BATCHES, page_size, dtype, ring_bytes):
+    for name, case in _cases(shape, FIT_BATCHES, page_size, dtype, ring_bytes, scale):
         got = measure(case, [(r, profile) for r in cost.KERNEL_ROUTES] + [("workqueue", free)])
         *got, ranges = got
         times = dict(zip(cost.KERNEL_ROUTES, got, strict=True))
