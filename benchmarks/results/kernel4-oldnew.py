@@ -42,8 +42,9 @@ def build_old():
         f.write(subprocess.check_output(["git", "show", old_src], text=True))
     so = os.path.join(out, "_attention_old.so")
     # as setup.py compiles: Python's CFLAGS first (they hold -fwrapv), then setup.py's flags.
-    # Until exp18 this was a plain `gcc -O3`, under which gcc 12 deleted the kernels'
-    # prefetch-only loops (see prefetch_line in _attention.c): old kernels ran without them.
+    # Until exp18 this was a plain `gcc -O3`, under which gcc 12 deletes prefetch_tile's loops
+    # in commits 14a86af..2045b44 (see prefetch_line in _attention.c; earlier kernels keep
+    # theirs, so the figures recorded with this script are not affected).
     flags = sysconfig.get_config_var("CFLAGS").split()
     subprocess.check_call(["gcc", *flags, "-fPIC", "-shared", "-pthread", "-Isrc/spectrumkv",
                            "-I" + sysconfig.get_paths()["include"], src, "-o", so,

@@ -200,8 +200,7 @@ static void tile_scalar(const Ctx *c, const uint16_t *k, const uint16_t *v, cons
  * asks for the next tile's rows while it converts the current tile's; for the AVX-512 and AMX
  * kernels run_task asks for the next tile's K and V rows of all the task's heads at once before
  * a tile starts (prefetch_tile). (kernel4, AVX-512 with its own per-head prefetch: no difference
- * between that, prefetching into L2 only, two or three tiles ahead, or none, in builds that had
- * likely lost every prefetch of the AVX-512 tile, see below. amx, over a ring of
+ * between that, prefetching into L2 only, two or three tiles ahead, or none. amx, over a ring of
  * layers of the issue-18 mix, 1 thread: all heads at once into L1 one tile ahead made the AMX
  * tile 4-22 % faster and the AVX-512 one 4-7 %, than each head's tile prefetching its own; into
  * L2, or two or more tiles ahead, was slower; the AVX2 kernel was 2-10 % slower with it.)
@@ -209,7 +208,8 @@ static void tile_scalar(const Ctx *c, const uint16_t *k, const uint16_t *v, cons
  * The hint is an asm volatile, not __builtin_prefetch: gcc 12 treats the builtin as free of side
  * effects and, unless -fwrapv (Python's CFLAGS, so setup.py builds) keeps it from proving the
  * loops finite, deletes prefetch_tile's loops, which hold nothing else, as dead code. A plain
- * `gcc -O3` build then ran with no prefetch and 1.2-1.3x slower (exp18). */
+ * `gcc -O3` build then ran with no prefetch and 1.2-1.3x slower (exp18; kernels from 14a86af,
+ * which added prefetch_tile, to 2045b44). */
 static inline void prefetch_line(const char *p) {
 #if defined(__x86_64__)
     __asm__ volatile("prefetcht0 %0" : : "m"(*p));
