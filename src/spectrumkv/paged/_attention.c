@@ -656,7 +656,8 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
     const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
     for (int g0 = 0; g0 < G; g0 += GC) {
-        memset(pa, 0, sizeof(uint32_t) * blocks * 16 * 16);
+        if (g0 + GC > G) /* the last pass's rows past G: zero P, so zero rows of C */
+            memset(pa, 0, sizeof(uint32_t) * blocks * 16 * 16);
         for (int gl = 0; gl < GC && g0 + gl < G; gl++) {
             __m512i hi, lo;
             bf16_split(_mm512_load_ps(&s[g0 + gl][0]), _mm512_load_ps(&s[g0 + gl][16]), &hi, &lo);
