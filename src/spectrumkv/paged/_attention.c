@@ -525,9 +525,9 @@ AVX512 static void tile_avx512(const Ctx *c, const uint16_t *k, const uint16_t *
  * hi odd, lo even, lo odd), up to 4 heads per pass (pv_heads); C = those rows x 16 fp32, zeroed
  * per 32-dim chunk, summed (hi + lo) and interleaved (even, odd) into acc with AVX-512. Rows past
  * n of the last block are copied into zeroed scratch first (stale page memory may hold NaN, and
- * 0 x NaN = NaN). Measured (exp18 A/B, same process, 2 threads, DRAM-resident rings): 1.05-1.20x
- * faster than B = V re-packed into token pairs in an L1 scratch per tile (permutes and stores of
- * every V row; removing that work alone took a single thread from 8.7 to 11 GB/s). ---- */
+ * 0 x NaN = NaN). Measured (benchmarks/results/pv-direct-ab.py, same process, DRAM-resident
+ * rings): 1.02-1.06x faster on SmolLM2's shape and 1.25x on the 7B shape than B = V re-packed
+ * into token pairs in an L1 scratch per tile (permutes and stores of every V row). ---- */
 #define AMX __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,f16c,fma,amx-tile,amx-bf16")))
 
 /* The 64-byte tile configuration (palette 1). Tiles: 0, 1 scores of tokens [0, 16) and [16, 32)
@@ -640,18 +640,16 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
     const int GC = pv_heads(G);
     uint32_t pa[2][16][16] __attribute__((aligned(64)));
     float cv[16][16] __attribute__((aligned(64)));
-    const uint16_t *vrow[2];
-    int vstride[2];
+    const uint16_t *vrow[2]; /* each block's 16 V rows, d values apart */
     for (int b = 0; b < blocks; b++) {
-        if (16 * b + 16 <= n) {
-            vrow[b] = v + off[16 * b], vstride[b] = d * 2;
-            continue;
+        vrow[b] = v + off[16 * b];
+        if (16 * b + 16 > n) {
+            uint16_t *z = vb + (size_t)b * 16 * d;
+            const int m0 = n - 16 * b;
+            memcpy(z, vrow[b], (size_t)m0 * d * 2);
+            memset(z + (size_t)m0 * d, 0, (size_t)(16 - m0) * d * 2);
+            vrow[b] = z;
         }
-        uint16_t *z = vb + (size_t)b * 16 * d;
-        const int m0 = n - 16 * b;
-        memcpy(z, v + off[16 * b], (size_t)m0 * d * 2);
-        memset(z + (size_t)m0 * d, 0, (size_t)(16 - m0) * d * 2);
-        vrow[b] = z, vstride[b] = d * 2;
     }
     const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
@@ -676,10 +674,10 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
         if (blocks == 2) _tile_loadd(7, pa[1], 64);
         for (int j = 0; j < d; j += 32) {
             _tile_zero(6);
-            _tile_loadd(5, vrow[0] + j, vstride[0]);
+            _tile_loadd(5, vrow[0] + j, d * 2);
             _tile_dpbf16ps(6, 4, 5);
             if (blocks == 2) {
-                _tile_loadd(5, vrow[1] + j, vstride[1]);
+                _tile_loadd(5, vrow[1] + j, d * 2);
                 _tile_dpbf16ps(6, 7, 5);
             }
             _tile_stored(6, cv, 64);
