@@ -169,6 +169,7 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
             fn(layers - 1)
             last = family
             passes = min(layers, 2) if slow else layers
+            share = min(1.0, passes / MODEL_LAYERS[shape])  # of one step's plan (module doc)
             t0 = time.perf_counter()
             clear_plans()  # adaptive plans once per pass (an engine: once per model step)
             if route == "adaptive" and per_step:
@@ -176,7 +177,6 @@ def run_case(shape, page_size, trace, batch, seed, lens, cfg: BenchConfig, profi
             t1 = time.perf_counter()
             for i in range(passes):
                 fn(i)
-            share = min(1.0, passes / MODEL_LAYERS[shape])  # of one step's plan (module doc)
             times[route].append(((t1 - t0) * share + time.perf_counter() - t1) / passes)
             if route == "adaptive" and per_step:
                 plans.append(t1 - t0)

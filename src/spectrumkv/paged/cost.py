@@ -113,9 +113,9 @@ def cut(n: int, max_splits: int, min_split_tokens: int, part_tokens: int = 0):
     each; or, with part_tokens > 0, ranges of whole parts (as even as whole parts allow, never
     more ranges than parts) and one partial per part: parts of part_tokens tokens, or past
     MAX_PARTS of them, MAX_PARTS equal parts of whole tiles (the partials stay O(1) in n)."""
-    ns = min(max_splits, max(1, -(-n // min_split_tokens)))
+    ns = min(max_splits, max(1, _ceil_div(n, min_split_tokens)))
     if part_tokens:
-        parts = -(-n // part_tokens)
+        parts = _ceil_div(n, part_tokens)
         if parts > MAX_PARTS:
             part_tokens = _ceil_div(_ceil_div(n, MAX_PARTS), TILE) * TILE
             parts = _ceil_div(n, part_tokens)
