@@ -8,7 +8,8 @@
 - `spectrumkv.serve._rowops`, the fused RMSNorm / RoPE of the Llama decode step: if it cannot be
   compiled, serve.llama_step runs their torch references.
 
-Both share the persistent thread pool in `src/spectrumkv/_pool.h` (one pool per extension).
+The codec runs on the persistent thread pool in `src/spectrumkv/_pool.h`; paged attention runs on
+OpenMP (`-fopenmp`), the same libgomp and threads as torch's own ops (see `_attention.c`).
 """
 
 from setuptools import Extension, setup
@@ -28,10 +29,8 @@ setup(
         Extension(
             "spectrumkv.paged._attention",
             sources=["src/spectrumkv/paged/_attention.c"],
-            depends=["src/spectrumkv/_pool.h"],
-            include_dirs=["src/spectrumkv"],
-            extra_compile_args=_FLAGS,
-            extra_link_args=["-pthread"],
+            extra_compile_args=[*_FLAGS, "-fopenmp"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         ),
         Extension(

@@ -48,7 +48,7 @@ def build_old():
     flags = sysconfig.get_config_var("CFLAGS").split()
     subprocess.check_call(["gcc", *flags, "-fPIC", "-shared", "-pthread", "-Isrc/spectrumkv",
                            "-I" + sysconfig.get_paths()["include"], src, "-o", so,
-                           "-O3", "-std=gnu11", "-fno-math-errno"])  # fmt: skip
+                           "-O3", "-std=gnu11", "-fno-math-errno", "-fopenmp"])  # fmt: skip
     spec = importlib.util.spec_from_file_location("_attention", so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

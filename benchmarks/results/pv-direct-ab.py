@@ -2,7 +2,10 @@
 (2045b44, V re-packed into token pairs per tile), and vLLM's CPU decode attention, one decode
 layer in ONE process. Run from the repository root:
 
-    .venv/bin/python benchmarks/results/pv-direct-ab.py TRACE BATCH THREADS SHAPE ROUNDS
+    .venv/bin/python benchmarks/results/pv-direct-ab.py TRACE BATCH THREADS SHAPE ROUNDS [OLD]
+
+OLD: the commit to build as "old" (default 2045b44; 6dc6eb7, the last kernel on the extensions'
+own thread pool, for the OpenMP dispatch A/B in pv-direct-ab-omp.txt).
 
 Builds the old `_attention.c` from git as setup.py builds it (kernel4-oldnew.py's build_old)
 and loads it by path next to the installed one. The batch (held-out seed 100 of TRACE, bf16,
@@ -97,4 +100,6 @@ def main(trace, batch, threads, shape, rounds):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
+    if len(a) > 5:
+        OLD_COMMIT = a[5]
     main(a[0], int(a[1]), int(a[2]), a[3], int(a[4]))

@@ -22,10 +22,15 @@
  * them (amx_fits; tile_amx), AVX-512 (every other page and every tile the AMX one cannot take),
  * AVX2/F16C/FMA, plain C. All keep the same FP32 m, l, acc state, so a task may mix them.
  *
- * All tasks of one call run as ONE job on the persistent pool (_pool.h): every thread takes the
- * next task from a shared counter (longest tasks first), so a call is one dispatch whatever the
+ * All tasks of one call run as ONE OpenMP parallel region (run_job): every thread takes the next
+ * task from a shared counter (longest tasks first), so a call is one dispatch whatever the
  * batch. The routes in attention.py differ only in which requests they pass per call and how
- * they split them.
+ * they split them. OpenMP, not the extensions' own pool (_pool.h), so that the kernel runs on
+ * torch's threads: torch's wheel loads libgomp.so.1 and this module links the same soname, so
+ * the process has one team. With a second set of threads, torch's OpenMP workers (spinning
+ * after each torch op) and the pool's helpers (spinning after each call) took turns on the
+ * same cores: at 2 threads a SmolLM2 batch-12 decode step ran 62-72 ms, against 45 ms with the
+ * kernel on one thread beside torch's two (serve.step_bench, benchmarks/RESULTS.md).
  *
  * Bounds: every length and every block-table entry that a length reaches is checked against the
  * table width and the pool before any thread starts; nothing outside the given buffers is read
@@ -35,27 +40,22 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-static inline void relax(void) { _mm_pause(); }
 #define HAVE_AVX2_KERNELS 1
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
 #else
-static inline void relax(void) {}
 #define HAVE_AVX2_KERNELS 0
 #endif
-
-#include "_pool.h"
 
 enum { DT_F16 = 1, DT_BF16 = 2 };
 #define MAX_GROUP 16
@@ -64,11 +64,12 @@ enum { DT_F16 = 1, DT_BF16 = 2 };
 #define MAX_HEADS 1024
 #define TILE 32
 #define MAX_PARTS 16 /* partials per request on the part grid (see the top) */
+#define MAX_THREADS 64 /* the most threads a call may ask for (kernel.py caps it) */
 /* A task covers as many KV heads of its request (at most MAX_ROWS query heads, TASK_FLOATS
  * floats of queries and of accumulators) as fit. */
 #define MAX_ROWS 64
 #define TASK_FLOATS (MAX_GROUP * MAX_HEAD_DIM)
-/* Below this many KV bytes a call runs on the caller alone unless helpers are awake. */
+/* Below this many KV bytes a call runs on the caller alone (waking a team costs more). */
 #define SMALL_JOB_BYTES (512 * 1024)
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AMX = 3 };
@@ -802,6 +803,23 @@ static void share(void *ctx, int t, int nthreads) {
     }
 }
 
+/* Runs every task of c on up to nthreads threads of the calling thread's OpenMP team (one
+ * thread: on the caller alone, no region); returns the number of threads that ran. */
+static int run_job(Ctx *c, int nthreads) {
+    if (nthreads <= 1) {
+        share(c, 0, 1);
+        return 1;
+    }
+    int used = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        share(c, omp_get_thread_num(), omp_get_num_threads());
+#pragma omp master
+        used = omp_get_num_threads();
+    }
+    return used;
+}
+
 /* Combines the partials of slots [s0, s0 + ns) into the output rows of (b, h). */
 static void merge(const Ctx *c, int b, int h, int s0, int ns) {
     const int G = c->group, d = c->d;
@@ -903,7 +921,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     const char *bad = NULL;
     if (hkv < 1 || hkv > MAX_HEADS || hq < hkv || hq % hkv || hq / hkv > MAX_GROUP || d < 1 ||
         d > MAX_HEAD_DIM || ps < 1 || (dt != DT_F16 && dt != DT_BF16) || max_splits < 1 ||
-        min_split < 1 || nthreads < 1 || nthreads > POOL_MAX_THREADS || pool_elems < 0 ||
+        min_split < 1 || nthreads < 1 || nthreads > MAX_THREADS || pool_elems < 0 ||
         !(scale > 0.0f) || lb.len % 4 || B < 1 || part_tokens < 0 || part_tokens % TILE)
         bad = "invalid decode geometry";
     else if (tb.len % (4 * B))
@@ -982,7 +1000,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     int used;
     Py_BEGIN_ALLOW_THREADS
     if (ntasks > 1) qsort(tasks, (size_t)ntasks, sizeof(Task), by_size_desc);
-    used = pool_run(share, &c, ntasks > 1 ? nthreads : 1, bytes < SMALL_JOB_BYTES);
+    used = run_job(&c, ntasks > 1 && bytes >= SMALL_JOB_BYTES ? nthreads : 1);
     for (int64_t k = 0; k < nmerges; k++) merge(&c, mg[k].b, mg[k].h, mg[k].s0, mg[k].ns);
     Py_END_ALLOW_THREADS
     ret = Py_BuildValue("LLi", (long long)ntasks, (long long)(nslots / hkv), used);
@@ -1022,7 +1040,6 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_attention", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__attention(void) {
-    pool_init();
 #if HAVE_AVX2_KERNELS
     __builtin_cpu_init();
     amx_granted = request_amx();

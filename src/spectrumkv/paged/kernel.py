@@ -1,8 +1,9 @@
 """The compiled decode kernel (`spectrumkv.paged._attention`, from `_attention.c`) and the one
 input check every route runs.
 
-`decode()` runs all (request, KV heads, split) tasks of a batch as one job on the extension's
-persistent thread pool, then merges split requests exactly. A task covers all KV heads of its
+`decode()` runs all (request, KV heads, split) tasks of a batch as one OpenMP parallel region
+on torch's own threads (the same libgomp team as torch's ops; see `_attention.c`), then merges
+split requests exactly. A task covers all KV heads of its
 request whose state fits its buffers (one run of K and of V per page), or one KV head when that
 would leave fewer than 4 tasks per thread (`cost.task_heads` states the rule). Kernels:
 AMX-BF16 (bf16 pages only), AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`,
