@@ -12,6 +12,8 @@ import torch
 
 import spectrumkv as skv
 from spectrumkv.engines.hf import prefill, prefill_batch
+from spectrumkv.engines.segments import ATTENTION as SEGMENTS
+from spectrumkv.engines.segments import segment_attention, segments
 from spectrumkv.errors import ConfigError
 from spectrumkv.pd.batcher import MAX_BATCH_TOKENS, PrefillBatcher, batch_take, check_batch
 from spectrumkv.pd.client import complete, token_ids
@@ -61,6 +63,36 @@ def test_packed_prefill_gives_each_context_its_own_kv(smol):
             torch.testing.assert_close(kv.values, ref.values, atol=8e-3, rtol=2e-3)
             torch.testing.assert_close(wq.queries, ref_wq.queries, atol=1e-3, rtol=1e-4)
             assert wq.queries.shape == ref_wq.queries.shape
+
+
+def test_segment_attention_equals_a_block_diagonal_mask_and_is_scoped():
+    """One causal SDPA per span == SDPA over the packed sequence with a block-diagonal causal
+    mask (GQA: 6 query heads on 2 KV heads); misuse raises; the model's attention is restored."""
+    g = torch.Generator().manual_seed(1)
+    spans = [(0, 5), (5, 37), (37, 40)]
+    q = torch.randn(1, 6, 40, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 40, 16, generator=g)
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 32, 3]))
+    pos = torch.arange(40)
+    visible = (pos[None] <= pos[:, None]) & (seg[None] == seg[:, None])
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=visible, scale=0.3
+    ).transpose(1, 2)
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    with pytest.raises(RuntimeError, match="only inside segments"):
+        segment_attention(None, q, k, v, None, 0.3)
+    with segments(model, spans):
+        assert model.config._attn_implementation == SEGMENTS
+        out, _ = segment_attention(None, q, k, v, None, 0.3)
+        with pytest.raises(RuntimeError, match="empty cache"):
+            segment_attention(None, q, k[:, :, :30], v[:, :, :30], None, 0.3)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for bad in ([], [(1, 5)], [(0, 5), (6, 9)], [(0, 0)]):
+        with pytest.raises(ValueError, match="tile"), segments(model, bad):
+            pass
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_a_failing_hook_stops_only_its_own_context(smol):

@@ -29,6 +29,7 @@ from ..importance import WindowQueries
 from ..kv import LayerKV, first_slot
 from ..wire import KV_DTYPES, Fingerprint
 from .packed import pack_linears
+from .segments import segments
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -233,12 +234,13 @@ def prefill_batch(
     window: int = 32,
 ) -> list[Exception | None]:
     """Prefill several contexts (1-D token ids each) in ONE forward: packed into one sequence,
-    each attending only to itself (block-diagonal causal mask) at its own positions 0..n-1, so
-    each gets the KV and window queries `prefill` would give it alone, up to the float rounding
-    of larger GEMMs. `on_layer[j](i, kv, window_queries)` is called once per layer for context
-    j, as `prefill`'s hook. A hook that raises stops only its own context: its later layers are
-    not reported and the exception is returned in its slot (None: every layer was reported);
-    the forward stops early once every hook has raised. An error of the forward itself raises.
+    each attending only to itself (one causal SDPA per context: engines.segments) at its own
+    positions 0..n-1, so each gets the KV and window queries `prefill` would give it alone, up
+    to the float rounding of larger GEMMs. `on_layer[j](i, kv, window_queries)` is called once
+    per layer for context j, as `prefill`'s hook. A hook that raises stops only its own
+    context: its later layers are not reported and the exception is returned in its slot
+    (None: every layer was reported); the forward stops early once every hook has raised. An
+    error of the forward itself raises.
 
     Full-attention models only (ConfigError otherwise): a sliding-window layer would need a
     per-context window mask and keeps only the window's slots, which the packed cache's layout
@@ -254,9 +256,6 @@ def prefill_batch(
     ends = torch.tensor(sizes).cumsum(0).tolist()
     spans = [(e - n, e) for n, e in zip(sizes, ends, strict=True)]
     pos = torch.cat([torch.arange(n) for n in sizes])
-    seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    slots = torch.arange(ends[-1])
-    mask = _mask(slots, slots, 0, engine.compute_dtype, groups=seg)
     captured: list[list[WindowQueries] | None] = [None] * fp.n_layers
     hooks = _window_hooks(
         engine, [(e - min(window, n), e) for n, e in zip(sizes, ends, strict=True)], captured
@@ -286,14 +285,14 @@ def prefill_batch(
 
     hooks += [layer.register_forward_hook(layer_done) for layer in model.model.layers]
     try:
-        model(
-            input_ids=torch.cat(contexts).view(1, -1),
-            position_ids=pos.view(1, -1),
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with segments(model, spans):
+            model(
+                input_ids=torch.cat(contexts).view(1, -1),
+                position_ids=pos.view(1, -1),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
     except _AllStopped:
         pass
     finally:
@@ -391,14 +390,10 @@ def _mask(
     window: int,
     dtype: torch.dtype,
     hidden: torch.Tensor | None = None,
-    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive 4-D mask: key slot k is visible to query q if it is causal, inside the sliding
-    window (if any), not `hidden` (a bool per key slot) and, with `groups` (a group id per
-    slot, keys and queries alike), in q's group."""
+    window (if any) and not `hidden` (a bool per key slot)."""
     visible = kpos[None, :] <= qpos[:, None]
-    if groups is not None:
-        visible &= groups[None, :] == groups[:, None]
     if window > 0:
         visible &= (qpos[:, None] - kpos[None, :]) < window
     if hidden is not None:

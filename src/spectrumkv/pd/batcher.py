@@ -26,11 +26,14 @@ log = logging.getLogger("spectrumkv.prefill")
 #: the largest `--prefill-batch` accepted (a packed forward's attention mask is quadratic in the
 #: batch's total tokens)
 MAX_BATCH = 64
-#: a batch packs at most this many prompt tokens (a longer first request goes alone): the packed
-#: forward's attention is quadratic in the batch's total, and past a few hundred tokens a
-#: prefill is compute-bound, so packing more only adds masked-out attention (see
-#: benchmarks/prefill_batch.py and /work/notes/pbatch-results.md)
-MAX_BATCH_TOKENS = 512
+#: a batch packs at most this many prompt tokens (a longer first request goes alone). Each
+#: prompt attends only to itself (engines.segments: attention costs the sum of each prompt's
+#: square, not the square of the total), so a bigger pack only feeds the linear layers more
+#: rows: bench decode's 16 prompts (4,901 tokens, bf16, 2 threads) prefilled and encoded in
+#: 2.68 s in one forward against 4.95 s one at a time (benchmarks/prefill_batch.py; with the
+#: earlier block-diagonal mask one forward took 10.79 s, hence the earlier cap of 512). The cap
+#: bounds a forward's memory and how long the first prompt of a pack waits for the last.
+MAX_BATCH_TOKENS = 4096
 
 
 def check_batch(size: int) -> int:

@@ -1,0 +1,73 @@
+"""Attention of several prompts packed into one sequence: one causal SDPA per prompt.
+
+`engines.hf.prefill_batch` runs several prompts through one forward, packed end to end, so the
+linear layers see one large batch of rows (on this CPU a packed bf16 linear does ~1.0 TFLOP/s at
+480 rows and ~1.6 at 2,048). Attention must keep each prompt to itself. A block-diagonal mask
+over the packed sequence does that, but SDPA then computes every masked-out pair too: the
+attention work grows with the square of the packed total instead of the sum of each prompt's
+square. `segments(model, spans)` switches the model's attention, for the duration of a `with`
+block on the calling thread, to `segment_attention`, registered with transformers'
+`AttentionInterface` under `ATTENTION`: SDPA with `is_causal=True` on each span alone, the
+grouped K/V heads expanded per span. The mask the model passes is ignored.
+
+Contract: the model's forward runs on the thread that entered `segments`, with an empty cache,
+so keys and values hold exactly the packed sequence's tokens; the spans tile that sequence.
+Calling the attention function any other way raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION = "spectrumkv_segments"
+_active = threading.local()
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] (the whole packed sequence, post-RoPE).
+    Returns ([1, T, Hq, D], None), each span attending causally to itself only."""
+    spans: list[tuple[int, int]] | None = getattr(_active, "spans", None)
+    t = query.shape[2]
+    if spans is None or key.shape[2] != t or spans[-1][1] != t:
+        raise RuntimeError("segment attention runs only inside segments(), over one packed "
+                           "sequence with an empty cache")  # fmt: skip
+    group = query.shape[1] // key.shape[1]
+    out = query.new_empty(1, t, query.shape[1], query.shape[3])
+    for a, b in spans:
+        k = key[:, :, a:b].repeat_interleave(group, 1)
+        v = value[:, :, a:b].repeat_interleave(group, 1)
+        o = F.scaled_dot_product_attention(query[:, :, a:b], k, v, is_causal=True, scale=scaling)
+        out[:, a:b] = o.transpose(1, 2)
+    return out, None
+
+
+AttentionInterface.register(ATTENTION, segment_attention)
+
+
+@contextlib.contextmanager
+def segments(model: torch.nn.Module, spans: list[tuple[int, int]]) -> Iterator[None]:
+    """Within the block, `model`'s attention treats the packed sequence as the prompts
+    `spans` ((start, end) token indices, in order, tiling the sequence). Restores the model's
+    attention implementation on exit."""
+    if (
+        not spans
+        or spans[0][0] != 0
+        or any(b <= a for a, b in spans)
+        or any(spans[i][1] != spans[i + 1][0] for i in range(len(spans) - 1))
+    ):
+        raise ValueError(f"spans must tile the packed sequence from 0, got {spans}")
+    cfg = model.config
+    previous = cfg._attn_implementation
+    cfg._attn_implementation = ATTENTION
+    _active.spans = spans
+    try:
+        yield
+    finally:
+        _active.spans = None
+        cfg._attn_implementation = previous
