@@ -32,8 +32,11 @@ MAX_BATCH = 64
 #: rows: bench decode's 16 prompts (4,901 tokens, bf16, 2 threads) prefilled and encoded in
 #: 2.68 s in one forward against 4.95 s one at a time (benchmarks/prefill_batch.py; with the
 #: earlier block-diagonal mask one forward took 10.79 s, hence the earlier cap of 512). The cap
-#: bounds a forward's memory and how long the first prompt of a pack waits for the last.
-MAX_BATCH_TOKENS = 4096
+#: bounds how long the first prompt of a pack waits for the last: through the workers on one
+#: shared 2-core box (`bench decode`, decode worker on 2 threads, one run each) caps of 512 /
+#: 1,024 / 2,048 / 4,096 gave 160 / 166 / 149 / 120 decode tok/s and TTFT p99 5.8 / 4.9 / 6.6 /
+#: 7.7 s: one big pack holds every first token back until its last layer.
+MAX_BATCH_TOKENS = 1024
 
 
 def check_batch(size: int) -> int:

@@ -131,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=16,
         help="KV requests queued together are prefilled in one forward, at most this many "
-        "and 4,096 tokens (1 = one at a time; models with sliding-window layers: always 1)",
+        "and 1,024 tokens (1 = one at a time; models with sliding-window layers: always 1)",
     )
     pf.set_defaults(func=_cmd_serve)
 
