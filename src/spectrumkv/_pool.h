@@ -1,6 +1,6 @@
-/* A persistent pool of helper threads, shared by the compiled extensions (the frame codec in
- * _codec.c, paged decode attention in paged/_attention.c). Each extension that includes this
- * header gets its own pool (the state below is static).
+/* A persistent pool of helper threads for the frame codec (_codec.c). Paged decode attention
+ * (paged/_attention.c) runs on OpenMP instead, on torch's own threads (see its top comment).
+ * Each extension that includes this header gets its own pool (the state below is static).
  *
  * Starting a thread, or waking a sleeping one, costs 0.1-4 ms on some VMs, as much as encoding a
  * small layer, so helpers spin for up to SPIN_NS after a job before they sleep, and a caller

@@ -793,9 +793,8 @@ static void run_task(Ctx *c, const Task *t) {
     }
 }
 
-static void share(void *ctx, int t, int nthreads) {
-    (void)t, (void)nthreads;
-    Ctx *c = (Ctx *)ctx;
+/* One thread's part of a call: the next task from the shared counter until none is left. */
+static void take_tasks(Ctx *c) {
     for (;;) {
         const int i = atomic_fetch_add(&c->next, 1);
         if (i >= c->ntasks) return;
@@ -807,13 +806,13 @@ static void share(void *ctx, int t, int nthreads) {
  * thread: on the caller alone, no region); returns the number of threads that ran. */
 static int run_job(Ctx *c, int nthreads) {
     if (nthreads <= 1) {
-        share(c, 0, 1);
+        take_tasks(c);
         return 1;
     }
     int used = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        share(c, omp_get_thread_num(), omp_get_num_threads());
+        take_tasks(c);
 #pragma omp master
         used = omp_get_num_threads();
     }
