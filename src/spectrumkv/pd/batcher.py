@@ -23,8 +23,8 @@ from ..errors import ConfigError
 from .sampling import Cancelled
 
 log = logging.getLogger("spectrumkv.prefill")
-#: the largest `--prefill-batch` accepted (a packed forward's attention mask is quadratic in the
-#: batch's total tokens)
+#: the largest `--prefill-batch` accepted (prompts per forward; MAX_BATCH_TOKENS bounds the
+#: tokens)
 MAX_BATCH = 64
 #: a batch packs at most this many prompt tokens (a longer first request goes alone). Each
 #: prompt attends only to itself (engines.segments: attention costs the sum of each prompt's
