@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from .attention import use_attention
+
 ATTENTION = "spectrumkv_segments"
 _active = threading.local()
 
@@ -62,12 +64,9 @@ def segments(model: torch.nn.Module, spans: list[tuple[int, int]]) -> Iterator[N
         or any(spans[i][1] != spans[i + 1][0] for i in range(len(spans) - 1))
     ):
         raise ValueError(f"spans must tile the packed sequence from 0, got {spans}")
-    cfg = model.config
-    previous = cfg._attn_implementation
-    cfg._attn_implementation = ATTENTION
     _active.spans = spans
     try:
-        yield
+        with use_attention(model, ATTENTION):
+            yield
     finally:
         _active.spans = None
-        cfg._attn_implementation = previous

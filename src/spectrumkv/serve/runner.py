@@ -6,8 +6,8 @@ original next position, norms, MLP, LM head) on a batch of B rows of one token e
 routed through transformers' `AttentionInterface` to `_paged_attention`, registered under the
 name `ATTENTION`: it writes each row's new K/V (post-RoPE, rounded to the KV dtype) into that
 request's next page slot and runs the paged decode kernel over the block tables. The model's
-`config._attn_implementation` is switched to `ATTENTION` only for the duration of `step` (other
-callers of the same model, e.g. a local prefill, keep their usual attention); the runner's
+attention is switched to `ATTENTION` only during `step` (engines.attention; other callers of
+the same model, e.g. a local prefill, keep their usual attention); the runner's
 contract is therefore that all model calls on this engine happen on one thread, the engine's.
 
 The model computes in its load dtype (engines.hf.load: float32, or bfloat16 with packed
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from ..engines.attention import use_attention
 from ..engines.hf import Engine
 from ..kv import LayerKV
 from ..paged import cost
@@ -222,17 +223,14 @@ class ModelRunner:
             )
             return logits.float()
         _active.step = st
-        cfg = model.config
-        previous = cfg._attn_implementation
-        cfg._attn_implementation = ATTENTION
         try:
-            out = model(
-                input_ids=torch.tensor(tokens).view(-1, 1),
-                position_ids=torch.tensor(positions).view(-1, 1),
-                use_cache=False,
-            )
+            with use_attention(model, ATTENTION):
+                out = model(
+                    input_ids=torch.tensor(tokens).view(-1, 1),
+                    position_ids=torch.tensor(positions).view(-1, 1),
+                    use_cache=False,
+                )
         finally:
-            cfg._attn_implementation = previous
             _active.step = None
         return out.logits[:, -1].float()
 
