@@ -251,6 +251,18 @@ def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):
     )
 
 
+def test_finetune_under_another_rope_base(tmp_path, corpus):
+    base = _tiny(tmp_path / "base", 3)
+    recipe = Recipe(base=base, corpus=corpus, steps=1, lr=1e-3, batch=1, seq_len=16, warmup=1,
+                    rope_theta=5e4)  # fmt: skip
+    a, b = load(base), load(str(finetune(recipe, tmp_path / "tuned")))
+    assert b.model.config.rope_parameters["rope_theta"] == 5e4
+    assert a.fingerprint.rope != b.fingerprint.rope
+    pos = torch.arange(8, 40)
+    (ca, _), (cb, _) = rope.rotary(a.model, 0, pos), rope.rotary(b.model, 0, pos)
+    assert not torch.allclose(ca, cb)
+
+
 def test_recipe_schedule_validation_and_digest():
     from spectrumkv.errors import ConfigError
 
@@ -261,8 +273,12 @@ def test_recipe_schedule_validation_and_digest():
     assert Recipe(base="m", decay="constant", warmup=0).lr_at(23) == Recipe(base="m").lr
     assert Recipe(base="m", clip=0.0).digest() != Recipe(base="m").digest()
     assert Recipe(base="m", attn_lr_scale=2.0).digest() != Recipe(base="m").digest()
+    assert Recipe(base="m", rope_theta=1e4).digest() != Recipe(base="m").digest()
+    # the cached default pair keeps its key when fields with defaults are added
+    assert Recipe(base="smollm2-135m").digest() == "4a7c4d246af6"
     bads = (dict(decay="linear"), dict(clip=-1.0), dict(lr=0.0), dict(train_embeddings=1),
-            dict(attn_lr_scale=0.0), dict(lr=0.1, attn_lr_scale=20.0))  # fmt: skip
+            dict(attn_lr_scale=0.0), dict(lr=0.1, attn_lr_scale=20.0),
+            dict(rope_theta=1.0))  # fmt: skip
     for bad in bads:
         with pytest.raises(ConfigError):
             Recipe(base="m", **bad)

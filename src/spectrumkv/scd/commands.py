@@ -27,6 +27,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         decay=args.decay,
         train_embeddings=args.train_embeddings,
         attn_lr_scale=args.attn_lr_scale,
+        rope_theta=args.rope_theta,
     )
     print(finetune(recipe, args.out, save_every=args.save_every))
 
@@ -148,6 +149,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="also train the token embeddings (default: frozen)")  # fmt: skip
     ft.add_argument("--attn-lr-scale", type=float, default=d.attn_lr_scale,
                     help="lr multiplier of the attention projections (W_q/k/v/o)")  # fmt: skip
+    ft.add_argument("--rope-theta", type=float, default=None,
+                    help="RoPE base frequency to train B under (default: the base's)")  # fmt: skip
     ft.add_argument("--save-every", type=int, default=6, help="checkpoint period (steps)")
     ft.add_argument("--out", default=None, help="output directory (default: the cache)")
     ft.add_argument("--threads", type=int, default=0)

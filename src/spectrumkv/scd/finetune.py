@@ -39,7 +39,11 @@ class Recipe:
     that moves them further than the rest gives a pair whose caches differ more.
     `seq_len` 512 by default: fine-tuned on 128-token windows, B's own cache of a long prompt
     was barely better for B than A's (raw reuse +0.18 % PPL on 896-token prefixes), while
-    512-token windows gave +3.4 % after 96 steps (benchmarks/results/scd-recipes.json)."""
+    512-token windows gave +3.4 % after 96 steps (benchmarks/results/scd-recipes.json).
+    `rope_theta` (None: the base model's) trains B under another RoPE base frequency, as
+    MistralLite was made from Mistral-7B: every rope_theta of the base's config is replaced
+    before training, and B's saved config keeps it. SCD and the raw baseline re-rotate A's keys
+    with B's settings, so what the pair differs in is the weights that adapted to the new base."""
 
     base: str
     corpus: str = "wiki-es"
@@ -54,6 +58,7 @@ class Recipe:
     decay: str = "cosine"
     train_embeddings: bool = False
     attn_lr_scale: float = 1.0
+    rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.warmup < 0:
@@ -66,6 +71,8 @@ class Recipe:
             raise ConfigError("train_embeddings must be a bool")
         if not 0 < self.attn_lr_scale * self.lr < 1:
             raise ConfigError(f"attn_lr_scale x lr must be in (0, 1), got {self.attn_lr_scale}")
+        if self.rope_theta is not None and not self.rope_theta > 1:
+            raise ConfigError(f"rope_theta must be > 1, got {self.rope_theta}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based step `step`."""
@@ -77,8 +84,12 @@ class Recipe:
         return self.lr * 0.5 * (1 + math.cos(math.pi * done))
 
     def digest(self) -> str:
-        """12 hex digits of the recipe (the cache key)."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        """12 hex digits of the recipe (the cache key). A field added after the cache existed
+        is left out while it has its default, so older recipes keep their digests."""
+        fields = asdict(self)
+        if fields["rope_theta"] is None:
+            del fields["rope_theta"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -105,7 +116,7 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     """Fine-tune (or resume, or return the cached result of) `recipe`; returns the model
     directory. `out/.complete` records the recipe; an `out` holding another recipe is an
     AssetError rather than being overwritten."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out) if out is not None else default_out(recipe)
     done = out / ".complete"
@@ -120,7 +131,10 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     state = _read_progress(partial, recipe)
     load_from = partial if state else src
     tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(load_from)
+    if recipe.rope_theta is not None:
+        _set_rope_theta(config, recipe.rope_theta)
+    model = AutoModelForCausalLM.from_pretrained(load_from, config=config, dtype=torch.float32)
     model.train()
     if not recipe.train_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -163,6 +177,19 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     staging.rename(out)
     shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def _set_rope_theta(config, theta: float) -> None:
+    """Replace every RoPE base frequency of an HF config (one dict, or one per layer type as
+    in Gemma-3) by `theta`; ConfigError if the model has none."""
+    params = getattr(config, "rope_parameters", None) or {}
+    nested = [d for d in params.values() if isinstance(d, dict)]
+    dicts = [params] if "rope_theta" in params else nested
+    if not any("rope_theta" in d for d in dicts):
+        raise ConfigError(f"{config.model_type}: no rope_theta in the config to change")
+    for d in dicts:
+        if "rope_theta" in d:
+            d["rope_theta"] = theta
 
 
 def _batch(ids: torch.Tensor, recipe: Recipe, step: int) -> torch.Tensor:
