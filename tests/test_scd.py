@@ -274,7 +274,7 @@ def test_recipe_schedule_validation_and_digest():
     assert Recipe(base="m", clip=0.0).digest() != Recipe(base="m").digest()
     assert Recipe(base="m", attn_lr_scale=2.0).digest() != Recipe(base="m").digest()
     assert Recipe(base="m", rope_theta=1e4).digest() != Recipe(base="m").digest()
-    # the cached default pair keeps its key when fields with defaults are added
+    # recipes cached before rope_theta existed keep their keys (the rounds 8-13 pair)
     assert Recipe(base="smollm2-135m").digest() == "4a7c4d246af6"
     bads = (dict(decay="linear"), dict(clip=-1.0), dict(lr=0.0), dict(train_embeddings=1),
             dict(attn_lr_scale=0.0), dict(lr=0.1, attn_lr_scale=20.0),
