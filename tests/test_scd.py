@@ -4,6 +4,7 @@ distillation lowers the training KL without raising the dev KL."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -423,3 +424,32 @@ def test_ratio_to_raw_pairs_chunks_and_pools_like_scd_eval():
     assert flat.value < float("inf") == flat.hi
     with pytest.raises(ValueError, match="per chunk"):
         ratio_to_raw([1.0, 2.0], [1.0], [1.0, 1.0], [5, 5])
+
+
+def test_delta_pct_interval_brackets_the_pooled_delta():
+    """The pair check's raw-reuse ΔPPL interval: exact when every chunk moves alike, wider when
+    the chunks disagree, and around the pooled ΔPPL that `scd pair` reports."""
+    from spectrumkv.scd.metrics import delta_pct_interval
+
+    oracle, tokens = [300.0, 420.0, 360.0, 390.0], [100, 140, 120, 130]
+    even = [o + 0.05 * n for o, n in zip(oracle, tokens, strict=True)]  # +0.05 nats per token
+    lo, hi = delta_pct_interval(even, oracle, tokens)
+    assert lo == pytest.approx(100 * (math.exp(0.05) - 1)) == hi
+    mixed = [o + d * n for o, d, n in zip(oracle, (0.0, 0.1, 0.02, 0.08), tokens, strict=True)]
+    point = 100 * (math.exp((sum(mixed) - sum(oracle)) / sum(tokens)) - 1)
+    lo, hi = delta_pct_interval(mixed, oracle, tokens)
+    assert lo < point < hi and hi - lo > 3
+    with pytest.raises(ValueError, match="per chunk"):
+        delta_pct_interval([1.0], [1.0, 2.0], [5, 5])
+
+
+def test_pair_check_reports_raw_reuse_with_its_interval(pair, corpus):
+    from spectrumkv.scd.evaluate import EvalConfig, pair_check
+
+    a, b = pair
+    got = pair_check(a, b, EvalConfig(corpus=corpus, chunks=3, context=112, continuation=16))
+    lo, hi = got["raw_delta_pct_ci95"]
+    assert got["chunks"] == 3 and lo <= got["raw_delta_pct"] <= hi and got["raw_kl"] > 0
+    same = pair_check(a, a, EvalConfig(corpus=corpus, chunks=2, context=112, continuation=16))
+    assert same["raw_kl"] == pytest.approx(0, abs=1e-6)
+    assert same["raw_delta_pct_ci95"] == pytest.approx([0, 0], abs=1e-6)

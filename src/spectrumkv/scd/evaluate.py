@@ -28,7 +28,7 @@ from .artifact import Artifact, check_models
 from .budget import code_plan, placed_tiers
 from .capture import Captured, capture, check_pair
 from .codes import encode_layer, reconstruct_layer
-from .metrics import Scored, agreement, kl, ratio_to_raw, score
+from .metrics import Scored, agreement, delta_pct_interval, kl, ratio_to_raw, score
 from .splits import split_text
 from .wire import Layout, ScdHeader, decode, frame_bytes, header_bytes
 
@@ -352,7 +352,9 @@ def pair_check(a: Engine, b: Engine, cfg: EvalConfig) -> dict:
     ppl = {k: math.exp(sum(acc[k]) / sum(acc["n"])) for k in ("a", "b", "raw")}
     return {
         "ppl_producer": ppl["a"], "ppl_consumer": ppl["b"], "ppl_raw_reuse": ppl["raw"],
-        "raw_delta_pct": 100 * (ppl["raw"] / ppl["b"] - 1), "raw_kl": statistics.fmean(acc["kl"]),
+        "raw_delta_pct": 100 * (ppl["raw"] / ppl["b"] - 1),
+        "raw_delta_pct_ci95": list(delta_pct_interval(acc["raw"], acc["b"], acc["n"])),
+        "raw_kl": statistics.fmean(acc["kl"]),
         "chunks": len(acc["n"]), "context": cfg.context, "continuation": cfg.continuation,
     }  # fmt: skip
 

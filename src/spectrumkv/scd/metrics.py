@@ -96,7 +96,31 @@ def ratio_to_raw(
             den = (r[pick].sum(-1) / tok).exp() - base
         return torch.where(den > 0, num / den.clamp_min(1e-300), math.inf)
 
+    return Ratio(float(pooled(torch.arange(c))), *_interval(pooled, c, resamples, seed))
+
+
+def delta_pct_interval(
+    got: list[float], oracle: list[float], tokens: list[int], resamples: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % bootstrap interval over chunks of a method's pooled ΔPPL vs the oracle, in percent,
+    from per-chunk NLL sums (nats) and token counts, pooled as `scd eval` pools perplexity."""
+    c = len(got)
+    if c < 1 or not len(oracle) == len(tokens) == c:
+        raise ValueError(
+            "delta_pct_interval needs one NLL per method and one token count per chunk"
+        )
+    g, o = torch.tensor(got, dtype=torch.float64), torch.tensor(oracle, dtype=torch.float64)
+    n = torch.tensor(tokens, dtype=torch.float64)
+
+    def pooled(pick: torch.Tensor) -> torch.Tensor:
+        return 100 * (((g[pick] - o[pick]).sum(-1) / n[pick].sum(-1)).exp() - 1)
+
+    return _interval(pooled, c, resamples, seed)
+
+
+def _interval(pooled, c: int, resamples: int, seed: int) -> tuple[float, float]:
+    """The 2.5 % and 97.5 % points of `pooled` over `resamples` resamples of `c` chunks."""
     gen = torch.Generator().manual_seed(seed)
     boot = pooled(torch.randint(c, (resamples, c), generator=gen)).sort().values
     lo, hi = int(0.025 * resamples), math.ceil(0.975 * resamples) - 1
-    return Ratio(float(pooled(torch.arange(c))), float(boot[lo]), float(boot[hi]))
+    return float(boot[lo]), float(boot[hi])
