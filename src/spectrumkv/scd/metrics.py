@@ -6,6 +6,7 @@ a fraction of raw reuse's with a paired bootstrap interval over chunks."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,9 +107,7 @@ def delta_pct_interval(
     from per-chunk NLL sums (nats) and token counts, pooled as `scd eval` pools perplexity."""
     c = len(got)
     if c < 1 or not len(oracle) == len(tokens) == c:
-        raise ValueError(
-            "delta_pct_interval needs one NLL per method and one token count per chunk"
-        )
+        raise ValueError("delta_pct_interval needs two NLLs and one token count per chunk")
     g, o = torch.tensor(got, dtype=torch.float64), torch.tensor(oracle, dtype=torch.float64)
     n = torch.tensor(tokens, dtype=torch.float64)
 
@@ -118,7 +117,9 @@ def delta_pct_interval(
     return _interval(pooled, c, resamples, seed)
 
 
-def _interval(pooled, c: int, resamples: int, seed: int) -> tuple[float, float]:
+def _interval(
+    pooled: Callable[[torch.Tensor], torch.Tensor], c: int, resamples: int, seed: int
+) -> tuple[float, float]:
     """The 2.5 % and 97.5 % points of `pooled` over `resamples` resamples of `c` chunks."""
     gen = torch.Generator().manual_seed(seed)
     boot = pooled(torch.randint(c, (resamples, c), generator=gen)).sort().values
