@@ -323,40 +323,64 @@ def test_report_renders_scd_eval(tmp_path):
 
 
 class _ScriptedDev:
-    """A dev split whose KL is a fixed function of the patched set (what `_select` reads)."""
+    """A dev split whose per-chunk KLs are a fixed function of the patched set (what `_select`
+    reads)."""
 
-    items = [None]
-
-    def __init__(self, kls: dict[tuple[int, ...], float]) -> None:
-        self.kls = kls
+    def __init__(self, kls: dict[tuple[int, ...], list[float]]) -> None:
+        self.table = kls
+        self.items = [None] * len(next(iter(kls.values())))
 
     def layers(self, art, item, only=None):
         return []
 
+    def kls(self, art, base=None, swap=()):
+        return self.table[tuple(sorted(swap))]
+
     def kl(self, art, base=None, swap=()):
-        return self.kls[tuple(sorted(swap))]
+        return sum(self.kls(art, base, swap)) / len(self.items)
 
 
-def test_patch_selection_needs_a_gain_the_dev_split_can_resolve():
-    """A patch joins only if it removes >= patch_min_gain of the current dev KL: layer 2 (-14 %)
-    joins, layer 1 (-0.2 %, what 3 dev chunks cannot resolve) does not; with the floor at 0
-    both do. Out-of-range floors are a ConfigError."""
+def _scripted_select(kls: dict[tuple[int, ...], list[float]], cfg: CalibConfig):
     from spectrumkv.scd.artifact import Artifact, Manifest
     from spectrumkv.scd.calibrate import _select
     from spectrumkv.wire import Fingerprint
 
     fp = Fingerprint("llama", 3, 2, 16, "float16", "rope", 0, (), "x")
     m = Manifest(1, fp, fp, [(32, 32)] * 3, [], 16, 16, 0.02, 0.0, 1.0, "wiki", "calib", 2, 96)
-    kls = {(): 0.0210, (0,): 0.0211, (1,): 0.02096, (2,): 0.0180, (1, 2): 0.01797}
-    dev = _ScriptedDev(kls)
+    return _select(Artifact(m, {}), _ScriptedDev(kls), cfg)
+
+
+def test_patch_selection_needs_a_gain_the_dev_split_can_resolve():
+    """A patch joins only if it removes >= patch_min_gain of the current dev KL: layer 2 (-14 %)
+    joins, layer 1 (-0.2 %, what 3 dev chunks cannot resolve) does not; with the floor at 0
+    both do. Out-of-range floors are a ConfigError."""
+    kls = {(): [0.0210] * 3, (0,): [0.0211] * 3, (1,): [0.02096] * 3, (2,): [0.0180] * 3,
+           (1, 2): [0.01797] * 3}  # fmt: skip
     floor = CalibConfig(max_patches=3, eps=0.01)
     assert floor.patch_min_gain == 0.02
-    assert _select(Artifact(m, {}), dev, floor) == ([2], 0.0180)
+    assert _scripted_select(kls, floor) == ([2], [0.0180] * 3)
     none = CalibConfig(max_patches=3, eps=0.01, patch_min_gain=0.0)
-    assert _select(Artifact(m, {}), dev, none) == ([2, 1], 0.01797)  # in order of gain
+    assert _scripted_select(kls, none) == ([2, 1], [0.01797] * 3)  # in order of gain
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="patch_min_gain"):
             CalibConfig(patch_min_gain=bad)
+
+
+def test_a_patch_gain_carried_by_one_dev_chunk_is_not_taken():
+    """Round 14's case: layer 1 lowers the mean dev KL by 5 % only through one chunk of three
+    (worse on the other two), so its paired t lower bound is below 0 and it stays out; layer 2
+    gains on every chunk and joins. With a single dev chunk only the mean rule applies."""
+    from spectrumkv.scd.metrics import resolved_gain
+
+    kls = {(): [0.0229, 0.0205, 0.0398], (0,): [0.0230, 0.0206, 0.0399],
+           (1,): [0.0231, 0.0217, 0.0343], (2,): [0.0219, 0.0196, 0.0384],
+           (1, 2): [0.0221, 0.0208, 0.0330]}  # fmt: skip
+    assert _scripted_select(kls, CalibConfig(max_patches=3, eps=0.01)) == ([2], kls[(2,)])
+    assert resolved_gain([0.03], [0.02], 0.02) and not resolved_gain([0.03], [0.0295], 0.02)
+    assert not resolved_gain([0.02, 0.04], [0.021, 0.03], 0.0)  # mean gain, opposite signs
+    assert resolved_gain([0.02, 0.04, 0.03], [0.019, 0.038, 0.0285], 0.02)  # ~5 % on each
+    with pytest.raises(ValueError, match="one figure per chunk"):
+        resolved_gain([0.02, 0.03], [0.02], 0.0)
 
 
 def test_demo_prompts_longer_than_any_paragraph(corpus):

@@ -125,3 +125,28 @@ def _interval(
     boot = pooled(torch.randint(c, (resamples, c), generator=gen)).sort().values
     lo, hi = int(0.025 * resamples), math.ceil(0.975 * resamples) - 1
     return float(boot[lo]), float(boot[hi])
+
+
+#: One-sided 95 % quantiles of Student's t for 1 to 30 degrees of freedom (1.645 beyond).
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782,
+        1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711,
+        1.708, 1.706, 1.703, 1.701, 1.699, 1.697)  # fmt: skip
+
+
+def resolved_gain(before: list[float], after: list[float], min_fraction: float) -> bool:
+    """Whether per-chunk figures `after` (e.g. mean token KLs) are lower than `before` on the same
+    chunks by a gain the chunks resolve: the mean paired gain is above `min_fraction` of
+    `before`'s mean and, with two or more chunks, its one-sided 95 % Student-t lower bound
+    (mean - t * sd / sqrt(n)) is above 0. One chunk gives no spread: the mean rule alone."""
+    n = len(before)
+    if n < 1 or len(after) != n:
+        raise ValueError("resolved_gain needs one figure per chunk, the same chunks both times")
+    gains = [b - a for b, a in zip(before, after, strict=True)]
+    mean = sum(gains) / n
+    if mean <= min_fraction * sum(before) / n:
+        return False
+    if n == 1:
+        return True
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / (n - 1))
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.645
+    return mean - t * sd / math.sqrt(n) > 0
