@@ -161,6 +161,35 @@ def test_scd_beats_raw_reuse_in_kl(pair, corpus):
         rebuild_timing(a, b, art, 64, corpus, reps=0)
 
 
+def test_trained_aligners_worse_on_dev_fall_back_to_affine(pair, corpus, monkeypatch):
+    """If the patch MLPs trained after selection do worse on dev than the affine aligners the
+    selection admitted, the artifact keeps the affine ones and their dev KL."""
+    from spectrumkv.scd import calibrate as cal
+
+    real, affine, spoiled = cal.fit_aligner, [], []
+
+    def fit(code, target, project=None, width=128, steps=0):
+        al = real(code, target, project, width, steps)
+        if steps == 0:
+            affine.append({k: v.clone() for k, v in al.state_dict().items()})
+        else:  # "trained": the affine map scaled 30x, far from B's attention input
+            with torch.no_grad():
+                al.lin.weight.mul_(30)
+            spoiled.append(al)
+        return al
+
+    monkeypatch.setattr(cal, "fit_aligner", fit)
+    # raw reuse on the reuse path (alpha 0), so a patch has KL to remove
+    over = {"patch_min_gain": 0.0, "eps": 0.0, "alpha_grid": (0.0,)}
+    cfg = CalibConfig(corpus=corpus, code_budget=0.75, **SMALL | over)
+    art = calibrate(*pair, cfg)
+    (layer,) = art.manifest.patch_layers  # max_patches 1: one patch was admitted
+    assert len(spoiled) == 1
+    for k, v in affine[layer].items():
+        assert torch.equal(art.tensors[f"{layer}.al.{k}"], v), k
+    assert 0 < art.manifest.kl_dev < art.manifest.kl_dev_identity
+
+
 def test_alpha_zero_is_raw_reuse_through_the_codes(pair, corpus):
     """Every decoder shrunk to A's own K/V (alpha 0, full rank): B gets A's cache back through
     the codes, and its KL is raw reuse's."""
