@@ -5,6 +5,8 @@
   identical to torch's.
 - `spectrumkv.paged._attention`, paged decode attention: if it cannot be compiled, the paged
   routes that need it are unavailable and the torch routes (`padded`, the reference) still run.
+- `spectrumkv.engines._flash`, causal prefill attention on AMX-BF16 tiles: if it cannot be
+  compiled (or the CPU has no AMX), prefill attention stays torch's SDPA.
 - `spectrumkv.serve._rowops`, the fused RMSNorm / RoPE of the Llama decode step: if it cannot be
   compiled, serve.llama_step runs their torch references.
 
@@ -29,6 +31,15 @@ setup(
         Extension(
             "spectrumkv.paged._attention",
             sources=["src/spectrumkv/paged/_attention.c"],
+            depends=["src/spectrumkv/_amx.h"],
+            extra_compile_args=[*_FLAGS, "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        ),
+        Extension(
+            "spectrumkv.engines._flash",
+            sources=["src/spectrumkv/engines/_flash.c"],
+            depends=["src/spectrumkv/_amx.h"],
             extra_compile_args=[*_FLAGS, "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,

@@ -12,6 +12,7 @@ layer type (full / sliding window), so nothing depends on slot indices matching 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from ..errors import AssetError, ConfigError, IncompatiblePayloadError
 from ..importance import WindowQueries
 from ..kv import LayerKV, first_slot
 from ..wire import KV_DTYPES, Fingerprint
+from . import flash
 from .packed import pack_linears
 from .segments import segments
 
@@ -207,15 +209,22 @@ def prefill(
             on_layer(i, layers[i], captured[i][0])
 
     hooks += [layer.register_forward_hook(layer_done) for layer in model.model.layers]
+    # bf16 models of head_dim 64 attend through engines.flash's kernel (segments of one span)
+    attend = (
+        segments(model, [(0, n)])
+        if not fp.sliding_layers and flash.serves(model)
+        else contextlib.nullcontext()
+    )
     t0 = time.perf_counter()
     try:
-        # only the KV is needed: skip the vocabulary projection of all but the last position
-        model(
-            input_ids=context_ids.view(1, -1),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with attend:
+            # only the KV is needed: skip the vocabulary projection of all but the last position
+            model(
+                input_ids=context_ids.view(1, -1),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
     finally:
         for h in hooks:
             h.remove()

@@ -7,8 +7,9 @@ over the packed sequence does that, but SDPA then computes every masked-out pair
 attention work grows with the square of the packed total instead of the sum of each prompt's
 square. `segments(model, spans)` switches the model's attention, for the duration of a `with`
 block on the calling thread, to `segment_attention`, registered with transformers'
-`AttentionInterface` under `ATTENTION`: SDPA with `is_causal=True` on each span alone, the
-grouped K/V heads expanded per span. The mask the model passes is ignored.
+`AttentionInterface` under `ATTENTION`: each span alone, causally, through `engines.flash`'s AMX
+kernel where it applies (bf16, head_dim 64), else SDPA with `is_causal=True` and the grouped K/V
+heads expanded per span. The mask the model passes is ignored.
 
 Contract: the model's forward runs on the thread that entered `segments`, with an empty cache,
 so keys and values hold exactly the packed sequence's tokens; the spans tile that sequence.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from . import flash
 from .attention import use_attention
 
 ATTENTION = "spectrumkv_segments"
@@ -42,6 +44,9 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, *
     group = query.shape[1] // key.shape[1]
     out = query.new_empty(1, t, query.shape[1], query.shape[3])
     for a, b in spans:
+        if flash.fits(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b]):
+            out[0, a:b] = flash.causal(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scaling)
+            continue
         k = key[:, :, a:b].repeat_interleave(group, 1)
         v = value[:, :, a:b].repeat_interleave(group, 1)
         o = F.scaled_dot_product_attention(query[:, :, a:b], k, v, is_causal=True, scale=scaling)

@@ -46,11 +46,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../_amx.h"
+
 #if defined(__x86_64__)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define HAVE_AVX2_KERNELS 1
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
 #else
@@ -75,22 +74,6 @@ enum { DT_F16 = 1, DT_BF16 = 2 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AMX = 3 };
 static int isa_level = ISA_SCALAR; /* the best kernel in use (set_isa may lower it) */
 static int amx_granted;            /* AMX-BF16 present and the kernel let us use its tiles */
-
-/* Once per process: whether the CPU has AMX-TILE, AMX-BF16 and AVX512-BF16/BW, and Linux grants
- * this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; an old
- * kernel refuses, and the AVX-512 kernel runs instead). */
-static int request_amx(void) {
-#if HAVE_AVX2_KERNELS && defined(__linux__)
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24)))
-        return 0;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return 0;
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return 0;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-#else
-    return 0;
-#endif
-}
 
 static int cpu_isa(void) {
 #if HAVE_AVX2_KERNELS

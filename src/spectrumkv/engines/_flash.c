@@ -1,0 +1,331 @@
+/* Causal prefill attention of one prompt on AMX-BF16 tiles, grouped-query: q [Hq, T, 64],
+ * k and v [Hkv, T, 64] (bf16; any head and token strides, even, with the 64 dims contiguous;
+ * Hq a multiple of Hkv) -> out [T, Hq, 64] bf16, contiguous. The torch reference is
+ * F.scaled_dot_product_attention(is_causal=True) (engines.flash, tests/test_flash.py).
+ *
+ * K and V are first packed per KV head into the tiles' VNNI layout (O(T x 64) per head, the
+ * threads sharing the heads' blocks): K as the B operand of S = Q K^T (per 16 keys and 32-dim
+ * chunk, 16 rows of dim pairs x 16 keys), V as the B operand of O += P V (per 32 keys and
+ * 16-dim column block, 16 rows of key pairs x 16 dims); keys past T are zero.
+ *
+ * A task is (query head h, 16 query rows from q0); tasks run longest first (the rows attend to
+ * q0 + 16 keys), each thread taking the next from OpenMP's dynamic schedule. Per block of 32
+ * keys: S (16 x 32 fp32) in two tiles from the 16 rows of Q (two 32-dim chunks); the online
+ * softmax in AVX-512 with exp2 (scores pre-multiplied by scale x log2 e); causal keys past a
+ * row's position are masked to exactly 0; P rounded to bf16 (l sums the rounded values, so the
+ * weights O is divided by are the ones it was built from); O += P V in four fp32 tiles (16 rows
+ * x 64 dims) that stay in tile registers for the whole task. The row max is lazy: O and l are
+ * rescaled (stored, multiplied, reloaded) only when a row's max rises more than RESCALE (log2
+ * units, so P <= 2^RESCALE) above the max they were built with; the result is the same
+ * softmax, exact up to rounding. Scratch per task: a few KiB on the stack; packed K and V:
+ * 2 x Hkv x T x 64 x 2 bytes. The GIL is released while the threads run. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../_amx.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AMX 1
+#define AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#else
+#define HAVE_AMX 0
+#endif
+
+#define D 64         /* head dim: the four output tiles hold 16 rows x 64 fp32 */
+#define QB 16        /* query rows per task */
+#define KB 32        /* keys per block */
+#define RESCALE 8.0f /* how far (log2) a row's max may rise before O and l are rescaled */
+#define MAX_THREADS 64
+
+static int amx_ok; /* the CPU has AMX-BF16 and Linux granted the tile state */
+
+#if HAVE_AMX
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileCfg;
+
+/* Every tile 16 rows x 64 bytes. 0, 1: S of keys [0, 16) and [16, 32) of a block; 2: the A
+ * operand (a 32-dim chunk of Q, or P); 3: the B operand (packed K or V); 4-7: O, 16 dims each. */
+static TileCfg cfg;
+
+typedef struct {
+    const uint16_t *q;
+    int64_t qh, qt; /* q's strides (elements): head, token */
+    const uint32_t *kp, *vp; /* packed K and V, Tpad x D / 2 words per KV head */
+    uint16_t *out;
+    int T, Tpad, hq, group;
+    float scale2; /* scale x log2(e) */
+} Job;
+
+/* 2^x for x <= RESCALE (clamped at -126; callers zero the masked lanes): 2^floor(x) times a
+ * degree-4 polynomial of 2^f on f in [0, 1) fitted for relative error (< 3e-6, far below bf16's
+ * 2^-9, to which P is rounded next). */
+AMX static inline __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, xi);
+    __m512 p = _mm512_set1_ps(1.352061682e-2f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.203751989e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.414273438e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.930066806e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000002513f));
+    return _mm512_scalef_ps(p, xi);
+}
+
+AMX static inline __m512 bf16_ps(__m256i x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+static inline uint32_t pair(const uint16_t *lo, const uint16_t *hi) {
+    return (uint32_t)*lo | (uint32_t)*hi << 16;
+}
+
+/* Packs block `blk` of KV head g: 16 keys of K (two 32-dim chunks) and, for even blk, 32 keys
+ * of V (four 16-dim column blocks). */
+static void pack_block(const uint16_t *k, int64_t kh, int64_t kt, const uint16_t *v, int64_t vh,
+                       int64_t vt, int T, int Tpad, int g, int blk, uint32_t *kp, uint32_t *vp) {
+    uint32_t *kd = kp + (size_t)g * Tpad * (D / 2) + (size_t)blk * 16 * (D / 2);
+    for (int c = 0; c < D / 32; c++)
+        for (int n = 0; n < 16; n++) {
+            const int t = blk * 16 + n;
+            const uint16_t *row = k + g * kh + (int64_t)t * kt + c * 32;
+            for (int r = 0; r < 16; r++)
+                kd[c * 256 + r * 16 + n] = t < T ? pair(row + 2 * r, row + 2 * r + 1) : 0;
+        }
+    if (blk % 2) return;
+    const int kb = blk / 2;
+    uint32_t *vd = vp + (size_t)g * Tpad * (D / 2) + (size_t)kb * KB * (D / 2);
+    for (int r = 0; r < 16; r++) {
+        const int t0 = kb * KB + 2 * r, t1 = t0 + 1;
+        const uint16_t *r0 = v + g * vh + (int64_t)t0 * vt, *r1 = v + g * vh + (int64_t)t1 * vt;
+        for (int n4 = 0; n4 < D / 16; n4++)
+            for (int i = 0; i < 16; i++) {
+                const int col = n4 * 16 + i;
+                const uint32_t lo = t0 < T ? r0[col] : 0, hi = t1 < T ? r1[col] : 0;
+                vd[n4 * 256 + r * 16 + i] = lo | hi << 16;
+            }
+    }
+}
+
+AMX static void store_o(float *o) {
+    _tile_stored(4, o, D * 4);
+    _tile_stored(5, o + 16, D * 4);
+    _tile_stored(6, o + 32, D * 4);
+    _tile_stored(7, o + 48, D * 4);
+}
+
+AMX static void load_o(const float *o) {
+    _tile_loadd(4, o, D * 4);
+    _tile_loadd(5, o + 16, D * 4);
+    _tile_loadd(6, o + 32, D * 4);
+    _tile_loadd(7, o + 48, D * 4);
+}
+
+/* Query head h, rows [q0, q0 + QB) (those past T computed on zeros and not written). The tile
+ * configuration must be loaded. */
+AMX static void run_task(const Job *J, int h, int q0) {
+    uint16_t qbuf[QB * D] __attribute__((aligned(64)));
+    uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
+    float sbuf[QB * KB] __attribute__((aligned(64)));
+    float obuf[QB * D] __attribute__((aligned(64)));
+    float lv[QB * 16] __attribute__((aligned(64))); /* per row, 16 partial sums of l */
+    float m[QB], fac[QB];
+    const int g = h / J->group, T = J->T;
+    memset(lv, 0, sizeof lv);
+    for (int r = 0; r < QB; r++) {
+        m[r] = -INFINITY;
+        if (q0 + r < T)
+            memcpy(qbuf + r * D, J->q + h * J->qh + (int64_t)(q0 + r) * J->qt, D * 2);
+        else
+            memset(qbuf + r * D, 0, D * 2);
+    }
+    const uint32_t *kp = J->kp + (size_t)g * J->Tpad * (D / 2);
+    const uint32_t *vp = J->vp + (size_t)g * J->Tpad * (D / 2);
+    const int last = q0 + QB - 1 < T - 1 ? q0 + QB - 1 : T - 1; /* the last key any row sees */
+    const __m512 scale2 = _mm512_set1_ps(J->scale2), ninf = _mm512_set1_ps(-INFINITY);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int kb = 0; kb <= last / KB; kb++) {
+        const int k0 = kb * KB;
+        _tile_zero(0);
+        _tile_zero(1);
+        const uint32_t *kblk = kp + (size_t)kb * KB * (D / 2); /* two 16-key blocks */
+        _tile_loadd(2, qbuf, D * 2);
+        _tile_loadd(3, kblk, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_loadd(3, kblk + 512, 64);
+        _tile_dpbf16ps(1, 2, 3);
+        _tile_loadd(2, qbuf + 32, D * 2);
+        _tile_loadd(3, kblk + 256, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_loadd(3, kblk + 768, 64);
+        _tile_dpbf16ps(1, 2, 3);
+        _tile_stored(0, sbuf, KB * 4);
+        _tile_stored(1, sbuf + 16, KB * 4);
+        int rescale = 0;
+        for (int r = 0; r < QB; r++) {
+            __m512 x0 = _mm512_mul_ps(_mm512_load_ps(sbuf + r * KB), scale2);
+            __m512 x1 = _mm512_mul_ps(_mm512_load_ps(sbuf + r * KB + 16), scale2);
+            const int lim = q0 + r - k0; /* keys k0 + i with i <= lim are visible */
+            __mmask16 m0 = 0xFFFF, m1 = 0xFFFF;
+            if (lim < KB - 1) {
+                m0 = lim >= 15 ? 0xFFFF : (__mmask16)((1u << (lim + 1)) - 1);
+                m1 = lim < 16 ? 0 : (__mmask16)((1u << (lim - 15)) - 1);
+                x0 = _mm512_mask_mov_ps(ninf, m0, x0);
+                x1 = _mm512_mask_mov_ps(ninf, m1, x1);
+            }
+            fac[r] = 1.0f; /* the common case: no score above m + RESCALE, no reduction */
+            const __m512 top = _mm512_max_ps(x0, x1);
+            if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(m[r] + RESCALE), _CMP_GT_OQ)) {
+                const float mx = _mm512_reduce_max_ps(top);
+                fac[r] = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - mx);
+                _mm512_store_ps(lv + r * 16,
+                                _mm512_mul_ps(_mm512_load_ps(lv + r * 16), _mm512_set1_ps(fac[r])));
+                m[r] = mx;
+                rescale = 1;
+            }
+            const __m512 mr = _mm512_set1_ps(m[r]);
+            const __m512 p0 = _mm512_maskz_mov_ps(m0, exp2_ps(_mm512_sub_ps(x0, mr)));
+            const __m512 p1 = _mm512_maskz_mov_ps(m1, exp2_ps(_mm512_sub_ps(x1, mr)));
+            const __m512i pb = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
+            _mm512_store_si512((__m512i *)(pbuf + r * KB), pb);
+            const __m512 rounded = _mm512_add_ps(bf16_ps(_mm512_castsi512_si256(pb)),
+                                                 bf16_ps(_mm512_extracti64x4_epi64(pb, 1)));
+            _mm512_store_ps(lv + r * 16, _mm512_add_ps(_mm512_load_ps(lv + r * 16), rounded));
+        }
+        if (rescale && kb > 0) {
+            store_o(obuf);
+            for (int r = 0; r < QB; r++) {
+                const __m512 f = _mm512_set1_ps(fac[r]);
+                for (int j = 0; j < D; j += 16)
+                    _mm512_store_ps(obuf + r * D + j,
+                                    _mm512_mul_ps(_mm512_load_ps(obuf + r * D + j), f));
+            }
+            load_o(obuf);
+        }
+        const uint32_t *vblk = vp + (size_t)kb * KB * (D / 2);
+        _tile_loadd(2, pbuf, KB * 2);
+        _tile_loadd(3, vblk, 64);
+        _tile_dpbf16ps(4, 2, 3);
+        _tile_loadd(3, vblk + 256, 64);
+        _tile_dpbf16ps(5, 2, 3);
+        _tile_loadd(3, vblk + 512, 64);
+        _tile_dpbf16ps(6, 2, 3);
+        _tile_loadd(3, vblk + 768, 64);
+        _tile_dpbf16ps(7, 2, 3);
+    }
+    store_o(obuf);
+    for (int r = 0; r < QB && q0 + r < T; r++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_load_ps(lv + r * 16)));
+        uint16_t *dst = J->out + ((size_t)(q0 + r) * J->hq + h) * D;
+        for (int j = 0; j < D; j += 32) {
+            const __m512 a = _mm512_mul_ps(_mm512_load_ps(obuf + r * D + j), inv);
+            const __m512 b = _mm512_mul_ps(_mm512_load_ps(obuf + r * D + j + 16), inv);
+            _mm512_storeu_si512((__m512i *)(dst + j), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+}
+
+/* One thread's share of the tasks (an orphaned `omp for` inside run_all's parallel region). */
+AMX static void thread_tasks(const Job *J, int nqb, int ntasks) {
+    _tile_loadconfig(&cfg);
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < ntasks; t++) /* longest first: the last row blocks */
+        run_task(J, t % J->hq, (nqb - 1 - t / J->hq) * QB);
+    _tile_release();
+}
+
+static void run_all(const Job *J, int nthreads) {
+    const int nqb = (J->T + QB - 1) / QB, ntasks = nqb * J->hq;
+#pragma omp parallel num_threads(nthreads)
+    thread_tasks(J, nqb, ntasks);
+}
+#endif
+
+/* causal(q, k, v, out, T, hq, hkv, d, qh, qt, kh, kt, vh, vt, scale, threads): pointers as
+ * integers, strides in elements (see the top). ValueError for a geometry it does not take,
+ * RuntimeError without AMX, MemoryError if the packed K/V cannot be allocated. */
+static PyObject *causal(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long qp, kp, vp, op;
+    int T, hq, hkv, d, nthreads;
+    long long qh, qt, kh, kt, vh, vt;
+    double scale;
+    if (!PyArg_ParseTuple(args, "KKKKiiiiLLLLLLdi", &qp, &kp, &vp, &op, &T, &hq, &hkv, &d, &qh,
+                          &qt, &kh, &kt, &vh, &vt, &scale, &nthreads))
+        return NULL;
+    if (!amx_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "flash prefill needs AMX-BF16 (not available here)");
+        return NULL;
+    }
+    if (d != D || T < 1 || hkv < 1 || hq < hkv || hq % hkv || nthreads < 1 ||
+        nthreads > MAX_THREADS || (qh | qt | kh | kt | vh | vt) & 1 || qh < 0 || qt < 0 ||
+        kh < 0 || kt < 0 || vh < 0 || vt < 0) {
+        PyErr_SetString(PyExc_ValueError, "flash prefill: head_dim must be 64, T >= 1, q heads "
+                                          "a multiple of KV heads, strides even and >= 0");
+        return NULL;
+    }
+#if HAVE_AMX
+    const int Tpad = (T + KB - 1) / KB * KB;
+    const size_t words = (size_t)hkv * Tpad * (D / 2);
+    uint32_t *kpk = aligned_alloc(64, words * 4), *vpk = aligned_alloc(64, words * 4);
+    if (!kpk || !vpk) {
+        free(kpk);
+        free(vpk);
+        return PyErr_NoMemory();
+    }
+    Job J = {.q = (const uint16_t *)(uintptr_t)qp, .qh = qh, .qt = qt, .kp = kpk, .vp = vpk,
+             .out = (uint16_t *)(uintptr_t)op, .T = T, .Tpad = Tpad, .hq = hq,
+             .group = hq / hkv, .scale2 = (float)(scale * 1.4426950408889634)};
+    const uint16_t *k = (const uint16_t *)(uintptr_t)kp, *v = (const uint16_t *)(uintptr_t)vp;
+    const int blocks = Tpad / 16;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int i = 0; i < hkv * blocks; i++)
+        pack_block(k, kh, kt, v, vh, vt, T, Tpad, i / blocks, i % blocks, kpk, vpk);
+    run_all(&J, nthreads);
+    Py_END_ALLOW_THREADS
+    free(kpk);
+    free(vpk);
+    Py_RETURN_NONE;
+#else
+    return NULL;
+#endif
+}
+
+static PyObject *available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyBool_FromLong(amx_ok);
+}
+
+static PyMethodDef methods[] = {
+    {"causal", causal, METH_VARARGS, "Causal GQA prefill attention on AMX-BF16 tiles."},
+    {"available", available, METH_NOARGS, "Whether AMX-BF16 tiles can be used here."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_flash", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__flash(void) {
+#if HAVE_AMX
+    __builtin_cpu_init();
+    amx_ok = request_amx() && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512bf16");
+    if (amx_ok) {
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    }
+#endif
+    return PyModule_Create(&module);
+}
