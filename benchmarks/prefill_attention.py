@@ -1,0 +1,175 @@
+"""Causal prefill attention: engines.flash's AMX kernel against torch's SDPA and vLLM's CPU
+attention (its `cpu_attention_with_kv_cache` on one prompt), and SmolLM2-135M's whole bf16
+prefill with the kernel on and off.
+
+Part 1, attention alone: SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64), bf16,
+one prompt of T tokens; per T, the three are timed interleaved, `--rounds` times each, best
+and median printed with TFLOP/s (2 T^2 d Hq: causal QK^T and PV), the max abs error against a
+float64 reference, and the roof: a oneDNN bf16 matmul's TFLOP/s measured in the same run (what
+this core's AMX reaches on a plain GEMM). Part 2, the model: `engines.hf.prefill` of T tokens
+of `wiki` in bf16, kernel on / off interleaved (`flash.ENABLED`), and the largest relative
+difference of any layer's K between the two.
+
+    .venv/bin/python benchmarks/prefill_attention.py --threads 1 --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from spectrumkv.engines import flash, hf
+
+HQ, HKV, D = 9, 3, 64
+
+
+def timed(fn, rounds: int) -> list[float]:
+    fn()  # warm
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def vllm_prefill(q, k, v):
+    """vLLM's CPU attention on one prompt (q [T, HQ, D], k/v [T, HKV, D] bf16), or None when
+    vLLM's ops are not installed. Returns a callable that runs it and its output buffer."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except Exception:  # noqa: BLE001 - no vLLM: no anchor
+        return None
+    torch._C._cpu._init_amx()  # vLLM's kernel does not ask Linux for the tile state itself
+    t, bs = q.shape[0], 32
+    isa = _get_attn_isa(q.dtype, bs, D)
+    pages = -(-t // bs)
+    cache = torch.zeros(pages, HKV, bs, 2 * D, dtype=q.dtype)
+    kc, vc = cache.view(pages, HKV, 2 * bs, D).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(t), isa)
+    tables = torch.arange(pages, dtype=torch.int32)[None]
+    lengths, starts = torch.tensor([t], dtype=torch.int32), torch.tensor([0, t], dtype=torch.int32)
+    out = torch.empty_like(q)
+
+    def run():
+        meta = ops.cpu_attn_get_scheduler_metadata(
+            1, HQ, HKV, D, lengths, q.dtype, starts, True, -1, isa, True
+        )
+        ops.cpu_attention_with_kv_cache(
+            q, kc, vc, out, starts, lengths, D**-0.5, True, None, -1, tables, 0.0, meta, None
+        )
+
+    return run, out
+
+
+def attention(t: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(t, HQ, D, generator=g).to(torch.bfloat16)
+    k = torch.randn(t, HKV, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(t, HKV, D, generator=g).to(torch.bfloat16)
+    qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [heads, T, D] views, as models pass
+    ref = F.scaled_dot_product_attention(
+        qh.double(), kh.double().repeat_interleave(HQ // HKV, 0),
+        vh.double().repeat_interleave(HQ // HKV, 0), is_causal=True,
+    ).transpose(0, 1)  # fmt: skip
+    runs = {
+        "sdpa": lambda: F.scaled_dot_product_attention(
+            qh[None], kh[None], vh[None], is_causal=True, enable_gqa=True
+        )[0].transpose(0, 1),
+    }
+    if flash.AVAILABLE:
+        runs["flash"] = lambda: flash.causal(qh, kh, vh)
+    anchor = vllm_prefill(q, k, v)
+    if anchor is not None:
+        runs["vllm"] = lambda: (anchor[0](), anchor[1])[1]
+    err = {name: (fn().double() - ref).abs().max().item() for name, fn in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):  # interleaved
+        for name, fn in runs.items():
+            times[name] += timed(fn, 1)
+    flop = 2 * t * t * D * HQ
+    return {
+        "tokens": t,
+        "flop": flop,
+        "routes": {
+            name: {
+                "best_ms": 1e3 * min(ts),
+                "median_ms": 1e3 * statistics.median(ts),
+                "tflops": flop / min(ts) / 1e12,
+                "max_abs_err": err[name],
+            }  # fmt: skip
+            for name, ts in times.items()
+        },
+    }
+
+
+def gemm_tflops(rounds: int) -> float:
+    """A oneDNN bf16 GEMM of prefill's size (2,048 x 576 by 1,536): the AMX roof here."""
+    a = torch.randn(2048, 576).to(torch.bfloat16)
+    w = torch.randn(1536, 576).to(torch.bfloat16)
+    best = min(timed(lambda: F.linear(a, w), rounds))
+    return 2 * 2048 * 576 * 1536 / best / 1e12
+
+
+def model(tokens: list[int], rounds: int) -> list[dict]:
+    from spectrumkv.assets import load_text
+
+    eng = hf.load("smollm2-135m", dtype="bfloat16", kv_dtype="bfloat16")
+    ids = torch.tensor(eng.tokenizer(load_text("wiki")[:400_000])["input_ids"])
+    out = []
+    for t in tokens:
+        x, times, keys = ids[:t], {True: [], False: []}, {}
+        for _ in range(rounds):
+            for on in (True, False):
+                flash.ENABLED = on
+                start = time.perf_counter()
+                keys[on] = [layer.keys.float() for layer in hf.prefill(eng, x).layers]
+                times[on].append(time.perf_counter() - start)
+        flash.ENABLED = flash.AVAILABLE
+        pairs = zip(keys[True], keys[False], strict=True)
+        rel = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+        out.append({
+            "tokens": t, "flash_s": min(times[True]), "sdpa_s": min(times[False]),
+            "speedup": min(times[False]) / min(times[True]), "max_key_rel_diff": rel,
+        })  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    ap.add_argument("--model-tokens", type=int, nargs="+", default=[512, 2048, 4096])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    roof = gemm_tflops(args.rounds)
+    print(f"threads {args.threads}; bf16 GEMM roof {roof:.2f} TFLOP/s; flash {flash.AVAILABLE}")
+    rows = []
+    for t in args.tokens:
+        r = attention(t, args.rounds)
+        rows.append(r)
+        cells = "  ".join(
+            f"{n} {v['best_ms']:.1f} ms ({v['tflops']:.2f} TF/s, err {v['max_abs_err']:.1e})"
+            for n, v in r["routes"].items()
+        )
+        print(f"T {t:5d}: {cells}")
+    models = model(args.model_tokens, args.rounds)
+    for m in models:
+        print(f"prefill T {m['tokens']}: flash {m['flash_s']:.3f} s, sdpa {m['sdpa_s']:.3f} s, "
+              f"{m['speedup']:.2f}x; max K rel diff {m['max_key_rel_diff']:.4f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "gemm_tflops": roof, "attention": rows,
+                       "prefill": models}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
