@@ -9,7 +9,8 @@
 cd /work/main
 set -ex
 A=smollm2-135m; T=wiki-es; R=benchmarks/results; TH=${THREADS:-2}; S=".venv/bin/spectrumkv scd"
-run() {  # B ART NAME
+run() {  # B ART NAME (skipped when its eval record exists)
+  [ -f $R/$3-eval.json ] && return
   mkdir -p $2/logs
   [ -f $2/main/manifest.json ] || /usr/bin/time -v $S calibrate --producer $A --consumer $1 \
     --corpus $T --prompts 16 --code-budget 1.0 --distill-steps 160 --distill-chunks 40 \
