@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import fmean
 
 import msgspec
 import torch
@@ -161,11 +162,7 @@ class _Dev:
 
     def kl(self, art: Artifact, base: list[list] | None = None, swap: list[int] = ()) -> float:
         """Mean KL over dev chunks (`kls`)."""
-        return _mean(self.kls(art, base, swap))
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
+        return fmean(self.kls(art, base, swap))
 
 
 def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
@@ -226,7 +223,7 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     unused = [f"{i}.{p}." for i in range(fa.n_layers) if i not in chosen for p in ("h", "al")]
     tensors = {k: v for k, v in tensors.items() if not k.startswith(tuple(unused))}
     art = Artifact(_with(art.manifest, chosen, 0.0), tensors)
-    kl_now = _mean(kl_chosen)
+    kl_now = fmean(kl_chosen)
     if chosen:
         trained = dev.kl(art)
         if trained > kl_now:  # the trained MLPs do worse on dev than the aligners it admitted
@@ -259,21 +256,21 @@ def _select(art: Artifact, dev: _Dev, cfg: CalibConfig) -> tuple[list[int], list
     m = art.manifest
     base = [dev.layers(art, j) for j in range(len(dev.items))]
     kl0 = dev.kls(art, base)
-    if cfg.max_patches == 0 or _mean(kl0) <= cfg.eps:
+    if cfg.max_patches == 0 or fmean(kl0) <= cfg.eps:
         return [], kl0
     candidates = []
     all_patch = _with(m, list(range(len(m.ranks))), 0.0)
     trial = Artifact(all_patch, art.tensors)
     for i in tqdm(range(len(m.ranks)), desc="patch gains", leave=False):
-        gain = _mean(kl0) - dev.kl(trial, base, [i])
+        gain = fmean(kl0) - dev.kl(trial, base, [i])
         extra = 2 * (m.patch_rank - sum(m.ranks[i]))
         key = -gain / extra if extra > 0 else -1e9 - gain
         candidates.append((key, i, gain))
     chosen: list[int] = []
     best = kl0
     for _, i, gain in sorted(candidates):
-        if (len(chosen) >= cfg.max_patches or _mean(best) <= cfg.eps
-                or gain <= cfg.patch_min_gain * _mean(kl0)):  # fmt: skip
+        if (len(chosen) >= cfg.max_patches or fmean(best) <= cfg.eps
+                or gain <= cfg.patch_min_gain * fmean(kl0)):  # fmt: skip
             break
         trial = Artifact(_with(m, [*chosen, i], 0.0), art.tensors)
         got = dev.kls(trial, base, [*chosen, i])

@@ -6,6 +6,7 @@ a fraction of raw reuse's with a paired bootstrap interval over chunks."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,11 +143,10 @@ def resolved_gain(before: list[float], after: list[float], min_fraction: float) 
     if n < 1 or len(after) != n:
         raise ValueError("resolved_gain needs one figure per chunk, the same chunks both times")
     gains = [b - a for b, a in zip(before, after, strict=True)]
-    mean = sum(gains) / n
-    if mean <= min_fraction * sum(before) / n:
+    mean = statistics.fmean(gains)
+    if mean <= min_fraction * statistics.fmean(before):
         return False
     if n == 1:
         return True
-    sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / (n - 1))
     t = _T95[n - 2] if n - 1 <= len(_T95) else 1.645
-    return mean - t * sd / math.sqrt(n) > 0
+    return mean - t * statistics.stdev(gains) / math.sqrt(n) > 0
