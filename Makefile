@@ -9,7 +9,7 @@ STAMP := $(VENV)/.spectrumkv-installed
 .PHONY: demo test lint format clean
 
 $(STAMP): pyproject.toml setup.py src/spectrumkv/_codec.c src/spectrumkv/_pool.h \
-		src/spectrumkv/paged/_attention.c src/spectrumkv/serve/_rowops.c \
+		src/spectrumkv/paged/_attention.c src/spectrumkv/engines/_rowops.c \
 		src/spectrumkv/engines/_flash.c src/spectrumkv/_amx.h requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -7,11 +7,12 @@
   routes that need it are unavailable and the torch routes (`padded`, the reference) still run.
 - `spectrumkv.engines._flash`, causal prefill attention on AMX-BF16 tiles: if it cannot be
   compiled (or the CPU has no AMX), prefill attention stays torch's SDPA.
-- `spectrumkv.serve._rowops`, the fused RMSNorm / RoPE of the Llama decode step: if it cannot be
-  compiled, serve.llama_step runs their torch references.
+- `spectrumkv.engines._rowops`, the fused RMSNorm / RoPE of the Llama decode step: if it cannot be
+  compiled, engines.llama_step runs their torch references.
 
-The codec runs on the persistent thread pool in `src/spectrumkv/_pool.h`; paged attention runs on
-OpenMP (`-fopenmp`), the same libgomp and threads as torch's own ops (see `_attention.c`).
+The codec runs on the persistent thread pool in `src/spectrumkv/_pool.h`; paged attention, the
+prefill kernel and the row ops run on OpenMP (`-fopenmp`), the same libgomp and threads as
+torch's own ops (see `_attention.c`).
 """
 
 from setuptools import Extension, setup
@@ -45,9 +46,10 @@ setup(
             optional=True,
         ),
         Extension(
-            "spectrumkv.serve._rowops",
-            sources=["src/spectrumkv/serve/_rowops.c"],
-            extra_compile_args=[*_FLAGS, "-ffp-contract=off", "-fno-trapping-math"],
+            "spectrumkv.engines._rowops",
+            sources=["src/spectrumkv/engines/_rowops.c"],
+            extra_compile_args=[*_FLAGS, "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         ),
     ]

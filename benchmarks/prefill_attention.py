@@ -7,8 +7,11 @@ one prompt of T tokens; per T, the three are timed interleaved, `--rounds` times
 and median printed with TFLOP/s (2 T^2 d Hq: causal QK^T and PV), the max abs error against a
 float64 reference, and the roof: a oneDNN bf16 matmul's TFLOP/s measured in the same run (what
 this core's AMX reaches on a plain GEMM). Part 2, the model: `engines.hf.prefill` of T tokens
-of `wiki` in bf16, kernel on / off interleaved (`flash.ENABLED`), and the largest relative
-difference of any layer's K between the two.
+of `wiki` in bf16, three ways interleaved: `step` (the hand-written Llama forward of
+engines.step_prefill with the kernel, the default), `hf-flash` (the HF forward with the kernel),
+`hf-sdpa` (the HF forward with torch's SDPA); best and median seconds, each one's speedup over
+`hf-sdpa`, the largest relative difference of any layer's K against `hf-sdpa`, and the roof:
+the layers' GEMM and attention flops at the GEMM rate of the same run.
 
     .venv/bin/python benchmarks/prefill_attention.py --threads 1 --json OUT.json
 """
@@ -23,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spectrumkv.engines import flash, hf
+from spectrumkv.engines import flash, hf, step_prefill
 
 HQ, HKV, D = 9, 3, 64
 
@@ -117,34 +120,48 @@ def gemm_tflops(rounds: int) -> float:
     return 2 * 2048 * 576 * 1536 / best / 1e12
 
 
-def model(tokens: list[int], rounds: int) -> list[dict]:
+#: whole-prefill variants: (hand-written Llama step, AMX attention kernel)
+VARIANTS = {"step": (True, True), "hf-flash": (False, True), "hf-sdpa": (False, False)}
+
+
+def model(tokens: list[int], rounds: int, roof: float) -> list[dict]:
     from spectrumkv.assets import load_text
 
     eng = hf.load("smollm2-135m", dtype="bfloat16", kv_dtype="bfloat16")
     ids = torch.tensor(eng.tokenizer(load_text("wiki")[:400_000])["input_ids"])
+    cfg = eng.model.config
+    body = sum(p.numel() for p in eng.model.model.layers.parameters())
     out = []
     for t in tokens:
-        x, times, keys = ids[:t], {True: [], False: []}, {}
+        x = ids[:t]
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        keys: dict[str, list[torch.Tensor]] = {}
         for _ in range(rounds):
-            for on in (True, False):
-                flash.ENABLED = on
+            for name, (step_on, flash_on) in VARIANTS.items():
+                step_prefill.ENABLED, flash.ENABLED = step_on, flash_on
                 start = time.perf_counter()
-                keys[on] = [layer.keys.float() for layer in hf.prefill(eng, x).layers]
-                times[on].append(time.perf_counter() - start)
-        flash.ENABLED = flash.AVAILABLE
-        pairs = zip(keys[True], keys[False], strict=True)
-        rel = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
-        out.append({
-            "tokens": t, "flash_s": min(times[True]), "sdpa_s": min(times[False]),
-            "speedup": min(times[False]) / min(times[True]), "max_key_rel_diff": rel,
-        })  # fmt: skip
+                keys[name] = [layer.keys.float() for layer in hf.prefill(eng, x).layers]
+                times[name].append(time.perf_counter() - start)
+        step_prefill.ENABLED, flash.ENABLED = True, flash.AVAILABLE
+        ref = keys["hf-sdpa"]
+        # the roof: the layers' GEMMs (2 flops per weight per token) and causal attention
+        # (2 T^2 d Hq per layer) at the GEMM rate measured in this run
+        flops = 2 * body * t + cfg.num_hidden_layers * 2 * t * t * D * HQ
+        row = {"tokens": t, "roof_s": flops / roof / 1e12}
+        for name in VARIANTS:
+            row[f"{name}_s"] = min(times[name])
+            row[f"{name}_median_s"] = statistics.median(times[name])
+            pairs = zip(keys[name], ref, strict=True)
+            diff = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+            row[f"{name}_max_key_rel_diff"] = diff
+        out.append(row)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    ap.add_argument("--tokens", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192])
     ap.add_argument("--model-tokens", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
@@ -161,10 +178,14 @@ def main() -> None:
             for n, v in r["routes"].items()
         )
         print(f"T {t:5d}: {cells}")
-    models = model(args.model_tokens, args.rounds)
+    models = model(args.model_tokens, args.rounds, roof)
     for m in models:
-        print(f"prefill T {m['tokens']}: flash {m['flash_s']:.3f} s, sdpa {m['sdpa_s']:.3f} s, "
-              f"{m['speedup']:.2f}x; max K rel diff {m['max_key_rel_diff']:.4f}")  # fmt: skip
+        cells = "  ".join(
+            f"{v} {m[f'{v}_s']:.3f} s ({m['hf-sdpa_s'] / m[f'{v}_s']:.2f}x, K diff "
+            f"{m[f'{v}_max_key_rel_diff']:.4f})"
+            for v in VARIANTS
+        )
+        print(f"prefill T {m['tokens']}: {cells}; roof {m['roof_s']:.3f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "gemm_tflops": roof, "attention": rows,

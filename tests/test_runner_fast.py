@@ -1,4 +1,4 @@
-"""The Llama-family decode step (serve.llama_step) and its fused row ops (serve.rowops) against
+"""The Llama-family decode step (engines.llama_step) and its fused row ops (engines.rowops) against
 the generic HF forward of the same runner, on SmolLM2-135M with real prompts."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 import spectrumkv as skv
+from spectrumkv.engines import llama_step, rowops
 from spectrumkv.engines.hf import load
 from spectrumkv.paged.cache import PagedKVCache
-from spectrumkv.serve import llama_step, rowops
 from spectrumkv.serve.runner import ModelRunner, pool_config
 
 PROMPTS = (
@@ -94,6 +94,26 @@ def test_compiled_row_ops_match_the_torch_references(dtype):
         rowops.rope(q, k.half(), cos, sin, 64)
     with pytest.raises(rowops.RowOpsError):
         rowops.add_rmsnorm(rand(5, 576).t().contiguous().t(), None, rand(5), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_ops_over_threads_equal_one_thread(dtype, monkeypatch):
+    """A prefill's rows are spread over torch's threads: every row's bits are those of one
+    thread, and the first rows equal the same rows computed in a small (one-thread) call."""
+    g = torch.Generator().manual_seed(1)
+    rows = rowops.PARALLEL_MIN // 576 + 3
+    h, y, w = (torch.randn(*s, generator=g).to(dtype) for s in ((rows, 576), (rows, 576), (576,)))
+    q, k, cos, sin = (torch.randn(rows, n, generator=g).to(dtype) for n in (9 * 64, 3 * 64, 64, 64))
+    runs = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        h1 = h.clone()
+        runs[threads] = (rowops.add_rmsnorm(h1, y, w, 1e-5), h1, rowops.rope(q, k, cos, sin, 64))
+    for a, b in zip(runs[1], runs[3], strict=True):
+        assert torch.equal(a, b)
+    small = rowops.add_rmsnorm(h[:7].clone(), y[:7], w, 1e-5)
+    assert torch.equal(small, runs[3][0][:7])
+    assert torch.equal(rowops.rope(q[:7], k[:7], cos[:7], sin[:7], 64), runs[3][2][:7])
 
 
 def test_build_covers_llama_only():

@@ -29,9 +29,11 @@ from ..errors import AssetError, ConfigError, IncompatiblePayloadError
 from ..importance import WindowQueries
 from ..kv import LayerKV, first_slot
 from ..wire import KV_DTYPES, Fingerprint
-from . import flash
+from . import flash, step_prefill
+from .llama_step import LlamaStep
 from .packed import pack_linears
 from .segments import segments
+from .step_prefill import LayerHook
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -191,11 +193,14 @@ def prefill(
     the KV dtype) and the post-RoPE queries of the last `window` tokens of every layer.
 
     `on_layer(i, kv, window_queries)` is called as soon as layer i is computed, while later
-    layers are still running (layer-wise streaming hooks in here)."""
+    layers are still running (layer-wise streaming hooks in here). Models `step_prefill`
+    serves run through the hand-written Llama forward, the rest through the HF one."""
     model, fp = engine.model, engine.fingerprint
     n = int(context_ids.numel())
     if n == 0:
         raise ValueError("context must hold at least one token")
+    if (step := step_prefill.step_for(engine)) is not None:
+        return _step_prefill(engine, step, context_ids, window, on_layer)
     w = min(window, n)
     captured: list[list[WindowQueries] | None] = [None] * fp.n_layers
     hooks = _window_hooks(engine, [(n - w, n)], captured)
@@ -232,7 +237,23 @@ def prefill(
     return Prefilled(n, layers, [c[0] for c in captured if c is not None], prefill_s)
 
 
-LayerHook = Callable[[int, LayerKV, WindowQueries], None]
+def _step_prefill(engine: Engine, step: LlamaStep, context_ids: torch.Tensor, window: int,
+                  on_layer: LayerHook | None) -> Prefilled:  # fmt: skip
+    """`prefill` through `step_prefill.run` (one context): a hook's exception propagates."""
+    layers: list[LayerKV] = []
+    queries: list[WindowQueries] = []
+
+    def keep(i: int, kv: LayerKV, wq: WindowQueries) -> None:
+        layers.append(kv)
+        queries.append(wq)
+        if on_layer is not None:
+            on_layer(i, kv, wq)
+
+    t0 = time.perf_counter()
+    (error,) = step_prefill.run(engine, step, [context_ids.view(-1)], [keep], window)
+    if error is not None:
+        raise error
+    return Prefilled(int(context_ids.numel()), layers, queries, time.perf_counter() - t0)
 
 
 @torch.inference_mode()
@@ -262,6 +283,8 @@ def prefill_batch(
     sizes = [int(c.numel()) for c in contexts]
     if min(sizes) == 0:
         raise ValueError("every context must hold at least one token")
+    if (step := step_prefill.step_for(engine)) is not None:
+        return step_prefill.run(engine, step, [c.view(-1) for c in contexts], on_layer, window)
     ends = torch.tensor(sizes).cumsum(0).tolist()
     spans = [(e - n, e) for n, e in zip(sizes, ends, strict=True)]
     pos = torch.cat([torch.arange(n) for n in sizes])

@@ -32,7 +32,7 @@ class EngineConfig:
     "between": its own HF forward (DynamicCache) between two decode steps, the KV written into
     pages at the end. "mixed": batched into the decode step, one model call whose rows are the
     decode tokens plus the chunk (serve.chunk_attention), its K/V written straight into pages;
-    only for models with the hand-written Llama step (serve.llama_step), others run "between".
+    only for models with the hand-written Llama step (engines.llama_step), others run "between".
     Default "between", measured here (serve/prefill_mix.py, chunk 256, 8 requests decoding
     beside a 2,048-token recompute, paired rounds in one process, load 2.3-3.6): float32, mixed
     / between over 6 rounds: longest decode stall 0.80x, decode tok/s 1.14x, recompute TTFT

@@ -15,9 +15,9 @@ linears, engines.packed); the pages stay in the KV dtype and the kernel accumula
 whatever the compute dtype. Measured parts of a step: `python -m spectrumkv.serve.step_bench`.
 
 Llama-family models (LlamaForCausalLM with a static RoPE and SiLU MLP, e.g. SmolLM2) take a
-hand-written step instead (serve.llama_step): the same modules and weights, the same arithmetic
+hand-written step instead (engines.llama_step): the same modules and weights, the same arithmetic
 (bit-identical to this HF path with the torch row ops, rounding-level differences with the
-compiled ones: serve.rowops), ~30 fewer small torch ops per layer; attention goes to the same
+compiled ones: engines.rowops), ~30 fewer small torch ops per layer; attention goes to the same
 `_attend`. Every other architecture runs the HF model's own forward, so any model the paged
 cache accepts works without per-architecture code (`fast=False` forces it for all).
 
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from ..engines import llama_step
 from ..engines.attention import use_attention
 from ..engines.hf import Engine
 from ..kv import LayerKV
@@ -49,7 +50,6 @@ from ..paged import cost
 from ..paged.cache import PagedConfig, PagedKVCache, Slots
 from ..paged.errors import PagedInputError
 from ..paged.routes import ROUTES, run_route
-from . import llama_step
 from .chunk_attention import Chunk, ChunkStep, chunk_attention
 
 ATTENTION = "spectrumkv_paged"

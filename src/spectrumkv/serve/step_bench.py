@@ -17,7 +17,7 @@ plain-copy rate (bytes copied / s; a copy reads and writes each byte, so it is t
 the issue names). limit = (weight_bytes + kv_bytes) / rate.
 
 Paths (`--paths`, timed in the same alternation; labels `<dtype>` for the first, else
-`<dtype>/<path>`): `serve`, the runner's step as it serves (serve.llama_step with the compiled
+`<dtype>/<path>`): `serve`, the runner's step as it serves (engines.llama_step with the compiled
 row ops for Llama-family models, the HF forward for others); `torch-ops`, llama_step with the
 row ops' torch references; `hf`, the generic HF forward.
 
@@ -45,13 +45,13 @@ import time
 
 import torch
 
+from ..engines import llama_step
 from ..engines.hf import COMPUTE_DTYPES, Engine, decode_state, generate, load, prefill
 from ..kv import LayerKV
 from ..paged import kernel, traces
 from ..paged.bench import copy_bandwidth
 from ..paged.cache import PagedKVCache
 from ..pd.sampling import SamplingParams
-from . import llama_step
 from .bench import DecodeBench, make_requests, read_bandwidth, weight_bytes
 from .engine import BatchEngine, EngineConfig
 from .runner import ModelRunner, pool_config

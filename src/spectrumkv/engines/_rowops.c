@@ -1,5 +1,8 @@
-/* Fused row operations of a Llama-family decode step (spectrumkv.serve.rowops), on B rows of
- * float32 (dtype code 0) or bfloat16 (code 2) values, one thread, contiguous buffers.
+/* Fused row operations of a Llama-family decode step (spectrumkv.engines.rowops), on B rows of
+ * float32 (dtype code 0) or bfloat16 (code 2) values, contiguous buffers. Rows are independent:
+ * with `threads` > 1 the rows are cut into one contiguous range per OpenMP thread (torch's libgomp
+ * team), each range run by the same per-row code, so a row's result never depends on the thread
+ * count or on the other rows (a prefill's thousands of rows use it; a decode step's few do not).
  *
  * Each function computes what its torch reference in rowops.py computes, with the same
  * roundings to the row dtype at the same points (bf16: round to nearest even, as torch):
@@ -14,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -56,10 +60,10 @@ KERNEL void st(void *p, int64_t i, float v, int bf) {
 
 KERNEL float rnd(float v, int bf) { return bf ? bf16_to_f(f_to_bf16(v)) : v; }
 
-KERNEL void norm_rows(void *h, const void *y, const void *w, void *o, int64_t rows,
+KERNEL void norm_rows(void *h, const void *y, const void *w, void *o, int64_t r0, int64_t r1,
                       int64_t cols, float eps, int bf) {
     float x[MAX_COLS];
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = r0; r < r1; r++) {
         const int64_t base = r * cols;
         if (y) {
             for (int64_t c = 0; c < cols; c++) {
@@ -81,20 +85,20 @@ KERNEL void norm_rows(void *h, const void *y, const void *w, void *o, int64_t ro
     }
 }
 
-CLONES static void norm_f32(void *h, const void *y, const void *w, void *o, int64_t rows,
-                            int64_t cols, float eps) {
-    norm_rows(h, y, w, o, rows, cols, eps, 0);
+CLONES static void norm_f32(void *h, const void *y, const void *w, void *o, int64_t r0,
+                            int64_t r1, int64_t cols, float eps) {
+    norm_rows(h, y, w, o, r0, r1, cols, eps, 0);
 }
 
-CLONES static void norm_bf16(void *h, const void *y, const void *w, void *o, int64_t rows,
-                             int64_t cols, float eps) {
-    norm_rows(h, y, w, o, rows, cols, eps, 1);
+CLONES static void norm_bf16(void *h, const void *y, const void *w, void *o, int64_t r0,
+                             int64_t r1, int64_t cols, float eps) {
+    norm_rows(h, y, w, o, r0, r1, cols, eps, 1);
 }
 
 KERNEL void rope_rows(const void *q, const void *k, const void *cs, const void *sn, void *o,
-                      int64_t rows, int64_t hq, int64_t hkv, int64_t d, int bf) {
+                      int64_t r0, int64_t r1, int64_t hq, int64_t hkv, int64_t d, int bf) {
     const int64_t half = d / 2, heads = hq + hkv;
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = r0; r < r1; r++) {
         for (int64_t h = 0; h < heads; h++) {
             const void *src = h < hq ? q : k;
             const int64_t in = h < hq ? (r * hq + h) * d : (r * hkv + (h - hq)) * d;
@@ -114,14 +118,20 @@ KERNEL void rope_rows(const void *q, const void *k, const void *cs, const void *
 }
 
 CLONES static void rope_f32(const void *q, const void *k, const void *cs, const void *sn, void *o,
-                            int64_t rows, int64_t hq, int64_t hkv, int64_t d) {
-    rope_rows(q, k, cs, sn, o, rows, hq, hkv, d, 0);
+                            int64_t r0, int64_t r1, int64_t hq, int64_t hkv, int64_t d) {
+    rope_rows(q, k, cs, sn, o, r0, r1, hq, hkv, d, 0);
 }
 
 CLONES static void rope_bf16(const void *q, const void *k, const void *cs, const void *sn,
-                             void *o, int64_t rows, int64_t hq, int64_t hkv, int64_t d) {
-    rope_rows(q, k, cs, sn, o, rows, hq, hkv, d, 1);
+                             void *o, int64_t r0, int64_t r1, int64_t hq, int64_t hkv,
+                             int64_t d) {
+    rope_rows(q, k, cs, sn, o, r0, r1, hq, hkv, d, 1);
 }
+
+/* Rows [r0, r1) of this thread's share when `rows` are cut into one range per team thread. */
+#define THREAD_RANGE(rows, r0, r1)                                     \
+    const int64_t _t = omp_get_thread_num(), _n = omp_get_num_threads(); \
+    const int64_t r0 = (rows) * _t / _n, r1 = (rows) * (_t + 1) / _n
 
 static int parse_dtype(int dt) {
     if (dt != 0 && dt != 2) {
@@ -135,9 +145,10 @@ static PyObject *add_rmsnorm(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long hp, yp, wp, op;
     long long rows, cols;
-    int dt;
+    int dt, threads;
     float eps;
-    if (!PyArg_ParseTuple(args, "KKKKLLif", &hp, &yp, &wp, &op, &rows, &cols, &dt, &eps))
+    if (!PyArg_ParseTuple(args, "KKKKLLifi", &hp, &yp, &wp, &op, &rows, &cols, &dt, &eps,
+                          &threads))
         return NULL;
     int bf = parse_dtype(dt);
     if (bf < 0) return NULL;
@@ -147,7 +158,13 @@ static PyObject *add_rmsnorm(PyObject *self, PyObject *args) {
     }
     void *h = (void *)(uintptr_t)hp, *o = (void *)(uintptr_t)op;
     const void *y = (const void *)(uintptr_t)yp, *w = (const void *)(uintptr_t)wp;
-    (bf ? norm_bf16 : norm_f32)(h, y, w, o, rows, cols, eps);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        THREAD_RANGE(rows, r0, r1);
+        (bf ? norm_bf16 : norm_f32)(h, y, w, o, r0, r1, cols, eps);
+    }
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -155,8 +172,9 @@ static PyObject *rope(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long qp, kp, cp, sp, op;
     long long rows, hq, hkv, d;
-    int dt;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLi", &qp, &kp, &cp, &sp, &op, &rows, &hq, &hkv, &d, &dt))
+    int dt, threads;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLii", &qp, &kp, &cp, &sp, &op, &rows, &hq, &hkv, &d, &dt,
+                          &threads))
         return NULL;
     int bf = parse_dtype(dt);
     if (bf < 0) return NULL;
@@ -166,7 +184,14 @@ static PyObject *rope(PyObject *self, PyObject *args) {
     }
     const void *q = (const void *)(uintptr_t)qp, *k = (const void *)(uintptr_t)kp;
     const void *cs = (const void *)(uintptr_t)cp, *sn = (const void *)(uintptr_t)sp;
-    (bf ? rope_bf16 : rope_f32)(q, k, cs, sn, (void *)(uintptr_t)op, rows, hq, hkv, d);
+    void *o = (void *)(uintptr_t)op;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        THREAD_RANGE(rows, r0, r1);
+        (bf ? rope_bf16 : rope_f32)(q, k, cs, sn, o, r0, r1, hq, hkv, d);
+    }
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 

@@ -47,7 +47,7 @@ class LlamaStep:
     def __init__(self, model: nn.Module, compiled: bool = rowops.AVAILABLE) -> None:
         if compiled and not rowops.AVAILABLE:
             raise rowops.RowOpsError(
-                "the compiled row ops (spectrumkv.serve._rowops) are not built"
+                "the compiled row ops (spectrumkv.engines._rowops) are not built"
             )
         self.compiled = compiled
         ops = (rowops.add_rmsnorm, rowops.rope) if compiled else (rowops.add_rmsnorm_ref,

@@ -2,7 +2,7 @@
 k into one buffer, on [B, features] rows of float32 or bfloat16.
 
 Each op has a plain torch reference (`*_ref`: exactly the HF modules' arithmetic, op for op, so
-bit-identical to the generic HF forward) and a compiled version (`spectrumkv.serve._rowops`,
+bit-identical to the generic HF forward) and a compiled version (`spectrumkv.engines._rowops`,
 from `_rowops.c`, one call instead of 5-8 torch ops on a few KiB each, which at a decode step's
 16 rows cost more in dispatch than in arithmetic). The compiled ops round to the row dtype at
 the same points as the references; RoPE is bit-identical, RMSNorm differs only in the order of
@@ -26,6 +26,14 @@ except ImportError:  # an optional extension; see setup.py
 AVAILABLE = _rowops is not None
 _CODES = {torch.float32: 0, torch.bfloat16: 2}
 _MAX_COLS = 16384  # _rowops.c's row buffer
+#: values in a call from which its rows are spread over torch's threads (a prefill's rows are;
+#: a decode step's few rows stay on the calling thread, where a team would cost more than it saves)
+PARALLEL_MIN = 1 << 16
+
+
+def _threads(values: int) -> int:
+    """OpenMP threads for a call over `values` elements: torch's count for large calls, else 1."""
+    return torch.get_num_threads() if values >= PARALLEL_MIN else 1
 
 
 def compiled_for(dtype: torch.dtype, hidden: int) -> bool:
@@ -71,7 +79,7 @@ def add_rmsnorm(h: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor, eps: f
         raise RowOpsError(f"add_rmsnorm: h {list(h.shape)}, weight {list(w.shape)}")
     out = torch.empty_like(h)
     _rowops.add_rmsnorm(h.data_ptr(), 0 if y is None else y.data_ptr(), w.data_ptr(),
-                        out.data_ptr(), rows, cols, code, eps)  # fmt: skip
+                        out.data_ptr(), rows, cols, code, eps, _threads(h.numel()))  # fmt: skip
     return out
 
 
@@ -85,5 +93,5 @@ def rope(q, k, cos, sin, d: int) -> torch.Tensor:
     hq, hkv = q.shape[1] // d, k.shape[1] // d
     out = torch.empty(rows, hq + hkv, d, dtype=q.dtype)
     _rowops.rope(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
-                 rows, hq, hkv, d, code)  # fmt: skip
+                 rows, hq, hkv, d, code, _threads(out.numel()))  # fmt: skip
     return out
