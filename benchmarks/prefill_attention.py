@@ -130,7 +130,10 @@ def model(tokens: list[int], rounds: int, roof: float) -> list[dict]:
     eng = hf.load("smollm2-135m", dtype="bfloat16", kv_dtype="bfloat16")
     ids = torch.tensor(eng.tokenizer(load_text("wiki")[:400_000])["input_ids"])
     cfg = eng.model.config
-    body = sum(p.numel() for p in eng.model.model.layers.parameters())
+    hd, hidden = D, cfg.hidden_size  # weights per layer: q, k, v, o and the gated MLP's three
+    body = cfg.num_hidden_layers * (
+        hidden * hd * (2 * HQ + 2 * HKV) + 3 * hidden * cfg.intermediate_size
+    )
     out = []
     for t in tokens:
         x = ids[:t]

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from spectrumkv.config import FIXED_RATE, POLICIES, PolicyConfig, QuantConfig
 from spectrumkv.errors import BudgetError, ConfigError
 from spectrumkv.pipeline import iter_payload
-from spectrumkv.policy import plan
+from spectrumkv.policy import plan, reads_scores
 from spectrumkv.tiers import NOMINAL_COST, Tier
 
 from .synthetic import make_header, random_layers
@@ -172,3 +172,34 @@ def test_spectrum_opt_spends_bytes_where_importance_is():
     low, mid, high = t[4:100].float().mean(), t[100:200].float().mean(), t[200:].float().mean()
     assert low <= mid <= high and low < high
     assert set(t[4:].tolist()) - {Tier.DROP, Tier.INT2, Tier.INT4, Tier.INT8, Tier.FP16} == set()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    policy=st.sampled_from(POLICIES),
+    n=st.integers(1, 200),
+    budget=st.sampled_from([1.0, 0.9, 0.5, 0.3]),
+    seed=st.integers(0, 1000),
+)
+def test_plans_that_do_not_read_scores_ignore_them(policy, n, budget, seed):
+    """`reads_scores` False: any scores give the same tiers, so streaming may skip scoring."""
+    if policy in FIXED_RATE and budget != 1.0:
+        budget = None
+    cfg = PolicyConfig(policy, budget=budget, sinks=2, quant=_quant_for(policy))
+    if reads_scores(cfg):
+        return
+    header = make_header(n, n_layers=3)
+    g = torch.Generator().manual_seed(seed)
+    plans = [
+        _plan_or_budget_error(s, header, cfg) for s in (torch.zeros(n), torch.rand(n, generator=g))
+    ]
+    if plans[0] is None:
+        assert plans[1] is None
+        return
+    assert torch.equal(plans[0].tiers, plans[1].tiers)
+
+
+def test_spectrum_reads_scores_below_budget_one():
+    assert reads_scores(PolicyConfig("spectrum", budget=0.5))
+    assert not reads_scores(PolicyConfig("spectrum", budget=1.0))
+    assert not reads_scores(PolicyConfig("pdtrim", budget=0.5))

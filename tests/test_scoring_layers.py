@@ -9,6 +9,7 @@ from spectrumkv.engines.hf import Engine
 from spectrumkv.importance import WindowQueries, score_tokens, scoring_layers
 from spectrumkv.kv import LayerKV, first_slot
 from spectrumkv.pd.streaming import StreamingEncoder
+from spectrumkv.tiers import Tier
 from spectrumkv.wire import Fingerprint
 
 N, WINDOW, SLIDING = 96, 16, (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)  # Gemma-3's 5:1 pattern, 12 layers
@@ -61,6 +62,22 @@ def test_streaming_plans_once_the_scoring_layers_are_done():
             enc.on_layer(i, layers[i], window[i])
             assert (enc.plan is not None) == (i >= plan_after), (k, i)
         assert chunks == ["header"] + ["frame"] * FP.n_layers
+
+
+def test_budget_one_streams_from_layer_zero_without_scoring(monkeypatch):
+    """Budget 1.0 keeps every token at FP16 whatever the scores: no scoring, frames from layer 0."""
+    import spectrumkv.pd.streaming as streaming
+
+    monkeypatch.setattr(streaming, "score_tokens", lambda *a: pytest.fail("scored"))
+    layers, window = _layers()
+    chunks: list[str] = []
+    enc = StreamingEncoder(
+        Engine("synthetic", None, None, FP), torch.arange(N), PolicyConfig("spectrum", budget=1.0),
+        ScoreConfig(), lambda kind, _b: chunks.append(kind),
+    )  # fmt: skip
+    enc.on_layer(0, layers[0], window[0])
+    assert chunks == ["header", "frame"] and enc.plan.wire_budget > 1.0
+    assert (enc.plan.tiers[enc.plan.present] == int(Tier.FP16)).all()
 
 
 @pytest.mark.parametrize("k", [1, 4])

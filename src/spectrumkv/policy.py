@@ -35,6 +35,15 @@ _LADDERS = {
 _UNIFORM = {"uniform-int8": Tier.INT8, "uniform-int4": Tier.INT4, "fp16": Tier.FP16}
 #: KIVI's residual: the most recent tokens stay at full precision.
 KIVI_RECENT = 32
+#: Policies whose plan never reads the importance scores (see `reads_scores`).
+_SCORELESS = {"kivi2", "pdtrim", "sink-protect", "random-tier", *_UNIFORM}
+
+
+def reads_scores(policy: PolicyConfig) -> bool:
+    """Whether `plan` reads the scores under this policy. At budget 1.0 every policy keeps every
+    token at FP16, and the policies in `_SCORELESS` place tokens by position or by a seed, so
+    scoring (a pass over every layer's keys) can be skipped and a stream can start at layer 0."""
+    return policy.budget != 1.0 and policy.name not in _SCORELESS
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ..engines.hf import Engine
 from ..importance import WindowQueries, score_tokens, scoring_layers
 from ..kv import LayerKV
 from ..pipeline import make_header
-from ..policy import Plan, layer_firsts, plan
+from ..policy import Plan, layer_firsts, plan, reads_scores
 from ..wire import Header, frame_bytes, header_bytes
 
 Emit = Callable[[str, bytes], None]  # ("header" | "frame", bytes)
@@ -25,7 +25,9 @@ class StreamingEncoder:
     With `scoring.layers = k`, the plan is made as soon as the layers `importance.scoring_layers`
     picks are done (the first k that hold the whole prompt, or all of them if fewer) and frames
     flow from then on; with k = 0, or when no layer holds the whole prompt, the plan reads every
-    layer and nothing leaves before prefill ends.
+    layer and nothing leaves before prefill ends. A plan that reads no scores
+    (`policy.reads_scores`: budget 1.0, or a policy that places tokens by position) is made at
+    layer 0 without scoring, and every frame leaves as soon as its layer is computed.
     """
 
     def __init__(
@@ -40,9 +42,11 @@ class StreamingEncoder:
         n_layers = engine.fingerprint.n_layers
         self.header: Header = make_header(engine, n_tokens, policy, context_ids)
         self.firsts = layer_firsts(self.header)
-        #: layers computed before the plan: up to the last one scoring reads
-        self.k = max(scoring_layers([f == 0 for f in self.firsts], scoring.layers)) + 1
-        if policy.name == "spectrum-layer" and self.k < n_layers:
+        self.scored = reads_scores(policy)
+        #: layers computed before the plan: up to the last one scoring reads (1: no scoring)
+        whole = [f == 0 for f in self.firsts]
+        self.k = max(scoring_layers(whole, scoring.layers)) + 1 if self.scored else 1
+        if self.scored and policy.name == "spectrum-layer" and self.k < n_layers:
             raise ValueError("spectrum-layer needs every layer's scores; it cannot stream early")
         self.engine, self.n, self.policy, self.scoring, self.emit = (
             engine,
@@ -63,7 +67,10 @@ class StreamingEncoder:
             if i + 1 < self.k:
                 return
             t0 = time.perf_counter()
-            scores, layer_scores = score_tokens(self.scoring, self.n, self.layers, self.window)
+            if self.scored:
+                scores, layer_scores = score_tokens(self.scoring, self.n, self.layers, self.window)
+            else:
+                scores, layer_scores = torch.zeros(self.n), None
             self.plan = plan(scores, self.header, self.policy, layer_scores)
             self.emit("header", header_bytes(self.header))
             self.encode_s += time.perf_counter() - t0
