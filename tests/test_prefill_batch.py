@@ -3,6 +3,7 @@ queries it gets alone (up to float rounding), hooks fail alone, the prefill work
 queued requests, and greedy tokens through the workers equal the one-at-a-time path."""
 
 import dataclasses
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -171,7 +172,11 @@ def test_greedy_tokens_through_batching_workers_equal_one_at_a_time(smol):
         want.append(
             skv.generate(smol, skv.reference_state(smol, skv.prefill(smol, context)), last, 8)
         )
-    with Cluster("smollm2-135m", prefill_batch=4) as c, ThreadPoolExecutor(len(PROMPTS)) as pool:
+    # the decode worker at a lower CPU priority (`decode_nice`): scheduling, not results
+    cluster = Cluster("smollm2-135m", prefill_batch=4, decode_nice=3)
+    with cluster as c, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, p.pid) - own for p in c.procs] == [0, 3]
         runs = [pool.submit(complete, c.url, p, 8, chat=True, budget=1.0) for p in PROMPTS]
         got = [r.result(300) for r in runs]
     assert all(r["spectrumkv"]["outcome"] == "ok" for r in got)

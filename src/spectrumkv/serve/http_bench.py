@@ -248,7 +248,9 @@ class HttpSetup:
     new tokens per request for `hf-cb` (0 = the requests' own; its steps are slow here).
     dtype: the SpectrumKV workers' compute dtype (`serve prefill|decode --dtype`); kv_dtype:
     their KV dtype, sent and paged (`--kv-dtype`). prefill_threads: torch threads of the
-    prefill worker (0 = `threads`)."""
+    prefill worker (0 = `threads`). decode_nice: the SpectrumKV decode worker's `nice` increment
+    under its prefill worker on this shared host (0: equal priority; vLLM, one process, runs its
+    own prefill-first schedule)."""
 
     model: str
     threads: int = 1
@@ -258,6 +260,7 @@ class HttpSetup:
     dtype: str = "float32"
     kv_dtype: str = "float16"
     prefill_threads: int = 0
+    decode_nice: int = 0
 
 
 def _token_bytes(model: str, itemsize: int) -> int:
@@ -309,6 +312,7 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             decode_args=args + dtype,
             prefill_args=dtype + prefill_threads,
             threads=setup.threads,
+            decode_nice=setup.decode_nice,
         ) as c,
     ):
         pid = c.procs[1].pid
@@ -323,6 +327,7 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             extra = {
                 "threads": setup.threads,
                 "prefill_threads": setup.prefill_threads or setup.threads,
+                "decode_nice": setup.decode_nice,
             }
             yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
@@ -330,6 +335,7 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             computed = max_context * _token_bytes(model, size)
             yield Served(engine, c.url, pid, None, f"{setup.dtype} compute and DynamicCache",
                          extra={"threads": setup.threads, "computed_kv_bytes": computed,
+                                "decode_nice": setup.decode_nice,
                                 "peak_kv_source": f"computed: largest request, "
                                 f"{setup.dtype}"})  # fmt: skip
 
