@@ -72,6 +72,20 @@ def test_step_prefill_isolates_a_failing_hook(bf16):
         hf.prefill(bf16, ids[0], on_layer=lambda i, kv, wq: failing(i, kv, wq))
 
 
+def test_hooked_layers_keep_the_hf_forward(bf16):
+    """A caller's forward hook on a layer's module (SCD's capture, DroidSpeak) must fire: the
+    step would bypass it, so the prefill keeps the HF forward while it is registered."""
+    seen = []
+    attn = bf16.model.model.layers[3].self_attn
+    handle = attn.register_forward_pre_hook(lambda m, a, k: seen.append(1), with_kwargs=True)
+    try:
+        assert step_prefill.step_for(bf16) is None
+        hf.prefill(bf16, torch.arange(100, 140))
+    finally:
+        handle.remove()
+    assert seen == [1] and step_prefill.step_for(bf16) is not None
+
+
 def test_step_prefill_is_bf16_flash_llama_only():
     """float32 models, and bf16 ones with the kernel off, keep the HF forward."""
     eng = hf.load("smollm2-135m")

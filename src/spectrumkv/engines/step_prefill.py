@@ -38,9 +38,13 @@ LayerHook = Callable[[int, LayerKV, WindowQueries], None]
 
 def step_for(engine: Engine) -> llama_step.LlamaStep | None:
     """The step `engine`'s prefills run through, or None (the HF forward): enabled, no
-    sliding-window layers, the kernel serves the model (bf16, head_dim 64) and `llama_step`
-    reproduces it."""
+    sliding-window layers, the kernel serves the model (bf16, head_dim 64), `llama_step`
+    reproduces it, and no forward hook is registered on its layers or their modules (the step
+    calls only the projections: SCD's captures and DroidSpeak's layer inputs hook the attention
+    and decoder-layer modules, so their prefills keep the HF forward)."""
     if not ENABLED or engine.fingerprint.sliding_layers or not flash.serves(engine.model):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in engine.model.model.layers.modules()):
         return None
     return llama_step.build(engine.model)
 
