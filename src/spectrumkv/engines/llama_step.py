@@ -1,11 +1,13 @@
 """A hand-written decode step for Llama-family models: the HF model's own weights and modules,
 far fewer small torch ops than its generic forward.
 
-One token per row, B rows. The HF forward of a decoder layer spends most of its non-linear time
-in dispatch: ~50 tiny ops and ~10 Python module calls per layer (view/transpose of q, k and v
-apart, RoPE applied to q and k apart with `rotate_half` = two slices, a negation and a cat,
-attention-interface lookup, output reshape/contiguous). `LlamaStep` runs the same arithmetic as
-plain functions on [B, features] rows, ~14 calls per layer:
+One token per row, B rows: a decode step's requests, or a prefill's tokens (engines.step_prefill,
+whose `attend` keeps each prompt causal to itself). The HF forward of a decoder layer spends
+most of its non-linear time in dispatch: ~50 tiny ops and ~10 Python module calls per layer
+(view/transpose of q, k and v apart, RoPE applied to q and k apart with `rotate_half` = two
+slices, a negation and a cat, attention-interface lookup, output reshape/contiguous).
+`LlamaStep` runs the same arithmetic as plain functions on [B, features] rows, ~14 calls per
+layer:
 
 - residual add + RMSNorm in one call (`rowops.add_rmsnorm`: LlamaRMSNorm's float32 statistics,
   weight times the input-dtype result; the residual stream is updated in place);

@@ -1,5 +1,7 @@
-"""The small ops of a Llama-family decode step, fused: residual add + RMSNorm, and RoPE of q and
-k into one buffer, on [B, features] rows of float32 or bfloat16.
+"""The small ops of a Llama-family forward (engines.llama_step: a decode step, or a prefill),
+fused: residual add + RMSNorm, and RoPE of q and k into one buffer, on [B, features] rows of
+float32 or bfloat16. Calls of at least PARALLEL_MIN values spread their rows over torch's
+threads; a row's bits do not depend on the thread count.
 
 Each op has a plain torch reference (`*_ref`: exactly the HF modules' arithmetic, op for op, so
 bit-identical to the generic HF forward) and a compiled version (`spectrumkv.engines._rowops`,
