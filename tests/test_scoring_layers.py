@@ -66,9 +66,9 @@ def test_streaming_plans_once_the_scoring_layers_are_done():
 
 def test_budget_one_streams_from_layer_zero_without_scoring(monkeypatch):
     """Budget 1.0 keeps every token at FP16 whatever the scores: no scoring, frames from layer 0."""
-    import spectrumkv.pd.streaming as streaming
+    import spectrumkv.pipeline as pipeline
 
-    monkeypatch.setattr(streaming, "score_tokens", lambda *a: pytest.fail("scored"))
+    monkeypatch.setattr(pipeline, "score_tokens", lambda *a: pytest.fail("scored"))
     layers, window = _layers()
     chunks: list[str] = []
     enc = StreamingEncoder(

@@ -10,9 +10,10 @@ import torch
 
 from .config import PolicyConfig, ScoreConfig
 from .engines.hf import DecodeState, Engine, Prefilled, decode_state
-from .importance import score_tokens
+from .importance import WindowQueries, score_tokens
+from .kv import LayerKV
 from .payload import decode_payload
-from .policy import Plan, layer_firsts, plan
+from .policy import Plan, layer_firsts, plan, reads_scores
 from .wire import (
     Fingerprint,
     Header,
@@ -51,13 +52,28 @@ def new_header(
     )
 
 
+def plan_scores(
+    policy: PolicyConfig,
+    scoring: ScoreConfig,
+    n_tokens: int,
+    layers: list[LayerKV],
+    window: list[WindowQueries] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scores `plan` reads under `policy` (`importance.score_tokens`), or zeros without a
+    scoring pass when it reads none (`policy.reads_scores`: budget 1.0, positional policies)."""
+    if not reads_scores(policy):
+        return torch.zeros(n_tokens), None
+    return score_tokens(scoring, n_tokens, layers, window)
+
+
 def plan_transfer(
     engine: Engine, pre: Prefilled, policy: PolicyConfig, scoring: ScoreConfig | None = None
 ) -> tuple[Header, Plan]:
-    """Score the prefilled context and assign tiers under the policy's budget."""
+    """Score the prefilled context (where the policy reads scores) and assign tiers under the
+    policy's budget."""
     header = make_header(engine, pre.n_tokens, policy)
-    scores, layer_scores = score_tokens(
-        scoring or ScoreConfig(), pre.n_tokens, pre.layers, pre.window
+    scores, layer_scores = plan_scores(
+        policy, scoring or ScoreConfig(), pre.n_tokens, pre.layers, pre.window
     )
     return header, plan(scores, header, policy, layer_scores)
 

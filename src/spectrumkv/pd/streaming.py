@@ -10,9 +10,9 @@ import torch
 
 from ..config import PolicyConfig, ScoreConfig
 from ..engines.hf import Engine
-from ..importance import WindowQueries, score_tokens, scoring_layers
+from ..importance import WindowQueries, scoring_layers
 from ..kv import LayerKV
-from ..pipeline import make_header
+from ..pipeline import make_header, plan_scores
 from ..policy import Plan, layer_firsts, plan, reads_scores
 from ..wire import Header, frame_bytes, header_bytes
 
@@ -67,10 +67,9 @@ class StreamingEncoder:
             if i + 1 < self.k:
                 return
             t0 = time.perf_counter()
-            if self.scored:
-                scores, layer_scores = score_tokens(self.scoring, self.n, self.layers, self.window)
-            else:
-                scores, layer_scores = torch.zeros(self.n), None
+            scores, layer_scores = plan_scores(
+                self.policy, self.scoring, self.n, self.layers, self.window
+            )
             self.plan = plan(scores, self.header, self.policy, layer_scores)
             self.emit("header", header_bytes(self.header))
             self.encode_s += time.perf_counter() - t0
