@@ -130,9 +130,9 @@ def model(tokens: list[int], rounds: int) -> list[dict]:
     eng = hf.load("smollm2-135m", dtype="bfloat16", kv_dtype="bfloat16")
     ids = torch.tensor(eng.tokenizer(load_text("wiki")[:400_000])["input_ids"])
     cfg = eng.model.config
-    hd, hidden = D, cfg.hidden_size  # weights per layer: q, k, v, o and the gated MLP's three
+    hidden = cfg.hidden_size  # weights per layer: q, k, v, o and the gated MLP's three
     body = cfg.num_hidden_layers * (
-        hidden * hd * (2 * HQ + 2 * HKV) + 3 * hidden * cfg.intermediate_size
+        hidden * D * (2 * HQ + 2 * HKV) + 3 * hidden * cfg.intermediate_size
     )
     out = []
     for t in tokens:
@@ -150,7 +150,7 @@ def model(tokens: list[int], rounds: int) -> list[dict]:
         step_prefill.ENABLED, flash.ENABLED = True, flash.AVAILABLE
         ref = keys["hf-sdpa"]
         # the roof: the layers' GEMMs (2 flops per weight per token) and causal attention
-        # (2 T^2 d Hq per layer) at the GEMM rate measured in this run
+        # (2 T^2 d Hq per layer) at the best GEMM rate measured between the rounds
         flops = 2 * body * t + cfg.num_hidden_layers * 2 * t * t * D * HQ
         row = {"tokens": t, "gemm_tflops": roof, "roof_s": flops / roof / 1e12}
         for name in VARIANTS:

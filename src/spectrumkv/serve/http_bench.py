@@ -249,8 +249,8 @@ class HttpSetup:
     dtype: the SpectrumKV workers' compute dtype (`serve prefill|decode --dtype`); kv_dtype:
     their KV dtype, sent and paged (`--kv-dtype`). prefill_threads: torch threads of the
     prefill worker (0 = `threads`). decode_nice: the SpectrumKV decode worker's `nice` increment
-    under its prefill worker on this shared host (0: equal priority; vLLM, one process, runs its
-    own prefill-first schedule)."""
+    under its prefill worker on this shared host (0: equal priority; vLLM, one process,
+    schedules its own prefill)."""
 
     model: str
     threads: int = 1
