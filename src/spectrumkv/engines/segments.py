@@ -33,6 +33,29 @@ ATTENTION = "spectrumkv_segments"
 _active = threading.local()
 
 
+def causal_spans(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spans: list[tuple[int, int]],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """query [Hq, T, D], key/value [Hkv, T, D] (any token stride) -> [T, Hq, D]: each span
+    (start, end) of the T tokens attends causally to itself only, through engines.flash's
+    kernel where it fits, else SDPA with the grouped K/V heads expanded per span."""
+    group = query.shape[0] // key.shape[0]
+    out = query.new_empty(query.shape[1], query.shape[0], query.shape[2])
+    for a, b in spans:
+        q, k, v = query[:, a:b], key[:, a:b], value[:, a:b]
+        if flash.fits(q, k, v):
+            out[a:b] = flash.causal(q, k, v, scale)
+            continue
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
 def segment_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] (the whole packed sequence, post-RoPE).
     Returns ([1, T, Hq, D], None), each span attending causally to itself only."""
@@ -41,17 +64,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, *
     if spans is None or key.shape[2] != t or spans[-1][1] != t:
         raise RuntimeError("segment attention runs only inside segments(), over one packed "
                            "sequence with an empty cache")  # fmt: skip
-    group = query.shape[1] // key.shape[1]
-    out = query.new_empty(1, t, query.shape[1], query.shape[3])
-    for a, b in spans:
-        if flash.fits(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b]):
-            out[0, a:b] = flash.causal(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scaling)
-            continue
-        k = key[:, :, a:b].repeat_interleave(group, 1)
-        v = value[:, :, a:b].repeat_interleave(group, 1)
-        o = F.scaled_dot_product_attention(query[:, :, a:b], k, v, is_causal=True, scale=scaling)
-        out[:, a:b] = o.transpose(1, 2)
-    return out, None
+    return causal_spans(query[0], key[0], value[0], spans, scaling)[None], None
 
 
 AttentionInterface.register(ATTENTION, segment_attention)

@@ -27,6 +27,7 @@ import torch
 from ..importance import WindowQueries
 from ..kv import LayerKV
 from . import flash, llama_step
+from .segments import causal_spans
 
 if TYPE_CHECKING:
     from .hf import Engine
@@ -74,12 +75,8 @@ def run(
     kv_dtype = engine.kv_dtype
 
     def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-        # q [T, Hq, D], k / v [T, Hkv, D]: the kernel takes [H, T, D] views of any token stride
-        outs = [
-            flash.causal(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                         scale)
-            for a, b in spans
-        ]  # fmt: skip
+        # q [T, Hq, D], k / v [T, Hkv, D]: attention takes [H, T, D] views of any token stride
+        out = causal_spans(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), spans, scale)
         for j, (a, b) in enumerate(spans):
             if errors[j] is not None:
                 continue
@@ -95,7 +92,7 @@ def run(
                 errors[j] = e
         if all(e is not None for e in errors):
             raise _AllStopped
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out
 
     tokens = torch.cat(contexts)
     positions = torch.cat([torch.arange(n) for n in sizes])

@@ -42,11 +42,11 @@ class StreamingEncoder:
         n_layers = engine.fingerprint.n_layers
         self.header: Header = make_header(engine, n_tokens, policy, context_ids)
         self.firsts = layer_firsts(self.header)
-        self.scored = reads_scores(policy)
+        scored = reads_scores(policy)
         #: layers computed before the plan: up to the last one scoring reads (1: no scoring)
         whole = [f == 0 for f in self.firsts]
-        self.k = max(scoring_layers(whole, scoring.layers)) + 1 if self.scored else 1
-        if self.scored and policy.name == "spectrum-layer" and self.k < n_layers:
+        self.k = max(scoring_layers(whole, scoring.layers)) + 1 if scored else 1
+        if scored and policy.name == "spectrum-layer" and self.k < n_layers:
             raise ValueError("spectrum-layer needs every layer's scores; it cannot stream early")
         self.engine, self.n, self.policy, self.scoring, self.emit = (
             engine,
