@@ -252,6 +252,35 @@ def test_cache_append_write_free_and_full_pool():
     assert set(cache.pages_of("c")).isdisjoint(cache.pages_of("a"))
 
 
+@pytest.mark.skipif(not kernel.AVAILABLE, reason="the compiled kernel is not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_slot_write_equals_index_copy(dtype):
+    """A step's K/V as the Llama step hands it (k a strided slice of the RoPE buffer) lands in
+    the same bits as torch's index_copy_ path; a bad row is a typed error and writes nothing."""
+    cfg = PagedConfig(2, 3, 64, pages=8, page_size=16, dtype=dtype)
+    cache, twin = PagedKVCache(cfg, shuffle_seed=1), PagedKVCache(cfg, shuffle_seed=1)
+    for c in (cache, twin):
+        c.allocate("a", 16)
+        c.allocate("b", 5)
+    slots = cache.append(["a", "b"])
+    assert torch.equal(twin.append(["a", "b"]).rows, slots.rows)
+    qk = torch.randn(2, 9 + 3, 64).to(dtype)  # [B, Hq + Hkv, D]: k is qk[:, 9:]
+    k, v = qk[:, 9:], torch.randn(2, 3, 64).to(dtype)
+    assert not k.is_contiguous()
+    cache.write_slots(1, slots, k, v)
+    d = cfg.head_dim
+    kp, vp = twin.layer(1)
+    kp.view(-1, d).index_copy_(0, slots.rows, k.reshape(-1, d))
+    vp.view(-1, d).index_copy_(0, slots.rows, v.reshape(-1, d))
+    assert torch.equal(cache.k, twin.k) and torch.equal(cache.v, twin.v)
+    before = cache.k.clone()
+    bad = slots._replace(rows=slots.rows.clone().fill_(cfg.pages * 3 * 16))
+    with pytest.raises(PagedInputError, match="outside the page pool"):
+        cache.write_slots(1, bad, k, v)
+    assert torch.equal(cache.k, before)
+    assert not kernel.write_rows(*cache.layer(1), slots.rows, k.float(), v.float())  # converts
+
+
 def test_for_model_geometry_sliding_window_models_included():
     gemma = transformers.Gemma3TextConfig(num_hidden_layers=18, num_key_value_heads=1, head_dim=256)
     cfg = PagedConfig.for_model(gemma, pages=8)  # whole contexts in every layer's pages

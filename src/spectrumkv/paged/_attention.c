@@ -996,6 +996,41 @@ done:
     return ret;
 }
 
+/* write_rows(k_pages, v_pages, pool_rows, rows, k, k_stride, v, v_stride, batch, heads, d):
+ * a decode step's new token per request into its page slot, in one call for K and V. The pools
+ * are viewed as pool_rows rows of d 16-bit values (fp16 or bf16, the caller has matched the
+ * dtypes: a plain copy); rows is int64 [batch x heads], request-major. Row (b, h) of k starts at
+ * element b * k_stride + h * d (v alike), so a strided slice of a larger buffer needs no copy.
+ * Every row is checked against the pool before anything is written. */
+static PyObject *write_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long kp, vp, rp, ks_p, vs_p;
+    long long pool_rows, k_stride, v_stride, batch, heads, d;
+    if (!PyArg_ParseTuple(args, "KKLKKLKLLLL", &kp, &vp, &pool_rows, &rp, &ks_p, &k_stride, &vs_p,
+                          &v_stride, &batch, &heads, &d))
+        return NULL;
+    if (batch < 0 || heads < 1 || d < 1 || k_stride < heads * d || v_stride < heads * d) {
+        PyErr_SetString(PyExc_ValueError, "write_rows: bad batch/heads/head_dim/strides");
+        return NULL;
+    }
+    const int64_t *rows = (const int64_t *)(uintptr_t)rp;
+    for (int64_t i = 0; i < batch * heads; i++)
+        if (rows[i] < 0 || rows[i] >= pool_rows) {
+            PyErr_SetString(PyExc_ValueError, "a slot row lies outside the page pool");
+            return NULL;
+        }
+    uint16_t *K = (uint16_t *)(uintptr_t)kp, *V = (uint16_t *)(uintptr_t)vp;
+    const uint16_t *k = (const uint16_t *)(uintptr_t)ks_p, *v = (const uint16_t *)(uintptr_t)vs_p;
+    const size_t row_bytes = (size_t)d * sizeof(uint16_t);
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t r = rows[b * heads + h];
+            memcpy(K + r * d, k + b * k_stride + h * d, row_bytes);
+            memcpy(V + r * d, v + b * v_stride + h * d, row_bytes);
+        }
+    Py_RETURN_NONE;
+}
+
 /* set_isa(level) -> previous: use at most this kernel (0 scalar, 1 AVX2, 2 AVX-512, 3 AMX for
  * bf16 pages), as far as the CPU has it; e.g. to test or time the other kernels. */
 static PyObject *set_isa(PyObject *self, PyObject *args) {
@@ -1014,6 +1049,7 @@ static PyObject *isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, "Paged GQA decode attention over block tables."},
+    {"write_rows", write_rows, METH_VARARGS, "A step's new K/V rows into their page slots."},
     {"isa", isa, METH_NOARGS, "The kernel in use: 0 scalar, 1 AVX2, 2 AVX-512, 3 AMX."},
     {"set_isa", set_isa, METH_VARARGS, "Use at most this kernel (0, 1, 2, 3)."},
     {NULL, NULL, 0, NULL},

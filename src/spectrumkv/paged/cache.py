@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import kernel
 from .errors import CacheFullError, PagedInputError
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
@@ -242,6 +243,8 @@ class PagedKVCache:
         """Write one token per request of a step; k, v: [batch, kv_heads, head_dim]."""
         kp, vp = self.layer(layer)
         self._check_rows(k, v, slots.pages.shape[0])
+        if kernel.write_rows(kp, vp, slots.rows, k, v):
+            return
         d = self.config.head_dim
         kp.view(-1, d).index_copy_(0, slots.rows, k.reshape(-1, d).to(kp.dtype))
         vp.view(-1, d).index_copy_(0, slots.rows, v.reshape(-1, d).to(vp.dtype))

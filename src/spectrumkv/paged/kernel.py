@@ -7,7 +7,8 @@ split requests exactly. A task covers all KV heads of its
 request whose state fits its buffers (one run of K and of V per page), or one KV head when that
 would leave fewer than 4 tasks per thread (`cost.task_heads` states the rule). Kernels:
 AMX-BF16 (bf16 pages only), AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`,
-`set_isa`). When the extension
+`set_isa`). `write_rows()` copies a decode step's new K/V into its page slots (the batch
+engine's per-layer write, one call for K and V). When the extension
 was not built, `AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference)
 run.
 """
@@ -69,6 +70,34 @@ def check_tables(tables, lengths, pages: int, page_size: int, starts=None) -> No
     entries = tables[used]
     if bool((entries < 0).any()) or bool((entries >= pages).any()):
         raise PagedInputError("a block table entry points outside the page pool")
+
+
+def write_rows(k_pages, v_pages, rows, k, v) -> bool:
+    """Copy a step's new K/V (k, v [batch, kv_heads, head_dim], already in the pages' dtype; the
+    batch axis may be strided, as a slice of a larger buffer) into rows `rows` (int64 [batch x
+    kv_heads], contiguous) of the pages viewed as [rows, head_dim]: the compiled twin of two
+    `index_copy_` calls, one call instead of ~10 torch ops per layer. Returns False, writing
+    nothing, when the inputs are not ones it takes (extension not built, a dtype conversion, a
+    layout other than rows of head_dim contiguous values): the caller then uses torch. A row
+    outside the pool is a PagedInputError, raised before anything is written."""
+    if _attention is None:
+        return False
+    b, h, d = k.shape
+    if (
+        k.dtype != k_pages.dtype or v.dtype != v_pages.dtype or k_pages.dtype not in _DTYPE_CODES
+        or v.shape != k.shape or k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1)
+        or rows.dtype != torch.int64 or not rows.is_contiguous() or rows.numel() != b * h
+        or not (k_pages.is_contiguous() and v_pages.is_contiguous())
+    ):  # fmt: skip
+        return False
+    try:
+        _attention.write_rows(
+            k_pages.data_ptr(), v_pages.data_ptr(), k_pages.numel() // d, rows.data_ptr(),
+            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), b, h, d,
+        )  # fmt: skip
+    except ValueError as e:
+        raise PagedInputError(str(e)) from None
+    return True
 
 
 ISAS = ("scalar", "avx2", "avx512", "amx")

@@ -5,7 +5,10 @@ Everything but attention runs as the HF model's own code (embeddings, RoPE at ea
 original next position, norms, MLP, LM head) on a batch of B rows of one token each. Attention is
 routed through transformers' `AttentionInterface` to `_paged_attention`, registered under the
 name `ATTENTION`: it writes each row's new K/V (post-RoPE, rounded to the KV dtype) into that
-request's next page slot and runs the paged decode kernel over the block tables. The model's
+request's next page slot (one compiled copy for K and V when the compute and KV dtypes agree:
+paged.kernel.write_rows) and runs the paged decode kernel over the block tables (the route is
+chosen once per step; `split` and `workqueue` then call the kernel directly from each layer,
+without run_route's per-call planning, ~25 us a layer). The model's
 attention is switched to `ATTENTION` only during `step` (engines.attention; other callers of
 the same model, e.g. a local prefill, keep their usual attention); the runner's
 contract is therefore that all model calls on this engine happen on one thread, the engine's.
@@ -46,7 +49,7 @@ from ..engines import llama_step
 from ..engines.attention import use_attention
 from ..engines.hf import Engine
 from ..kv import LayerKV
-from ..paged import cost
+from ..paged import cost, kernel
 from ..paged.cache import PagedConfig, PagedKVCache, Slots
 from ..paged.errors import PagedInputError
 from ..paged.routes import ROUTES, run_route
@@ -67,6 +70,10 @@ class _Step:
     profile: cost.MachineProfile
     starts: torch.Tensor | None  # int32 [B]: sliding layers' first visible slot per request
     sliding: frozenset[int]  # the sliding-window layers
+    # (max_splits, min_split_tokens, part_tokens) when the route is one call of the compiled
+    # kernel on CPU pages (split, workqueue): each layer then calls it directly, without
+    # run_route's per-call planning and bookkeeping (the same call, the same bits)
+    settings: tuple[int, int, int] | None
 
 
 _active = threading.local()
@@ -84,8 +91,15 @@ def _attend(st: _Step, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     k_pages, v_pages = st.cache.layer(layer)
     t1 = time.perf_counter()
     starts = st.starts if layer in st.sliding else None
-    out, _ = run_route(q, k_pages, v_pages, st.tables, st.lengths, st.route, scaling,
-                       st.profile, starts=starts)  # fmt: skip
+    if st.settings is not None:
+        kernel.check_inputs(q, k_pages, v_pages, st.tables, st.lengths, starts)
+        max_splits, min_split, part = st.settings
+        scale = float(scaling) if scaling is not None else k_pages.shape[3] ** -0.5
+        out, _, _ = kernel.decode(q, k_pages, v_pages, st.tables, st.lengths, scale, max_splits,
+                                  min_split, starts=starts, part_tokens=part)  # fmt: skip
+    else:
+        out, _ = run_route(q, k_pages, v_pages, st.tables, st.lengths, st.route, scaling,
+                           st.profile, starts=starts)  # fmt: skip
     if timed_parts is not None:
         timed_parts["KV write"] += t1 - t0
         timed_parts["paged attention"] += time.perf_counter() - t1
@@ -245,7 +259,10 @@ class ModelRunner:
         if route == "adaptive":
             route = cost.choose(n_slots, self.geometry, self.profile)
         self.last_route = route
-        return _Step(cache, slots, tables, lengths, route, self.profile, starts, self.sliding)
+        one_call = route in ("split", "workqueue") and kernel.AVAILABLE and cache.k.is_cpu
+        settings = cost.route_settings(route, self.profile) if one_call else None
+        return _Step(cache, slots, tables, lengths, route, self.profile, starts, self.sliding,
+                     settings)  # fmt: skip
 
     def _mixed_step(self, rids, tokens, positions, chunk: Chunk) -> torch.Tensor:
         """`step` with a prefill chunk: decode rows first, then the chunk's rows."""
