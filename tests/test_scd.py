@@ -293,6 +293,24 @@ def test_finetune_under_another_rope_base(tmp_path, corpus):
     assert not torch.allclose(ca, cb)
 
 
+def test_rope_base_of_one_layer_type():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    from spectrumkv.errors import ConfigError
+    from spectrumkv.scd.finetune import _set_rope_theta
+
+    cfg = Gemma3TextConfig(num_hidden_layers=6)
+    _set_rope_theta(cfg, 1e3, "full_attention")
+    assert cfg.rope_parameters["full_attention"]["rope_theta"] == 1e3
+    assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    with pytest.raises(ConfigError, match="layer type"):
+        _set_rope_theta(LlamaConfig(), 1e3, "full_attention")
+    with pytest.raises(ConfigError, match="needs rope_theta"):
+        Recipe(base="m", rope_layers="full_attention")
+    r = Recipe(base="m", rope_theta=1e3)
+    assert Recipe(base="m", rope_theta=1e3, rope_layers="full_attention").digest() != r.digest()
+
+
 def test_recipe_schedule_validation_and_digest():
     from spectrumkv.errors import ConfigError
 

@@ -28,6 +28,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         train_embeddings=args.train_embeddings,
         attn_lr_scale=args.attn_lr_scale,
         rope_theta=args.rope_theta,
+        rope_layers=args.rope_layers,
     )
     print(finetune(recipe, args.out, save_every=args.save_every))
 
@@ -151,6 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="lr multiplier of the attention projections (W_q/k/v/o)")  # fmt: skip
     ft.add_argument("--rope-theta", type=float, default=None,
                     help="RoPE base frequency to train B under (default: the base's)")  # fmt: skip
+    ft.add_argument("--rope-layers", default=None,
+                    help="only this layer type's RoPE (Gemma-3: full_attention)")  # fmt: skip
     ft.add_argument("--save-every", type=int, default=6, help="checkpoint period (steps)")
     ft.add_argument("--out", default=None, help="output directory (default: the cache)")
     ft.add_argument("--threads", type=int, default=0)

@@ -43,7 +43,9 @@ class Recipe:
     `rope_theta` (None: the base model's) trains B under another RoPE base frequency, as
     MistralLite was made from Mistral-7B: every rope_theta of the base's config is replaced
     before training, and B's saved config keeps it. SCD and the raw baseline re-rotate A's keys
-    with B's settings, so what the pair differs in is the weights that adapted to the new base."""
+    with B's settings, so what the pair differs in is the weights that adapted to the new base.
+    `rope_layers` (None: every layer) replaces only one layer type's base, for models with one
+    RoPE per layer type (Gemma-3: "full_attention" or "sliding_attention")."""
 
     base: str
     corpus: str = "wiki-es"
@@ -59,6 +61,7 @@ class Recipe:
     train_embeddings: bool = False
     attn_lr_scale: float = 1.0
     rope_theta: float | None = None
+    rope_layers: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.warmup < 0:
@@ -73,6 +76,8 @@ class Recipe:
             raise ConfigError(f"attn_lr_scale x lr must be in (0, 1), got {self.attn_lr_scale}")
         if self.rope_theta is not None and not self.rope_theta > 1:
             raise ConfigError(f"rope_theta must be > 1, got {self.rope_theta}")
+        if self.rope_layers is not None and self.rope_theta is None:
+            raise ConfigError("rope_layers needs rope_theta")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based step `step`."""
@@ -87,8 +92,9 @@ class Recipe:
         """12 hex digits of the recipe (the cache key). A field added after the cache existed
         is left out while it has its default, so older recipes keep their digests."""
         fields = asdict(self)
-        if fields["rope_theta"] is None:
-            del fields["rope_theta"]
+        for name in ("rope_theta", "rope_layers"):
+            if fields[name] is None:
+                del fields[name]
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -135,7 +141,7 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     tok = AutoTokenizer.from_pretrained(src)
     config = AutoConfig.from_pretrained(load_from)
     if recipe.rope_theta is not None:
-        _set_rope_theta(config, recipe.rope_theta)
+        _set_rope_theta(config, recipe.rope_theta, recipe.rope_layers)
     model = AutoModelForCausalLM.from_pretrained(load_from, config=config, dtype=torch.float32)
     model.train()
     if not recipe.train_embeddings:
@@ -181,10 +187,17 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     return out
 
 
-def _set_rope_theta(config, theta: float) -> None:
+def _set_rope_theta(config, theta: float, layer_type: str | None = None) -> None:
     """Replace every RoPE base frequency of an HF config (one dict, or one per layer type as
-    in Gemma-3) by `theta`; ConfigError if the model has none."""
+    in Gemma-3) by `theta`, or only `layer_type`'s; ConfigError if the model has none (or no
+    RoPE of that layer type)."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        if not isinstance(params.get(layer_type), dict):
+            types = [k for k, v in params.items() if isinstance(v, dict)]
+            raise ConfigError(f"{config.model_type}: no RoPE of layer type {layer_type!r} "
+                              f"(it has {types or 'one RoPE for all layers'})")  # fmt: skip
+        params = {layer_type: params[layer_type]}
     nested = [d for d in params.values() if isinstance(d, dict)]
     dicts = [params] if "rope_theta" in params else nested
     if not any("rope_theta" in d for d in dicts):
