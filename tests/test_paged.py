@@ -279,6 +279,8 @@ def test_compiled_slot_write_equals_index_copy(dtype):
         cache.write_slots(1, bad, k, v)
     assert torch.equal(cache.k, before)
     assert not kernel.write_rows(*cache.layer(1), slots.rows, k.float(), v.float())  # converts
+    meta = [x.to("meta") for x in cache.layer(1)]  # pages off the CPU: never a host copy
+    assert not kernel.write_rows(*meta, slots.rows, k, v)
 
 
 def test_for_model_geometry_sliding_window_models_included():

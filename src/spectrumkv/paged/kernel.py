@@ -78,8 +78,8 @@ def write_rows(k_pages, v_pages, rows, k, v) -> bool:
     kv_heads], contiguous) of the pages viewed as [rows, head_dim]: the compiled twin of two
     `index_copy_` calls, one call instead of ~10 torch ops per layer. Returns False, writing
     nothing, when the inputs are not ones it takes (extension not built, a dtype conversion, a
-    layout other than rows of head_dim contiguous values): the caller then uses torch. A row
-    outside the pool is a PagedInputError, raised before anything is written."""
+    layout other than rows of head_dim contiguous values, a tensor off the CPU): the caller then
+    uses torch. A row outside the pool is a PagedInputError, raised before anything is written."""
     if _attention is None:
         return False
     b, h, d = k.shape
@@ -88,6 +88,7 @@ def write_rows(k_pages, v_pages, rows, k, v) -> bool:
         or v.shape != k.shape or k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1)
         or rows.dtype != torch.int64 or not rows.is_contiguous() or rows.numel() != b * h
         or not (k_pages.is_contiguous() and v_pages.is_contiguous())
+        or not (k_pages.is_cpu and v_pages.is_cpu and k.is_cpu and v.is_cpu and rows.is_cpu)
     ):  # fmt: skip
         return False
     try:

@@ -109,8 +109,9 @@ ALIASES = {
     # [26.5, 36.9] on 24 held-out chunks, B 21.85 vs A 22.85 PPL; the sliding layers' base
     # changed too (3e3, 5e3) damaged B (PPL 171, 61); the old recipe (48 steps, lr 2e-5, no
     # RoPE change) gave +0.95 %, under 1e4 +1.87 % (RESULTS, SCD round 16)
-    "gemma3-270m-wiki": Recipe(base="gemma3-270m", steps=64, lr=3e-5, rope_theta=1e3,
-                               rope_layers="full_attention"),  # fmt: skip
+    "gemma3-270m-wiki": Recipe(
+        base="gemma3-270m", steps=64, lr=3e-5, rope_theta=1e3, rope_layers="full_attention"
+    ),
 }
 
 
