@@ -274,9 +274,10 @@ def test_compiled_slot_write_equals_index_copy(dtype):
     vp.view(-1, d).index_copy_(0, slots.rows, v.reshape(-1, d))
     assert torch.equal(cache.k, twin.k) and torch.equal(cache.v, twin.v)
     before = cache.k.clone()
-    bad = slots._replace(rows=slots.rows.clone().fill_(cfg.pages * 3 * 16))
+    rows = slots.rows.clone()
+    rows[-1] = cfg.pages * 3 * 16  # only the last row is outside: the others must stay unwritten
     with pytest.raises(PagedInputError, match="outside the page pool"):
-        cache.write_slots(1, bad, k, v)
+        cache.write_slots(1, slots._replace(rows=rows), k + 1, v)
     assert torch.equal(cache.k, before)
     assert not kernel.write_rows(*cache.layer(1), slots.rows, k.float(), v.float())  # converts
     meta = [x.to("meta") for x in cache.layer(1)]  # pages off the CPU: never a host copy
