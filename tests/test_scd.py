@@ -16,7 +16,7 @@ from spectrumkv.errors import ConfigError
 from spectrumkv.scd import artifact, rope
 from spectrumkv.scd.calibrate import CalibConfig, _Dev, calibrate
 from spectrumkv.scd.codes import encode, reconstruct_layer
-from spectrumkv.scd.distill import TRAINED, distill, kl_loss
+from spectrumkv.scd.distill import ORACLE_DTYPE, TRAINED, distill, kl_loss
 from spectrumkv.scd.evaluate import rebuild_timing, rerotated
 from spectrumkv.scd.finetune import Recipe, finetune
 from spectrumkv.scd.metrics import Scored, kl, score
@@ -212,6 +212,16 @@ def test_alpha_zero_is_raw_reuse_through_the_codes(pair, corpus):
     raw = kl(score(b, decode_state(b, raw_layers, pb.n_tokens), feed), oracle)
     scd = kl(score(b, decode_state(b, layers, pb.n_tokens), feed), oracle)
     assert raw > 1e-3 and abs(scd - raw) < 0.02 * raw, (scd, raw)
+
+
+def test_distillation_oracle_storage_keeps_the_loss():
+    """Training chunks store B's oracle log-probs in float16 (memory): at Gemma-3's vocabulary
+    and a KL of ~0.02 nats (SCD's range) the loss moves by ~1e-4 of itself (bound 1e-2)."""
+    gen = torch.Generator().manual_seed(0)
+    lp = (torch.randn(4, 262_144, generator=gen) * 3).log_softmax(-1)
+    lq = (lp + 0.2 * torch.randn(lp.shape, generator=gen)).log_softmax(-1)
+    exact, stored = float(kl_loss(lp, lq)), float(kl_loss(lp, lq.to(ORACLE_DTYPE)))
+    assert 0.01 < exact < 0.04 and stored != exact and abs(stored - exact) < 1e-2 * exact
 
 
 def test_distillation_lowers_train_kl_and_keeps_the_best_dev_candidate(tmp_path, pair, corpus):

@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 #: `engines.hf.step` without its inference mode, so the graph to the cache is kept.
 _step = step.__wrapped__
 
+#: Storage dtype of the training chunks' oracle log-probs: a chunk's [t, vocab] log-probs are
+#: 67 MB in float16 at Gemma-3's 262,144-token vocabulary and t = 128 (134 MB in float32), so
+#: `distill_chunks` = 120 fits in memory. Rounding moves a log-prob by at most 2^-11 of itself;
+#: the loss weighs it by B's probability, and candidates are scored on dev in float32 anyway.
+ORACLE_DTYPE = torch.float16
+
 #: Names of the trained tensors of a reuse-path layer.
 TRAINED = ("k.dec", "k.mu_b", "v.dec", "v.mu_b")
 
@@ -50,7 +56,7 @@ TRAINED = ("k.dec", "k.mu_b", "v.dec", "v.mu_b")
 @dataclass
 class _Chunk:
     """One training chunk: A's codes of the prefix (per layer), patch layers already rebuilt,
-    the continuation fed to B, and B's oracle log-probs of it [t, vocab]."""
+    the continuation fed to B, and B's oracle log-probs of it [t, vocab] (`ORACLE_DTYPE`)."""
 
     codes: list[LayerCode]
     fixed: dict[int, object]
@@ -72,9 +78,10 @@ class Distilled:
 
 
 def kl_loss(logp: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(logp || oracle) in nats, both [t, vocab] log-probs: the
-    formula of `metrics.kl`, as a differentiable tensor."""
-    return (logp.exp() * (logp - oracle)).sum(-1).mean()
+    """Mean over positions of KL(logp || oracle) in nats, both [t, vocab] log-probs (`oracle`
+    in any float dtype, computed in `logp`'s): the formula of `metrics.kl`, as a differentiable
+    tensor."""
+    return (logp.exp() * (logp - oracle.to(logp.dtype))).sum(-1).mean()
 
 
 def _chunks(engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig) -> list[_Chunk]:
@@ -91,7 +98,7 @@ def _chunks(engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig)
             for i, kv in enumerate(cap.pre.layers)
         ]
         fixed = {i: reconstruct_layer(art, engine_b, codes[i]) for i in patches}
-        oracle = oracle_score(engine_b, prefix, feed).logp
+        oracle = oracle_score(engine_b, prefix, feed).logp.to(ORACLE_DTYPE)
         out.append(_Chunk(codes, fixed, cap.pre.n_tokens, feed, oracle))
     return out
 
