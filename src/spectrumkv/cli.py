@@ -8,6 +8,7 @@ import sys
 from .bench.commands import register as register_bench
 from .errors import SpectrumKVError
 from .pd.commands import register as register_pd
+from .scd.splits import DEFAULT_CORPUS
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--model's decode worker (oracle, raw reuse, SCD, quantized SCD)")  # fmt: skip
     d.add_argument("--producer", default="smollm2-135m", help="--scd: model A (prefill)")
     d.add_argument("--artifact", help="--scd: the SCD artifact for --producer -> --model")
-    d.add_argument("--corpus", default="wiki", help="--scd: prompts from its eval split")
+    d.add_argument("--corpus", default=DEFAULT_CORPUS, help="--scd: prompts from its eval split")
     d.add_argument("--prompt-tokens", type=int, default=160,
                    help="--scd: tokens per built-in prompt")  # fmt: skip
     d.add_argument("--code-budget", type=float, default=0.3, help="--scd: quantized codes' "

@@ -44,7 +44,7 @@ from .codes import encode_layer, reconstruct_layer
 from .distill import distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
 from .metrics import Scored, kl, oracle_score, resolved_gain, score
-from .splits import split_text
+from .splits import DEFAULT_CORPUS, split_text
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class CalibConfig:
     chunk each, over `distill_chunks` training chunks (distill.py); `patch_min_gain`: the
     fraction of the current dev KL a patch must remove to join (module doc)."""
 
-    corpus: str = "wiki"
+    corpus: str = DEFAULT_CORPUS
     prompts: int = 8
     prompt_tokens: int = 512
     code_budget: float = 0.55

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 from ..demo import matched_prefix
 from ..pd.client import complete, token_ids
 from ..pd.launch import Cluster
-from .splits import split_text
+from .splits import DEFAULT_CORPUS, split_text
 
 
 def default_prompts(
-    model: str, corpus: str = "wiki", n: int = 3, tokens: int = 160
+    model: str, corpus: str = DEFAULT_CORPUS, n: int = 3, tokens: int = 160
 ) -> tuple[str, ...]:
     """`n` passages of `corpus`' eval split (text no fine-tune or calibration read), each cut
     to `tokens` tokens of `model`'s tokenizer: paragraphs that long, else (long prompts)

@@ -29,13 +29,13 @@ from .budget import code_plan, placed_tiers
 from .capture import Captured, capture, check_pair
 from .codes import encode_layer, reconstruct_layer
 from .metrics import Scored, agreement, delta_pct_interval, kl, ratio_to_raw, score
-from .splits import split_text
+from .splits import DEFAULT_CORPUS, split_text
 from .wire import Layout, ScdHeader, decode, frame_bytes, header_bytes
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    corpus: str = "wiki"
+    corpus: str = DEFAULT_CORPUS
     # 24: at 8 chunks (127 scored tokens each) the chunk-to-chunk spread of ΔPPL (sd ~3 %) left
     # raw reuse's +1-3 % ΔPPL, and so every ratio to it, unresolved (RESULTS, SCD round 12)
     chunks: int = 24

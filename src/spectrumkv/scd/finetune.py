@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..assets import cache_dir, model_dir
 from ..errors import AssetError, ConfigError
-from .splits import split_text
+from .splits import DEFAULT_CORPUS, split_text
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Recipe:
     RoPE per layer type (Gemma-3: "full_attention" or "sliding_attention")."""
 
     base: str
-    corpus: str = "wiki-es"
+    corpus: str = DEFAULT_CORPUS
     steps: int = 96
     lr: float = 2e-4
     seed: int = 0

@@ -18,6 +18,11 @@ import json
 from ..assets import CORPUS_ALIASES, load_text, packaged_file
 from ..errors import ConfigError
 
+#: The default fine-tune recipe's corpus (the Spanish Wikipedia summaries). SCD's calibration,
+#: evaluation, pair check and demo prompts default to it too, so the default pair is measured in
+#: the domain B was tuned on, on splits the fine-tune never read.
+DEFAULT_CORPUS = "wiki-es"
+
 #: name -> (start, end) as fractions of the corpus' characters.
 SPLITS = {
     "eval": (0.0, 0.10),
