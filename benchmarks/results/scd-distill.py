@@ -3,11 +3,16 @@ starting from its tensors instead of re-running the fits and the alpha search; p
 their aligners are kept as they are. Writes the new artifact (kl_dev = the kept candidate's dev
 KL) and a JSON with the training KL of every step and the dev KL of every candidate.
 
-    .venv/bin/python benchmarks/results/scd-distill.py THREADS INIT_ART OUT_ART OUT.json \
-        STEPS CHUNKS LR
+    [SCD_A=MODEL SCD_B=MODEL] .venv/bin/python benchmarks/results/scd-distill.py THREADS \
+        INIT_ART OUT_ART OUT.json STEPS CHUNKS LR
+
+The pair defaults to smollm2-135m -> smollm2-135m-wiki. The optimizer starts afresh (no AdamW
+moments are stored in an artifact), so continuing a distilled artifact is not the same
+trajectory as one longer run.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -29,7 +34,8 @@ def main() -> None:
     m = art.manifest
     cfg = CalibConfig(corpus=m.corpus, prompts=m.prompts, code_budget=m.code_budget,
                       distill_steps=steps, distill_chunks=chunks, distill_lr=lr)  # fmt: skip
-    a, b = load("smollm2-135m"), load("smollm2-135m-wiki")
+    a = load(os.environ.get("SCD_A", "smollm2-135m"))
+    b = load(os.environ.get("SCD_B", "smollm2-135m-wiki"))
     t0 = time.perf_counter()
     dev = _Dev(a, b, cfg)
     got = distill(a, b, art, cfg, dev.kl)
