@@ -306,7 +306,6 @@ def test_finetune_under_another_rope_base(tmp_path, corpus):
 def test_rope_base_of_one_layer_type():
     from transformers import Gemma3TextConfig, LlamaConfig
 
-    from spectrumkv.errors import ConfigError
     from spectrumkv.scd.finetune import _set_rope_theta
 
     cfg = Gemma3TextConfig(num_hidden_layers=6)
