@@ -5,6 +5,8 @@ distillation lowers the training KL without raising the dev KL."""
 import dataclasses
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from spectrumkv.assets import load_text, model_dir
 from spectrumkv.engines.hf import decode_state, load, prefill
-from spectrumkv.errors import ConfigError
+from spectrumkv.errors import AssetError, ConfigError
 from spectrumkv.scd import artifact, rope
 from spectrumkv.scd.calibrate import CalibConfig, _Dev, calibrate
 from spectrumkv.scd.codes import encode, reconstruct_layer
@@ -289,6 +291,26 @@ def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):
     assert not torch.equal(
         w1["model.norm.weight"], load_file(f"{base}/model.safetensors")["model.norm.weight"]
     )
+
+
+def test_finetune_refuses_a_model_trained_on_text_since_edited(tmp_path, corpus):
+    text = tmp_path / "text.txt"
+    text.write_text(Path(corpus).read_text(encoding="utf-8"), encoding="utf-8")
+    recipe = Recipe(base=_tiny(tmp_path / "base", 4), corpus=str(text), steps=2, lr=1e-3,
+                    batch=1, seq_len=16, warmup=1)  # fmt: skip
+    tuned = finetune(recipe, tmp_path / "tuned", save_every=1)
+    assert finetune(recipe, tmp_path / "tuned") == tuned
+    # the same path and recipe (same digest), other words in the finetune split
+    text.write_text(text.read_text(encoding="utf-8").replace(" the ", " a "), encoding="utf-8")
+    with pytest.raises(AssetError, match="fine-tuned on other text"):
+        finetune(recipe, tmp_path / "tuned")
+    # a checkpoint left mid-way is not resumed on the edited text either
+    partial = tmp_path / "other.partial"
+    shutil.copytree(tuned, partial)
+    (partial / "progress.json").write_text(json.dumps(
+        {"digest": recipe.digest(), "text_digest": "0" * 16, "step": 1}))  # fmt: skip
+    with pytest.raises(AssetError, match="fine-tuned on other text"):
+        finetune(recipe, tmp_path / "other")
 
 
 def test_finetune_under_another_rope_base(tmp_path, corpus):

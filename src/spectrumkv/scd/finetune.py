@@ -128,21 +128,28 @@ def default_out(recipe: Recipe) -> Path:
 
 def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Path:
     """Fine-tune (or resume, or return the cached result of) `recipe`; returns the model
-    directory. `out/.complete` records the recipe; an `out` holding another recipe is an
-    AssetError rather than being overwritten."""
+    directory. `out/.complete` records the recipe and the digest of the text trained on; an
+    `out` holding another recipe, or trained on text the corpus no longer holds (an edited
+    file), is an AssetError rather than being overwritten or silently reused."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out) if out is not None else default_out(recipe)
+    text = split_text(recipe.corpus, "finetune")
+    seen = text_digest(text)
     done = out / ".complete"
     if done.is_file():
-        if json.loads(done.read_text()).get("digest") != recipe.digest():
+        record = json.loads(done.read_text())
+        if record.get("digest") != recipe.digest():
             raise AssetError(f"{out} holds another fine-tune recipe; choose another --out")
+        _check_text(out, record, seen, recipe.corpus)
         return out
     if out.exists():
         raise AssetError(f"{out} exists but is not a finished fine-tune; remove it")
     partial = out.with_name(out.name + ".partial")
     src = model_dir(recipe.base)
     state = _read_progress(partial, recipe)
+    if state:
+        _check_text(partial, state, seen, recipe.corpus)
     load_from = partial if state else src
     tok = AutoTokenizer.from_pretrained(src)
     config = AutoConfig.from_pretrained(load_from)
@@ -152,7 +159,7 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
     model.train()
     if not recipe.train_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    ids = torch.tensor(tok(split_text(recipe.corpus, "finetune"))["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
     if ids.numel() <= recipe.seq_len + 1:
         raise AssetError(f"the corpus' finetune split has only {ids.numel()} tokens")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -179,18 +186,37 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % save_every == 0 and step + 1 < recipe.steps:
-            _checkpoint(model, opt, params, partial, recipe, step + 1)
+            _checkpoint(model, opt, params, partial, recipe, step + 1, seen)
     model.eval()
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tok.save_pretrained(staging)
     (staging / ".complete").write_text(
-        json.dumps({"digest": recipe.digest(), "recipe": asdict(recipe)}, indent=1)
+        json.dumps(
+            {"digest": recipe.digest(), "text_digest": seen, "recipe": asdict(recipe)}, indent=1
+        )
     )
     staging.rename(out)
     shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def text_digest(text: str) -> str:
+    """16 hex digits of the text a fine-tune trains on (its corpus' `finetune` split)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_text(where: Path, record: dict, seen: str, corpus: str) -> None:
+    """AssetError if `record` (a finished model's `.complete` or a checkpoint's progress)
+    names other training text than `seen`: the corpus file was edited, or its split moved,
+    after `where` was trained. The recipe digest names the corpus by path or alias only.
+    Records written before text digests existed are not checked."""
+    trained = record.get("text_digest")
+    if trained is not None and trained != seen:
+        raise AssetError(f"{where} was fine-tuned on other text than the corpus {corpus!r} "
+                         f"holds now (finetune split digest {trained}, now {seen}); remove it "
+                         "or choose another --out")  # fmt: skip
 
 
 def _set_rope_theta(config, theta: float, layer_type: str | None = None) -> None:
@@ -231,7 +257,7 @@ def _read_progress(partial: Path, recipe: Recipe) -> dict | None:
     return state
 
 
-def _checkpoint(model, opt, params, partial: Path, recipe: Recipe, step: int) -> None:
+def _checkpoint(model, opt, params, partial: Path, recipe: Recipe, step: int, text: str) -> None:
     """Weights, AdamW moments and the step, written so a crash mid-write loses nothing."""
     tmp = partial.with_name(partial.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -243,7 +269,8 @@ def _checkpoint(model, opt, params, partial: Path, recipe: Recipe, step: int) ->
             moments[f"{i}.exp_avg"] = st["exp_avg"].contiguous()
             moments[f"{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
     save_file(moments, str(tmp / "optimizer.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps({"digest": recipe.digest(), "step": step}))
+    progress = {"digest": recipe.digest(), "text_digest": text, "step": step}
+    (tmp / "progress.json").write_text(json.dumps(progress))
     shutil.rmtree(partial, ignore_errors=True)
     tmp.rename(partial)
 
