@@ -18,7 +18,7 @@ from spectrumkv.errors import AssetError, ConfigError
 from spectrumkv.scd import artifact, rope
 from spectrumkv.scd.calibrate import CalibConfig, _Dev, calibrate
 from spectrumkv.scd.codes import encode, reconstruct_layer
-from spectrumkv.scd.distill import ORACLE_DTYPE, TRAINED, distill, kl_loss
+from spectrumkv.scd.distill import ORACLE_DTYPE, TRAINED, WINDOWS, distill, kl_loss
 from spectrumkv.scd.evaluate import rebuild_timing, rerotated
 from spectrumkv.scd.finetune import Recipe, finetune
 from spectrumkv.scd.metrics import Scored, kl, score
@@ -261,6 +261,24 @@ def test_distillation_lowers_train_kl_and_keeps_the_best_dev_candidate(tmp_path,
     too_many = dataclasses.replace(cfg, distill_chunks=10_000)
     with pytest.raises(ConfigError, match="10000 chunks"):
         calibrate(a, b, too_many)
+
+
+def test_distillation_on_random_windows(pair, corpus):
+    """`distill_windows="random"`: every step a fresh chunk at a seeded random offset of the
+    calib split (the same sequence on every run), dev candidates every `distill_chunks` steps."""
+    a, b = pair
+    over = dict(max_patches=0, alpha_grid=(0.0,), distill_steps=4, distill_chunks=2,
+                distill_windows="random")  # fmt: skip
+    cfg = CalibConfig(corpus=corpus, code_budget=1.0, distill_lr=1e-3, **(SMALL | over))
+    art0 = calibrate(a, b, dataclasses.replace(cfg, distill_steps=0))
+    draws = [WINDOWS["random"](a, b, art0, cfg) for _ in range(2)]
+    first, again = ([next(d).feed for _ in range(3)] for d in draws)
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+    got = distill(a, b, art0, cfg, _Dev(a, b, cfg).kl)
+    assert len(got.train_kl) == 4 and [s for s, _ in got.dev_kl] == [0, 2, 4]
+    with pytest.raises(ConfigError, match="distill_windows"):
+        CalibConfig(distill_windows="overlapping")
 
 
 def test_finetune_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):

@@ -4,7 +4,10 @@ their aligners are kept as they are. Writes the new artifact (kl_dev = the kept 
 KL) and a JSON with the training KL of every step and the dev KL of every candidate.
 
     [SCD_A=MODEL SCD_B=MODEL] .venv/bin/python benchmarks/results/scd-distill.py THREADS \
-        INIT_ART OUT_ART OUT.json STEPS CHUNKS LR
+        INIT_ART OUT_ART OUT.json STEPS CHUNKS LR [WINDOWS]
+
+WINDOWS: `fixed` (default: CHUNKS chunks prepared once and cycled) or `random` (a fresh window
+of the calib split every step; CHUNKS is then the number of steps between dev checks).
 
 The pair defaults to smollm2-135m -> smollm2-135m-wiki. The optimizer starts afresh (no AdamW
 moments are stored in an artifact), so continuing a distilled artifact is not the same
@@ -30,10 +33,12 @@ def main() -> None:
     torch.set_num_threads(int(sys.argv[1]))
     init, out, out_json = sys.argv[2:5]
     steps, chunks, lr = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
+    windows = sys.argv[8] if len(sys.argv) > 8 else "fixed"
     art = load_artifact(init)
     m = art.manifest
     cfg = CalibConfig(corpus=m.corpus, prompts=m.prompts, code_budget=m.code_budget,
-                      distill_steps=steps, distill_chunks=chunks, distill_lr=lr)  # fmt: skip
+                      distill_steps=steps, distill_chunks=chunks, distill_lr=lr,
+                      distill_windows=windows)  # fmt: skip
     a = load(os.environ.get("SCD_A", "smollm2-135m"))
     b = load(os.environ.get("SCD_B", "smollm2-135m-wiki"))
     t0 = time.perf_counter()
@@ -51,6 +56,7 @@ def main() -> None:
         "steps": steps,
         "chunks": chunks,
         "lr": lr,
+        "windows": windows,
         "wall_s": wall,
         "train_kl": got.train_kl,
         "dev_kl": got.dev_kl,

@@ -53,7 +53,9 @@ class CalibConfig:
     bytes; `patch_rank`: r_H (elements of A's attention-input code per token at a patch layer);
     `dev_context`/`dev_continuation`: the PD protocol's chunk on the dev split (and on the
     `calib` split for distillation); `distill_steps` (0: off) AdamW steps of `distill_lr`, one
-    chunk each, over `distill_chunks` training chunks (distill.py); `patch_min_gain`: the
+    chunk each, over `distill_chunks` training chunks (`distill_windows` "fixed"), or a fresh
+    random window each step, dev-scored every `distill_chunks` steps ("random"; distill.py);
+    `patch_min_gain`: the
     fraction of the current dev KL a patch must remove to join (module doc)."""
 
     corpus: str = DEFAULT_CORPUS
@@ -75,6 +77,7 @@ class CalibConfig:
     distill_steps: int = 0
     distill_chunks: int = 40
     distill_lr: float = 3e-5
+    distill_windows: str = "fixed"
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.prompt_tokens < 16 or self.dev_chunks < 1:
@@ -93,6 +96,9 @@ class CalibConfig:
             raise ConfigError("alpha_levels must be group counts >= 1")
         if self.distill_steps < 0 or self.distill_chunks < 1 or not self.distill_lr > 0:
             raise ConfigError("need distill_steps >= 0, distill_chunks >= 1, distill_lr > 0")
+        if self.distill_windows not in ("fixed", "random"):
+            raise ConfigError(f"distill_windows must be 'fixed' or 'random', "
+                              f"got {self.distill_windows!r}")  # fmt: skip
 
 
 def _paired(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> tuple[list, list]:
@@ -169,8 +175,8 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     """Fit everything (module docstring); returns the artifact (save it with artifact.save)."""
     check_pair(engine_a, engine_b)
     if cfg.distill_steps:  # the distillation chunks exist: fail now, not after the fits
-        corpus_chunks(engine_a, split_text(cfg.corpus, "calib"), cfg.dev_context,
-                      cfg.distill_chunks)  # fmt: skip
+        need = cfg.distill_chunks if cfg.distill_windows == "fixed" else 2
+        corpus_chunks(engine_a, split_text(cfg.corpus, "calib"), cfg.dev_context, need)
     fa, fb = engine_a.fingerprint, engine_b.fingerprint
     a, b = _paired(engine_a, engine_b, cfg)
     fits = [

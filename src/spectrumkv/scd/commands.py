@@ -53,7 +53,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         dev_chunks=args.dev_chunks,
         alpha_grid=args.alpha_grid, alpha_levels=args.alpha_levels,
         distill_steps=args.distill_steps, distill_chunks=args.distill_chunks,
-        distill_lr=args.distill_lr,
+        distill_lr=args.distill_lr, distill_windows=args.distill_windows,
     )  # fmt: skip
     a = load(args.producer)
     b = a if args.consumer == args.producer else load(args.consumer)
@@ -190,7 +190,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--distill-steps", type=int, default=c.distill_steps,
                      help="steps training the decoders on B's output KL (0: off)")  # fmt: skip
     cal.add_argument("--distill-chunks", type=int, default=c.distill_chunks,
-                     help="calib-split chunks distillation trains on")  # fmt: skip
+                     help="calib-split chunks distillation trains on (random windows: "
+                          "steps between dev checks)")  # fmt: skip
+    cal.add_argument("--distill-windows", choices=("fixed", "random"), default=c.distill_windows,
+                     help="fixed: the chunks prepared once and cycled; random: a fresh window "
+                          "of the calib split every step")  # fmt: skip
     cal.add_argument("--distill-lr", type=float, default=c.distill_lr,
                      help="AdamW learning rate of distillation")  # fmt: skip
     cal.add_argument("--out", required=True, help="artifact directory")

@@ -3,16 +3,19 @@
 The decoders from calibration are fitted for K/V error and then shrunk toward A's own K/V by a
 coarse alpha grid (calibrate.py); what matters is B's output. Here, per reuse-path layer i, the
 tensors `i.k.dec`, `i.k.mu_b`, `i.v.dec`, `i.v.mu_b` start from the artifact's values and are
-trained by AdamW on the PD protocol's chunks of the `calib` split:
+trained by AdamW on the PD protocol's chunks of the `calib` split, one chunk a step:
 
-- once per chunk (prefix `dev_context - dev_continuation` tokens, then the continuation): A's
+- `distill_windows` "fixed": `distill_chunks` non-overlapping chunks prepared once and cycled;
+  "random": a fresh chunk at a random token offset every step, prepared when drawn (each step
+  costs a chunk's preparation more; nothing is stored, and every calib token can be a target);
+- preparing a chunk (prefix `dev_context - dev_continuation` tokens, then the continuation): A's
   codes of the prefix (`encode_layer`, FP16 codes as on the wire) and B's oracle log-probs of the
-  continuation from B's own prefill; patch layers (if any) are rebuilt once, not trained;
+  continuation from B's own prefill; patch layers (if any) are rebuilt then, not trained;
 - a step rebuilds B's prefix cache from the codes with the same math as `reconstruct_layer`
   (`codes.reuse_flat` + `codes.to_layer`, keeping the autograd graph), runs B (weights frozen,
   eval mode, float32) on the continuation from that cache, and takes the loss
   mean token KL(B || oracle), the quantity `metrics.kl` measures;
-- the start and the decoders after every pass over the chunks (and after the last step) are
+- the start and the decoders every `distill_chunks` steps (and after the last step) are
   scored on the dev split with the non-differentiable path (`dev_kl`, i.e. what the workers
   compute); the best one is kept, so the dev KL never rises.
 
@@ -21,7 +24,7 @@ The artifact format, the wire and the workers are unchanged: only tensor values 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engines.hf import Engine, decode_state, step
+from ..errors import ConfigError
 from ..eval.ppl import corpus_chunks
 from .artifact import Artifact
 from .capture import capture
@@ -85,23 +89,57 @@ def kl_loss(logp: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - oracle.to(logp.dtype))).sum(-1).mean()
 
 
-def _chunks(engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig) -> list[_Chunk]:
+def _prepare(
+    engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig, chunk: torch.Tensor
+) -> _Chunk:
+    """One training chunk from `cfg.dev_context` token ids: A's codes of the prefix, patch
+    layers rebuilt, B's oracle log-probs of the continuation."""
     split = cfg.dev_context - cfg.dev_continuation
-    text = split_text(cfg.corpus, "calib")
     patches = art.manifest.patch_layers
-    out = []
-    for chunk in tqdm(corpus_chunks(engine_a, text, cfg.dev_context, cfg.distill_chunks),
-                      desc="distill prefills", leave=False):  # fmt: skip
-        prefix, feed = chunk[: split - 1], chunk[split - 1 :]
-        cap = capture(engine_a, prefix, input_layers=patches)
-        codes = [
-            encode_layer(art, engine_a, i, kv, cap.inputs.get(i))
-            for i, kv in enumerate(cap.pre.layers)
-        ]
-        fixed = {i: reconstruct_layer(art, engine_b, codes[i]) for i in patches}
-        oracle = oracle_score(engine_b, prefix, feed).logp.to(ORACLE_DTYPE)
-        out.append(_Chunk(codes, fixed, cap.pre.n_tokens, feed, oracle))
-    return out
+    prefix, feed = chunk[: split - 1], chunk[split - 1 :]
+    cap = capture(engine_a, prefix, input_layers=patches)
+    codes = [
+        encode_layer(art, engine_a, i, kv, cap.inputs.get(i)) for i, kv in enumerate(cap.pre.layers)
+    ]
+    fixed = {i: reconstruct_layer(art, engine_b, codes[i]) for i in patches}
+    oracle = oracle_score(engine_b, prefix, feed).logp.to(ORACLE_DTYPE)
+    return _Chunk(codes, fixed, cap.pre.n_tokens, feed, oracle)
+
+
+def _fixed_chunks(
+    engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig
+) -> Iterator[_Chunk]:
+    """`cfg.distill_chunks` non-overlapping chunks of the calib split, prepared once, then
+    yielded in a new random order every pass."""
+    text = split_text(cfg.corpus, "calib")
+    data = [_prepare(engine_a, engine_b, art, cfg, c)
+            for c in tqdm(corpus_chunks(engine_a, text, cfg.dev_context, cfg.distill_chunks),
+                          desc="distill prefills", leave=False)]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        for i in reversed(torch.randperm(len(data), generator=gen).tolist()):
+            yield data[i]
+
+
+def _random_windows(
+    engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig
+) -> Iterator[_Chunk]:
+    """A fresh chunk per step: `cfg.dev_context` tokens at a uniformly random token offset of
+    the whole calib split (seeded), prepared when drawn, so every calib token can be a
+    continuation target and no chunk's oracle is stored."""
+    text = split_text(cfg.corpus, "calib")
+    ids = engine_a.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < 2 * cfg.dev_context:
+        raise ConfigError(f"the calib split has {ids.numel()} tokens, random distillation "
+                          f"windows need at least {2 * cfg.dev_context}")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        at = int(torch.randint(0, ids.numel() - cfg.dev_context + 1, (1,), generator=gen))
+        yield _prepare(engine_a, engine_b, art, cfg, ids[at : at + cfg.dev_context])
+
+
+#: `CalibConfig.distill_windows` -> the training chunk source.
+WINDOWS = {"fixed": _fixed_chunks, "random": _random_windows}
 
 
 def _loss(engine_b: Engine, params: dict[str, torch.Tensor], c: _Chunk) -> torch.Tensor:
@@ -131,10 +169,9 @@ def distill(
     result = Distilled(art, dev_kl=[(0, dev_kl(art))])
     if cfg.distill_steps == 0 or not names:
         return result
-    data = _chunks(engine_a, engine_b, art, cfg)
+    data = WINDOWS[cfg.distill_windows](engine_a, engine_b, art, cfg)
     opt = torch.optim.AdamW(params.values(), lr=cfg.distill_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    order: list[int] = []
+    every = cfg.distill_chunks  # steps between dev candidates (a pass over fixed chunks)
     frozen = [p for p in engine_b.model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -142,21 +179,19 @@ def distill(
     try:
         bar = tqdm(range(1, cfg.distill_steps + 1), desc="distill", leave=False)
         for s in bar:
-            if not order:
-                order = torch.randperm(len(data), generator=gen).tolist()
-            loss = _loss(engine_b, params, data[order.pop()])
+            loss = _loss(engine_b, params, next(data))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             result.train_kl.append(loss.item())
             bar.set_postfix(kl=f"{result.train_kl[-1]:.4f}")
-            if s % len(data) and s != cfg.distill_steps:
+            if s % every and s != cfg.distill_steps:
                 continue
             trial = Artifact(m, art.tensors | {n: p.detach().clone() for n, p in params.items()})
             got = dev_kl(trial)
             result.dev_kl.append((s, got))
             tqdm.write(f"distill step {s}: train KL (last pass) "
-                       f"{sum(result.train_kl[-len(data):]) / min(s, len(data)):.4f}, "
+                       f"{sum(result.train_kl[-every:]) / min(s, every):.4f}, "
                        f"dev KL {got:.4f} (start {result.dev_kl[0][1]:.4f})")  # fmt: skip
             if got < best:
                 best, result.artifact, result.kept_step = got, trial, s
