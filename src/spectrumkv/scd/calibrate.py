@@ -55,8 +55,8 @@ class CalibConfig:
     `calib` split for distillation); `distill_steps` (0: off) AdamW steps of `distill_lr`, one
     chunk each, over `distill_chunks` training chunks (`distill_windows` "fixed"), or a fresh
     random window each step, dev-scored every `distill_chunks` steps ("random"; distill.py);
-    `patch_min_gain`: the
-    fraction of the current dev KL a patch must remove to join (module doc)."""
+    `patch_min_gain`: the fraction of the current dev KL a patch must remove to join (module
+    doc)."""
 
     corpus: str = DEFAULT_CORPUS
     prompts: int = 8
