@@ -41,7 +41,7 @@ from ..eval.ppl import corpus_chunks
 from .artifact import VERSION, Artifact, Manifest
 from .capture import Captured, capture, check_pair, derotate, flat, project_kv
 from .codes import encode_layer, reconstruct_layer
-from .distill import distill
+from .distill import check_calib, distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
 from .metrics import Scored, kl, oracle_score, resolved_gain, score
 from .splits import DEFAULT_CORPUS, split_text
@@ -174,9 +174,8 @@ class _Dev:
 def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
     """Fit everything (module docstring); returns the artifact (save it with artifact.save)."""
     check_pair(engine_a, engine_b)
-    if cfg.distill_steps:  # the distillation chunks exist: fail now, not after the fits
-        need = cfg.distill_chunks if cfg.distill_windows == "fixed" else 2
-        corpus_chunks(engine_a, split_text(cfg.corpus, "calib"), cfg.dev_context, need)
+    if cfg.distill_steps:  # the distillation data exists: fail now, not after the fits
+        check_calib(engine_a, cfg)
     fa, fb = engine_a.fingerprint, engine_b.fingerprint
     a, b = _paired(engine_a, engine_b, cfg)
     fits = [

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engines.hf import Engine, decode_state, step
-from ..errors import ConfigError
 from ..eval.ppl import corpus_chunks
 from .artifact import Artifact
 from .capture import capture
@@ -127,11 +126,8 @@ def _random_windows(
     """A fresh chunk per step: `cfg.dev_context` tokens at a uniformly random token offset of
     the whole calib split (seeded), prepared when drawn, so every calib token can be a
     continuation target and no chunk's oracle is stored."""
-    text = split_text(cfg.corpus, "calib")
-    ids = engine_a.tokenizer(text, return_tensors="pt")["input_ids"][0]
-    if ids.numel() < 2 * cfg.dev_context:
-        raise ConfigError(f"the calib split has {ids.numel()} tokens, random distillation "
-                          f"windows need at least {2 * cfg.dev_context}")  # fmt: skip
+    check_calib(engine_a, cfg)
+    ids = engine_a.tokenizer(split_text(cfg.corpus, "calib"), return_tensors="pt")["input_ids"][0]
     gen = torch.Generator().manual_seed(0)
     while True:
         at = int(torch.randint(0, ids.numel() - cfg.dev_context + 1, (1,), generator=gen))
@@ -140,6 +136,14 @@ def _random_windows(
 
 #: `CalibConfig.distill_windows` -> the training chunk source.
 WINDOWS = {"fixed": _fixed_chunks, "random": _random_windows}
+
+
+def check_calib(engine_a: Engine, cfg: CalibConfig) -> None:
+    """ConfigError unless the calib split can feed `cfg.distill_windows`: `distill_chunks`
+    chunks of `dev_context` tokens (fixed), or two chunks' worth of tokens to draw windows
+    from (random)."""
+    need = cfg.distill_chunks if cfg.distill_windows == "fixed" else 2
+    corpus_chunks(engine_a, split_text(cfg.corpus, "calib"), cfg.dev_context, need)
 
 
 def _loss(engine_b: Engine, params: dict[str, torch.Tensor], c: _Chunk) -> torch.Tensor:

@@ -147,9 +147,7 @@ def finetune(recipe: Recipe, out: Path | None = None, save_every: int = 6) -> Pa
         raise AssetError(f"{out} exists but is not a finished fine-tune; remove it")
     partial = out.with_name(out.name + ".partial")
     src = model_dir(recipe.base)
-    state = _read_progress(partial, recipe)
-    if state:
-        _check_text(partial, state, seen, recipe.corpus)
+    state = _read_progress(partial, recipe, seen)
     load_from = partial if state else src
     tok = AutoTokenizer.from_pretrained(src)
     config = AutoConfig.from_pretrained(load_from)
@@ -247,13 +245,16 @@ def _batch(ids: torch.Tensor, recipe: Recipe, step: int) -> torch.Tensor:
     return torch.stack([ids[s : s + recipe.seq_len] for s in starts.tolist()])
 
 
-def _read_progress(partial: Path, recipe: Recipe) -> dict | None:
+def _read_progress(partial: Path, recipe: Recipe, text: str) -> dict | None:
+    """The checkpoint's progress (None: no checkpoint); AssetError if it belongs to another
+    recipe or other training text (`text`: its digest)."""
     f = partial / "progress.json"
     if not f.is_file():
         return None
     state = json.loads(f.read_text())
     if state.get("digest") != recipe.digest():
         raise AssetError(f"{partial} holds a checkpoint of another recipe; remove it")
+    _check_text(partial, state, text, recipe.corpus)
     return state
 
 
