@@ -2,16 +2,16 @@
 attention (its `cpu_attention_with_kv_cache` on one prompt), and SmolLM2-135M's whole bf16
 prefill with the kernel on and off.
 
-Part 1, attention alone: SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64), bf16,
-one prompt of T tokens; per T, the three are timed interleaved, `--rounds` times each, best
-and median printed with TFLOP/s (2 T^2 d Hq: causal QK^T and PV), the max abs error against a
-float64 reference, and the roof: a oneDNN bf16 matmul's TFLOP/s measured in the same run (what
-this core's AMX reaches on a plain GEMM). Part 2, the model: `engines.hf.prefill` of T tokens
-of `wiki` in bf16, three ways interleaved: `step` (the hand-written Llama forward of
-engines.step_prefill with the kernel, the default), `hf-flash` (the HF forward with the kernel),
-`hf-sdpa` (the HF forward with torch's SDPA); best and median seconds, each one's speedup over
-`hf-sdpa`, the largest relative difference of any layer's K against `hf-sdpa`, and the roof:
-the layers' GEMM and attention flops at the best GEMM rate measured between the rounds.
+Part 1, attention alone: SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64), bf16, one
+prompt of T tokens; per T, the three are timed interleaved, `--rounds` times each, best and median
+printed with TFLOP/s (2 T^2 d Hq: causal QK^T and PV), the max abs error against a float64
+reference, and the roof: a oneDNN bf16 matmul's TFLOP/s measured in the same run (what this core's
+AMX reaches on a plain GEMM). Part 2, the model: `engines.hf.prefill` of T tokens of `wiki` in bf16,
+three ways interleaved: `step` (the hand-written Llama forward of engines.step_prefill with the
+kernel, the default; with SDPA on a CPU without AMX), `hf-flash` (the HF forward with the kernel;
+AMX CPUs only), `hf-sdpa` (the HF forward with torch's SDPA); best and median seconds, each one's
+speedup over `hf-sdpa`, the largest relative difference of any layer's K against `hf-sdpa`, and the
+roof: the layers' GEMM and attention flops at the best GEMM rate measured between the rounds.
 
     .venv/bin/python benchmarks/prefill_attention.py --threads 1 --json OUT.json
 """
@@ -120,8 +120,11 @@ def gemm_tflops(rounds: int) -> float:
     return 2 * 2048 * 576 * 1536 / best / 1e12
 
 
-#: whole-prefill variants: (hand-written Llama step, AMX attention kernel)
+#: whole-prefill variants: (hand-written Llama step, AMX attention kernel); on a CPU without
+#: AMX, `step` runs with SDPA and `hf-flash` is left out
 VARIANTS = {"step": (True, True), "hf-flash": (False, True), "hf-sdpa": (False, False)}
+if not flash.AVAILABLE:
+    del VARIANTS["hf-flash"]
 
 
 def model(tokens: list[int], rounds: int) -> list[dict]:
@@ -143,7 +146,7 @@ def model(tokens: list[int], rounds: int) -> list[dict]:
         for _ in range(rounds):
             roof = max(roof, gemm_tflops(1))  # the roof in the same minutes as the variants
             for name, (step_on, flash_on) in VARIANTS.items():
-                step_prefill.ENABLED, flash.ENABLED = step_on, flash_on
+                step_prefill.ENABLED, flash.ENABLED = step_on, flash_on and flash.AVAILABLE
                 start = time.perf_counter()
                 keys[name] = [layer.keys.float() for layer in hf.prefill(eng, x).layers]
                 times[name].append(time.perf_counter() - start)

@@ -1,17 +1,15 @@
 """engines.step_prefill: bf16 prefill through the hand-written Llama forward against the HF
-forward (the same AMX attention kernel), one prompt and packed prompts, and its hook contract."""
+forward (the same attention: the AMX kernel where the CPU has it, else SDPA), one prompt and
+packed prompts, and its hook contract."""
 
 import pytest
 import torch
 
 from spectrumkv.engines import flash, hf, step_prefill
-from tests.test_paged_amx import cpu_has_amx
 
 
 @pytest.fixture(scope="module")
 def bf16():
-    if not cpu_has_amx():
-        pytest.skip("no AMX-BF16 on this CPU: bf16 prefill stays on the HF forward")
     return hf.load("smollm2-135m", dtype="bfloat16", kv_dtype="bfloat16")
 
 
@@ -86,8 +84,8 @@ def test_hooked_layers_keep_the_hf_forward(bf16):
     assert seen == [1] and step_prefill.step_for(bf16) is not None
 
 
-def test_step_prefill_is_bf16_flash_llama_only():
-    """float32 models, and bf16 ones with the kernel off, keep the HF forward."""
+def test_step_prefill_is_bf16_llama_only():
+    """float32 models keep the HF forward (and never the AMX kernel)."""
     eng = hf.load("smollm2-135m")
     assert step_prefill.step_for(eng) is None
     assert not flash.serves(eng.model)

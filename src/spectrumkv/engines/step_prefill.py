@@ -1,18 +1,18 @@
 """Prefill through the hand-written Llama forward (`engines.llama_step`) instead of the HF one.
 
-A bf16 SmolLM2 prefill of 2,048 tokens through the HF forward spends about 40 % of its time
-outside the GEMMs and attention: per layer ~15 small torch ops over [T, features] (RMSNorm's
-float32 statistics in five ops, RoPE through `rotate_half`, residual adds, dtype copies).
-`LlamaStep` runs the same arithmetic in a few fused row ops (`engines.rowops`, spread over
-torch's threads for a prefill's thousands of rows), so `engines.hf.prefill` and
-`engines.hf.prefill_batch` run through it where `step_for` allows: bf16 Llama-family models
-whose attention the AMX kernel takes (`engines.flash.serves`), no sliding-window layers.
-Everything else keeps the HF forward. `SPECTRUMKV_STEP_PREFILL=0` in the environment turns it
-off (for A/B runs).
+A bf16 SmolLM2 prefill of 2,048 tokens through the HF forward spends about 40 % of its time outside
+the GEMMs and attention: per layer ~15 small torch ops over [T, features] (RMSNorm's float32
+statistics in five ops, RoPE through `rotate_half`, residual adds, dtype copies). `LlamaStep` runs
+the same arithmetic in a few fused row ops (`engines.rowops`, spread over torch's threads for a
+prefill's thousands of rows), so `engines.hf.prefill` and `engines.hf.prefill_batch` run through it
+where `step_for` allows: bf16 Llama-family models, no sliding-window layers. Attention goes through
+`engines.segments.causal_spans`, as the HF path's does: the AMX kernel where `engines.flash` takes
+the model (SmolLM2 on an AMX CPU), else SDPA (CPUs without AMX, other head sizes). Everything else
+keeps the HF forward. `SPECTRUMKV_STEP_PREFILL=0` in the environment turns it off (for A/B runs).
 
 Numerics: the same weights and modules; RoPE bit-identical to HF's, RMSNorm's sum of squares in
-another order (engines.rowops), attention the same kernel as the HF path here. K/V agree with
-the HF forward's within bf16 rounding (tests/test_flash.py).
+another order (engines.rowops), attention the same kernel as the HF path on the same CPU. K/V agree
+with the HF forward's within bf16 rounding (tests/test_flash.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from ..importance import WindowQueries
 from ..kv import LayerKV
-from . import flash, llama_step
+from . import llama_step
 from .segments import causal_spans
 
 if TYPE_CHECKING:
@@ -38,12 +38,12 @@ LayerHook = Callable[[int, LayerKV, WindowQueries], None]
 
 
 def step_for(engine: Engine) -> llama_step.LlamaStep | None:
-    """The step `engine`'s prefills run through, or None (the HF forward): enabled, no
-    sliding-window layers, the kernel serves the model (bf16, head_dim 64), `llama_step`
-    reproduces it, and no forward hook is registered on its layers or their modules (the step
-    calls only the projections: SCD's captures and DroidSpeak's layer inputs hook the attention
-    and decoder-layer modules, so their prefills keep the HF forward)."""
-    if not ENABLED or engine.fingerprint.sliding_layers or not flash.serves(engine.model):
+    """The step `engine`'s prefills run through, or None (the HF forward): enabled, a bf16 model
+    with no sliding-window layers that `llama_step` reproduces, and no forward hook is registered on
+    its layers or their modules (the step calls only the projections: SCD's captures and
+    DroidSpeak's layer inputs hook the attention and decoder-layer modules, so their prefills keep
+    the HF forward)."""
+    if not ENABLED or engine.fingerprint.sliding_layers or engine.model.dtype != torch.bfloat16:
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in engine.model.model.layers.modules()):
         return None
