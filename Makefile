@@ -10,7 +10,8 @@ STAMP := $(VENV)/.spectrumkv-installed
 
 $(STAMP): pyproject.toml setup.py src/spectrumkv/_codec.c src/spectrumkv/_pool.h \
 		src/spectrumkv/paged/_attention.c src/spectrumkv/engines/_rowops.c \
-		src/spectrumkv/engines/_flash.c src/spectrumkv/_amx.h requirements-assets.txt
+		src/spectrumkv/engines/_flash.c src/spectrumkv/engines/_bf16dot.c src/spectrumkv/_amx.h \
+		requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev,vllm]"

@@ -7,11 +7,13 @@
   routes that need it are unavailable and the torch routes (`padded`, the reference) still run.
 - `spectrumkv.engines._flash`, causal prefill attention on AMX-BF16 tiles: if it cannot be
   compiled (or the CPU has no AMX), prefill attention stays torch's SDPA.
+- `spectrumkv.engines._bf16dot`, few-row bf16 linear layers on AVX512-BF16 (decode steps on CPUs
+  without AMX): if it cannot be compiled, those layers stay on oneDNN.
 - `spectrumkv.engines._rowops`, the fused RMSNorm / RoPE of the Llama decode step: if it cannot be
   compiled, engines.llama_step runs their torch references.
 
 The codec runs on the persistent thread pool in `src/spectrumkv/_pool.h`; paged attention, the
-prefill kernel and the row ops run on OpenMP (`-fopenmp`), the same libgomp and threads as
+prefill kernel, the bf16 dot products and the row ops run on OpenMP (`-fopenmp`), the same libgomp and threads as
 torch's own ops (see `_attention.c`).
 """
 
@@ -41,6 +43,13 @@ setup(
             "spectrumkv.engines._flash",
             sources=["src/spectrumkv/engines/_flash.c"],
             depends=["src/spectrumkv/_amx.h"],
+            extra_compile_args=[*_FLAGS, "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        ),
+        Extension(
+            "spectrumkv.engines._bf16dot",
+            sources=["src/spectrumkv/engines/_bf16dot.c"],
             extra_compile_args=[*_FLAGS, "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,

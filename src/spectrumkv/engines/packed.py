@@ -15,17 +15,42 @@ reads a bf16 model's linear weights (the fingerprint reads them from disk), and 
 inference only (no autograd through the packed op). It uses torch's `torch.ops.mkldnn` linear
 ops (the ones torch.compile's CPU backend emits); where oneDNN or its bf16 path is missing the
 model is left as it is.
+
+**Few rows on CPUs without AMX** (`DOT`): there oneDNN's bf16 product at a decode step's 1-16
+rows runs on AVX512-BF16 at 7-16 GB/s of weights (AMD EPYC Zen 4, 2 threads, weights from DRAM),
+well under the memory's 27-31 GB/s read rate. `_bf16dot.c` streams a second copy of each weight,
+packed for VDPBF16PS (`dot_layout`), at 1.3-1.8x oneDNN's speed there, and takes every product of
+at most `DOT_ROWS` rows (decode steps up to that batch); larger ones (prefills) keep oneDNN's.
+Its rows are as independent as oneDNN's (batch invariance holds), but its sums run in another
+order: outputs differ from `F.linear` within bf16 rounding. The second copy costs the bf16
+weights' size again (269 MB for SmolLM2-135M). On AMX CPUs oneDNN keeps every product (its AMX
+path was not measured against this kernel); `SPECTRUMKV_BF16_DOT=0` turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 
 import torch
 from torch import nn
 
+try:
+    from . import _bf16dot
+except ImportError:  # an optional extension; see setup.py
+    _bf16dot = None
+
 BATCH_HINT = 16  # the rows oneDNN packs for (any row count works)
+#: rows up to which a packed layer multiplies on `_bf16dot` where `DOT` (the engine's batch is
+#: at most 32 by default); more rows, a prefill's, take oneDNN's product
+DOT_ROWS = 64
+DOT = (
+    _bf16dot is not None
+    and _bf16dot.available()
+    and not torch.cpu._is_amx_tile_supported()
+    and os.environ.get("SPECTRUMKV_BF16_DOT", "1") != "0"
+)
 
 
 def available() -> bool:
@@ -38,8 +63,29 @@ def available() -> bool:
         return False
 
 
+def dot_layout(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] (N % 16 == 0, K even) in `_bf16dot`'s layout [N / 16, K / 2, 16, 2]:
+    per block of 16 output columns and pair of input features, one 64-byte row."""
+    n, k = w.shape
+    return w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def dot_matmul(x: torch.Tensor, w_dot: torch.Tensor) -> torch.Tensor:
+    """x [..., K] bf16 times a `dot_layout` weight -> [..., N] bf16, on `_bf16dot` (DOT only)."""
+    blocks, pairs = w_dot.shape[:2]
+    k, n = 2 * pairs, 16 * blocks
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    if rows.shape[0]:
+        _bf16dot.matmul(rows.data_ptr(), w_dot.data_ptr(), y.data_ptr(), rows.shape[0], k, n,
+                        torch.get_num_threads())  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed once for oneDNN (bf16). x: [..., in_features] bf16."""
+    """y = x W^T + b with W packed once for oneDNN (bf16), and where `DOT` (no bias, N % 16 == 0,
+    K even) once more for `_bf16dot`, which takes x of at most `DOT_ROWS` rows. x: [...,
+    in_features] bf16."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -50,12 +96,22 @@ class PackedLinear(nn.Module):
         packed = torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT)
         self.register_buffer("packed", packed, persistent=False)
         self.bias = linear.bias
+        fits = DOT and self.bias is None and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0
+        self.register_buffer("dot", dot_layout(w) if fits else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.dot is not None
+            and x.dtype == torch.bfloat16
+            and x.shape[-1] == self.in_features
+            and x.numel() <= DOT_ROWS * self.in_features
+        ):
+            return dot_matmul(x, self.dot)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16"
+        dot = ", + bf16 dot layout" if self.dot is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16{dot}"
 
 
 def pack_linears(model: nn.Module) -> int:

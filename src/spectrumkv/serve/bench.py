@@ -209,9 +209,11 @@ def read_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes a decode step reads: the model's parameters and buffers (packed weights:
     engines.packed) in their dtype, each tensor once, less the input embedding when the LM head
-    does not read it (untied, or packed apart): a step gathers only its B rows."""
+    does not read it (untied, or packed apart): a step gathers only its B rows. A packed layer
+    with a few-row copy (`dot`) counts that one only: a step's rows never read oneDNN's."""
+    unread = {id(m.packed) for m in model.modules() if getattr(m, "dot", None) is not None}
     tensors = [*model.parameters(), *model.buffers()]  # each deduplicated by torch
-    total = sum(t.numel() * t.element_size() for t in tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors if id(t) not in unread)
     emb = model.get_input_embeddings().weight
     if getattr(model.get_output_embeddings(), "weight", None) is not emb:
         total -= emb.numel() * emb.element_size()
