@@ -77,3 +77,18 @@ def test_packed_linear_sends_only_few_rows_to_the_kernel():
     want = packed.dot_matmul(few, layer.dot) if packed.DOT else F.linear(few, w)
     assert torch.equal(layer(few), want)
     assert layer(_bf16(2, 3, 576, seed=6)).shape == (2, 3, 1536)
+
+
+@needs_kernel
+def test_dot_matmul_refuses_inputs_it_does_not_take():
+    w_dot = packed.dot_layout(_bf16(32, 64, seed=7))
+    x = _bf16(3, 64, seed=8)
+    for bad_x, bad_w in [
+        (x[:, :62], w_dot),  # wrong feature count
+        (x.float(), w_dot),  # not bf16
+        (x, w_dot.float()),
+        (x, w_dot.transpose(0, 1)),  # not the layout
+        (x, w_dot[:, :, :8]),
+    ]:
+        with pytest.raises(ValueError):
+            packed.dot_matmul(bad_x, bad_w)

@@ -84,6 +84,14 @@ def test_hooked_layers_keep_the_hf_forward(bf16):
     assert seen == [1] and step_prefill.step_for(bf16) is not None
 
 
+def test_step_prefill_runs_without_the_amx_kernel(bf16, monkeypatch):
+    """A CPU without AMX (or the kernel turned off): the step still serves bf16, with SDPA."""
+    monkeypatch.setattr(flash, "ENABLED", False)
+    assert step_prefill.step_for(bf16) is not None
+    kv = hf.prefill(bf16, torch.arange(300, 340)).layers[0]
+    assert kv.keys.shape == (3, 40, 64) and torch.isfinite(kv.keys.float()).all()
+
+
 def test_step_prefill_is_bf16_llama_only():
     """float32 models keep the HF forward (and never the AMX kernel)."""
     eng = hf.load("smollm2-135m")

@@ -4,10 +4,11 @@
  * layers stream the weights from memory. `matmul` reads each weight once per block of 16 rows:
  * W is pre-packed as [N / 16][K / 2][16][2] bf16 (`engines.packed.dot_layout`), so one 64-byte
  * load holds the weights of 16 output columns for two input features, and one VDPBF16PS per
- * row adds the pair's two products into that row's 16 FP32 sums. Every output is the FP32 sum
- * over k in order 0, 1, ..., K - 1 (pairs), rounded once to bf16 (nearest even): a row's bits do
- * not depend on the other rows, on the row count or on the thread count (column blocks are
- * split between threads, never a sum).
+ * row adds the pair's two products into that row's 16 FP32 sums. Every output is the FP32 sum over
+ * feature pairs p = 0, 1, ..., K/2 - 1 in that order (within a pair, the instruction's own order
+ * and rounding, denormals flushed), rounded once to bf16 (nearest even): a row's bits do not
+ * depend on the other rows, on the row count or on the thread count (column blocks are split
+ * between threads, never a sum).
  *
  * Python: available() -> bool; matmul(x, w, y, rows, k, n, threads) with data pointers of
  * contiguous bf16 x [rows, k], packed w, y [rows, n]; n % 16 == 0 and k % 2 == 0, checked by
@@ -59,18 +60,27 @@ BF16DOT static void matmul_rows(const uint16_t *x, const uint16_t *w, uint16_t *
     }
 }
 
-static PyObject *available(PyObject *self, PyObject *args) {
+static int cpu_ok(void) {
     __builtin_cpu_init();
-    return PyBool_FromLong(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-                           && __builtin_cpu_supports("avx512vl")
-                           && __builtin_cpu_supports("avx512bf16"));
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
+
+static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_ok()); }
 
 static PyObject *matmul(PyObject *self, PyObject *args) {
     unsigned long long xp, wp, yp;
     long long rows, k, n;
     int threads;
     if (!PyArg_ParseTuple(args, "KKKLLLi", &xp, &wp, &yp, &rows, &k, &n, &threads)) return NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "_bf16dot.matmul needs AVX512-BF16 on this CPU");
+        return NULL;
+    }
+    if (rows < 0 || k < 2 || k % 2 || n < 16 || n % 16) {
+        PyErr_SetString(PyExc_ValueError, "_bf16dot.matmul: rows >= 0, even k, n a multiple of 16");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
     matmul_rows((const uint16_t *)xp, (const uint16_t *)wp, (uint16_t *)yp, rows, k, n,
                 threads < 1 ? 1 : threads);

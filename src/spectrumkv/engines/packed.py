@@ -1,12 +1,13 @@
 """bfloat16 linear layers with prepacked weights (oneDNN's blocked layout), for CPU decoding.
 
 `F.linear` on a bf16 weight re-lays the weight out for oneDNN's kernel on every call. At a decode
-step's few rows (a batch of B tokens) that reorder costs as much as the product itself. Measured
-here (one thread, 16 rows, 30 layers of SmolLM2-135M's projection shapes with q/k/v and gate/up
-fused, load ~4): fp32 `F.linear` 78.9 ms, bf16 `F.linear` 49.4 ms, bf16 packed 24.8 ms (212 MB
-at ~8.5 GB/s, a torch sum's read rate). The packed product is bit-identical to `F.linear` in
-bf16 (same oneDNN kernel; `tests/test_serve_engine.py` checks it at 1, 16 and 300 rows), and a
-row's result does not depend on the other rows, so batch invariance is unaffected.
+step's few rows (a batch of B tokens) that reorder costs as much as the product itself. Measured on
+an AMX VM (one thread, 16 rows, 30 layers of SmolLM2-135M's projection shapes with q/k/v and gate/up
+fused, load ~4): fp32 `F.linear` 78.9 ms, bf16 `F.linear` 49.4 ms, bf16 packed 24.8 ms (212 MB at
+~8.5 GB/s, a torch sum's read rate). oneDNN's packed product is bit-identical to `F.linear` in bf16
+(same oneDNN kernel; `tests/test_serve_engine.py` checks it, at 1, 16 and 300 rows where `DOT` is
+off, at 300 where it is on), and a row's result does not depend on the other rows, so batch
+invariance is unaffected.
 
 `pack_linears(model)` swaps every `nn.Linear` of a bf16 model for a `PackedLinear` (the LM head
 too; a tied LM head gets its own packed copy, the embedding keeps the shared weight). A packed
@@ -19,7 +20,8 @@ model is left as it is.
 **Few rows on CPUs without AMX** (`DOT`): there oneDNN's bf16 product at a decode step's 1-16
 rows runs on AVX512-BF16 at 7-16 GB/s of weights (AMD EPYC Zen 4, 2 threads, weights from DRAM),
 well under the memory's 27-31 GB/s read rate. `_bf16dot.c` streams a second copy of each weight,
-packed for VDPBF16PS (`dot_layout`), at 1.3-1.8x oneDNN's speed there, and takes every product of
+packed for VDPBF16PS (`dot_layout`), at 1.4-1.8x oneDNN's speed there on 2 threads (a
+prototype; the batch-16 step 1.29-1.34x faster), and takes every product of
 at most `DOT_ROWS` rows (decode steps up to that batch); larger ones (prefills) keep oneDNN's.
 Its rows are as independent as oneDNN's (batch invariance holds), but its sums run in another
 order: outputs differ from `F.linear` within bf16 rounding. The second copy costs the bf16
@@ -71,9 +73,17 @@ def dot_layout(w: torch.Tensor) -> torch.Tensor:
 
 
 def dot_matmul(x: torch.Tensor, w_dot: torch.Tensor) -> torch.Tensor:
-    """x [..., K] bf16 times a `dot_layout` weight -> [..., N] bf16, on `_bf16dot` (DOT only)."""
+    """x [..., K] bf16 times a `dot_layout` weight -> [..., N] bf16, on `_bf16dot` (a CPU with
+    AVX512-BF16: RuntimeError elsewhere). ValueError for inputs it does not take."""
+    if w_dot.dim() != 4 or w_dot.shape[2:] != (16, 2) or not w_dot.is_contiguous():
+        raise ValueError(f"w_dot must be a contiguous dot_layout weight, got {list(w_dot.shape)}")
     blocks, pairs = w_dot.shape[:2]
     k, n = 2 * pairs, 16 * blocks
+    if x.dtype != torch.bfloat16 or w_dot.dtype != torch.bfloat16 or x.shape[-1] != k:
+        raise ValueError(f"x must be bf16 [..., {k}] for a bf16 weight, got {x.dtype} "
+                         f"{list(x.shape)} and {w_dot.dtype}")  # fmt: skip
+    if x.device.type != "cpu" or w_dot.device.type != "cpu":
+        raise ValueError("dot_matmul runs on CPU tensors only")
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
     if rows.shape[0]:
@@ -103,6 +113,7 @@ class PackedLinear(nn.Module):
         if (
             self.dot is not None
             and x.dtype == torch.bfloat16
+            and x.device.type == "cpu"
             and x.shape[-1] == self.in_features
             and x.numel() <= DOT_ROWS * self.in_features
         ):

@@ -8,7 +8,8 @@ prefill's thousands of rows), so `engines.hf.prefill` and `engines.hf.prefill_ba
 where `step_for` allows: bf16 Llama-family models, no sliding-window layers. Attention goes through
 `engines.segments.causal_spans`, as the HF path's does: the AMX kernel where `engines.flash` takes
 the model (SmolLM2 on an AMX CPU), else SDPA (CPUs without AMX, other head sizes). Everything else
-keeps the HF forward. `SPECTRUMKV_STEP_PREFILL=0` in the environment turns it off (for A/B runs).
+keeps the HF forward. `SPECTRUMKV_STEP_PREFILL=0` in the environment turns it off (for A/B runs;
+`SPECTRUMKV_FLASH_PREFILL=0` turns off only the AMX kernel, the step then runs with SDPA).
 
 Numerics: the same weights and modules; RoPE bit-identical to HF's, RMSNorm's sum of squares in
 another order (engines.rowops), attention the same kernel as the HF path on the same CPU. K/V agree

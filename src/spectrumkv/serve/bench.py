@@ -210,7 +210,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes a decode step reads: the model's parameters and buffers (packed weights:
     engines.packed) in their dtype, each tensor once, less the input embedding when the LM head
     does not read it (untied, or packed apart): a step gathers only its B rows. A packed layer
-    with a few-row copy (`dot`) counts that one only: a step's rows never read oneDNN's."""
+    with a few-row copy (`dot`) counts that one only: a step of at most `engines.packed.DOT_ROWS`
+    rows reads only it (a larger one reads oneDNN's copy instead: the same bytes)."""
     unread = {id(m.packed) for m in model.modules() if getattr(m, "dot", None) is not None}
     tensors = [*model.parameters(), *model.buffers()]  # each deduplicated by torch
     total = sum(t.numel() * t.element_size() for t in tensors if id(t) not in unread)

@@ -22,7 +22,8 @@ class EngineConfig:
     """pool_mb: K+V page pool, MiB, all layers. page_size: tokens per page. max_batch: most
     requests decoding in one step (bf16 on a CPU without AMX: above engines.packed.DOT_ROWS, 64,
     a step's linears move from the few-row kernel to oneDNN, whose sums run in another order, so
-    a request's bits then depend on whether its step had more than 64 rows). max_queue: most
+    a request's bits then depend on whether its step had more than 64 rows; "mixed" prefill steps
+    cross it too). max_queue: most
     requests waiting for pages. queue_timeout_s: longest wait for pages before PoolBusy
     (seconds). route: the decode-attention route (paged.routes.ROUTES), "adaptive" = the cost
     model's pick every step.
