@@ -22,9 +22,14 @@ def test_counts_freed_temporaries_and_not_untouched_memory():
     def temporary() -> int:
         return int(np.ones(n // 8).sum())  # 16 MB touched, freed before returning
 
-    extra, _ = memory.peak_extra_bytes(temporary)
-    assert n <= extra < n + (2 << 20)
-    extra, _ = memory.peak_extra_bytes(lambda: np.empty(n // 8))  # never written: not resident
+    # the resident set is the whole process's: another thread (one an earlier test left
+    # running) can only add to it, so the least of three readings is fn's own
+    def least(fn) -> int:
+        return min(memory.peak_extra_bytes(fn)[0] for _ in range(3))
+
+    extra = least(temporary)  # less at most a page or so that was resident already (seen: 4 KiB)
+    assert n - (64 << 10) <= extra < n + (2 << 20)
+    extra = least(lambda: np.empty(n // 8))  # never written: not resident
     assert extra < 1 << 20
 
 
