@@ -20,10 +20,10 @@ model is left as it is.
 **Few rows on CPUs without AMX** (`DOT`): there oneDNN's bf16 product at a decode step's 1-16 rows
 runs on AVX512-BF16 at 7-16 GB/s of weights (AMD EPYC Zen 4, 2 threads, weights from DRAM), well
 under the memory's 27-31 GB/s read rate. `_bf16dot.c` streams a second copy of each weight, packed
-for VDPBF16PS (`dot_layout`), at 1.4-1.8x oneDNN's speed there at 1-16 rows on 2 threads, 1.0-1.2x at
-32-64 (benchmarks/bf16dot.py; the batch-16 step 1.29-1.34x faster), and takes every product of at most
-`DOT_ROWS` rows (decode steps up to that batch); larger ones (prefills) keep oneDNN's. Its rows are
-as independent as oneDNN's (batch invariance holds), but its sums run in another order: outputs
+for VDPBF16PS (`dot_layout`), at 1.4-1.8x oneDNN's speed there at 1-16 rows on 2 threads, 1.0-1.2x
+at 32-64 (benchmarks/bf16dot.py; the batch-16 step 1.29-1.34x faster), and takes every product of at
+most `DOT_ROWS` rows (decode steps up to that batch); larger ones (prefills) keep oneDNN's. Its rows
+are as independent as oneDNN's (batch invariance holds), but its sums run in another order: outputs
 differ from `F.linear` within bf16 rounding. The second copy costs the bf16 weights' size again (269
 MB for SmolLM2-135M). On AMX CPUs oneDNN keeps every product (its AMX path was not measured against
 this kernel); `SPECTRUMKV_BF16_DOT=0` turns it off.
