@@ -60,20 +60,16 @@ BF16DOT static void matmul_rows(const uint16_t *x, const uint16_t *w, uint16_t *
     }
 }
 
-static int cpu_ok(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
+static int cpu_ok; /* AVX512-BF16 and the AVX-512 it needs: read once, at import */
 
-static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_ok()); }
+static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_ok); }
 
 static PyObject *matmul(PyObject *self, PyObject *args) {
     unsigned long long xp, wp, yp;
     long long rows, k, n;
     int threads;
     if (!PyArg_ParseTuple(args, "KKKLLLi", &xp, &wp, &yp, &rows, &k, &n, &threads)) return NULL;
-    if (!cpu_ok()) {
+    if (!cpu_ok) {
         PyErr_SetString(PyExc_RuntimeError, "_bf16dot.matmul needs AVX512-BF16 on this CPU");
         return NULL;
     }
@@ -96,4 +92,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bf16dot", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__bf16dot(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__bf16dot(void) {
+    __builtin_cpu_init();
+    cpu_ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+             && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    return PyModule_Create(&module);
+}

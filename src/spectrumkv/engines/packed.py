@@ -77,13 +77,18 @@ def dot_matmul(x: torch.Tensor, w_dot: torch.Tensor) -> torch.Tensor:
     AVX512-BF16: RuntimeError elsewhere). ValueError for inputs it does not take."""
     if w_dot.dim() != 4 or w_dot.shape[2:] != (16, 2) or not w_dot.is_contiguous():
         raise ValueError(f"w_dot must be a contiguous dot_layout weight, got {list(w_dot.shape)}")
-    blocks, pairs = w_dot.shape[:2]
-    k, n = 2 * pairs, 16 * blocks
+    k = 2 * w_dot.shape[1]
     if x.dtype != torch.bfloat16 or w_dot.dtype != torch.bfloat16 or x.shape[-1] != k:
         raise ValueError(f"x must be bf16 [..., {k}] for a bf16 weight, got {x.dtype} "
                          f"{list(x.shape)} and {w_dot.dtype}")  # fmt: skip
     if x.device.type != "cpu" or w_dot.device.type != "cpu":
         raise ValueError("dot_matmul runs on CPU tensors only")
+    return _dot(x, w_dot)
+
+
+def _dot(x: torch.Tensor, w_dot: torch.Tensor) -> torch.Tensor:
+    """`dot_matmul` on inputs already checked (PackedLinear.forward's own, on the decode path)."""
+    k, n = 2 * w_dot.shape[1], 16 * w_dot.shape[0]
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
     if rows.shape[0]:
@@ -117,7 +122,7 @@ class PackedLinear(nn.Module):
             and x.shape[-1] == self.in_features
             and x.numel() <= DOT_ROWS * self.in_features
         ):
-            return dot_matmul(x, self.dot)
+            return _dot(x, self.dot)  # the checks dot_matmul makes, made above
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
