@@ -1,11 +1,11 @@
 """The compiled kernel never reads outside the page pool: the pool ends at an inaccessible
 (PROT_NONE) page, tables point at the pool's last page with lengths ending exactly there, and
-every kernel (scalar, AVX2, AVX-512 where present) runs with the split settings of every kernel
-route, on 1 and 2 threads (tasks of all KV heads, or of one), with and without window starts (a
-page before the start may point anywhere: it is never read), in a child process; a read past
-the end would kill it with SIGSEGV before it prints "ok". Then the child reads one element past
-the pool on purpose, to show the guard is there. The child loads the extension by path (not the
-spectrumkv package, whose import pulls in transformers)."""
+every kernel (scalar, AVX2, AVX-512, AVX512-BF16, AMX where present) runs with the split
+settings of every kernel route, on 1 and 2 threads (tasks of all KV heads, or of one), with and
+without window starts (a page before the start may point anywhere: it is never read), in a child
+process; a read past the end would kill it with SIGSEGV before it prints "ok". Then the child
+reads one element past the pool on purpose, to show the guard is there. The child loads the
+extension by path (not the spectrumkv package, whose import pulls in transformers)."""
 
 import signal
 import subprocess
@@ -46,7 +46,7 @@ CHILD = textwrap.dedent(
     starts_ = torch.tensor([16, 16, 15], dtype=torch.int32)  # the last token of the pool too
     q = torch.randn(3, 8, d)
     out = torch.empty(3, 8, d)
-    for isa in range(4):
+    for isa in range(5):
         ext.set_isa(isa)
         for splits, min_tokens in ((1, 1 << 30), (4, 32), (8, 1), (2, 2048)):
             for b in (slice(0, 3), slice(0, 1), slice(1, 2), slice(2, 3)):  # batch, per request

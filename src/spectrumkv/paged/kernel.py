@@ -3,17 +3,19 @@ input check every route runs.
 
 `decode()` runs all (request, KV heads, split) tasks of a batch as one OpenMP parallel region
 on torch's own threads (the same libgomp team as torch's ops; see `_attention.c`), then merges
-split requests exactly. A task covers all KV heads of its
-request whose state fits its buffers (one run of K and of V per page), or one KV head when that
-would leave fewer than 4 tasks per thread (`cost.task_heads` states the rule). Kernels:
-AMX-BF16 (bf16 pages only), AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`,
-`set_isa`). `write_rows()` copies a decode step's new K/V into its page slots (the batch
-engine's per-layer write, one call for K and V). When the extension
-was not built, `AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference)
-run.
+split requests exactly. A task covers all KV heads of its request whose state fits its buffers
+(one run of K and of V per page), or one KV head when that would leave fewer than 4 tasks per
+thread (`cost.task_heads` states the rule). Kernels: AMX-BF16 or AVX512-BF16 (bf16 pages only),
+AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`, `set_isa`;
+`SPECTRUMKV_PAGED_ISA=<name>` in the environment caps it at import, e.g. to time one kernel
+against another in alternating processes). `write_rows()` copies a decode step's new K/V into its
+page slots (the batch engine's per-layer write, one call for K and V). When the extension was
+not built, `AVAILABLE` is False and only the torch routes (`padded`, `sdpa`, the reference) run.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -101,14 +103,17 @@ def write_rows(k_pages, v_pages, rows, k, v) -> bool:
     return True
 
 
-ISAS = ("scalar", "avx2", "avx512", "amx")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 
 def isa() -> str:
     """The kernel in use: "amx" (AMX-BF16 tiles for bf16 pages whose page_size is a multiple of
-    16, head_dim of 32 and group <= 8, AVX-512F for the rest), "avx512" (AVX-512F), "avx2"
-    (AVX2/F16C/FMA) or "scalar" (plain C). "amx" needs the CPU's AMX-BF16 and the Linux kernel's
-    permission for the tile state (asked once at import); without either the best is "avx512"."""
+    16, head_dim of 32 and group <= 8; AVX512-BF16 for other bf16 pages of head_dim % 32 == 0,
+    AVX-512F for the rest), "avx512bf16" (VDPBF16PS scores for bf16 pages of head_dim % 32 ==
+    0, AVX-512F for the rest), "avx512" (AVX-512F), "avx2" (AVX2/F16C/FMA) or "scalar" (plain
+    C). "amx" needs the CPU's AMX-BF16 and the Linux kernel's permission for the tile state
+    (asked once at import); without either the best is "avx512bf16" where the CPU has
+    AVX512-BF16 (a Zen 4), else "avx512"."""
     return ISAS[_attention.isa()]
 
 
@@ -158,3 +163,10 @@ def decode(
     except ValueError as e:
         raise PagedInputError(str(e)) from None
     return out, tasks, partials
+
+
+if AVAILABLE and os.environ.get("SPECTRUMKV_PAGED_ISA"):
+    _cap = os.environ["SPECTRUMKV_PAGED_ISA"]
+    if _cap not in ISAS:
+        raise PagedInputError(f"SPECTRUMKV_PAGED_ISA={_cap!r}: not one of {ISAS}")
+    set_isa(_cap)
