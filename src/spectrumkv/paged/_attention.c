@@ -860,6 +860,27 @@ static void flush(const Ctx *c, const Task *t, int32_t slot, const float *m, con
     }
 }
 
+/* Prefetches into L2 the first tile's K and V rows (all its KV heads) of the task the shared
+ * counter hands out next (to this thread or another: on a Zen 4 a line in the other core's L2
+ * is still closer than DRAM). tile_bf16 prefetches a task's later tiles itself; this covers its
+ * first, which would otherwise start on DRAM at every task of a batch of short requests. */
+static void prefetch_next_task(Ctx *c) {
+    const int j = atomic_load_explicit(&c->next, memory_order_relaxed);
+    if (j >= c->ntasks) return;
+    const Task *u = &c->tasks[j];
+    const int n = u->hi - u->lo < TILE ? u->hi - u->lo : TILE;
+    size_t rows[TILE];
+    tile_rows(c, u, u->lo, n, rows);
+    const size_t hstride = (size_t)c->ps * c->d;
+    for (int i = 0; i < u->nh; i++) {
+        const size_t h = (size_t)(u->h0 + i) * hstride;
+        for (int r = 0; r < n; r++) {
+            prefetch_row_l2(c->k + h + rows[r], c->d);
+            prefetch_row_l2(c->v + h + rows[r], c->d);
+        }
+    }
+}
+
 /* Runs one task: tile after tile, each of its KV heads in turn (one pass over each page's run
  * of K and V), then writes its output rows, or its partials when its request is split. */
 static void run_task(Ctx *c, const Task *t) {
@@ -906,6 +927,7 @@ static void run_task(Ctx *c, const Task *t) {
         tile_rows(c, t, t0, n, off);
         tile_rows(c, t, t0 + n, nn, next);
         if (c->simd == ISA_AVX512 || amx) prefetch_tile(c, t, next, nn);
+        if (bf && nn == 0) prefetch_next_task(c);
         for (int i = 0; i < t->nh; i++) {
             const size_t h = (size_t)(t->h0 + i) * hstride;
 #if HAVE_AVX2_KERNELS

@@ -20,6 +20,7 @@ With `--scd ARTIFACT` (model B served from model A's prefill worker) the request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -74,6 +75,7 @@ class DecodeConfig:
     kv_pool_mb: float = 0.0  # batched: KV page pool, MiB (0 = serve.engine.default_pool_mb)
     attention_route: str = "adaptive"  # batched: paged decode-attention route
     kv_queue_timeout_s: float = 30.0  # batched: longest wait for KV pages, then HTTP 503
+    prefill_first_s: float = 0.0  # batched: EngineConfig.prefill_first_s (0 = off)
     scd_artifact: str | None = None  # SCD artifact dir: B rebuilds its cache from A's codes
 
 
@@ -99,7 +101,8 @@ class DecodeWorker:
 
             pool = cfg.kv_pool_mb or default_pool_mb()
             ecfg = EngineConfig(pool_mb=pool, queue_timeout_s=cfg.kv_queue_timeout_s,
-                                route=cfg.attention_route)  # fmt: skip
+                                route=cfg.attention_route,
+                                prefill_first_s=cfg.prefill_first_s)  # fmt: skip
             self.batch = BatchEngine(engine, ecfg)
             engine_metrics.attach(self.batch, self.metrics.registry)
             # one blocked thread per request waiting on the engine (the engine has its own)
@@ -207,7 +210,9 @@ class DecodeWorker:
         cancel = threading.Event()
         try:
             method = resolve_method(job, self.scd)
-            transfer, why = await self._transfer(rid, job, method)
+            busy = self.batch.expecting() if self.batch is not None else contextlib.nullcontext()
+            with busy:  # the engine's steps yield to this prefill (prefill_first_s)
+                transfer, why = await self._transfer(rid, job, method)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
