@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import spectrumkv as skv
-from spectrumkv.errors import ConfigError
 from spectrumkv.kv import LayerKV
 from spectrumkv.payload import decode_payload
 from spectrumkv.pd.sampling import Cancelled, SamplingParams
@@ -373,25 +372,3 @@ def _check_sampler(sample):
     gen, p = torch.Generator().manual_seed(0), SamplingParams(1, temperature=1.0, top_p=0.99)
     tokens = {sample(flat, p, gen) for _ in range(300)}
     assert len(tokens) > 250 and max(tokens) > 4000
-
-
-def test_prefill_first_spaces_steps_while_prompts_are_on_their_way(smol, prompts):
-    """With prefill_first_s, a decode step runs at most once per that many seconds while a
-    prompt is expected (a KV transfer under way), and at full pace once none is; the tokens are
-    the same as without the policy (it only delays steps)."""
-    _, last, pre = prompts[2]
-    greedy = SamplingParams(max_tokens=40)
-    eng = BatchEngine(smol, EngineConfig(pool_mb=24, prefill_first_s=0.5))
-    try:
-        with eng.expecting():
-            g = eng.submit(greedy, last, pre.n_tokens, layers=pre.layers)
-            time.sleep(1.6)
-            held = eng.stats.steps
-        out = g.wait(120).token_ids
-        assert 1 <= held <= 5  # ~1.6 / 0.5 + 1 steps, far fewer than 40 at full pace
-        assert len(out) == 40  # and the rest ran at once
-    finally:
-        eng.close()
-    assert out == _alone(smol, pre, last, 40)
-    with pytest.raises(ConfigError):
-        EngineConfig(prefill_first_s=-1)

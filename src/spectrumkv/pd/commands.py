@@ -75,7 +75,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             engine=args.engine,
             kv_pool_mb=args.kv_pool_mb,
             attention_route=args.attention_route,
-            prefill_first_s=args.prefill_first_s,
             scd_artifact=args.scd,
         )
         coro = serve_decode(engine, cfg, args.host, args.port)
@@ -210,12 +209,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="adaptive",
         choices=["adaptive", "per-request", "split", "workqueue", "padded"],
         help="batched: paged decode-attention route",
-    )
-    dc.add_argument(
-        "--prefill-first-s",
-        type=float,
-        default=0.0,
-        help="batched: while KV transfers are under way, decode at most once per this many "
-        "seconds, leaving the CPU to the prefill (0 = off; serve.config.EngineConfig)",
     )
     dc.set_defaults(func=_cmd_serve)

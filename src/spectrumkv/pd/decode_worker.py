@@ -20,7 +20,6 @@ With `--scd ARTIFACT` (model B served from model A's prefill worker) the request
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
@@ -33,6 +32,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..engines import omp
 from ..engines.hf import Engine, decode_state, prefill
 from ..errors import SpectrumKVError
 from ..pipeline import reference_state, split_prompt
@@ -75,7 +75,6 @@ class DecodeConfig:
     kv_pool_mb: float = 0.0  # batched: KV page pool, MiB (0 = serve.engine.default_pool_mb)
     attention_route: str = "adaptive"  # batched: paged decode-attention route
     kv_queue_timeout_s: float = 30.0  # batched: longest wait for KV pages, then HTTP 503
-    prefill_first_s: float = 0.0  # batched: EngineConfig.prefill_first_s (0 = off)
     scd_artifact: str | None = None  # SCD artifact dir: B rebuilds its cache from A's codes
 
 
@@ -87,7 +86,9 @@ class DecodeWorker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         # verify + decode frames off the event loop, in arrival order, while the socket keeps
         # receiving (the codec releases the GIL)
-        self.unpacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unpack")
+        self.unpacker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="unpack", initializer=omp.single
+        )
         self.in_flight: dict[str, float] = {}
         self.tls = client_context(cfg.tls_ca) if cfg.tls_ca else None
         self.breaker = CircuitBreaker(cfg.breaker_threshold, cfg.breaker_cooldown_s)
@@ -101,12 +102,13 @@ class DecodeWorker:
 
             pool = cfg.kv_pool_mb or default_pool_mb()
             ecfg = EngineConfig(pool_mb=pool, queue_timeout_s=cfg.kv_queue_timeout_s,
-                                route=cfg.attention_route,
-                                prefill_first_s=cfg.prefill_first_s)  # fmt: skip
+                                route=cfg.attention_route)  # fmt: skip
             self.batch = BatchEngine(engine, ecfg)
             engine_metrics.attach(self.batch, self.metrics.registry)
             # one blocked thread per request waiting on the engine (the engine has its own)
-            self.waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="batch-wait")
+            self.waiters = ThreadPoolExecutor(
+                max_workers=256, thread_name_prefix="batch-wait", initializer=omp.single
+            )
         elif cfg.engine != "sequential":
             raise ValueError(f"engine must be sequential or batched, got {cfg.engine!r}")
 
@@ -210,9 +212,7 @@ class DecodeWorker:
         cancel = threading.Event()
         try:
             method = resolve_method(job, self.scd)
-            busy = self.batch.expecting() if self.batch is not None else contextlib.nullcontext()
-            with busy:  # the engine's steps yield to this prefill (prefill_first_s)
-                transfer, why = await self._transfer(rid, job, method)
+            transfer, why = await self._transfer(rid, job, method)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -395,6 +395,10 @@ def pool_error(e: PoolBusy | RequestTooLarge) -> ApiError:
 
 async def serve_decode(engine: Engine, cfg: DecodeConfig, host: str, port: int) -> None:
     worker = DecodeWorker(engine, cfg)
+    # the model runs on the engine's (or the sequential executor's) thread: this one, which
+    # loaded it and now serves HTTP, releases its OpenMP team so that one keeps spinning
+    # workers (engines.omp)
+    omp.hand_over()
     # handler_cancellation: a client that disconnects cancels its handler (and so its work)
     runner = web.AppRunner(worker.app(), access_log=None, handler_cancellation=True)
     await runner.setup()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
+from ..engines import omp
 from ..engines.hf import Engine
 from ..errors import SpectrumKVError
 from ..scd.serve_prefill import ArtifactStore, serve_scd
@@ -248,6 +249,12 @@ class PrefillServer:
                 run(hook)
 
         def run_prefill() -> float:
+            try:
+                return prefill_here()
+            finally:  # the next forward may run on another thread (pd/batcher.py)
+                omp.release()
+
+        def prefill_here() -> float:
             nonlocal started
             started = time.perf_counter()
             if cancel.is_set():  # it left while this request queued
@@ -307,6 +314,7 @@ async def serve_prefill(
     `batch`: KV requests prefilled together per forward, at most (pd/batcher.py)."""
     scd = ArtifactStore(scd_artifacts, engine) if scd_artifacts else None
     server = PrefillServer(engine, secret, scd, batch)
+    omp.hand_over()  # the forwards run on executor threads (engines.omp)
     srv = await serve(server.handle, host, port, tls)
     bound = srv.sockets[0].getsockname()[1]
     print(f"READY prefill {host}:{bound}", flush=True)

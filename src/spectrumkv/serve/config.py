@@ -43,12 +43,6 @@ class EngineConfig:
     0.93x (0.69-1.07); bfloat16 over 4 rounds: stall 1.12x, median step gap 1.25x, TTFT 1.13x
     (1.10-1.20), and the decoding requests' bf16 tokens change when a chunk shares their
     linears (16 of 32 request-runs; float32: 0 of 48). Mixed wins only in float32, by less.
-
-    prefill_first_s: while prompts are on their way to the engine (`BatchEngine.expecting`: the
-    decode worker's KV transfers under way, i.e. the prefill worker is computing them on the
-    same host's cores), a decode step runs at most once per this many seconds, so the prefill
-    gets the CPU and the waiting requests join one larger batch; a decoding request's gap
-    between tokens is then at most about this long. 0: step whenever a request is active.
     """
 
     pool_mb: float = field(default_factory=default_pool_mb)
@@ -59,7 +53,6 @@ class EngineConfig:
     route: str = "adaptive"
     prefill_chunk: int = 256
     prefill_mode: str = "between"
-    prefill_first_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.pool_mb > 0 or self.page_size < 1 or self.max_batch < 1:
@@ -71,8 +64,5 @@ class EngineConfig:
                               f"{', '.join(PREFILL_MODES)}")  # fmt: skip
         if self.route not in ROUTES:
             raise ConfigError(f"unknown route {self.route!r}; choose from {', '.join(ROUTES)}")
-        if not 0 <= self.prefill_first_s <= 60:
-            raise ConfigError(f"prefill_first_s must be in [0, 60] seconds, got "
-                              f"{self.prefill_first_s}")  # fmt: skip
         if self.max_queue < 0 or not self.queue_timeout_s >= 0:
             raise ConfigError(f"max_queue and queue_timeout_s must be >= 0: {self}")

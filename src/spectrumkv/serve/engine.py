@@ -24,13 +24,12 @@ thread) its producer writes each layer straight into its pages (`StagedPrompt.wr
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -77,8 +76,7 @@ class BatchEngine:
         self._staged: dict[int, Job] = {}  # admitted, written from outside, not yet submitted
         self._inbox: deque[Job] = deque()  # staged jobs submitted or aborted
         self._committed = 0  # pages reserved by admitted requests
-        self._expected = 0  # prompts on their way (`expecting`)
-        self._t_step = 0.0  # monotonic end of the last decode step
+        self._threads = torch.get_num_threads()  # the engine thread's, as its creator's
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
@@ -176,28 +174,6 @@ class BatchEngine:
             self._waiting.append(job)
             self._cond.notify()
 
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Count one prompt on its way to this engine (a KV transfer under way) for the block's
-        duration: while any is, decode steps follow cfg.prefill_first_s."""
-        with self._cond:
-            self._expected += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._expected -= 1
-                self._cond.notify()
-
-    def _step_wait(self) -> float:
-        """Under the lock: seconds the next decode step waits (0: run it now). With
-        cfg.prefill_first_s > 0, while prompts are expected and the batch has room, steps run at
-        most once per prefill_first_s."""
-        gap = self.cfg.prefill_first_s
-        if gap <= 0 or not self._expected or len(self._active) >= self.cfg.max_batch:
-            return 0.0
-        return max(0.0, self._t_step + gap - time.monotonic())
-
     def load(self) -> dict:
         """Queue length, active requests, pool pages used / free / reserved."""
         with self._cond:
@@ -228,6 +204,7 @@ class BatchEngine:
         return max(1.0, left * per_step)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)  # this thread's OpenMP team (engines.omp)
         while True:
             with self._cond:
                 while not (self._closed or self._waiting or self._prefilling or self._active
@@ -254,13 +231,7 @@ class BatchEngine:
             if self._prefilling:
                 self._prefill_chunk()
             if self._active:
-                with self._cond:
-                    wait = self._step_wait()
-                    if wait > 0:  # woken early by a submission or a transfer's end
-                        self._cond.wait(wait)
-                        continue
                 self._step()
-                self._t_step = time.monotonic()
             elif not admitted and not self._prefilling:
                 with self._cond:  # only waiting requests that do not fit: wait for a change
                     self._cond.wait(0.05)

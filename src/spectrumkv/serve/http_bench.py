@@ -250,8 +250,7 @@ class HttpSetup:
     their KV dtype, sent and paged (`--kv-dtype`). prefill_threads: torch threads of the
     prefill worker (0 = `threads`). decode_nice: the SpectrumKV decode worker's `nice` increment
     under its prefill worker on this shared host (0: equal priority; vLLM, one process,
-    schedules its own prefill). prefill_first_s: the decode worker's `--prefill-first-s` (None:
-    its default)."""
+    schedules its own prefill)."""
 
     model: str
     threads: int = 1
@@ -262,7 +261,6 @@ class HttpSetup:
     kv_dtype: str = "float16"
     prefill_threads: int = 0
     decode_nice: int = 0
-    prefill_first_s: float | None = None
 
 
 def _token_bytes(model: str, itemsize: int) -> int:
@@ -305,8 +303,6 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     # and past the default 60 s they would be recomputed on the decode worker instead
     args = ["--engine", engine, "--kv-pool-mb", str(b.pool_mb), "--attention-route", b.route,
             "--deadline", str(TRANSFER_DEADLINE_S)]  # fmt: skip
-    if engine == "batched" and setup.prefill_first_s is not None:
-        args += ["--prefill-first-s", str(setup.prefill_first_s)]
     dtype = ["--dtype", setup.dtype, "--kv-dtype", setup.kv_dtype]
     prefill_threads = ["--threads", str(setup.prefill_threads)] if setup.prefill_threads else []
     with (
@@ -332,7 +328,6 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
                 "threads": setup.threads,
                 "prefill_threads": setup.prefill_threads or setup.threads,
                 "decode_nice": setup.decode_nice,
-                "prefill_first_s": setup.prefill_first_s,
             }
             yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
