@@ -835,14 +835,20 @@ AMX static void tile_amx(const Ctx *c, const uint16_t *k, const uint16_t *v, con
 
 /* ---- the job: tasks from a shared counter, then the merge ---- */
 
-/* Prefetches the K and V rows next[0..nn) of every KV head of task t (see prefetch_row). */
-static void prefetch_tile(const Ctx *c, const Task *t, const size_t *next, int nn) {
+/* Prefetches the K and V rows next[0..nn) of every KV head of task t, into L1 (prefetch_row)
+ * or, with l2, into L2 (prefetch_row_l2). */
+static void prefetch_tile(const Ctx *c, const Task *t, const size_t *next, int nn, int l2) {
     const size_t hstride = (size_t)c->ps * c->d;
     for (int i = 0; i < t->nh; i++) {
         const size_t h = (size_t)(t->h0 + i) * hstride;
         for (int r = 0; r < nn; r++) {
-            prefetch_row(c->k + h + next[r], c->d);
-            prefetch_row(c->v + h + next[r], c->d);
+            if (l2) {
+                prefetch_row_l2(c->k + h + next[r], c->d);
+                prefetch_row_l2(c->v + h + next[r], c->d);
+            } else {
+                prefetch_row(c->k + h + next[r], c->d);
+                prefetch_row(c->v + h + next[r], c->d);
+            }
         }
     }
 }
@@ -871,14 +877,7 @@ static void prefetch_next_task(Ctx *c) {
     const int n = u->hi - u->lo < TILE ? u->hi - u->lo : TILE;
     size_t rows[TILE];
     tile_rows(c, u, u->lo, n, rows);
-    const size_t hstride = (size_t)c->ps * c->d;
-    for (int i = 0; i < u->nh; i++) {
-        const size_t h = (size_t)(u->h0 + i) * hstride;
-        for (int r = 0; r < n; r++) {
-            prefetch_row_l2(c->k + h + rows[r], c->d);
-            prefetch_row_l2(c->v + h + rows[r], c->d);
-        }
-    }
+    prefetch_tile(c, u, rows, n, 1);
 }
 
 /* Runs one task: tile after tile, each of its KV heads in turn (one pass over each page's run
@@ -926,7 +925,7 @@ static void run_task(Ctx *c, const Task *t) {
         size_t off[TILE], next[TILE];
         tile_rows(c, t, t0, n, off);
         tile_rows(c, t, t0 + n, nn, next);
-        if (c->simd == ISA_AVX512 || amx) prefetch_tile(c, t, next, nn);
+        if (c->simd == ISA_AVX512 || amx) prefetch_tile(c, t, next, nn, 0);
         if (bf && nn == 0) prefetch_next_task(c);
         for (int i = 0; i < t->nh; i++) {
             const size_t h = (size_t)(t->h0 + i) * hstride;
