@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..assets import load_text
+from ..engines import omp
 from ..engines.hf import Engine, decode_state, generate, prefill
 from ..paged import traces
 from ..paged.bench import copy_bandwidth
@@ -151,6 +152,7 @@ def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
     cfg = EngineConfig(pool_mb=b.pool_mb, max_batch=b.concurrency, max_queue=b.n,
                        queue_timeout_s=3600, route=b.route)  # fmt: skip
     eng = BatchEngine(engine, cfg)
+    omp.release()  # this thread's team (the pool's zeros) exits: the engine's is the only one
     steps: list[tuple[int, float, str]] = []
     peak = [0]
     used_bytes = eng.cache.config.page_bytes * eng.cache.config.layers
@@ -270,10 +272,11 @@ def run_hf_cb(engine: Engine, b: DecodeBench, reqs) -> Record:
 
 
 def _fresh_thread(fn, *args):
-    """fn(*args) on a new thread. Here, under load from other processes, one-token steps ran
-    10-100x slower on a thread that had run a long prefill (or on the main thread) than on a
-    fresh thread (cause not found), so every phase of the bench gets its own thread; the engine
-    has its own thread anyway."""
+    """fn(*args) on a new thread, whose OpenMP team (if it opens one) ends with it. Every phase
+    of the bench gets its own thread and the calling thread keeps none (`run`): one-token steps
+    ran 10-100x slower here on a thread that had run a long prefill, or beside one that kept its
+    team, because libgomp puts idle workers to sleep once teams outnumber the CPUs
+    (engines.omp)."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(fn, *args).result()
 
@@ -289,6 +292,7 @@ def run(
     in alternation, at each of `concurrencies` (default: b.concurrency). `sequential` does not
     depend on concurrency: it runs once per round (recorded at concurrency 1)."""
     reqs = make_requests(engine, b)
+    omp.release()  # this thread's team (it loaded the model) exits: each phase runs on its own
     t = time.perf_counter()
     pres = _fresh_thread(lambda: [prefill(engine, r.context) for r in reqs])
     prefill_s = time.perf_counter() - t
