@@ -85,7 +85,8 @@ class DecodeWorker:
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         # verify + decode frames off the event loop, in arrival order, while the socket keeps
-        # receiving (the codec releases the GIL)
+        # receiving (the codec releases the GIL); its torch ops (an SCD rebuild's matmuls too)
+        # run on this one thread, beside the engine's team, not as a second team (engines.omp)
         self.unpacker = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="unpack", initializer=omp.single
         )
