@@ -13,8 +13,8 @@
   compiled, engines.llama_step runs their torch references.
 
 The codec runs on the persistent thread pool in `src/spectrumkv/_pool.h`; paged attention, the
-prefill kernel, the bf16 dot products and the row ops run on OpenMP (`-fopenmp`), the same libgomp and threads as
-torch's own ops (see `_attention.c`).
+prefill kernel, the bf16 dot products and the row ops run on OpenMP (`-fopenmp`), the same
+libgomp and threads as torch's own ops (see `_attention.c`).
 """
 
 from setuptools import Extension, setup

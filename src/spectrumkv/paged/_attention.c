@@ -899,7 +899,6 @@ static void run_task(Ctx *c, const Task *t) {
     uint32_t qb[TASK_FLOATS] __attribute__((aligned(64)));
 #endif
     const int amx = c->simd == ISA_AMX, bf = c->simd == ISA_BF16;
-    int use_lo = 0;
     const size_t qrow = ((size_t)t->b * c->hkv + t->h0) * G * d;
     for (int i = 0; i < rows * d; i++) qs[i] = c->q[qrow + i] * c->scale;
     for (int r = 0; r < rows; r++) m[r] = -INFINITY, l[r] = 0.0f;
@@ -910,7 +909,7 @@ static void run_task(Ctx *c, const Task *t) {
         amx_queries(qs, t->nh, G, d, qb);
     }
     uint16_t *qh = (uint16_t *)qb, *ql = qh + rows * d; /* ISA_BF16: the queries' hi, lo */
-    if (bf) use_lo = bf16_queries(qs, rows * d, qh, ql);
+    const int use_lo = bf && bf16_queries(qs, rows * d, qh, ql);
 #endif
     const size_t hstride = (size_t)c->ps * d;
     int32_t slot = t->slot, end = t->lo + t->part < t->hi ? t->lo + t->part : t->hi;
@@ -1236,7 +1235,8 @@ static PyObject *isa(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, "Paged GQA decode attention over block tables."},
     {"write_rows", write_rows, METH_VARARGS, "A step's new K/V rows into their page slots."},
-    {"isa", isa, METH_NOARGS, "The kernel in use: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX512-BF16, 4 AMX."},
+    {"isa", isa, METH_NOARGS,
+     "The kernel in use: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX512-BF16, 4 AMX."},
     {"set_isa", set_isa, METH_VARARGS, "Use at most this kernel (0 to 4)."},
     {NULL, NULL, 0, NULL},
 };

@@ -23,10 +23,9 @@ class EngineConfig:
     requests decoding in one step (bf16 on a CPU without AMX: above engines.packed.DOT_ROWS, 64,
     a step's linears move from the few-row kernel to oneDNN, whose sums run in another order, so
     a request's bits then depend on whether its step had more than 64 rows; "mixed" prefill steps
-    cross it too). max_queue: most
-    requests waiting for pages. queue_timeout_s: longest wait for pages before PoolBusy
-    (seconds). route: the decode-attention route (paged.routes.ROUTES), "adaptive" = the cost
-    model's pick every step.
+    cross it too). max_queue: most requests waiting for pages. queue_timeout_s: longest wait for
+    pages before PoolBusy (seconds). route: the decode-attention route (paged.routes.ROUTES),
+    "adaptive" = the cost model's pick every step.
 
     prefill_chunk: recompute path, context tokens prefilled per iteration (0 = whole). 256
     measured here: the decoding requests' longest stall during a 1,024-token local prefill 9.1 s
