@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from spectrumkv.cli import main
 from spectrumkv.paged import calibrate, report, traces
@@ -16,9 +17,11 @@ from spectrumkv.paged.cost import (
     choose,
     clear_plans,
     cut,
+    default_profile_path,
     load_profile,
     lpt_loads,
     predict,
+    profile_for,
     route_terms,
     splits_of,
     stream_seconds,
@@ -123,11 +126,12 @@ def test_calibrate_end_to_end_on_scaled_down_traces(tmp_path):
     """The whole calibration (rates, split grids, fit, the printed checks) on the calibration
     traces scaled to 1/512 (seconds, not the 15 minutes of the real one): every constant
     measured or fitted and in range, the chosen settings from the grids, the profile marked
-    calibrated, and it survives its JSON round trip and drives adaptive's choice."""
+    calibrated for its page dtype, and it survives its JSON round trip and drives adaptive's
+    choice."""
     lines: list[str] = []
-    prof = calibrate.calibrate(ring_bytes=1 << 18, rounds=1, progress=lines.append,
-                               scale=1 / 512)  # fmt: skip
-    assert prof.calibrated and prof.threads >= 1
+    prof = calibrate.calibrate(dtype=torch.float16, ring_bytes=1 << 18, rounds=1,
+                               progress=lines.append, scale=1 / 512)  # fmt: skip
+    assert prof.calibrated and prof.threads >= 1 and prof.dtype == "float16"
     assert prof.beta > 0 and prof.beta_1 > 0 and prof.beta_pad > 0 and prof.lam_pad > 0
     assert prof.lam >= calibrate.FLOORS["lam"] and prof.tau >= calibrate.FLOORS["tau"]
     scales = {prof.scale(r) for r in KERNEL_ROUTES}
@@ -183,6 +187,28 @@ def test_profile_round_trip_and_bad_files(tmp_path):
         MachineProfile(max_splits=0)
     with pytest.raises(PagedInputError, match="part_tokens"):
         MachineProfile(part_tokens=100)
+
+
+def test_profiles_are_per_page_dtype(tmp_path, monkeypatch):
+    """A profile says which page dtype it was calibrated on; the default one is looked up per
+    dtype, and one of another dtype (or none where a path is given) is a typed error."""
+    monkeypatch.setattr("spectrumkv.paged.cost.PROFILE_DIR", tmp_path)
+    assert profile_for("float16") is None  # none calibrated: the caller's defaults
+    fp16 = dataclasses.replace(BASE, dtype="float16", beta=3e9)
+    fp16.save(default_profile_path("float16"))
+    assert default_profile_path(torch.float16).name == "attention-profile-float16.json"
+    assert profile_for(torch.float16) == fp16 and profile_for("bfloat16") is None
+    with pytest.raises(PagedInputError, match="calibrated on float16 pages, not bfloat16"):
+        profile_for(torch.bfloat16, default_profile_path("float16"))
+    with pytest.raises(PagedInputError, match="cannot read"):
+        profile_for("bfloat16", tmp_path / "missing.json")
+    with pytest.raises(PagedInputError, match="no attention profile for float32"):
+        profile_for(torch.float32)
+    with pytest.raises(PagedInputError, match="dtype"):
+        MachineProfile(dtype="int8")
+    old = tmp_path / "old.json"  # written before profiles had a dtype: bf16, as calibrated
+    old.write_text(json.dumps({k: v for k, v in dataclasses.asdict(BASE).items() if k != "dtype"}))
+    assert profile_for("bfloat16", old) == BASE
 
 
 def test_traces_are_seeded_and_shaped():

@@ -12,10 +12,13 @@ import urllib.request
 import pytest
 
 import spectrumkv as skv
+from spectrumkv.paged import cost
+from spectrumkv.paged.errors import PagedInputError
 from spectrumkv.pd.client import complete, get_json, get_text, post, token_ids
 from spectrumkv.pd.decode_worker import DecodeConfig, DecodeWorker
 from spectrumkv.pd.launch import Cluster
 from spectrumkv.pd.prefill_worker import ROLE
+from spectrumkv.serve.runner import pool_config
 from spectrumkv.transport.auth import AuthError, client_handshake
 from spectrumkv.transport.framing import connect
 
@@ -238,6 +241,27 @@ def test_peer_with_wrong_secret_is_refused_as_an_authentication_failure(cluster,
         wrong.close()
     assert peer["reachable"] and not peer["authenticated"]
     assert "authentication failed" in peer["error"]
+
+
+def test_decode_worker_takes_an_attention_profile_and_refuses_another_dtypes(cluster, smol,
+                                                                            tmp_path):  # fmt: skip
+    """`serve decode --attention-profile`: the batch engine's adaptive route reads it (health
+    says which); one calibrated on other pages stops the worker before it serves."""
+    dtype = cost.dtype_name(pool_config(smol, 8, 16).dtype)
+    path = tmp_path / "profile.json"
+    cost.MachineProfile(beta=4e9, dtype=dtype).save(path)
+    cfg = DecodeConfig("127.0.0.1", cluster.prefill_port, b"x" * 32, kv_pool_mb=8,
+                       attention_profile=str(path))  # fmt: skip
+    worker = DecodeWorker(smol, cfg)
+    try:
+        assert worker.batch.runner.profile.beta == 4e9
+        assert worker.batch.profile_source == str(path)
+    finally:
+        worker.close()
+    other = "float16" if dtype == "bfloat16" else "bfloat16"
+    cost.MachineProfile(dtype=other).save(path)
+    with pytest.raises(PagedInputError, match=f"calibrated on {other} pages"):
+        DecodeWorker(smol, cfg)
 
 
 def test_killed_prefill_worker_gives_configured_outcome_and_opens_the_breaker(reference):

@@ -2,6 +2,7 @@
 with dropped tokens straight into pages, admission control, cancellation, sampling."""
 
 import contextlib
+import dataclasses
 import threading
 import time
 
@@ -10,6 +11,8 @@ import torch
 
 import spectrumkv as skv
 from spectrumkv.kv import LayerKV
+from spectrumkv.paged import cost
+from spectrumkv.paged.errors import PagedInputError
 from spectrumkv.payload import decode_payload
 from spectrumkv.pd.sampling import Cancelled, SamplingParams
 from spectrumkv.serve.engine import BatchEngine, EngineConfig
@@ -262,6 +265,26 @@ def test_bad_requests_get_typed_errors(prompts, engine):
         g.wait(60)
     assert engine.cache.free_pages == engine.total_pages
     assert engine.load()["pages_reserved"] == 0
+
+
+def test_adaptive_reads_this_machines_profile_for_the_page_dtype(smol, tmp_path, monkeypatch):
+    """With no profile given, the engine's adaptive route uses `bench calibrate`'s profile for
+    its page dtype; one calibrated on another dtype is refused at start, by name."""
+    monkeypatch.setattr("spectrumkv.paged.cost.PROFILE_DIR", tmp_path)
+    dtype = pool_config(smol, 8, 16).dtype
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    mine = cost.MachineProfile(beta=3e9, min_split_tokens=1024, dtype=cost.dtype_name(dtype))
+    mine.save(cost.default_profile_path(dtype))
+    eng = BatchEngine(smol, EngineConfig(pool_mb=8))
+    try:
+        assert eng.runner.profile == mine
+        assert eng.profile_source == str(cost.default_profile_path(dtype))
+    finally:
+        eng.close()
+    wrong = cost.default_profile_path(other)
+    dataclasses.replace(mine, dtype=cost.dtype_name(other)).save(wrong)
+    with pytest.raises(PagedInputError, match=f"calibrated on {cost.dtype_name(other)}"):
+        BatchEngine(smol, EngineConfig(pool_mb=8, attention_profile=str(wrong)))
 
 
 def test_bfloat16_decode_model_accepts_fp32_payloads_and_stays_batch_invariant(smol, prompts):

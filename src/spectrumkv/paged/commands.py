@@ -10,23 +10,28 @@ import platform
 import sys
 from pathlib import Path
 
-DEFAULT_PROFILE = Path.home() / ".cache" / "spectrumkv" / "attention-profile.json"
-
 
 def _csv(kind):
     return lambda s: tuple(kind(x) for x in s.split(","))
 
 
-def _profile(path: str | None):
-    from .cost import MachineProfile, load_profile
+def _profile(path: str | None, dtype: str):
+    """The machine profile for `dtype` pages (cost.profile_for), or the uncalibrated defaults
+    with a note; SystemExit when `path` is missing, malformed or of another dtype."""
+    from .cost import MachineProfile, default_profile_path, profile_for
+    from .errors import PagedInputError
 
-    p = Path(path) if path else DEFAULT_PROFILE
-    if p.exists():
-        return load_profile(p)
-    if path:
-        raise SystemExit(f"no machine profile at {p}; run `spectrumkv bench calibrate` first")
-    print(f"note: no machine profile at {p}: adaptive uses uncalibrated defaults", file=sys.stderr)
-    return MachineProfile()
+    if path and not Path(path).exists():
+        raise SystemExit(f"no machine profile at {path}; run `spectrumkv bench calibrate` first")
+    try:
+        profile = profile_for(dtype, path)
+    except PagedInputError as e:
+        raise SystemExit(str(e)) from None
+    if profile is None:
+        print(f"note: no machine profile at {default_profile_path(dtype)}: adaptive uses "
+              f"uncalibrated defaults", file=sys.stderr)  # fmt: skip
+        return MachineProfile(dtype=dtype)
+    return profile
 
 
 def _machine() -> dict:
@@ -64,7 +69,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
         if args.plot:
             report.plot(records, args.plot)
         return
-    profile = _profile(args.profile)
+    profile = _profile(args.profile, args.dtype)
     cfg = BenchConfig(
         shapes=args.shapes, traces=args.traces, batches=args.batches, seeds=args.seeds,
         page_sizes=args.page_sizes, routes=args.routes, dtype=args.dtype, scale=args.scale,
@@ -104,12 +109,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     import torch
 
     from .calibrate import calibrate
+    from .cost import default_profile_path
 
     profile = calibrate(
         args.shape, args.page_size, getattr(torch, args.dtype), int(args.ring_mb * 2**20),
         args.rounds, progress=lambda s: print(s, flush=True),
     )  # fmt: skip
-    out = Path(args.out)
+    out = Path(args.out or default_profile_path(args.dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
     print(f"wrote {out}: {profile}")
@@ -153,7 +159,8 @@ def register(bench: argparse._SubParsersAction) -> None:
         help="per-step: plan once per timed pass, the route passed to every layer (as the "
         "engine does); per-layer: route='adaptive' on every layer call",
     )
-    p.add_argument("--profile", help=f"machine profile JSON (default {DEFAULT_PROFILE})")
+    p.add_argument("--profile", help="machine profile JSON, calibrated on --dtype pages "
+                   "(default: `bench calibrate`'s for that dtype, if there is one)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--json", help="write config, machine, records and targets here")
     p.add_argument("--from-json", type=_csv(str),
@@ -168,5 +175,7 @@ def register(bench: argparse._SubParsersAction) -> None:
     c.add_argument("--dtype", choices=("float16", "bfloat16"), default="bfloat16")
     c.add_argument("--ring-mb", type=float, default=256)
     c.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median kept)")
-    c.add_argument("--out", default=str(DEFAULT_PROFILE))
+    c.add_argument("--out", help="profile JSON to write (default ~/.cache/spectrumkv/"
+                   "attention-profile-<dtype>.json, where the decode engine and `bench "
+                   "attention` look for it)")  # fmt: skip
     c.set_defaults(func=_cmd_calibrate)

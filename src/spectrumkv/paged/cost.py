@@ -31,6 +31,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
+
 from .errors import PagedInputError
 
 TILE = 32  # tokens per kernel tile; splits are whole tiles (as in _attention.c)
@@ -39,12 +41,16 @@ FUSED_TASKS_PER_THREAD = 4  # (as in _attention.c)
 MAX_PARTS = 16  # partials per request on the part grid (as in _attention.c)
 KERNEL_ROUTES = ("per-request", "split", "workqueue")
 FIXED_ROUTES = (*KERNEL_ROUTES, "padded")
+KV_DTYPES = ("bfloat16", "float16")  # the page dtypes a profile is calibrated on
+PROFILE_DIR = Path.home() / ".cache" / "spectrumkv"
 
 
 @dataclass(frozen=True)
 class MachineProfile:
     """Measured constants of one machine (units: bytes/s, seconds), the fitted per-route scales
-    (dimensionless) and the fitted split settings."""
+    (dimensionless) and the fitted split settings, for KV pages of one dtype (`dtype`: each
+    dtype runs its own kernel, e.g. VDPBF16PS for bf16 and F16C conversions for fp16, so their
+    rates and best splits differ: calibrate each dtype you serve)."""
 
     beta: float = 12e9
     beta_1: float = 7e9
@@ -68,11 +74,14 @@ class MachineProfile:
     # tokens per partial when batch_invariant (a multiple of TILE): measured on the SmolLM2
     # shape against one partial per range, 256 cost 5-10 %, 512 3-5 %, 1024 0-2 % (RESULTS)
     part_tokens: int = 1024
+    dtype: str = "bfloat16"  # the KV page dtype it was calibrated on (KV_DTYPES)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "bool":
+            if f.type == "str":
+                ok = value in KV_DTYPES
+            elif f.type == "bool":
                 ok = isinstance(value, bool)
             elif f.type == "int":
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -90,9 +99,43 @@ class MachineProfile:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The profile name of a page dtype (torch.bfloat16 or "bfloat16" -> "bfloat16");
+    PagedInputError outside KV_DTYPES."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in KV_DTYPES:
+        raise PagedInputError(f"no attention profile for {name} pages; use one of {KV_DTYPES}")
+    return name
+
+
+def default_profile_path(dtype: torch.dtype | str) -> Path:
+    """Where `bench calibrate` writes, and the engine and `bench attention` look for, this
+    machine's profile for `dtype` pages."""
+    return PROFILE_DIR / f"attention-profile-{dtype_name(dtype)}.json"
+
+
+def profile_for(dtype: torch.dtype | str, path: str | Path | None = None) -> MachineProfile | None:
+    """The profile for `dtype` pages: read from `path` (PagedInputError if it is missing,
+    malformed or calibrated on another dtype), or with no path from default_profile_path(dtype)
+    if that exists, else None (the caller runs on MachineProfile()'s uncalibrated defaults)."""
+    name = dtype_name(dtype)
+    if path is None:
+        path = default_profile_path(name)
+        if not path.exists():
+            return None
+    profile = load_profile(path)
+    if profile.dtype != name:
+        raise PagedInputError(
+            f"machine profile {path} was calibrated on {profile.dtype} pages, not {name}: "
+            f"run `spectrumkv bench calibrate --dtype {name}`"
+        )
+    return profile
+
+
 def load_profile(path: str | Path) -> MachineProfile:
     """Read a profile written by `bench calibrate`; PagedInputError if malformed. Fields a
-    profile lacks take their defaults (older profiles have no per-route scales: 1.0)."""
+    profile lacks take their defaults (older profiles have no per-route scales: 1.0, and no
+    dtype: bfloat16, the only one they were calibrated on)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:

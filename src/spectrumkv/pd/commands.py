@@ -75,6 +75,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             engine=args.engine,
             kv_pool_mb=args.kv_pool_mb,
             attention_route=args.attention_route,
+            attention_profile=args.attention_profile,
             scd_artifact=args.scd,
         )
         coro = serve_decode(engine, cfg, args.host, args.port)
@@ -209,5 +210,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="adaptive",
         choices=["adaptive", "per-request", "split", "workqueue", "padded"],
         help="batched: paged decode-attention route",
+    )
+    dc.add_argument(
+        "--attention-profile",
+        help="batched: machine profile JSON that the adaptive route reads (`spectrumkv bench "
+        "calibrate --dtype <KV dtype>`; default: this machine's for the KV dtype, if any)",
     )
     dc.set_defaults(func=_cmd_serve)

@@ -74,6 +74,7 @@ class DecodeConfig:
     engine: str = "batched"  # serve.BatchEngine (continuous batching) or "sequential"
     kv_pool_mb: float = 0.0  # batched: KV page pool, MiB (0 = serve.engine.default_pool_mb)
     attention_route: str = "adaptive"  # batched: paged decode-attention route
+    attention_profile: str | None = None  # batched: machine profile JSON (None: this machine's)
     kv_queue_timeout_s: float = 30.0  # batched: longest wait for KV pages, then HTTP 503
     scd_artifact: str | None = None  # SCD artifact dir: B rebuilds its cache from A's codes
 
@@ -103,7 +104,8 @@ class DecodeWorker:
 
             pool = cfg.kv_pool_mb or default_pool_mb()
             ecfg = EngineConfig(pool_mb=pool, queue_timeout_s=cfg.kv_queue_timeout_s,
-                                route=cfg.attention_route)  # fmt: skip
+                                route=cfg.attention_route,
+                                attention_profile=cfg.attention_profile)  # fmt: skip
             self.batch = BatchEngine(engine, ecfg)
             engine_metrics.attach(self.batch, self.metrics.registry)
             # one blocked thread per request waiting on the engine (the engine has its own)
@@ -373,6 +375,8 @@ class DecodeWorker:
         peer = await self.peer_health()
         ok = peer["authenticated"] and peer["breaker"] != "open"
         body = {"ok": ok, "in_flight": len(self.in_flight), "prefill": peer}
+        if self.batch is not None:  # where the adaptive route's cost model comes from
+            body["attention_profile"] = self.batch.profile_source
         return web.json_response(body, status=200 if ok else 503)
 
     def app(self) -> web.Application:

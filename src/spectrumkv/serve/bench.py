@@ -184,7 +184,8 @@ def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
         routes[route] = routes.get(route, 0) + 1
     extra = {"steps": len(steps), "routes": routes,
              "mean_batch": sum(s[0] for s in steps) / max(1, len(steps)),
-             "full_batch_step_ms": 1000 * statistics.median(full) if full else None}  # fmt: skip
+             "full_batch_step_ms": 1000 * statistics.median(full) if full else None,
+             "attention_profile": eng.profile_source}  # fmt: skip
     extra.update(_limit(engine, pres, b, eng.cache.config.dtype.itemsize))
     extra["token_ids"] = [g.token_ids for g in gens]
     return _record("batched", b, sum(len(g.token_ids) for g in ok), span, ttfts, tpots, peak[0],

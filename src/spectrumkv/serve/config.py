@@ -25,7 +25,10 @@ class EngineConfig:
     a request's bits then depend on whether its step had more than 64 rows; "mixed" prefill steps
     cross it too). max_queue: most requests waiting for pages. queue_timeout_s: longest wait for
     pages before PoolBusy (seconds). route: the decode-attention route (paged.routes.ROUTES),
-    "adaptive" = the cost model's pick every step.
+    "adaptive" = the cost model's pick every step. attention_profile: the machine profile JSON
+    adaptive reads (`spectrumkv bench calibrate --dtype <page dtype>`); None = this machine's
+    default one for the page dtype if it exists (paged.cost.profile_for), else the built-in
+    uncalibrated constants.
 
     prefill_chunk: recompute path, context tokens prefilled per iteration (0 = whole). 256
     measured here: the decoding requests' longest stall during a 1,024-token local prefill 9.1 s
@@ -50,6 +53,7 @@ class EngineConfig:
     max_queue: int = 64
     queue_timeout_s: float = 30.0
     route: str = "adaptive"
+    attention_profile: str | None = None
     prefill_chunk: int = 256
     prefill_mode: str = "between"
 

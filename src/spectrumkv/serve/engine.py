@@ -39,7 +39,7 @@ from ..engines.hf import Engine, layer_kv
 from ..errors import SpectrumKVError
 from ..kv import LayerKV
 from ..paged.cache import PagedKVCache
-from ..paged.cost import MachineProfile
+from ..paged.cost import MachineProfile, default_profile_path, profile_for
 from ..pd.sampling import Cancelled, SamplingParams, StopText, next_token
 from .chunk_attention import Chunk
 from .config import EngineConfig, default_pool_mb  # noqa: F401 - their home was here
@@ -60,6 +60,14 @@ class BatchEngine:
     ) -> None:
         self.engine, self.cfg = engine, cfg or EngineConfig()
         self.cache = PagedKVCache(pool_config(engine, self.cfg.pool_mb, self.cfg.page_size))
+        # where adaptive's cost model comes from: the caller's profile, the config's file, this
+        # machine's calibrated one for the page dtype, or the built-in constants
+        self.profile_source = "given by the caller"
+        if profile is None:
+            dtype, path = self.cache.config.dtype, self.cfg.attention_profile
+            profile = profile_for(dtype, path)
+            default = default_profile_path(dtype) if profile else "uncalibrated defaults"
+            self.profile_source = str(path or default)
         self.runner = ModelRunner(engine, self.cache, self.cfg.route, profile)
         # local prefill chunks inside the decode step: the hand-written Llama step only
         self._mixed = self.cfg.prefill_mode == "mixed" and self.runner.fast is not None
