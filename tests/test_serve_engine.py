@@ -287,41 +287,6 @@ def test_adaptive_reads_this_machines_profile_for_the_page_dtype(smol, tmp_path,
         BatchEngine(smol, EngineConfig(pool_mb=8, attention_profile=str(wrong)))
 
 
-def test_contended_steps_drop_to_the_contended_thread_count(smol):
-    """contended_threads: after a step in which the engine thread got under half its wall time
-    on a CPU (here: it slept, as when other processes hold the CPUs) the next runs on that many
-    threads, after a busy one on the engine's own count again; 0 keeps the engine's count."""
-
-    def counts(contended: int) -> list[int]:
-        out: list[int] = []
-
-        def run() -> None:  # a thread of its own: the counts set here are its own
-            torch.set_num_threads(2)  # the engine's own count: its creator's
-            eng = BatchEngine(smol, EngineConfig(pool_mb=8, contended_threads=contended))
-            eng.close()  # the decision alone, on this thread
-            for busy in (False, False, True):
-                eng.threads.start()
-                t0 = time.thread_time()
-                if busy:  # on a CPU the whole interval
-                    while time.thread_time() - t0 < 0.05:
-                        pass
-                else:  # off it
-                    time.sleep(0.05)
-                eng.threads.tick()
-                out.append(torch.get_num_threads())
-            out.append(eng.threads.changes)
-
-        t = threading.Thread(target=run)
-        t.start()
-        t.join()
-        return out
-
-    assert counts(0) == [2, 2, 2, 0]
-    assert counts(1) == [1, 1, 2, 2]
-    with pytest.raises(skv.ConfigError, match="contended_threads"):
-        EngineConfig(contended_threads=-1)
-
-
 def test_bfloat16_decode_model_accepts_fp32_payloads_and_stays_batch_invariant(smol, prompts):
     """`load(dtype="bfloat16")`: the same fingerprint as the float32 model (digested from the
     saved weight), packed linears bit-identical to F.linear (the few-row kernel's, where it runs,

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import time
 
 import torch
 
 _OMP_PAUSE_SOFT = 1
-CONTENDED_CPU = 0.5  # a step's thread CPU seconds / its wall seconds below this: CPUs contended
 
 
 @functools.cache
@@ -65,34 +63,3 @@ def hand_over() -> None:
     single-threaded from now on, leaving the CPUs' team to the thread that runs the model."""
     single()
     release()
-
-
-class ContendedThreads:
-    """The OpenMP thread count of a thread that runs model steps, step by step: `contended`
-    threads after a step in which the thread got less than CONTENDED_CPU of its wall time on a
-    CPU (other processes, e.g. a prefill worker on the same cores, held them), `own` after one
-    in which it did not; contended 0 = always `own`. A team whose workers are descheduled
-    waits at every region's barrier for the slowest one's next time slice; one thread has no
-    barriers. `start()` and `tick()` are called on that thread, around each step (or, with
-    no start, between steps: the interval then includes what runs between them)."""
-
-    def __init__(self, contended: int, own: int) -> None:
-        if contended < 0 or own < 1:
-            raise ValueError(f"contended must be >= 0 and own >= 1, got {contended}, {own}")
-        self.contended, self.own = min(contended, own), own
-        self.changes = 0  # ticks that changed the count
-        self.start()
-
-    def start(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.thread_time()
-
-    def tick(self) -> None:
-        """Sets the calling thread's count for its next step from the share of the interval
-        since start() (or the last tick) that it ran on a CPU; starts the next interval."""
-        wall, cpu = time.perf_counter() - self._wall, time.thread_time() - self._cpu
-        share = cpu / wall if wall > 0 else 1.0
-        want = self.contended if self.contended and share < CONTENDED_CPU else self.own
-        if want != torch.get_num_threads():
-            torch.set_num_threads(want)
-            self.changes += 1
-        self.start()

@@ -76,7 +76,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             kv_pool_mb=args.kv_pool_mb,
             attention_route=args.attention_route,
             attention_profile=args.attention_profile,
-            contended_threads=args.contended_threads,
             scd_artifact=args.scd,
         )
         coro = serve_decode(engine, cfg, args.host, args.port)
@@ -216,12 +215,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--attention-profile",
         help="batched: machine profile JSON that the adaptive route reads (`spectrumkv bench "
         "calibrate --dtype <KV dtype>`; default: this machine's for the KV dtype, if any)",
-    )
-    dc.add_argument(
-        "--contended-threads",
-        type=int,
-        default=0,
-        help="threads of a decode step that follows one in which its thread got under half its "
-        "wall time on a CPU (a prefill worker on the same cores); 0 = always --threads",
     )
     dc.set_defaults(func=_cmd_serve)

@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
-import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -76,7 +75,6 @@ class DecodeConfig:
     kv_pool_mb: float = 0.0  # batched: KV page pool, MiB (0 = serve.engine.default_pool_mb)
     attention_route: str = "adaptive"  # batched: paged decode-attention route
     attention_profile: str | None = None  # batched: machine profile JSON (None: this machine's)
-    contended_threads: int = 0  # a step's threads while the CPUs are contended (0: --threads)
     kv_queue_timeout_s: float = 30.0  # batched: longest wait for KV pages, then HTTP 503
     scd_artifact: str | None = None  # SCD artifact dir: B rebuilds its cache from A's codes
 
@@ -85,7 +83,6 @@ class DecodeWorker:
     def __init__(self, engine: Engine, cfg: DecodeConfig) -> None:
         openai.validate_defaults(cfg.defaults)
         self.engine, self.cfg = engine, cfg
-        self.threads = torch.get_num_threads()  # the model's, before serve_decode hands over
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         # verify + decode frames off the event loop, in arrival order, while the socket keeps
@@ -108,8 +105,7 @@ class DecodeWorker:
             pool = cfg.kv_pool_mb or default_pool_mb()
             ecfg = EngineConfig(pool_mb=pool, queue_timeout_s=cfg.kv_queue_timeout_s,
                                 route=cfg.attention_route,
-                                attention_profile=cfg.attention_profile,
-                                contended_threads=cfg.contended_threads)  # fmt: skip
+                                attention_profile=cfg.attention_profile)  # fmt: skip
             self.batch = BatchEngine(engine, ecfg)
             engine_metrics.attach(self.batch, self.metrics.registry)
             # one blocked thread per request waiting on the engine (the engine has its own)
@@ -198,13 +194,7 @@ class DecodeWorker:
             state = reference_state(self.engine, prefill(self.engine, context, on_layer=check))
         else:
             state = decode_state(self.engine, transfer.layers, transfer.n_tokens)
-        threads = omp.ContendedThreads(self.cfg.contended_threads, self.threads)
-
-        def piece(index: int, text: str) -> None:  # after every token: its step's CPU share
-            threads.tick()
-            on_piece(index, text)
-
-        return generate_choices(self.engine, state, last, job.sampling, piece, cancel)
+        return generate_choices(self.engine, state, last, job.sampling, on_piece, cancel)
 
     def _generate_batched(self, job: Job, transfer: Transfer | None, on_piece, cancel):
         """`_generate` on the batch engine; a full pool is HTTP 503 with Retry-After."""

@@ -40,8 +40,7 @@ def _cmd_decode(args: argparse.Namespace) -> None:
 
         setup = HttpSetup(args.model, args.threads or 1, args.vllm_cpus, args.vllm_dtype,
                           args.hf_cb_decode, args.dtype, args.kv_dtype,
-                          args.prefill_threads, args.decode_nice,
-                          args.contended_threads)  # fmt: skip
+                          args.prefill_threads, args.decode_nice)  # fmt: skip
         records = run_http(setup, b, engines, concurrencies)
     else:
         from ..engines.hf import load
@@ -116,8 +115,6 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-nice", type=int, default=0, choices=range(20), metavar="0-19",
                    help="http: the decode worker's nice increment under the prefill worker on "
                         "this shared host (0: equal; 10: prefill first)")  # fmt: skip
-    p.add_argument("--contended-threads", type=int, default=0,
-                   help="http: the decode workers' `serve decode --contended-threads`")  # fmt: skip
     p.add_argument(
         "--vllm-cpus",
         default="",

@@ -45,10 +45,6 @@ class EngineConfig:
     0.93x (0.69-1.07); bfloat16 over 4 rounds: stall 1.12x, median step gap 1.25x, TTFT 1.13x
     (1.10-1.20), and the decoding requests' bf16 tokens change when a chunk shares their
     linears (16 of 32 request-runs; float32: 0 of 48). Mixed wins only in float32, by less.
-
-    contended_threads: threads a step runs on after a step in which the engine thread got less
-    than half its wall time on a CPU (engines.omp.ContendedThreads: e.g. a prefill worker on
-    the same cores held them); 0 = always the engine's own count.
     """
 
     pool_mb: float = field(default_factory=default_pool_mb)
@@ -60,13 +56,10 @@ class EngineConfig:
     attention_profile: str | None = None
     prefill_chunk: int = 256
     prefill_mode: str = "between"
-    contended_threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.pool_mb > 0 or self.page_size < 1 or self.max_batch < 1:
             raise ConfigError(f"pool_mb, page_size and max_batch must be positive: {self}")
-        if self.contended_threads < 0:
-            raise ConfigError(f"contended_threads must be >= 0, got {self.contended_threads}")
         if self.prefill_chunk < 0:
             raise ConfigError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.prefill_mode not in PREFILL_MODES:

@@ -35,7 +35,6 @@ from dataclasses import replace
 import torch
 from transformers import DynamicCache
 
-from ..engines import omp
 from ..engines.hf import Engine, layer_kv
 from ..errors import SpectrumKVError
 from ..kv import LayerKV
@@ -86,8 +85,6 @@ class BatchEngine:
         self._inbox: deque[Job] = deque()  # staged jobs submitted or aborted
         self._committed = 0  # pages reserved by admitted requests
         self._threads = torch.get_num_threads()  # the engine thread's, as its creator's
-        # the engine thread's count step by step (fewer while other processes hold the CPUs)
-        self.threads = omp.ContendedThreads(self.cfg.contended_threads, self._threads)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
@@ -368,7 +365,6 @@ class BatchEngine:
         jobs = self._active
         if not jobs and chunk is None:
             return
-        self.threads.start()
         t0 = time.perf_counter()
         try:
             logits = self.runner.step(
@@ -389,7 +385,6 @@ class BatchEngine:
                 self._activate(job)
                 jobs = self._active
         dt = time.perf_counter() - t0
-        self.threads.tick()
         s = self.stats
         s.steps, s.step_s, s.batch_sum, s.tokens = (
             s.steps + 1,

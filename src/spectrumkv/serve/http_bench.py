@@ -250,8 +250,7 @@ class HttpSetup:
     their KV dtype, sent and paged (`--kv-dtype`). prefill_threads: torch threads of the
     prefill worker (0 = `threads`). decode_nice: the SpectrumKV decode worker's `nice` increment
     under its prefill worker on this shared host (0: equal priority; vLLM, one process,
-    schedules its own prefill). contended_threads: the decode worker's `--contended-threads`
-    (engines.omp.ContendedThreads; batched and sequential alike)."""
+    schedules its own prefill)."""
 
     model: str
     threads: int = 1
@@ -262,7 +261,6 @@ class HttpSetup:
     kv_dtype: str = "float16"
     prefill_threads: int = 0
     decode_nice: int = 0
-    contended_threads: int = 0
 
 
 def _token_bytes(model: str, itemsize: int) -> int:
@@ -304,8 +302,7 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
     # the KV transfer deadline is raised: requests queue for the one-at-a-time prefill worker,
     # and past the default 60 s they would be recomputed on the decode worker instead
     args = ["--engine", engine, "--kv-pool-mb", str(b.pool_mb), "--attention-route", b.route,
-            "--deadline", str(TRANSFER_DEADLINE_S),
-            "--contended-threads", str(setup.contended_threads)]  # fmt: skip
+            "--deadline", str(TRANSFER_DEADLINE_S)]  # fmt: skip
     dtype = ["--dtype", setup.dtype, "--kv-dtype", setup.kv_dtype]
     prefill_threads = ["--threads", str(setup.prefill_threads)] if setup.prefill_threads else []
     with (
@@ -331,7 +328,6 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
                 "threads": setup.threads,
                 "prefill_threads": setup.prefill_threads or setup.threads,
                 "decode_nice": setup.decode_nice,
-                "contended_threads": setup.contended_threads,
             }
             yield Served(engine, c.url, pid, kv, dtype, kv_peak=most, extra=extra)
         else:
@@ -340,7 +336,6 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
             yield Served(engine, c.url, pid, None, f"{setup.dtype} compute and DynamicCache",
                          extra={"threads": setup.threads, "computed_kv_bytes": computed,
                                 "decode_nice": setup.decode_nice,
-                                "contended_threads": setup.contended_threads,
                                 "peak_kv_source": f"computed: largest request, "
                                 f"{setup.dtype}"})  # fmt: skip
 
