@@ -114,6 +114,13 @@ def test_calibration_fit_recovers_constants():
     # a coefficient the data drive below its floor is pinned there, the rest refitted
     rows = [(r, s, d, n, t - n * truth["tau"]) for r, s, d, n, t in rows]
     assert calibrate._fit(rows)["tau"] == calibrate.FLOORS["tau"]
+    # per route: a scale each, recovered where the routes differ
+    truth |= {"scale_per_request": 0.85, "scale_split": 1.1}
+    rows = [(r, s, d, n, truth["scale_" + r.replace("-", "_")] * s + d * truth["lam"]
+             + n * truth["tau"]) for r, s, d, n, _ in rows]  # fmt: skip
+    assert calibrate._fit(rows, per_route=True) == pytest.approx(truth, rel=1e-6)
+    shared = calibrate._fit(rows)
+    assert len({shared[k] for k in truth if k.startswith("scale")}) == 1
 
 
 def _record(route, rounds, seed=0, chosen=None):
@@ -135,10 +142,12 @@ def test_calibrate_end_to_end_on_scaled_down_traces(tmp_path):
     assert prof.beta > 0 and prof.beta_1 > 0 and prof.beta_pad > 0 and prof.lam_pad > 0
     assert prof.lam >= calibrate.FLOORS["lam"] and prof.tau >= calibrate.FLOORS["tau"]
     scales = {prof.scale(r) for r in KERNEL_ROUTES}
-    assert len(scales) == 1 and min(scales) >= calibrate.FLOORS["scale"]
+    assert min(scales) >= calibrate.FLOORS["scale"]
+    (kept,) = [line for line in lines if line.startswith("stream scales:")]
+    assert len(scales) == 1 if "shared" in kept.split("(")[0] else len(scales) == 3
     assert (prof.min_split_tokens, prof.max_splits) in calibrate.WQ_GRID
     assert prof.split_splits in calibrate.SPLIT_GRID
-    for head in ("beta ", "split settings:", "fit:", "on the calibration cases:",
+    for head in ("beta ", "split settings:", "stream scales:", "fit:", "on the calibration cases:",
                  "batch-invariant grid"):  # fmt: skip
         assert sum(line.startswith(head) for line in lines) == 1, head
     assert sum(line.startswith("fit case ") for line in lines) == (

@@ -15,8 +15,10 @@ about half as much as their least (a route timed against itself: log-sd 0.09 vs 
 3. lam, tau and the stream scale: relative least squares of
    T = scale * stream + dispatches * lam + tasks * tau (cost.py) over every kernel run of
    steps 2 and of the three kernel routes on the traces x batches 1-32 (non-negative; a
-   coefficient that fits below its floor is pinned there and the rest refitted). One scale for
-   the three kernel routes (`_fit` says why); the profile keeps a field per route.
+   coefficient that fits below its floor is pinned there and the rest refitted), once with one
+   scale for the three kernel routes and once with a scale per route (`_fit` says why); the
+   per-route fit is kept only if the routes it picks on these cases are faster in sum (log
+   time / the fastest's), else the shared one.
 The fit's error, how often the model picks the measured best route on these cases, and what
 the profile's batch_invariant grid (one partial per part_tokens tokens) costs there against
 one partial per range (workqueue timed both ways) are printed (calibration-set figures;
@@ -114,34 +116,49 @@ def _geomean_best(table: dict) -> object:
     return min(rel, key=lambda k: sum(rel[k]))
 
 
-def _fit(rows: list[tuple[str, float, int, int, float]]) -> dict:
-    """lam, tau and one stream scale by relative least squares over rows (route, stream s,
-    dispatches, tasks, measured s); coefficients below their floors pinned there. The three
-    kernel routes run the same kernel on the same bytes, and `route_terms` already simulates
-    how each cuts and schedules them, so they share the scale: fitted per route, the scales
-    took up the noise of this VM (two calibrations of the same seeds minutes apart gave
-    per-request 0.68 vs 0.80 against workqueue 0.77 vs 0.85) and made adaptive pick
-    per-request where workqueue was faster. Returned as scale_<route> for every kernel route."""
-    names = ["lam", "tau", "scale"]
+def _fit(rows: list[tuple[str, float, int, int, float]], per_route: bool = False) -> dict:
+    """lam, tau and the stream scales by relative least squares over rows (route, stream s,
+    dispatches, tasks, measured s); coefficients below their floors pinned there. Returned as
+    scale_<route> for every kernel route. per_route=False: one scale shared by the three kernel
+    routes, which run the same kernel on the same bytes while `route_terms` already simulates
+    how each cuts and schedules them (fitted per route on bf16 pages, the scales took up the
+    noise of this VM: two calibrations of the same seeds minutes apart gave per-request 0.68 vs
+    0.80 against workqueue 0.77 vs 0.85, and adaptive picked per-request where workqueue was
+    faster). per_route=True: a scale per route, for what the terms miss about one route (on the
+    Zen 4 VM, fp16 pages: per-request, one head per task, ran 4-12 % faster than workqueue at
+    batch 8 in every run); `calibrate` keeps it only where it picks better on the calibration
+    cases."""
+    scales = [f"scale_{r.replace('-', '_')}" for r in cost.KERNEL_ROUTES]
+    names = ["lam", "tau", *(scales if per_route else ["scale"])]
+    floors = {n: FLOORS["scale" if n.startswith("scale") else n] for n in names}
     x = torch.zeros(len(rows), len(names), dtype=torch.float64)
     y = torch.tensor([r[4] for r in rows], dtype=torch.float64)
-    for i, (_, stream, dispatches, tasks, _) in enumerate(rows):
-        x[i, 0], x[i, 1], x[i, 2] = dispatches, tasks, stream
+    for i, (route, stream, dispatches, tasks, _) in enumerate(rows):
+        col = names.index(f"scale_{route.replace('-', '_')}" if per_route else "scale")
+        x[i, 0], x[i, 1], x[i, col] = dispatches, tasks, stream
     x, target = x / y[:, None], torch.ones_like(y)  # relative errors
     pinned: dict[str, float] = {}
     while True:
-        free = [i for i, n in enumerate(names) if n not in pinned]
+        free = [i for i, n in enumerate(names) if n not in pinned and x[:, i].any()]
         rest = target - sum(
             (x[:, names.index(n)] * v for n, v in pinned.items()), torch.zeros_like(y)
         )
         coef = torch.linalg.lstsq(x[:, free], rest[:, None]).solution[:, 0].tolist()
-        low = [(names[i], c) for i, c in zip(free, coef, strict=True) if c < FLOORS[names[i]]]
+        low = [(names[i], c) for i, c in zip(free, coef, strict=True) if c < floors[names[i]]]
         if not low:
             fit = {**pinned, **{names[i]: c for i, c in zip(free, coef, strict=True)}}
-            scale = fit.pop("scale")
-            return fit | {f"scale_{r.replace('-', '_')}": scale for r in cost.KERNEL_ROUTES}
+            if not per_route:
+                return fit | dict.fromkeys(scales, fit.pop("scale"))
+            return {n: fit.get(n, 1.0) for n in ["lam", "tau", *scales]}  # unmeasured: 1.0
         name = min(low, key=lambda nc: nc[1])[0]
-        pinned[name] = FLOORS[name]
+        pinned[name] = floors[name]
+
+
+def _regret(profile: cost.MachineProfile, checks) -> float:
+    """Sum over calibration cases of log(time of the kernel route `profile` picks / the
+    fastest's)."""
+    return sum(math.log(times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)]
+                        / min(times.values())) for lens, g, times in checks)  # fmt: skip
 
 
 def calibrate(
@@ -191,7 +208,12 @@ def calibrate(
         checks.append((case.lens, case.geometry, times))
         progress(f"fit case {name}: " + " ".join(f"{r}={t * 1e3:.2f}ms" for r, t in times.items()))
         del case
-    profile = dataclasses.replace(profile, **_fit(rows), calibrated=True)
+    shared, per_route = (dataclasses.replace(profile, **_fit(rows, p), calibrated=True)
+                         for p in (False, True))  # fmt: skip
+    profile = per_route if _regret(per_route, checks) < _regret(shared, checks) else shared
+    progress(f"stream scales: {'per route' if profile is per_route else 'shared'} (picks "
+             f"better on the calibration cases: regret sum {_regret(per_route, checks):.3f} "
+             f"per route, {_regret(shared, checks):.3f} shared)")  # fmt: skip
     errs = [abs(cost.predict(r, lens, g, profile) / t - 1)
             for lens, g, times in checks for r, t in times.items()]  # fmt: skip
     regret = [times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)] / min(times.values())
