@@ -135,7 +135,7 @@ def profile_for(dtype: torch.dtype | str, path: str | Path | None = None) -> Mac
 def load_profile(path: str | Path) -> MachineProfile:
     """Read a profile written by `bench calibrate`; PagedInputError if malformed. Fields a
     profile lacks take their defaults (older profiles have no per-route scales: 1.0, and no
-    dtype: bfloat16, the only one they were calibrated on)."""
+    dtype: bfloat16, the calibration's default dtype)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
