@@ -210,10 +210,11 @@ def calibrate(
         del case
     shared, per_route = (dataclasses.replace(profile, **_fit(rows, p), calibrated=True)
                          for p in (False, True))  # fmt: skip
-    profile = per_route if _regret(per_route, checks) < _regret(shared, checks) else shared
+    r_shared, r_route = _regret(shared, checks), _regret(per_route, checks)
+    profile = per_route if r_route < r_shared else shared
     progress(f"stream scales: {'per route' if profile is per_route else 'shared'} (picks "
-             f"better on the calibration cases: regret sum {_regret(per_route, checks):.3f} "
-             f"per route, {_regret(shared, checks):.3f} shared)")  # fmt: skip
+             f"better on the calibration cases: regret sum {r_route:.3f} per route, "
+             f"{r_shared:.3f} shared)")  # fmt: skip
     errs = [abs(cost.predict(r, lens, g, profile) / t - 1)
             for lens, g, times in checks for r, t in times.items()]  # fmt: skip
     regret = [times[cost.choose(lens, g, profile, cost.KERNEL_ROUTES)] / min(times.values())

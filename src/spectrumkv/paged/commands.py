@@ -21,8 +21,6 @@ def _profile(path: str | None, dtype: str):
     from .cost import MachineProfile, default_profile_path, profile_for
     from .errors import PagedInputError
 
-    if path and not Path(path).exists():
-        raise SystemExit(f"no machine profile at {path}; run `spectrumkv bench calibrate` first")
     try:
         profile = profile_for(dtype, path)
     except PagedInputError as e:
