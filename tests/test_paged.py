@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from spectrumkv.engines.hf import sliding_layers
 from spectrumkv.paged import kernel
 from spectrumkv.paged.cache import PagedConfig, PagedKVCache
 from spectrumkv.paged.cost import KERNEL_ROUTES, Geometry, MachineProfile, route_terms
@@ -270,24 +271,85 @@ def test_compiled_slot_write_equals_index_copy(dtype):
     cache.write_slots(1, slots, k, v)
     d = cfg.head_dim
     kp, vp = twin.layer(1)
-    kp.view(-1, d).index_copy_(0, slots.rows, k.reshape(-1, d))
-    vp.view(-1, d).index_copy_(0, slots.rows, v.reshape(-1, d))
+    kp.view(-1, d).index_copy_(0, slots.rows[0], k.reshape(-1, d))
+    vp.view(-1, d).index_copy_(0, slots.rows[0], v.reshape(-1, d))
     assert torch.equal(cache.k, twin.k) and torch.equal(cache.v, twin.v)
     before = cache.k.clone()
     rows = slots.rows.clone()
-    rows[-1] = cfg.pages * 3 * 16  # only the last row is outside: the others must stay unwritten
+    rows[0, -1] = cfg.pages * 3 * 16  # only the last row is outside: the others stay unwritten
     with pytest.raises(PagedInputError, match="outside the page pool"):
         cache.write_slots(1, slots._replace(rows=rows), k + 1, v)
     assert torch.equal(cache.k, before)
-    assert not kernel.write_rows(*cache.layer(1), slots.rows, k.float(), v.float())  # converts
+    assert not kernel.write_rows(*cache.layer(1), slots.rows[0], k.float(), v.float())
     meta = [x.to("meta") for x in cache.layer(1)]  # pages off the CPU: never a host copy
-    assert not kernel.write_rows(*meta, slots.rows, k, v)
+    assert not kernel.write_rows(*meta, slots.rows[0], k, v)
+
+
+def test_window_layers_keep_only_their_window():
+    """Layers 1, 3 of 4 are window layers: 2 page groups of 2 layers. Window groups take pages
+    from `window_start` on, `release` hands back those wholly below a slot (entries -1), the
+    full group keeps all; reads and writes below a released page are typed errors; every
+    page comes back on free."""
+    cfg = PagedConfig(4, 2, 32, pages=12, page_size=4, window_layers=(1, 3))
+    assert cfg.groups == ((0, 2), (1, 3)) and cfg.id_bytes == 2 * cfg.page_bytes
+    cache = PagedKVCache(cfg, shuffle_seed=2)
+    assert [cache.group_of(i) for i in range(4)] == [0, 1, 0, 1]
+    assert cache.pages_needed(20, window=6) == 5 + 3  # window: ceil(7 / 4) + 1 pages
+    assert cache.pages_needed(6, window=6) == 2 + 2 and cache.pages_needed(20) == 10
+    cache.allocate("a", 10, window_start=5)  # full: 3 pages; window: slots 4.. -> 2 pages
+    assert cache.free_pages == 12 - 5 and cache.pages_of("a", 1)[0] == -1
+    k = torch.randn(2, 10, 32)
+    for layer in range(4):
+        lo = 4 if layer in cfg.window_layers else 0
+        cache.write(layer, "a", lo, k[:, lo:], -k[:, lo:])
+    got_k, got_v = cache.read(3, "a", 10, start=5)
+    assert torch.equal(got_k, k[:, 5:].half()) and torch.equal(got_v, -k[:, 5:].half())
+    assert torch.equal(cache.read(2, "a", 7, start=2)[0], k[:, 2:7].half())
+    with pytest.raises(PagedInputError, match="released"):
+        cache.read(1, "a", 10)
+    with pytest.raises(PagedInputError, match="released"):
+        cache.write(3, "a", 3, k[:, 3:4], k[:, 3:4])
+    slots = cache.append(["a"])  # slot 10 in the last page of each group
+    assert slots.rows.shape == (2, 2) and cache.free_pages == 7
+    step = torch.randn(1, 2, 32)
+    for layer in range(4):
+        cache.write_slots(layer, slots, step * (layer + 1), step)
+    q = torch.randn(1, 4, 32)
+    for layer in range(4):
+        tables, lens = cache.block_tables(["a"], cache.group_of(layer))
+        start = torch.tensor([5 if layer in cfg.window_layers else 0], dtype=torch.int32)
+        kp, vp = cache.layer(layer)
+        want = reference(q, kp, vp, tables, lens, 0.2, start)
+        got = run_route(q, kp, vp, tables, lens, "workqueue", 0.2, starts=start)[0]
+        assert (got.double() - want).abs().max() < 2e-3
+        assert torch.equal(
+            cache.read(layer, "a", 11, start=10)[0][:, 0], (step[0] * (layer + 1)).half()
+        )
+    assert cache.release("a", 9) == 1 and cache.pages_of("a", 1)[:2] == [-1, -1]
+    assert cache.release("a", 9) == 0 and cache.free_pages == 8
+    assert len(set(cache.pages_of("a", 0))) == 3 and -1 not in cache.pages_of("a", 0)
+    cache.free("a")
+    assert cache.free_pages == 12 and sorted(cache._free) == list(range(12))
+    with pytest.raises(PagedInputError, match="window_layers"):
+        PagedConfig(4, 2, 32, pages=1, window_layers=(3, 1))
+    with pytest.raises(PagedInputError, match="window_start"):
+        cache.allocate("b", 4, window_start=5)
 
 
 def test_for_model_geometry_sliding_window_models_included():
     gemma = transformers.Gemma3TextConfig(num_hidden_layers=18, num_key_value_heads=1, head_dim=256)
-    cfg = PagedConfig.for_model(gemma, pages=8)  # whole contexts in every layer's pages
-    assert (cfg.layers, cfg.kv_heads, cfg.head_dim, cfg.pages) == (18, 1, 256, 8)
+    cfg = PagedConfig.for_model(gemma, pages=8)  # no window layers: whole contexts everywhere
+    assert (cfg.layers, cfg.kv_heads, cfg.head_dim, cfg.pages, cfg.group_size) == (
+        18,
+        1,
+        256,
+        8,
+        18,
+    )
+    window = sliding_layers(gemma)  # 5 of every 6 layers
+    cfg = PagedConfig.for_model(gemma, pages=8, window_layers=window)
+    assert len(window) == 15 and cfg.group_size == 3 and len(cfg.groups) == 6
+    assert cfg.groups[0] == (5, 11, 17) and cfg.id_bytes == 3 * cfg.page_bytes
     cfg = PagedConfig.for_model(
         transformers.LlamaConfig(num_attention_heads=9, num_key_value_heads=3, hidden_size=576),
         pages=8,

@@ -12,12 +12,13 @@ import torch
 import spectrumkv as skv
 from spectrumkv.kv import LayerKV
 from spectrumkv.paged import cost
+from spectrumkv.paged.cache import PagedConfig, PagedKVCache
 from spectrumkv.paged.errors import PagedInputError
 from spectrumkv.payload import decode_payload
 from spectrumkv.pd.sampling import Cancelled, SamplingParams
 from spectrumkv.serve.engine import BatchEngine, EngineConfig
 from spectrumkv.serve.requests import PoolBusy, RequestTooLarge
-from spectrumkv.serve.runner import pool_config
+from spectrumkv.serve.runner import ModelRunner, pool_config
 
 pytestmark = pytest.mark.model
 
@@ -249,8 +250,20 @@ def test_gemma_sliding_window_layers_batched_equal_alone():
 
     good = first_logits(eng.runner)
     assert int(good.argmax()) == want[0][0]
-    eng.runner._starts = lambda rids, *_: torch.zeros(len(rids), dtype=torch.int32)
-    assert (first_logits(eng.runner) - good).abs().max() > 1e-2
+    # the sliding layers' pages below the window are not there: 1 full group of 3 layers holds
+    # all 600 slots (38 pages), 5 window groups slots 88.. on (pages 5-37: 33 each)
+    eng.runner.write_prompt("x", lpre.layers, lpre.n_tokens)
+    eng.runner.step(["x"], [ll], [lpre.n_tokens])
+    assert eng.total_pages - eng.cache.free_pages == 38 + 5 * 33
+    eng.runner.free("x")
+    forced = lambda rids, *_: torch.zeros(len(rids), dtype=torch.int32)  # noqa: E731
+    eng.runner._starts = forced
+    with pytest.raises(PagedInputError, match="outside the page pool"):  # released: never read
+        first_logits(eng.runner)
+    whole = PagedKVCache(PagedConfig.for_model(gemma.model.config, 64, 16, gemma.kv_dtype))
+    runner = ModelRunner(gemma, whole)  # every layer keeps every slot: starts 0 reads them all
+    runner._starts = forced
+    assert (first_logits(runner) - good).abs().max() > 1e-2
 
 
 def test_bad_requests_get_typed_errors(prompts, engine):

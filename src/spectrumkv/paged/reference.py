@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 
 
-def gather(pages: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
-    """One request's first n tokens as a dense [kv_heads, n, head_dim] copy."""
+def gather(pages: torch.Tensor, table: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+    """One request's tokens [start, n) as a dense [kv_heads, n - start, head_dim] copy (only
+    the pages they lie in are read: entries below start's page may be released, -1)."""
     ps = pages.shape[2]
-    used = table[: -(-n // ps)].long().to(pages.device)
+    used = table[start // ps : -(-n // ps)].long().to(pages.device)
     dense = pages.index_select(0, used)  # [n_pages, kv_heads, ps, d]
-    return dense.transpose(0, 1).reshape(pages.shape[1], -1, pages.shape[3])[:, :n]
+    lo = start % ps
+    return dense.transpose(0, 1).reshape(pages.shape[1], -1, pages.shape[3])[:, lo : lo + n - start]
 
 
 def _firsts(lengths, starts) -> list[int]:
@@ -31,8 +33,8 @@ def reference(q, k_pages, v_pages, tables, lengths, scale: float, starts=None) -
     out = torch.empty(q.shape, dtype=torch.float64)
     hkv, d = k_pages.shape[1], k_pages.shape[3]
     for b, (n, lo) in enumerate(zip(lengths.tolist(), _firsts(lengths, starts), strict=True)):
-        k = gather(k_pages, tables[b], n)[:, lo:].double()
-        v = gather(v_pages, tables[b], n)[:, lo:].double()
+        k = gather(k_pages, tables[b], n, lo).double()
+        v = gather(v_pages, tables[b], n, lo).double()
         qg = q[b].double().view(hkv, -1, d) * scale  # [kv_heads, group, d]
         w = torch.softmax(torch.einsum("hgd,hnd->hgn", qg, k), dim=-1)
         out[b] = torch.einsum("hgn,hnd->hgd", w, v).reshape(-1, d)
@@ -46,8 +48,8 @@ def sdpa_per_request(
     in the KV dtype (what a HF model's sdpa attention does with a dense cache)."""
     out = torch.empty(q.shape, dtype=torch.float32)
     for b, (n, lo) in enumerate(zip(lengths.tolist(), _firsts(lengths, starts), strict=True)):
-        k = gather(k_pages, tables[b], n)[:, lo:].unsqueeze(0)
-        v = gather(v_pages, tables[b], n)[:, lo:].unsqueeze(0)
+        k = gather(k_pages, tables[b], n, lo).unsqueeze(0)
+        v = gather(v_pages, tables[b], n, lo).unsqueeze(0)
         qb = q[b : b + 1, :, None].to(k.dtype)
         o = F.scaled_dot_product_attention(qb, k, v, scale=scale, enable_gqa=True)
         out[b] = o[0, :, 0].float()

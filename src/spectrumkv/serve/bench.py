@@ -155,7 +155,7 @@ def run_batched(engine: Engine, b: DecodeBench, reqs, pres) -> Record:
     omp.release()  # this thread's team (the pool's zeros) exits: the engine's is the only one
     steps: list[tuple[int, float, str]] = []
     peak = [0]
-    used_bytes = eng.cache.config.page_bytes * eng.cache.config.layers
+    used_bytes = eng.cache.config.id_bytes
 
     def on_step(batch: int, dt: float, route: str) -> None:
         steps.append((batch, dt, route))

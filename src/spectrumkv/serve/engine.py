@@ -96,7 +96,11 @@ class BatchEngine:
         return self.cache.config.pages
 
     def pages_needed(self, n_kept: int, max_tokens: int) -> int:
-        return -(-(n_kept + max_tokens) // self.cfg.page_size)
+        """Page ids a request of `n_kept` prompt slots and `max_tokens` new tokens holds at
+        most (reserved at admission; sliding-window layers hold about a window)."""
+        fp = self.engine.fingerprint
+        window = fp.sliding_window if fp.sliding_layers else 0
+        return self.cache.pages_needed(n_kept + max_tokens, window)
 
     def submit(
         self,

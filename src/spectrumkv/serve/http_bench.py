@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from ..engines.hf import COMPUTE_DTYPES
+from ..engines.hf import COMPUTE_DTYPES, sliding_layers
 from ..pd.launch import Cluster, rss_mb
 from ..wire import KV_DTYPES
 from .bench import DecodeBench, Record, _pct
@@ -318,8 +318,10 @@ def serve(engine: str, setup: HttpSetup, b: DecodeBench, max_context: int) -> It
         pid = c.procs[1].pid
         if engine == "batched":
             kv_dtype = KV_DTYPES[setup.kv_dtype]
-            page = PagedConfig.for_model(_hf_config(model), 1, EngineConfig.page_size, kv_dtype)
-            per_page = page.page_bytes * page.layers
+            cfg = _hf_config(model)
+            window = sliding_layers(cfg.get_text_config())  # the engine's window layers
+            page = PagedConfig.for_model(cfg, 1, EngineConfig.page_size, kv_dtype, window)
+            per_page = page.id_bytes
             used = "spectrumkv_engine_pages{state=used}"
             dtype = f"{setup.dtype} compute, KV {setup.kv_dtype} pages"
             kv = lambda m: m.get(used, 0) * per_page  # noqa: E731

@@ -24,13 +24,15 @@ compiled ones: engines.rowops), ~30 fewer small torch ops per layer; attention g
 `_attend`. Every other architecture runs the HF model's own forward, so any model the paged
 cache accepts works without per-architecture code (`fast=False` forces it for all).
 
-Sliding-window layers (Gemma-3): every layer's pages hold the request's whole context, in slot
-order = position order (a received payload's dropped tokens take no slot; a sliding layer's
-payload frame holds only the window's suffix of the slots, which is where it is written). Each
-step computes, per request, the first slot whose original position lies inside the window of the
-query (position > query position - window) and passes it to the route as `starts` for the
-sliding layers only; full-attention layers read every slot. The runner keeps each request's
-prompt positions for this (`free` forgets them).
+Sliding-window layers (Gemma-3): slots are in position order in every layer (a received
+payload's dropped tokens take no slot; a sliding layer's payload frame holds only the window's
+suffix of the slots, which is where it is written). Each step computes, per request, the first
+slot whose original position lies inside the window of the query (position > query position -
+window) and passes it to the route as `starts` for the sliding layers only; full-attention
+layers read every slot. The sliding layers are the cache's window layers (`pool_config`): a
+prompt is written to them from its first query's window on, and each step releases their pages
+wholly below the new `starts` (paged.cache), so they hold about a window per request, not the
+context. The runner keeps each request's prompt positions for this (`free` forgets them).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class _Step:
 
     cache: PagedKVCache
     slots: Slots
-    tables: torch.Tensor
+    tables: list[torch.Tensor]  # per layer: its page group's block tables
     lengths: torch.Tensor
     route: str  # a fixed route, chosen once per step
     profile: cost.MachineProfile
@@ -91,14 +93,15 @@ def _attend(st: _Step, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     k_pages, v_pages = st.cache.layer(layer)
     t1 = time.perf_counter()
     starts = st.starts if layer in st.sliding else None
+    tables = st.tables[layer]
     if st.settings is not None:
-        kernel.check_inputs(q, k_pages, v_pages, st.tables, st.lengths, starts)
+        kernel.check_inputs(q, k_pages, v_pages, tables, st.lengths, starts)
         max_splits, min_split, part = st.settings
         scale = float(scaling) if scaling is not None else k_pages.shape[3] ** -0.5
-        out, _, _ = kernel.decode(q, k_pages, v_pages, st.tables, st.lengths, scale, max_splits,
+        out, _, _ = kernel.decode(q, k_pages, v_pages, tables, st.lengths, scale, max_splits,
                                   min_split, starts=starts, part_tokens=part)  # fmt: skip
     else:
-        out, _ = run_route(q, k_pages, v_pages, st.tables, st.lengths, st.route, scaling,
+        out, _ = run_route(q, k_pages, v_pages, tables, st.lengths, st.route, scaling,
                            st.profile, starts=starts)  # fmt: skip
     if timed_parts is not None:
         timed_parts["KV write"] += t1 - t0
@@ -120,13 +123,14 @@ AttentionInterface.register(ATTENTION, _paged_attention)
 
 
 def pool_config(engine: Engine, pool_mb: float, page_size: int = 16) -> PagedConfig:
-    """The page pool for `engine`'s model holding `pool_mb` MiB of K+V pages (all layers; a
-    sliding-window layer's pages hold the whole context too)."""
-    probe = PagedConfig.for_model(engine.model.config, 1, page_size, engine.kv_dtype)
-    pages = int(pool_mb * (1 << 20)) // (probe.page_bytes * probe.layers)
+    """The page pool for `engine`'s model holding `pool_mb` MiB of K+V pages, its
+    sliding-window layers as the window layers (they keep only their window)."""
+    model, window = engine.model.config, tuple(engine.fingerprint.sliding_layers)
+    probe = PagedConfig.for_model(model, 1, page_size, engine.kv_dtype, window)
+    pages = int(pool_mb * (1 << 20)) // probe.id_bytes
     if pages < 1:
         raise PagedInputError(f"a {pool_mb} MiB pool holds no page of this model")
-    return PagedConfig.for_model(engine.model.config, pages, page_size, engine.kv_dtype)
+    return PagedConfig.for_model(model, pages, page_size, engine.kv_dtype, window)
 
 
 class ModelRunner:
@@ -153,6 +157,7 @@ class ModelRunner:
         fp = engine.fingerprint
         self.sliding = frozenset(fp.sliding_layers)
         self.window = fp.sliding_window
+        self._groups = [cache.group_of(i) for i in range(c.layers)]  # layer -> page group
         self._prompt: dict[Any, list[int]] = {}  # rid -> prompt slots' positions (sliding only)
         self.fast = llama_step.build(engine.model) if fast else None
 
@@ -178,10 +183,13 @@ class ModelRunner:
             if not tail or (kept < n and (i not in self.sliding or n - kept > first)):
                 raise PagedInputError(f"layer {i} keeps positions that do not match the rest")
             offsets.append(n - kept)
-        self.cache.allocate(rid, n)
+        window, start = self.cache.config.window_layers, self.window_start(prompt, n_tokens)
+        self.cache.allocate(rid, n, start)
         try:
-            for i, kv in enumerate(layers):
-                self.cache.write(i, rid, offsets[i], kv.keys, kv.values)
+            for i, kv in enumerate(layers):  # window layers from the first query's window on
+                lo = max(start, offsets[i]) if i in window else offsets[i]
+                k, v = (x[:, lo - offsets[i] :] for x in (kv.keys, kv.values))
+                self.cache.write(i, rid, lo, k, v)
         except Exception:
             self.cache.free(rid)
             raise
@@ -190,10 +198,18 @@ class ModelRunner:
 
     def allocate_prompt(self, rid: Any, n_tokens: int) -> None:
         """Allocate `rid` with a prompt of n_tokens slots holding positions 0..n_tokens-1, which
-        a producer writes layer by layer (`serve.staged`)."""
-        self.cache.allocate(rid, n_tokens)
+        a producer writes layer by layer (`serve.staged`; window layers from `window_start`)."""
+        prompt = list(range(n_tokens)) if self.sliding else []
+        self.cache.allocate(rid, n_tokens, self.window_start(prompt, n_tokens))
         if self.sliding:
-            self._prompt[rid] = list(range(n_tokens))
+            self._prompt[rid] = prompt
+
+    def window_start(self, prompt: list[int], n_tokens: int) -> int:
+        """The first slot the cache's window layers keep for a prompt of these slot positions,
+        whose first query goes at position `n_tokens` (0 without window layers)."""
+        if not (self.cache.config.window_layers and self.sliding):
+            return 0
+        return self._first_slot(prompt, n_tokens, len(prompt) + 1)
 
     def free(self, rid: Any) -> None:
         """Return `rid`'s pages to the pool and forget it."""
@@ -252,9 +268,13 @@ class ModelRunner:
         """Append a slot per request and pick the step's route (decode rows only)."""
         cache = self.cache
         slots = cache.append(rids)
-        tables, lengths = cache.block_tables(rids)
-        n_slots = lengths.tolist()
+        n_slots = [cache.length(r) for r in rids]
         starts = self._starts(rids, positions, n_slots) if self.sliding else None
+        if starts is not None and cache.config.window_layers:
+            for rid, first in zip(rids, starts.tolist(), strict=True):
+                cache.release(rid, first)  # the window layers never read below it again
+        by_group = [cache.block_tables(rids, g) for g in range(cache.n_groups)]
+        lengths, tables = by_group[0][1], [by_group[g][0] for g in self._groups]
         route = self.route
         if route == "adaptive":
             route = cost.choose(n_slots, self.geometry, self.profile)

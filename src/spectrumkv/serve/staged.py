@@ -70,7 +70,12 @@ class StagedPrompt:
                 raise StagedClosed("the staged prompt is closed or not admitted")
             # only this request's pages and its (engine-owned) table are touched: the engine
             # thread does not read or free them while the request is staged (see _close)
-            self.batch.cache.write(layer, self.job.rid, first, kv.keys, kv.values)
+            cache = self.batch.cache
+            if layer in cache.config.window_layers:  # pages from the first query's window on
+                kv = LayerKV(kv.keys[:, lowest - first :], kv.values[:, lowest - first :],
+                             kv.positions[lowest - first :])  # fmt: skip
+                first = lowest
+            cache.write(layer, self.job.rid, first, kv.keys, kv.values)
             self.written[layer] = first
 
     def layers(self) -> list[LayerKV]:
@@ -78,10 +83,9 @@ class StagedPrompt:
         c, n = self.batch.cache, self.n_tokens
         out = []
         for i in range(c.config.layers):
-            k, v = c.read(i, self.job.rid, n)
             first = self.written.get(i, 0)
-            out.append(LayerKV(k[:, first:].contiguous(), v[:, first:].contiguous(),
-                               torch.arange(first, n)))  # fmt: skip
+            k, v = c.read(i, self.job.rid, n, first)
+            out.append(LayerKV(k.contiguous(), v.contiguous(), torch.arange(first, n)))
         return out
 
     def abort(self) -> None:
