@@ -255,6 +255,9 @@ def test_gemma_sliding_window_layers_batched_equal_alone():
     eng.runner.write_prompt("x", lpre.layers, lpre.n_tokens)
     eng.runner.step(["x"], [ll], [lpre.n_tokens])
     assert eng.total_pages - eng.cache.free_pages == 38 + 5 * 33
+    for i in range(1, 25):  # 624 slots, window from slot 112: window groups hold pages 7-38 only
+        eng.runner.step(["x"], [ll], [lpre.n_tokens + i])
+    assert eng.total_pages - eng.cache.free_pages == 39 + 5 * 32
     eng.runner.free("x")
     forced = lambda rids, *_: torch.zeros(len(rids), dtype=torch.int32)  # noqa: E731
     eng.runner._starts = forced
