@@ -15,6 +15,7 @@ from spectrumkv.wire import (
     _PREAMBLE,
     MAX_HEADER_BYTES,
     VERSION,
+    Fingerprint,
     frame_bytes,
     read_frame,
     read_header,
@@ -71,6 +72,14 @@ def test_sliding_layers_carry_only_their_window():
     out = decode_payload(payload)
     assert out.layers[0].positions.min() >= 30 - 8
     assert out.layers[1].positions.min() < 30 - 8
+
+
+def test_step_read_bytes_counts_a_window_in_sliding_layers():
+    fp = Fingerprint("gemma3", 6, 2, 16, "float16", "default", 8, (0, 1, 2, 3, 4), "0" * 16)
+    layer_token = 2 * 2 * 16 * 2  # K and V, 2 heads, head_dim 16, fp16
+    assert fp.step_read_bytes([4, 20], 2) == layer_token * (24 + 5 * (4 + 8))
+    full = Fingerprint("llama", 6, 2, 16, "float16", "default", 0, (), "0" * 16)
+    assert full.step_read_bytes([4, 20], 2) == full.kv_token_bytes(2) * 24
 
 
 def test_every_single_byte_corruption_is_detected():

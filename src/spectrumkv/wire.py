@@ -94,6 +94,14 @@ class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         element."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
 
+    def step_read_bytes(self, contexts: list[int], itemsize: int) -> int:
+        """K and V bytes one decode step reads for requests attending over `contexts` tokens
+        each: every token in full-attention layers, at most the window in sliding ones."""
+        sliding = len(self.sliding_layers)
+        tokens = sum((self.n_layers - sliding) * n + sliding * min(n, self.sliding_window)
+                     for n in contexts)  # fmt: skip
+        return tokens * self.kv_token_bytes(itemsize) // self.n_layers
+
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Payload header. `n_tokens`: cached prompt tokens (positions 0..n_tokens-1).

@@ -230,12 +230,12 @@ def _limit(engine: Engine, pres, b: DecodeBench, kv_itemsize: int) -> dict:
     copied per second; the issue's definition, loose: a copy also writes) and / the read rate
     (a torch sum: bytes read per second, the honest one), both measured in this run."""
     weights = weight_bytes(engine.model)
-    token = engine.fingerprint.kv_token_bytes(kv_itemsize)
-    ctx = sum(p.n_tokens + b.decode // 2 for p in pres[: b.concurrency])
+    ctx = [p.n_tokens + b.decode // 2 for p in pres[: b.concurrency]]
+    kv = engine.fingerprint.step_read_bytes(ctx, kv_itemsize)
     bw, rd = copy_bandwidth(256 << 20), read_bandwidth()
-    return {"weight_bytes": weights, "kv_bytes_per_step": ctx * token, "copy_gbps": bw / 1e9,
-            "limit_ms": 1000 * (weights + ctx * token) / bw, "read_gbps": rd / 1e9,
-            "limit_read_ms": 1000 * (weights + ctx * token) / rd}  # fmt: skip
+    return {"weight_bytes": weights, "kv_bytes_per_step": kv, "copy_gbps": bw / 1e9,
+            "limit_ms": 1000 * (weights + kv) / bw, "read_gbps": rd / 1e9,
+            "limit_read_ms": 1000 * (weights + kv) / rd}  # fmt: skip
 
 
 def run_hf_cb(engine: Engine, b: DecodeBench, reqs) -> Record:

@@ -11,10 +11,11 @@ decode token, the dtypes in alternation (`rounds` x `steps` each), so they see t
 load.
 
 Limit: a step reads every weight once (`weight_bytes`, in the compute dtype) and every active
-request's K/V once (`kv_bytes`, at the median step's lengths). Two rates, both measured in this
-run on the same threads: a read rate (torch sum over a 256 MiB buffer: bytes read / s) and the
-plain-copy rate (bytes copied / s; a copy reads and writes each byte, so it is the looser limit
-the issue names). limit = (weight_bytes + kv_bytes) / rate.
+request's K/V once (`kv_bytes`, at the median step's lengths; a sliding-window layer reads at
+most its window). Two rates, both measured in this run on the same threads: a read rate (torch
+sum over a 256 MiB buffer: bytes read / s) and the plain-copy rate (bytes copied / s; a copy
+reads and writes each byte, so it is the looser limit the issue names). limit = (weight_bytes +
+kv_bytes) / rate.
 
 Paths (`--paths`, timed in the same alternation; labels `<dtype>` for the first, else
 `<dtype>/<path>`): `serve`, the runner's step as it serves (engines.llama_step with the compiled
@@ -86,10 +87,11 @@ class _Batch:
         return out
 
     def kv_bytes(self) -> int:
-        """K/V bytes the next step reads (every slot of every request, all layers)."""
-        c = self.cache.config
-        per_token = 2 * c.layers * c.kv_heads * c.head_dim * c.dtype.itemsize
-        return per_token * sum(self.cache.length(r) + 1 for r in self.rids)
+        """K/V bytes the next step reads (every slot of every request; at most the window in
+        sliding-window layers)."""
+        slots = [self.cache.length(r) + 1 for r in self.rids]
+        itemsize = self.cache.config.dtype.itemsize
+        return self.runner.engine.fingerprint.step_read_bytes(slots, itemsize)
 
 
 PATHS = ("serve", "torch-ops", "hf")
