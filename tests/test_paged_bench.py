@@ -25,6 +25,7 @@ from spectrumkv.paged.cost import (
     route_terms,
     splits_of,
     stream_seconds,
+    this_machine,
 )
 from spectrumkv.paged.errors import PagedInputError
 
@@ -139,6 +140,7 @@ def test_calibrate_end_to_end_on_scaled_down_traces(tmp_path):
     prof = calibrate.calibrate(dtype=torch.float16, ring_bytes=1 << 18, rounds=1,
                                progress=lines.append, scale=1 / 512)  # fmt: skip
     assert prof.calibrated and prof.threads >= 1 and prof.dtype == "float16"
+    assert prof.machine == this_machine()
     assert prof.beta > 0 and prof.beta_1 > 0 and prof.beta_pad > 0 and prof.lam_pad > 0
     assert prof.lam >= calibrate.FLOORS["lam"] and prof.tau >= calibrate.FLOORS["tau"]
     scales = {prof.scale(r) for r in KERNEL_ROUTES}
@@ -213,6 +215,23 @@ def test_profiles_are_per_page_dtype(tmp_path, monkeypatch):
         profile_for("bfloat16", tmp_path / "missing.json")
     with pytest.raises(PagedInputError, match="no attention profile for float32"):
         profile_for(torch.float32)
+
+
+def test_a_profile_of_another_machine_is_refused(tmp_path, monkeypatch):
+    """A profile records the machine it was calibrated on (CPU model, decode kernel); one from
+    another machine is a typed error, one that does not say (older files) is taken."""
+    monkeypatch.setattr("spectrumkv.paged.cost.PROFILE_DIR", tmp_path)
+    here = dataclasses.replace(BASE, machine=this_machine())
+    here.save(default_profile_path("bfloat16"))
+    assert profile_for("bfloat16") == here
+    elsewhere = dataclasses.replace(BASE, machine="Intel Xeon Platinum 8480+ / amx")
+    elsewhere.save(default_profile_path("bfloat16"))
+    with pytest.raises(PagedInputError, match="calibrated on 'Intel Xeon Platinum 8480"):
+        profile_for("bfloat16")
+    BASE.save(default_profile_path("bfloat16"))  # no machine recorded
+    assert profile_for(torch.bfloat16) == BASE
+    with pytest.raises(PagedInputError, match="machine"):
+        MachineProfile(machine=7)
     with pytest.raises(PagedInputError, match="dtype"):
         MachineProfile(dtype="int8")
     old = tmp_path / "old.json"  # written before profiles had a dtype: bf16, as calibrated

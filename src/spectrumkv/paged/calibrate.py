@@ -168,7 +168,8 @@ def calibrate(
     """Measure and fit a MachineProfile (see module doc). scale multiplies every calibration
     trace length (1.0: the traces as `bench attention` runs them; tests use a small one)."""
     threads = torch.get_num_threads()
-    profile = cost.MachineProfile(threads=threads, dtype=cost.dtype_name(dtype))
+    profile = cost.MachineProfile(threads=threads, dtype=cost.dtype_name(dtype),
+                                  machine=cost.this_machine())  # fmt: skip
     profile = dataclasses.replace(
         profile, **_rates(shape, page_size, dtype, ring_bytes, profile, rounds, progress, scale)
     )

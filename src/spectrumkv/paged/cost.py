@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernel
 from .errors import PagedInputError
 
 TILE = 32  # tokens per kernel tile; splits are whole tiles (as in _attention.c)
@@ -75,11 +76,16 @@ class MachineProfile:
     # shape against one partial per range, 256 cost 5-10 %, 512 3-5 %, 1024 0-2 % (RESULTS)
     part_tokens: int = 1024
     dtype: str = "bfloat16"  # the KV page dtype it was calibrated on (KV_DTYPES)
+    # the machine it was calibrated on (`this_machine()`); "" in profiles that do not say
+    # (written before it was recorded): those are taken on any machine
+    machine: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "str":
+            if f.name == "machine":
+                ok = isinstance(value, str) and len(value) <= 256
+            elif f.type == "str":
                 ok = value in KV_DTYPES
             elif f.type == "bool":
                 ok = isinstance(value, bool)
@@ -99,6 +105,21 @@ class MachineProfile:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
+def this_machine() -> str:
+    """What a profile is calibrated for: the CPU model (/proc/cpuinfo's first "model name")
+    and the decode kernel this process runs (paged.kernel.isa()), e.g. "AMD EPYC / avx512bf16".
+    A profile measured on another CPU, or with another kernel, ranks routes by rates that are
+    not this machine's."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(names, model)
+    except OSError:
+        pass
+    return f"{model} / {kernel.isa() if kernel.AVAILABLE else 'torch'}"
+
+
 def dtype_name(dtype: torch.dtype | str) -> str:
     """The profile name of a page dtype (torch.bfloat16 or "bfloat16" -> "bfloat16");
     PagedInputError outside KV_DTYPES."""
@@ -116,8 +137,9 @@ def default_profile_path(dtype: torch.dtype | str) -> Path:
 
 def profile_for(dtype: torch.dtype | str, path: str | Path | None = None) -> MachineProfile | None:
     """The profile for `dtype` pages: read from `path` (PagedInputError if it is missing,
-    malformed or calibrated on another dtype), or with no path from default_profile_path(dtype)
-    if that exists, else None (the caller runs on MachineProfile()'s uncalibrated defaults)."""
+    malformed, or calibrated on another dtype or another machine), or with no path from
+    default_profile_path(dtype) if that exists, else None (the caller runs on
+    MachineProfile()'s uncalibrated defaults)."""
     name = dtype_name(dtype)
     if path is None:
         path = default_profile_path(name)
@@ -128,6 +150,12 @@ def profile_for(dtype: torch.dtype | str, path: str | Path | None = None) -> Mac
         raise PagedInputError(
             f"machine profile {path} was calibrated on {profile.dtype} pages, not {name}: "
             f"run `spectrumkv bench calibrate --dtype {name}`"
+        )
+    here = this_machine()
+    if profile.machine and profile.machine != here:
+        raise PagedInputError(
+            f"machine profile {path} was calibrated on {profile.machine!r}, this machine is "
+            f"{here!r}: run `spectrumkv bench calibrate --dtype {name}` here"
         )
     return profile
 
