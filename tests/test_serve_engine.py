@@ -269,6 +269,34 @@ def test_gemma_sliding_window_layers_batched_equal_alone():
     assert (first_logits(runner) - good).abs().max() > 1e-2
 
 
+def test_gemma_window_pages_reserved_enough_under_a_small_pool():
+    """Gemma-3 prompts past the window (random K/V as received, 700-1,000 tokens; 18 new
+    tokens, so each window slides past a page) in a pool that holds two at a time: admission
+    reserves the window groups' bound (cache.pages_needed), so every request completes (none
+    fails for lack of pages, whatever the others hold while their windows slide), and every
+    page comes back."""
+    gemma = skv.load("gemma3-270m")
+    fp, g = gemma.fingerprint, torch.Generator().manual_seed(0)
+    eng = BatchEngine(gemma, EngineConfig(pool_mb=24, max_queue=8, queue_timeout_s=300))
+    gens = []
+    try:
+        for n in (1000, 700, 950):
+            shape = (fp.n_kv_heads, n, fp.head_dim)
+            layers = [LayerKV(torch.randn(shape, generator=g).half(),
+                              torch.randn(shape, generator=g).half(), torch.arange(n))
+                      for _ in range(fp.n_layers)]  # fmt: skip
+            whole = -(-(n + 18) // 16)  # pages of the whole context, per page group
+            assert eng.pages_needed(n, 18) == whole + 5 * 34  # window groups: ceil(513/16) + 1
+            gens.append(eng.submit(SamplingParams(max_tokens=18), 2, n, layers=layers))
+        for gen in gens:
+            gen.wait(300)
+        assert all(gen.error is None for gen in gens)
+        assert eng.stats.steps > 18  # not all at once: the pool held two
+    finally:
+        eng.close()
+    assert eng.cache.free_pages == eng.total_pages
+
+
 def test_bad_requests_get_typed_errors(prompts, engine):
     _, last, pre = prompts[0]
     with pytest.raises(ValueError, match="one choice"):
