@@ -49,3 +49,8 @@ def test_a_request_corrupted_into_another_prompt_is_caught(smol):
         r = complete(c.url, prompt, 6, budget=1.0, on_failure="recompute")
         assert r["spectrumkv"]["outcome"] == "recomputed" and token_ids(r) == ref
     proxy.close()
+
+
+def test_rounds_use_chat_only_where_the_model_has_a_template():
+    assert faults._has_chat_template("smollm2-135m")  # an instruct model
+    assert not faults._has_chat_template("gemma3-270m")  # a base model: plain prompts (was a 400)

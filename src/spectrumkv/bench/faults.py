@@ -120,6 +120,16 @@ class FaultRecord:
     seconds: float
 
 
+def _has_chat_template(model: str) -> bool:
+    """Whether the model's tokenizer has a chat template (the rounds send the prompt as a chat
+    message where it does; a base model such as gemma3-270m's package has none)."""
+    from transformers import AutoTokenizer
+
+    from ..assets import model_dir
+
+    return bool(getattr(AutoTokenizer.from_pretrained(model_dir(model)), "chat_template", None))
+
+
 def run_faults(
     model: str, rounds: int, seed: int = 0, deadline_s: float = 8.0, max_tokens: int = 8
 ) -> tuple[list[FaultRecord], dict]:
@@ -141,7 +151,7 @@ def run_faults(
         assert proxy is not None
         # 0.01 Gbps: the FP16 payload (~1 MB) takes about a second on the wire, so offsets and
         # kills land inside the transfer
-        opts = {"chat": True, "budget": 1.0, "link_gbps": 0.01}
+        opts = {"chat": _has_chat_template(model), "budget": 1.0, "link_gbps": 0.01}
         ref = token_ids(complete(c.url, prompt, max_tokens, **opts))
         # the stream's size must come from a transfer that worked: a 502 here says why not
         # (e.g. a machine too slow for `deadline_s`)
