@@ -36,16 +36,11 @@ from spectrumkv.serve.runner import ModelRunner, pool_config
 def pools(engine, n_tokens: int) -> dict[str, PagedKVCache]:
     """The engine's pool (window groups) and the same pool without window layers, each large
     enough to hold `n_tokens` slots in every layer."""
-    window = pool_config(engine, 1.25 * n_tokens * _token_bytes(engine) / 2**20)
+    token_bytes = engine.fingerprint.kv_token_bytes(engine.kv_dtype.itemsize)
+    window = pool_config(engine, 1.25 * n_tokens * token_bytes / 2**20)
     whole = PagedConfig.for_model(engine.model.config, window.pages * window.group_size
                                   // window.layers, window.page_size, window.dtype)  # fmt: skip
     return {"window": PagedKVCache(window), "whole": PagedKVCache(whole)}
-
-
-def _token_bytes(engine) -> int:
-    """K+V bytes of one token in every layer."""
-    fp = engine.fingerprint
-    return 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * engine.kv_dtype.itemsize
 
 
 def fill(engine, runners: dict[str, ModelRunner], n: int, batch: int, seed: int) -> None:

@@ -42,6 +42,7 @@ import torch
 
 from . import kernel
 from .errors import CacheFullError, PagedInputError
+from .reference import gather
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -229,7 +230,7 @@ class PagedKVCache:
             del take[: n - cut]
         self._pages[rid] = tables
         self._length[rid] = n_tokens
-        self._released[rid] = skip if any(self._window) else 0
+        self._released[rid] = skip
 
     def release(self, rid: Any, first_slot: int) -> int:
         """Return the window groups' pages of `rid` that lie wholly below slot `first_slot`
@@ -237,18 +238,15 @@ class PagedKVCache:
         how many page ids went back. Full-attention groups keep every page."""
         tables = self._pages[self._known(rid)]
         below = min(first_slot, self._length[rid]) // self.config.page_size
-        done = self._released.get(rid, 0)  # window entries below it are -1 already
-        freed = 0
-        for table, w in zip(tables, self._window, strict=True):
-            if not w:
-                continue
-            for i in range(done, below):
-                if table[i] >= 0:
-                    self._free.append(table[i])
-                    table[i] = -1
-                    freed += 1
-        self._released[rid] = max(done, below)
-        return freed
+        done = self._released[rid]  # window entries below it are -1 already, none above
+        if below <= done:
+            return 0
+        windows = [t for t, w in zip(tables, self._window, strict=True) if w]
+        for table in windows:
+            self._free += table[done:below]
+            table[done:below] = [-1] * (below - done)
+        self._released[rid] = below
+        return len(windows) * (below - done)
 
     def extend(self, rid: Any, n_tokens: int) -> int:
         """Grow `rid` by `n_tokens` (>= 1); returns the position of the first new token.
@@ -346,12 +344,8 @@ class PagedKVCache:
         """K and V of `rid`'s tokens [start, end) in `layer`, [kv_heads, end - start, head_dim]
         in the KV dtype: one gather of its pages (a copy; the token axis may be a strided view
         of it)."""
-        kp, vp = self.layer(layer)
-        c = self.config
-        table = self._table(layer, rid, start, end)[start // c.page_size :]
-        lo = start % c.page_size  # slots of the first page before `start`
-        out = [x[table].transpose(0, 1).reshape(c.kv_heads, -1, c.head_dim) for x in (kp, vp)]
-        return out[0][:, lo : lo + end - start], out[1][:, lo : lo + end - start]
+        table = self._table(layer, rid, start, end)
+        return tuple(gather(x, table, end, start) for x in self.layer(layer))
 
     def write_slots(self, layer: int, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token per request of a step; k, v: [batch, kv_heads, head_dim]."""
