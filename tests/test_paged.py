@@ -112,7 +112,8 @@ def test_every_kernel_matches(dtype, isa):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_task_count_is_the_cost_models(threads):
     """The kernel groups KV heads into tasks exactly as cost.task_heads says (the cost model's
-    task term), on SmolLM2's and the 7B shape's heads, for every kernel route."""
+    task term), on SmolLM2's and the 7B shape's heads, for every kernel route; one head per
+    task (fuse_heads off) gives the same bits as fused tasks."""
     for kv_heads, group, d in ((3, 3, 64), (8, 4, 128)):
         lengths = [1, 40, 300, 700, 33, 1000, 64, 65, 17]
         cache, tables, lens = make_cache(lengths, torch.bfloat16, kv_heads, d)
@@ -121,13 +122,17 @@ def test_task_count_is_the_cost_models(threads):
         ref = reference(q, kp, vp, tables, lens, d**-0.5)
         geometry = Geometry(kv_heads, group, d)
         # the part grid (1,024 tokens; 32: up to 31 parts, past MAX_PARTS) and plain ranges
-        for grid in ({}, {"part_tokens": 32}, {"batch_invariant": False}):
+        outs = {}
+        for grid in ({}, {"part_tokens": 32}, {"batch_invariant": False}, {"fuse_heads": False}):
             profile = dataclasses.replace(SPLITTY, threads=threads, **grid)
             for route in KERNEL_ROUTES:
                 out, info = run_route(q, kp, vp, tables, lens, route, profile=profile,
                                       threads=threads)  # fmt: skip
                 assert info.tasks == route_terms(route, lengths, geometry, profile)[2], route
                 assert (out.double() - ref).abs().max().item() < 2e-3
+                outs[route, profile.fuse_heads, profile.part_tokens, profile.batch_invariant] = out
+        for route in KERNEL_ROUTES:
+            assert torch.equal(outs[route, False, 1024, True], outs[route, True, 1024, True])
 
 
 def test_merge_is_exact():

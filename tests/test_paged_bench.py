@@ -149,6 +149,8 @@ def test_calibrate_end_to_end_on_scaled_down_traces(tmp_path):
     assert len(scales) == 1 if "shared" in kept.split("(")[0] else len(scales) == 3
     assert (prof.min_split_tokens, prof.max_splits) in calibrate.WQ_GRID
     assert prof.split_splits in calibrate.SPLIT_GRID
+    (heads,) = [line for line in lines if line.startswith("heads per task: ") and "(" in line]
+    assert prof.fuse_heads == (heads.split("(")[0].strip() == "heads per task: fused")
     for head in ("beta ", "split settings:", "stream scales:", "fit:", "on the calibration cases:",
                  "batch-invariant grid"):  # fmt: skip
         assert sum(line.startswith(head) for line in lines) == 1, head

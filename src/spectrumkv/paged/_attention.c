@@ -1030,12 +1030,14 @@ static int64_t n_splits(int64_t n, int max_splits, int min_split, int part_token
     return ns;
 }
 
-/* KV heads per task, for `pieces` (request, split) ranges on `nthreads` threads: as many of a
- * request's heads as fit the task's buffers (at least one: G x d <= TASK_FLOATS), when that still
- * leaves FUSED_TASKS_PER_THREAD tasks per thread (or one thread runs them all); otherwise one
- * (more, smaller tasks balance better over the threads). cost.task_heads mirrors this. */
+/* KV heads per task, for `pieces` (request, split) ranges on `nthreads` threads: with `fuse`, as
+ * many of a request's heads as fit the task's buffers (at least one: G x d <= TASK_FLOATS), when
+ * that still leaves FUSED_TASKS_PER_THREAD tasks per thread (or one thread runs them all);
+ * otherwise one (more, smaller tasks balance better over the threads). Without `fuse`, always one
+ * (the machine profile's fuse_heads, calibrated per page dtype). cost.task_heads mirrors this. */
 #define FUSED_TASKS_PER_THREAD 4
-static int heads_per_task(int hkv, int G, int d, int64_t pieces, int nthreads) {
+static int heads_per_task(int hkv, int G, int d, int64_t pieces, int nthreads, int fuse) {
+    if (!fuse) return 1;
     int hb = TASK_FLOATS / (G * d);
     hb = hb < MAX_ROWS / G ? hb : MAX_ROWS / G;
     hb = hb < hkv ? hb : hkv;
@@ -1058,7 +1060,7 @@ static int by_size_desc(const void *x, const void *y) {
 
 /* decode(q_ptr, k_ptr, v_ptr, pool_elems, tables, lengths, out_ptr, q_heads, kv_heads,
  *        head_dim, page_size, dtype, scale, max_splits, min_split_tokens, nthreads[, starts,
- *        part_tokens])
+ *        part_tokens, fuse_heads])
  *   -> (tasks, partials of split requests (per KV head), threads used)
  * q and out: float32 [B, q_heads, head_dim] (B = len(lengths)); k, v: 16-bit
  * [pages, kv_heads, page_size, head_dim] with pool_elems elements each; tables: int32 [B, W];
@@ -1066,17 +1068,18 @@ static int by_size_desc(const void *x, const void *y) {
  * ceil(n / min_split_tokens)) ranges (rounded to whole TILE-token tiles).
  * starts (optional, int32 [B]; absent or empty = all 0): request b attends to its tokens
  * [starts[b], lengths[b]) only (a sliding-window layer's visible slots), 0 <= start < length.
- * part_tokens (optional, 0 = off; else a multiple of TILE): partials on that grid (n_splits). */
+ * part_tokens (optional, 0 = off; else a multiple of TILE): partials on that grid (n_splits).
+ * fuse_heads (optional, default 1): 0 = one KV head per task (heads_per_task). */
 static PyObject *decode(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long qp, kp, vp, op;
     long long pool_elems;
     Py_buffer tb, lb, sb = {0};
-    int hq, hkv, d, ps, dt, max_splits, min_split, nthreads, part_tokens = 0;
+    int hq, hkv, d, ps, dt, max_splits, min_split, nthreads, part_tokens = 0, fuse = 1;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKLy*y*Kiiiiifiii|y*i", &qp, &kp, &vp, &pool_elems, &tb, &lb,
+    if (!PyArg_ParseTuple(args, "KKKLy*y*Kiiiiifiii|y*ip", &qp, &kp, &vp, &pool_elems, &tb, &lb,
                           &op, &hq, &hkv, &d, &ps, &dt, &scale, &max_splits, &min_split,
-                          &nthreads, &sb, &part_tokens))
+                          &nthreads, &sb, &part_tokens, &fuse))
         return NULL;
     PyObject *ret = NULL;
     Task *tasks = NULL;
@@ -1125,7 +1128,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, bad);
         goto done;
     }
-    const int G = hq / hkv, hb = heads_per_task(hkv, G, d, pieces, nthreads);
+    const int G = hq / hkv, hb = heads_per_task(hkv, G, d, pieces, nthreads, fuse);
     const int64_t ntasks = pieces * ((hkv + hb - 1) / hb);
     tasks = PyMem_Malloc(sizeof(Task) * (size_t)ntasks);
     mg = PyMem_Malloc(sizeof(Merge) * (size_t)B * hkv);

@@ -9,12 +9,16 @@ about half as much as their least (a route timed against itself: log-sd 0.09 vs 
 1. beta, beta_1: KV bytes/s of the kernel on a large uniform batch, all threads and one thread;
    lam_pad, beta_pad: the padded route's time on a 32-token step, and its rate over the padded
    bytes of the large batch;
-2. split settings: min_split_tokens / max_splits (workqueue, per-request) and split_splits
+2. heads per task (fuse_heads): workqueue and split at the default split settings with fused
+   tasks (several KV heads of a request per task, cost.task_heads) and with one head per task,
+   on the calibration traces x batches 4, 8, 16; the variant with the least geometric-mean
+   time (relative to each case's best) is kept for everything after;
+3. split settings: min_split_tokens / max_splits (workqueue, per-request) and split_splits
    (split): the grid point with the least geometric-mean time over the calibration cases
    (traces x batches 1, 4, 8), each case's times relative to its best;
-3. lam, tau and the stream scale: relative least squares of
+4. lam, tau and the stream scale: relative least squares of
    T = scale * stream + dispatches * lam + tasks * tau (cost.py) over every kernel run of
-   steps 2 and of the three kernel routes on the traces x batches 1-32 (non-negative; a
+   steps 2-3 and of the three kernel routes on the traces x batches 1-32 (non-negative; a
    coefficient that fits below its floor is pinned there and the rest refitted), once with one
    scale for the three kernel routes and once with a scale per route (`_fit` says why); the
    per-route fit is kept only if the routes it picks on these cases are faster in sum (log
@@ -42,6 +46,7 @@ from .routes import run_route
 
 CAL_SEEDS = (0, 1)
 GRID_BATCHES = (1, 4, 8)
+FUSE_BATCHES = (4, 8, 16)  # at batch 1 both variants mostly run one head per task anyway
 FIT_BATCHES = (1, 2, 4, 8, 16, 32)
 WQ_GRID = tuple(itertools.product((1024, 2048, 4096, 8192), (4, 16)))
 SPLIT_GRID = (2, 4, 8)
@@ -182,6 +187,21 @@ def calibrate(
             rows.append((route, *cost.route_terms(route, case.lens, case.geometry, p), t))
         return got
 
+    fuse_variants = [("workqueue", profile), ("split", profile)]
+    fuse_variants += [(r, dataclasses.replace(p, fuse_heads=False)) for r, p in fuse_variants]
+    fuse: dict[bool, list[float]] = {True: [], False: []}
+    for name, case in _cases(shape, FUSE_BATCHES, page_size, dtype, ring_bytes, scale):
+        got = measure(case, fuse_variants)
+        for (_, p), t in zip(fuse_variants, got, strict=True):
+            fuse[p.fuse_heads].append(t)
+        progress(f"heads per task: {name} done")
+        del case
+    profile = dataclasses.replace(profile, fuse_heads=_geomean_best(fuse))
+    one_vs_fused = statistics.geometric_mean(
+        a / b for a, b in zip(fuse[False], fuse[True], strict=True)
+    )
+    progress(f"heads per task: {'fused' if profile.fuse_heads else 'one'} (one head / fused, "
+             f"geometric mean over workqueue and split: {one_vs_fused:.3f})")  # fmt: skip
     wq_variants = [dataclasses.replace(profile, min_split_tokens=a, max_splits=b)
                    for a, b in WQ_GRID]  # fmt: skip
     sp_variants = [dataclasses.replace(profile, split_splits=s) for s in SPLIT_GRID]

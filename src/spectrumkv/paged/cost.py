@@ -75,6 +75,10 @@ class MachineProfile:
     # tokens per partial when batch_invariant (a multiple of TILE): measured on the SmolLM2
     # shape against one partial per range, 256 cost 5-10 %, 512 3-5 %, 1024 0-2 % (RESULTS)
     part_tokens: int = 1024
+    # a task may cover several KV heads of a request (`task_heads`); False: one head per task
+    # always. Calibrated per page dtype: on the Zen 4 VM fp16 pages (F16C conversions) ran
+    # 10-25 % faster with one head per task at batch 8-16, bf16 pages 5-15 % slower (RESULTS)
+    fuse_heads: bool = True
     dtype: str = "bfloat16"  # the KV page dtype it was calibrated on (KV_DTYPES)
     # the machine it was calibrated on (`this_machine()`); "" in profiles that do not say
     # (written before it was recorded): those are taken on any machine
@@ -263,13 +267,17 @@ def merge_bytes(n_partials: int, g: Geometry) -> int:
     return n_partials * g.kv_heads * g.group * (g.head_dim + 2) * 4
 
 
-def task_heads(g: Geometry, pieces: int, threads: int) -> list[int]:
+def task_heads(g: Geometry, pieces: int, threads: int, fuse: bool = True) -> list[int]:
     """KV heads of each task of one (request, split) piece, as the kernel groups them when a
     dispatch has `pieces` pieces on `threads` threads: all heads whose queries and accumulators
     fit a task's buffers, unless that leaves fewer than FUSED_TASKS_PER_THREAD tasks per thread
-    on more than one thread (then one head per task)."""
+    on more than one thread, or `fuse` is False (then one head per task)."""
     hb = min(g.kv_heads, TASK_FLOATS // (g.group * g.head_dim), MAX_ROWS // g.group)
-    if threads > 1 and pieces * _ceil_div(g.kv_heads, hb) < FUSED_TASKS_PER_THREAD * threads:
+    if (
+        not fuse
+        or threads > 1
+        and pieces * _ceil_div(g.kv_heads, hb) < FUSED_TASKS_PER_THREAD * threads
+    ):
         hb = 1
     full, rest = divmod(g.kv_heads, hb)
     return [hb] * full + ([rest] if rest else [])
@@ -285,7 +293,7 @@ def dispatch_terms(lengths, g: Geometry, p: MachineProfile, settings) -> tuple[f
         pieces.append((ns, chunk, n - (ns - 1) * chunk))
         n_partials += parts if parts > 1 else 0
     n_pieces = sum(ns for ns, _, _ in pieces)
-    heads = task_heads(g, n_pieces, p.threads)
+    heads = task_heads(g, n_pieces, p.threads, p.fuse_heads)
     tasks: dict[int, int] = {}
     for ns, chunk, last in pieces:
         for h in heads:
@@ -326,9 +334,9 @@ def lower_bound(route: str, lengths, g: Geometry, p: MachineProfile) -> float:
     pieces = [ns for ns, _, _ in cuts]
     n_partials = sum(parts for _, _, parts in cuts if parts > 1)
     if route == "per-request":  # one dispatch per request
-        tasks = sum(ns * len(task_heads(g, ns, p.threads)) for ns in pieces)
+        tasks = sum(ns * len(task_heads(g, ns, p.threads, p.fuse_heads)) for ns in pieces)
     else:
-        tasks = sum(pieces) * len(task_heads(g, sum(pieces), p.threads))
+        tasks = sum(pieces) * len(task_heads(g, sum(pieces), p.threads, p.fuse_heads))
     merge = merge_bytes(n_partials, g)
     stream = sum(lengths) * g.token_bytes / p.beta + merge / p.beta_1
     dispatches = len(lengths) if route == "per-request" else 1

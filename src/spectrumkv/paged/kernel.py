@@ -5,7 +5,8 @@ input check every route runs.
 on torch's own threads (the same libgomp team as torch's ops; see `_attention.c`), then merges
 split requests exactly. A task covers all KV heads of its request whose state fits its buffers
 (one run of K and of V per page), or one KV head when that would leave fewer than 4 tasks per
-thread (`cost.task_heads` states the rule). Kernels: AMX-BF16 or AVX512-BF16 (bf16 pages only),
+thread or when the profile says one head per task runs faster (`fuse_heads`; `cost.task_heads`
+states the rule). Kernels: AMX-BF16 or AVX512-BF16 (bf16 pages only),
 AVX-512F, AVX2/F16C/FMA or plain C, the best the CPU has (`isa`, `set_isa`;
 `SPECTRUMKV_PAGED_ISA=<name>` in the environment caps it at import, e.g. to time one kernel
 against another in alternating processes). `write_rows()` copies a decode step's new K/V into its
@@ -138,6 +139,7 @@ def decode(
     out: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     part_tokens: int = 0,
+    fuse_heads: bool = True,
 ) -> tuple[torch.Tensor, int, int]:
     """One dispatch over the whole batch. Request b attends to its tokens [starts[b],
     lengths[b]) (starts None: from 0); a span of n tokens is cut into
@@ -145,9 +147,11 @@ def decode(
     range) is one task per group of KV heads (`cost.task_heads`). part_tokens > 0 (a multiple
     of 32): the ranges are whole parts of that many tokens and each part is its own partial,
     merged in order, so a request's output bits depend on its span and part_tokens only, not
-    on the ranges, the route or the batch (`cost.cut`). Returns (out float32 [batch, q_heads,
-    head_dim], tasks, partials: those of requests cut into more than one, per KV head, as
-    `cost.merge_bytes` counts them). Inputs as in `check_inputs`, which the caller has run."""
+    on the ranges, the route or the batch (`cost.cut`). fuse_heads False: one KV head per task
+    whatever the batch (`MachineProfile.fuse_heads`; the bits do not change). Returns (out
+    float32 [batch, q_heads, head_dim], tasks, partials: those of requests cut into more than
+    one, per KV head, as `cost.merge_bytes` counts them). Inputs as in `check_inputs`, which
+    the caller has run."""
     qf = q.to(torch.float32).contiguous()
     if out is None:
         out = torch.empty(qf.shape, dtype=torch.float32)
@@ -158,7 +162,7 @@ def decode(
             tables.contiguous().numpy(), lengths.contiguous().numpy(), out.data_ptr(),
             q.shape[1], k_pages.shape[1], k_pages.shape[3], k_pages.shape[2],
             _DTYPE_CODES[k_pages.dtype], scale, max_splits, min_split_tokens, threads,
-            b"" if starts is None else starts.contiguous().numpy(), part_tokens,
+            b"" if starts is None else starts.contiguous().numpy(), part_tokens, fuse_heads,
         )  # fmt: skip
     except ValueError as e:
         raise PagedInputError(str(e)) from None

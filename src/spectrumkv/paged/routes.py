@@ -121,14 +121,14 @@ def run_route(
             one = None if starts is None else starts[b : b + 1]
             _, t, p = kernel.decode(
                 q[b : b + 1], k_pages, v_pages, tables[b : b + 1], lengths[b : b + 1], scale,
-                max_splits, min_split, threads, out[b : b + 1], one, part,
+                max_splits, min_split, threads, out[b : b + 1], one, part, profile.fuse_heads,
             )  # fmt: skip
             tasks, partials = tasks + t, partials + p
         dispatches = q.shape[0]
     else:
         out, tasks, partials = kernel.decode(
             q, k_pages, v_pages, tables, lengths, scale, max_splits, min_split, threads,
-            starts=starts, part_tokens=part,
+            starts=starts, part_tokens=part, fuse_heads=profile.fuse_heads,
         )  # fmt: skip
         dispatches = 1
     merge = cost.merge_bytes(partials, geometry(q, k_pages))

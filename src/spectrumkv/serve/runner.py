@@ -99,7 +99,8 @@ def _attend(st: _Step, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         max_splits, min_split, part = st.settings
         scale = float(scaling) if scaling is not None else k_pages.shape[3] ** -0.5
         out, _, _ = kernel.decode(q, k_pages, v_pages, tables, st.lengths, scale, max_splits,
-                                  min_split, starts=starts, part_tokens=part)  # fmt: skip
+                                  min_split, starts=starts, part_tokens=part,
+                                  fuse_heads=st.profile.fuse_heads)  # fmt: skip
     else:
         out, _ = run_route(q, k_pages, v_pages, tables, st.lengths, st.route, scaling,
                            st.profile, starts=starts)  # fmt: skip
