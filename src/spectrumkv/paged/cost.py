@@ -77,7 +77,7 @@ class MachineProfile:
     part_tokens: int = 1024
     # a task may cover several KV heads of a request (`task_heads`); False: one head per task
     # always. Calibrated per page dtype: on the Zen 4 VM fp16 pages (F16C conversions) ran
-    # 10-25 % faster with one head per task at batch 8-16, bf16 pages 5-15 % slower (RESULTS)
+    # 14-24 % faster with one head per task at batch 8-16, bf16 pages ~17 % slower (RESULTS)
     fuse_heads: bool = True
     dtype: str = "bfloat16"  # the KV page dtype it was calibrated on (KV_DTYPES)
     # the machine it was calibrated on (`this_machine()`); "" in profiles that do not say
