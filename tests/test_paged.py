@@ -290,6 +290,27 @@ def test_compiled_slot_write_equals_index_copy(dtype):
     assert not kernel.write_rows(*meta, slots.rows[0], k, v)
 
 
+@pytest.mark.skipif(not kernel.AVAILABLE, reason="the compiled kernel is not built")
+def test_compiled_prompt_write_equals_index_put():
+    """A prompt written at a start mid-page (k, v [kv_heads, n, head_dim], already in the KV
+    dtype: the compiled rows path) lands in the same bits as torch's advanced indexing, which
+    float32 input (a dtype conversion) still takes; other requests' pages stay untouched."""
+    cfg = PagedConfig(2, 3, 64, pages=12, page_size=16, dtype=torch.bfloat16)
+    cache, twin = PagedKVCache(cfg, shuffle_seed=3), PagedKVCache(cfg, shuffle_seed=3)
+    for c in (cache, twin):
+        c.allocate("other", 20)
+        c.allocate("a", 70)
+    k, v = torch.randn(3, 61, 64), torch.randn(3, 61, 64)
+    before = cache.k.clone()
+    cache.write(1, "a", 9, k.bfloat16(), v.bfloat16())  # compiled rows
+    twin.write(1, "a", 9, k, v)  # float32: converted by torch's indexing path
+    assert torch.equal(cache.k, twin.k) and torch.equal(cache.v, twin.v)
+    got_k, got_v = cache.read(1, "a", 70, 9)
+    assert torch.equal(got_k, k.bfloat16()) and torch.equal(got_v, v.bfloat16())
+    other = cache.pages_of("other")
+    assert torch.equal(cache.k[:, other], before[:, other])
+
+
 def test_window_layers_keep_only_their_window():
     """Layers 1, 3 of 4 are window layers: 2 page groups of 2 layers. Window groups take pages
     from `window_start` on, `release` hands back those wholly below a slot (entries -1), the

@@ -1183,20 +1183,23 @@ done:
     return ret;
 }
 
-/* write_rows(k_pages, v_pages, pool_rows, rows, k, k_stride, v, v_stride, batch, heads, d):
- * a decode step's new token per request into its page slot, in one call for K and V. The pools
- * are viewed as pool_rows rows of d 16-bit values (fp16 or bf16, the caller has matched the
- * dtypes: a plain copy); rows is int64 [batch x heads], request-major. Row (b, h) of k starts at
- * element b * k_stride + h * d (v alike), so a strided slice of a larger buffer needs no copy.
+/* write_rows(k_pages, v_pages, pool_rows, rows, k, k_stride, k_hstride, v, v_stride, v_hstride,
+ *            batch, heads, d):
+ * tokens' K/V rows into their page slots, in one call for K and V: a decode step's new token per
+ * request, or a prompt's tokens (batch = tokens). The pools are viewed as pool_rows rows of d
+ * 16-bit values (fp16 or bf16, the caller has matched the dtypes: a plain copy); rows is int64
+ * [batch x heads], batch-major. Row (b, h) of k starts at element b * k_stride + h * k_hstride (v
+ * alike), so a strided slice of a larger buffer, or a [heads, tokens, d] prompt, needs no copy.
  * Every row is checked against the pool before anything is written. */
 static PyObject *write_rows(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long kp, vp, rp, ks_p, vs_p;
-    long long pool_rows, k_stride, v_stride, batch, heads, d;
-    if (!PyArg_ParseTuple(args, "KKLKKLKLLLL", &kp, &vp, &pool_rows, &rp, &ks_p, &k_stride, &vs_p,
-                          &v_stride, &batch, &heads, &d))
+    long long pool_rows, k_stride, k_hstride, v_stride, v_hstride, batch, heads, d;
+    if (!PyArg_ParseTuple(args, "KKLKKLLKLLLLL", &kp, &vp, &pool_rows, &rp, &ks_p, &k_stride,
+                          &k_hstride, &vs_p, &v_stride, &v_hstride, &batch, &heads, &d))
         return NULL;
-    if (batch < 0 || heads < 1 || d < 1 || k_stride < heads * d || v_stride < heads * d) {
+    if (batch < 0 || heads < 1 || d < 1 || k_stride < 0 || v_stride < 0 || k_hstride < 0 ||
+        v_hstride < 0) {
         PyErr_SetString(PyExc_ValueError, "write_rows: bad batch/heads/head_dim/strides");
         return NULL;
     }
@@ -1212,8 +1215,8 @@ static PyObject *write_rows(PyObject *self, PyObject *args) {
     for (int64_t b = 0; b < batch; b++)
         for (int64_t h = 0; h < heads; h++) {
             const int64_t r = rows[b * heads + h];
-            memcpy(K + r * d, k + b * k_stride + h * d, row_bytes);
-            memcpy(V + r * d, v + b * v_stride + h * d, row_bytes);
+            memcpy(K + r * d, k + b * k_stride + h * k_hstride, row_bytes);
+            memcpy(V + r * d, v + b * v_stride + h * v_hstride, row_bytes);
         }
     Py_RETURN_NONE;
 }

@@ -332,11 +332,15 @@ class PagedKVCache:
         if not isinstance(start, int):
             raise PagedInputError(f"start must be an int, got {start!r}")
         table = self._table(layer, rid, start, start + count)
-        ps = self.config.page_size
+        ps, heads = self.config.page_size, torch.arange(self.config.kv_heads)
         pos = torch.arange(start, start + count)
         page, off = table[pos // ps], pos % ps
-        kp[page, :, off] = k.transpose(0, 1).to(kp.dtype)
-        vp[page, :, off] = v.transpose(0, 1).to(vp.dtype)
+        rows = ((page[:, None] * heads.numel() + heads) * ps + off[:, None]).reshape(-1)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [n, kv_heads, head_dim] views
+        if kernel.write_rows(kp, vp, rows, k, v):  # no OpenMP region, no copy of k, v
+            return
+        kp[page, :, off] = k.to(kp.dtype)
+        vp[page, :, off] = v.to(vp.dtype)
 
     def read(
         self, layer: int, rid: Any, end: int, start: int = 0

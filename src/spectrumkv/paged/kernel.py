@@ -76,19 +76,20 @@ def check_tables(tables, lengths, pages: int, page_size: int, starts=None) -> No
 
 
 def write_rows(k_pages, v_pages, rows, k, v) -> bool:
-    """Copy a step's new K/V (k, v [batch, kv_heads, head_dim], already in the pages' dtype; the
-    batch axis may be strided, as a slice of a larger buffer) into rows `rows` (int64 [batch x
-    kv_heads], contiguous) of the pages viewed as [rows, head_dim]: the compiled twin of two
-    `index_copy_` calls, one call instead of ~10 torch ops per layer. Returns False, writing
-    nothing, when the inputs are not ones it takes (extension not built, a dtype conversion, a
-    layout other than rows of head_dim contiguous values, a tensor off the CPU): the caller then
+    """Copy tokens' K/V (k, v [batch, kv_heads, head_dim], already in the pages' dtype: a decode
+    step's new token per request, or a prompt's tokens; the batch and head axes may be strided,
+    as a slice of a larger buffer or a transposed [kv_heads, tokens, head_dim] prompt) into rows
+    `rows` (int64 [batch x kv_heads], contiguous) of the pages viewed as [rows, head_dim]: the
+    compiled twin of two `index_copy_` calls, one single-threaded call with no temporaries.
+    Returns False, writing nothing, when the inputs are not ones it takes (extension not built, a
+    dtype conversion, head_dim values not contiguous, a tensor off the CPU): the caller then
     uses torch. A row outside the pool is a PagedInputError, raised before anything is written."""
     if _attention is None:
         return False
     b, h, d = k.shape
     if (
         k.dtype != k_pages.dtype or v.dtype != v_pages.dtype or k_pages.dtype not in _DTYPE_CODES
-        or v.shape != k.shape or k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1)
+        or v.shape != k.shape or k.stride(2) != 1 or v.stride(2) != 1
         or rows.dtype != torch.int64 or not rows.is_contiguous() or rows.numel() != b * h
         or not (k_pages.is_contiguous() and v_pages.is_contiguous())
         or not (k_pages.is_cpu and v_pages.is_cpu and k.is_cpu and v.is_cpu and rows.is_cpu)
@@ -97,7 +98,8 @@ def write_rows(k_pages, v_pages, rows, k, v) -> bool:
     try:
         _attention.write_rows(
             k_pages.data_ptr(), v_pages.data_ptr(), k_pages.numel() // d, rows.data_ptr(),
-            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), b, h, d,
+            k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), b, h,
+            d,
         )  # fmt: skip
     except ValueError as e:
         raise PagedInputError(str(e)) from None
