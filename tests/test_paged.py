@@ -292,19 +292,24 @@ def test_compiled_slot_write_equals_index_copy(dtype):
 
 @pytest.mark.skipif(not kernel.AVAILABLE, reason="the compiled kernel is not built")
 def test_compiled_prompt_write_equals_index_put():
-    """A prompt written at a start mid-page (k, v [kv_heads, n, head_dim], already in the KV
-    dtype: the compiled rows path) lands in the same bits as torch's advanced indexing, which
-    float32 input (a dtype conversion) still takes; other requests' pages stay untouched."""
+    """A prompt written at a start mid-page (k, v [kv_heads, n, head_dim], in the KV dtype or
+    float32: the compiled rows path) lands in the same bits as torch's advanced indexing; other
+    requests' pages stay untouched."""
     cfg = PagedConfig(2, 3, 64, pages=12, page_size=16, dtype=torch.bfloat16)
-    cache, twin = PagedKVCache(cfg, shuffle_seed=3), PagedKVCache(cfg, shuffle_seed=3)
-    for c in (cache, twin):
+    cache, twin, plain = (PagedKVCache(cfg, shuffle_seed=3) for _ in range(3))
+    for c in (cache, twin, plain):
         c.allocate("other", 20)
         c.allocate("a", 70)
     k, v = torch.randn(3, 61, 64), torch.randn(3, 61, 64)
     before = cache.k.clone()
-    cache.write(1, "a", 9, k.bfloat16(), v.bfloat16())  # compiled rows
-    twin.write(1, "a", 9, k, v)  # float32: converted by torch's indexing path
-    assert torch.equal(cache.k, twin.k) and torch.equal(cache.v, twin.v)
+    cache.write(1, "a", 9, k.bfloat16(), v.bfloat16())
+    twin.write(1, "a", 9, k, v)  # float32: converted first
+    pos, table = torch.arange(9, 70), torch.tensor(plain.pages_of("a"))
+    kp, vp = plain.layer(1)
+    kp[table[pos // 16], :, pos % 16] = k.transpose(0, 1).bfloat16()  # torch's indexing path
+    vp[table[pos // 16], :, pos % 16] = v.transpose(0, 1).bfloat16()
+    for c in (twin, plain):
+        assert torch.equal(cache.k, c.k) and torch.equal(cache.v, c.v)
     got_k, got_v = cache.read(1, "a", 70, 9)
     assert torch.equal(got_k, k.bfloat16()) and torch.equal(got_v, v.bfloat16())
     other = cache.pages_of("other")

@@ -2,7 +2,7 @@
 # Records the paged decode-attention results (issue 17) into benchmarks/results/attention*.
 # Run from the repository root: `bash benchmarks/results/attention.sh` (about 80 min on the shared
 # 2-core VM at load average ~10, 50 min at load 4-6; PARTS="calibrate smollm2" etc. runs a subset,
-# in this order; NAME=attention-zen4 writes every file under that prefix instead, so a run on
+# in this order; REPS=9 times 9 rounds per case instead of 5; NAME=attention-zen4 writes every file under that prefix instead, so a run on
 # another CPU keeps the recorded one). `adaptive` is timed per step (planned once per timed pass, the route passed to
 # every layer, as serve/runner.py does; see paged/bench.py).
 # 1. calibrate the cost model on calibration seeds 0-1, for bf16 and for fp16 pages (writes a
@@ -15,8 +15,9 @@ R=benchmarks/results
 SK="nice -n 5 .venv/bin/spectrumkv"
 PARTS=${PARTS:-"calibrate smollm2 7b fp16 p16 limit"}
 N=$R/${NAME:-attention}
-B="--profile $N-profile-bfloat16.json --ring-mb 256 --reps 5 --slow-reps 1"
-B16="--profile $N-profile-float16.json --ring-mb 256 --reps 5 --slow-reps 1"
+REPS=${REPS:-5}  # interleaved rounds per case (REPS=9: ~1.6x the time, ~25 % less spread)
+B="--profile $N-profile-bfloat16.json --ring-mb 256 --reps $REPS --slow-reps 1"
+B16="--profile $N-profile-float16.json --ring-mb 256 --reps $REPS --slow-reps 1"
 KERNEL=per-request,split,workqueue,adaptive
 log() { echo "$1 $(date -u +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a $N-uptime.txt; }
 grep -m1 "model name" /proc/cpuinfo | tee -a $N-uptime.txt

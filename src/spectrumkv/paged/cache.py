@@ -336,11 +336,12 @@ class PagedKVCache:
         pos = torch.arange(start, start + count)
         page, off = table[pos // ps], pos % ps
         rows = ((page[:, None] * heads.numel() + heads) * ps + off[:, None]).reshape(-1)
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [n, kv_heads, head_dim] views
-        if kernel.write_rows(kp, vp, rows, k, v):  # no OpenMP region, no copy of k, v
+        # [n, kv_heads, head_dim], views unless the dtype changes
+        k, v = k.transpose(0, 1).to(kp.dtype), v.transpose(0, 1).to(vp.dtype)
+        if kernel.write_rows(kp, vp, rows, k, v):  # no OpenMP region, no temporaries
             return
-        kp[page, :, off] = k.to(kp.dtype)
-        vp[page, :, off] = v.to(vp.dtype)
+        kp[page, :, off] = k
+        vp[page, :, off] = v
 
     def read(
         self, layer: int, rid: Any, end: int, start: int = 0
