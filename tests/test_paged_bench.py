@@ -25,6 +25,7 @@ from spectrumkv.paged.cost import (
     route_terms,
     splits_of,
     stream_seconds,
+    task_heads,
     this_machine,
 )
 from spectrumkv.paged.errors import PagedInputError
@@ -70,6 +71,19 @@ def test_route_choice_on_synthetic_profiles():
     # balanced pieces; cheap tasks favour split, expensive ones workqueue
     assert choose([1000], SMOL, dataclasses.replace(BASE, tau=1e-9), KERNEL_ROUTES) == "split"
     assert choose([1000], SMOL, dataclasses.replace(BASE, tau=1e-5), KERNEL_ROUTES) != "split"
+    # one ~10K-token request: split's 5 ranges are too few pieces to fuse heads (15 one-head
+    # tasks), workqueue's 10 fuse them; with one-head tasks measured slower, workqueue wins
+    grid = dataclasses.replace(BASE, min_split_tokens=1024, max_splits=16, split_splits=8,
+                               batch_invariant=True, tau=1e-8)  # fmt: skip
+    assert task_heads(SMOL, 5, 2) == [1, 1, 1] and task_heads(SMOL, 10, 2) == [3]
+    slow_one = dataclasses.replace(grid, one_head_scale=1.17)
+    assert predict("split", [9784], SMOL, slow_one) > predict("split", [9784], SMOL, grid)
+    assert predict("workqueue", [9784], SMOL, slow_one) == predict("workqueue", [9784], SMOL, grid)
+    assert choose([9784], SMOL, slow_one, KERNEL_ROUTES) == "workqueue"
+    # ... unless every task takes one head anyway (fuse_heads off): the factor does not apply
+    unfused = dataclasses.replace(slow_one, fuse_heads=False)
+    plain = dataclasses.replace(unfused, one_head_scale=1.0)
+    assert predict("split", [9784], SMOL, unfused) == predict("split", [9784], SMOL, plain)
     # a fitted per-route scale moves the choice
     assert choose(mixed, SMOL, dataclasses.replace(BASE, scale_workqueue=0.8)) == "workqueue"
     assert choose(mixed, SMOL, dataclasses.replace(BASE, scale_split=0.8)) == "split"
@@ -151,6 +165,7 @@ def test_calibrate_end_to_end_on_scaled_down_traces(tmp_path):
     assert prof.split_splits in calibrate.SPLIT_GRID
     (heads,) = [line for line in lines if line.startswith("heads per task: ") and "(" in line]
     assert prof.fuse_heads == (heads.split("(")[0].strip() == "heads per task: fused")
+    assert prof.one_head_scale >= 1.0 and (prof.fuse_heads or prof.one_head_scale == 1.0)
     for head in ("beta ", "split settings:", "stream scales:", "fit:", "on the calibration cases:",
                  "batch-invariant grid"):  # fmt: skip
         assert sum(line.startswith(head) for line in lines) == 1, head

@@ -12,13 +12,15 @@ about half as much as their least (a route timed against itself: log-sd 0.09 vs 
 2. heads per task (fuse_heads): workqueue and split at the default split settings with fused
    tasks (several KV heads of a request per task, cost.task_heads) and with one head per task,
    on the calibration traces x batches 4, 8, 16; the variant with the least geometric-mean
-   time (relative to each case's best) is kept for everything after;
+   time (relative to each case's best) is kept for everything after, and with fused tasks the
+   geometric mean of one head / fused becomes `one_head_scale` (the cost of a dispatch that
+   has too few pieces to fuse: one request, per-request dispatches);
 3. split settings: min_split_tokens / max_splits (workqueue, per-request) and split_splits
    (split): the grid point with the least geometric-mean time over the calibration cases
    (traces x batches 1, 4, 8), each case's times relative to its best;
 4. lam, tau and the stream scale: relative least squares of
    T = scale * stream + dispatches * lam + tasks * tau (cost.py) over every kernel run of
-   steps 2-3 and of the three kernel routes on the traces x batches 1-32 (non-negative; a
+   step 3 and of the three kernel routes on the traces x batches 1-32 (non-negative; a
    coefficient that fits below its floor is pinned there and the rest refitted), once with one
    scale for the three kernel routes and once with a scale per route (`_fit` says why); the
    per-route fit is kept only if the routes it picks on these cases are faster in sum (log
@@ -196,12 +198,16 @@ def calibrate(
             fuse[p.fuse_heads].append(t)
         progress(f"heads per task: {name} done")
         del case
-    profile = dataclasses.replace(profile, fuse_heads=_geomean_best(fuse))
     one_vs_fused = statistics.geometric_mean(
         a / b for a, b in zip(fuse[False], fuse[True], strict=True)
     )
+    fused = _geomean_best(fuse)  # then one_vs_fused >= 1 (the same geometric means)
+    profile = dataclasses.replace(
+        profile, fuse_heads=fused, one_head_scale=max(1.0, one_vs_fused) if fused else 1.0
+    )
     progress(f"heads per task: {'fused' if profile.fuse_heads else 'one'} (one head / fused, "
              f"geometric mean over workqueue and split: {one_vs_fused:.3f})")  # fmt: skip
+    rows.clear()  # the fit's stream terms use the one_head_scale just measured
     wq_variants = [dataclasses.replace(profile, min_split_tokens=a, max_splits=b)
                    for a, b in WQ_GRID]  # fmt: skip
     sp_variants = [dataclasses.replace(profile, split_splits=s) for s in SPLIT_GRID]

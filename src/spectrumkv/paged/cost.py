@@ -79,6 +79,10 @@ class MachineProfile:
     # always. Calibrated per page dtype: on the Zen 4 VM fp16 pages (F16C conversions) ran
     # 14-24 % faster with one head per task at batch 8-16, bf16 pages ~17 % slower (RESULTS)
     fuse_heads: bool = True
+    # with fuse_heads, the time of a dispatch whose tasks take one KV head each (too few
+    # pieces to fuse: one request, per-request dispatches) relative to fused tasks over the
+    # same bytes; measured by `bench calibrate` (bf16 pages on the Zen 4 VM: 1.17), >= 1
+    one_head_scale: float = 1.0
     dtype: str = "bfloat16"  # the KV page dtype it was calibrated on (KV_DTYPES)
     # the machine it was calibrated on (`this_machine()`); "" in profiles that do not say
     # (written before it was recorded): those are taken on any machine
@@ -303,7 +307,10 @@ def dispatch_terms(lengths, g: Geometry, p: MachineProfile, settings) -> tuple[f
                 tasks[size] = tasks.get(size, 0) + ns - 1
     merge = merge_bytes(n_partials, g)
     n_tasks = n_pieces * len(heads)
-    return stream_seconds(lpt_loads(tasks, min(p.threads, n_tasks)), p), n_tasks, merge
+    stream = stream_seconds(lpt_loads(tasks, min(p.threads, n_tasks)), p)
+    if p.fuse_heads and g.kv_heads > 1 and heads[0] == 1:  # could not fuse: slower tasks
+        stream *= p.one_head_scale
+    return stream, n_tasks, merge
 
 
 def route_terms(route: str, lengths, g: Geometry, p: MachineProfile) -> tuple[float, int, int]:
