@@ -77,11 +77,11 @@ class MachineProfile:
     part_tokens: int = 1024
     # a task may cover several KV heads of a request (`task_heads`); False: one head per task
     # always. Calibrated per page dtype: on the Zen 4 VM fp16 pages (F16C conversions) ran
-    # 14-24 % faster with one head per task at batch 8-16, bf16 pages ~17 % slower (RESULTS)
+    # 14-24 % faster with one head per task at batch 8-16, bf16 pages 14-17 % slower (RESULTS)
     fuse_heads: bool = True
     # with fuse_heads, the time of a dispatch whose tasks take one KV head each (too few
     # pieces to fuse: one request, per-request dispatches) relative to fused tasks over the
-    # same bytes; measured by `bench calibrate` (bf16 pages on the Zen 4 VM: 1.17), >= 1
+    # same bytes; measured by `bench calibrate` (bf16 pages on the Zen 4 VM: 1.14-1.17), >= 1
     one_head_scale: float = 1.0
     dtype: str = "bfloat16"  # the KV page dtype it was calibrated on (KV_DTYPES)
     # the machine it was calibrated on (`this_machine()`); "" in profiles that do not say
