@@ -110,10 +110,11 @@ def test_full_rank_same_model_reproduces_cache(tmp_path, corpus, monkeypatch):
 
 def test_artifact_round_trip_and_typed_errors(tmp_path, pair, corpus):
     a, b = pair
-    art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=0.5, **SMALL))
+    art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=0.5, tail_tokens=8, **SMALL))
     out = artifact.save(art, tmp_path / "art")
     got = artifact.load(out)
     assert got.manifest == art.manifest and got.manifest.tensors_sha256
+    assert (got.manifest.head_tokens, got.manifest.tail_tokens) == (0, 8)
     assert got.tensors.keys() == art.tensors.keys()
     assert all(torch.equal(got.tensors[k], art.tensors[k].float()) for k in art.tensors)
     artifact.check_models(got, a.fingerprint, b.fingerprint)
@@ -127,6 +128,11 @@ def test_artifact_round_trip_and_typed_errors(tmp_path, pair, corpus):
     (out / "manifest.json").write_text(json.dumps(fields | {"alphas": [[0.5, 2.0]] * 3}))
     with pytest.raises(artifact.ArtifactError, match="alphas"):
         artifact.load(out)
+    (out / "manifest.json").write_text(json.dumps(fields | {"head_tokens": -1}))
+    with pytest.raises(artifact.ArtifactError, match="tail_tokens"):
+        artifact.load(out)
+    with pytest.raises(ConfigError):
+        CalibConfig(tail_tokens=-1)
     with pytest.raises(artifact.ArtifactMismatchError):
         artifact.check_models(got, b.fingerprint, a.fingerprint)
     # one flipped byte in the tensors
@@ -501,7 +507,8 @@ def test_scd_eval_runs_every_method_within_its_byte_budget(pair, corpus):
     a, b = pair
     art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=1.0, **SMALL))
     cfg = EvalConfig(corpus=corpus, chunks=1, context=112, continuation=16, greedy_tokens=4,
-                     quant_budgets=(0.5, 0.2, 0.01), droid_width=1, droid_dev_chunks=1)  # fmt: skip
+                     quant_budgets=(0.5, 0.2, 0.01), droid_width=1, droid_dev_chunks=1,
+                     refreshes=((4, 15),))  # fmt: skip
     control = calibrate(b, b, CalibConfig(corpus=corpus, code_budget=1.0, **SMALL))
     recs = {r["method"]: r for r in run_eval(a, b, art, control, cfg)["records"]}
     assert recs["oracle"]["kl"] == 0 and recs["raw"]["bytes_ratio"] == pytest.approx(1.0)
@@ -512,11 +519,44 @@ def test_scd_eval_runs_every_method_within_its_byte_budget(pair, corpus):
     assert "scd-q0.01" not in recs  # less than the sinks' and the last token's codes take
     assert {"reuse-only", "droidspeak", "scd", "control-same-model"} <= set(recs)
     assert recs["control-same-model-q0.2"]["bytes_ratio"] <= 0.2
+    # refresh: A sends nothing for the last 15 of the 95 prompt tokens, B recomputes them (and
+    # the first 4)
+    assert recs["raw-h4t15"]["bytes_ratio"] == pytest.approx(80 / 95)
+    assert recs["scd-h4t15"]["bytes"] < recs["scd"]["bytes"]
+    assert recs["raw-h4t15"]["kept_ratio"] == recs["scd-h4t15"]["kept_ratio"] == 1.0
     # fractions of raw reuse's figures, paired over the same chunks
     assert recs["raw"]["kl_ratio"] == 1.0 and recs["raw"]["kl_ratio_ci95"] == [1.0, 1.0]
     assert recs["oracle"]["kl_ratio"] == 0.0 and len(recs["scd"]["kl_chunks"]) == 1
     assert recs["scd"]["kl_ratio"] == pytest.approx(recs["scd"]["kl"] / recs["raw"]["kl"])
     json.dumps(recs, allow_nan=False)  # strict JSON: an unbounded interval is None
+
+
+def test_refresh_rebuilds_the_models_own_head_and_tail(tmp_path):
+    """B's forward over the last prompt tokens, from its own cache of the others, gives its own
+    prefill's cache (A = B: nothing lost); the first tokens' rows of another model's cache are
+    replaced by B's own, the others kept; the lengths a refresh takes are checked."""
+    from spectrumkv.scd.refresh import coded_tokens, refresh
+
+    b = load(_tiny(tmp_path / "b", 2))
+    ids = torch.arange(200, 290)
+    own = prefill(b, ids).layers
+    got = refresh(b, prefill(b, ids[:70]).layers, 70, ids)
+    for x, y in zip(got, own, strict=True):
+        assert torch.equal(x.positions, y.positions)
+        assert torch.allclose(x.keys.float(), y.keys.float(), atol=2e-3)
+        assert torch.allclose(x.values.float(), y.values.float(), atol=2e-3)
+    assert refresh(b, own, 90, ids) is own
+    other = prefill(load(_tiny(tmp_path / "a", 1)), ids).layers
+    for x, y, z in zip(refresh(b, other, 90, ids, head=5), own, other, strict=True):
+        assert torch.allclose(x.keys[:, :5].float(), y.keys[:, :5].float(), atol=2e-3)
+        assert torch.allclose(x.values[:, :5].float(), y.values[:, :5].float(), atol=2e-3)
+        assert torch.equal(x.keys[:, 5:], z.keys[:, 5:])
+        assert torch.equal(x.values[:, 5:], z.values[:, 5:])
+    assert coded_tokens(90, 20) == 70 and coded_tokens(5, 64) == 1
+    with pytest.raises(ConfigError):
+        coded_tokens(90, -1)
+    with pytest.raises(ConfigError):
+        refresh(b, own, 91, ids)
 
 
 def test_ratio_to_raw_pairs_chunks_and_pools_like_scd_eval():

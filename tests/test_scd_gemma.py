@@ -101,6 +101,22 @@ def test_full_rank_same_model_and_droidspeak_span(gemma, tmp_path):
         assert torch.allclose(got.values.float(), ref.values.float(), atol=1e-3)
 
 
+def test_tail_refresh_across_the_window(gemma):
+    """A tail longer than the sliding window: the sliding layers' queries need the window ending
+    at each tail token, which a prefill of the coded tokens holds; the refreshed cache is the
+    model's own, sliding layers holding their last window."""
+    from spectrumkv.scd.refresh import refresh
+
+    ids = torch.arange(300, 380)
+    own = prefill(gemma, ids).layers
+    got = refresh(gemma, prefill(gemma, ids[:50]).layers, 50, ids, head=4)
+    for i, (x, y) in enumerate(zip(got, own, strict=True)):
+        assert torch.equal(x.positions[-(WINDOW - 1) :], y.positions[-(WINDOW - 1) :]), i
+        n = min(x.positions.numel(), y.positions.numel())
+        assert torch.allclose(x.keys[:, -n:].float(), y.keys[:, -n:].float(), atol=2e-3), i
+        assert torch.allclose(x.values[:, -n:].float(), y.values[:, -n:].float(), atol=2e-3), i
+
+
 def test_patch_layers_cover_the_tokens_each_layer_caches(gemma, tmp_path):
     """Codes of the rows each layer caches, on the wire (a sliding layer's frame holds its
     window's rows) and staged into the batch engine's pages: the same tokens as the rebuilt

@@ -45,7 +45,10 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     `alphas[i]` = (alpha_K, alpha_V) of layer i's decoders (1: the cross-model map, 0: A's own
     K/V, what raw reuse sends), baked into the tensors; `kl_dev_identity` = dev KL with every
     alpha 0 and no patches. Both are absent (empty, 0) in artifacts made before the shrinkage,
-    whose decoders are the cross-model maps (alpha 1); omitted defaults keep their digests."""
+    whose decoders are the cross-model maps (alpha 1); omitted defaults keep their digests.
+    `head_tokens` / `tail_tokens`: B recomputes a prompt's first / last this many tokens
+    itself (`scd.refresh`; A codes all but the tail); 0 (and absent, in older artifacts): B
+    uses the rebuilt cache of every token."""
 
     version: int
     producer: Fingerprint
@@ -64,6 +67,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     tensors_sha256: str = ""
     alphas: list[tuple[float, float]] = []
     kl_dev_identity: float = 0.0
+    head_tokens: int = 0
+    tail_tokens: int = 0
 
 
 @dataclass
@@ -150,6 +155,9 @@ def _check_layout(art: Artifact) -> None:
         len(m.alphas) != len(m.ranks) or not all(0 <= x <= 1 for p in m.alphas for x in p)
     ):
         raise ArtifactError("manifest alphas must be one (alpha_K, alpha_V) in [0, 1] per layer")
+    if m.head_tokens < 0 or m.tail_tokens < 0:
+        raise ArtifactError(f"manifest head_tokens / tail_tokens must be >= 0, got "
+                            f"{m.head_tokens} / {m.tail_tokens}")  # fmt: skip
     try:
         for i, (rk, rv) in enumerate(m.ranks):
             if i in m.patch_layers:

@@ -23,6 +23,10 @@ aligners the selection admitted, the affine ones are kept. Why: with 3 dev chunk
 rule, patches were admitted on gains that held-out text did not show (round 14: patch layer 9
 lowered dev KL 0.0277 -> 0.0264, one chunk of 3 carrying it; over 8 dev chunks it was 0.0277 ->
 0.0277, and over 24 held-out chunks it raised KL 0.0249 -> 0.0275; benchmarks/RESULTS.md).
+
+Refresh (`head_tokens`, `tail_tokens`; `scd.refresh`): every dev KL above is measured with B
+recomputing each prompt's first and last tokens itself, as B does where the artifact is used;
+distillation's training loss does not include it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from .codes import encode_layer, reconstruct_layer
 from .distill import check_calib, distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
 from .metrics import Scored, kl, oracle_score, resolved_gain, score
+from .refresh import coded_tokens, refresh
 from .splits import DEFAULT_CORPUS, split_text
 
 
@@ -56,7 +61,8 @@ class CalibConfig:
     chunk each, over `distill_chunks` training chunks (`distill_windows` "fixed"), or a fresh
     random window each step, dev-scored every `distill_chunks` steps ("random"; distill.py);
     `patch_min_gain`: the fraction of the current dev KL a patch must remove to join (module
-    doc)."""
+    doc); `head_tokens` / `tail_tokens`: B recomputes each prompt's first / last this many
+    tokens (`scd.refresh`), in every dev KL measured here and wherever the artifact is used."""
 
     corpus: str = DEFAULT_CORPUS
     prompts: int = 8
@@ -78,6 +84,8 @@ class CalibConfig:
     distill_chunks: int = 40
     distill_lr: float = 3e-5
     distill_windows: str = "fixed"
+    head_tokens: int = 0
+    tail_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.prompt_tokens < 16 or self.dev_chunks < 1:
@@ -96,6 +104,8 @@ class CalibConfig:
             raise ConfigError("alpha_levels must be group counts >= 1")
         if self.distill_steps < 0 or self.distill_chunks < 1 or not self.distill_lr > 0:
             raise ConfigError("need distill_steps >= 0, distill_chunks >= 1, distill_lr > 0")
+        if self.head_tokens < 0 or self.tail_tokens < 0:
+            raise ConfigError("head_tokens and tail_tokens must be >= 0")
         if self.distill_windows not in ("fixed", "random"):
             raise ConfigError(f"distill_windows must be 'fixed' or 'random', "
                               f"got {self.distill_windows!r}")  # fmt: skip
@@ -126,17 +136,20 @@ class _Dev:
     """The dev split's chunks: A's captures and B's oracle scores, and KL of a candidate."""
 
     def __init__(self, engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> None:
-        self.a, self.b = engine_a, engine_b
+        self.a, self.b, self.head = engine_a, engine_b, cfg.head_tokens
         split = cfg.dev_context - cfg.dev_continuation
         chunks = corpus_chunks(engine_a, split_text(cfg.corpus, "dev"), cfg.dev_context,
                                cfg.dev_chunks)  # fmt: skip
         n_layers = engine_a.fingerprint.n_layers
         self.items: list[tuple[Captured, torch.Tensor, Scored]] = []
+        self.prompts: list[torch.Tensor] = []
+        m = coded_tokens(split - 1, cfg.tail_tokens)  # the prompt tokens A codes
         for chunk in tqdm(chunks, desc="dev prefills", leave=False):
-            cap = capture(engine_a, chunk[: split - 1], input_layers=range(n_layers))
+            cap = capture(engine_a, chunk[:m], input_layers=range(n_layers))
             feed = chunk[split - 1 :]
             oracle = oracle_score(engine_b, chunk[: split - 1], feed)
             self.items.append((cap, feed, oracle))
+            self.prompts.append(chunk[: split - 1])
 
     def layers(self, art: Artifact, item: int, only: list[int] | None = None) -> list:
         """B's reconstructed layers of one dev chunk (or just the layers in `only`)."""
@@ -162,7 +175,9 @@ class _Dev:
                 layers = list(base[j])
                 for i, kv in zip(swap, self.layers(art, j, list(swap)), strict=True):
                     layers[i] = kv
-            got = score(self.b, decode_state(self.b, layers, cap.pre.n_tokens), feed)
+            prompt = self.prompts[j]
+            layers = refresh(self.b, layers, cap.pre.n_tokens, prompt, self.head)
+            got = score(self.b, decode_state(self.b, layers, prompt.numel()), feed)
             out.append(kl(got, oracle))
         return out
 
@@ -207,7 +222,8 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
         version=VERSION, producer=fa, consumer=fb, ranks=ranks, patch_layers=[],
         patch_rank=cfg.patch_rank, aligner_width=cfg.aligner_width, eps=cfg.eps, kl_dev=0.0,
         code_budget=cfg.code_budget, corpus=cfg.corpus, split="calib", prompts=cfg.prompts,
-        prompt_tokens=cfg.prompt_tokens,
+        prompt_tokens=cfg.prompt_tokens, head_tokens=cfg.head_tokens,
+        tail_tokens=cfg.tail_tokens,
     )  # fmt: skip
     art = Artifact(manifest, tensors)
     dev = _Dev(engine_a, engine_b, cfg)

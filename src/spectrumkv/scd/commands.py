@@ -54,6 +54,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         alpha_grid=args.alpha_grid, alpha_levels=args.alpha_levels,
         distill_steps=args.distill_steps, distill_chunks=args.distill_chunks,
         distill_lr=args.distill_lr, distill_windows=args.distill_windows,
+        head_tokens=args.head_tokens, tail_tokens=args.tail_tokens,
     )  # fmt: skip
     a = load(args.producer)
     b = a if args.consumer == args.producer else load(args.consumer)
@@ -76,6 +77,17 @@ def _listof(kind: type) -> Callable[[str], tuple]:
     return parse
 
 
+def _refresh(text: str) -> tuple[int, int]:
+    """argparse type: HEAD:TAIL token counts."""
+    head, sep, tail = text.partition(":")
+    try:
+        if sep:
+            return int(head), int(tail)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected HEAD:TAIL token counts, got {text!r}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
@@ -88,14 +100,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     _threads(args.threads)
     cfg = EvalConfig(corpus=args.corpus, chunks=args.chunks, context=args.context,
                      continuation=args.continuation,
-                     budgets=args.budgets, quant_budgets=args.quant_budgets)  # fmt: skip
+                     budgets=args.budgets, quant_budgets=args.quant_budgets,
+                     refresh=args.refresh, refreshes=args.refreshes)  # fmt: skip
     a, b = load(args.producer), load(args.consumer)
     art = load_artifact(args.artifact)
     control = load_artifact(args.control) if args.control else None
     result = run_eval(a, b, art, control, cfg)
     if args.timing_tokens:
         result["timing"] = rebuild_timing(
-            a, b, art, args.timing_tokens, args.corpus, args.timing_reps
+            a, b, art, args.timing_tokens, args.corpus, args.timing_reps, args.refresh
         )
     result["command"] = "spectrumkv " + " ".join(sys.argv[1:])
     with open(args.json, "w", encoding="utf-8") as f:
@@ -197,6 +210,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "of the calib split every step")  # fmt: skip
     cal.add_argument("--distill-lr", type=float, default=c.distill_lr,
                      help="AdamW learning rate of distillation")  # fmt: skip
+    cal.add_argument("--head-tokens", type=int, default=c.head_tokens,
+                     help="B recomputes each prompt's first this many tokens itself (stored "
+                          "in the artifact)")  # fmt: skip
+    cal.add_argument("--tail-tokens", type=int, default=c.tail_tokens,
+                     help="B recomputes each prompt's last this many tokens itself; A codes "
+                          "the rest (stored in the artifact)")  # fmt: skip
     cal.add_argument("--out", required=True, help="artifact directory")
     cal.add_argument("--threads", type=int, default=0)
     cal.set_defaults(func=_cmd_calibrate)
@@ -216,6 +235,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--quant-budgets", type=_listof(float), default=e.quant_budgets,
                     help="code budgets of the scd-q methods, fractions of raw FP16 KV bytes "
                     "(below all-INT4, ~0.38, tokens are dropped)")  # fmt: skip
+    ev.add_argument("--refresh", type=_refresh, default=None, metavar="HEAD:TAIL",
+                    help="tokens B recomputes in the scd methods (default: the "
+                         "artifact's)")  # fmt: skip
+    ev.add_argument("--refreshes", type=_listof(_refresh), default=e.refreshes,
+                    metavar="H:T,...",
+                    help="also measure raw-hHtT and scd-hHtT for each pair")  # fmt: skip
     ev.add_argument("--timing-tokens", type=int, default=4096, help="0: skip the timing run")
     ev.add_argument("--timing-reps", type=int, default=3, help="timing runs (medians reported)")
     ev.add_argument("--json", required=True)

@@ -29,6 +29,7 @@ from .budget import code_plan, placed_tiers
 from .capture import Captured, capture, check_pair
 from .codes import encode_layer, reconstruct_layer
 from .metrics import Scored, agreement, delta_pct_interval, kl, ratio_to_raw, score
+from .refresh import coded_tokens, refresh
 from .splits import DEFAULT_CORPUS, split_text
 from .wire import Layout, ScdHeader, decode, frame_bytes, header_bytes
 
@@ -46,16 +47,24 @@ class EvalConfig:
     quant_budgets: tuple[float, ...] = (0.5, 0.25)
     droid_width: int = 4
     droid_dev_chunks: int = 2
+    # (head, tail) tokens B recomputes (scd.refresh) in the scd methods, None: the artifact's;
+    # each pair of `refreshes` is measured as well, as raw-h{h}t{t} (raw reuse of the rest) and
+    # scd-h{h}t{t}
+    refresh: tuple[int, int] | None = None
+    refreshes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not all(0 < b <= 1 for b in self.budgets + self.quant_budgets):
             raise ConfigError(f"budgets must be in (0, 1], got {self.budgets + self.quant_budgets}")
+        if any(x < 0 for pair in (*self.refreshes, self.refresh or (0, 0)) for x in pair):
+            raise ConfigError("refreshed head and tail tokens must be >= 0")
 
 
 @dataclass
 class Chunk:
     """One eval chunk: A's capture (+ its residual at the DroidSpeak span), B's (oracle)."""
 
+    prompt: torch.Tensor  # the prefix both models prefill
     a: Captured
     hidden: torch.Tensor
     b: Captured
@@ -99,7 +108,7 @@ def _chunk(a: Engine, b: Engine, ids: torch.Tensor, split: int, span: int, cfg, 
     ref = generate(b, decode_state(b, cb.pre.layers, cb.pre.n_tokens), int(feed[0]),
                    cfg.greedy_tokens)  # fmt: skip
     own_a = score(a, decode_state(a, ca.pre.layers, ca.pre.n_tokens), feed)
-    return Chunk(ca, store["hidden"], cb, feed, oracle, ref, own_a)
+    return Chunk(ids[: split - 1], ca, store["hidden"], cb, feed, oracle, ref, own_a)
 
 
 def methods(
@@ -115,6 +124,31 @@ def methods(
         layers = rerotated(a, b, c.a.pre.layers)
         return layers, kv_bytes(c.a.pre.layers), time.perf_counter() - t0
 
+    captured: dict[tuple[int, str, int], Captured] = {}
+    inputs = set(art.manifest.patch_layers) | set(control.manifest.patch_layers if control else ())
+
+    def coded(c: Chunk, src: str, m: int) -> Captured:
+        """A's capture of the chunk's first m prompt tokens (for the control, B's): the tokens
+        a tail refresh leaves to the codes; made once per chunk and m."""
+        cap = c.a if src == "a" else c.b
+        if m == cap.pre.n_tokens:
+            return cap
+        key = (id(c), src, m)
+        if key not in captured:
+            eng = a if src == "a" else b
+            captured[key] = capture(eng, c.prompt[:m], input_layers=inputs)
+        return captured[key]
+
+    def raw_refresh(head: int, tail: int) -> Callable[[Chunk], Built]:
+        def run(c: Chunk) -> Built:  # A's raw KV of all but the last `tail` tokens
+            m = coded_tokens(c.a.pre.n_tokens, tail)
+            sent = coded(c, "a", m).pre.layers
+            t0 = time.perf_counter()
+            layers = refresh(b, rerotated(a, b, sent), m, c.prompt, head)
+            return layers, kv_bytes(sent), time.perf_counter() - t0
+
+        return run
+
     def spectrum(budget: float) -> Callable[[Chunk], Built]:
         def run(c: Chunk) -> Built:
             header, plan = plan_transfer(a, c.a.pre, PolicyConfig(budget=budget))
@@ -125,9 +159,11 @@ def methods(
 
         return run
 
-    def codes(artifact: Artifact, layout: Layout, src: str, quant: float | None = None):
+    def codes(artifact: Artifact, layout: Layout, src: str, quant: float | None = None,
+              fresh: tuple[int, int] | None = None):  # fmt: skip
         def run(c: Chunk) -> Built:  # through the SCD wire: the bytes B would receive
-            cap = c.a if src == "a" else c.b
+            head, tail = fresh or refresh_of(art, cfg)
+            cap = coded(c, src, coded_tokens(c.a.pre.n_tokens, tail))
             eng = a if src == "a" else b
             cs = [
                 encode_layer(artifact, eng, i, kv, cap.inputs.get(i))
@@ -137,6 +173,7 @@ def methods(
             t0 = time.perf_counter()
             _, got = decode(payload, layout)
             layers = [reconstruct_layer(artifact, b, x) for x in got]
+            layers = refresh(b, layers, cap.pre.n_tokens, c.prompt, head)
             return layers, len(payload), time.perf_counter() - t0
 
         return run
@@ -155,6 +192,10 @@ def methods(
     out |= {f"raw-spectrum-b{b_:g}": spectrum(b_) for b_ in cfg.budgets}
     out |= {"reuse-only": codes(reuse_only, Layout.of(reuse_only), "a"), "droidspeak": droid,
             "scd": codes(art, lay, "a")}  # fmt: skip
+    for h, t in cfg.refreshes:
+        if h or t:  # raw-h0t0 is raw
+            out[f"raw-h{h}t{t}"] = raw_refresh(h, t)
+        out[f"scd-h{h}t{t}"] = codes(art, lay, "a", fresh=(h, t))
     # quantized codes at each budget they can meet (else that point is left out)
     n = cfg.context - cfg.continuation - 1  # a chunk's prefix
     feasible = [q for q in cfg.quant_budgets if _fits(lay, n, q)]
@@ -165,6 +206,12 @@ def methods(
         if feasible and _fits(ctl, n, feasible[-1]):
             out[f"control-same-model-q{feasible[-1]:g}"] = codes(control, ctl, "b", feasible[-1])
     return out
+
+
+def refresh_of(art: Artifact, cfg: EvalConfig) -> tuple[int, int]:
+    """The (head, tail) tokens B recomputes in the scd methods: the config's, else the
+    artifact's."""
+    return cfg.refresh or (art.manifest.head_tokens, art.manifest.tail_tokens)
 
 
 def _no_patches(art: Artifact):
@@ -364,29 +411,35 @@ def _ppl(acc: dict) -> float:
 
 
 def rebuild_timing(
-    a: Engine, b: Engine, art: Artifact, tokens: int, corpus: str, reps: int = 3
-) -> dict:
+    a: Engine, b: Engine, art: Artifact, tokens: int, corpus: str, reps: int = 3,
+    fresh: tuple[int, int] | None = None,
+) -> dict:  # fmt: skip
     """At `tokens` tokens: B's own prefill vs B rebuilding from SCD codes (and A's encode), in
-    seconds. A's prefill and encode run once; the rebuild and B's prefill alternate `reps`
-    times, and the figures are the medians (every rep is kept under `reps_s`), so one stall of
-    a shared machine does not decide the ratio."""
+    seconds; the rebuild includes B's refresh (`fresh` = (head, tail), None: the artifact's,
+    `scd.refresh`). A's prefill
+    and encode run once; the rebuild and B's prefill alternate `reps` times, and the figures are
+    the medians (every rep is kept under `reps_s`), so one stall of a shared machine does not
+    decide the ratio."""
     if reps < 1:
         raise ConfigError(f"timing reps must be >= 1, got {reps}")
     ids = corpus_chunks(a, split_text(corpus, "eval"), tokens, 1)[0]
     t0 = time.perf_counter()
-    cap = capture(a, ids, input_layers=art.manifest.patch_layers)
+    head, tail = fresh or (art.manifest.head_tokens, art.manifest.tail_tokens)
+    m = coded_tokens(tokens, tail)
+    cap = capture(a, ids[:m], input_layers=art.manifest.patch_layers)
     cs = [encode_layer(art, a, i, kv, cap.inputs.get(i)) for i, kv in enumerate(cap.pre.layers)]
     encode_s = time.perf_counter() - t0
     rebuild, own = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        layers = [reconstruct_layer(art, b, x) for x in cs]
+        layers = refresh(b, [reconstruct_layer(art, b, x) for x in cs], m, ids, head)
         decode_state(b, layers, tokens)
         rebuild.append(time.perf_counter() - t0)
         own.append(prefill(b, ids).prefill_s)
     rebuild_s, prefill_s = statistics.median(rebuild), statistics.median(own)
     return {
         "tokens": tokens,
+        "refresh": [head, tokens - m],
         "b_prefill_s": prefill_s,
         "scd_rebuild_s": rebuild_s,
         "rebuild_over_prefill": rebuild_s / prefill_s,
