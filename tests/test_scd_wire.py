@@ -132,9 +132,11 @@ def pair(tmp_path_factory):
     artifact.save(art, d / "held" / "ab")
     other = artifact.Artifact(msgspec.structs.replace(art.manifest, eps=0.5), art.tensors)
     artifact.save(other, d / "other")
+    fresh = msgspec.structs.replace(art.manifest, head_tokens=2, tail_tokens=6)
+    artifact.save(artifact.Artifact(fresh, art.tensors), d / "held" / "fresh")
     prompts = [load_text(str(corpus))[30_000 + 3_000 * j : 33_000 + 3_000 * j] for j in range(4)]
     return {"a": str(d / "a"), "b": str(b), "held": d / "held", "art": d / "held" / "ab",
-            "other": d / "other", "prompts": prompts}  # fmt: skip
+            "fresh": d / "held" / "fresh", "other": d / "other", "prompts": prompts}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +265,22 @@ def test_both_engines_generate_the_same_tokens_from_scd_codes(cluster, pair):
             assert r["spectrumkv"]["outcome"] == "ok" and r["spectrumkv"]["method"] == "scd"
             got[engine] = token_ids(r)
         assert got["sequential"] == got["batched"], opts
+
+
+def test_refresh_artifact_codes_fewer_tokens_and_both_engines_agree(cluster, pair):
+    """An artifact with a refresh (B recomputes the first 2 and last 6 prompt tokens): A codes
+    all but the last 6 (fewer wire bytes than the same artifact without it), and both engines
+    generate the same tokens from the refreshed cache."""
+    text = pair["prompts"][2][:200]
+    plain = _in_process(cluster, pair, str(pair["art"]), "sequential", text)["spectrumkv"]
+    got = {}
+    for engine in ("sequential", "batched"):
+        r = _in_process(cluster, pair, str(pair["fresh"]), engine, text)
+        s = r["spectrumkv"]
+        assert s["outcome"] == "ok" and s["method"] == "scd", s
+        assert s["wire_bytes"] < plain["wire_bytes"] and s["reconstruct_s"] > 0, (s, plain)
+        got[engine] = token_ids(r)
+    assert got["sequential"] == got["batched"] and len(got["batched"]) == 4
 
 
 def test_batched_scd_rebuilds_into_pages_and_a_bad_frame_frees_them(cluster, pair, monkeypatch):

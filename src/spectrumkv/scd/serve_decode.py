@@ -5,7 +5,10 @@ thread, overlapping the transfer), then generates from it. On the batch engine e
 goes straight into the request's pages (reserved before the request is sent: `BatchEngine.stage`),
 so the whole rebuilt cache never exists outside them; any failure aborts the staged pages. Codes
 under a budget that drops tokens (`budget.may_drop`) are rebuilt into a list of layers holding the
-kept positions, which the engine takes as it takes a received KV payload.
+kept positions, which the engine takes as it takes a received KV payload. So is the cache of an
+artifact with a refresh (`head_tokens` / `tail_tokens`, `scd.refresh`): B asks for codes of all
+but the prompt's last `tail_tokens` tokens, then recomputes those and the first `head_tokens`
+itself (on the unpack thread, counted in `reconstruct_s`).
 
 Methods (the request's `spectrumkv.method`; default `scd` on such a worker): `scd` (codes, FP16
 or quantized under `spectrumkv.code_budget`), `recompute` (B's own prefill), `raw` (A's FP16 KV
@@ -37,6 +40,7 @@ from .artifact import Artifact, ArtifactMismatchError, load
 from .budget import may_drop
 from .codes import reconstruct_layer
 from .protocol import ScdRequest
+from .refresh import coded_tokens, refresh
 from .wire import Layout, ScdDecoder
 
 METHODS = ("kv", "scd", "raw", "recompute")
@@ -115,8 +119,11 @@ class ScdClient:
         `worker` (a pd.decode_worker.DecodeWorker: its channel, deadline, unpack thread). On
         the batch engine, scd rebuilds into the request's pages (Transfer.layers is then a
         StagedPrompt for serve.worker.generate_batched), aborted if the fetch fails."""
-        ids = job.ids[:-1].tolist()
-        digest, t = tokens_digest(ids), job.transfer
+        ids, t = job.ids[:-1].tolist(), job.transfer
+        head, tail = self.art.manifest.head_tokens, self.art.manifest.tail_tokens
+        coded = ids if method == "raw" else ids[: coded_tokens(len(ids), tail)]
+        fresh = len(coded) < len(ids) or bool(head)
+        digest = tokens_digest(coded)
         if method == "raw":
             self._check_raw()
             opt = TransferOptions("fp16", None, 0, t.link_gbps, t.link_latency_s, t.overlap)
@@ -125,7 +132,7 @@ class ScdClient:
         else:
             req = ScdRequest(
                 rid,
-                ids,
+                coded,
                 self.layout.artifact,
                 self.engine.fingerprint,
                 job.code_budget,
@@ -136,9 +143,9 @@ class ScdClient:
             )
             # codes that may drop tokens leave holes: their rebuilt layers go to the engine
             # whole (kept rows at their positions), not into pages staged for every position
-            holes = may_drop(self.layout, len(ids), job.code_budget)
-            staged = None if holes else await _stage(worker.batch, job, len(ids))
-            rx = ScdReceiver(self.art, self.layout, self.engine, len(ids), digest, staged)
+            holes = may_drop(self.layout, len(coded), job.code_budget)
+            staged = None if holes or fresh else await _stage(worker.batch, job, len(ids))
+            rx = ScdReceiver(self.art, self.layout, self.engine, len(coded), digest, staged)
             kind, body = Kind.SCD_REQUEST, msgspec.json.encode(req)
         try:
             out = await fetch(
@@ -150,6 +157,14 @@ class ScdClient:
             raise
         out.method = method
         if isinstance(rx, ScdReceiver):
+            if fresh:
+                t0 = time.perf_counter()
+                out.layers = await asyncio.get_running_loop().run_in_executor(
+                    worker.unpacker, refresh, self.engine, out.layers, len(coded),
+                    job.ids[:-1], head,
+                )  # fmt: skip
+                out.n_tokens = len(ids)
+                rx.reconstruct_s += time.perf_counter() - t0
             out.reconstruct_s = rx.reconstruct_s
             self.reconstruct.observe(rx.reconstruct_s)
         if out.done is not None:
