@@ -416,10 +416,9 @@ def rebuild_timing(
 ) -> dict:  # fmt: skip
     """At `tokens` tokens: B's own prefill vs B rebuilding from SCD codes (and A's encode), in
     seconds; the rebuild includes B's refresh (`fresh` = (head, tail), None: the artifact's,
-    `scd.refresh`). A's prefill
-    and encode run once; the rebuild and B's prefill alternate `reps` times, and the figures are
-    the medians (every rep is kept under `reps_s`), so one stall of a shared machine does not
-    decide the ratio."""
+    `scd.refresh`). A's prefill and encode run once; the rebuild and B's prefill alternate
+    `reps` times, and the figures are the medians (every rep is kept under `reps_s`), so one
+    stall of a shared machine does not decide the ratio."""
     if reps < 1:
         raise ConfigError(f"timing reps must be >= 1, got {reps}")
     ids = corpus_chunks(a, split_text(corpus, "eval"), tokens, 1)[0]
