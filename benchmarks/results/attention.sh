@@ -2,9 +2,10 @@
 # Records the paged decode-attention results (issue 17) into benchmarks/results/attention*.
 # Run from the repository root: `bash benchmarks/results/attention.sh` (about 80 min on the shared
 # 2-core VM at load average ~10, 50 min at load 4-6; PARTS="calibrate smollm2" etc. runs a subset,
-# in this order; REPS=9 times 9 rounds per case instead of 5; NAME=attention-zen4 writes every file under that prefix instead, so a run on
-# another CPU keeps the recorded one). `adaptive` is timed per step (planned once per timed pass, the route passed to
-# every layer, as serve/runner.py does; see paged/bench.py).
+# in this order; REPS=9 times 9 rounds per case instead of 5; NAME=attention-zen4 writes every
+# file under that prefix instead, so a run on another CPU keeps the recorded one). `adaptive` is
+# timed per step (planned once per timed pass, the route passed to every layer, as
+# serve/runner.py does; see paged/bench.py).
 # 1. calibrate the cost model on calibration seeds 0-1, for bf16 and for fp16 pages (writes a
 #    machine profile per dtype: each dtype runs its own kernel);
 # 2. bench every route and the anchors on held-out seeds 100-104: per case the routes run in 5

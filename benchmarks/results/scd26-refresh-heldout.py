@@ -13,8 +13,7 @@ import torch
 from spectrumkv.engines.hf import decode_state, load
 from spectrumkv.eval.ppl import corpus_chunks
 from spectrumkv.scd.artifact import load as load_art
-from spectrumkv.scd.capture import capture
-from spectrumkv.scd.codes import encode_layer, reconstruct_layer
+from spectrumkv.scd.codes import encode, reconstruct_layer
 from spectrumkv.scd.metrics import kl, oracle_score, score
 from spectrumkv.scd.refresh import coded_tokens, refresh
 from spectrumkv.scd.splits import split_text
@@ -27,11 +26,7 @@ kls = []
 for ids in corpus_chunks(a, split_text("wiki-es", "eval"), 1024, 24):
     prompt, feed = ids[:895], ids[895:]
     m = coded_tokens(895, tail)
-    cap = capture(a, prompt[:m], input_layers=art.manifest.patch_layers)
-    layers = [
-        reconstruct_layer(art, b, encode_layer(art, a, i, kv, cap.inputs.get(i)))
-        for i, kv in enumerate(cap.pre.layers)
-    ]
+    layers = [reconstruct_layer(art, b, c) for c in encode(art, a, prompt[:m])]
     layers = refresh(b, layers, m, prompt, head)
     got = score(b, decode_state(b, layers, 895), feed)
     kls.append(kl(got, oracle_score(b, prompt, feed)))

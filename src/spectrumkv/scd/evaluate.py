@@ -27,6 +27,7 @@ from . import droidspeak, rope
 from .artifact import Artifact, check_models
 from .budget import code_plan, placed_tiers
 from .capture import Captured, capture, check_pair
+from .codes import encode as encode_codes
 from .codes import encode_layer, reconstruct_layer
 from .metrics import Scored, agreement, delta_pct_interval, kl, ratio_to_raw, score
 from .refresh import coded_tokens, refresh
@@ -425,8 +426,7 @@ def rebuild_timing(
     t0 = time.perf_counter()
     head, tail = fresh or (art.manifest.head_tokens, art.manifest.tail_tokens)
     m = coded_tokens(tokens, tail)
-    cap = capture(a, ids[:m], input_layers=art.manifest.patch_layers)
-    cs = [encode_layer(art, a, i, kv, cap.inputs.get(i)) for i, kv in enumerate(cap.pre.layers)]
+    cs = encode_codes(art, a, ids[:m])
     encode_s = time.perf_counter() - t0
     rebuild, own = [], []
     for _ in range(reps):

@@ -120,9 +120,10 @@ class ScdClient:
         the batch engine, scd rebuilds into the request's pages (Transfer.layers is then a
         StagedPrompt for serve.worker.generate_batched), aborted if the fetch fails."""
         ids, t = job.ids[:-1].tolist(), job.transfer
-        head, tail = self.art.manifest.head_tokens, self.art.manifest.tail_tokens
-        coded = ids if method == "raw" else ids[: coded_tokens(len(ids), tail)]
-        fresh = len(coded) < len(ids) or bool(head)
+        m = self.art.manifest  # raw reuse, a baseline, gets no refresh
+        head, tail = (0, 0) if method == "raw" else (m.head_tokens, m.tail_tokens)
+        coded = ids[: coded_tokens(len(ids), tail)]
+        fresh = len(coded) < len(ids) or head > 0
         digest = tokens_digest(coded)
         if method == "raw":
             self._check_raw()
