@@ -110,11 +110,15 @@ def test_full_rank_same_model_reproduces_cache(tmp_path, corpus, monkeypatch):
 
 def test_artifact_round_trip_and_typed_errors(tmp_path, pair, corpus):
     a, b = pair
-    art = calibrate(a, b, CalibConfig(corpus=corpus, code_budget=0.5, tail_tokens=8, **SMALL))
+    grid = ((4, 8), (0, 8))  # scored cheapest first; the artifact keeps one of them
+    cfg = CalibConfig(corpus=corpus, code_budget=0.5, tail_tokens=8, refresh_grid=grid, **SMALL)
+    art = calibrate(a, b, cfg)
     out = artifact.save(art, tmp_path / "art")
     got = artifact.load(out)
     assert got.manifest == art.manifest and got.manifest.tensors_sha256
-    assert (got.manifest.head_tokens, got.manifest.tail_tokens) == (0, 8)
+    m = got.manifest
+    assert [r[:2] for r in m.refresh_dev] == [(0, 8), (4, 8)]
+    assert (m.head_tokens, m.tail_tokens, m.kl_dev) in m.refresh_dev
     assert got.tensors.keys() == art.tensors.keys()
     assert all(torch.equal(got.tensors[k], art.tensors[k].float()) for k in art.tensors)
     artifact.check_models(got, a.fingerprint, b.fingerprint)
@@ -430,7 +434,7 @@ class _ScriptedDev:
 
     def __init__(self, kls: dict[tuple[int, ...], list[float]]) -> None:
         self.table = kls
-        self.items = [None] * len(next(iter(kls.values())))
+        self.caps = [None] * len(next(iter(kls.values())))
 
     def layers(self, art, item, only=None):
         return []
@@ -439,7 +443,7 @@ class _ScriptedDev:
         return self.table[tuple(sorted(swap))]
 
     def kl(self, art, base=None, swap=()):
-        return sum(self.kls(art, base, swap)) / len(self.items)
+        return sum(self.kls(art, base, swap)) / len(self.caps)
 
 
 def _scripted_select(kls: dict[tuple[int, ...], list[float]], cfg: CalibConfig):
@@ -483,6 +487,44 @@ def test_a_patch_gain_carried_by_one_dev_chunk_is_not_taken():
     assert resolved_gain([0.02, 0.04, 0.03], [0.019, 0.038, 0.0285], 0.02)  # ~5 % on each
     with pytest.raises(ValueError, match="one figure per chunk"):
         resolved_gain([0.02, 0.03], [0.02], 0.0)
+
+
+class _RefreshDev:
+    """A dev split whose KL is a fixed function of the refresh in use (what `_choose_refresh`
+    reads)."""
+
+    def __init__(self, kls: dict[tuple[int, int], float]) -> None:
+        self.table, self.used = kls, []
+
+    def use(self, head, tail):
+        self.used.append((head, tail))
+
+    def kl(self, art):
+        return self.table[self.used[-1]]
+
+
+def test_refresh_choice_is_the_cheapest_within_eps():
+    """Candidates are scored cheapest first (head + tail tokens); the first with dev KL <= eps is
+    kept, else the lowest KL; every candidate's KL is recorded. Bad grids are ConfigErrors."""
+    from spectrumkv.scd.artifact import Artifact, Manifest
+    from spectrumkv.scd.calibrate import _choose_refresh
+    from spectrumkv.wire import Fingerprint
+
+    fp = Fingerprint("llama", 3, 2, 16, "float16", "rope", 0, (), "x")
+    m = Manifest(1, fp, fp, [(32, 32)] * 3, [], 16, 16, 0.02, 0.05, 1.0, "wiki", "calib", 2, 96)
+    kls = {(16, 128): 0.015, (0, 0): 0.05, (16, 64): 0.019, (16, 32): 0.024, (16, 0): 0.03}
+    grid = tuple(kls)
+    dev = _RefreshDev(kls)
+    got = _choose_refresh(Artifact(m, {}), dev, CalibConfig(refresh_grid=grid))
+    assert dev.used == [(0, 0), (16, 0), (16, 32), (16, 64), (16, 128)]
+    assert (got.head_tokens, got.tail_tokens, got.kl_dev) == (16, 64, 0.019)
+    assert got.refresh_dev == [(*p, kls[p]) for p in dev.used]
+    strict = _choose_refresh(Artifact(m, {}), _RefreshDev(kls),
+                             CalibConfig(refresh_grid=grid, eps=0.01))  # fmt: skip
+    assert (strict.head_tokens, strict.tail_tokens, strict.kl_dev) == (16, 128, 0.015)
+    for bad in (((16, -1),), ((16,),), ((16, 880),)):  # 880 + 16 >= the 896-token dev prompt
+        with pytest.raises(ConfigError, match="refresh"):
+            CalibConfig(refresh_grid=bad)
 
 
 def test_demo_prompts_longer_than_any_paragraph(corpus):

@@ -48,7 +48,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     whose decoders are the cross-model maps (alpha 1); omitted defaults keep their digests.
     `head_tokens` / `tail_tokens`: B recomputes a prompt's first / last this many tokens
     itself (`scd.refresh`; A codes all but the tail); 0 (and absent, in older artifacts): B
-    uses the rebuilt cache of every token."""
+    uses the rebuilt cache of every token. `refresh_dev`: (head, tail, dev KL) of every refresh
+    candidate calibration scored before choosing `head_tokens` / `tail_tokens` (empty: none)."""
 
     version: int
     producer: Fingerprint
@@ -69,6 +70,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     kl_dev_identity: float = 0.0
     head_tokens: int = 0
     tail_tokens: int = 0
+    refresh_dev: list[tuple[int, int, float]] = []
 
 
 @dataclass

@@ -26,7 +26,11 @@ lowered dev KL 0.0277 -> 0.0264, one chunk of 3 carrying it; over 8 dev chunks i
 
 Refresh (`head_tokens`, `tail_tokens`; `scd.refresh`): every dev KL above is measured with B
 recomputing each prompt's first and last tokens itself, as B does where the artifact is used;
-distillation's training loss does not include it.
+distillation's training loss does not include it. With a `refresh_grid`, the finished artifact is
+scored on dev under every (head, tail) candidate, and keeps the cheapest (fewest tokens B
+recomputes) whose dev KL is <= eps, else the one with the lowest dev KL; the alphas, distillation
+and patches stay those fitted under (`head_tokens`, `tail_tokens`), which should be the grid's
+largest. Every candidate's dev KL goes into the manifest (`refresh_dev`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from .capture import Captured, capture, check_pair, derotate, flat, project_kv
 from .codes import encode_layer, reconstruct_layer
 from .distill import check_calib, distill
 from .fit import RANK_STEP, allocate_ranks, fit_aligner, fit_low_rank, fit_pca
-from .metrics import Scored, kl, oracle_score, resolved_gain, score
+from .metrics import kl, oracle_score, resolved_gain, score
 from .refresh import coded_tokens, refresh
 from .splits import DEFAULT_CORPUS, split_text
 
@@ -62,7 +66,9 @@ class CalibConfig:
     random window each step, dev-scored every `distill_chunks` steps ("random"; distill.py);
     `patch_min_gain`: the fraction of the current dev KL a patch must remove to join (module
     doc); `head_tokens` / `tail_tokens`: B recomputes each prompt's first / last this many
-    tokens (`scd.refresh`), in every dev KL measured here and wherever the artifact is used."""
+    tokens (`scd.refresh`), in every dev KL measured here and wherever the artifact is used;
+    `refresh_grid`: (head, tail) candidates the artifact's refresh is chosen from at the end
+    (module doc; empty: keep `head_tokens` / `tail_tokens`)."""
 
     corpus: str = DEFAULT_CORPUS
     prompts: int = 8
@@ -86,6 +92,7 @@ class CalibConfig:
     distill_windows: str = "fixed"
     head_tokens: int = 0
     tail_tokens: int = 0
+    refresh_grid: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.prompt_tokens < 16 or self.dev_chunks < 1:
@@ -104,8 +111,11 @@ class CalibConfig:
             raise ConfigError("alpha_levels must be group counts >= 1")
         if self.distill_steps < 0 or self.distill_chunks < 1 or not self.distill_lr > 0:
             raise ConfigError("need distill_steps >= 0, distill_chunks >= 1, distill_lr > 0")
-        if self.head_tokens < 0 or self.tail_tokens < 0:
-            raise ConfigError("head_tokens and tail_tokens must be >= 0")
+        pairs = [(self.head_tokens, self.tail_tokens), *self.refresh_grid]
+        if any(len(p) != 2 or min(p) < 0 for p in pairs):
+            raise ConfigError("refresh head and tail tokens must be pairs of counts >= 0")
+        if any(h + t >= self.dev_context - self.dev_continuation - 1 for h, t in pairs):
+            raise ConfigError("a refresh's head + tail tokens must leave dev prompt tokens to code")
         if self.distill_windows not in ("fixed", "random"):
             raise ConfigError(f"distill_windows must be 'fixed' or 'random', "
                               f"got {self.distill_windows!r}")  # fmt: skip
@@ -133,27 +143,34 @@ def _paired(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> tuple[list,
 
 
 class _Dev:
-    """The dev split's chunks: A's captures and B's oracle scores, and KL of a candidate."""
+    """The dev split's chunks: B's oracle scores, A's captures of the tokens it codes under the
+    refresh in use (`use`), and KL of a candidate."""
 
     def __init__(self, engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> None:
-        self.a, self.b, self.head = engine_a, engine_b, cfg.head_tokens
+        self.a, self.b = engine_a, engine_b
         split = cfg.dev_context - cfg.dev_continuation
         chunks = corpus_chunks(engine_a, split_text(cfg.corpus, "dev"), cfg.dev_context,
                                cfg.dev_chunks)  # fmt: skip
-        n_layers = engine_a.fingerprint.n_layers
-        self.items: list[tuple[Captured, torch.Tensor, Scored]] = []
-        self.prompts: list[torch.Tensor] = []
-        m = coded_tokens(split - 1, cfg.tail_tokens)  # the prompt tokens A codes
-        for chunk in tqdm(chunks, desc="dev prefills", leave=False):
-            cap = capture(engine_a, chunk[:m], input_layers=range(n_layers))
-            feed = chunk[split - 1 :]
-            oracle = oracle_score(engine_b, chunk[: split - 1], feed)
-            self.items.append((cap, feed, oracle))
-            self.prompts.append(chunk[: split - 1])
+        self.prompts = [chunk[: split - 1] for chunk in chunks]
+        self.feeds = [chunk[split - 1 :] for chunk in chunks]
+        pairs = tqdm(list(zip(self.prompts, self.feeds, strict=True)), desc="dev oracle",
+                     leave=False)  # fmt: skip
+        self.oracles = [oracle_score(engine_b, p, f) for p, f in pairs]
+        self.use(cfg.head_tokens, cfg.tail_tokens)
+
+    def use(self, head: int, tail: int) -> None:
+        """Score with B refreshing each prompt's first `head` and last `tail` tokens: A captures
+        the tokens it codes."""
+        self.head = head
+        n_layers = self.a.fingerprint.n_layers
+        self.caps: list[Captured] = [
+            capture(self.a, p[: coded_tokens(p.numel(), tail)], input_layers=range(n_layers))
+            for p in tqdm(self.prompts, desc=f"dev captures h{head} t{tail}", leave=False)
+        ]
 
     def layers(self, art: Artifact, item: int, only: list[int] | None = None) -> list:
         """B's reconstructed layers of one dev chunk (or just the layers in `only`)."""
-        cap = self.items[item][0]
+        cap = self.caps[item]
         todo = range(len(cap.pre.layers)) if only is None else only
         return [
             reconstruct_layer(
@@ -168,7 +185,8 @@ class _Dev:
         """KL per dev chunk; with `base` (per chunk, all layers) only `swap` layers are
         reconstructed again."""
         out = []
-        for j, (cap, feed, oracle) in enumerate(self.items):
+        scored = zip(self.caps, self.feeds, self.oracles, strict=True)
+        for j, (cap, feed, oracle) in enumerate(scored):
             if base is None:
                 layers = self.layers(art, j)
             else:
@@ -253,7 +271,23 @@ def calibrate(engine_a: Engine, engine_b: Engine, cfg: CalibConfig) -> Artifact:
         else:
             kl_now = trained
     art.manifest = _with(art.manifest, chosen, kl_now)
+    if cfg.refresh_grid:
+        art.manifest = _choose_refresh(art, dev, cfg)
     return art
+
+
+def _choose_refresh(art: Artifact, dev: _Dev, cfg: CalibConfig) -> Manifest:
+    """The artifact's manifest with the refresh of `cfg.refresh_grid` chosen on dev (module
+    docstring) and every candidate's dev KL recorded."""
+    scored = []
+    for head, tail in sorted(set(cfg.refresh_grid), key=lambda p: (sum(p), p)):
+        dev.use(head, tail)
+        scored.append((head, tail, dev.kl(art)))
+        tqdm.write(f"refresh h{head} t{tail}: dev KL {scored[-1][2]:.4f}")
+    within = [s for s in scored if s[2] <= cfg.eps]
+    head, tail, kl_dev = within[0] if within else min(scored, key=lambda s: s[2])
+    return msgspec.structs.replace(art.manifest, head_tokens=head, tail_tokens=tail,
+                                   kl_dev=kl_dev, refresh_dev=scored)  # fmt: skip
 
 
 class _Frozen(torch.nn.Module):
@@ -275,7 +309,7 @@ def _select(art: Artifact, dev: _Dev, cfg: CalibConfig) -> tuple[list[int], list
     """Patch layers by KL gain per byte on dev (module docstring); returns (layers, KL per dev
     chunk with them)."""
     m = art.manifest
-    base = [dev.layers(art, j) for j in range(len(dev.items))]
+    base = [dev.layers(art, j) for j in range(len(dev.caps))]
     kl0 = dev.kls(art, base)
     if cfg.max_patches == 0 or fmean(kl0) <= cfg.eps:
         return [], kl0
@@ -307,7 +341,7 @@ def _choose_alphas(
     no patches; its tensors are updated to the chosen alphas. Returns (alphas, KL_id)."""
     n = len(art.manifest.ranks)
     alphas = [[0.0, 0.0] for _ in range(n)]
-    base = [dev.layers(art, c) for c in range(len(dev.items))]
+    base = [dev.layers(art, c) for c in range(len(dev.caps))]
     kl_id = best = dev.kl(art, base)
     levels = [[list(range(n * g // k, n * (g + 1) // k)) for g in range(min(k, n))]
               for k in cfg.alpha_levels]  # fmt: skip

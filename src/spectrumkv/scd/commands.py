@@ -55,6 +55,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         distill_steps=args.distill_steps, distill_chunks=args.distill_chunks,
         distill_lr=args.distill_lr, distill_windows=args.distill_windows,
         head_tokens=args.head_tokens, tail_tokens=args.tail_tokens,
+        refresh_grid=args.refresh_grid,
     )  # fmt: skip
     a = load(args.producer)
     b = a if args.consumer == args.producer else load(args.consumer)
@@ -216,6 +217,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--tail-tokens", type=int, default=c.tail_tokens,
                      help="B recomputes each prompt's last this many tokens itself; A codes "
                           "the rest (stored in the artifact)")  # fmt: skip
+    cal.add_argument("--refresh-grid", type=_listof(_refresh), default=c.refresh_grid,
+                     metavar="HEAD:TAIL,...",
+                     help="refresh candidates: the artifact keeps the cheapest whose dev KL "
+                          "<= eps (else the lowest); fit under --head-tokens/--tail-tokens, "
+                          "best the grid's largest")  # fmt: skip
     cal.add_argument("--out", required=True, help="artifact directory")
     cal.add_argument("--threads", type=int, default=0)
     cal.set_defaults(func=_cmd_calibrate)
