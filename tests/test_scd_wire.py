@@ -269,8 +269,9 @@ def test_both_engines_generate_the_same_tokens_from_scd_codes(cluster, pair):
 
 def test_refresh_artifact_codes_fewer_tokens_and_both_engines_agree(cluster, pair):
     """An artifact with a refresh (B recomputes the first 2 and last 6 prompt tokens): A codes
-    all but the last 6 (fewer wire bytes than the same artifact without it), and both engines
-    generate the same tokens from the refreshed cache."""
+    all but the last 6 (fewer wire bytes than the same artifact without it, against the raw
+    FP16 KV of the whole prompt), and both engines generate the same tokens from the refreshed
+    cache."""
     text = pair["prompts"][2][:200]
     plain = _in_process(cluster, pair, str(pair["art"]), "sequential", text)["spectrumkv"]
     got = {}
@@ -279,6 +280,7 @@ def test_refresh_artifact_codes_fewer_tokens_and_both_engines_agree(cluster, pai
         s = r["spectrumkv"]
         assert s["outcome"] == "ok" and s["method"] == "scd", s
         assert s["wire_bytes"] < plain["wire_bytes"] and s["reconstruct_s"] > 0, (s, plain)
+        assert s["fp16_bytes"] == plain["fp16_bytes"] and s["wire_ratio"] < plain["wire_ratio"]
         got[engine] = token_ids(r)
     assert got["sequential"] == got["batched"] and len(got["batched"]) == 4
 

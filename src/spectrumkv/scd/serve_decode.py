@@ -8,7 +8,8 @@ under a budget that drops tokens (`budget.may_drop`) are rebuilt into a list of 
 kept positions, which the engine takes as it takes a received KV payload. So is the cache of an
 artifact with a refresh (`head_tokens` / `tail_tokens`, `scd.refresh`): B asks for codes of all
 but the prompt's last `tail_tokens` tokens, then recomputes those and the first `head_tokens`
-itself (on the unpack thread, counted in `reconstruct_s`).
+itself (on the unpack thread, counted in `reconstruct_s`); the response's `fp16_bytes` (and so
+`wire_ratio`) stay the raw FP16 KV of the whole prompt, what a raw transfer would send.
 
 Methods (the request's `spectrumkv.method`; default `scd` on such a worker): `scd` (codes, FP16
 or quantized under `spectrumkv.code_budget`), `recompute` (B's own prefill), `raw` (A's FP16 KV
@@ -32,6 +33,7 @@ from ..kv import LayerKV
 from ..pd.fetch import KvReceiver, Transfer, fetch
 from ..pd.openai import ApiError, Job
 from ..pd.protocol import PrefillRequest, TransferOptions
+from ..policy import raw_kv_bytes
 from ..serve.engine import BatchEngine
 from ..serve.staged import StagedPrompt
 from ..transport.framing import Kind
@@ -166,6 +168,9 @@ class ScdClient:
                 )  # fmt: skip
                 out.n_tokens = len(ids)
                 rx.reconstruct_s += time.perf_counter() - t0
+                if out.done is not None:  # A's counter covers the coded tokens only
+                    whole = raw_kv_bytes(self.art.manifest.consumer, len(ids))
+                    out.done = msgspec.structs.replace(out.done, fp16_bytes=whole)
             out.reconstruct_s = rx.reconstruct_s
             self.reconstruct.observe(rx.reconstruct_s)
         if out.done is not None:
