@@ -273,6 +273,27 @@ def test_distillation_lowers_train_kl_and_keeps_the_best_dev_candidate(tmp_path,
         calibrate(a, b, too_many)
 
 
+def test_distillation_loss_is_the_refreshed_dev_kl(pair, corpus):
+    """With a refresh (head 4, tail 8) the training loss of a chunk, before any update, is the
+    KL the dev split measures on it (A codes all but the tail, B splices its own head rows and
+    recomputes the tail, then scores the continuation); without the refresh it differs."""
+    from spectrumkv.scd.distill import _loss, _prepare
+
+    a, b = pair
+    over = dict(max_patches=0, alpha_grid=(0.0,), head_tokens=4, tail_tokens=8)
+    cfg = CalibConfig(corpus=corpus, code_budget=1.0, **(SMALL | over))
+    art = calibrate(a, b, cfg)
+    dev = _Dev(a, b, cfg)
+    chunk = torch.cat([dev.prompts[0], dev.feeds[0]])
+    params = {k: v.float() for k, v in art.tensors.items()}
+    c = _prepare(a, b, art, cfg, chunk)
+    assert c.n_tokens == dev.prompts[0].numel() - 8 and len(c.head) == 3
+    want = dev.kls(art)[0]
+    assert _loss(b, params, c).item() == pytest.approx(want, rel=2e-3)
+    plain = _prepare(a, b, art, dataclasses.replace(cfg, head_tokens=0, tail_tokens=0), chunk)
+    assert abs(_loss(b, params, plain).item() - want) > 1e-2 * want
+
+
 def test_distillation_on_random_windows(pair, corpus):
     """`distill_windows="random"`: every step a fresh chunk at a seeded random offset of the
     calib split (the same sequence on every run), dev candidates every `distill_chunks` steps."""

@@ -25,8 +25,8 @@ lowered dev KL 0.0277 -> 0.0264, one chunk of 3 carrying it; over 8 dev chunks i
 0.0277, and over 24 held-out chunks it raised KL 0.0249 -> 0.0275; benchmarks/RESULTS.md).
 
 Refresh (`head_tokens`, `tail_tokens`; `scd.refresh`): every dev KL above is measured with B
-recomputing each prompt's first and last tokens itself, as B does where the artifact is used;
-distillation's training loss does not include it. With a `refresh_grid`, the finished artifact is
+recomputing each prompt's first and last tokens itself, as B does where the artifact is used,
+and so is distillation's training loss (distill.py). With a `refresh_grid`, the finished artifact is
 scored on dev under every (head, tail) candidate, and keeps the cheapest (fewest tokens B
 recomputes) whose dev KL is <= eps, else the one with the lowest dev KL; the alphas, distillation
 and patches stay those fitted under (`head_tokens`, `tail_tokens`), which should be the grid's

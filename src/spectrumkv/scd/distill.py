@@ -10,11 +10,14 @@ trained by AdamW on the PD protocol's chunks of the `calib` split, one chunk a s
   costs a chunk's preparation more; nothing is stored, and every calib token can be a target);
 - preparing a chunk (prefix `dev_context - dev_continuation` tokens, then the continuation): A's
   codes of the prefix (`encode_layer`, FP16 codes as on the wire) and B's oracle log-probs of the
-  continuation from B's own prefill; patch layers (if any) are rebuilt then, not trained;
+  continuation from B's own prefill; patch layers (if any) are rebuilt then, not trained; with a
+  refresh (`head_tokens`, `tail_tokens`, `scd.refresh`) A codes all but the prefix's last
+  `tail_tokens`, and B's own K/V of the first `head_tokens` is computed then;
 - a step rebuilds B's prefix cache from the codes with the same math as `reconstruct_layer`
-  (`codes.reuse_flat` + `codes.to_layer`, keeping the autograd graph), runs B (weights frozen,
-  eval mode, float32) on the continuation from that cache, and takes the loss
-  mean token KL(B || oracle), the quantity `metrics.kl` measures;
+  (`codes.reuse_flat` + `codes.to_layer`, keeping the autograd graph), splices in the head
+  rows, runs B (weights frozen, eval mode, float32) over the refreshed tail and the
+  continuation from that cache, and takes the loss mean token KL(B || oracle) over the
+  continuation, the quantity `metrics.kl` measures: the cache is trained as the refresh uses it;
 - the start and the decoders every `distill_chunks` steps (and after the last step) are
   scored on the dev split with the non-differentiable path (`dev_kl`, i.e. what the workers
   compute); the best one is kept, so the dev KL never rises.
@@ -32,12 +35,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..engines.hf import Engine, decode_state, step
+from ..engines.hf import Engine, decode_state, prefill, step
 from ..eval.ppl import corpus_chunks
+from ..kv import LayerKV
 from .artifact import Artifact
 from .capture import capture
 from .codes import LayerCode, encode_layer, reconstruct_layer, reuse_flat, to_layer
 from .metrics import oracle_score
+from .refresh import coded_tokens, splice
 from .splits import split_text
 
 if TYPE_CHECKING:
@@ -59,12 +64,16 @@ TRAINED = ("k.dec", "k.mu_b", "v.dec", "v.mu_b")
 
 @dataclass
 class _Chunk:
-    """One training chunk: A's codes of the prefix (per layer), patch layers already rebuilt,
-    the continuation fed to B, and B's oracle log-probs of it [t, vocab] (`ORACLE_DTYPE`)."""
+    """One training chunk: A's codes of the prefix's first `n_tokens` (per layer), patch layers
+    already rebuilt, B's own K/V of the head tokens (empty: no head refresh), the prefix tokens B
+    recomputes (`fresh`, the tail) and the continuation fed after them, and B's oracle log-probs
+    of the continuation [t, vocab] (`ORACLE_DTYPE`)."""
 
     codes: list[LayerCode]
     fixed: dict[int, object]
     n_tokens: int
+    head: list[LayerKV]
+    fresh: torch.Tensor
     feed: torch.Tensor
     oracle: torch.Tensor
 
@@ -91,18 +100,24 @@ def kl_loss(logp: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
 def _prepare(
     engine_a: Engine, engine_b: Engine, art: Artifact, cfg: CalibConfig, chunk: torch.Tensor
 ) -> _Chunk:
-    """One training chunk from `cfg.dev_context` token ids: A's codes of the prefix, patch
-    layers rebuilt, B's oracle log-probs of the continuation."""
+    """One training chunk from `cfg.dev_context` token ids: A's codes of the prefix (all but
+    the refreshed tail), patch layers rebuilt, B's own head K/V, B's oracle log-probs of the
+    continuation."""
     split = cfg.dev_context - cfg.dev_continuation
     patches = art.manifest.patch_layers
     prefix, feed = chunk[: split - 1], chunk[split - 1 :]
-    cap = capture(engine_a, prefix, input_layers=patches)
+    m = coded_tokens(prefix.numel(), cfg.tail_tokens)
+    cap = capture(engine_a, prefix[:m], input_layers=patches)
     codes = [
         encode_layer(art, engine_a, i, kv, cap.inputs.get(i)) for i, kv in enumerate(cap.pre.layers)
     ]
     fixed = {i: reconstruct_layer(art, engine_b, codes[i]) for i in patches}
+    head = []
+    if cfg.head_tokens:  # clones: inference-mode tensors cannot join the autograd graph
+        own = prefill(engine_b, prefix[: min(cfg.head_tokens, m)]).layers
+        head = [LayerKV(kv.keys.clone(), kv.values.clone(), kv.positions.clone()) for kv in own]
     oracle = oracle_score(engine_b, prefix, feed).logp.to(ORACLE_DTYPE)
-    return _Chunk(codes, fixed, cap.pre.n_tokens, feed, oracle)
+    return _Chunk(codes, fixed, m, head, prefix[m:], feed, oracle)
 
 
 def _fixed_chunks(
@@ -154,8 +169,11 @@ def _loss(engine_b: Engine, params: dict[str, torch.Tensor], c: _Chunk) -> torch
         else to_layer(engine_b, code.layer, code.positions, *reuse_flat(params, code))
         for code in c.codes
     ]
-    logits = _step(engine_b, decode_state(engine_b, layers, c.n_tokens), c.feed[:-1])
-    return kl_loss(F.log_softmax(logits, dim=-1), c.oracle)
+    if c.head:
+        layers = splice(layers, c.head)
+    tokens = torch.cat([c.fresh, c.feed[:-1]])
+    logits = _step(engine_b, decode_state(engine_b, layers, c.n_tokens), tokens)
+    return kl_loss(F.log_softmax(logits[c.fresh.numel() :], dim=-1), c.oracle)
 
 
 def distill(

@@ -32,8 +32,9 @@ def coded_tokens(n_tokens: int, tail: int) -> int:
     return max(1, n_tokens - tail)
 
 
-def _splice(layers: list[LayerKV], own: list[LayerKV]) -> list[LayerKV]:
-    """`layers` with the rows of the positions `own` holds replaced by `own`'s."""
+def splice(layers: list[LayerKV], own: list[LayerKV]) -> list[LayerKV]:
+    """`layers` with the rows of the positions `own` holds replaced by `own`'s (out of place, so
+    an autograd graph through `layers` is kept)."""
     out = []
     for kv, mine in zip(layers, own, strict=True):
         rows = torch.isin(kv.positions, mine.positions)
@@ -62,7 +63,7 @@ def refresh(
     if head < 0:
         raise ConfigError(f"head tokens must be >= 0, got {head}")
     if head:
-        layers = _splice(layers, prefill(engine_b, prompt[: min(head, n_coded)]).layers)
+        layers = splice(layers, prefill(engine_b, prompt[: min(head, n_coded)]).layers)
     if n_coded == prompt.numel():
         return layers
     fp = engine_b.fingerprint
