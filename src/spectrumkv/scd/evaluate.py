@@ -359,6 +359,8 @@ def run_eval(
             "eps": art.manifest.eps,
             "alphas": art.manifest.alphas,
             "kl_dev_identity": art.manifest.kl_dev_identity,
+            "refresh": [art.manifest.head_tokens, art.manifest.tail_tokens],
+            "refresh_dev": art.manifest.refresh_dev,
         },  # fmt: skip
     }
 
