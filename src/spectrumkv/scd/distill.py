@@ -9,7 +9,7 @@ trained by AdamW on the PD protocol's chunks of the `calib` split, one chunk a s
   "random": a fresh chunk at a random token offset every step, prepared when drawn (each step
   costs a chunk's preparation more; nothing is stored, and every calib token can be a target);
 - preparing a chunk (prefix `dev_context - dev_continuation` tokens, then the continuation): A's
-  codes of the prefix (`encode_layer`, FP16 codes as on the wire) and B's oracle log-probs of the
+  codes of the prefix (`codes.encode`, FP16 codes as on the wire) and B's oracle log-probs of the
   continuation from B's own prefill; patch layers (if any) are rebuilt then, not trained; with a
   refresh (`head_tokens`, `tail_tokens`, `scd.refresh`) A codes all but the prefix's last
   `tail_tokens`, and B's own K/V of the first `head_tokens` is computed then;
@@ -35,14 +35,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..engines.hf import Engine, decode_state, prefill, step
+from ..engines.hf import Engine, decode_state, step
 from ..eval.ppl import corpus_chunks
 from ..kv import LayerKV
 from .artifact import Artifact
-from .capture import capture
-from .codes import LayerCode, encode_layer, reconstruct_layer, reuse_flat, to_layer
+from .codes import LayerCode, encode, reconstruct_layer, reuse_flat, to_layer
 from .metrics import oracle_score
-from .refresh import coded_tokens, splice
+from .refresh import coded_tokens, head_rows, splice
 from .splits import split_text
 
 if TYPE_CHECKING:
@@ -107,15 +106,11 @@ def _prepare(
     patches = art.manifest.patch_layers
     prefix, feed = chunk[: split - 1], chunk[split - 1 :]
     m = coded_tokens(prefix.numel(), cfg.tail_tokens)
-    cap = capture(engine_a, prefix[:m], input_layers=patches)
-    codes = [
-        encode_layer(art, engine_a, i, kv, cap.inputs.get(i)) for i, kv in enumerate(cap.pre.layers)
-    ]
+    codes = encode(art, engine_a, prefix[:m])
     fixed = {i: reconstruct_layer(art, engine_b, codes[i]) for i in patches}
-    head = []
-    if cfg.head_tokens:  # clones: inference-mode tensors cannot join the autograd graph
-        own = prefill(engine_b, prefix[: min(cfg.head_tokens, m)]).layers
-        head = [LayerKV(kv.keys.clone(), kv.values.clone(), kv.positions.clone()) for kv in own]
+    # clones: inference-mode tensors cannot join the autograd graph
+    own = head_rows(engine_b, prefix, cfg.head_tokens, m)
+    head = [LayerKV(kv.keys.clone(), kv.values.clone(), kv.positions.clone()) for kv in own]
     oracle = oracle_score(engine_b, prefix, feed).logp.to(ORACLE_DTYPE)
     return _Chunk(codes, fixed, m, head, prefix[m:], feed, oracle)
 

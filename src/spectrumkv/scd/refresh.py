@@ -49,6 +49,14 @@ def splice(layers: list[LayerKV], own: list[LayerKV]) -> list[LayerKV]:
     return out
 
 
+def head_rows(engine_b: Engine, prompt: torch.Tensor, head: int, n_coded: int) -> list[LayerKV]:
+    """B's own K/V of the prompt's first `head` tokens (no more than the `n_coded` tokens the
+    cache was rebuilt for), the rows `splice` puts in place of the rebuilt ones; [] for head 0."""
+    if head < 0:
+        raise ConfigError(f"head tokens must be >= 0, got {head}")
+    return prefill(engine_b, prompt[: min(head, n_coded)]).layers if head else []
+
+
 @torch.inference_mode()
 def refresh(
     engine_b: Engine, layers: list[LayerKV], n_coded: int, prompt: torch.Tensor, head: int = 0
@@ -60,10 +68,8 @@ def refresh(
     sliding-window layer its last window)."""
     if not 0 < n_coded <= prompt.numel():
         raise ConfigError(f"{n_coded} coded tokens of a {prompt.numel()}-token prompt")
-    if head < 0:
-        raise ConfigError(f"head tokens must be >= 0, got {head}")
     if head:
-        layers = splice(layers, prefill(engine_b, prompt[: min(head, n_coded)]).layers)
+        layers = splice(layers, head_rows(engine_b, prompt, head, n_coded))
     if n_coded == prompt.numel():
         return layers
     fp = engine_b.fingerprint
