@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from spectrumkv.assets import load_text, model_dir
-from spectrumkv.engines.hf import decode_state, load, prefill
+from spectrumkv.engines.hf import decode_state, load, prefill, step
 from spectrumkv.errors import AssetError, ConfigError
 from spectrumkv.scd import artifact, rope
 from spectrumkv.scd.calibrate import CalibConfig, _Dev, calibrate
@@ -609,6 +609,12 @@ def test_refresh_rebuilds_the_models_own_head_and_tail(tmp_path):
         assert torch.allclose(x.keys.float(), y.keys.float(), atol=2e-3)
         assert torch.allclose(x.values.float(), y.values.float(), atol=2e-3)
     assert refresh(b, own, 90, ids) is own
+    # the refresh's forward skips the vocabulary projection of all but the last token
+    part = prefill(b, ids[:70]).layers
+    full = step(b, decode_state(b, part, 70), ids[70:])
+    last = step(b, decode_state(b, part, 70), ids[70:], last_only=True)
+    assert full.shape[0] == 20 and last.shape[0] == 1
+    assert torch.allclose(last[0], full[-1], atol=1e-4)
     other = prefill(load(_tiny(tmp_path / "a", 1)), ids).layers
     for x, y, z in zip(refresh(b, other, 90, ids, head=5), own, other, strict=True):
         assert torch.allclose(x.keys[:, :5].float(), y.keys[:, :5].float(), atol=2e-3)
