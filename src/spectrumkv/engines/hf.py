@@ -482,12 +482,12 @@ def forward_with_kv_transform(
 
 @torch.inference_mode()
 def step(
-    engine: Engine, state: DecodeState, input_ids: torch.Tensor, last_only: bool = False
+    engine: Engine, state: DecodeState, input_ids: torch.Tensor, logits_to_keep: int = 0
 ) -> torch.Tensor:
     """Feed 1-D `input_ids` at the next positions; return logits [t, vocab] (float32), or with
-    `last_only` the last position's [1, vocab] only (a caller that wants only the cache skips
-    the vocabulary projection of the others: on Gemma-3's 262K vocabulary that projection of 256
-    tokens costs more than the model's layers)."""
+    `logits_to_keep` = k > 0 those of the last k positions only [k, vocab]. A caller that wants
+    the cache, or the logits of a few positions, skips the vocabulary projection of the others:
+    on Gemma-3's 262K vocabulary that projection of 256 tokens costs more than all its layers."""
     fp = engine.fingerprint
     t = int(input_ids.numel())
     qpos = torch.arange(state.next_position, state.next_position + t)
@@ -504,7 +504,7 @@ def step(
         attention_mask=_model_mask(fp, masks),
         past_key_values=state.cache,
         use_cache=True,
-        logits_to_keep=1 if last_only else 0,
+        logits_to_keep=logits_to_keep,
     )
     state.full_positions = kfull
     state.next_position += t

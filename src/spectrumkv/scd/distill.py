@@ -167,8 +167,9 @@ def _loss(engine_b: Engine, params: dict[str, torch.Tensor], c: _Chunk) -> torch
     if c.head:
         layers = splice(layers, c.head)
     tokens = torch.cat([c.fresh, c.feed[:-1]])
-    logits = _step(engine_b, decode_state(engine_b, layers, c.n_tokens), tokens)
-    return kl_loss(F.log_softmax(logits[c.fresh.numel() :], dim=-1), c.oracle)
+    state = decode_state(engine_b, layers, c.n_tokens)
+    logits = _step(engine_b, state, tokens, logits_to_keep=c.feed.numel() - 1)
+    return kl_loss(F.log_softmax(logits, dim=-1), c.oracle)
 
 
 def distill(

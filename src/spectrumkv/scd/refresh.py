@@ -74,7 +74,7 @@ def refresh(
         return layers
     fp = engine_b.fingerprint
     state = decode_state(engine_b, layers, n_coded)
-    step(engine_b, state, prompt[n_coded:], last_only=True)
+    step(engine_b, state, prompt[n_coded:], logits_to_keep=1)
     out = []
     for i, layer in enumerate(state.cache.layers):
         pos = state.sliding_positions if fp.is_sliding(i) else state.full_positions
