@@ -179,7 +179,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--consumer", required=True, help="model B (decode side)")
     cal.add_argument("--corpus", default=c.corpus)
     cal.add_argument("--prompts", type=int, default=c.prompts)
-    cal.add_argument("--prompt-tokens", type=int, default=c.prompt_tokens)
+    cal.add_argument("--prompt-tokens", type=int, default=c.prompt_tokens,
+                     help="tokens per calibration prompt: as long as those served")  # fmt: skip
     cal.add_argument("--code-budget", type=float, default=c.code_budget,
                      help="reuse-path code bytes / raw FP16 KV bytes")  # fmt: skip
     cal.add_argument("--patch-rank", type=int, default=c.patch_rank)
