@@ -70,10 +70,11 @@ class CalibConfig:
     `refresh_grid`: (head, tail) candidates the artifact's refresh is chosen from at the end
     (module doc; empty: keep `head_tokens` / `tail_tokens`). `prompt_tokens`: the length of
     each calibration prompt the maps are fitted on, by default 1,024 (the dev chunks' and the
-    PD protocol's length; keep it as long as the prompts served): maps fitted on shorter prompts never see the later positions, nor, in a
-    model with sliding-window layers, a window cut short (on the Gemma-3 alias pair, window
-    512, fitting on 1,024-token prompts instead of 512 lowered held-out KL from 0.0318 to
-    0.0218 on 8 chunks, paired -0.0100 +- 0.0042; RESULTS, session 28)."""
+    PD protocol's length; keep it as long as the prompts served): maps fitted on shorter
+    prompts never see the later positions, nor, in a model with sliding-window layers, a window
+    cut short (on the Gemma-3 alias pair, window 512, fitting on 1,024-token prompts instead of
+    512 lowered held-out KL from 0.0318 to 0.0218 on 8 chunks, paired -0.0100 +- 0.0042;
+    RESULTS, session 28)."""
 
     corpus: str = DEFAULT_CORPUS
     prompts: int = 8
