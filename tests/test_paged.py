@@ -87,6 +87,32 @@ def test_long_request_32k():
     check_routes([32768, 5], torch.bfloat16, q_heads=4, kv_heads=1, head_dim=64)
 
 
+def test_kernel_scratch_does_not_grow_with_context():
+    """The kernel's only heap memory (task list, merge list, split partials: PyMem_Malloc, which
+    tracemalloc sees) is O(batch x KV heads x parts x group x head_dim): the partials grow with
+    the context up to the part cap (16 per request and KV head) and not past it."""
+    import tracemalloc
+
+    kv_heads, group, d, batch = 2, 4, 64, 2
+    cache, tables, _ = make_cache([32768] * batch, torch.bfloat16, kv_heads, d)
+    kp, vp = cache.layer(0)
+    q = torch.randn(batch, kv_heads * group, d)
+    peaks = {}
+    for n in (64, 16384, 32768):
+        lens = torch.full((batch,), n, dtype=torch.int32)
+        kernel.decode(q, kp, vp, tables, lens, d**-0.5, 8, 1024, 1, part_tokens=1024)  # warm
+        tracemalloc.start()
+        _, _, partials = kernel.decode(q, kp, vp, tables, lens, d**-0.5, 8, 1024, 1,
+                                       part_tokens=1024)  # fmt: skip
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert partials == (0 if n == 64 else 16 * batch)
+    partial_bytes = 16 * batch * kv_heads * group * (d + 2) * 4  # (m, l, acc) float32 each
+    assert peaks[64] < 4096 and peaks[16384] >= partial_bytes  # it sees the partials
+    assert peaks[32768] <= peaks[16384] + 1024  # and nothing grows past the cap
+    assert peaks[32768] <= partial_bytes + 64 * 1024  # tasks, merges, Python's own objects
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("isa", kernel.ISAS)
 def test_every_kernel_matches(dtype, isa):
