@@ -1,14 +1,24 @@
-"""engines.flash, causal prefill attention on AMX-BF16 tiles, against a float64 reference beside
-torch's own bf16 SDPA; and the bf16 prefill of a real model through it against SDPA. On a CPU
-with AMX-BF16 (the development VM and CI) the kernel must be available and run; elsewhere
-`fits` refuses and `causal` raises, so every caller stays on SDPA."""
+"""engines.flash, causal prefill attention on AMX-BF16 tiles or AVX512-BF16 dot products, against
+a float64 reference beside torch's own bf16 SDPA; and the bf16 prefill of a real model through
+it against SDPA. On a CPU with AVX512-BF16 (the development VMs and CI: Intel with AMX, AMD Zen
+4 without) the kernel must be available and run, every kernel the CPU has; elsewhere `fits`
+refuses and `causal` raises, so every caller stays on SDPA."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from spectrumkv.engines import flash, hf
-from tests.test_paged_amx import cpu_has_amx
+from tests.test_paged_amx import cpu_flags, cpu_has_amx
+
+
+def cpu_has_bf16() -> bool:
+    return {"avx512f", "avx512bw", "avx512dq", "avx512_bf16"} <= cpu_flags()
+
+
+def kernels() -> list[str]:
+    """The flash kernels this CPU has, best first."""
+    return (["amx"] if cpu_has_amx() else []) + (["avx512bf16"] if cpu_has_bf16() else [])
 
 
 def _qkv(t: int, hq: int, hkv: int, seed: int, scale: float = 1.0):
@@ -43,28 +53,38 @@ def _check(ours, q, k, v, scale=None):
     assert err <= max(1.5 * err_sdpa, 4e-3), (q.shape, err, err_sdpa)
 
 
-def test_flash_is_available_where_the_cpu_has_amx():
-    assert cpu_has_amx() == flash.AVAILABLE
+def test_flash_is_available_where_the_cpu_has_avx512_bf16():
+    assert cpu_has_bf16() == flash.AVAILABLE
+    assert flash.isa() == (kernels() or [""])[0]  # the best kernel runs by default
     q, k, v = _qkv(8, 9, 3, 0)
-    assert flash.fits(q, k, v) == cpu_has_amx()
-    if not cpu_has_amx():
+    assert flash.fits(q, k, v) == cpu_has_bf16()
+    if not cpu_has_bf16():
         with pytest.raises(ValueError, match="flash.causal needs"):
             flash.causal(q, k, v)
+    elif not cpu_has_amx():
+        with pytest.raises(ValueError, match="not available"):
+            flash.set_isa("amx")
 
 
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)])
 def test_flash_matches_the_reference_at_block_edges(hq, hkv):
     """Lengths 1 to 300 across the 16-row and 32-key blocks: the error against float64 is that
     of bf16 rounding, within 1.5x of torch's bf16 SDPA on the same inputs; large scores (x4)
-    exercise the lazy rescale."""
-    if not cpu_has_amx():
-        pytest.skip("no AMX-BF16 on this CPU (test_flash_is_available_where_the_cpu_has_amx)")
-    for t in (1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 100, 300):
-        for scale in (1.0, 4.0):
-            q, k, v = _qkv(t, hq, hkv, seed=t, scale=scale)
-            ours = flash.causal(q, k, v)
-            assert ours.shape == (t, hq, 64) and ours.is_contiguous()
-            _check(ours, q, k, v)
+    exercise the lazy rescale. Every kernel the CPU has."""
+    if not cpu_has_bf16():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    previous = flash.isa()
+    try:
+        for kernel in kernels():
+            flash.set_isa(kernel)
+            for t in (1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 100, 300):
+                for scale in (1.0, 4.0):
+                    q, k, v = _qkv(t, hq, hkv, seed=t, scale=scale)
+                    ours = flash.causal(q, k, v)
+                    assert ours.shape == (t, hq, 64) and ours.is_contiguous()
+                    _check(ours, q, k, v)
+    finally:
+        flash.set_isa(previous)
 
 
 def test_flash_scale_and_refusals():
@@ -85,8 +105,8 @@ def test_bf16_prefill_through_flash_matches_sdpa(monkeypatch):
     """SmolLM2 in bf16: `hf.prefill` (one prompt) and `hf.prefill_batch` (two packed) run the
     kernel; their K/V agree with the SDPA path's within bf16 rounding of what attention feeds
     into later layers."""
-    if not cpu_has_amx():
-        pytest.skip("no AMX-BF16 on this CPU (test_flash_is_available_where_the_cpu_has_amx)")
+    if not cpu_has_bf16():
+        pytest.skip("no AVX512-BF16 on this CPU")
     eng = hf.load("smollm2-135m", dtype="bfloat16", kv_dtype="bfloat16")
     assert flash.serves(eng.model)
     ids = torch.arange(1000, 1300)

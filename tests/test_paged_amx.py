@@ -14,12 +14,15 @@ from spectrumkv.paged.reference import reference
 from tests.test_paged import make_cache
 
 
-def cpu_has_amx() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty elsewhere)."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-    )
-    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+    lines = [ln for ln in text.splitlines() if ln.startswith("flags")]
+    return set(lines[0].split(":", 1)[1].split()) if lines else set()
+
+
+def cpu_has_amx() -> bool:
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags()
 
 
 BF16_ISAS = ("amx", "avx512bf16")

@@ -1,14 +1,17 @@
-"""Causal prefill attention on AMX-BF16 tiles (`_flash.c`), for bf16 models of head_dim 64.
+"""Causal prefill attention on AMX-BF16 tiles or AVX512-BF16 dot products (`_flash.c`), for
+bf16 models of head_dim 64.
 
 `causal(q, k, v, scale)` computes what `F.scaled_dot_product_attention(q, k, v,
 is_causal=True, enable_gqa=True)` computes for one prompt, in bf16 with FP32 accumulation and
 an FP32 online softmax; tests/test_flash.py checks it against a float64 reference beside SDPA's
 own bf16 error. `engines.segments` runs it for every span it can take (`fits`), so the packed
 prefill of `engines.hf.prefill_batch` and the single-prompt `engines.hf.prefill` of bf16 models
-use it; everything else stays on SDPA. Measured with benchmarks/prefill_attention.py
-(benchmarks/RESULTS.md, "Prefill attention on AMX tiles"): 1.1-3.1x SDPA's speed and 1.1-1.7x
-vLLM's CPU attention at 0.5-8K tokens. `SPECTRUMKV_FLASH_PREFILL=0` in the environment turns it
-off (for A/B runs); without the extension or without AMX (`AVAILABLE` False) SDPA runs.
+use it; everything else stays on SDPA. Kernels (`isa`): "amx" where the CPU has AMX-BF16,
+else "avx512bf16" (VDPBF16PS: AMD Zen 4, Intel Cooper Lake). Measured with
+benchmarks/prefill_attention.py (benchmarks/RESULTS.md, "Prefill attention on AMX tiles" and
+"Session 29"): AMX 1.1-3.1x SDPA's speed and 1.1-1.7x vLLM's CPU attention at 0.5-8K tokens.
+`SPECTRUMKV_FLASH_PREFILL=0` in the environment turns it off (for A/B runs); without the
+extension or without AVX512-BF16 (`AVAILABLE` False) SDPA runs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ except ImportError:  # an optional extension; see setup.py
 AVAILABLE = _flash is not None and _flash.available()
 ENABLED = AVAILABLE and os.environ.get("SPECTRUMKV_FLASH_PREFILL", "1") != "0"
 HEAD_DIM = 64
+
+
+def isa() -> str:
+    """The kernel `causal` runs: "amx", "avx512bf16", or "" where neither can run."""
+    return _flash.isa() if _flash is not None else ""
+
+
+def set_isa(name: str) -> str:
+    """Run this kernel ("amx" where the CPU has it, or "avx512bf16"); returns the previous one.
+    For tests and A/B runs. ValueError for a kernel this CPU lacks."""
+    if _flash is None:
+        raise ValueError("the flash prefill extension is not built")
+    return _flash.set_isa(name)
 
 
 def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -54,7 +70,7 @@ def causal(
     ValueError for inputs `fits` refuses."""
     if not fits(query, key, value):
         raise ValueError("flash.causal needs bf16 [Hq, T, 64] / [Hkv, T, 64] CPU tensors with "
-                         "contiguous dims and AMX-BF16 here (see flash.fits)")  # fmt: skip
+                         "contiguous dims and AVX512-BF16 here (see flash.fits)")  # fmt: skip
     hq, t, d = query.shape
     out = torch.empty(t, hq, d, dtype=torch.bfloat16)
     _flash.causal(
