@@ -1,17 +1,18 @@
-"""Causal prefill attention: engines.flash's AMX kernel against torch's SDPA and vLLM's CPU
-attention (its `cpu_attention_with_kv_cache` on one prompt), and SmolLM2-135M's whole bf16
-prefill with the kernel on and off.
+"""Causal prefill attention: engines.flash's kernel (AMX or AVX512-BF16: `flash.isa()`) against
+torch's SDPA and vLLM's CPU attention (its `cpu_attention_with_kv_cache` on one prompt), and
+SmolLM2-135M's whole bf16 prefill with the kernel on and off.
 
 Part 1, attention alone: SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64), bf16, one
 prompt of T tokens; per T, the three are timed interleaved, `--rounds` times each, best and median
 printed with TFLOP/s (2 T^2 d Hq: causal QK^T and PV), the max abs error against a float64
-reference, and the roof: a oneDNN bf16 matmul's TFLOP/s measured in the same run (what this core's
-AMX reaches on a plain GEMM). Part 2, the model: `engines.hf.prefill` of T tokens of `wiki` in bf16,
-three ways interleaved: `step` (the hand-written Llama forward of engines.step_prefill with the
-kernel, the default; with SDPA on a CPU without AMX), `hf-flash` (the HF forward with the kernel;
-AMX CPUs only), `hf-sdpa` (the HF forward with torch's SDPA); best and median seconds, each one's
-speedup over `hf-sdpa`, the largest relative difference of any layer's K against `hf-sdpa`, and the
-roof: the layers' GEMM and attention flops at the best GEMM rate measured between the rounds.
+reference, and the roof: a oneDNN bf16 matmul's TFLOP/s measured in the same run (what this
+core's AMX or AVX512-BF16 reaches on a plain GEMM). Part 2, the model: `engines.hf.prefill` of T
+tokens of `wiki` in bf16, three ways interleaved: `step` (the hand-written Llama forward of
+engines.step_prefill with the kernel, the default; with SDPA on a CPU without AVX512-BF16),
+`hf-flash` (the HF forward with the kernel; CPUs with AVX512-BF16 only), `hf-sdpa` (the HF
+forward with torch's SDPA); best and median seconds, each one's speedup over `hf-sdpa`, the
+largest relative difference of any layer's K against `hf-sdpa`, and the roof: the layers' GEMM
+and attention flops at the best GEMM rate measured between the rounds.
 
     .venv/bin/python benchmarks/prefill_attention.py --threads 1 --json OUT.json
 """
@@ -113,15 +114,15 @@ def attention(t: int, rounds: int) -> dict:
 
 
 def gemm_tflops(rounds: int) -> float:
-    """A oneDNN bf16 GEMM of prefill's size (2,048 x 576 by 1,536): the AMX roof here."""
+    """A oneDNN bf16 GEMM of prefill's size (2,048 x 576 by 1,536): the GEMM roof here."""
     a = torch.randn(2048, 576).to(torch.bfloat16)
     w = torch.randn(1536, 576).to(torch.bfloat16)
     best = min(timed(lambda: F.linear(a, w), rounds))
     return 2 * 2048 * 576 * 1536 / best / 1e12
 
 
-#: whole-prefill variants: (hand-written Llama step, AMX attention kernel); on a CPU without
-#: AMX, `step` runs with SDPA and `hf-flash` is left out
+#: whole-prefill variants: (hand-written Llama step, flash attention kernel); on a CPU without
+#: AVX512-BF16, `step` runs with SDPA and `hf-flash` is left out
 VARIANTS = {"step": (True, True), "hf-flash": (False, True), "hf-sdpa": (False, False)}
 if not flash.AVAILABLE:
     del VARIANTS["hf-flash"]
@@ -176,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     roof = gemm_tflops(args.rounds)
-    print(f"threads {args.threads}; bf16 GEMM roof {roof:.2f} TFLOP/s; flash {flash.AVAILABLE}")
+    print(f"threads {args.threads}; bf16 GEMM roof {roof:.2f} TFLOP/s; flash {flash.isa() or None}")
     rows = []
     for t in args.tokens:
         r = attention(t, args.rounds)
