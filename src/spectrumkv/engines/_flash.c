@@ -296,7 +296,8 @@ BF16 static void run_task_bf16(const Job *J, int h, int q0) {
                 const __m512bh b1 =
                     (__m512bh)_mm512_load_si512((const void *)(kblk + 512 + 16 * p));
                 for (int i = 0; i < SR; i++) {
-                    const __m512bh a = (__m512bh)_mm512_set1_epi32((int)q32[(r0 + i) * (D / 2) + p]);
+                    const int qpair = (int)q32[(r0 + i) * (D / 2) + p];
+                    const __m512bh a = (__m512bh)_mm512_set1_epi32(qpair);
                     s0[i] = _mm512_dpbf16_ps(s0[i], a, b0);
                     s1[i] = _mm512_dpbf16_ps(s1[i], a, b1);
                 }
@@ -308,22 +309,27 @@ BF16 static void run_task_bf16(const Job *J, int h, int q0) {
         }
         if (softmax_block(sbuf, pbuf, lv, m, fac, q0, kb * KB, J->scale2) && kb > 0)
             rescale_o(obuf, fac);
-        const uint32_t *vblk = vp + (size_t)kb * KB * (D / 2); /* key pair r, dims 16 c: + 256 c + 16 r */
+        /* key pair r, dims [16 c, 16 c + 16): vblk + 256 c + 16 r */
+        const uint32_t *vblk = vp + (size_t)kb * KB * (D / 2);
         for (int r0 = 0; r0 < QB; r0 += OR) {
             __m512 o[OR][D / 16];
             for (int i = 0; i < OR; i++)
-                for (int c = 0; c < D / 16; c++) o[i][c] = _mm512_load_ps(obuf + (r0 + i) * D + 16 * c);
+                for (int c = 0; c < D / 16; c++)
+                    o[i][c] = _mm512_load_ps(obuf + (r0 + i) * D + 16 * c);
             for (int r = 0; r < KB / 2; r++) {
                 __m512bh b[D / 16];
                 for (int c = 0; c < D / 16; c++)
                     b[c] = (__m512bh)_mm512_load_si512((const void *)(vblk + 256 * c + 16 * r));
                 for (int i = 0; i < OR; i++) {
-                    const __m512bh a = (__m512bh)_mm512_set1_epi32((int)p32[(r0 + i) * (KB / 2) + r]);
-                    for (int c = 0; c < D / 16; c++) o[i][c] = _mm512_dpbf16_ps(o[i][c], a, b[c]);
+                    const int ppair = (int)p32[(r0 + i) * (KB / 2) + r];
+                    const __m512bh a = (__m512bh)_mm512_set1_epi32(ppair);
+                    for (int c = 0; c < D / 16; c++)
+                        o[i][c] = _mm512_dpbf16_ps(o[i][c], a, b[c]);
                 }
             }
             for (int i = 0; i < OR; i++)
-                for (int c = 0; c < D / 16; c++) _mm512_store_ps(obuf + (r0 + i) * D + 16 * c, o[i][c]);
+                for (int c = 0; c < D / 16; c++)
+                    _mm512_store_ps(obuf + (r0 + i) * D + 16 * c, o[i][c]);
         }
     }
     write_out(J, h, q0, obuf, lv);
@@ -438,7 +444,7 @@ static PyMethodDef methods[] = {
     {"causal", causal, METH_VARARGS, "Causal GQA prefill attention (AMX-BF16 or AVX512-BF16)."},
     {"available", available, METH_NOARGS, "Whether a kernel can run here."},
     {"isa", isa, METH_NOARGS, "The kernel in use: amx, avx512bf16 or empty."},
-    {"set_isa", set_isa, METH_VARARGS, "Use this kernel (amx or avx512bf16); returns the previous."},
+    {"set_isa", set_isa, METH_VARARGS, "Use this kernel (amx or avx512bf16); returns the old one."},
     {NULL, NULL, 0, NULL},
 };
 
