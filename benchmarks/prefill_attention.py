@@ -2,9 +2,10 @@
 torch's SDPA and vLLM's CPU attention (its `cpu_attention_with_kv_cache` on one prompt), and
 SmolLM2-135M's whole bf16 prefill with the kernel on and off.
 
-Part 1, attention alone: SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64), bf16, one
-prompt of T tokens; per T, the three are timed interleaved, `--rounds` times each, best and median
-printed with TFLOP/s (2 T^2 d Hq: causal QK^T and PV), the max abs error against a float64
+Part 1, attention alone: SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64; `--shapes
+7b-gqa` adds a 7B-class one: 32 over 8, head_dim 128), bf16, one prompt of T tokens; per T, the
+three are timed interleaved, `--rounds` times each, best and median printed with TFLOP/s
+(2 T^2 d Hq: causal QK^T and PV), the max abs error against a float64
 reference, and the roof: a oneDNN bf16 matmul's TFLOP/s measured in the same run (what this
 core's AMX or AVX512-BF16 reaches on a plain GEMM). Part 2, the model: `engines.hf.prefill` of T
 tokens of `wiki` in bf16, three ways interleaved: `step` (the hand-written Llama forward of
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 
 from spectrumkv.engines import flash, hf, step_prefill
 
-HQ, HKV, D = 9, 3, 64
+HQ, HKV, D = 9, 3, 64  # SmolLM2-135M's attention (the model of part 2)
+SHAPES = {"smollm2-135m": (HQ, HKV, D), "7b-gqa": (32, 8, 128)}  # (q heads, KV heads, head_dim)
 
 
 def timed(fn, rounds: int) -> list[float]:
@@ -43,7 +45,7 @@ def timed(fn, rounds: int) -> list[float]:
 
 
 def vllm_prefill(q, k, v):
-    """vLLM's CPU attention on one prompt (q [T, HQ, D], k/v [T, HKV, D] bf16), or None when
+    """vLLM's CPU attention on one prompt (q [T, Hq, D], k/v [T, Hkv, D] bf16), or None when
     vLLM's ops are not installed. Returns a callable that runs it and its output buffer."""
     try:
         from vllm import _custom_ops as ops
@@ -51,11 +53,11 @@ def vllm_prefill(q, k, v):
     except Exception:  # noqa: BLE001 - no vLLM: no anchor
         return None
     torch._C._cpu._init_amx()  # vLLM's kernel does not ask Linux for the tile state itself
-    t, bs = q.shape[0], 32
-    isa = _get_attn_isa(q.dtype, bs, D)
+    (t, hq, d), hkv, bs = q.shape, k.shape[1], 32
+    isa = _get_attn_isa(q.dtype, bs, d)
     pages = -(-t // bs)
-    cache = torch.zeros(pages, HKV, bs, 2 * D, dtype=q.dtype)
-    kc, vc = cache.view(pages, HKV, 2 * bs, D).chunk(2, dim=2)
+    cache = torch.zeros(pages, hkv, bs, 2 * d, dtype=q.dtype)
+    kc, vc = cache.view(pages, hkv, 2 * bs, d).chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(t), isa)
     tables = torch.arange(pages, dtype=torch.int32)[None]
     lengths, starts = torch.tensor([t], dtype=torch.int32), torch.tensor([0, t], dtype=torch.int32)
@@ -63,24 +65,25 @@ def vllm_prefill(q, k, v):
 
     def run():
         meta = ops.cpu_attn_get_scheduler_metadata(
-            1, HQ, HKV, D, lengths, q.dtype, starts, True, -1, isa, True
+            1, hq, hkv, d, lengths, q.dtype, starts, True, -1, isa, True
         )
         ops.cpu_attention_with_kv_cache(
-            q, kc, vc, out, starts, lengths, D**-0.5, True, None, -1, tables, 0.0, meta, None
+            q, kc, vc, out, starts, lengths, d**-0.5, True, None, -1, tables, 0.0, meta, None
         )
 
     return run, out
 
 
-def attention(t: int, rounds: int) -> dict:
+def attention(t: int, rounds: int, shape: str = "smollm2-135m") -> dict:
+    hq, hkv, d = SHAPES[shape]
     g = torch.Generator().manual_seed(t)
-    q = torch.randn(t, HQ, D, generator=g).to(torch.bfloat16)
-    k = torch.randn(t, HKV, D, generator=g).to(torch.bfloat16)
-    v = torch.randn(t, HKV, D, generator=g).to(torch.bfloat16)
+    q = torch.randn(t, hq, d, generator=g).to(torch.bfloat16)
+    k = torch.randn(t, hkv, d, generator=g).to(torch.bfloat16)
+    v = torch.randn(t, hkv, d, generator=g).to(torch.bfloat16)
     qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [heads, T, D] views, as models pass
     ref = F.scaled_dot_product_attention(
-        qh.double(), kh.double().repeat_interleave(HQ // HKV, 0),
-        vh.double().repeat_interleave(HQ // HKV, 0), is_causal=True,
+        qh.double(), kh.double().repeat_interleave(hq // hkv, 0),
+        vh.double().repeat_interleave(hq // hkv, 0), is_causal=True,
     ).transpose(0, 1)  # fmt: skip
     runs = {
         "sdpa": lambda: F.scaled_dot_product_attention(
@@ -97,8 +100,9 @@ def attention(t: int, rounds: int) -> dict:
     for _ in range(rounds):  # interleaved
         for name, fn in runs.items():
             times[name] += timed(fn, 1)
-    flop = 2 * t * t * D * HQ
+    flop = 2 * t * t * d * hq
     return {
+        "shape": shape,
         "tokens": t,
         "flop": flop,
         "routes": {
@@ -171,7 +175,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192])
-    ap.add_argument("--model-tokens", type=int, nargs="+", default=[512, 2048, 4096])
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["smollm2-135m"])
+    ap.add_argument("--model-tokens", type=int, nargs="*", default=[512, 2048, 4096])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -179,14 +184,15 @@ def main() -> None:
     roof = gemm_tflops(args.rounds)
     print(f"threads {args.threads}; bf16 GEMM roof {roof:.2f} TFLOP/s; flash {flash.isa() or None}")
     rows = []
-    for t in args.tokens:
-        r = attention(t, args.rounds)
-        rows.append(r)
-        cells = "  ".join(
-            f"{n} {v['best_ms']:.1f} ms ({v['tflops']:.2f} TF/s, err {v['max_abs_err']:.1e})"
-            for n, v in r["routes"].items()
-        )
-        print(f"T {t:5d}: {cells}")
+    for shape in args.shapes:
+        for t in args.tokens:
+            r = attention(t, args.rounds, shape)
+            rows.append(r)
+            cells = "  ".join(
+                f"{n} {v['best_ms']:.1f} ms ({v['tflops']:.2f} TF/s, err {v['max_abs_err']:.1e})"
+                for n, v in r["routes"].items()
+            )
+            print(f"{shape} T {t:5d}: {cells}")
     models = model(args.model_tokens, args.rounds)
     for m in models:
         cells = "  ".join(

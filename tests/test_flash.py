@@ -21,19 +21,19 @@ def kernels() -> list[str]:
     return (["amx"] if cpu_has_amx() else []) + (["avx512bf16"] if cpu_has_bf16() else [])
 
 
-def _qkv(t: int, hq: int, hkv: int, seed: int, scale: float = 1.0):
-    """bf16 q [hq, t, 64], k/v [hkv, t, 64] as the model hands them: token-major [t, heads, d]
+def _qkv(t: int, hq: int, hkv: int, seed: int, scale: float = 1.0, d: int = 64):
+    """bf16 q [hq, t, d], k/v [hkv, t, d] as the model hands them: token-major [t, heads, d]
     storage seen head-major (strided)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (
-        (torch.randn(t, h, 64, generator=g) * scale).to(torch.bfloat16).transpose(0, 1)
+        (torch.randn(t, h, d, generator=g) * scale).to(torch.bfloat16).transpose(0, 1)
         for h in (hq, hkv, hkv)
     )
     return q, k, v
 
 
 def _reference(q, k, v, scale=None):
-    """float64 causal GQA attention -> [t, hq, 64]."""
+    """float64 causal GQA attention -> [t, hq, d]."""
     group = q.shape[0] // k.shape[0]
     k, v = (x.double().repeat_interleave(group, 0) for x in (k, v))
     return F.scaled_dot_product_attention(q.double(), k, v, is_causal=True, scale=scale).transpose(
@@ -66,11 +66,12 @@ def test_flash_is_available_where_the_cpu_has_avx512_bf16():
             flash.set_isa("amx")
 
 
-@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)])
-def test_flash_matches_the_reference_at_block_edges(hq, hkv):
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 64), (32, 8, 128)])
+def test_flash_matches_the_reference_at_block_edges(hq, hkv, d):
     """Lengths 1 to 300 across the 16-row and 32-key blocks: the error against float64 is that
     of bf16 rounding, within 1.5x of torch's bf16 SDPA on the same inputs; large scores (x4)
-    exercise the lazy rescale. Every kernel the CPU has."""
+    exercise the lazy rescale. Every kernel the CPU has (head_dim 128 runs on AVX512-BF16 under
+    either)."""
     if not cpu_has_bf16():
         pytest.skip("no AVX512-BF16 on this CPU")
     previous = flash.isa()
@@ -79,9 +80,9 @@ def test_flash_matches_the_reference_at_block_edges(hq, hkv):
             flash.set_isa(kernel)
             for t in (1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 100, 300):
                 for scale in (1.0, 4.0):
-                    q, k, v = _qkv(t, hq, hkv, seed=t, scale=scale)
+                    q, k, v = _qkv(t, hq, hkv, seed=t, scale=scale, d=d)
                     ours = flash.causal(q, k, v)
-                    assert ours.shape == (t, hq, 64) and ours.is_contiguous()
+                    assert ours.shape == (t, hq, d) and ours.is_contiguous()
                     _check(ours, q, k, v)
     finally:
         flash.set_isa(previous)
@@ -95,6 +96,8 @@ def test_flash_scale_and_refusals():
         _check(flash.causal(q, k, v, scale=0.05), q, k, v, scale=0.05)
     assert not flash.fits(q.float(), k.float(), v.float())  # not bf16
     assert not flash.fits(q[..., :32], k[..., :32], v[..., :32])  # head_dim 32
+    q96, k96, v96 = _qkv(40, 9, 3, 1, d=96)
+    assert not flash.fits(q96, k96, v96)  # head_dim 96
     assert not flash.fits(q[:8], k, v)  # 8 query heads over 3 KV heads
     assert not flash.fits(q, k[:, :39], v[:, :39])  # lengths differ
     with pytest.raises(ValueError):

@@ -1,6 +1,7 @@
 /* Causal prefill attention of one prompt on AMX-BF16 tiles or AVX512-BF16 dot products,
- * grouped-query: q [Hq, T, 64], k and v [Hkv, T, 64] (bf16; any head and token strides, even,
- * with the 64 dims contiguous; Hq a multiple of Hkv) -> out [T, Hq, 64] bf16, contiguous. The
+ * grouped-query: q [Hq, T, d], k and v [Hkv, T, d] (bf16, d = 64 or 128; any head and token
+ * strides, even, with the d dims contiguous; Hq a multiple of Hkv) -> out [T, Hq, d] bf16,
+ * contiguous (the AMX kernel takes d = 64; d = 128 runs on AVX512-BF16 everywhere). The
  * torch reference is F.scaled_dot_product_attention(is_causal=True) (engines.flash,
  * tests/test_flash.py). Kernels: "amx" where the CPU has AMX-BF16 and Linux grants the tile
  * state, else "avx512bf16" (VDPBF16PS, e.g. AMD Zen 4), the best the CPU has (set_isa may lower
@@ -43,7 +44,8 @@
 #define HAVE_AMX 0
 #endif
 
-#define D 64         /* head dim: the four output tiles hold 16 rows x 64 fp32 */
+#define D 64         /* the AMX kernel's head dim: four output tiles hold 16 rows x 64 fp32 */
+#define MAX_D 128    /* the AVX512-BF16 kernel takes head dim 64 or 128 */
 #define QB 16        /* query rows per task */
 #define KB 32        /* keys per block */
 #define RESCALE 8.0f /* how far (log2) a row's max may rise before O and l are rescaled */
@@ -67,9 +69,9 @@ static TileCfg cfg;
 typedef struct {
     const uint16_t *q;
     int64_t qh, qt; /* q's strides (elements): head, token */
-    const uint32_t *kp, *vp; /* packed K and V, Tpad x D / 2 words per KV head */
+    const uint32_t *kp, *vp; /* packed K and V, Tpad x d / 2 words per KV head */
     uint16_t *out;
-    int T, Tpad, hq, group;
+    int T, Tpad, hq, group, d; /* d: head dim, 64 or 128 (AMX: 64) */
     float scale2; /* scale x log2(e) */
 } Job;
 
@@ -96,12 +98,13 @@ static inline uint32_t pair(const uint16_t *lo, const uint16_t *hi) {
     return (uint32_t)*lo | (uint32_t)*hi << 16;
 }
 
-/* Packs block `blk` of KV head g: 16 keys of K (two 32-dim chunks) and, for even blk, 32 keys
- * of V (four 16-dim column blocks). */
+/* Packs block `blk` of KV head g (head dim d): 16 keys of K (d / 32 chunks of 32 dims) and, for
+ * even blk, 32 keys of V (d / 16 column blocks of 16 dims). */
 static void pack_block(const uint16_t *k, int64_t kh, int64_t kt, const uint16_t *v, int64_t vh,
-                       int64_t vt, int T, int Tpad, int g, int blk, uint32_t *kp, uint32_t *vp) {
-    uint32_t *kd = kp + (size_t)g * Tpad * (D / 2) + (size_t)blk * 16 * (D / 2);
-    for (int c = 0; c < D / 32; c++)
+                       int64_t vt, int T, int Tpad, int d, int g, int blk, uint32_t *kp,
+                       uint32_t *vp) {
+    uint32_t *kd = kp + (size_t)g * Tpad * (d / 2) + (size_t)blk * 16 * (d / 2);
+    for (int c = 0; c < d / 32; c++)
         for (int n = 0; n < 16; n++) {
             const int t = blk * 16 + n;
             const uint16_t *row = k + g * kh + (int64_t)t * kt + c * 32;
@@ -110,11 +113,11 @@ static void pack_block(const uint16_t *k, int64_t kh, int64_t kt, const uint16_t
         }
     if (blk % 2) return;
     const int kb = blk / 2;
-    uint32_t *vd = vp + (size_t)g * Tpad * (D / 2) + (size_t)kb * KB * (D / 2);
+    uint32_t *vd = vp + (size_t)g * Tpad * (d / 2) + (size_t)kb * KB * (d / 2);
     for (int r = 0; r < 16; r++) {
         const int t0 = kb * KB + 2 * r, t1 = t0 + 1;
         const uint16_t *r0 = v + g * vh + (int64_t)t0 * vt, *r1 = v + g * vh + (int64_t)t1 * vt;
-        for (int n4 = 0; n4 < D / 16; n4++)
+        for (int n4 = 0; n4 < d / 16; n4++)
             for (int i = 0; i < 16; i++) {
                 const int col = n4 * 16 + i;
                 const uint32_t lo = t0 < T ? r0[col] : 0, hi = t1 < T ? r1[col] : 0;
@@ -178,12 +181,12 @@ BF16 static int softmax_block(const float *sbuf, uint16_t *pbuf, float *lv, floa
     return rescale;
 }
 
-/* O's rows times fac (the rows whose max rose; the others' fac is 1). */
-BF16 static void rescale_o(float *obuf, const float *fac) {
+/* O's rows ([QB x d] fp32) times fac (the rows whose max rose; the others' fac is 1). */
+BF16 static void rescale_o(float *obuf, const float *fac, int d) {
     for (int r = 0; r < QB; r++) {
         const __m512 f = _mm512_set1_ps(fac[r]);
-        for (int j = 0; j < D; j += 16)
-            _mm512_store_ps(obuf + r * D + j, _mm512_mul_ps(_mm512_load_ps(obuf + r * D + j), f));
+        for (int j = 0; j < d; j += 16)
+            _mm512_store_ps(obuf + r * d + j, _mm512_mul_ps(_mm512_load_ps(obuf + r * d + j), f));
     }
 }
 
@@ -191,24 +194,27 @@ BF16 static void rescale_o(float *obuf, const float *fac) {
 BF16 static void write_out(const Job *J, int h, int q0, const float *obuf, const float *lv) {
     for (int r = 0; r < QB && q0 + r < J->T; r++) {
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_load_ps(lv + r * 16)));
-        uint16_t *dst = J->out + ((size_t)(q0 + r) * J->hq + h) * D;
-        for (int j = 0; j < D; j += 32) {
-            const __m512 a = _mm512_mul_ps(_mm512_load_ps(obuf + r * D + j), inv);
-            const __m512 b = _mm512_mul_ps(_mm512_load_ps(obuf + r * D + j + 16), inv);
+        const int d = J->d;
+        uint16_t *dst = J->out + ((size_t)(q0 + r) * J->hq + h) * d;
+        for (int j = 0; j < d; j += 32) {
+            const __m512 a = _mm512_mul_ps(_mm512_load_ps(obuf + r * d + j), inv);
+            const __m512 b = _mm512_mul_ps(_mm512_load_ps(obuf + r * d + j + 16), inv);
             _mm512_storeu_si512((__m512i *)(dst + j), (__m512i)_mm512_cvtne2ps_pbh(b, a));
         }
     }
 }
 
-/* A task's Q rows (zeros past T), its rows' max and l: the state before the first block. */
+/* A task's Q rows ([QB x d], zeros past T), its rows' max and l: the state before the first
+ * block. */
 static void start_task(const Job *J, int h, int q0, uint16_t *qbuf, float *lv, float *m) {
+    const int d = J->d;
     memset(lv, 0, sizeof(float) * QB * 16);
     for (int r = 0; r < QB; r++) {
         m[r] = -INFINITY;
         if (q0 + r < J->T)
-            memcpy(qbuf + r * D, J->q + h * J->qh + (int64_t)(q0 + r) * J->qt, D * 2);
+            memcpy(qbuf + r * d, J->q + h * J->qh + (int64_t)(q0 + r) * J->qt, (size_t)d * 2);
         else
-            memset(qbuf + r * D, 0, D * 2);
+            memset(qbuf + r * d, 0, (size_t)d * 2);
     }
 }
 
@@ -249,7 +255,7 @@ AMX static void run_task(const Job *J, int h, int q0) {
         _tile_stored(1, sbuf + 16, KB * 4);
         if (softmax_block(sbuf, pbuf, lv, m, fac, q0, k0, J->scale2) && kb > 0) {
             store_o(obuf);
-            rescale_o(obuf, fac);
+            rescale_o(obuf, fac, D);
             load_o(obuf);
         }
         const uint32_t *vblk = vp + (size_t)kb * KB * (D / 2);
@@ -268,35 +274,37 @@ AMX static void run_task(const Job *J, int h, int q0) {
 }
 
 #define SR 8 /* AVX512-BF16: rows of S in registers at a time (x 32 keys: 16 accumulators) */
-#define OR 4 /* AVX512-BF16: rows of O in registers at a time (x 64 dims: 16 accumulators) */
 
-/* The same task with AVX512-BF16 dot products: VDPBF16PS of a broadcast pair of Q (of P) with
- * one packed row of K (of V), the same packed layout the tiles read. */
-BF16 static void run_task_bf16(const Job *J, int h, int q0) {
-    uint16_t qbuf[QB * D] __attribute__((aligned(64)));
+/* The same task with AVX512-BF16 dot products, head dim DD (a constant where it is inlined):
+ * VDPBF16PS of a broadcast pair of Q (of P) with one packed row of K (of V), the layout the
+ * tiles read. O is updated 256 / DD rows x DD dims at a time (16 accumulators). */
+BF16 static inline __attribute__((always_inline)) void task_bf16(const Job *J, int h, int q0,
+                                                                 const int DD) {
+    uint16_t qbuf[QB * MAX_D] __attribute__((aligned(64)));
     uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
     float sbuf[QB * KB] __attribute__((aligned(64)));
-    float obuf[QB * D] __attribute__((aligned(64)));
+    float obuf[QB * MAX_D] __attribute__((aligned(64)));
     float lv[QB * 16] __attribute__((aligned(64)));
     float m[QB], fac[QB];
-    const int g = h / J->group, T = J->T;
+    const int g = h / J->group, T = J->T, OR = 256 / DD;
     start_task(J, h, q0, qbuf, lv, m);
-    memset(obuf, 0, sizeof obuf);
+    memset(obuf, 0, sizeof(float) * QB * DD);
     const uint32_t *q32 = (const uint32_t *)qbuf, *p32 = (const uint32_t *)pbuf;
-    const uint32_t *kp = J->kp + (size_t)g * J->Tpad * (D / 2);
-    const uint32_t *vp = J->vp + (size_t)g * J->Tpad * (D / 2);
+    const uint32_t *kp = J->kp + (size_t)g * J->Tpad * (DD / 2);
+    const uint32_t *vp = J->vp + (size_t)g * J->Tpad * (DD / 2);
     const int last = q0 + QB - 1 < T - 1 ? q0 + QB - 1 : T - 1;
     for (int kb = 0; kb <= last / KB; kb++) {
-        const uint32_t *kblk = kp + (size_t)kb * KB * (D / 2); /* dim pair p: kblk + 16 p */
+        /* dim pair p of key n < 16: kblk + 16 p + n; of key 16 + n: + 8 DD */
+        const uint32_t *kblk = kp + (size_t)kb * KB * (DD / 2);
         for (int r0 = 0; r0 < QB; r0 += SR) {
             __m512 s0[SR], s1[SR]; /* keys [0, 16) and [16, 32) of the block */
             for (int i = 0; i < SR; i++) s0[i] = s1[i] = _mm512_setzero_ps();
-            for (int p = 0; p < D / 2; p++) {
+            for (int p = 0; p < DD / 2; p++) {
                 const __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)(kblk + 16 * p));
                 const __m512bh b1 =
-                    (__m512bh)_mm512_load_si512((const void *)(kblk + 512 + 16 * p));
+                    (__m512bh)_mm512_load_si512((const void *)(kblk + 8 * DD + 16 * p));
                 for (int i = 0; i < SR; i++) {
-                    const int qpair = (int)q32[(r0 + i) * (D / 2) + p];
+                    const int qpair = (int)q32[(r0 + i) * (DD / 2) + p];
                     const __m512bh a = (__m512bh)_mm512_set1_epi32(qpair);
                     s0[i] = _mm512_dpbf16_ps(s0[i], a, b0);
                     s1[i] = _mm512_dpbf16_ps(s1[i], a, b1);
@@ -308,32 +316,35 @@ BF16 static void run_task_bf16(const Job *J, int h, int q0) {
             }
         }
         if (softmax_block(sbuf, pbuf, lv, m, fac, q0, kb * KB, J->scale2) && kb > 0)
-            rescale_o(obuf, fac);
+            rescale_o(obuf, fac, DD);
         /* key pair r, dims [16 c, 16 c + 16): vblk + 256 c + 16 r */
-        const uint32_t *vblk = vp + (size_t)kb * KB * (D / 2);
+        const uint32_t *vblk = vp + (size_t)kb * KB * (DD / 2);
         for (int r0 = 0; r0 < QB; r0 += OR) {
-            __m512 o[OR][D / 16];
+            __m512 o[4][MAX_D / 16]; /* [OR][DD / 16] used */
             for (int i = 0; i < OR; i++)
-                for (int c = 0; c < D / 16; c++)
-                    o[i][c] = _mm512_load_ps(obuf + (r0 + i) * D + 16 * c);
+                for (int c = 0; c < DD / 16; c++)
+                    o[i][c] = _mm512_load_ps(obuf + (r0 + i) * DD + 16 * c);
             for (int r = 0; r < KB / 2; r++) {
-                __m512bh b[D / 16];
-                for (int c = 0; c < D / 16; c++)
+                __m512bh b[MAX_D / 16];
+                for (int c = 0; c < DD / 16; c++)
                     b[c] = (__m512bh)_mm512_load_si512((const void *)(vblk + 256 * c + 16 * r));
                 for (int i = 0; i < OR; i++) {
                     const int ppair = (int)p32[(r0 + i) * (KB / 2) + r];
                     const __m512bh a = (__m512bh)_mm512_set1_epi32(ppair);
-                    for (int c = 0; c < D / 16; c++)
+                    for (int c = 0; c < DD / 16; c++)
                         o[i][c] = _mm512_dpbf16_ps(o[i][c], a, b[c]);
                 }
             }
             for (int i = 0; i < OR; i++)
-                for (int c = 0; c < D / 16; c++)
-                    _mm512_store_ps(obuf + (r0 + i) * D + 16 * c, o[i][c]);
+                for (int c = 0; c < DD / 16; c++)
+                    _mm512_store_ps(obuf + (r0 + i) * DD + 16 * c, o[i][c]);
         }
     }
     write_out(J, h, q0, obuf, lv);
 }
+
+BF16 static void run_task_bf16_64(const Job *J, int h, int q0) { task_bf16(J, h, q0, 64); }
+BF16 static void run_task_bf16_128(const Job *J, int h, int q0) { task_bf16(J, h, q0, 128); }
 
 /* One thread's share of the tasks on AMX tiles (an orphaned `omp for` inside run_all's
  * parallel region). */
@@ -347,14 +358,15 @@ AMX static void thread_tasks(const Job *J, int nqb, int ntasks) {
 
 static void run_all(const Job *J, int nthreads) {
     const int nqb = (J->T + QB - 1) / QB, ntasks = nqb * J->hq;
-    if (use_amx) {
+    if (use_amx && J->d == D) {
 #pragma omp parallel num_threads(nthreads)
         thread_tasks(J, nqb, ntasks);
         return;
     }
+    void (*task)(const Job *, int, int) = J->d == 128 ? run_task_bf16_128 : run_task_bf16_64;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int t = 0; t < ntasks; t++) /* longest first, as above */
-        run_task_bf16(J, t % J->hq, (nqb - 1 - t / J->hq) * QB);
+        task(J, t % J->hq, (nqb - 1 - t / J->hq) * QB);
 }
 #endif
 
@@ -375,16 +387,16 @@ static PyObject *causal(PyObject *self, PyObject *args) {
                         "flash prefill needs AVX512-BF16 or AMX-BF16 (not available here)");
         return NULL;
     }
-    if (d != D || T < 1 || hkv < 1 || hq < hkv || hq % hkv || nthreads < 1 ||
+    if ((d != 64 && d != 128) || T < 1 || hkv < 1 || hq < hkv || hq % hkv || nthreads < 1 ||
         nthreads > MAX_THREADS || (qh | qt | kh | kt | vh | vt) & 1 || qh < 0 || qt < 0 ||
         kh < 0 || kt < 0 || vh < 0 || vt < 0) {
-        PyErr_SetString(PyExc_ValueError, "flash prefill: head_dim must be 64, T >= 1, q heads "
-                                          "a multiple of KV heads, strides even and >= 0");
+        PyErr_SetString(PyExc_ValueError, "flash prefill: head_dim must be 64 or 128, T >= 1, q "
+                                          "heads a multiple of KV heads, strides even and >= 0");
         return NULL;
     }
 #if HAVE_AMX
     const int Tpad = (T + KB - 1) / KB * KB;
-    const size_t words = (size_t)hkv * Tpad * (D / 2);
+    const size_t words = (size_t)hkv * Tpad * (d / 2);
     uint32_t *kpk = aligned_alloc(64, words * 4), *vpk = aligned_alloc(64, words * 4);
     if (!kpk || !vpk) {
         free(kpk);
@@ -393,13 +405,13 @@ static PyObject *causal(PyObject *self, PyObject *args) {
     }
     Job J = {.q = (const uint16_t *)(uintptr_t)qp, .qh = qh, .qt = qt, .kp = kpk, .vp = vpk,
              .out = (uint16_t *)(uintptr_t)op, .T = T, .Tpad = Tpad, .hq = hq,
-             .group = hq / hkv, .scale2 = (float)(scale * 1.4426950408889634)};
+             .group = hq / hkv, .d = d, .scale2 = (float)(scale * 1.4426950408889634)};
     const uint16_t *k = (const uint16_t *)(uintptr_t)kp, *v = (const uint16_t *)(uintptr_t)vp;
     const int blocks = Tpad / 16;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int i = 0; i < hkv * blocks; i++)
-        pack_block(k, kh, kt, v, vh, vt, T, Tpad, i / blocks, i % blocks, kpk, vpk);
+        pack_block(k, kh, kt, v, vh, vt, T, Tpad, d, i / blocks, i % blocks, kpk, vpk);
     run_all(&J, nthreads);
     Py_END_ALLOW_THREADS
     free(kpk);

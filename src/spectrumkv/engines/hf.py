@@ -214,7 +214,7 @@ def prefill(
             on_layer(i, layers[i], captured[i][0])
 
     hooks += [layer.register_forward_hook(layer_done) for layer in model.model.layers]
-    # bf16 models of head_dim 64 attend through engines.flash's kernel (segments of one span)
+    # bf16 models of head_dim 64 or 128 attend through engines.flash's kernel (segments of one span)
     attend = (
         segments(model, [(0, n)])
         if not fp.sliding_layers and flash.serves(model)

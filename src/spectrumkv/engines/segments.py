@@ -7,9 +7,9 @@ over the packed sequence does that, but SDPA then computes every masked-out pair
 attention work grows with the square of the packed total instead of the sum of each prompt's
 square. `segments(model, spans)` switches the model's attention, for the duration of a `with`
 block on the calling thread, to `segment_attention`, registered with transformers'
-`AttentionInterface` under `ATTENTION`: each span alone, causally, through `engines.flash`'s AMX
-kernel where it applies (bf16, head_dim 64), else SDPA with `is_causal=True` and the grouped K/V
-heads expanded per span. The mask the model passes is ignored.
+`AttentionInterface` under `ATTENTION`: each span alone, causally, through `engines.flash`'s
+kernel where it applies (bf16, head_dim 64 or 128), else SDPA with `is_causal=True` and the
+grouped K/V heads expanded per span. The mask the model passes is ignored.
 
 Contract: the model's forward runs on the thread that entered `segments`, with an empty cache,
 so keys and values hold exactly the packed sequence's tokens; the spans tile that sequence.
