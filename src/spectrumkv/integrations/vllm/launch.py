@@ -8,6 +8,8 @@ the second, when there are at least two.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from ...errors import ConfigError
+from ...pd.launch import LaunchError
 from ...transport.auth import SECRET_ENV
 from ...transport.push import BackgroundLoop
 from .proxy import ProxyConfig, make_app
@@ -51,10 +54,21 @@ class PDSetup:
     extra_args: tuple[str, ...] = ("--enforce-eager",)
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports that were free a moment ago.
+
+    The sockets stay bound until all `n` are picked: ports taken one at a time may repeat, and
+    two services of one launch on the same port would answer each other's clients.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def transfer_config(setup: PDSetup, role: str, receiver_port: int, storage: Path) -> dict:
@@ -89,7 +103,8 @@ class VllmPD:
     def __init__(self, setup: PDSetup) -> None:
         self.setup = setup
         self.secret = secrets.token_hex(16)
-        self.ports = {name: free_port() for name in ("prefill", "decode", "receiver", "proxy")}
+        names = ("prefill", "decode", "receiver", "proxy")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.procs: dict[str, subprocess.Popen] = {}
         self.loop: BackgroundLoop | None = None
         self._runner = None
@@ -215,8 +230,17 @@ class VllmPD:
 
 
 def _healthy(url: str) -> bool:
+    """True once vLLM answers /health; False while nothing (or not yet vLLM) listens.
+
+    Raises LaunchError when something that does not speak HTTP holds the port: another
+    process took it between `free_ports` and vLLM's bind, and waiting would not help.
+    """
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
             return r.status == 200
+    except http.client.HTTPException as e:
+        raise LaunchError(
+            f"{url} answered, but not as vLLM: another listener holds its port ({e!r})"
+        ) from e
     except OSError:
         return False
