@@ -5,11 +5,11 @@ unreachable here, so every request takes the recompute path (a local prefill int
 
 import asyncio
 import json
-import socket
 
 import pytest
 
 import spectrumkv as skv
+from spectrumkv.integrations.vllm.launch import free_port
 from spectrumkv.pd import openai
 from spectrumkv.pd.decode_worker import DecodeConfig, DecodeWorker
 from spectrumkv.pd.openai import ApiError, ServerDefaults
@@ -17,14 +17,8 @@ from spectrumkv.pd.openai import ApiError, ServerDefaults
 pytestmark = pytest.mark.model
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(smol, pool_mb, timeout_s=30.0) -> DecodeWorker:
-    cfg = DecodeConfig("127.0.0.1", _dead_port(), b"s" * 32, engine="batched",
+    cfg = DecodeConfig("127.0.0.1", free_port(), b"s" * 32, engine="batched",
                        kv_pool_mb=pool_mb, kv_queue_timeout_s=timeout_s)  # fmt: skip
     return DecodeWorker(smol, cfg)
 

@@ -8,10 +8,9 @@ own bf16 error. `engines.segments` runs it for every span it can take (`fits`), 
 prefill of `engines.hf.prefill_batch` and the single-prompt `engines.hf.prefill` of bf16 models
 use it; everything else stays on SDPA. Kernels (`isa`): "amx" where the CPU has AMX-BF16
 (head_dim 64; 128 runs on the next), else "avx512bf16" (VDPBF16PS: AMD Zen 4, Intel Cooper
-Lake). Measured with
-benchmarks/prefill_attention.py (benchmarks/RESULTS.md, "Prefill attention on AMX tiles" and
-"Session 29"): AMX 1.1-3.1x SDPA's speed and 1.1-1.7x vLLM's CPU attention at 0.5-8K tokens;
-AVX512-BF16 on a Zen 4 2.8-5.0x SDPA and 2.0-2.4x vLLM's at 0.5-4K tokens.
+Lake). Measured with benchmarks/prefill_attention.py (benchmarks/RESULTS.md, "Prefill attention
+on AMX tiles" and "Session 29"): AMX 1.1-3.1x SDPA's speed and 1.1-1.7x vLLM's CPU attention at
+0.5-8K tokens; AVX512-BF16 on a Zen 4 2.8-5.0x SDPA and 2.0-2.4x vLLM's at 0.5-4K tokens.
 `SPECTRUMKV_FLASH_PREFILL=0` in the environment turns it off (for A/B runs); without the
 extension or without AVX512-BF16 (`AVAILABLE` False) SDPA runs.
 """
